@@ -1,0 +1,63 @@
+# virtkit: the two commands a newcomer needs are `make demo` and `make test`.
+# Every target runs `setup` first; setup is idempotent and installs what it needs.
+
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+STAMPS     := build/.stamps
+# Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
+# busybox-static is the built-in container image; iproute2 makes test network namespaces.
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2
+
+.PHONY: all setup deps venv guests demo test test-unit test-integration bench lint typecheck clean help
+
+all: setup
+
+help:
+	@echo "make demo   - set everything up and run the main demonstration"
+	@echo "make test   - set everything up and run the whole test suite"
+	@echo "make bench  - set everything up and run the benchmarks (results in bench/results/)"
+	@echo "make lint   - ruff + mypy --strict"
+	@echo "make clean  - remove build/ (keeps .venv)"
+
+setup: deps venv guests
+
+deps: $(STAMPS)/deb
+$(STAMPS)/deb: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing Debian packages:" $$missing; \
+	  if [ "$$(id -u)" != 0 ]; then echo "setup: need root to apt-get install $$missing (run as root or install them)"; exit 1; fi; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+guests: deps
+	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
+
+demo: setup
+	@$(VENV)/bin/virtkit demo
+
+test: setup
+	@$(VPY) -m pytest -q -ra tests
+
+test-unit: setup
+	@$(VPY) -m pytest -q tests/unit
+
+bench: setup
+	@$(VPY) -m bench
+
+lint: venv
+	@$(VENV)/bin/ruff check virtkit tests bench
+	@$(VENV)/bin/mypy
+
+clean:
+	rm -rf build

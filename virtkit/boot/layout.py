@@ -1,0 +1,88 @@
+"""Every fixed guest-physical address virtkit uses, in one place.
+
+Low memory (below 1 MiB) holds what virtkit itself builds for the guest; kernels load at or
+above 1 MiB (the Multiboot convention, and where QEMU's loader puts them too). The ranges below
+are reported to the guest as *reserved* in the Multiboot memory map, so a guest that honours the
+map never overwrites them.
+
+    0x0000_0000  real-mode IVT / BDA            (reserved, left zero)
+    0x0000_0500  GDT built by virtkit           (direct 64-bit entry and AP bring-up)
+    0x0000_1000  boot stack, grows down from BOOT_STACK_TOP
+    0x0000_9000  PML4, PDPT, 4 page directories (direct 64-bit entry: identity map of 4 GiB)
+    0x0001_0000  Multiboot information, memory map, command line, module list
+    0x0008_0000  end of what virtkit writes; 0x8_0000-0x9_FFFF left to the guest (conventional RAM)
+    0x000A_0000  legacy VGA/BIOS hole           (reserved in the map; backed by RAM)
+    0x0010_0000  kernel image (typical Multiboot link address)
+    0xC000_0000  start of the 32-bit MMIO hole: nothing is RAM from here to 4 GiB
+    0xD000_0000  virtio-mmio device window      (paravirtualized devices, one 4 KiB page each)
+    0xFEC0_0000  IOAPIC                         (in-kernel irqchip)
+    0xFEE0_0000  local APIC                     (in-kernel irqchip)
+    0x1_0000_0000 RAM above the hole, for guests larger than MMIO_HOLE_START
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PAGE_SIZE: Final = 0x1000
+MiB: Final = 1 << 20
+GiB: Final = 1 << 30
+
+# --- structures virtkit writes into low memory -----------------------------------------------
+#: Global descriptor table for the direct 64-bit entry (Intel SDM vol. 3A §3.4.5).
+GDT_ADDR: Final = 0x500
+#: Interrupt descriptor table: none is built; the guest installs its own (IDTR limit 0 at entry).
+BOOT_STACK_TOP: Final = 0x8FF0
+#: Page tables for the direct 64-bit entry: PML4, one PDPT, four page directories of 2 MiB pages.
+PML4_ADDR: Final = 0x9000
+PDPT_ADDR: Final = 0xA000
+PD_ADDR: Final = 0xB000  # four consecutive pages: 0xB000..0xEFFF map 0..4 GiB
+IDENTITY_MAP_BYTES: Final = 4 * GiB
+#: Multiboot information structure and what it points to (Multiboot 0.6.96 §3.3).
+MBI_ADDR: Final = 0x1_0000
+MBI_LIMIT: Final = 0x8_0000  # everything the loader writes for the MBI ends below this
+#: First byte a kernel image or module may occupy.
+KERNEL_MIN_ADDR: Final = 0x10_0000
+#: Lowest address virtkit reserves for its own structures (the IVT/BDA page below it is reserved too).
+LOADER_RESERVED_START: Final = 0x0
+LOADER_RESERVED_END: Final = MBI_LIMIT
+
+# --- the legacy PC hole between 640 KiB and 1 MiB ----------------------------------------------
+LOW_MEMORY_END: Final = 0xA_0000  # "mem_lower" ends here: 640 KiB
+LEGACY_HOLE_END: Final = 0x10_0000
+
+# --- the 32-bit MMIO hole --------------------------------------------------------------------
+MMIO_HOLE_START: Final = 0xC000_0000
+MMIO_HOLE_END: Final = 0x1_0000_0000
+#: virtio-mmio devices: one 4 KiB window each, from here up (virtio 1.2 §4.2.2).
+VIRTIO_MMIO_BASE: Final = 0xD000_0000
+VIRTIO_MMIO_SIZE: Final = 0x1000
+VIRTIO_MMIO_MAX_DEVICES: Final = 32
+#: First IRQ line handed to virtio-mmio devices (IOAPIC pins 5..; ISA devices keep theirs).
+VIRTIO_IRQ_BASE: Final = 5
+IOAPIC_ADDR: Final = 0xFEC0_0000
+LAPIC_ADDR: Final = 0xFEE0_0000
+#: KVM needs three pages for the real-mode TSS on VT-x (KVM_SET_TSS_ADDR); put them in the hole.
+KVM_TSS_ADDR: Final = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDR: Final = 0xFFFB_C000
+
+# --- x86 segment selectors in the boot GDT ---------------------------------------------------
+GDT_NULL: Final = 0
+GDT_CODE64: Final = 0x08
+GDT_DATA: Final = 0x10
+GDT_CODE32: Final = 0x18
+GDT_TSS: Final = 0x20  # a 64-bit TSS descriptor takes two slots (0x20 and 0x28)
+
+# --- memory sizes ----------------------------------------------------------------------------
+MIN_MEMORY: Final = 2 * MiB  # room for low memory structures and a small kernel
+DEFAULT_MEMORY: Final = 64 * MiB
+
+
+def ram_ranges(memory_size: int) -> list[tuple[int, int]]:
+    """Guest-physical RAM as (start, size) ranges for a machine with ``memory_size`` bytes.
+
+    RAM fills from 0 up to the MMIO hole; what does not fit continues at 4 GiB.
+    """
+    if memory_size <= MMIO_HOLE_START:
+        return [(0, memory_size)]
+    return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, memory_size - MMIO_HOLE_START)]

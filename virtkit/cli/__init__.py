@@ -1,0 +1,68 @@
+"""The ``virtkit`` command line.
+
+Each group of commands lives in its own module with a ``register(subparsers)`` function;
+handlers import the heavy parts of virtkit only when they run, so ``virtkit run`` starts fast.
+Errors derived from :class:`virtkit.errors.VirtkitError` are printed on one line and turned
+into a non-zero exit status; a traceback is never shown unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+#: command modules, in the order their commands appear in ``--help``
+_COMMAND_MODULES = ("virtkit.cli.vm", "virtkit.cli.container")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="virtkit",
+        description="virtkit: a KVM hypervisor, paravirtualization, OCI containers and failover, in Python.",
+        epilog="Run 'virtkit doctor' first to see what this host can do.",
+    )
+    parser.add_argument("--version", action="version", version="virtkit 0.1.0")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # OCI runtime conventions (runc/crun): global flags come before the command.
+    parser.add_argument("--root", default=None, help="container state directory (default /run/virtkit)")
+    parser.add_argument("--log", default=None, help="container runtime log file")
+    parser.add_argument("--log-format", default="text", choices=("text", "json"), help="log format")
+    parser.add_argument("--systemd-cgroup", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from virtkit.errors import VirtkitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except VirtkitError as err:
+        if args.debug:
+            raise
+        print(f"virtkit: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("virtkit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""VM commands: ``run``, ``doctor``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+
+MODES = ("full", "para", "container")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="boot a kernel in a VM (or, with --mode container, run an image in a container)",
+        description=(
+            "Boot KERNEL (a Multiboot ELF, or any ELF64 with --boot direct64) in a virtual machine on "
+            "/dev/kvm. The guest's debug-exit status (port 0xF4, as QEMU's isa-debug-exit) becomes "
+            "this command's exit status: (value << 1) | 1. With --mode container, run IMAGE -- CMD "
+            "in an OCI container instead."
+        ),
+    )
+    run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="container mode: -- CMD ARGS...")
+    run.add_argument("--mode", default="full", choices=MODES, help="full virtualization (default), "
+                     "paravirtualized guest, or container")
+    run.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")
+    run.add_argument("--vcpus", type=str, default="1", help="number of vCPUs (default 1)")
+    run.add_argument("--cmdline", default="", help="kernel command line")
+    run.add_argument("--module", action="append", default=[], metavar="FILE[,STRING]",
+                     help="Multiboot module, optionally with its string (repeatable)")
+    run.add_argument("--boot", default="auto", choices=("auto", "multiboot", "direct64"),
+                     help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)")
+    run.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",
+                     help="where the UART's output goes (default stdout)")
+    run.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="stop the guest after S seconds (exit status 124)")
+    run.add_argument("--stats", action="store_true", help="print VM exit statistics at the end")
+    run.add_argument("--strict", action="store_true",
+                     help="treat accesses to unknown ports and MMIO addresses as errors")
+    # container mode
+    run.add_argument("--cpus", default=None, help="container mode: CPU limit, e.g. 0.5")
+    run.add_argument("--pids-limit", default=None, help="container mode: maximum number of processes")
+    run.add_argument("--name", default=None, help="container mode: container id (default generated)")
+    run.set_defaults(handler=cmd_run)
+
+    doctor = sub.add_parser("doctor", help="probe this host: is /dev/kvm usable, which KVM flavor, "
+                            "what guests can expect")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=cmd_doctor)
+
+    demo = sub.add_parser("demo", help="boot the shipped guests and show what happened")
+    demo.add_argument("--guests-dir", default=None, help="where the built guests are (default build/guests)")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.mode == "container":
+        from virtkit.cli.container import cmd_run_container
+
+        return cmd_run_container(args)
+    from virtkit.cli.run_vm import run_vm
+
+    return run_vm(args)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from virtkit.doctor import print_report
+
+    return print_report(as_json=args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from virtkit.demo import run_demo
+
+    return run_demo(guests_dir=args.guests_dir)
