@@ -1,0 +1,167 @@
+"""The Python API: a VM in a ``with`` block.
+
+    with VM(kernel="build/guests/hello.elf", memory="64M") as vm:
+        result = vm.run(timeout=5)
+    print(result.exit_code, result.serial_output, result.stats.total_exits)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from virtkit.boot.loader import ModuleSpec
+from virtkit.console import Console
+from virtkit.errors import ConfigError
+from virtkit.stats import RunStats, merge
+from virtkit.units import parse_count, parse_size
+from virtkit.vm import Machine, MachineConfig, Stop, StopReason
+
+VM_MODES = ("full", "para")
+
+#: process exit statuses for stops that are not a debug-exit (documented in the README)
+EXIT_OK = 0
+EXIT_VMM_ERROR = 1
+EXIT_TIMEOUT = 124
+EXIT_GUEST_CRASH = 125
+EXIT_UNKNOWN_ACCESS = 126
+EXIT_STOPPED = 130
+
+
+def exit_status_for(stop: Stop) -> int:
+    if stop.reason is StopReason.DEBUG_EXIT and stop.exit_status is not None:
+        return stop.exit_status
+    return {
+        StopReason.RESET: EXIT_OK, StopReason.POWER_OFF: EXIT_OK, StopReason.HALTED: EXIT_OK,
+        StopReason.TIMEOUT: EXIT_TIMEOUT, StopReason.UNKNOWN_ACCESS: EXIT_UNKNOWN_ACCESS,
+        StopReason.STOPPED: EXIT_STOPPED, StopReason.ERROR: EXIT_VMM_ERROR,
+    }.get(stop.reason, EXIT_GUEST_CRASH)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    reason: StopReason
+    exit_code: int
+    detail: str
+    serial_bytes: bytes
+    stats: RunStats
+
+    @property
+    def serial_output(self) -> str:
+        return self.serial_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def crashed(self) -> bool:
+        return self.reason.is_crash
+
+
+class VM:
+    """A virtual machine booting ``kernel``. Use it as a context manager; :meth:`run` boots it."""
+
+    def __init__(
+        self,
+        kernel: str | os.PathLike[str],
+        *,
+        memory: str | int = "64M",
+        vcpus: int | str = 1,
+        cmdline: str = "",
+        modules: Sequence[str | ModuleSpec] = (),
+        boot: str = "auto",
+        mode: str = "full",
+        strict: bool = False,
+        serial: str | BinaryIO | None = None,
+    ) -> None:
+        if mode not in VM_MODES:
+            raise ConfigError(f"--mode {mode!r} is not a VM mode: use one of {', '.join(VM_MODES)} "
+                              "(or 'container' from the CLI)")
+        self.kernel = os.fspath(kernel)
+        self.config = MachineConfig(
+            memory=parse_size(memory, what="--memory", default_unit="M" if isinstance(memory, str)
+                              and memory.strip().isdigit() else ""),
+            vcpus=parse_count(vcpus, what="--vcpus"),
+            paravirt=mode == "para",
+            strict=strict,
+        )
+        self.cmdline = cmdline
+        self.modules = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]
+        self.boot = boot
+        self._serial_file: BinaryIO | None = None
+        tee: BinaryIO | None
+        if serial is None or serial == "none":
+            tee = None
+        elif serial == "stdout":
+            tee = sys.stdout.buffer
+        elif isinstance(serial, str):
+            try:
+                self._serial_file = tee = open(serial, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise ConfigError(f"cannot open serial output file {serial}: {e.strerror}") from None
+        else:
+            tee = serial
+        self.console = Console(tee)
+        self.machine: Machine | None = None
+
+    def __enter__(self) -> VM:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Create the machine and load the kernel (what ``with`` does)."""
+        if self.machine is not None:
+            return
+        try:
+            self.machine = Machine(self.config, self.console.write)
+            self.machine.load(self.kernel, cmdline=self.cmdline, modules=self.modules, protocol=self.boot)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        self.open()
+        assert self.machine is not None
+        self.machine.start()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        assert self.machine is not None, "start() the VM first"
+        stop = self.machine.wait(timeout)
+        self.console.flush()
+        return self._result(stop)
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Boot the guest and wait until it stops (or ``timeout`` seconds pass)."""
+        self.start()
+        return self.wait(timeout)
+
+    def stop(self) -> None:
+        if self.machine is not None:
+            self.machine.stop()
+
+    def send_serial(self, data: bytes) -> None:
+        """Type ``data`` into the guest's UART."""
+        assert self.machine is not None
+        self.machine.uart.receive(data)
+
+    def _result(self, stop: Stop) -> RunResult:
+        m = self.machine
+        assert m is not None
+        stats = merge(m.vcpu_stats(), m.io_bus.unknown, m.mmio_bus.unknown,
+                      (m.ended_ns or m.started_ns) - m.started_ns)
+        stats.tsc_khz = m.tsc_khz()
+        if self.console.first_byte_ns is not None and m.started_ns:
+            stats.first_output_s = (self.console.first_byte_ns - m.started_ns) / 1e9
+        return RunResult(stop.reason, exit_status_for(stop), stop.detail, self.console.output, stats)
+
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        self.console.flush()
+        if self._serial_file is not None:
+            self._serial_file.close()
+            self._serial_file = None

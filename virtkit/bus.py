@@ -1,0 +1,153 @@
+"""Port-I/O and MMIO address dispatch.
+
+A vCPU exit names a port or a guest-physical address; the bus finds the device that owns it and
+calls it with the offset into the device's range. Accesses nobody owns are *unknown*: reads give
+all-ones (what an empty ISA/PCI bus returns), writes are dropped, and both are counted so that
+``--stats`` shows them. In strict mode an unknown access stops the machine instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from virtkit.errors import DeviceError
+
+
+class PioDevice(Protocol):
+    def pio_read(self, offset: int, size: int) -> int: ...
+    def pio_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class MmioDevice(Protocol):
+    def mmio_read(self, offset: int, size: int) -> int: ...
+    def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class UnknownAccess(Exception):
+    """Raised by a bus in strict mode; the vCPU loop turns it into a machine stop."""
+
+    def __init__(self, space: str, addr: int, size: int, is_write: bool) -> None:
+        super().__init__(f"guest {'wrote' if is_write else 'read'} {size} byte(s) at unknown "
+                         f"{space} {addr:#x}")
+        self.space, self.addr, self.size, self.is_write = space, addr, size, is_write
+
+
+#: distinct unknown addresses remembered one by one; beyond this they are counted under address -1,
+#: so a guest sweeping the address space cannot make the VMM's statistics grow without bound
+MAX_DISTINCT_UNKNOWN = 1024
+
+
+def _count_unknown(counts: dict[tuple[int, bool], int], addr: int, is_write: bool) -> None:
+    key = (addr, is_write)
+    if key not in counts and len(counts) >= MAX_DISTINCT_UNKNOWN:
+        key = (-1, is_write)
+    counts[key] = counts.get(key, 0) + 1
+
+
+@dataclass
+class _Range:
+    base: int
+    length: int
+    device: object
+    name: str
+
+
+@dataclass
+class IoBus:
+    """The 64 KiB x86 I/O port space."""
+
+    strict: bool = False
+    #: port -> (device, base port), one entry per port for a constant-time lookup on the exit path
+    _ports: dict[int, tuple[PioDevice, int]] = field(default_factory=dict)
+    _ranges: list[_Range] = field(default_factory=list)
+    unknown: dict[tuple[int, bool], int] = field(default_factory=dict)
+
+    def register(self, base: int, length: int, device: PioDevice, name: str, *, offset: int = 0) -> None:
+        """Give ports ``base``..``base+length-1`` to ``device``; it sees offsets from ``offset`` up
+        (so one device can own separate port windows, like the i8042 at 0x60 and 0x64)."""
+        if base < 0 or length <= 0 or base + length > 0x10000:
+            raise DeviceError(f"{name}: port range {base:#x}+{length} is outside the I/O space")
+        for r in self._ranges:
+            if base < r.base + r.length and r.base < base + length:
+                raise DeviceError(f"{name}: ports {base:#x}-{base + length - 1:#x} collide with "
+                                  f"{r.name} at {r.base:#x}-{r.base + r.length - 1:#x}")
+        self._ranges.append(_Range(base, length, device, name))
+        for port in range(base, base + length):
+            self._ports[port] = (device, base - offset)
+
+    def devices(self) -> list[tuple[int, int, str]]:
+        return sorted((r.base, r.length, r.name) for r in self._ranges)
+
+    def read(self, port: int, size: int) -> int:
+        entry = self._ports.get(port)
+        if entry is None:
+            return self._unknown(port, size, False)
+        return entry[0].pio_read(port - entry[1], size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        entry = self._ports.get(port)
+        if entry is None:
+            self._unknown(port, size, True)
+            return
+        entry[0].pio_write(port - entry[1], size, value)
+
+    def _unknown(self, port: int, size: int, is_write: bool) -> int:
+        _count_unknown(self.unknown, port, is_write)
+        if self.strict:
+            raise UnknownAccess("port", port, size, is_write)
+        return (1 << (8 * size)) - 1
+
+
+@dataclass
+class MmioBus:
+    """Guest-physical addresses that are not RAM."""
+
+    strict: bool = False
+    _bases: list[int] = field(default_factory=list)
+    _ranges: list[_Range] = field(default_factory=list)
+    unknown: dict[tuple[int, bool], int] = field(default_factory=dict)
+
+    def register(self, base: int, length: int, device: MmioDevice, name: str) -> None:
+        if base < 0 or length <= 0:
+            raise DeviceError(f"{name}: invalid MMIO range {base:#x}+{length}")
+        for r in self._ranges:
+            if base < r.base + r.length and r.base < base + length:
+                raise DeviceError(f"{name}: MMIO {base:#x}+{length:#x} collides with {r.name} at "
+                                  f"{r.base:#x}+{r.length:#x}")
+        i = bisect.bisect(self._bases, base)
+        self._bases.insert(i, base)
+        self._ranges.insert(i, _Range(base, length, device, name))
+
+    def devices(self) -> list[tuple[int, int, str]]:
+        return [(r.base, r.length, r.name) for r in self._ranges]
+
+    def _find(self, addr: int, size: int) -> _Range | None:
+        i = bisect.bisect(self._bases, addr) - 1
+        if i >= 0:
+            r = self._ranges[i]
+            if addr + size <= r.base + r.length:
+                return r
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        r = self._find(addr, size)
+        if r is None:
+            return self._unknown(addr, size, False)
+        dev: MmioDevice = r.device  # type: ignore[assignment]
+        return dev.mmio_read(addr - r.base, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        r = self._find(addr, size)
+        if r is None:
+            self._unknown(addr, size, True)
+            return
+        dev: MmioDevice = r.device  # type: ignore[assignment]
+        dev.mmio_write(addr - r.base, size, value)
+
+    def _unknown(self, addr: int, size: int, is_write: bool) -> int:
+        _count_unknown(self.unknown, addr, is_write)
+        if self.strict:
+            raise UnknownAccess("MMIO address", addr, size, is_write)
+        return (1 << (8 * size)) - 1

@@ -1,0 +1,50 @@
+"""Where a guest's serial output goes: captured for the API, and optionally copied to a stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import BinaryIO
+
+#: bytes of output kept for ``RunResult.serial_output``; beyond it the oldest half is dropped,
+#: so a guest printing forever cannot exhaust the host's memory
+CAPTURE_LIMIT = 16 << 20
+
+
+class Console:
+    def __init__(self, tee: BinaryIO | None = None, *, capture: bool = True) -> None:
+        self._tee = tee
+        self._capture = capture
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self.dropped = 0
+        #: perf_counter_ns() of the first byte the guest sent (for time-to-first-output figures)
+        self.first_byte_ns: int | None = None
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.first_byte_ns is None:
+                self.first_byte_ns = time.perf_counter_ns()
+            if self._capture:
+                self._buf += data
+                if len(self._buf) > CAPTURE_LIMIT:
+                    cut = len(self._buf) - CAPTURE_LIMIT // 2
+                    del self._buf[:cut]
+                    self.dropped += cut
+            if self._tee is not None:
+                self._tee.write(data)
+                if b"\n" in data:
+                    self._tee.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._tee is not None:
+                try:
+                    self._tee.flush()
+                except (BrokenPipeError, ValueError):
+                    pass
+
+    @property
+    def output(self) -> bytes:
+        with self._lock:
+            return bytes(self._buf)

@@ -1,0 +1,1 @@
+"""Device models: ``legacy/`` for the emulated PC hardware an unmodified guest expects."""

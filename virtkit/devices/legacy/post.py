@@ -1,0 +1,25 @@
+"""The POST diagnostic port 0x80.
+
+BIOSes write progress codes here and Linux uses it as an I/O delay; it is also the port the
+trap-cost guest hammers, because every PC VMM (QEMU included) handles it in userspace, so one
+write costs exactly one VM exit on either.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+POST_PORT: Final = 0x80
+
+
+class PostPort:
+    def __init__(self) -> None:
+        self.last_code = 0
+        self.writes = 0
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return self.last_code
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        self.last_code = value & 0xFF
+        self.writes += 1

@@ -1,0 +1,294 @@
+"""A machine: KVM VM + guest memory + vCPUs + buses + devices, and its lifecycle.
+
+Build order matters to KVM and is kept here in one place:
+
+1. ``KVM_CREATE_VM``; ``KVM_SET_TSS_ADDR`` and the identity-map address (VT-x needs both for
+   real-mode emulation; other flavors ignore them) before any vCPU exists;
+2. ``KVM_CREATE_IRQCHIP`` (PIC + IOAPIC + LAPICs in the kernel) and ``KVM_CREATE_PIT2``, both
+   before ``KVM_CREATE_VCPU``, since vCPUs pick up the in-kernel LAPIC when they are created;
+3. memory slots; 4. vCPUs with their CPUID; 5. devices on the buses; 6. the kernel and the boot
+   vCPU's registers. With the in-kernel irqchip, the other vCPUs wait for INIT/SIPI from the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from virtkit.arch import cpuid, x86
+from virtkit.boot import layout
+from virtkit.boot.loader import ModuleSpec, load_kernel
+from virtkit.bus import IoBus, MmioBus
+from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
+from virtkit.errors import ConfigError, KvmError
+from virtkit.kvm import structs as S
+from virtkit.kvm.constants import Cap
+from virtkit.kvm.ioctl import Kvm, VmFd
+from virtkit.memory import GuestMemory
+from virtkit.units import format_size
+from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
+
+#: how often the watchdog looks for vCPUs that sleep forever (seconds)
+WATCHDOG_PERIOD = 0.25
+
+
+class StopReason(enum.Enum):
+    DEBUG_EXIT = "debug-exit"          # the guest wrote the isa-debug-exit port
+    RESET = "reset"                    # i8042 reset line or a KVM reset event
+    POWER_OFF = "power-off"            # a KVM shutdown system event
+    HALTED = "halted"                  # every vCPU halted with interrupts disabled
+    TRIPLE_FAULT = "triple-fault"
+    INTERNAL_ERROR = "internal-error"  # KVM could not emulate an instruction (common on PVM)
+    FAIL_ENTRY = "fail-entry"
+    UNKNOWN_ACCESS = "unknown-access"  # strict mode: an access to a port/address nobody owns
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"                # the host asked (Ctrl-C, SIGTERM, Machine.stop)
+    ERROR = "error"                    # the VMM failed (a device raised, an ioctl failed)
+
+    @property
+    def is_crash(self) -> bool:
+        return self in (StopReason.TRIPLE_FAULT, StopReason.INTERNAL_ERROR, StopReason.FAIL_ENTRY,
+                        StopReason.ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    reason: StopReason
+    exit_status: int | None = None  # debug-exit status ((value << 1) | 1)
+    detail: str = ""
+    vcpu: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    memory: int = layout.DEFAULT_MEMORY
+    vcpus: int = 1
+    paravirt: bool = False
+    strict: bool = False
+
+
+_supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
+
+
+def _host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def validate_config(config: MachineConfig, kvm: Kvm) -> None:
+    if config.memory < layout.MIN_MEMORY:
+        raise ConfigError(f"--memory {format_size(config.memory)} is too small: a VM needs at least "
+                          f"{format_size(layout.MIN_MEMORY)}")
+    host = _host_memory()
+    if config.memory > host:
+        raise ConfigError(f"--memory {format_size(config.memory)} is more than this host has "
+                          f"({format_size(host)})")
+    if config.memory % layout.PAGE_SIZE:
+        raise ConfigError(f"--memory must be a multiple of 4 KiB, got {config.memory} bytes")
+    max_vcpus = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 1
+    if not 1 <= config.vcpus <= max_vcpus:
+        raise ConfigError(f"--vcpus {config.vcpus}: KVM on this host allows 1 to {max_vcpus}")
+
+
+class Machine:
+    """One virtual machine. Build it, :meth:`load`, :meth:`start`, :meth:`wait`, :meth:`close`."""
+
+    def __init__(self, config: MachineConfig, serial_out: Callable[[bytes], None]) -> None:
+        install_kick_handler()
+        self.config = config
+        self.stopping = False
+        self.stop_info: Stop | None = None
+        self.watchdog_round = 0
+        self._stop_lock = threading.Lock()
+        self._done = threading.Event()
+        self._running = 0
+        self._watchdog: threading.Thread | None = None
+        self.started_ns = self.ended_ns = 0
+        self.vcpus: list[Vcpu] = []
+        with contextlib.ExitStack() as undo:
+            self.kvm = Kvm()
+            undo.callback(self.kvm.close)
+            validate_config(config, self.kvm)
+            self.vm: VmFd = self.kvm.create_vm()
+            undo.callback(self.vm.close)
+            self._create_platform()
+            self.memory = GuestMemory(layout.ram_ranges(config.memory))
+            undo.callback(self.memory.close)
+            for slot, region in enumerate(self.memory.regions):
+                region.slot = slot
+                self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+            undo.callback(self._close_vcpus)
+            self._create_vcpus()
+            self.io_bus = IoBus(strict=config.strict)
+            self.mmio_bus = MmioBus(strict=config.strict)
+            self._create_devices(serial_out)
+            undo.pop_all()
+
+    # --- construction ------------------------------------------------------------------------------
+    def _create_platform(self) -> None:
+        vm = self.vm
+        if vm.check_extension(Cap.SET_TSS_ADDR):
+            vm.set_tss_addr(layout.KVM_TSS_ADDR)
+            with contextlib.suppress(KvmError):
+                vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        if not vm.check_extension(Cap.IRQCHIP):
+            raise KvmError("KVM on this host has no in-kernel irqchip (KVM_CAP_IRQCHIP), which virtkit needs")
+        vm.create_irqchip()
+        if vm.check_extension(Cap.PIT2):
+            vm.create_pit2()
+
+    def _create_vcpus(self) -> None:
+        global _supported_cpuid
+        if _supported_cpuid is None:
+            _supported_cpuid = self.kvm.supported_cpuid()
+        n = self.config.vcpus
+        for i in range(n):
+            fd = self.vm.create_vcpu(i)
+            self.vcpus.append(Vcpu(self, fd))
+            fd.set_cpuid2(cpuid.build_cpuid(_supported_cpuid, vcpu_id=i, vcpu_count=n,
+                                            paravirt=self.config.paravirt))
+
+    def _create_devices(self, serial_out: Callable[[bytes], None]) -> None:
+        vm = self.vm
+        self.uart = uart.Uart16550(serial_out, lambda level: vm.irq_line(uart.COM1_IRQ, level))
+        self.io_bus.register(uart.COM1_BASE, uart.PORT_COUNT, self.uart, "uart0 (16550A)")
+        self.io_bus.register(debug_exit.DEBUG_EXIT_PORT, debug_exit.PORT_COUNT,
+                             debug_exit.DebugExit(self._on_debug_exit), "isa-debug-exit")
+        kbc = i8042.I8042(self._on_reset)
+        self.io_bus.register(i8042.DATA_PORT, 1, kbc, "i8042 data")
+        self.io_bus.register(i8042.COMMAND_PORT, 1, kbc, "i8042 command", offset=4)
+        self.rtc = rtc.CmosRtc(self.config.memory)
+        self.io_bus.register(rtc.INDEX_PORT, 2, self.rtc, "cmos rtc")
+        self.post = post.PostPort()
+        self.io_bus.register(post.POST_PORT, 1, self.post, "post code")
+
+    def _on_debug_exit(self, value: int, status: int) -> None:
+        self.request_stop(Stop(StopReason.DEBUG_EXIT, exit_status=status,
+                               detail=f"guest wrote {value:#x} to the debug-exit port"))
+
+    def _on_reset(self) -> None:
+        self.request_stop(Stop(StopReason.RESET, detail="guest pulsed the i8042 reset line"))
+
+    # --- boot --------------------------------------------------------------------------------------
+    def load(self, kernel: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None,
+             protocol: str = "auto") -> x86.EntryState:
+        entry = load_kernel(self.memory, kernel, cmdline=cmdline, modules=modules, protocol=protocol)
+        boot = self.vcpus[0].fd
+        regs, sregs = boot.get_regs(), boot.get_sregs()
+        x86.apply_entry_state(regs, sregs, entry)
+        boot.set_sregs(sregs)  # SREGS first: the mode they set decides how RIP/RSP are taken
+        boot.set_regs(regs)
+        return entry
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.started_ns = time.perf_counter_ns()
+        self._running = len(self.vcpus)
+        for v in self.vcpus:
+            v.start()
+        self._watchdog = threading.Thread(target=self._watch, name="vm-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def wait(self, timeout: float | None = None) -> Stop:
+        """Block until the machine stops (or ``timeout`` seconds pass: then it is stopped)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._done.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.request_stop(Stop(StopReason.TIMEOUT, detail=f"no result within {timeout:g} s"))
+                    left = None
+                self._done.wait(min(left, 0.5) if left is not None else 0.5)
+        except BaseException:
+            # Ctrl-C (KeyboardInterrupt) or a signal turned into an exception: stop cleanly first
+            self.request_stop(Stop(StopReason.STOPPED, detail="stopped by the host"))
+            self._done.wait(5)
+            raise
+        assert self.stop_info is not None
+        return self.stop_info
+
+    def request_stop(self, stop: Stop) -> None:
+        """Stop the machine for ``stop``'s reason; the first request wins. Callable from any thread."""
+        with self._stop_lock:
+            if self.stop_info is None:
+                self.stop_info = stop
+            self.stopping = True
+        for v in self.vcpus:
+            v.kick()
+
+    def stop(self) -> None:
+        self.request_stop(Stop(StopReason.STOPPED, detail="stopped by the host"))
+
+    def vcpu_exited(self, vcpu: Vcpu) -> None:
+        with self._stop_lock:
+            self._running -= 1
+            last = self._running == 0
+            if self.stop_info is None:
+                self.stop_info = Stop(StopReason.ERROR, detail=f"vCPU {vcpu.id} stopped unexpectedly")
+                self.stopping = True
+        if last:
+            self.ended_ns = time.perf_counter_ns()
+            self._done.set()
+        else:
+            for v in self.vcpus:
+                v.kick()
+
+    def _watch(self) -> None:
+        """Find vCPUs asleep for good: with an in-kernel irqchip a HLT never reaches userspace,
+        so a vCPU that made no exit for a period is asked to check its MP state."""
+        last = [sum(v.stats.exits) for v in self.vcpus]
+        while not self._done.wait(WATCHDOG_PERIOD):
+            if self.stopping:
+                continue
+            self.watchdog_round += 1
+            for i, v in enumerate(self.vcpus):
+                now = sum(v.stats.exits)
+                if now == last[i]:
+                    v.request_inspection()
+                last[i] = now
+
+    def check_all_idle(self) -> None:
+        r = self.watchdog_round
+        if all(v.idle_round == r for v in self.vcpus):
+            self.request_stop(Stop(StopReason.HALTED, detail="all vCPUs halted with interrupts disabled"))
+
+    # --- teardown ----------------------------------------------------------------------------------
+    def _close_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.fd.close()
+        self.vcpus = []
+
+    def close(self) -> None:
+        """Stop if running, join threads, release every fd and mapping."""
+        if self._running:
+            self.request_stop(Stop(StopReason.STOPPED, detail="machine closed"))
+            self._done.wait(5)
+        threads = [v.thread for v in self.vcpus] + [self._watchdog]
+        for t in threads:
+            if t is not None:
+                t.join(timeout=5)
+        self._close_vcpus()
+        self.memory.close()
+        self.vm.close()
+        self.kvm.close()
+
+    # --- statistics --------------------------------------------------------------------------------
+    def vcpu_stats(self) -> list[VcpuStats]:
+        return [v.stats for v in self.vcpus]
+
+    def tsc_khz(self) -> int:
+        try:
+            return self.vcpus[0].fd.get_tsc_khz() if self.vcpus else 0
+        except KvmError:
+            return 0
+
