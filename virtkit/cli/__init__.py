@@ -43,8 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from virtkit.errors import VirtkitError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `virtkit run IMAGE [options] -- CMD ARGS...`: argparse cannot put a variable-length command
+    # after an optional-laden positional, so everything after the first `--` is split off here.
+    trailing: list[str] = []
+    if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
+        cut = argv.index("--")
+        argv, trailing = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if trailing:
+        args.command = trailing
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -11,6 +11,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
         help="boot a kernel in a VM (or, with --mode container, run an image in a container)",
+        usage="virtkit run [options] KERNEL  |  virtkit run --mode container [options] IMAGE -- CMD [ARG...]",
         description=(
             "Boot KERNEL (a Multiboot ELF, or any ELF64 with --boot direct64) in a virtual machine on "
             "/dev/kvm. The guest's debug-exit status (port 0xF4, as QEMU's isa-debug-exit) becomes "
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="container mode: -- CMD ARGS...")
+    run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
     run.add_argument("--mode", default="full", choices=MODES, help="full virtualization (default), "
                      "paravirtualized guest, or container")
     run.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")

@@ -1,0 +1,86 @@
+"""``virtkit run KERNEL``: boot one VM in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+from virtkit.api import VM, EXIT_STOPPED
+from virtkit.boot.loader import ModuleSpec
+from virtkit.errors import ConfigError
+from virtkit.vm import StopReason
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception in the main thread so the VM is stopped cleanly."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def _parse_module(text: str) -> ModuleSpec:
+    path, _, string = text.partition(",")
+    if not path:
+        raise ConfigError(f"--module {text!r}: give a file, optionally followed by ,STRING")
+    return ModuleSpec(path, string)
+
+
+def _forward_stdin(vm: VM) -> None:
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(0, 1024)
+            except OSError:
+                return
+            if not data or vm.machine is None:
+                return
+            vm.send_serial(data)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+
+def run_vm(args: argparse.Namespace) -> int:
+    if args.command:
+        raise ConfigError("a command after `--` is only for --mode container; pass guest arguments "
+                          "with --cmdline")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
+    if args.cpus is not None or args.pids_limit is not None:
+        raise ConfigError("--cpus and --pids-limit apply to --mode container; VMs take --vcpus and --memory")
+    vm = VM(
+        args.target,
+        memory=args.memory or "64M",
+        vcpus=args.vcpus,
+        cmdline=args.cmdline,
+        modules=[_parse_module(m) for m in args.module],
+        boot=args.boot,
+        mode=args.mode,
+        strict=args.strict,
+        serial=args.serial,
+    )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with vm:
+            if sys.stdin.isatty() and args.serial == "stdout":
+                _forward_stdin(vm)
+            try:
+                result = vm.run(timeout=args.timeout)
+            except (KeyboardInterrupt, _Terminated) as e:
+                print("virtkit: stopped by " + ("SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"),
+                      file=sys.stderr)
+                return EXIT_STOPPED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result.reason is not StopReason.DEBUG_EXIT:
+        label = "guest crashed" if result.crashed else result.reason.value
+        print(f"virtkit: {label}: {result.detail}", file=sys.stderr)
+    if args.stats:
+        from virtkit.stats import format_table
+
+        print(format_table(result.stats), file=sys.stderr)
+    return result.exit_code
