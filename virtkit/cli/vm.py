@@ -72,4 +72,4 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from virtkit.demo import run_demo
 
-    return run_demo(guests_dir=args.guests_dir)
+    return run_demo(args.guests_dir)

@@ -1,0 +1,3 @@
+from virtkit.cli import run
+
+run()
