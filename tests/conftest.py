@@ -3,6 +3,7 @@ that every VM test passes through (fds, threads, child processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -62,8 +63,6 @@ def no_leaks() -> Iterator[None]:
     # an fd listed by os.listdir itself may show up; resolve to be sure the rest are real leaks
     real = []
     for fd in leaked:
-        try:
+        with contextlib.suppress(OSError):
             real.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
     assert not real, f"file descriptors left open: {real}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import BinaryIO
@@ -39,10 +40,8 @@ class Console:
     def flush(self) -> None:
         with self._lock:
             if self._tee is not None:
-                try:
+                with contextlib.suppress(BrokenPipeError, ValueError):
                     self._tee.flush()
-                except (BrokenPipeError, ValueError):
-                    pass
 
     @property
     def output(self) -> bytes:

@@ -15,6 +15,7 @@ EINTR). KVM documents this pairing under KVM_CAP_IMMEDIATE_EXIT.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import signal
 import struct
@@ -112,10 +113,8 @@ class Vcpu:
         self.fd.run_page[KVM_RUN_IMMEDIATE_EXIT_OFFSET] = 1
         t = self.thread
         if t is not None and t.ident is not None and t.is_alive() and t is not threading.current_thread():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(t.ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def request_inspection(self) -> None:
         """Ask the vCPU to check whether it is halted for good (the watchdog calls this when a

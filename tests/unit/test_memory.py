@@ -55,7 +55,7 @@ def test_out_of_bounds_is_refused(mem: GuestMemory, gpa: int, length: int) -> No
 def test_any_range_is_inside_or_refused(gpa: int, length: int) -> None:
     m = GuestMemory([(0, 2 * MiB)])
     try:
-        inside = 0 <= gpa and 0 <= length and gpa + length <= 2 * MiB and gpa < 2 * MiB
+        inside = gpa >= 0 and length >= 0 and gpa + length <= 2 * MiB and gpa < 2 * MiB
         if inside:
             assert len(m.view(gpa, length)) == length
         else:

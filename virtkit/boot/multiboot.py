@@ -117,7 +117,7 @@ def build_mbi(ram: list[tuple[int, int]], cmdline: str, modules: list[Module]) -
     mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in memory_map(ram))
     mmap_addr = place(mmap)
     mod_strings = [place(m.string.encode() + b"\0") for m in modules]
-    mods = b"".join(struct.pack("<IIII", m.start, m.end, s, 0) for m, s in zip(modules, mod_strings))
+    mods = b"".join(struct.pack("<IIII", m.start, m.end, s, 0) for m, s in zip(modules, mod_strings, strict=False))
     mods_addr = place(mods) if modules else 0
     low_ram = ram[0][1]
     # mem_lower: KiB from 0 (max 640); mem_upper: KiB from 1 MiB to the first hole

@@ -9,7 +9,7 @@ import sys
 import threading
 from types import FrameType
 
-from virtkit.api import VM, EXIT_STOPPED
+from virtkit.api import EXIT_STOPPED, VM
 from virtkit.boot.loader import ModuleSpec
 from virtkit.errors import ConfigError
 from virtkit.vm import StopReason

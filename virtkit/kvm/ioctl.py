@@ -280,7 +280,7 @@ class VcpuFd:
             buf.entries[i].index = idx
             buf.entries[i].data = val
         try:
-            return fcntl.ioctl(self.fd, K.KVM_SET_MSRS, buf, True)
+            return int(fcntl.ioctl(self.fd, K.KVM_SET_MSRS, buf, True))
         except OSError as e:
             raise KvmError(f"KVM_SET_MSRS failed: {e.strerror}") from None
 

@@ -4,14 +4,13 @@ import struct
 from pathlib import Path
 
 import pytest
+from elfbuild import elf, multiboot_header  # type: ignore[import-not-found]
 
 from virtkit.boot import layout, multiboot
 from virtkit.boot.elf import parse_elf
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.errors import BootError
 from virtkit.memory import GuestMemory
-
-from elfbuild import elf, multiboot_header  # type: ignore[import-not-found]
 
 MiB = 1 << 20
 CODE = multiboot_header() + b"\xf4" * 16  # header then hlt

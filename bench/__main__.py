@@ -1,0 +1,28 @@
+"""``make bench`` / ``python -m bench [SUITE...] [--quick]``: run benchmark suites, write
+tables, JSON and plots under bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUITES = {"vmm": "bench.vmm"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suites", nargs="*", help=f"suites to run: {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(SUITES)}")
+    for name in args.suites or list(SUITES):
+        print(f"== {name}", flush=True)
+        importlib.import_module(SUITES[name]).run(quick=args.quick)  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
