@@ -162,6 +162,8 @@ class Vcpu:
                     if self.inspect_requested and not m.stopping:
                         self.inspect_requested = False
                         self._inspect_halt()
+                    if m.paused:
+                        m.park(self)
                     continue
                 t1 = clock()
                 guest_ns += t1 - t0

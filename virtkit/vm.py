@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from virtkit.arch import cpuid, x86
 from virtkit.boot import layout
@@ -31,6 +32,13 @@ from virtkit.kvm.ioctl import Kvm, VmFd
 from virtkit.memory import GuestMemory
 from virtkit.units import format_size
 from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
+
+class Persistent(Protocol):
+    """What every device with state implements, so snapshots are not a special case."""
+
+    def save(self) -> dict[str, object]: ...
+    def restore(self, state: dict[str, object]) -> None: ...
+
 
 #: how often the watchdog looks for vCPUs that sleep forever (seconds)
 WATCHDOG_PERIOD = 0.25
@@ -107,6 +115,9 @@ class Machine:
         install_kick_handler()
         self.config = config
         self.stopping = False
+        self.paused = False
+        self._pause_cond = threading.Condition()
+        self._parked: set[int] = set()
         self.stop_info: Stop | None = None
         self.watchdog_round = 0
         self._stop_lock = threading.Lock()
@@ -171,6 +182,9 @@ class Machine:
         self.io_bus.register(rtc.INDEX_PORT, 2, self.rtc, "cmos rtc")
         self.post = post.PostPort()
         self.io_bus.register(post.POST_PORT, 1, self.post, "post code")
+        #: devices with state, by stable name: each has save() -> dict and restore(dict)
+        self.devices: dict[str, Persistent] = {"uart0": self.uart, "rtc": self.rtc, "i8042": kbc,
+                                               "post": self.post}
 
     def _on_debug_exit(self, value: int, status: int) -> None:
         self.request_stop(Stop(StopReason.DEBUG_EXIT, exit_status=status,
@@ -223,11 +237,50 @@ class Machine:
             if self.stop_info is None:
                 self.stop_info = stop
             self.stopping = True
+        with self._pause_cond:
+            self._pause_cond.notify_all()  # parked vCPUs leave too
         for v in self.vcpus:
             v.kick()
 
     def stop(self) -> None:
         self.request_stop(Stop(StopReason.STOPPED, detail="stopped by the host"))
+
+    # --- pause / resume (snapshots and migration need every vCPU outside KVM_RUN) -----------------
+    def pause(self, timeout: float = 5.0) -> None:
+        """Return once every vCPU thread is parked outside KVM_RUN (or has ended). vCPU state
+        ioctls are then safe from this thread: KVM serialises them on the vCPU mutex, which
+        KVM_RUN holds while the guest runs."""
+        with self._pause_cond:
+            self.paused = True
+        for v in self.vcpus:
+            v.kick()
+        deadline = time.monotonic() + timeout
+        with self._pause_cond:
+            while not self._all_parked():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KvmError(f"vCPUs did not pause within {timeout:g} s")
+                self._pause_cond.wait(min(left, 0.05))
+                for v in self.vcpus:  # a kick can land between two KVM_RUNs; repeat it
+                    if v.id not in self._parked:
+                        v.kick()
+
+    def _all_parked(self) -> bool:
+        return all(v.id in self._parked or v.thread is None or not v.thread.is_alive() for v in self.vcpus)
+
+    def resume(self) -> None:
+        with self._pause_cond:
+            self.paused = False
+            self._pause_cond.notify_all()
+
+    def park(self, vcpu: Vcpu) -> None:
+        """Called by a vCPU thread that saw ``paused``: wait here until resumed or stopped."""
+        with self._pause_cond:
+            self._parked.add(vcpu.id)
+            self._pause_cond.notify_all()
+            while self.paused and not self.stopping:
+                self._pause_cond.wait()
+            self._parked.discard(vcpu.id)
 
     def vcpu_exited(self, vcpu: Vcpu) -> None:
         with self._stop_lock:

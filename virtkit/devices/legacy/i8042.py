@@ -60,3 +60,12 @@ class I8042:
             self._pending_cmd = cmd
         elif cmd == CMD_SELF_TEST:
             self._output = 0x55
+
+    def save(self) -> dict[str, object]:
+        return {"config": self.config, "output": self._output, "pending_cmd": self._pending_cmd}
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.config = int(state["config"])  # type: ignore[call-overload]
+        out, cmd = state["output"], state["pending_cmd"]
+        self._output = None if out is None else int(out)  # type: ignore[call-overload]
+        self._pending_cmd = None if cmd is None else int(cmd)  # type: ignore[call-overload]

@@ -23,3 +23,10 @@ class PostPort:
     def pio_write(self, offset: int, size: int, value: int) -> None:
         self.last_code = value & 0xFF
         self.writes += 1
+
+    def save(self) -> dict[str, object]:
+        return {"last_code": self.last_code, "writes": self.writes}
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.last_code = int(state["last_code"])  # type: ignore[call-overload]
+        self.writes = int(state["writes"])  # type: ignore[call-overload]
