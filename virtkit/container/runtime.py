@@ -1,0 +1,646 @@
+"""The OCI runtime: create, start, state, kill, delete, run, exec, ps, list, stats, events.
+
+This is the runtime process's side (R). The forked children are in :mod:`virtkit.container.process`,
+the filesystem view in :mod:`.rootfs`, limits in :mod:`.cgroups`, persistence in :mod:`.state`.
+
+State machine (runtime-spec runtime.md "Lifecycle"): ``creating -> created -> running -> stopped``;
+``start`` only from created, ``delete`` only from stopped (created is killed first, as runc does;
+running needs ``--force``), ``kill`` only from created or running.
+
+The :class:`Runtime` object is usable as a library from a long-lived process (the warm path): it
+keeps the pipe on which each container's monitor reports the exit status, and reaps its children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import pwd
+import select
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from virtkit.container import libc
+from virtkit.container.cgroups import Cgroup, Layout, detect
+from virtkit.container.config import Config, Process, User, load_bundle, parse_config
+from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
+from virtkit.container.signals import parse_signal
+from virtkit.container.state import (
+    FIFO,
+    LOG_FILE,
+    Record,
+    StateDir,
+    atomic_write,
+    current_status,
+    proc_start_time,
+    process_alive,
+    validate_id,
+)
+from virtkit.errors import ConfigError, ContainerError
+
+OCI_VERSION = "1.0.2"
+CONFIG_COPY = "config.json"
+#: namespaces joined by exec, in order: the user namespace first (it grants the rights to join the
+#: others), the mount namespace last (after it, /proc/PID/ns paths of the host are gone)
+_JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "mount")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _owner() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
+    """Wait for a process (not necessarily our child) to exit; pidfd where possible."""
+    if not process_alive(pid, start):
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        fd = -1
+    try:
+        deadline = time.monotonic() + timeout
+        while process_alive(pid, start):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if fd >= 0:
+                select.select([fd], [], [], min(left, 0.5))
+            else:
+                time.sleep(0.005)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+class Runtime:
+    """An OCI runtime bound to one state root."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.dirs = StateDir(root)
+        self._layout: Layout | None = None
+        self._exit_pipes: dict[str, int] = {}
+        self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = detect()
+        return self._layout
+
+    # ------------------------------------------------------------------------------------------
+    # create
+
+    def create(self, cid: str, bundle: str, *, pid_file: str | None = None, capture: bool = False,
+               config: Config | None = None, rootfs: str | None = None, raw_config: dict[str, Any] | None = None,
+               overlay: dict[str, str] | None = None, net: str | None = None,
+               annotations: dict[str, str] | None = None) -> Record:
+        """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
+
+        ``overlay`` = {"lower": dir, "upper": dir, "work": dir} mounts a copy-on-write rootfs at
+        ``rootfs`` first (images); ``net="bridge"`` adds a veth pair on the virtkit bridge.
+        """
+        validate_id(cid)
+        bundle = os.path.abspath(bundle)
+        if config is None:
+            config, rootfs = load_bundle(bundle)
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                raw_config = json.loads(f.read())
+        assert rootfs is not None and raw_config is not None
+        linux = config.linux
+        if linux.namespace("mount") is None:
+            raise ConfigError("config.json: linux.namespaces must include a mount namespace "
+                              "(virtkit builds the rootfs with pivot_root in it)")
+        seccomp = None
+        if linux.seccomp is not None:
+            from virtkit.container.seccomp import compile_profile
+
+            seccomp = compile_profile(linux.seccomp)
+        if net == "bridge" and (linux.namespace("network") is None or linux.namespace("network").path):  # type: ignore[union-attr]
+            raise ConfigError("--net bridge needs a new network namespace in config.json")
+        rootless = os.geteuid() != 0
+        cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or f"/virtkit/{cid}")
+        if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
+            raise ContainerError("resource limits need cgroups, which an unprivileged runtime cannot write: "
+                                 "run as root or drop linux.resources")
+        rec = Record(id=cid, bundle=bundle, status="creating", created=_now(), owner=_owner(),
+                     annotations=dict(config.annotations) | (annotations or {}),
+                     creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
+                     cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
+                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture, extra={})
+        cdir = self.dirs.create(rec)
+        made: list[str] = []
+        mon = 0
+        try:
+            atomic_write(os.path.join(cdir, CONFIG_COPY), json.dumps(raw_config).encode())
+            if overlay:
+                from virtkit.container.image import mount_overlay
+
+                mount_overlay(overlay["lower"], overlay["upper"], overlay["work"], rootfs)
+            os.mkfifo(os.path.join(cdir, FIFO), 0o600)
+            if cgroup is not None:
+                made = cgroup.create()
+                rec.extra = {"cgroup_made": made}
+                self.dirs.save(rec)
+                cgroup.apply(linux.resources)
+            new_ns, join_ns, new_user = 0, [], False
+            for kind in _JOIN_ORDER:
+                ns = linux.namespace(kind)
+                if ns is None:
+                    continue
+                flag = libc.NAMESPACES[kind][0]
+                if ns.path:
+                    join_ns.append((flag, ns.path))
+                elif kind == "user":
+                    new_user = True
+                else:
+                    new_ns |= flag
+            net_spec = None
+            if net == "bridge":
+                from virtkit.container import network
+
+                net_spec = network.plan(self.dirs.root, cid)
+                rec.netdevs = [net_spec["host_if"]]
+                self.dirs.save(rec)
+            spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
+                            cgroup=cgroup, seccomp=seccomp,
+                            log_path=os.path.join(cdir, LOG_FILE) if capture else None,
+                            new_ns=new_ns, join_ns=join_ns, new_userns=new_user, net=net_spec)
+            r_chan, c_chan = Channel.pair()
+            exit_r, exit_w = os.pipe()
+            dir_fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY)
+            mon = os.fork()
+            if mon == 0:  # pragma: no cover - runs in the child
+                r_chan.close()
+                os.close(exit_r)
+                monitor_main(spec, c_chan, exit_w, dir_fd)
+            c_chan.close()
+            os.close(exit_w)
+            os.close(dir_fd)
+            self._children[cid] = mon
+            rec.monitor_pid = mon
+            try:
+                self._handshake(rec, r_chan, config, net_spec)
+            except BaseException:
+                os.close(exit_r)
+                raise
+            finally:
+                r_chan.close()
+            self._exit_pipes[cid] = exit_r
+            rec.status = "created"
+            self.dirs.save(rec)
+            if pid_file:
+                atomic_write(os.path.abspath(pid_file), f"{rec.pid}".encode())
+            self._run_hooks(config.hooks.prestart + config.hooks.create_runtime, rec)
+            return rec
+        except BaseException:
+            self._teardown(rec, cgroup, made, kill=True)
+            self.dirs.remove(cid)
+            raise
+
+    def _handshake(self, rec: Record, chan: Channel, config: Config, net_spec: dict[str, Any] | None) -> None:
+        while True:
+            msg = chan.recv(timeout=60)
+            if msg is None:
+                raise ContainerError(f"cannot create container {rec.id}: its init exited during setup")
+            if "error" in msg:
+                raise ContainerError(f"cannot create container {rec.id}: {msg['error']}")
+            if "userns" in msg:
+                self._write_id_maps(int(msg["userns"]), config)
+                chan.send(mapped=True)
+            elif "pid" in msg:
+                rec.pid = int(msg["pid"])
+                rec.pid_start = proc_start_time(rec.pid)
+                self.dirs.save(rec)
+                if net_spec is not None:
+                    from virtkit.container import network
+
+                    network.attach(net_spec, rec.pid)
+                    chan.send(net=True)
+            elif msg.get("ready"):
+                return
+
+    @staticmethod
+    def _write_id_maps(pid: int, config: Config) -> None:
+        def fmt(maps: tuple[Any, ...]) -> str:
+            return "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in maps)
+
+        try:
+            if os.geteuid() != 0:
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny")
+            with open(f"/proc/{pid}/uid_map", "w") as f:
+                f.write(fmt(config.linux.uid_mappings))
+            with open(f"/proc/{pid}/gid_map", "w") as f:
+                f.write(fmt(config.linux.gid_mappings))
+        except OSError as err:
+            raise ContainerError(f"the kernel refused the user namespace id maps: {err.strerror} "
+                                 "(an unprivileged runtime can only map its own uid and gid)") from None
+
+    # ------------------------------------------------------------------------------------------
+    # start / kill / state
+
+    def start(self, cid: str) -> None:
+        with self.dirs.lock(cid):
+            rec = self.dirs.load(cid)
+            status = current_status(rec)
+            if status != "created":
+                raise ContainerError(f"cannot start container {cid}: it is {status} (only a created container "
+                                     "can be started)")
+            fifo = self.dirs.path(cid, FIFO)
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                raise ContainerError(f"cannot start container {cid}: its init is not waiting any more; "
+                                     f"'virtkit delete {cid}'") from None
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+            os.unlink(fifo)
+            rec.status = "running"
+            self.dirs.save(rec)
+        config = self._config(cid)
+        if config is not None:
+            self._run_hooks(config.hooks.poststart, rec)
+
+    def kill(self, cid: str, sig: int | str = signal.SIGTERM, all_processes: bool = False) -> None:
+        signum = parse_signal(sig) if isinstance(sig, str) else sig
+        rec = self.dirs.load(cid)
+        status = current_status(rec)
+        if status not in ("created", "running"):
+            raise ContainerError(f"cannot signal container {cid}: it is {status}")
+        if all_processes and rec.cgroup_path:
+            self._cgroup(rec).kill_all(signum)
+            return
+        try:
+            pidfd = os.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            raise ContainerError(f"cannot signal container {cid}: it has stopped") from None
+        try:
+            if proc_start_time(rec.pid) != rec.pid_start:
+                raise ContainerError(f"cannot signal container {cid}: it has stopped")
+            signal.pidfd_send_signal(pidfd, signum)
+        finally:
+            os.close(pidfd)
+
+    def state(self, cid: str) -> dict[str, Any]:
+        rec = self.dirs.load(cid)
+        status = current_status(rec)
+        out: dict[str, Any] = {
+            "ociVersion": OCI_VERSION, "id": rec.id, "status": status,
+            "pid": rec.pid if status in ("created", "running") else 0, "bundle": rec.bundle,
+            "rootfs": rec.rootfs, "created": rec.created, "owner": rec.owner,
+        }
+        if rec.annotations:
+            out["annotations"] = rec.annotations
+        info = self.dirs.exit_info(cid)
+        if status == "stopped" and info:
+            out["exitStatus"] = info.get("exitStatus")
+            if info.get("signal"):
+                out["signal"] = info["signal"]
+        oom = bool(info and info.get("oomKilled"))
+        if not oom and rec.cgroup_path:
+            with contextlib.suppress(OSError):
+                oom = self._cgroup(rec).oom_kills() > 0
+        out["oomKilled"] = oom
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        for cid in self.dirs.ids():
+            with contextlib.suppress(ContainerError):
+                out.append(self.state(cid))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # wait / run
+
+    def wait(self, cid: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the container's process has exited; return exitStatus/signal/oomKilled."""
+        pipe = self._exit_pipes.pop(cid, None)
+        if pipe is not None:
+            try:
+                data = b""
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while True:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    ready, _, _ = select.select([pipe], [], [], left)
+                    if not ready:
+                        self._exit_pipes[cid] = pipe
+                        pipe = -1
+                        raise ContainerError(f"container {cid} did not stop within {timeout}s")
+                    chunk = os.read(pipe, 4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            finally:
+                if pipe >= 0:
+                    os.close(pipe)
+            self._reap(cid)
+            if data:
+                return json.loads(data)  # type: ignore[no-any-return]
+        rec = self.dirs.load(cid)
+        if not _wait_gone(rec.pid, rec.pid_start, timeout if timeout is not None else 1e9):
+            raise ContainerError(f"container {cid} did not stop within {timeout}s")
+        # the monitor writes exit.json right after reaping the init
+        if rec.monitor_pid:
+            _wait_gone(rec.monitor_pid, None, 2.0)
+        self._reap(cid)
+        return self.dirs.exit_info(cid) or {"exitStatus": None, "signal": None, "oomKilled": False}
+
+    def _reap(self, cid: str) -> None:
+        mon = self._children.pop(cid, None)
+        if mon:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(mon, 0)
+
+    def run(self, cid: str, bundle: str, *, detach: bool = False, remove: bool = False,
+            forward_signals: bool = True, **create_args: Any) -> int:
+        """create + start (+ wait, forwarding signals, + delete if ``remove``); the exit status."""
+        if detach:
+            create_args.setdefault("capture", True)
+        rec = self.create(cid, bundle, **create_args)
+        try:
+            self.start(cid)
+        except BaseException:
+            self.delete(cid, force=True)
+            raise
+        if detach:
+            return 0
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGWINCH)
+        old = {}
+        if forward_signals:
+            def forward(signum: int, _frame: Any) -> None:
+                with contextlib.suppress(OSError):
+                    os.kill(rec.pid, signum)
+
+            for s in forwarded:
+                old[s] = signal.signal(s, forward)
+        try:
+            info = self.wait(cid)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if remove:
+                self.delete(cid, force=True)
+        status = info.get("exitStatus")
+        return int(status) if status is not None else 255
+
+    # ------------------------------------------------------------------------------------------
+    # delete
+
+    def delete(self, cid: str, force: bool = False) -> None:
+        with self.dirs.lock(cid):
+            rec = self.dirs.load(cid)
+            status = current_status(rec)
+            if status == "running" and not force:
+                raise ContainerError(f"cannot delete container {cid}: it is running; stop it "
+                                     f"('virtkit kill {cid} KILL') or use 'delete --force'")
+            if status == "creating" and not force:
+                raise ContainerError(f"cannot delete container {cid}: it is being created; retry, or use --force")
+            cgroup = self._cgroup(rec) if rec.cgroup_path else None
+            made = list((rec.extra or {}).get("cgroup_made") or rec.cgroup_dirs or [])
+            config = self._config(cid)
+            self._teardown(rec, cgroup, made, kill=status != "stopped")
+            if config is not None:
+                with contextlib.suppress(ContainerError):
+                    self._run_hooks(config.hooks.poststop, rec)
+            self.dirs.remove(cid)
+
+    def _teardown(self, rec: Record, cgroup: Cgroup | None, made: list[str], kill: bool) -> None:
+        """Release everything a container holds; safe to repeat, safe on half-made containers."""
+        problems = []
+        if kill or process_alive(rec.pid, rec.pid_start):
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroup.kill_all(signal.SIGKILL)
+            if rec.pid and process_alive(rec.pid, rec.pid_start):
+                with contextlib.suppress(OSError):
+                    os.kill(rec.pid, signal.SIGKILL)
+            _wait_gone(rec.pid, rec.pid_start, 5.0)
+        if cgroup is not None:
+            deadline = time.monotonic() + 5.0
+            while cgroup.pids() and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    cgroup.kill_all(signal.SIGKILL)
+                time.sleep(0.01)
+        if rec.monitor_pid:
+            if rec.id in self._children:
+                self._reap(rec.id)
+            else:
+                _wait_gone(rec.monitor_pid, None, 2.0)
+        pipe = self._exit_pipes.pop(rec.id, None)
+        if pipe is not None:
+            os.close(pipe)
+        for dev in rec.netdevs or []:
+            from virtkit.container import network
+
+            network.remove_link(dev)
+        for target in rec.mounts or []:
+            try:
+                libc.umount2(target, libc.MNT_DETACH)
+            except OSError as err:
+                if err.errno not in (22, 2):  # EINVAL: not mounted (any more); ENOENT
+                    problems.append(f"unmount {target}: {err.strerror}")
+        if cgroup is not None:
+            targets = made or cgroup.directories()
+            left = cgroup.remove(targets)
+            problems.extend(f"cgroup {d} is still busy" for d in left)
+            # the shared parent (/virtkit) goes too when this was its last container
+            for d in cgroup.directories():
+                parent = os.path.dirname(d)
+                if rec.cgroup_path == f"/virtkit/{rec.id}":
+                    with contextlib.suppress(OSError):
+                        os.rmdir(parent)
+        if problems:
+            raise ContainerError(f"container {rec.id} was stopped but not fully cleaned up: {'; '.join(problems)}")
+
+    # ------------------------------------------------------------------------------------------
+    # exec / ps / stats / events
+
+    def exec(self, cid: str, process: Process, *, detach: bool = False, pid_file: str | None = None,
+             preserve_fds: int = 0) -> int:
+        """Run ``process`` in the running container; return its exit status (0 when detached)."""
+        rec = self.dirs.load(cid)
+        status = current_status(rec)
+        if status != "running":
+            raise ContainerError(f"cannot exec in container {cid}: it is {status}")
+        config = self._config(cid)
+        seccomp = None
+        if config is not None and config.linux.seccomp is not None:
+            from virtkit.container.seccomp import compile_profile
+
+            seccomp = compile_profile(config.linux.seccomp)
+        namespaces = []
+        for kind in _JOIN_ORDER:
+            if config is not None and config.linux.namespace(kind) is None:
+                continue
+            flag, name = libc.NAMESPACES[kind]
+            path = f"/proc/{rec.pid}/ns/{name}"
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
+                    continue  # already there (the user namespace cannot be re-entered)
+            namespaces.append((flag, path))
+        spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
+                        cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
+                        preserve_fds=preserve_fds)
+        if proc_start_time(rec.pid) != rec.pid_start:
+            raise ContainerError(f"cannot exec in container {cid}: it has stopped")
+        r_chan, c_chan = Channel.pair()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            r_chan.close()
+            exec_main(spec, c_chan)
+        c_chan.close()
+        target = 0
+        try:
+            while True:
+                msg = r_chan.recv(timeout=60)
+                if msg is None:
+                    break
+                if "error" in msg:
+                    os.waitpid(child, 0)
+                    raise ContainerError(f"cannot exec in container {cid}: {msg['error']}")
+                if "pid" in msg:
+                    target = int(msg["pid"])
+                if "started" in msg:
+                    target = int(msg["started"])
+                    break
+        finally:
+            r_chan.close()
+        if pid_file and target:
+            atomic_write(os.path.abspath(pid_file), str(target).encode())
+        if detach:
+            return 0
+
+        def forward(signum: int, _frame: Any) -> None:
+            with contextlib.suppress(OSError):
+                os.kill(target, signum)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            _, st = os.waitpid(child, 0)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        code = os.waitstatus_to_exitcode(st)
+        return code if code >= 0 else 128 - code
+
+    def exec_process(self, cid: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
+                     user: str | None = None, base: dict[str, Any] | None = None) -> Process:
+        """The process ``exec`` runs: the container's own (capabilities, rlimits, user) with overrides."""
+        config = self._config(cid)
+        if base is not None:
+            raw = {"ociVersion": "1.0.2", "root": {"path": "/"}, "process": base}
+            return parse_config(raw).process
+        if config is None:
+            raise ContainerError(f"container {cid} has no saved config.json; pass a process.json")
+        p = config.process
+        u = p.user
+        if user:
+            uid, _, gid = user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise ConfigError(f"--user {user!r}: give UID or UID:GID as numbers")
+            u = User(int(uid), int(gid) if gid else (u.gid if not gid else 0), u.umask, u.additional_gids)
+        new_env = list(p.env)
+        for e in env or []:
+            if "=" not in e:
+                raise ConfigError(f"--env {e!r}: use KEY=VALUE")
+            key = e.split("=", 1)[0] + "="
+            new_env = [x for x in new_env if not x.startswith(key)] + [e]
+        if not args:
+            raise ConfigError("exec needs a command: virtkit exec ID -- CMD ARGS...")
+        return Process(args=tuple(args), cwd=cwd or p.cwd, env=tuple(new_env), user=u,
+                       capabilities=p.capabilities, rlimits=p.rlimits, no_new_privileges=p.no_new_privileges)
+
+    def processes(self, cid: str) -> list[int]:
+        rec = self.dirs.load(cid)
+        if rec.cgroup_path:
+            return self._cgroup(rec).pids()
+        return [rec.pid] if process_alive(rec.pid, rec.pid_start) else []
+
+    def stats(self, cid: str) -> dict[str, Any]:
+        rec = self.dirs.load(cid)
+        if not rec.cgroup_path:
+            raise ContainerError(f"container {cid} has no cgroup (rootless): no statistics")
+        return self._cgroup(rec).stats()
+
+    def events(self, cid: str, interval: float = 5.0, stats_only: bool = False) -> Iterator[dict[str, Any]]:
+        """runc-style events: a stats event every ``interval``, an ``oom`` event when the OOM killer
+        strikes; ends when the container stops (or after one stats event if ``stats_only``)."""
+        rec = self.dirs.load(cid)
+        cg = self._cgroup(rec) if rec.cgroup_path else None
+        ooms = cg.oom_kills() if cg else 0
+        next_stats = 0.0
+        while True:
+            if cg is not None:
+                now_ooms = cg.oom_kills()
+                if now_ooms > ooms:
+                    yield {"type": "oom", "id": cid, "data": {"count": now_ooms}}
+                    ooms = now_ooms
+                if time.monotonic() >= next_stats:
+                    yield {"type": "stats", "id": cid, "data": cg.stats()}
+                    next_stats = time.monotonic() + interval
+            if stats_only:
+                return
+            if not process_alive(rec.pid, rec.pid_start):
+                info = self.dirs.exit_info(cid) or {}
+                yield {"type": "exit", "id": cid, "data": info}
+                return
+            time.sleep(min(0.1, interval))
+
+    def logs(self, cid: str) -> str:
+        rec = self.dirs.load(cid)
+        if not rec.capture:
+            raise ContainerError(f"container {cid} writes to the terminal that created it, not to a log: "
+                                 "create it with --capture (or 'virtkit oci run --detach') to keep its output")
+        try:
+            with open(self.dirs.path(cid, LOG_FILE), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------------------------------------
+
+    def _cgroup(self, rec: Record) -> Cgroup:
+        return Cgroup(self.layout, rec.cgroup_path)
+
+    def _config(self, cid: str) -> Config | None:
+        try:
+            with open(self.dirs.path(cid, CONFIG_COPY), "rb") as f:
+                return parse_config(json.loads(f.read()))
+        except (OSError, ValueError, ConfigError):
+            return None
+
+    def _run_hooks(self, hooks: tuple[Any, ...], rec: Record) -> None:
+        if not hooks:
+            return
+        import subprocess
+
+        state = json.dumps({"ociVersion": OCI_VERSION, "id": rec.id, "status": current_status(rec),
+                            "pid": rec.pid, "bundle": rec.bundle, "annotations": rec.annotations or {}})
+        for h in hooks:
+            try:
+                subprocess.run(list(h.args) or [h.path], input=state.encode(),
+                               env=dict(e.split("=", 1) for e in h.env), timeout=h.timeout, check=True,
+                               executable=h.path, capture_output=True)
+            except subprocess.CalledProcessError as err:
+                raise ContainerError(f"hook {h.path} failed with status {err.returncode}: "
+                                     f"{err.stderr.decode(errors='replace').strip()[:200]}") from None
+            except subprocess.TimeoutExpired:
+                raise ContainerError(f"hook {h.path} did not finish within {h.timeout}s") from None
+            except OSError as err:
+                raise ContainerError(f"hook {h.path} cannot run: {err.strerror}") from None
