@@ -27,7 +27,7 @@ from virtkit.bus import IoBus, MmioBus
 from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
 from virtkit.errors import ConfigError, KvmError
 from virtkit.kvm import structs as S
-from virtkit.kvm.constants import Cap
+from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
 from virtkit.kvm.ioctl import Kvm, VmFd
 from virtkit.memory import GuestMemory
 from virtkit.units import format_size
@@ -111,7 +111,10 @@ def validate_config(config: MachineConfig, kvm: Kvm) -> None:
 class Machine:
     """One virtual machine. Build it, :meth:`load`, :meth:`start`, :meth:`wait`, :meth:`close`."""
 
-    def __init__(self, config: MachineConfig, serial_out: Callable[[bytes], None]) -> None:
+    def __init__(self, config: MachineConfig, serial_out: Callable[[bytes], None], *,
+                 memory_fd: int = -1, memory_shared: bool = False) -> None:
+        """``memory_fd``: back guest RAM with this file (a memfd, or a snapshot's memory file),
+        mapped shared or copy-on-write (``memory_shared=False``: restore and clones)."""
         install_kick_handler()
         self.config = config
         self.stopping = False
@@ -133,8 +136,9 @@ class Machine:
             self.vm: VmFd = self.kvm.create_vm()
             undo.callback(self.vm.close)
             self._create_platform()
-            self.memory = GuestMemory(layout.ram_ranges(config.memory))
+            self.memory = GuestMemory(layout.ram_ranges(config.memory), fd=memory_fd, shared=memory_shared)
             undo.callback(self.memory.close)
+            self.dirty_logging = False
             for slot, region in enumerate(self.memory.regions):
                 region.slot = slot
                 self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
@@ -334,6 +338,27 @@ class Machine:
         self.memory.close()
         self.vm.close()
         self.kvm.close()
+
+    # --- dirty page tracking (live migration) ------------------------------------------------------
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Re-register every slot with or without KVM_MEM_LOG_DIRTY_PAGES."""
+        flags = KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
+        for r in self.memory.regions:
+            self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
+        self.dirty_logging = enabled
+
+    def dirty_pages(self) -> list[int]:
+        """Guest-physical page addresses written since the last call (KVM_GET_DIRTY_LOG clears
+        the log as it reads it). Needs :meth:`set_dirty_logging` on."""
+        pages: list[int] = []
+        for r in self.memory.regions:
+            npages = r.size // layout.PAGE_SIZE
+            bitmap = self.vm.get_dirty_log(r.slot, npages)
+            for byte_index, byte in enumerate(bitmap):
+                if byte:
+                    base = r.gpa + byte_index * 8 * layout.PAGE_SIZE
+                    pages.extend(base + bit * layout.PAGE_SIZE for bit in range(8) if byte >> bit & 1)
+        return pages
 
     # --- statistics --------------------------------------------------------------------------------
     def vcpu_stats(self) -> list[VcpuStats]:
