@@ -1,15 +1,420 @@
-"""Container commands (OCI runtime CLI). Filled in by the containers work."""
+"""Container commands, in the OCI runtime CLI conventions (runc/crun).
+
+Top level: ``create start state kill delete exec ps list logs spec events stats images import``.
+``virtkit oci ...`` holds the same verbs plus ``run`` (``virtkit oci run ID --bundle DIR``): the
+top-level ``run`` belongs to the VM modes (``virtkit run --mode container IMAGE -- CMD``), so
+tools that drive a runtime binary use ``virtkit oci`` as it (global flags may follow ``oci``).
+
+Handlers import the runtime only when they run; commands that start processes in a container
+first re-execute from a sealed copy of the interpreter (see :mod:`virtkit.container.sealexe`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _logged(handler: Handler) -> Handler:
+    """Write errors to --log (runc's --log/--log-format) as well as to stderr."""
+
+    @functools.wraps(handler)
+    def wrapper(args: argparse.Namespace) -> int:
+        from virtkit.errors import VirtkitError
+
+        try:
+            return handler(args)
+        except VirtkitError as err:
+            if getattr(args, "log", None):
+                import datetime
+
+                now = datetime.datetime.now(datetime.timezone.utc).isoformat()  # noqa: UP017
+                line = (json.dumps({"level": "error", "msg": str(err), "time": now})
+                        if getattr(args, "log_format", "text") == "json" else f"{now} error: {err}")
+                try:
+                    with open(args.log, "a") as f:
+                        f.write(line + "\n")
+                except OSError:
+                    pass
+            raise
+
+    return wrapper
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    from virtkit.container.runtime import Runtime
+
+    return Runtime(args.root)
+
+
+def _seal() -> None:
+    from virtkit.container.sealexe import ensure_sealed
+
+    ensure_sealed()
+
+
+def _global_flags(p: argparse.ArgumentParser) -> None:
+    """runc takes --root/--log before the verb; accept them after ``oci`` too (same destinations)."""
+    p.add_argument("--root", default=argparse.SUPPRESS, help="container state directory (default /run/virtkit)")
+    p.add_argument("--log", default=argparse.SUPPRESS, help="runtime log file")
+    p.add_argument("--log-format", default=argparse.SUPPRESS, choices=("text", "json"), help="log format")
+    p.add_argument("--systemd-cgroup", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_lifecycle(sub: Any, with_run: bool) -> None:
+    def cmd(name: str, handler: Handler, help_: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_, **kw)
+        p.set_defaults(handler=_logged(handler))
+        return p
+
+    p = cmd("create", cmd_create, "create a container from an OCI bundle (it waits for 'start')")
+    p.add_argument("id")
+    p.add_argument("--bundle", "-b", default=".", help="bundle directory with config.json (default .)")
+    p.add_argument("--pid-file", default=None, help="write the container's init pid here")
+    p.add_argument("--console-socket", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--capture", action="store_true", help="keep the container's output for 'virtkit logs'")
+    p.add_argument("--net", choices=("none", "bridge"), default="none",
+                   help="bridge: a veth pair on the virtkit0 bridge, with an address (default: loopback only)")
+    p.add_argument("--no-pivot", action="store_true", help=argparse.SUPPRESS)
+
+    if with_run:
+        p = cmd("run", cmd_oci_run, "create and start a container from an OCI bundle, and wait for it")
+        p.add_argument("id")
+        p.add_argument("--bundle", "-b", default=".", help="bundle directory with config.json (default .)")
+        p.add_argument("--pid-file", default=None)
+        p.add_argument("--detach", "-d", action="store_true", help="do not wait (output goes to 'virtkit logs')")
+        p.add_argument("--rm", action="store_true", help="delete the container when it exits")
+        p.add_argument("--console-socket", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--net", choices=("none", "bridge"), default="none")
+
+    p = cmd("start", cmd_start, "start a created container (runs its process)")
+    p.add_argument("id")
+    p = cmd("state", cmd_state, "print a container's OCI state as JSON")
+    p.add_argument("id")
+    p = cmd("kill", cmd_kill, "send a signal to a container's init (default TERM)")
+    p.add_argument("id")
+    p.add_argument("signal", nargs="?", default="TERM", help="name (TERM, KILL, SIGHUP) or number")
+    p.add_argument("--all", "-a", action="store_true", help="signal every process of the container")
+    p = cmd("delete", cmd_delete, "delete a stopped (or created) container and everything it holds")
+    p.add_argument("id")
+    p.add_argument("--force", "-f", action="store_true", help="kill it first if it is running")
+
+    p = cmd("exec", cmd_exec, "run a process in a running container")
+    p.add_argument("id")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    p.add_argument("--process", "-p", default=None, help="process.json (OCI process object) instead of CMD")
+    p.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE (repeatable)")
+    p.add_argument("--cwd", default=None, help="working directory in the container")
+    p.add_argument("--user", "-u", default=None, help="UID[:GID]")
+    p.add_argument("--detach", "-d", action="store_true")
+    p.add_argument("--pid-file", default=None)
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("--tty", "-t", action="store_true", help=argparse.SUPPRESS)
+
+    p = cmd("ps", cmd_ps, "list containers in one table, or with ID the processes of one container")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    p = cmd("list", cmd_list, "list containers (OCI runtime style)")
+    p.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    p.add_argument("--quiet", "-q", action="store_true", help="ids only")
+    p = cmd("spec", cmd_spec, "write a default config.json (Docker's security defaults)")
+    p.add_argument("--bundle", "-b", default=".", help="where to write config.json (default .)")
+    p.add_argument("--rootless", action="store_true", help="with a user namespace and id maps")
+    p.add_argument("--args", default=None, help="the process, as one shell-like string (default sh)")
+    p = cmd("events", cmd_events, "stream stats and OOM events of a container (JSON lines)")
+    p.add_argument("id")
+    p.add_argument("--stats", action="store_true", help="print one stats event and exit")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between stats events (default 5)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Container commands are registered here."""
+    _add_lifecycle(sub, with_run=False)
+
+    p = sub.add_parser("logs", help="print the captured output of a container")
+    p.add_argument("id")
+    p.set_defaults(handler=_logged(cmd_logs))
+    p = sub.add_parser("stats", help="resource usage of a container (memory, CPU, pids, OOM kills)")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_logged(cmd_stats))
+    p = sub.add_parser("images", help="list container images (busybox is built in)")
+    p.add_argument("--store", default=None, help="image store (default /var/lib/virtkit/images)")
+    p.set_defaults(handler=_logged(cmd_images))
+    p = sub.add_parser("import", help="import an OCI image layout or a docker-save archive")
+    p.add_argument("path")
+    p.add_argument("--name", default=None, help="image name (default: from the file name)")
+    p.add_argument("--ref", default=None, help="the tag to take from a multi-image OCI layout")
+    p.add_argument("--store", default=None)
+    p.set_defaults(handler=_logged(cmd_import))
+
+    oci = sub.add_parser("oci", help="the OCI runtime CLI (runc-compatible verbs, including run)",
+                         description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.")
+    _global_flags(oci)
+    oci_sub = oci.add_subparsers(dest="oci_command", metavar="VERB")
+    _add_lifecycle(oci_sub, with_run=True)
+    oci.set_defaults(handler=lambda args: (oci.print_help(), 2)[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# handlers
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    if args.console_socket:
+        from virtkit.errors import ConfigError
+
+        raise ConfigError("--console-socket (process.terminal) is not supported by virtkit yet")
+    _seal()
+    _runtime(args).create(args.id, args.bundle, pid_file=args.pid_file, capture=args.capture,
+                          net=None if args.net == "none" else args.net)
+    return 0
+
+
+def cmd_oci_run(args: argparse.Namespace) -> int:
+    if args.console_socket:
+        from virtkit.errors import ConfigError
+
+        raise ConfigError("--console-socket (process.terminal) is not supported by virtkit yet")
+    _seal()
+    return int(_runtime(args).run(args.id, args.bundle, detach=args.detach, remove=args.rm, pid_file=args.pid_file,
+                                  net=None if args.net == "none" else args.net))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    _runtime(args).start(args.id)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    print(json.dumps(_runtime(args).state(args.id), indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from virtkit.container.signals import parse_signal
+
+    _runtime(args).kill(args.id, parse_signal(args.signal), all_processes=args.all)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _runtime(args).delete(args.id, force=args.force)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from virtkit.errors import ConfigError
+
+    if args.tty:
+        raise ConfigError("exec --tty is not supported by virtkit yet; run without -t")
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    rt = _runtime(args)
+    base = None
+    if args.process:
+        try:
+            with open(args.process) as f:
+                base = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot read process file {args.process}: {err}") from None
+    process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base)
+    _seal()
+    return int(rt.exec(args.id, process, detach=args.detach, pid_file=args.pid_file,
+                       preserve_fds=args.preserve_fds))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    if args.id:
+        pids = rt.processes(args.id)
+        if args.format == "json":
+            print(json.dumps(pids))
+            return 0
+        rows = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            rows.append([str(pid), cmdline])
+        print(_table(rows, ["PID", "CMD"]))
+        return 0
+    from virtkit.units import format_size
+
+    states = rt.list()
+    rows = []
+    out = []
+    for st in states:
+        mem = ""
+        if st["status"] in ("created", "running"):
+            try:
+                usage = rt.stats(st["id"]).get("memory", {}).get("usage", {})
+                mem = format_size(usage.get("usage", 0))
+                if usage.get("limit", -1) > 0:
+                    mem += " / " + format_size(usage["limit"])
+            except Exception:  # noqa: BLE001 - a table row must not fail the listing
+                mem = ""
+        rows.append([st["id"], "container", st["status"], str(st["pid"] or ""), mem, st["created"][:19]])
+        out.append({"id": st["id"], "kind": "container", "status": st["status"], "pid": st["pid"],
+                    "memory": mem, "created": st["created"]})
+    if args.format == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print(_table(rows, ["ID", "KIND", "STATUS", "PID", "MEMORY", "CREATED"]))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    states = _runtime(args).list()
+    if args.quiet:
+        for st in states:
+            print(st["id"])
+    elif args.format == "json":
+        print(json.dumps(states, indent=2))
+    else:
+        rows = [[st["id"], str(st["pid"]), st["status"], st["bundle"], st["created"], st["owner"]] for st in states]
+        print(_table(rows, ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]))
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from virtkit.container.spec import default_spec
+    from virtkit.errors import ConfigError
+
+    path = os.path.join(args.bundle, "config.json")
+    if os.path.exists(path):
+        raise ConfigError(f"{path} exists; remove it first (virtkit spec does not overwrite)")
+    spec = default_spec(shlex.split(args.args) if args.args else None, rootless=args.rootless)
+    try:
+        with open(path, "x") as f:
+            json.dump(spec, f, indent=2)
+            f.write("\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}") from None
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    for event in _runtime(args).events(args.id, interval=args.interval, stats_only=args.stats):
+        print(json.dumps(event), flush=True)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    sys.stdout.write(_runtime(args).logs(args.id))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from virtkit.units import format_size
+
+    rt = _runtime(args)
+    st = rt.stats(args.id)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    mem = st.get("memory", {}).get("usage", {})
+    cpu = st.get("cpu", {})
+    pids = st.get("pids", {})
+    limit = mem.get("limit", -1)
+    rows = [
+        ["memory", format_size(mem.get("usage", 0)), "max " + format_size(mem.get("max", 0)),
+         "limit " + (format_size(limit) if limit and limit > 0 else "none")],
+        ["oom kills", str(st.get("memory", {}).get("oomKills", 0)), "", ""],
+        ["cpu", f"{cpu.get('usage', {}).get('total', 0) / 1e9:.3f} s",
+         f"throttled {cpu.get('throttling', {}).get('throttledPeriods', 0)} periods", ""],
+        ["pids", str(pids.get("current", 0)), "", "limit " + (str(pids["limit"]) if pids.get("limit", -1) >= 0
+                                                              else "none")],
+    ]
+    print(_table(rows, ["RESOURCE", "USAGE", "", "LIMIT"]))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from virtkit.container.image import list_images
+
+    rows = [[m.get("name", "?"), (m.get("digest") or "built-in")[:19], m.get("source", "")]
+            for m in list_images(args.store)]
+    print(_table(rows, ["NAME", "DIGEST", "SOURCE"]))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from virtkit.container.image import import_image
+
+    print(import_image(args.path, name=args.name, store=args.store, ref=args.ref))
+    return 0
 
 
 def cmd_run_container(args: argparse.Namespace) -> int:
-    from virtkit.errors import ConfigError
+    """``virtkit run --mode container IMAGE -- CMD``: an image on a copy-on-write rootfs, with limits,
+    in the foreground; the container is deleted when it exits."""
+    import os
+    import secrets
 
-    raise ConfigError("--mode container is not implemented yet")
+    from virtkit.container import image
+    from virtkit.container.config import parse_config
+    from virtkit.container.runtime import Runtime
+    from virtkit.container.spec import default_spec
+    from virtkit.container.state import validate_id
+    from virtkit.errors import ConfigError
+    from virtkit.units import parse_count, parse_size
+
+    command = list(args.command or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    cid = validate_id(args.name) if args.name else "vk-" + secrets.token_hex(4)
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if args.memory:
+        limit = parse_size(args.memory, what="--memory")
+        resources["memory"] = {"limit": limit, "swap": limit}
+    if args.cpus:
+        try:
+            cpus = float(args.cpus)
+        except ValueError:
+            raise ConfigError(f"--cpus {args.cpus!r} is not a number: use e.g. 0.5 or 2") from None
+        if not 0.01 <= cpus <= (os.cpu_count() or 1):
+            raise ConfigError(f"--cpus must be between 0.01 and {os.cpu_count()} on this host, got {cpus}")
+        resources["cpu"] = {"quota": int(cpus * 100_000), "period": 100_000}
+    if args.pids_limit:
+        resources["pids"] = {"limit": parse_count(args.pids_limit, what="--pids-limit", minimum=1)}
+    _seal()
+    lower, img = image.resolve(args.target)
+    argv = command or (img.get("Entrypoint") or []) + (img.get("Cmd") or []) or ["sh"]
+    raw = default_spec(argv, hostname=cid[:63])
+    if img.get("Env"):
+        raw["process"]["env"] = list(img["Env"])
+    if img.get("WorkingDir"):
+        raw["process"]["cwd"] = img["WorkingDir"]
+    user = img.get("User") or ""
+    if user:
+        uid, _, gid = user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise ConfigError(f"image user {user!r} is not numeric; virtkit needs UID[:GID]")
+        raw["process"]["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    raw["linux"]["resources"] = resources
+    rt = Runtime(args.root)
+    cdir = os.path.join(rt.dirs.root, cid)
+    raw["root"]["path"] = os.path.join(cdir, "rootfs")
+    config = parse_config(raw)
+    overlay = {"lower": lower, "upper": os.path.join(cdir, "upper"), "work": os.path.join(cdir, "work")}
+    return int(rt.run(cid, cdir, config=config, rootfs=raw["root"]["path"], raw_config=raw, overlay=overlay,
+                      remove=True, annotations={"org.virtkit.image": args.target}))
