@@ -61,12 +61,12 @@
 #define PORT_DEBUG_EXIT      0xF4         /* QEMU isa-debug-exit: status = (value << 1) | 1 */
 #define PORT_I8042_CMD       0x64
 
-/* Interrupt vectors: exceptions 0-31, the two 8259s remapped to 0x20-0x2F, and the software
- * interrupt kcall() uses to enter CPL0 from CPL3 (0x80: see lib/start.S for why this vector). */
+/* Interrupt vectors: exceptions 0-31 (kcall() enters CPL0 from CPL3 with INT3, vector 3: see
+ * lib/start.S for why), the two 8259s remapped to 0x20-0x2F. */
 #define VEC_IRQ0             0x20
 #define NUM_STUBS            0x30         /* vectors with a stub in lib/start.S */
-#define VEC_KCALL            0x80
-#define IDT_ENTRIES          256
+#define VEC_KCALL            3            /* #BP */
+#define IDT_ENTRIES          NUM_STUBS
 #define KSTACK_SIZE          16384        /* per-CPU CPL0 stack (TSS.RSP0) */
 
 #endif

@@ -43,7 +43,7 @@ static void idt_init(void)
 	for (unsigned v = 0; v < NUM_STUBS; v++)
 		set_gate(v, isr_stubs + 16 * v, 0);
 	set_gate(VEC_IRQ0, isr_timer, 0);
-	set_gate(VEC_KCALL, kcall_entry, 3);    /* DPL 3: INT 0x80 is allowed from CPL3 */
+	set_gate(VEC_KCALL, kcall_entry, 3);    /* DPL 3: INT3 is allowed from CPL3 */
 }
 
 long k_halt_forever(long unused)

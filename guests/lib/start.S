@@ -32,32 +32,36 @@ user_entry:
 /*
  * long kcall(long (*fn)(long), long arg): run fn(arg) at CPL0 and return its result.
  *
- * From CPL3 this is INT 0x80 through a DPL 3 interrupt gate: the CPU switches to the TSS's RSP0
- * stack at CPL0 (Intel SDM vol. 3A §6.12.1) and IRETQ comes back. Why not SYSCALL: on the PVM
- * host, SYSCALL from CPL3 reaches the LSTAR target but leaves the vCPU at CPL3, where the first
- * privileged instruction raises #GP (docs/GUESTS.md, "SYSCALL and SYSRETQ on PVM"). Why vector
- * 0x80: PVM runs CPL3 code natively under the host's IDT, whose only DPL 3 gate (besides #BP and
- * #OF) is Linux's 0x80, so INT 0x80 is handed to the guest's IDT; other INT n would be emulated,
- * which the emulator refuses.
+ * From CPL3 the way in is INT3: a #BP through a DPL 3 interrupt gate switches to the TSS's RSP0
+ * stack at CPL0 (Intel SDM vol. 3A §6.12.1), and IRETQ comes back. The architectural fast path,
+ * SYSCALL, does not work on the PVM host: it reaches the LSTAR target but leaves the vCPU at CPL3,
+ * and INT 0x80 arrives as #UD; exceptions raised at CPL3, on the other hand, are delivered through
+ * the guest's IDT exactly as on hardware (guests/sysret.c measures this; docs/GUESTS.md).
  *
- * A caller already at CPL0 (CS low bits = CPL; under PVM CPL3 reads its host selector 0x33)
- * just calls fn. Clobbers what a SysV call may clobber.
+ * A caller already at CPL0 (the low bits of CS are the CPL; under PVM, CPL3 code reads the host's
+ * user selector 0x33) just calls fn. Clobbers what a SysV call may clobber.
  */
 	.globl kcall
 kcall:
 	mov	%cs, %eax
 	test	$3, %al
 	jz	1f
-	int	$VEC_KCALL
+	int3
+kcall_int3_next:
 	ret
 1:	mov	%rdi, %rax
 	mov	%rsi, %rdi
 	jmp	*%rax
 
-/* INT 0x80 lands here at CPL0, interrupts off (interrupt gate), on the per-CPU RSP0 stack, which the
- * CPU aligned to 16 before pushing SS, RSP, RFLAGS, CS, RIP (40 bytes). */
+/*
+ * Vector 3 lands here at CPL0, interrupts off (interrupt gate), on the per-CPU RSP0 stack, which
+ * the CPU aligned to 16 before pushing SS, RSP, RFLAGS, CS, RIP (40 bytes). #BP is a trap, so the
+ * saved RIP is the instruction after INT3; any other #BP is a real breakpoint and gets reported.
+ */
 	.globl kcall_entry
 kcall_entry:
+	cmpq	$kcall_int3_next, (%rsp)
+	jne	isr_stubs + 16 * 3
 	sub	$8, %rsp                /* 16-byte alignment at the call (SysV ABI) */
 	mov	%rdi, %rax
 	mov	%rsi, %rdi
@@ -69,7 +73,7 @@ kcall_entry:
  * SYSCALL entries, used only by guests/sysret.c to test SYSCALL/SYSRETQ on the host (RCX = user
  * RIP, R11 = user RFLAGS, RSP still the caller's stack; Intel SDM vol. 2B, SYSCALL).
  */
-	.globl syscall_entry_sysret, syscall_entry_iret
+	.globl syscall_entry_sysret, syscall_entry_iret, syscall_sysretq_insn
 syscall_entry_sysret:
 	push	%rcx
 	push	%r11
@@ -80,6 +84,7 @@ syscall_entry_sysret:
 	add	$8, %rsp
 	pop	%r11
 	pop	%rcx
+syscall_sysretq_insn:
 	sysretq                         /* CS = STAR[63:48]+16 | 3, SS = +8 | 3, RIP = RCX, RFLAGS = R11 */
 
 syscall_entry_iret:
