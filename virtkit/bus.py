@@ -93,6 +93,28 @@ class IoBus:
             return
         entry[0].pio_write(port - entry[1], size, value)
 
+    def read_string(self, port: int, size: int, count: int) -> bytes:
+        """``rep ins``: ``count`` elements at once. Devices with a data FIFO (ATA) implement
+        ``pio_read_string`` to move a whole sector per exit; others are read element by element."""
+        entry = self._ports.get(port)
+        if entry is not None:
+            bulk = getattr(entry[0], "pio_read_string", None)
+            if bulk is not None:
+                data: bytes = bulk(port - entry[1], size, count)
+                return data
+        return b"".join(self.read(port, size).to_bytes(size, "little") for _ in range(count))
+
+    def write_string(self, port: int, size: int, data: bytes) -> None:
+        """``rep outs``: the counterpart of :meth:`read_string`."""
+        entry = self._ports.get(port)
+        if entry is not None:
+            bulk = getattr(entry[0], "pio_write_string", None)
+            if bulk is not None:
+                bulk(port - entry[1], size, data)
+                return
+        for i in range(0, len(data), size):
+            self.write(port, size, int.from_bytes(data[i:i + size], "little"))
+
     def _unknown(self, port: int, size: int, is_write: bool) -> int:
         _count_unknown(self.unknown, port, is_write)
         if self.strict:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from virtkit.arch.x86 import RFLAGS_IF
 from virtkit.bus import UnknownAccess
 from virtkit.diagnose import crash_report
+from virtkit.errors import KvmError
 from virtkit.kvm.constants import (
     KVM_EXIT_IO_OUT,
     KVM_RUN,
@@ -56,8 +57,6 @@ def install_kick_handler() -> None:
         if _kick_installed:
             return
         if threading.current_thread() is not threading.main_thread():
-            from virtkit.errors import KvmError
-
             raise KvmError("create the first virtkit machine from the main thread (virtkit installs a "
                            "signal handler there to stop vCPUs)")
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
@@ -144,6 +143,7 @@ class Vcpu:
         io_of = _IO.unpack_from
         mmio_of = _MMIO.unpack_from
         pio_read, pio_write = m.io_bus.read, m.io_bus.write
+        pio_read_string, pio_write_string = m.io_bus.read_string, m.io_bus.write_string
         mmio_read, mmio_write = m.mmio_bus.read, m.mmio_bus.write
         st = self.stats
         exits, pio_counts, mmio_counts = st.exits, st.pio, st.mmio
@@ -175,12 +175,20 @@ class Vcpu:
                         is_write = direction == KVM_EXIT_IO_OUT
                         key = (port, is_write)
                         pio_counts[key] = pio_counts.get(key, 0) + count
-                        if is_write:
-                            for i in range(off, off + count * size, size):
-                                pio_write(port, size, int.from_bytes(page[i:i + size], "little"))
-                        else:
-                            for i in range(off, off + count * size, size):
-                                page[i:i + size] = pio_read(port, size).to_bytes(size, "little")
+                        if count == 1:
+                            if is_write:
+                                pio_write(port, size, int.from_bytes(page[off:off + size], "little"))
+                            else:
+                                page[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                        else:  # rep ins/outs: KVM batches up to a page of elements in one exit
+                            end = off + count * size
+                            if end > len(page):
+                                raise KvmError(f"KVM reported string I/O of {count} x {size} bytes, "
+                                               "more than the kvm_run page holds")
+                            if is_write:
+                                pio_write_string(port, size, page[off:end])
+                            else:
+                                page[off:end] = pio_read_string(port, size, count)
                     elif reason == EXIT_MMIO:
                         exits[EXIT_MMIO] += 1
                         addr, data, length, is_write = mmio_of(page, union)

@@ -66,6 +66,12 @@ LAPIC_ADDR: Final = 0xFEE0_0000
 KVM_TSS_ADDR: Final = 0xFFFB_D000
 KVM_IDENTITY_MAP_ADDR: Final = 0xFFFB_C000
 
+# --- paravirtual interface (docs/HYPERCALLS.md) ----------------------------------------------
+#: the hypercall doorbell: a 32-bit OUT of a hypercall block's guest-physical address. Port I/O
+#: exits from CPL0 and from CPL3 (IOPL=3) on every KVM flavor, unlike VMCALL (see the doc).
+HYPERCALL_PORT: Final = 0x0C40
+HYPERCALL_PORT_COUNT: Final = 4
+
 # --- x86 segment selectors in the boot GDT ---------------------------------------------------
 GDT_NULL: Final = 0
 GDT_CODE64: Final = 0x08
