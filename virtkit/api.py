@@ -18,7 +18,7 @@ from virtkit.console import Console
 from virtkit.errors import ConfigError
 from virtkit.stats import RunStats, merge
 from virtkit.units import parse_count, parse_size
-from virtkit.vm import Machine, MachineConfig, Stop, StopReason
+from virtkit.vm import DiskSpec, Machine, MachineConfig, Stop, StopReason
 
 VM_MODES = ("full", "para")
 
@@ -31,8 +31,18 @@ EXIT_UNKNOWN_ACCESS = 126
 EXIT_STOPPED = 130
 
 
+def parse_disk(text: str) -> DiskSpec:
+    """``PATH`` or ``PATH,ro``."""
+    path, _, opts = text.partition(",")
+    if not path:
+        raise ConfigError(f"--disk {text!r}: give an image file, optionally followed by ,ro")
+    if opts not in ("", "ro", "rw"):
+        raise ConfigError(f"--disk {text!r}: unknown option {opts!r} (use ,ro for read-only)")
+    return DiskSpec(path, read_only=opts == "ro")
+
+
 def exit_status_for(stop: Stop) -> int:
-    if stop.reason is StopReason.DEBUG_EXIT and stop.exit_status is not None:
+    if stop.reason in (StopReason.DEBUG_EXIT, StopReason.POWER_OFF) and stop.exit_status is not None:
         return stop.exit_status
     return {
         StopReason.RESET: EXIT_OK, StopReason.POWER_OFF: EXIT_OK, StopReason.HALTED: EXIT_OK,
@@ -73,6 +83,7 @@ class VM:
         mode: str = "full",
         strict: bool = False,
         serial: str | BinaryIO | None = None,
+        disks: Sequence[str | DiskSpec] = (),
     ) -> None:
         if mode not in VM_MODES:
             raise ConfigError(f"--mode {mode!r} is not a VM mode: use one of {', '.join(VM_MODES)} "
@@ -84,6 +95,7 @@ class VM:
             vcpus=parse_count(vcpus, what="--vcpus"),
             paravirt=mode == "para",
             strict=strict,
+            disks=tuple(d if isinstance(d, DiskSpec) else parse_disk(d) for d in disks),
         )
         self.cmdline = cmdline
         self.modules = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]

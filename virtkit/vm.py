@@ -24,8 +24,10 @@ from virtkit.arch import cpuid, x86
 from virtkit.boot import layout
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.bus import IoBus, MmioBus
-from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
-from virtkit.errors import ConfigError, KvmError
+from virtkit.devices.disk import DiskImage
+from virtkit.devices.hypercall import HypercallDevice
+from virtkit.devices.legacy import ata, debug_exit, i8042, post, rtc, uart
+from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
 from virtkit.kvm.ioctl import Kvm, VmFd
@@ -72,11 +74,20 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskSpec:
+    path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class MachineConfig:
     memory: int = layout.DEFAULT_MEMORY
     vcpus: int = 1
     paravirt: bool = False
     strict: bool = False
+    #: full virtualization: the first disk is the ATA primary master; paravirtualized: it backs
+    #: the block hypercalls (and virtio-blk)
+    disks: tuple[DiskSpec, ...] = ()
 
 
 _supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
@@ -146,6 +157,8 @@ class Machine:
             self._create_vcpus()
             self.io_bus = IoBus(strict=config.strict)
             self.mmio_bus = MmioBus(strict=config.strict)
+            self.disks: list[DiskImage] = []
+            undo.callback(self._close_disks)
             self._create_devices(serial_out)
             undo.pop_all()
 
@@ -189,10 +202,28 @@ class Machine:
         #: devices with state, by stable name: each has save() -> dict and restore(dict)
         self.devices: dict[str, Persistent] = {"uart0": self.uart, "rtc": self.rtc, "i8042": kbc,
                                                "post": self.post}
+        if len(self.config.disks) > 1:
+            raise DeviceError("virtkit attaches one disk per VM for now: give --disk once")
+        for spec in self.config.disks:
+            self.disks.append(DiskImage(spec.path, read_only=spec.read_only))
+        disk = self.disks[0] if self.disks else None
+        if self.config.paravirt:
+            self.hypercalls = HypercallDevice(self.memory, serial_out, disk=disk, power_off=self._on_power_off)
+            self.io_bus.register(layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls, "hypercall")
+            self.devices["hypercall"] = self.hypercalls
+        elif disk is not None:
+            self.ata = ata.AtaController(disk, lambda level: vm.irq_line(ata.IRQ, level))
+            self.io_bus.register(ata.CMD_BASE, 8, self.ata, "ata0 (command block)")
+            self.io_bus.register(ata.CTRL_PORT, 1, self.ata, "ata0 (control)", offset=8)
+            self.devices["ata0"] = self.ata
 
     def _on_debug_exit(self, value: int, status: int) -> None:
         self.request_stop(Stop(StopReason.DEBUG_EXIT, exit_status=status,
                                detail=f"guest wrote {value:#x} to the debug-exit port"))
+
+    def _on_power_off(self, status: int) -> None:
+        self.request_stop(Stop(StopReason.POWER_OFF, exit_status=status,
+                               detail=f"guest powered off with status {status} (hypercall)"))
 
     def _on_reset(self) -> None:
         self.request_stop(Stop(StopReason.RESET, detail="guest pulsed the i8042 reset line"))
@@ -325,6 +356,11 @@ class Machine:
             v.fd.close()
         self.vcpus = []
 
+    def _close_disks(self) -> None:
+        for d in self.disks:
+            d.close()
+        self.disks = []
+
     def close(self) -> None:
         """Stop if running, join threads, release every fd and mapping."""
         if self._running:
@@ -335,6 +371,7 @@ class Machine:
             if t is not None:
                 t.join(timeout=5)
         self._close_vcpus()
+        self._close_disks()
         self.memory.close()
         self.vm.close()
         self.kvm.close()

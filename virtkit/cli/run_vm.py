@@ -62,6 +62,7 @@ def run_vm(args: argparse.Namespace) -> int:
         mode=args.mode,
         strict=args.strict,
         serial=args.serial,
+        disks=args.disk,
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

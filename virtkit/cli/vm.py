@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--module", action="append", default=[], metavar="FILE[,STRING]",
                      help="Multiboot module, optionally with its string (repeatable)")
+    run.add_argument("--disk", action="append", default=[], metavar="IMAGE[,ro]",
+                     help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode")
     run.add_argument("--boot", default="auto", choices=("auto", "multiboot", "direct64"),
                      help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)")
     run.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",

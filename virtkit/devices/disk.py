@@ -49,7 +49,7 @@ class DiskImage:
     def read_into(self, sector: int, buf: memoryview) -> int:
         return os.preadv(self.fd, [buf], sector * SECTOR_SIZE)
 
-    def write_from(self, sector: int, buf: memoryview | bytes) -> int:
+    def write_from(self, sector: int, buf: memoryview | bytes | bytearray) -> int:
         if self.read_only:
             raise DeviceError(f"disk image {self.path} is read-only")
         return os.pwritev(self.fd, [buf], sector * SECTOR_SIZE)

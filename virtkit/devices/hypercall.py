@@ -104,15 +104,15 @@ class HypercallDevice:
             return
         handler = self._handlers.get(nr) if abi == ABI_VERSION else None
         if handler is None:
-            ret, value = HcError.ENOSYS, 0
+            ret, value = int(HcError.ENOSYS), 0
         else:
             self.calls[nr] += 1
             try:
                 ret, value = handler(tuple(args))
             except GuestMemoryError:
-                ret, value = HcError.EFAULT, 0
+                ret, value = int(HcError.EFAULT), 0
             except OSError:
-                ret, value = HcError.EIO, 0
+                ret, value = int(HcError.EIO), 0
         if ret < 0:
             self.errors += 1
         self.memory.write(gpa + 48, _RESULT.pack(int(ret), value & 0xFFFF_FFFF_FFFF_FFFF))
