@@ -312,6 +312,11 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
 
 def setup_main(spec: InitSpec, chan: Channel) -> None:
     try:
+        # opened while still host root: in a user namespace, the state directory is out of reach
+        fifo = os.open(spec.fifo, os.O_RDWR | os.O_CLOEXEC)
+        log = -1
+        if spec.log_path is not None:
+            log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
         join_fds = [(flag, os.open(path, os.O_RDONLY | os.O_CLOEXEC)) for flag, path in spec.join_ns]
@@ -333,26 +338,24 @@ def setup_main(spec: InitSpec, chan: Channel) -> None:
             libc.unshare(spec.new_ns)
         pid = os.fork()
         if pid == 0:
-            init_main(spec, chan)
+            init_main(spec, chan, fifo, log)
         chan.send(pid=pid)
     except BaseException as err:  # noqa: BLE001
         _report_and_exit(chan, err)
     os._exit(0)
 
 
-def init_main(spec: InitSpec, chan: Channel) -> None:
+def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
     cfg = spec.config
     try:
         os.setsid()
-        if spec.log_path is not None:
-            log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if log >= 0:
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.close(log)
             os.close(null)
-        fifo = os.open(spec.fifo, os.O_RDWR | os.O_CLOEXEC)
         if spec.new_ns & libc.CLONE_NEWNET:
             link_up("lo")
             if spec.net:

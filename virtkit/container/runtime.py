@@ -542,6 +542,7 @@ class Runtime:
     def exec_process(self, cid: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
                      user: str | None = None, base: dict[str, Any] | None = None) -> Process:
         """The process ``exec`` runs: the container's own (capabilities, rlimits, user) with overrides."""
+        self.dirs.load(cid)  # an unknown id is reported as such
         config = self._config(cid)
         if base is not None:
             raw = {"ociVersion": "1.0.2", "root": {"path": "/"}, "process": base}
