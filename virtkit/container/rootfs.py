@@ -149,7 +149,14 @@ class RootfsBuilder:
     def prepare(self) -> None:
         prop = PROPAGATION.get(self.config.linux.rootfs_propagation or "rslave", _M.MS_SLAVE | _M.MS_REC)
         libc.mount(None, "/", None, prop | _M.MS_REC)
-        libc.mount(self.rootfs, self.rootfs, None, _M.MS_BIND | _M.MS_REC)
+        try:
+            libc.mount(self.rootfs, self.rootfs, None, _M.MS_BIND | _M.MS_REC)
+        except PermissionError:
+            if not self.userns:
+                raise
+            raise ContainerError(f"the container's root user cannot reach the rootfs {self.rootfs}: in a user "
+                                 "namespace every parent directory must be searchable by the mapped ids "
+                                 "(chmod o+x)") from None
         for m in self.config.mounts:
             self._mount(m)
         if self.dev_is_mounted:

@@ -1,0 +1,135 @@
+"""Fixtures for container integration tests: real namespaces, cgroups and mounts (root only).
+
+Every test gets a private state root and a fresh busybox bundle; at teardown every container
+left is force-deleted and the test fails if anything outlived it: mounts, cgroup directories,
+network devices, processes (container processes or our own children).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT_REASON = "needs root: namespaces, cgroups and mounts"
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
+def _cgroups() -> set[str]:
+    return set(glob("/sys/fs/cgroup/*/virtkit*")) | set(glob("/sys/fs/cgroup/*/virtkit/*")) | \
+        set(glob("/sys/fs/cgroup/virtkit*")) | set(glob("/sys/fs/cgroup/virtkit/*"))
+
+
+def _netdevs() -> set[str]:
+    return set(os.listdir("/sys/class/net"))
+
+
+def _contained_processes() -> set[int]:
+    """Processes whose root is not the host's (container processes) or that are our children."""
+    me = os.getpid()
+    out = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] == b"Z":
+                continue
+            if int(fields[1]) == me or os.readlink(f"/proc/{pid}/root") != "/":
+                out.add(pid)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_REASON)
+    from virtkit.container.image import ensure_busybox
+
+    return Path(ensure_busybox(str(tmp_path_factory.mktemp("images")))) / "rootfs"
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip(ROOT_REASON)
+    from virtkit.container.runtime import Runtime
+
+    before = (_mounts(), _cgroups(), _netdevs(), _contained_processes())
+    runtime = Runtime(str(tmp_path / "run"))
+    yield runtime
+    left = runtime.dirs.ids()
+    for cid in left:
+        try:
+            runtime.delete(cid, force=True)
+        except Exception:  # noqa: BLE001 - clean as much as possible, then report
+            pass
+    after = (_mounts(), _cgroups(), _netdevs(), _contained_processes())
+    leaked = {what: sorted(map(str, a - b)) for what, b, a in
+              zip(("mounts", "cgroups", "netdevs", "processes"), before, after, strict=True) if a - b}
+    assert not left, f"containers left behind: {left}"
+    assert not leaked, f"left behind: {leaked}"
+    assert not [n for n in os.listdir(runtime.dirs.root) if not n.startswith(".")] \
+        if os.path.isdir(runtime.dirs.root) else True
+
+
+@pytest.fixture
+def bundle(tmp_path: Path, busybox_rootfs: Path) -> Callable[..., Path]:
+    """bundle(args, **changes) -> a bundle directory with a private copy of the busybox rootfs.
+
+    ``changes`` are dotted paths into the default spec, e.g. ``{"process.cwd": "/tmp"}``."""
+    import json
+
+    from virtkit.container.spec import default_spec
+
+    counter = iter(range(1000))
+
+    def make(args: list[str], changes: dict[str, Any] | None = None, edit: Callable[[dict[str, Any]], None] | None = None,
+             ) -> Path:
+        b = tmp_path / f"bundle{next(counter)}"
+        b.mkdir()
+        shutil.copytree(busybox_rootfs, b / "rootfs", symlinks=True)
+        raw = copy.deepcopy(default_spec(args))
+        for path, value in (changes or {}).items():
+            cur = raw
+            keys = path.split(".")
+            for k in keys[:-1]:
+                cur = cur.setdefault(k, {})
+            cur[keys[-1]] = value
+        if edit:
+            edit(raw)
+        (b / "config.json").write_text(json.dumps(raw))
+        return b
+
+    return make
+
+
+@pytest.fixture
+def run_container(rt: Any) -> Callable[..., tuple[int, str]]:
+    """run_container(cid, bundle) -> (exit status, captured stdout+stderr); the container is deleted."""
+
+    def go(cid: str, b: Path, timeout: float = 60) -> tuple[int, str]:
+        rt.create(cid, str(b), capture=True)
+        try:
+            rt.start(cid)
+            info = rt.wait(cid, timeout=timeout)
+            return info["exitStatus"], rt.logs(cid)
+        finally:
+            rt.delete(cid, force=True)
+
+    return go

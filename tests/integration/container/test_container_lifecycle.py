@@ -1,0 +1,125 @@
+"""Lifecycle and the OCI state machine, with real containers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtkit.errors import ContainerError
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, cgroups")]
+
+
+def test_create_start_stop_delete(rt: Any, bundle: Any, tmp_path: Path) -> None:
+    b = bundle(["sleep", "30"])
+    pid_file = tmp_path / "pid"
+    rec = rt.create("life", str(b), pid_file=str(pid_file), capture=True)
+    st = rt.state("life")
+    assert st["status"] == "created" and st["pid"] == rec.pid > 0
+    assert st["bundle"] == str(b) and st["ociVersion"].startswith("1.")
+    assert int(pid_file.read_text()) == rec.pid
+    assert [s["id"] for s in rt.list()] == ["life"]
+    rt.start("life")
+    assert rt.state("life")["status"] == "running"
+    with pytest.raises(ContainerError, match="it is running"):
+        rt.start("life")
+    with pytest.raises(ContainerError, match="use 'delete --force'"):
+        rt.delete("life")
+    assert rt.processes("life") == [rec.pid]
+    rt.kill("life", "KILL")
+    info = rt.wait("life", timeout=30)
+    assert info["exitStatus"] == 137 and info["signal"] == 9
+    st = rt.state("life")
+    assert st["status"] == "stopped" and st["pid"] == 0 and st["exitStatus"] == 137
+    with pytest.raises(ContainerError, match="it is stopped"):
+        rt.start("life")
+    with pytest.raises(ContainerError, match="it is stopped"):
+        rt.kill("life", "TERM")
+    rt.delete("life")
+    assert rt.list() == []
+    with pytest.raises(ContainerError, match="does not exist"):
+        rt.state("life")
+
+
+def test_delete_created_container_kills_its_init(rt: Any, bundle: Any) -> None:
+    rt.create("c", str(bundle(["true"])))
+    rt.delete("c")
+    assert rt.list() == []
+
+
+def test_delete_force_running(rt: Any, bundle: Any) -> None:
+    rt.create("f", str(bundle(["sh", "-c", "sleep 30 & sleep 30 & sleep 30"])))
+    rt.start("f")
+    rt.delete("f", force=True)
+
+
+def test_exit_status_and_output(run_container: Any, bundle: Any) -> None:
+    status, out = run_container("x", bundle(["sh", "-c", "echo out; echo err >&2; exit 42"]))
+    assert status == 42
+    assert "out" in out and "err" in out
+
+
+def test_id_taken(rt: Any, bundle: Any) -> None:
+    b = bundle(["true"])
+    rt.create("dup", str(b))
+    with pytest.raises(ContainerError, match="already in use"):
+        rt.create("dup", str(b))
+    rt.delete("dup")
+
+
+def test_exec_joins_the_container(rt: Any, bundle: Any, tmp_path: Path) -> None:
+    rt.create("e", str(bundle(["sleep", "30"], {"hostname": "exechost"})))
+    rt.start("e")
+    out = tmp_path / "out"
+    # the exec'd process writes into the container's /tmp; read it back through another exec
+    p = rt.exec_process("e", ["sh", "-c", "hostname > /tmp/h; echo $FOO >> /tmp/h; pwd >> /tmp/h; id -u >> /tmp/h"],
+                        env=["FOO=bar"], cwd="/tmp", user="1000:1000")
+    assert rt.exec("e", p) == 0
+    status = rt.exec("e", rt.exec_process("e", ["sh", "-c", f"cat /tmp/h > /proc/1/fd/1; exit 3"]))
+    assert status == 3
+    assert rt.exec("e", rt.exec_process("e", ["sh", "-c", "test \"$(cat /tmp/h)\" = \"$(printf 'exechost\\nbar\\n/tmp\\n1000')\""])) == 0
+    with pytest.raises(ContainerError, match="executable file not found"):
+        rt.exec("e", rt.exec_process("e", ["no-such-binary"]))
+    assert len(rt.processes("e")) == 1  # exec'd processes are gone, init remains
+    rt.delete("e", force=True)
+    del out
+
+
+def test_pid_one_forwarding_and_trap(rt: Any, bundle: Any) -> None:
+    """A PID 1 that handles TERM gets it from 'kill' (the kernel drops unhandled ones for PID 1)."""
+    b = bundle(["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"])
+    rt.create("sig", str(b), capture=True)
+    rt.start("sig")
+    _wait_for_log(rt, "sig", "ready")
+    rt.kill("sig", "TERM")
+    info = rt.wait("sig", timeout=30)
+    assert info["exitStatus"] == 7
+    assert "got-term" in rt.logs("sig")
+    rt.delete("sig")
+
+
+def test_pid_one_reaps_orphans(rt: Any, bundle: Any) -> None:
+    """Orphans are reparented to the container's PID 1, and killed with it."""
+    b = bundle(["sh", "-c", "(sleep 30 &) ; echo spawned; exec sleep 30"])
+    rt.create("orph", str(b), capture=True)
+    rt.start("orph")
+    _wait_for_log(rt, "orph", "spawned")
+    pids = rt.processes("orph")
+    assert len(pids) == 2
+    ppids = {int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) for p in pids}
+    init = rt.state("orph")["pid"]
+    assert init in ppids  # the orphaned sleep's parent is the container's init
+    rt.delete("orph", force=True)
+
+
+def _wait_for_log(rt: Any, cid: str, text: str) -> None:
+    import select
+
+    for _ in range(2000):
+        if text in rt.logs(cid):
+            return
+        select.select([], [], [], 0.01)
+    raise AssertionError(f"{text!r} never appeared in the output of {cid}")
