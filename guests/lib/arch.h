@@ -54,6 +54,12 @@
 #define AP_TRAMPOLINE_ADDR   0x80000      /* layout.py leaves 0x8_0000-0x9_FFFF to the guest */
 #define MMIO_UNASSIGNED      0xC0000000   /* MMIO_HOLE_START: no device on QEMU or virtkit */
 #define LAPIC_BASE           0xFEE00000   /* xAPIC default base (Intel SDM vol. 3A, APIC) */
+#define LAPIC_ID             0x020        /* xAPIC register offsets */
+#define LAPIC_SVR            0x0F0
+#define LAPIC_ICR_LO         0x300
+#define LAPIC_ICR_HI         0x310
+#define LAPIC_LVT0           0x350
+#define LAPIC_LVT1           0x360
 
 /* Legacy PC ports */
 #define PORT_COM1            0x3F8
@@ -66,7 +72,8 @@
 #define VEC_IRQ0             0x20
 #define NUM_STUBS            0x30         /* vectors with a stub in lib/start.S */
 #define VEC_KCALL            3            /* #BP */
-#define IDT_ENTRIES          NUM_STUBS
+#define VEC_SPURIOUS         0xFF         /* local APIC spurious interrupt: no EOI */
+#define IDT_ENTRIES          256
 #define KSTACK_SIZE          16384        /* per-CPU CPL0 stack (TSS.RSP0) */
 
 #endif

@@ -118,6 +118,7 @@ int printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* ---- legacy PC chips (lib/pc.c) ---- */
 void pic_remap(u8 master_base, u8 slave_base, u8 master_mask, u8 slave_mask);
 void pic_mask_all(void);
+void lapic_virtual_wire(void);          /* route the 8259 through LINT0 (ExtINT) */
 void pit_periodic(u32 hz);
 void pit_stop(void);
 /* Busy-wait at least us microseconds on PIT channel 2; returns the TSC cycles that took, or 0 if

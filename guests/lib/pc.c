@@ -42,6 +42,20 @@ void pic_mask_all(void)
 }
 
 /*
+ * Let the 8259's INTR reach the CPU through the local APIC ("virtual wire" mode, Intel MP spec 1.4
+ * §3.6.2.2): LINT0 in ExtINT delivery mode, unmasked; LINT1 as NMI; the APIC software-enabled with
+ * spurious vector 0xFF (Intel SDM vol. 3A, "Local Vector Table" and "Spurious Interrupt"). Firmware
+ * such as SeaBIOS does this, but a guest cannot count on it: QEMU's microvm firmware does not, and
+ * the register reset value masks LINT0.
+ */
+void lapic_virtual_wire(void)
+{
+	mmio_write32(LAPIC_BASE + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+	mmio_write32(LAPIC_BASE + LAPIC_LVT0, 0x700);
+	mmio_write32(LAPIC_BASE + LAPIC_LVT1, 0x400);
+}
+
+/*
  * Channel 0 as a rate generator (8254 datasheet, "Mode 2"): control word 0x34 = counter 0,
  * LSB then MSB, mode 2, binary. OUT0 drives IRQ0 once every divisor input clocks.
  */

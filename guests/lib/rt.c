@@ -23,7 +23,7 @@ struct desc_ptr {
 } __attribute__((packed));
 
 extern struct idt_gate idt[IDT_ENTRIES];        /* lib/tables.S; IDTR points at it from boot */
-extern char isr_stubs[], isr_timer[], kcall_entry[];
+extern char isr_stubs[], isr_timer[], isr_spurious[], kcall_entry[];
 extern char __bss_start[], __bss_end[];
 
 static const struct desc_ptr idt_zero = { 0, 0 };
@@ -43,6 +43,7 @@ static void idt_init(void)
 	for (unsigned v = 0; v < NUM_STUBS; v++)
 		set_gate(v, isr_stubs + 16 * v, 0);
 	set_gate(VEC_IRQ0, isr_timer, 0);
+	set_gate(VEC_SPURIOUS, isr_spurious, 0);
 	set_gate(VEC_KCALL, kcall_entry, 3);    /* DPL 3: INT3 is allowed from CPL3 */
 }
 

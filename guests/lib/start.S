@@ -175,6 +175,11 @@ isr_timer:
 	pop	%rax
 	iretq
 
+/* The local APIC's spurious vector: no EOI (Intel SDM vol. 3A, "Spurious Interrupt"). */
+	.globl isr_spurious
+isr_spurious:
+	iretq
+
 	.data
 	.balign 8
 timer_ticks:
