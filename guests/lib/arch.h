@@ -19,6 +19,7 @@
 #define SEL_UDATA     0x20
 #define SEL_UCODE64   0x28
 #define SEL_TSS0      0x30          /* a 64-bit TSS descriptor takes 16 bytes (two slots) */
+#define GDT_SIZE      0x50          /* bytes: 6 descriptors and 2 TSS descriptors */
 #define SEL_TSS(cpu)  (SEL_TSS0 + 16 * (cpu))
 #define MAX_CPUS      2
 #define SEL_SYSRET_BASE SEL_KCODE32 /* STAR[63:48] */

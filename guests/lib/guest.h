@@ -122,8 +122,11 @@ void lapic_virtual_wire(void);          /* route the 8259 through LINT0 (ExtINT)
 void pit_periodic(u32 hz);
 void pit_stop(void);
 /* Busy-wait at least us microseconds on PIT channel 2; returns the TSC cycles that took, or 0 if
- * the PIT did not answer (then nothing was waited for). */
+ * the PIT did not answer (then the wait may have been cut short). */
 u64 pit_delay_us(u32 us);
+/* Wait at least us microseconds, on the PIT or else the TSC; returns TSC cycles per millisecond
+ * (measured when the PIT answered and us >= 1000, else assumed for a 4 GHz TSC). */
+u64 delay_us(u32 us);
 
 /* ---- paging (lib/paging.c) ---- */
 /* Walk the guest's own page tables: is va mapped present, writable and user-accessible? */

@@ -52,12 +52,15 @@ gdt:
 	.quad	__tss0_desc, 0          /* 0x30 TSS of CPU 0 (base below 4 GiB: upper half 0) */
 	.quad	__tss1_desc, 0          /* 0x40 TSS of CPU 1 */
 gdt_end:
+	.if	gdt_end - gdt != GDT_SIZE
+	.error	"GDT_SIZE in lib/arch.h does not match the table"
+	.endif
 
 /* LGDT/LIDT operands: 16-bit limit, then the base (4 bytes read in 32-bit mode, 8 in 64-bit mode). */
 	.balign 8
 	.short	0
 gdt_ptr:
-	.short	gdt_end - gdt - 1
+	.short	GDT_SIZE - 1
 	.quad	gdt
 	.short	0, 0, 0
 	.globl idt_ptr
