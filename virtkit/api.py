@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 from virtkit.boot.loader import ModuleSpec
 from virtkit.console import Console
@@ -51,13 +52,15 @@ def exit_status_for(stop: Stop) -> int:
     }.get(stop.reason, EXIT_GUEST_CRASH)
 
 
-@dataclass(frozen=True)
 class RunResult:
-    reason: StopReason
-    exit_code: int
-    detail: str
-    serial_bytes: bytes
-    stats: RunStats
+    """How a run ended: ``reason``, the process-style ``exit_code``, a readable ``detail`` (a crash
+    report for crashes), everything the guest printed, and the exit statistics."""
+
+    __slots__ = ("reason", "exit_code", "detail", "serial_bytes", "stats")
+
+    def __init__(self, reason: StopReason, exit_code: int, detail: str, serial_bytes: bytes, stats: RunStats):
+        self.reason, self.exit_code, self.detail = reason, exit_code, detail
+        self.serial_bytes, self.stats = serial_bytes, stats
 
     @property
     def serial_output(self) -> str:

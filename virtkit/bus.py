@@ -9,20 +9,22 @@ all-ones (what an empty ISA/PCI bus returns), writes are dropped, and both are c
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
-from typing import Protocol
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
 
 from virtkit.errors import DeviceError
 
 
-class PioDevice(Protocol):
-    def pio_read(self, offset: int, size: int) -> int: ...
-    def pio_write(self, offset: int, size: int, value: int) -> None: ...
+if TYPE_CHECKING:
 
+    class PioDevice(Protocol):
+        def pio_read(self, offset: int, size: int) -> int: ...
+        def pio_write(self, offset: int, size: int, value: int) -> None: ...
 
-class MmioDevice(Protocol):
-    def mmio_read(self, offset: int, size: int) -> int: ...
-    def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+    class MmioDevice(Protocol):
+        def mmio_read(self, offset: int, size: int) -> int: ...
+        def mmio_write(self, offset: int, size: int, value: int) -> None: ...
 
 
 class UnknownAccess(Exception):
@@ -46,23 +48,22 @@ def _count_unknown(counts: dict[tuple[int, bool], int], addr: int, is_write: boo
     counts[key] = counts.get(key, 0) + 1
 
 
-@dataclass
 class _Range:
-    base: int
-    length: int
-    device: object
-    name: str
+    __slots__ = ("base", "length", "device", "name")
+
+    def __init__(self, base: int, length: int, device: object, name: str) -> None:
+        self.base, self.length, self.device, self.name = base, length, device, name
 
 
-@dataclass
 class IoBus:
     """The 64 KiB x86 I/O port space."""
 
-    strict: bool = False
-    #: port -> (device, base port), one entry per port for a constant-time lookup on the exit path
-    _ports: dict[int, tuple[PioDevice, int]] = field(default_factory=dict)
-    _ranges: list[_Range] = field(default_factory=list)
-    unknown: dict[tuple[int, bool], int] = field(default_factory=dict)
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        #: port -> (device, base port): one entry per port, a constant-time lookup on the exit path
+        self._ports: dict[int, tuple[PioDevice, int]] = {}
+        self._ranges: list[_Range] = []
+        self.unknown: dict[tuple[int, bool], int] = {}
 
     def register(self, base: int, length: int, device: PioDevice, name: str, *, offset: int = 0) -> None:
         """Give ports ``base``..``base+length-1`` to ``device``; it sees offsets from ``offset`` up
@@ -122,14 +123,14 @@ class IoBus:
         return (1 << (8 * size)) - 1
 
 
-@dataclass
 class MmioBus:
     """Guest-physical addresses that are not RAM."""
 
-    strict: bool = False
-    _bases: list[int] = field(default_factory=list)
-    _ranges: list[_Range] = field(default_factory=list)
-    unknown: dict[tuple[int, bool], int] = field(default_factory=dict)
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self._bases: list[int] = []
+        self._ranges: list[_Range] = []
+        self.unknown: dict[tuple[int, bool], int] = {}
 
     def register(self, base: int, length: int, device: MmioDevice, name: str) -> None:
         if base < 0 or length <= 0:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import BinaryIO
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 #: bytes of output kept for ``RunResult.serial_output``; beyond it the oldest half is dropped,
 #: so a guest printing forever cannot exhaust the host's memory

@@ -12,7 +12,6 @@ import ctypes as C
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
 
 from virtkit.errors import VirtkitError
 
@@ -34,15 +33,16 @@ class GuestMemoryError(VirtkitError):
     exit_status = 1
 
 
-@dataclass(eq=False)
 class MemoryRegion:
     """One contiguous range of guest RAM and the host mapping behind it."""
 
-    gpa: int
-    size: int
-    host_addr: int
-    view: memoryview = field(repr=False)
-    slot: int = -1
+    __slots__ = ("gpa", "size", "host_addr", "view", "slot")
+
+    def __init__(self, gpa: int, size: int, host_addr: int, view: memoryview, slot: int = -1) -> None:
+        self.gpa, self.size, self.host_addr, self.view, self.slot = gpa, size, host_addr, view, slot
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, slot={self.slot})"
 
     @property
     def end(self) -> int:

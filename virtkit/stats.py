@@ -6,7 +6,6 @@ one record per run, with a plain-text table for ``virtkit run --stats``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from virtkit.kvm.constants import ExitReason
 from virtkit.vcpu import VcpuStats
@@ -18,19 +17,19 @@ KNOWN_PORTS = {
 }
 
 
-@dataclass
 class RunStats:
-    wall_s: float = 0.0
-    guest_s: float = 0.0  # inside KVM_RUN: guest code plus in-kernel exit handling
-    vmm_s: float = 0.0  # in virtkit's own code, handling exits
-    exits: dict[str, int] = field(default_factory=dict)
-    pio: dict[tuple[int, str], int] = field(default_factory=dict)
-    mmio: dict[tuple[int, str], int] = field(default_factory=dict)
-    unknown_pio: dict[tuple[int, str], int] = field(default_factory=dict)
-    unknown_mmio: dict[tuple[int, str], int] = field(default_factory=dict)
-    kicks: int = 0
-    tsc_khz: int = 0
-    first_output_s: float | None = None
+    def __init__(self, wall_s: float = 0.0) -> None:
+        self.wall_s = wall_s
+        self.guest_s = 0.0  # inside KVM_RUN: guest code plus in-kernel exit handling
+        self.vmm_s = 0.0  # in virtkit's own code, handling exits
+        self.exits: dict[str, int] = {}
+        self.pio: dict[tuple[int, str], int] = {}
+        self.mmio: dict[tuple[int, str], int] = {}
+        self.unknown_pio: dict[tuple[int, str], int] = {}
+        self.unknown_mmio: dict[tuple[int, str], int] = {}
+        self.kicks = 0
+        self.tsc_khz = 0
+        self.first_output_s: float | None = None
 
     @property
     def total_exits(self) -> int:

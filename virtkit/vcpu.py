@@ -21,12 +21,10 @@ import signal
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False
 
 from virtkit.arch.x86 import RFLAGS_IF
 from virtkit.bus import UnknownAccess
-from virtkit.diagnose import crash_report
 from virtkit.errors import KvmError
 from virtkit.kvm.constants import (
     KVM_EXIT_IO_OUT,
@@ -76,17 +74,19 @@ MAX_DISTINCT_MMIO = 1024
 _NREASONS = 64
 
 
-@dataclass
 class VcpuStats:
     """What one vCPU saw. Times are nanoseconds: inside KVM_RUN (guest + in-kernel handling)
     versus in the VMM's own Python code handling exits."""
 
-    exits: list[int] = field(default_factory=lambda: [0] * _NREASONS)
-    pio: dict[tuple[int, bool], int] = field(default_factory=dict)  # (port, is_write) -> count
-    mmio: dict[tuple[int, bool], int] = field(default_factory=dict)  # (address, is_write) -> count
-    interrupted: int = 0  # KVM_RUN returns with EINTR (kicks)
-    guest_ns: int = 0
-    vmm_ns: int = 0
+    __slots__ = ("exits", "pio", "mmio", "interrupted", "guest_ns", "vmm_ns")
+
+    def __init__(self) -> None:
+        self.exits = [0] * _NREASONS  # by exit reason
+        self.pio: dict[tuple[int, bool], int] = {}  # (port, is_write) -> count
+        self.mmio: dict[tuple[int, bool], int] = {}  # (address, is_write) -> count
+        self.interrupted = 0  # KVM_RUN returns with EINTR (kicks)
+        self.guest_ns = 0
+        self.vmm_ns = 0
 
 
 class Vcpu:
@@ -165,6 +165,11 @@ class Vcpu:
                     if m.paused:
                         m.park(self)
                     continue
+                except BlockingIOError:
+                    # EAGAIN: an AP left KVM_MP_STATE_UNINITIALIZED (INIT/SIPI arrived) without
+                    # running guest code yet; KVM expects KVM_RUN to be called again
+                    guest_ns += clock() - t0
+                    continue
                 t1 = clock()
                 guest_ns += t1 - t0
                 reason = reason_of(page, 8)[0]
@@ -223,6 +228,7 @@ class Vcpu:
     # --- rare exits ------------------------------------------------------------------------------
     def _slow_exit(self, reason: int) -> bool:
         """Handle an exit other than I/O; False ends this vCPU's loop."""
+        from virtkit.diagnose import crash_report  # only crashes need capstone and the report
         from virtkit.vm import Stop, StopReason
 
         m = self.machine

@@ -2,12 +2,15 @@
 
 Build order matters to KVM and is kept here in one place:
 
-1. ``KVM_CREATE_VM``; ``KVM_SET_TSS_ADDR`` and the identity-map address (VT-x needs both for
-   real-mode emulation; other flavors ignore them) before any vCPU exists;
-2. ``KVM_CREATE_IRQCHIP`` (PIC + IOAPIC + LAPICs in the kernel) and ``KVM_CREATE_PIT2``, both
+1. ``KVM_CREATE_VM``, then the RAM memory slots *first*: once an irqchip exists, every
+   KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (measured here: 7 ms per slot
+   after KVM_CREATE_IRQCHIP, 0.1 ms before it), which alone would double a VM's start-up time;
+2. ``KVM_SET_TSS_ADDR`` and the identity-map address (VT-x needs both for real-mode emulation;
+   other flavors ignore them) before any vCPU exists;
+3. ``KVM_CREATE_IRQCHIP`` (PIC + IOAPIC + LAPICs in the kernel) and ``KVM_CREATE_PIT2``, both
    before ``KVM_CREATE_VCPU``, since vCPUs pick up the in-kernel LAPIC when they are created;
-3. memory slots; 4. vCPUs with their CPUID; 5. devices on the buses; 6. the kernel and the boot
-   vCPU's registers. With the in-kernel irqchip, the other vCPUs wait for INIT/SIPI from the guest.
+4. vCPUs with their CPUID; 5. devices on the buses; 6. the kernel and the boot vCPU's registers.
+   With the in-kernel irqchip, the other vCPUs wait for INIT/SIPI from the guest.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ import enum
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from virtkit.devices.disk import DiskImage
 
 from virtkit.arch import cpuid, x86
 from virtkit.boot import layout
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.bus import IoBus, MmioBus
-from virtkit.devices.disk import DiskImage
-from virtkit.devices.hypercall import HypercallDevice
-from virtkit.devices.legacy import ata, debug_exit, i8042, post, rtc, uart
+from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
 from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
@@ -35,11 +39,13 @@ from virtkit.memory import GuestMemory
 from virtkit.units import format_size
 from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
 
-class Persistent(Protocol):
-    """What every device with state implements, so snapshots are not a special case."""
+if TYPE_CHECKING:
 
-    def save(self) -> dict[str, object]: ...
-    def restore(self, state: dict[str, object]) -> None: ...
+    class Persistent(Protocol):
+        """What every device with state implements, so snapshots are not a special case."""
+
+        def save(self) -> dict[str, object]: ...
+        def restore(self, state: dict[str, object]) -> None: ...
 
 
 #: how often the watchdog looks for vCPUs that sleep forever (seconds)
@@ -65,29 +71,37 @@ class StopReason(enum.Enum):
                         StopReason.ERROR)
 
 
-@dataclass(frozen=True, slots=True)
 class Stop:
-    reason: StopReason
-    exit_status: int | None = None  # debug-exit status ((value << 1) | 1)
-    detail: str = ""
-    vcpu: int | None = None
+    """Why a machine stopped, with the status the guest asked for and a readable detail."""
+
+    __slots__ = ("reason", "exit_status", "detail", "vcpu")
+
+    def __init__(self, reason: StopReason, exit_status: int | None = None, detail: str = "",
+                 vcpu: int | None = None) -> None:
+        self.reason = reason
+        self.exit_status = exit_status  # debug-exit: (value << 1) | 1; power-off hypercall: its status
+        self.detail, self.vcpu = detail, vcpu
+
+    def __repr__(self) -> str:
+        return f"Stop({self.reason.value}, status={self.exit_status}, {self.detail!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class DiskSpec:
-    path: str
-    read_only: bool = False
+    __slots__ = ("path", "read_only")
+
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        self.path, self.read_only = path, read_only
 
 
-@dataclass(frozen=True, slots=True)
 class MachineConfig:
-    memory: int = layout.DEFAULT_MEMORY
-    vcpus: int = 1
-    paravirt: bool = False
-    strict: bool = False
-    #: full virtualization: the first disk is the ATA primary master; paravirtualized: it backs
-    #: the block hypercalls (and virtio-blk)
-    disks: tuple[DiskSpec, ...] = ()
+    """What a machine is made of. ``disks``: in full virtualization the first disk is the ATA
+    primary master; paravirtualized, it backs the block hypercalls (and virtio-blk)."""
+
+    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks")
+
+    def __init__(self, memory: int = layout.DEFAULT_MEMORY, vcpus: int = 1, paravirt: bool = False,
+                 strict: bool = False, disks: tuple[DiskSpec, ...] = ()) -> None:
+        self.memory, self.vcpus, self.paravirt, self.strict, self.disks = memory, vcpus, paravirt, strict, disks
 
 
 _supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
@@ -146,18 +160,18 @@ class Machine:
             validate_config(config, self.kvm)
             self.vm: VmFd = self.kvm.create_vm()
             undo.callback(self.vm.close)
-            self._create_platform()
             self.memory = GuestMemory(layout.ram_ranges(config.memory), fd=memory_fd, shared=memory_shared)
             undo.callback(self.memory.close)
             self.dirty_logging = False
             for slot, region in enumerate(self.memory.regions):
                 region.slot = slot
                 self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+            self._create_platform()
             undo.callback(self._close_vcpus)
             self._create_vcpus()
             self.io_bus = IoBus(strict=config.strict)
             self.mmio_bus = MmioBus(strict=config.strict)
-            self.disks: list[DiskImage] = []
+            self.disks: list[DiskImage] = []  # opened in _create_devices
             undo.callback(self._close_disks)
             self._create_devices(serial_out)
             undo.pop_all()
@@ -202,6 +216,13 @@ class Machine:
         #: devices with state, by stable name: each has save() -> dict and restore(dict)
         self.devices: dict[str, Persistent] = {"uart0": self.uart, "rtc": self.rtc, "i8042": kbc,
                                                "post": self.post}
+        if not self.config.disks and not self.config.paravirt:
+            return
+        # imported here: a VM without disks or paravirtual devices never pays for them
+        from virtkit.devices.disk import DiskImage
+        from virtkit.devices.hypercall import HypercallDevice
+        from virtkit.devices.legacy import ata
+
         if len(self.config.disks) > 1:
             raise DeviceError("virtkit attaches one disk per VM for now: give --disk once")
         for spec in self.config.disks:

@@ -14,7 +14,9 @@ Per vCPU, the APIC ID fields are set so every vCPU has a distinct, correct ident
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.kvm import structs as S
 

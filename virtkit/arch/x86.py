@@ -7,8 +7,9 @@ References: Intel SDM vol. 3A §3.4.5 (segment descriptors), §4.5 (4-level pagi
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.boot import layout
 from virtkit.kvm import structs as S
@@ -88,15 +89,15 @@ def identity_page_tables() -> list[tuple[int, bytes]]:
     return [(layout.PML4_ADDR, pml4), (layout.PDPT_ADDR, pdpt), (layout.PD_ADDR, pds)]
 
 
-@dataclass(frozen=True, slots=True)
 class EntryState:
     """Where and how the boot vCPU starts."""
 
-    mode: str  # "protected32" (Multiboot) or "long64" (direct 64-bit entry)
-    rip: int
-    rax: int = MULTIBOOT_BOOTLOADER_MAGIC
-    rbx: int = 0
-    rsp: int = 0
+    __slots__ = ("mode", "rip", "rax", "rbx", "rsp")
+
+    def __init__(self, mode: str, rip: int, rax: int = MULTIBOOT_BOOTLOADER_MAGIC, rbx: int = 0,
+                 rsp: int = 0) -> None:
+        self.mode = mode  # "protected32" (Multiboot) or "long64" (direct 64-bit entry)
+        self.rip, self.rax, self.rbx, self.rsp = rip, rax, rbx, rsp
 
 
 def apply_entry_state(regs: S.kvm_regs, sregs: S.kvm_sregs, entry: EntryState) -> None:

@@ -7,8 +7,9 @@ and size read from the file is checked against the file before use.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.errors import BootError
 
@@ -20,20 +21,22 @@ EM_386, EM_X86_64 = 3, 62
 PT_LOAD: Final = 1
 
 
-@dataclass(frozen=True, slots=True)
 class Segment:
-    paddr: int
-    vaddr: int
-    offset: int
-    filesz: int
-    memsz: int
+    """One PT_LOAD program header."""
+
+    __slots__ = ("paddr", "vaddr", "offset", "filesz", "memsz")
+
+    def __init__(self, paddr: int, vaddr: int, offset: int, filesz: int, memsz: int) -> None:
+        self.paddr, self.vaddr, self.offset, self.filesz, self.memsz = paddr, vaddr, offset, filesz, memsz
 
 
-@dataclass(frozen=True, slots=True)
 class ElfImage:
-    bits: int  # 32 or 64
-    entry: int
-    segments: tuple[Segment, ...]
+    __slots__ = ("bits", "entry", "segments")
+
+    def __init__(self, bits: int, entry: int, segments: tuple[Segment, ...]) -> None:
+        self.bits = bits  # 32 or 64
+        self.entry = entry
+        self.segments = segments
 
 
 def is_elf(data: bytes) -> bool:

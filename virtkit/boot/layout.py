@@ -22,7 +22,9 @@ map never overwrites them.
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 PAGE_SIZE: Final = 0x1000
 MiB: Final = 1 << 20

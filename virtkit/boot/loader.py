@@ -11,8 +11,8 @@ Protocols:
 
 from __future__ import annotations
 
+
 import os
-from dataclasses import dataclass
 
 from virtkit.arch import x86
 from virtkit.boot import layout, multiboot
@@ -23,10 +23,13 @@ from virtkit.memory import GuestMemory
 PROTOCOLS = ("auto", "multiboot", "direct64")
 
 
-@dataclass(frozen=True, slots=True)
 class ModuleSpec:
-    path: str
-    string: str = ""
+    """A module the user asked for: a file and the string the kernel sees with it."""
+
+    __slots__ = ("path", "string")
+
+    def __init__(self, path: str, string: str = "") -> None:
+        self.path, self.string = path, string
 
 
 def read_image(path: str, what: str, limit: int) -> bytes:

@@ -7,8 +7,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.boot import layout
 from virtkit.errors import BootError
@@ -36,15 +37,16 @@ MBI_SIZE: Final = 88  # through the VBE fields; we fill the first 72 bytes
 LOADER_NAME: Final = b"virtkit\0"
 
 
-@dataclass(frozen=True, slots=True)
 class MultibootHeader:
-    offset: int
-    flags: int
-    header_addr: int = 0
-    load_addr: int = 0
-    load_end_addr: int = 0
-    bss_end_addr: int = 0
-    entry_addr: int = 0
+    """The header (§3.1.1); the address fields only matter when flag bit 16 is set."""
+
+    __slots__ = ("offset", "flags", "header_addr", "load_addr", "load_end_addr", "bss_end_addr", "entry_addr")
+
+    def __init__(self, offset: int, flags: int, header_addr: int = 0, load_addr: int = 0, load_end_addr: int = 0,
+                 bss_end_addr: int = 0, entry_addr: int = 0) -> None:
+        self.offset, self.flags = offset, flags
+        self.header_addr, self.load_addr, self.load_end_addr = header_addr, load_addr, load_end_addr
+        self.bss_end_addr, self.entry_addr = bss_end_addr, entry_addr
 
     @property
     def page_align_modules(self) -> bool:
@@ -75,11 +77,13 @@ def check_required_flags(header: MultibootHeader, name: str) -> None:
         raise BootError(f"{name} requires Multiboot features virtkit does not provide (flags {unknown:#x})")
 
 
-@dataclass(frozen=True, slots=True)
 class Module:
-    start: int
-    end: int
-    string: str
+    """A loaded module as the MBI lists it (§3.3, mods_addr)."""
+
+    __slots__ = ("start", "end", "string")
+
+    def __init__(self, start: int, end: int, string: str) -> None:
+        self.start, self.end, self.string = start, end, string
 
 
 def memory_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

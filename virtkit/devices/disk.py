@@ -7,7 +7,9 @@ data moves between the file and guest memory views with pread/pwrite (no interme
 from __future__ import annotations
 
 import os
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.errors import DeviceError
 

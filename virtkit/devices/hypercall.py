@@ -23,7 +23,9 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.devices.disk import SECTOR_SIZE, DiskImage
 from virtkit.errors import DeviceError

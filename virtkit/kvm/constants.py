@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes as C
 import enum
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.kvm import structs as S
 

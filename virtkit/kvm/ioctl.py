@@ -11,13 +11,16 @@ import errno
 import fcntl
 import mmap
 import os
-from typing import TypeVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
 
 from virtkit.errors import KvmError
 from virtkit.kvm import constants as K
 from virtkit.kvm import structs as S
 
-T = TypeVar("T", bound=C.Structure)
+if TYPE_CHECKING:
+    T = TypeVar("T", bound=C.Structure)
 
 KVM_DEVICE = "/dev/kvm"
 

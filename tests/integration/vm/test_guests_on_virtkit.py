@@ -59,9 +59,9 @@ def test_timeout_stops_a_spinning_guest(guests: Path, cpl: int) -> None:
 def test_unknown_ports_are_counted(guests: Path) -> None:
     r = run(guests / "hammer.elf")
     assert r.reason is StopReason.DEBUG_EXIT and r.exit_code == 1
-    unknown = sum(r.stats.unknown_pio.values())
-    assert unknown >= 100_000
-    assert sum(r.stats.unknown_mmio.values()) > 0
+    pio, mmio = sum(r.stats.unknown_pio.values()), sum(r.stats.unknown_mmio.values())
+    assert pio > 0 and mmio > 0
+    assert pio + mmio >= 100_000
 
 
 def test_strict_mode_stops_on_unknown_access(guests: Path) -> None:

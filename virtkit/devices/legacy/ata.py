@@ -15,7 +15,9 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 from virtkit.devices.disk import SECTOR_SIZE, DiskImage
 

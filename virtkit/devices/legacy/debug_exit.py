@@ -7,7 +7,9 @@ computes it, so a test guest reports its result the same way under both VMMs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 DEBUG_EXIT_PORT: Final = 0xF4
 PORT_COUNT: Final = 4  # QEMU's iosize=0x04

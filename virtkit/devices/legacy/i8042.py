@@ -8,7 +8,9 @@ kernels reboot; a write of the output port with bit 0 clear does the same.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 DATA_PORT: Final = 0x60
 COMMAND_PORT: Final = 0x64

@@ -7,7 +7,9 @@ write costs exactly one VM exit on either.
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 POST_PORT: Final = 0x80
 

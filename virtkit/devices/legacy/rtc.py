@@ -9,7 +9,9 @@ memory size the way the PC BIOS records it.
 from __future__ import annotations
 
 import time
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 INDEX_PORT: Final = 0x70
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
