@@ -101,10 +101,11 @@ u64 pit_delay_us(u32 us)
 			return 0;
 		outb(PIT_CH2, count & 0xFF);
 		outb(PIT_CH2, count >> 8);
-		/* a stuck PIT must not hang us: give up after 2^31 TSC cycles (about 1 s at 2 GHz) */
-		u64 t0 = rdtsc();
+		/* A stuck OUT2 (port 0x61 not backed by an 8254) must not hang us: give up once the
+		 * TSC says 10x the wait has passed on a 1 GHz TSC, or the wait on a 10 GHz one. */
+		u64 t0 = rdtsc(), limit = (u64)chunk * 10000 + 10000000;
 		while (!(inb(PORT_B) & 0x20)) {
-			if (rdtsc() - t0 > (1ull << 31))
+			if (rdtsc() - t0 > limit)
 				return 0;
 		}
 		us -= chunk;
