@@ -372,23 +372,28 @@ class Runtime:
         if detach:
             create_args.setdefault("capture", True)
         rec = self.create(cid, bundle, **create_args)
-        try:
-            self.start(cid)
-        except BaseException:
-            self.delete(cid, force=True)
-            raise
-        if detach:
-            return 0
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
-        old = {}
-        if forward_signals:
+        old: dict[int, Any] = {}
+        import threading
+
+        if forward_signals and not detach and threading.current_thread() is threading.main_thread():
+            # installed before start: the container may react (and its caller signal us) at once
             def forward(signum: int, _frame: Any) -> None:
                 with contextlib.suppress(OSError):
                     os.kill(rec.pid, signum)
 
             for s in forwarded:
                 old[s] = signal.signal(s, forward)
+        try:
+            self.start(cid)
+        except BaseException:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.delete(cid, force=True)
+            raise
+        if detach:
+            return 0
         try:
             info = self.wait(cid)
         finally:

@@ -1,0 +1,200 @@
+"""Bad input (issue §5): a one-line error, a non-zero status, and nothing left behind.
+
+The leak check of the ``rt`` fixture runs after each test: no mounts, cgroups, network devices,
+processes or state directories may remain. The CLI runs in-process (the same code as the binary).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtkit.cli import main
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, cgroups")]
+
+
+@pytest.fixture
+def cli(rt: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")  # in-process: do not re-exec pytest
+
+    def call(*argv: str) -> tuple[int, str]:
+        status = main(["--root", rt.dirs.root, *argv])
+        return status, capsys.readouterr().err
+
+    return call
+
+
+def _one_line_error(status: int, err: str, *needles: str) -> None:
+    assert status != 0
+    assert err.startswith("virtkit: error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def _state_is_empty(rt: Any) -> None:
+    assert rt.dirs.ids() == []
+    if os.path.isdir(rt.dirs.root):
+        assert [n for n in os.listdir(rt.dirs.root) if n.startswith(".new") or not n.startswith(".")] == []
+
+
+def test_malformed_config_names_the_field(cli: Any, rt: Any, bundle: Any) -> None:
+    b = bundle(["true"], {"linux.resources": {"memory": {"limit": "lots"}}})
+    _one_line_error(*cli("create", "m", "--bundle", str(b)), "linux.resources.memory.limit")
+    b = bundle(["true"])
+    (b / "config.json").write_text((b / "config.json").read_text()[:-10])
+    _one_line_error(*cli("create", "m", "--bundle", str(b)), "not valid JSON")
+    _state_is_empty(rt)
+
+
+def test_missing_rootfs(cli: Any, rt: Any, bundle: Any) -> None:
+    b = bundle(["true"], {"root.path": "nowhere"})
+    _one_line_error(*cli("create", "r", "--bundle", str(b)), "rootfs directory", "does not exist")
+    _state_is_empty(rt)
+
+
+def test_missing_executable(cli: Any, rt: Any, bundle: Any) -> None:
+    _one_line_error(*cli("create", "x", "--bundle", str(bundle(["/no/such/program"]))), "no such executable")
+    _one_line_error(*cli("create", "x", "--bundle", str(bundle(["nosuchprogram"]))), "not found in $PATH")
+    _state_is_empty(rt)
+
+
+def test_id_taken_and_bad_characters(cli: Any, rt: Any, bundle: Any) -> None:
+    b = bundle(["sleep", "30"])
+    assert cli("create", "taken", "--bundle", str(b))[0] == 0
+    _one_line_error(*cli("create", "taken", "--bundle", str(b)), "already in use")
+    assert rt.state("taken")["status"] == "created"  # the first one is untouched
+    for bad in ("../escape", "a/b", ".hidden", "with space"):
+        _one_line_error(*cli("create", bad, "--bundle", str(b)), "invalid container id")
+    assert cli("delete", "taken")[0] == 0
+    _state_is_empty(rt)
+
+
+def test_invalid_transitions(cli: Any, rt: Any, bundle: Any) -> None:
+    b = bundle(["sleep", "30"])
+    assert cli("create", "t", "--bundle", str(b))[0] == 0
+    assert cli("start", "t")[0] == 0
+    _one_line_error(*cli("start", "t"), "cannot start container t: it is running")
+    _one_line_error(*cli("delete", "t"), "it is running", "--force")
+    _one_line_error(*cli("kill", "t", "SIGNOPE"), "unknown signal")
+    _one_line_error(*cli("kill", "unknown-id", "KILL"), "does not exist")
+    _one_line_error(*cli("exec", "unknown-id", "--", "true"), "does not exist")
+    assert cli("delete", "--force", "t")[0] == 0
+    _state_is_empty(rt)
+
+
+@pytest.mark.parametrize(("resources", "needle"), [
+    ({"cpu": {"quota": 500, "period": 100000}}, "below the kernel's minimum of 1000us"),
+    ({"cpu": {"period": 10}}, "outside what the kernel accepts"),
+    ({"memory": {"limit": 100}}, "below one page"),
+    ({"memory": {"limit": 64 << 20, "swap": 1 << 20}}, "must be at least memory.limit"),
+    ({"pids": {"limit": -5}}, "negative"),
+])
+def test_limits_below_what_the_kernel_accepts(cli: Any, rt: Any, bundle: Any, resources: dict[str, Any],
+                                              needle: str) -> None:
+    b = bundle(["true"], {"linux.resources": resources})
+    _one_line_error(*cli("create", "lim", "--bundle", str(b)), needle)
+    _state_is_empty(rt)
+
+
+def test_limit_the_kernel_itself_refuses(cli: Any, rt: Any, bundle: Any) -> None:
+    """A value only the kernel can judge (a CPU list naming CPUs that do not exist) fails cleanly too."""
+    b = bundle(["true"], {"linux.resources": {"memory": {"swappiness": 50, "limit": 1 << 40, "swap": 1}}})
+    status, err = cli("create", "k", "--bundle", str(b))
+    _one_line_error(status, err, "memory")
+    _state_is_empty(rt)
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def _layer(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = link
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return gzip.compress(buf.getvalue())
+
+
+def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path:
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes) -> dict[str, Any]:
+        d = hashlib.sha256(data).hexdigest()
+        blobs[d] = data
+        return {"digest": f"sha256:{d}", "size": len(data)}
+
+    config = blob(json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers"}}).encode())
+    manifest = {"schemaVersion": 2, "config": config,
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers]}
+    index = {"schemaVersion": 2, "manifests": [blob(json.dumps(manifest).encode())]}
+    if corrupt:  # a layer whose content does not match its digest
+        first = manifest["layers"][0]["digest"][7:]
+        blobs[first] = blobs[first][:-1] + bytes([blobs[first][-1] ^ 1])
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", json.dumps(index).encode()),
+                           *((f"blobs/sha256/{d}", b) for d, b in blobs.items())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(("layers", "corrupt", "truncate", "needle"), [
+    ([_layer("etc/ok")], True, False, "digest mismatch"),
+    ([_layer("etc/ok")], False, True, "truncated"),
+    ([_layer("../../../../tmp/virtkit-escape")], False, False, "escape the rootfs"),
+    ([_layer("link", kind=tarfile.SYMTYPE, link="/"), _layer("link/tmp/virtkit-escape")], False, False,
+     "symlink"),
+], ids=["digest", "truncated", "dotdot", "absolute-symlink"])
+def test_bad_images(cli: Any, rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: list[bytes],
+                    corrupt: bool, truncate: bool, needle: str) -> None:
+    store = tmp_path / "store"
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
+    archive = _oci_archive(tmp_path / "img.tar", layers, corrupt=corrupt)
+    if truncate:  # cut inside the members' data (the tail of a tar is only zero padding)
+        with tarfile.open(archive) as tar:
+            end = max(m.offset_data + m.size for m in tar.getmembers())
+        archive.write_bytes(archive.read_bytes()[: end * 2 // 3])
+    _one_line_error(*cli("import", str(archive), "--name", "bad"), needle)
+    _one_line_error(*cli("run", "--mode", "container", str(archive), "--", "true"), needle)
+    assert not os.path.exists("/tmp/virtkit-escape")
+    assert not store.exists() or os.listdir(store) == []
+    _state_is_empty(rt)
+
+
+def test_good_image_runs_with_limits(rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """An imported image on top of busybox... here a one-layer image holding busybox itself."""
+    store = tmp_path / "store"
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        for applet in ("sh", "cat", "echo"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+    archive = _oci_archive(tmp_path / "bb.tar", [gzip.compress(buf.getvalue())])
+    status = main(["--root", rt.dirs.root, "run", "--mode", "container", "--memory", "48M", "--pids-limit", "9",
+                   "--cpus", "0.5", str(archive), "--", "sh", "-c",
+                   "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max "
+                   "/sys/fs/cgroup/cpu/cpu.cfs_quota_us; echo changed > /bin/file; exit 3"])
+    out = capfd.readouterr().out
+    assert status == 3, out
+    assert out.split() == [str(48 << 20), "9", "50000"]
+    # copy-on-write: the image's rootfs did not change
+    assert not (store / "bb" / "rootfs" / "bin" / "file").exists()
+    _state_is_empty(rt)
