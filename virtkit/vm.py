@@ -48,6 +48,10 @@ if TYPE_CHECKING:
         def restore(self, state: dict[str, object]) -> None: ...
 
 
+#: kept in step with virtkit.devices.hypercall.ABI_VERSION (a unit test checks), which is imported
+#: only by paravirtualized machines
+HYPERCALL_ABI_VERSION = 1
+
 #: how often the watchdog looks for vCPUs that sleep forever (seconds)
 WATCHDOG_PERIOD = 0.25
 
@@ -197,8 +201,10 @@ class Machine:
         for i in range(n):
             fd = self.vm.create_vcpu(i)
             self.vcpus.append(Vcpu(self, fd))
-            fd.set_cpuid2(cpuid.build_cpuid(_supported_cpuid, vcpu_id=i, vcpu_count=n,
-                                            paravirt=self.config.paravirt))
+            fd.set_cpuid2(cpuid.build_cpuid(
+                _supported_cpuid, vcpu_id=i, vcpu_count=n, paravirt=self.config.paravirt,
+                paravirt_features=cpuid.PV_FEATURE_HYPERCALL | cpuid.PV_FEATURE_VIRTIO_MMIO,
+                hypercall_abi=HYPERCALL_ABI_VERSION, hypercall_port=layout.HYPERCALL_PORT))
 
     def _create_devices(self, serial_out: Callable[[bytes], None]) -> None:
         vm = self.vm

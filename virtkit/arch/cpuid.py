@@ -32,6 +32,9 @@ EDX_HTT: Final = 1 << 28
 VIRTKIT_SIGNATURE: Final = b"virtkitvirtk"
 #: highest virtkit leaf; 0x40000001 lists the hypercalls and devices on offer
 VIRTKIT_MAX_LEAF: Final = 0x4000_0001
+#: 0x40000001 EAX feature bits (docs/HYPERCALLS.md)
+PV_FEATURE_HYPERCALL: Final = 1 << 0
+PV_FEATURE_VIRTIO_MMIO: Final = 1 << 1
 
 
 def _copy(e: S.kvm_cpuid_entry2) -> S.kvm_cpuid_entry2:
@@ -40,7 +43,7 @@ def _copy(e: S.kvm_cpuid_entry2) -> S.kvm_cpuid_entry2:
 
 def build_cpuid(
     supported: list[S.kvm_cpuid_entry2], *, vcpu_id: int, vcpu_count: int, paravirt: bool,
-    paravirt_features: int = 0,
+    paravirt_features: int = 0, hypercall_abi: int = 0, hypercall_port: int = 0,
 ) -> list[S.kvm_cpuid_entry2]:
     entries: list[S.kvm_cpuid_entry2] = []
     for src in supported:
@@ -70,5 +73,7 @@ def build_cpuid(
         features = S.kvm_cpuid_entry2()
         features.function = VIRTKIT_MAX_LEAF
         features.eax = paravirt_features
+        features.ebx = hypercall_abi
+        features.ecx = hypercall_port
         entries += [base, features]
     return entries
