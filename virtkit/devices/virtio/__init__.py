@@ -1,2 +1,25 @@
-"""Paravirtualized devices (virtio 1.2). ``spec.py``: numbers from the specification; ``queue.py``:
-the split virtqueue, device side (§2.7)."""
+"""Paravirtualized devices (virtio 1.2), layered like the rest of virtkit, imports pointing down:
+
+    spec.py        numbers from the specification (status bits, feature bits, ring layout)
+    queue.py       the split virtqueue, device side (§2.7): VirtQueue, DescriptorChain
+    device.py      VirtioDevice: features, queues, config space, the shared drain loop
+    interrupt.py   the Interrupt protocol a transport drives; irqfd and IRQ-line implementations
+    mmio.py        the virtio-mmio transport, version 2 (§4.2)
+    console.py     virtio-console, one port (§5.3)
+    rng.py         virtio-rng (§5.4)
+
+docs/VIRTIO.md describes the whole and how a machine wires a device in.
+"""
+
+from virtkit.devices.virtio.console import ConsoleDevice
+from virtkit.devices.virtio.device import VirtioDevice
+from virtkit.devices.virtio.interrupt import Interrupt, IrqFdInterrupt, IrqLineInterrupt
+from virtkit.devices.virtio.mmio import NotifyRegistration, VirtioMmioTransport, kernel_cmdline_arg, mmio_slot
+from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
+from virtkit.devices.virtio.rng import RngDevice
+
+__all__ = [
+    "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
+    "NotifyRegistration", "RngDevice", "VirtQueue", "VirtioDevice", "VirtioMmioTransport",
+    "kernel_cmdline_arg", "mmio_slot",
+]
