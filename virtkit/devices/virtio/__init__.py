@@ -5,12 +5,14 @@
     device.py      VirtioDevice: features, queues, config space, the shared drain loop
     interrupt.py   the Interrupt protocol a transport drives; irqfd and IRQ-line implementations
     mmio.py        the virtio-mmio transport, version 2 (§4.2)
+    blk/           virtio-blk over a raw image (§5.2)
     console.py     virtio-console, one port (§5.3)
     rng.py         virtio-rng (§5.4)
 
 docs/VIRTIO.md describes the whole and how a machine wires a device in.
 """
 
+from virtkit.devices.virtio.blk import BlockDevice
 from virtkit.devices.virtio.console import ConsoleDevice
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.interrupt import Interrupt, IrqFdInterrupt, IrqLineInterrupt
@@ -19,7 +21,7 @@ from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
 from virtkit.devices.virtio.rng import RngDevice
 
 __all__ = [
-    "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
+    "BlockDevice", "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
     "NotifyRegistration", "RngDevice", "VirtQueue", "VirtioDevice", "VirtioMmioTransport",
     "kernel_cmdline_arg", "mmio_slot",
 ]
