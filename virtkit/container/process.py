@@ -226,6 +226,7 @@ _SIOCSIFFLAGS = 0x8914
 _SIOCSIFADDR = 0x8916
 _SIOCSIFNETMASK = 0x891C
 _SIOCADDRT = 0x890B
+_SIOCSIFNAME = 0x8923
 _IFF_UP = 0x1
 
 
@@ -234,6 +235,11 @@ def link_up(name: str) -> None:
         ifr = struct.pack("16sH14x", name.encode(), 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, ifr))[1]
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | _IFF_UP))
+
+
+def rename_link(old: str, new: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s.fileno(), _SIOCSIFNAME, struct.pack("16s16s8x", old.encode(), new.encode()))
 
 
 def configure_interface(name: str, address: str, prefix: int, gateway: str | None) -> None:
@@ -363,6 +369,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
                 if not reply or not reply.get("net"):
                     raise ContainerError("the runtime did not set up the network")
                 n = spec.net
+                rename_link(n["peer_if"], n["ifname"])
                 configure_interface(n["ifname"], n["address"], n["prefix"], n.get("gateway"))
         layout_mode = spec.cgroup.layout.mode if spec.cgroup else None
         v1 = tuple(sorted(spec.cgroup.layout.v1)) if spec.cgroup else ()

@@ -151,7 +151,7 @@ class Runtime:
             os.mkfifo(os.path.join(cdir, FIFO), 0o600)
             if cgroup is not None:
                 made = cgroup.create()
-                rec.extra = {"cgroup_made": made}
+                rec.extra = dict(rec.extra or {}, cgroup_made=made)
                 self.dirs.save(rec)
                 cgroup.apply(linux.resources)
             new_ns, join_ns, new_user = 0, [], False
@@ -172,6 +172,7 @@ class Runtime:
 
                 net_spec = network.plan(self.dirs.root, cid)
                 rec.netdevs = [net_spec["host_if"]]
+                rec.extra = dict(rec.extra or {}, lease=net_spec["lease"], address=net_spec["address"])
                 self.dirs.save(rec)
             spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
                             cgroup=cgroup, seccomp=seccomp,
@@ -305,6 +306,8 @@ class Runtime:
         }
         if rec.annotations:
             out["annotations"] = rec.annotations
+        if (rec.extra or {}).get("address"):
+            out["address"] = rec.extra["address"]
         info = self.dirs.exit_info(cid)
         if status == "stopped" and info:
             out["exitStatus"] = info.get("exitStatus")
@@ -453,7 +456,7 @@ class Runtime:
         for dev in rec.netdevs or []:
             from virtkit.container import network
 
-            network.remove_link(dev)
+            network.remove_link(dev, (rec.extra or {}).get("lease"))
         for target in rec.mounts or []:
             try:
                 libc.umount2(target, libc.MNT_DETACH)

@@ -126,3 +126,18 @@ def test_fds_are_closed_before_exec(rt: Any, bundle: Any, run_container: Any) ->
         os.close(leak)
     assert status == 0
     assert sorted(int(x) for x in out.split()) == [0, 1, 2, 3]  # 3 is ls's own directory fd
+
+
+def test_bridge_network(rt: Any, bundle: Any) -> None:
+    """--net bridge: eth0 with an address, a default route via the bridge, and both gone on delete."""
+    b = bundle(["sh", "-c", "ip -o -4 addr show eth0; ping -c 1 -W 5 10.88.0.1 >/dev/null && echo reached"])
+    rt.create("net", str(b), capture=True, net="bridge")
+    address = rt.state("net")["address"]
+    rec = rt.dirs.load("net")
+    assert os.path.exists(f"/sys/class/net/{rec.netdevs[0]}")
+    rt.start("net")
+    assert rt.wait("net", timeout=60)["exitStatus"] == 0
+    out = rt.logs("net")
+    assert f"inet {address}/16" in out and "reached" in out
+    rt.delete("net")
+    assert not os.path.exists(f"/sys/class/net/{rec.netdevs[0]}")
