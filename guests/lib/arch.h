@@ -26,8 +26,9 @@
 #define USER_CS       (SEL_UCODE64 | 3)
 #define USER_DS       (SEL_UDATA | 3)
 
-/* RFLAGS for user mode: IOPL = 3 lets CPL3 code use in/out (Intel SDM vol. 1 §18.5.1),
- * interrupts stay disabled; bit 1 is reserved and always 1. */
+/* RFLAGS for user mode: IOPL = 3 lets CPL3 code use in/out (Intel SDM vol. 1, "I/O Privilege
+ * Level"); the PVM host ignores it and checks the TSS I/O bitmap instead (lib/tables.S).
+ * Interrupts stay disabled; bit 1 is reserved and always 1. */
 #define USER_RFLAGS   0x3002
 
 /* MSRs (Intel SDM vol. 4, table 2-2) */

@@ -29,24 +29,6 @@
 .endm
 
 /*
- * SYSCALL's targets (Intel SDM vol. 3A §5.8.8, "Fast System Calls in 64-Bit Mode"). These MSRs
- * are per CPU, so every CPU runs this once.
- */
-.macro SETUP_SYSCALL_MSRS entry
-	mov	$MSR_STAR, %ecx
-	xor	%eax, %eax
-	mov	$((SEL_SYSRET_BASE << 16) | SEL_KCODE64), %edx
-	wrmsr
-	mov	$MSR_LSTAR, %ecx
-	mov	$\entry, %eax
-	xor	%edx, %edx
-	wrmsr
-	mov	$MSR_SFMASK, %ecx
-	mov	$SFMASK_BITS, %eax
-	wrmsr
-.endm
-
-/*
  * Drop to CPL3 at \target with RSP = \stack, IOPL = 3 and interrupts off: IRETQ pops RIP, CS,
  * RFLAGS, RSP, SS (Intel SDM vol. 3A §6.14.3; vol. 2A IRET). RDI and RSI pass through unchanged.
  */

@@ -45,13 +45,6 @@ static inline u64 rdtsc(void)
 	return ((u64)hi << 32) | lo;
 }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
-static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
-static inline unsigned current_cpl(void)
-{
-	u16 cs;
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	return cs & 3;
-}
 
 /* ---- CPL transitions (lib/start.S) ---- */
 typedef long (*kfunc)(long);
@@ -60,7 +53,6 @@ long kcall(kfunc fn, long arg);
 /* Ready-made CPL0 functions for kcall(). */
 long k_halt_forever(long unused);       /* cli; hlt, forever */
 long k_lidt_zero(long unused);          /* load an IDT with limit 0: any exception triple-faults */
-long k_wrmsr_lstar(long entry);         /* point SYSCALL at an entry stub (guests/sysret.c) */
 
 /* ---- runtime (lib/rt.c) ---- */
 int main(void);                         /* each guest's; runs at CPL3; return value = exit value */

@@ -61,12 +61,6 @@ long k_lidt_zero(long unused)
 	return 0;
 }
 
-long k_wrmsr_lstar(long entry)
-{
-	__asm__ volatile("wrmsr" : : "c"(MSR_LSTAR), "a"((u32)entry), "d"((u32)((u64)entry >> 32)));
-	return 0;
-}
-
 void guest_exit(u32 value)
 {
 	outl(PORT_DEBUG_EXIT, value);

@@ -38,7 +38,7 @@ pd:
 /*
  * Global descriptor table (Intel SDM vol. 3A §3.4.5, "Segment Descriptors"; §5.2.1 for 64-bit code
  * segments, L = 1). Access bytes have the accessed bit set so loading a selector never writes here.
- * The 16-byte TSS descriptors (§8.2.3) split the TSS base over several fields; the linker script
+ * The 16-byte TSS descriptors (§7.2.3) split the TSS base over several fields; the linker script
  * computes them (__tss0_desc, __tss1_desc), so the table is complete before the first instruction.
  */
 	.globl gdt, gdt_ptr
@@ -69,11 +69,11 @@ idt_ptr:
 	.quad	idt
 
 /*
- * 64-bit TSS per CPU (Intel SDM vol. 3A §8.7, "Task Management in 64-bit Mode"). RSP0 is the stack
+ * 64-bit TSS per CPU (Intel SDM vol. 3A §7.7, "Task Management in 64-bit Mode"). RSP0 is the stack
  * the CPU switches to when an interrupt takes it from CPL3 to CPL0. The TSS ends in an all-zero
- * I/O permission bitmap (Intel SDM vol. 1 §19.5.2): every port is allowed at CPL3 whatever IOPL
- * says. User RFLAGS also has IOPL = 3, which is enough on VT-x/AMD-V, but the PVM host runs CPL3
- * code with the hardware IOPL at 0 and its emulator then consults this bitmap.
+ * I/O permission bitmap (Intel SDM vol. 1, "I/O Permission Bit Map"): every port is allowed at
+ * CPL3 whatever IOPL says. User RFLAGS also has IOPL = 3, which is enough on VT-x/AMD-V, but the
+ * PVM host runs CPL3 code with the hardware IOPL at 0 and its emulator then consults this bitmap.
  */
 #define IOMAP_BYTES 8192                /* one bit per port 0-0xFFFF */
 
