@@ -1,0 +1,34 @@
+"""Snapshot, restore and clone of virtual machines.
+
+    from virtkit import VM
+    from virtkit import snapshot
+
+    with VM(kernel="build/guests/counter.elf") as vm:
+        vm.start()
+        info = snapshot.save(vm, "snap/")          # pause, save, resume
+    with snapshot.restore("snap/") as vm2:         # resumes where the guest was
+        result = vm2.wait(timeout=1)
+
+Layers, imports pointing down: ``format`` (the state file container) and ``cpucompat`` (CPUID
+checks) are pure; ``memfile`` writes and checks guest RAM files; ``vmstate`` reads and writes
+KVM and device state in the kernel's order; ``snapshot`` puts them together on disk. See
+docs/FAILOVER.md.
+"""
+
+from __future__ import annotations
+
+from virtkit.snapshot.format import FORMAT_VERSION, SnapshotError
+from virtkit.snapshot.snapshot import (
+    LoadedSnapshot,
+    RestoredVM,
+    SnapshotInfo,
+    clone,
+    describe,
+    load,
+    restore,
+    save,
+    save_paused,
+)
+
+__all__ = ["FORMAT_VERSION", "LoadedSnapshot", "RestoredVM", "SnapshotError", "SnapshotInfo", "clone",
+           "describe", "load", "restore", "save", "save_paused"]

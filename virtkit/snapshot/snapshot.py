@@ -1,0 +1,413 @@
+"""Snapshots on disk: save a machine into a directory, restore or clone machines from one.
+
+A snapshot directory holds two files::
+
+    vm.state              the state file (virtkit.snapshot.format): machine config, KVM state,
+                          device state, and the name and checksums of the memory file
+    memory-<id>.bin       guest RAM (virtkit.snapshot.memfile), sparse
+
+Saving never overwrites a file in place: the memory file gets a fresh name, the state file is
+written to a temporary name and renamed over ``vm.state`` last. The rename is the commit point:
+a crash before it leaves the previous snapshot intact, and a machine restored from the previous
+memory file (which maps it copy-on-write, so it must never change under it) keeps its inode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import platform
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from virtkit.api import VM
+from virtkit.errors import KvmError
+from virtkit.kvm.structs import kvm_regs
+from virtkit.snapshot import cpucompat, format, memfile, vmstate
+from virtkit.snapshot.cpucompat import CpuidEntry
+from virtkit.snapshot.format import Fields, SnapshotError
+from virtkit.vm import DiskSpec, Machine, MachineConfig
+
+STATE_FILE = "vm.state"
+
+
+def effective_cpuid(machine: Machine) -> list[CpuidEntry]:
+    """What a guest booted on this host sees: vCPU 0's CPUID as KVM holds it (KVM_GET_CPUID2 after
+    the machine set its policy from KVM_GET_SUPPORTED_CPUID). On PVM this is the reference, not
+    KVM_GET_SUPPORTED_CPUID: guest CPL3 code runs natively and PVM merges the host CPU's own
+    features into the vCPU's CPUID, so the supported list under-reports (docs/PLATFORM.md)."""
+    return vmstate.get_cpuid(machine.vcpus[0].fd)
+
+
+def machine_of(target: Machine | VM) -> Machine:
+    if isinstance(target, Machine):
+        return target
+    if target.machine is None:
+        raise SnapshotError("the VM is not running: start it before taking a snapshot")
+    return target.machine
+
+
+# --- save --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    directory: str
+    state_bytes: int
+    memory_bytes: int          # guest RAM size (the memory file's length)
+    memory_written: int        # bytes actually stored (zero chunks are holes)
+    paused_ns: int             # how long the guest was paused for this snapshot
+    state_ns: int              # of which: reading KVM and device state
+    memory_ns: int             # of which: writing the memory file
+
+
+def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any]) -> dict[str, Any]:
+    from virtkit import __version__
+    from virtkit.doctor import kvm_flavor
+
+    c = machine.config
+    return {
+        "virtkit": __version__,
+        "created": time.time(),
+        "host": {"kernel": platform.release(), "kvm": kvm_flavor(),
+                 "cpu": cpucompat.vendor(effective_cpuid(machine)) if machine.vcpus else ""},
+        "machine": {"memory": c.memory, "vcpus": c.vcpus, "paravirt": c.paravirt, "strict": c.strict,
+                    # disks are referenced, not copied: the restored machine reattaches the same
+                    # image (shared storage, as for QEMU migration without block copy)
+                    "disks": [{"path": os.path.abspath(d.path), "read_only": d.read_only,
+                               "size": os.path.getsize(d.path)} for d in getattr(c, "disks", ())]},
+        "memory": memory.to_json(),
+        **state,
+    }
+
+
+def _write_file(path: str, data: bytes, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bool = False) -> SnapshotInfo:
+    """Write a snapshot of ``machine``, whose vCPUs are all parked (or never started)."""
+    d = os.fspath(directory)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise SnapshotError(f"cannot create snapshot directory {d}: {e.strerror}") from None
+    t0 = time.perf_counter_ns()
+    try:
+        state = vmstate.capture(machine)
+    except KvmError as e:
+        raise SnapshotError(f"cannot read the VM's state: {e}") from None
+    t1 = time.perf_counter_ns()
+    mem_name = f"memory-{secrets.token_hex(6)}.bin"
+    tmp_mem = os.path.join(d, f".{mem_name}.tmp")
+    tmp_state = os.path.join(d, f".{STATE_FILE}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp_mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            img = memfile.write(machine.memory, fd, mem_name)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        t2 = time.perf_counter_ns()
+        data = format.pack(document(machine, img, state))
+        os.rename(tmp_mem, os.path.join(d, mem_name))
+        _write_file(tmp_state, data, sync)
+        os.rename(tmp_state, os.path.join(d, STATE_FILE))  # the commit point
+        if sync:
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as e:
+        for p in (tmp_mem, tmp_state, os.path.join(d, mem_name)):
+            if p != os.path.join(d, mem_name) or not _referenced(d, mem_name):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+        raise SnapshotError(f"cannot write snapshot to {d}: {e.strerror or e}") from None
+    _remove_unreferenced(d, keep=mem_name)
+    return SnapshotInfo(d, len(data), img.size, img.written, 0, t1 - t0, t2 - t1)
+
+
+def _referenced(directory: str, mem_name: str) -> bool:
+    try:
+        with open(os.path.join(directory, STATE_FILE), "rb") as f:
+            return mem_name.encode() in f.read()
+    except OSError:
+        return False
+
+
+def _remove_unreferenced(directory: str, keep: str) -> None:
+    """Delete memory files of older snapshots in this directory. Machines restored from them
+    keep running: their mapping holds the inode, unlinking only removes the name."""
+    for p in glob.glob(os.path.join(glob.escape(directory), "memory-*.bin")):
+        if os.path.basename(p) != keep:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+def save(target: Machine | VM, directory: str | os.PathLike[str], *, resume: bool = True,
+         sync: bool = False) -> SnapshotInfo:
+    """Pause ``target`` (if it runs), snapshot it into ``directory``, and resume it unless
+    ``resume`` is False (then it stays paused: :meth:`Machine.resume` continues it)."""
+    m = machine_of(target)
+    was_paused = m.paused
+    t0 = time.perf_counter_ns()
+    try:
+        if not was_paused:
+            m.pause()
+        info = save_paused(m, directory, sync=sync)
+    finally:
+        paused_ns = time.perf_counter_ns() - t0
+        if resume and not was_paused:
+            m.resume()
+    return SnapshotInfo(info.directory, info.state_bytes, info.memory_bytes, info.memory_written,
+                        paused_ns, info.state_ns, info.memory_ns)
+
+
+# --- load and check ----------------------------------------------------------------------------
+@dataclass
+class LoadedSnapshot:
+    """A state file read and fully validated; no KVM object exists yet."""
+
+    directory: str
+    config: MachineConfig
+    memory: memfile.MemoryImage
+    image: vmstate.MachineImage
+    created: float
+    host: dict[str, Any] = field(default_factory=dict)
+    disk_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def memory_path(self) -> str:
+        return os.path.join(self.directory, self.memory.file)
+
+    @property
+    def cpuid(self) -> list[CpuidEntry]:
+        return self.image.vcpus[0].cpuid if self.image.vcpus else []
+
+
+def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
+    f = Fields(doc, "state")
+    m = f.obj("machine")
+    disks, disk_sizes = [], []
+    for i, raw in enumerate(m.array("disks") if m.has("disks") else []):
+        d = Fields(raw, f"state.machine.disks[{i}]")
+        disks.append(DiskSpec(d.string("path"), read_only=d.boolean("read_only")))
+        disk_sizes.append(d.integer("size"))
+    kw: dict[str, Any] = {"disks": tuple(disks)} if disks else {}
+    config = MachineConfig(memory=m.integer("memory"), vcpus=m.integer("vcpus"), paravirt=m.boolean("paravirt"),
+                           strict=m.boolean("strict"), **kw)
+    if config.vcpus < 1:
+        raise SnapshotError("snapshot field machine.vcpus must be at least 1")
+    memory = memfile.MemoryImage.from_json(f.obj("memory"))
+    image = vmstate.parse(f)
+    if len(image.vcpus) != config.vcpus:
+        raise SnapshotError(f"snapshot holds {len(image.vcpus)} vCPU states for a {config.vcpus}-vCPU machine")
+    if memory.size != config.memory:
+        raise SnapshotError(f"snapshot memory file covers {memory.size} bytes of a {config.memory}-byte machine")
+    created = f.raw("created") if f.has("created") else 0.0
+    host = f.raw("host") if f.has("host") else {}
+    return LoadedSnapshot(directory, config, memory, image, float(created) if isinstance(created, int | float)
+                          else 0.0, host if isinstance(host, dict) else {}, disk_sizes)
+
+
+def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
+    """Read and validate ``directory``/vm.state (truncation, checksum, version, every field)."""
+    d = os.fspath(directory)
+    path = os.path.join(d, STATE_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(format.MAX_PAYLOAD + format.HEADER_SIZE + 1)
+    except FileNotFoundError:
+        if not os.path.isdir(d):
+            raise SnapshotError(f"snapshot directory {d} does not exist") from None
+        raise SnapshotError(f"{d} holds no snapshot ({STATE_FILE} is missing)") from None
+    except OSError as e:
+        raise SnapshotError(f"cannot read {path}: {e.strerror}") from None
+    return parse_document(format.unpack(data, source=path), d)
+
+
+def check_host(snap: LoadedSnapshot, host: list[CpuidEntry]) -> None:
+    """Refuse a snapshot whose guest saw CPU features that ``host`` (see :func:`effective_cpuid`)
+    lacks."""
+    reason = cpucompat.check_compatible(snap.cpuid, host)
+    if reason is not None:
+        raise SnapshotError(f"cannot restore {snap.directory or 'the VM'} here: {reason}")
+
+
+def tsc_warnings(snap: LoadedSnapshot, machine: Machine) -> list[str]:
+    """What the guest will notice but can live with: a TSC that ticks at another rate."""
+    saved_khz = snap.image.vcpus[0].tsc_khz if snap.image.vcpus else 0
+    here = machine.tsc_khz()
+    # 250 ppm: TSC calibration differs that much between boots of the same machine
+    if saved_khz and here and abs(here - saved_khz) * 4000 > saved_khz:
+        return [f"the guest's TSC ran at {saved_khz} kHz and runs at {here} kHz here; KVM cannot "
+                "scale it on this host, so guest time will run at a different rate"]
+    return []
+
+
+# --- restore -----------------------------------------------------------------------------------
+def open_memory(snap: LoadedSnapshot, *, verify: bool = False) -> int:
+    path = snap.memory_path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot memory file {path} is missing") from None
+    except OSError as e:
+        raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        memfile.check_size(fd, snap.memory, path)
+        if verify:
+            memfile.verify(fd, snap.memory, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def restore_machine(snap: LoadedSnapshot, serial_out: Callable[[bytes], None], *, verify: bool = False,
+                    memory_fd: int = -1, memory_shared: bool = False) -> Machine:
+    """A new, not yet started machine in exactly the snapshot's state. Guest RAM maps the memory
+    file copy-on-write (or ``memory_fd`` if given: migration passes its own). On any failure
+    nothing is left behind: no machine, no fd, no thread."""
+    for spec, size in zip(getattr(snap.config, "disks", ()), snap.disk_sizes, strict=False):
+        try:
+            now = os.path.getsize(spec.path)
+        except OSError:
+            raise SnapshotError(f"the VM's disk image {spec.path} is gone: restore needs it") from None
+        if now != size:
+            raise SnapshotError(f"the VM's disk image {spec.path} is {now} bytes, it was {size} at the snapshot")
+    own_fd = memory_fd < 0
+    fd = open_memory(snap, verify=verify) if own_fd else memory_fd
+    try:
+        m = Machine(snap.config, serial_out, memory_fd=fd, memory_shared=memory_shared)
+    except BaseException:
+        if own_fd:
+            os.close(fd)
+        raise
+    try:
+        if own_fd:
+            os.close(fd)  # the mapping keeps the file; the fd is not needed any more
+            fd = -1
+        # The machine is new and has not run: refusing now leaves nothing behind.
+        check_host(snap, effective_cpuid(m))
+        regions = tuple((r.gpa, r.size) for r in m.memory.regions)
+        if regions != snap.memory.regions:
+            raise SnapshotError(f"snapshot memory layout {snap.memory.regions} differs from this virtkit's "
+                                f"{regions} for {snap.config.memory} bytes")
+        try:
+            vmstate.apply(m, snap.image)
+        except KvmError as e:
+            raise SnapshotError(f"KVM refused the snapshot's state: {e}") from None
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+class RestoredVM(VM):
+    """A :class:`virtkit.api.VM` whose machine comes from a snapshot instead of a kernel. ``start()``
+    resumes the guest where it was; everything else (wait, stop, serial, results) is as for VM."""
+
+    def __init__(self, snapshot: LoadedSnapshot | str | os.PathLike[str], *,
+                 serial: str | BinaryIO | None = None, verify: bool = False) -> None:
+        snap = snapshot if isinstance(snapshot, LoadedSnapshot) else load(snapshot)
+        c = snap.config
+        super().__init__(snap.directory, memory=c.memory, vcpus=c.vcpus, mode="para" if c.paravirt else "full",
+                         strict=c.strict, serial=serial)
+        self.config = c  # exactly the saved machine (disks included)
+        self.snapshot = snap
+        self.verify = verify
+        self.warnings: list[str] = []
+        #: perf_counter_ns() when open() began and when the machine was ready to run
+        self.restore_started_ns = self.restore_ready_ns = 0
+
+    def open(self) -> None:
+        if self.machine is not None:
+            return
+        self.restore_started_ns = time.perf_counter_ns()
+        try:
+            self.machine = restore_machine(self.snapshot, self.console.write, verify=self.verify)
+            self.warnings = tsc_warnings(self.snapshot, self.machine)
+        except BaseException:
+            self.close()
+            raise
+        self.restore_ready_ns = time.perf_counter_ns()
+
+
+def restore(directory: str | os.PathLike[str], *, serial: str | BinaryIO | None = None,
+            verify: bool = False, start: bool = True) -> RestoredVM:
+    """Restore the snapshot in ``directory`` and (by default) resume it. Use the result like a
+    VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block)."""
+    vm = RestoredVM(directory, serial=serial, verify=verify)
+    try:
+        vm.start() if start else vm.open()
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def clone(directory: str | os.PathLike[str], count: int, *,
+          serial: Sequence[str | IO[bytes] | None] | None = None, start: bool = True) -> list[RestoredVM]:
+    """``count`` machines resumed from one snapshot. They share its memory file copy-on-write:
+    each reads the common pages from the page cache and gets private copies of what it writes.
+    ``serial[i]`` is clone i's serial output (a file name or stream; default captured only)."""
+    if count < 1:
+        raise SnapshotError(f"clone count must be at least 1, got {count}")
+    if serial is not None and len(serial) != count:
+        raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
+    snap = load(directory)
+    writable = [d.path for d in getattr(snap.config, "disks", ()) if not d.read_only]
+    if count > 1 and writable:
+        raise SnapshotError(f"cannot clone a VM with a writable disk ({', '.join(writable)}): the clones "
+                            "would write the same image; attach it read-only")
+    vms: list[RestoredVM] = []
+    try:
+        for i in range(count):
+            out = serial[i] if serial is not None else None
+            vm = RestoredVM(snap, serial=out)  # type: ignore[arg-type]
+            vms.append(vm)
+            vm.start() if start else vm.open()
+    except BaseException:
+        for vm in vms:
+            vm.close()
+        raise
+    return vms
+
+
+def describe(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a snapshot holds, for ``virtkit snapshot-info`` (no KVM needed)."""
+    snap = load(directory)
+    regs = [kvm_regs.from_buffer_copy(bytes(memoryview(v.structs["regs"]).cast("B"))) for v in snap.image.vcpus]
+    try:
+        mem_disk = os.stat(snap.memory_path).st_blocks * 512
+    except OSError:
+        mem_disk = -1
+    return {
+        "directory": snap.directory,
+        "format_version": format.FORMAT_VERSION,
+        "created": snap.created,
+        "host": snap.host,
+        "memory": snap.config.memory,
+        "memory_file": snap.memory.file,
+        "memory_stored": snap.memory.written,
+        "memory_on_disk": mem_disk,
+        "vcpus": [{"id": v.id, "rip": r.rip, "mp_state": v.mp_state, "msrs": len(v.msrs)}
+                  for v, r in zip(snap.image.vcpus, regs, strict=True)],
+        "devices": sorted(snap.image.devices),
+        "state_file_bytes": Path(snap.directory, STATE_FILE).stat().st_size,
+    }
