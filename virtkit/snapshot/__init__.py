@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from virtkit.snapshot.format import FORMAT_VERSION, SnapshotError
 from virtkit.snapshot.snapshot import (
+    STATE_FILE,
     LoadedSnapshot,
     RestoredVM,
     SnapshotInfo,
@@ -30,5 +31,5 @@ from virtkit.snapshot.snapshot import (
     save_paused,
 )
 
-__all__ = ["FORMAT_VERSION", "LoadedSnapshot", "RestoredVM", "SnapshotError", "SnapshotInfo", "clone",
+__all__ = ["FORMAT_VERSION", "STATE_FILE", "LoadedSnapshot", "RestoredVM", "SnapshotError", "SnapshotInfo", "clone",
            "describe", "load", "restore", "save", "save_paused"]

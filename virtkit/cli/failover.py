@@ -1,0 +1,351 @@
+"""Failover commands: ``snapshot``, ``snapshot-info``, ``restore``, ``clone``, ``migrate``,
+``migrate-receive``; and the failover options of ``run`` (``--control``, ``--checkpoint-every``,
+``--restart on-failure``), which this module adds to the ``run`` parser that
+:mod:`virtkit.cli.vm` registered.
+
+A VM that resumes here (``restore``, ``migrate-receive``) runs in the foreground exactly as one
+that ``run`` booted: same serial, timeout, stats and exit statuses, and the same failover options,
+so a restored or migrated VM can be snapshotted, migrated or checkpointed again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from virtkit.api import VM, RunResult
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``5s``, ``500ms``, ``2m``, ``1h`` or plain seconds, as seconds."""
+    from virtkit.errors import ConfigError
+
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"{what} {text!r} is not a duration: use e.g. 5s, 500ms, 2m")
+    value = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+    if value <= 0:
+        raise ConfigError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def _add_runtime_options(p: argparse.ArgumentParser, *, serial: bool = True) -> None:
+    """What every foreground VM command takes, whether it boots, restores or receives the VM."""
+    if serial:
+        p.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",
+                       help="where the UART's output goes (default stdout)")
+        p.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="stop the guest after S seconds (exit status 124)")
+        p.add_argument("--stats", action="store_true", help="print VM exit statistics at the end")
+    _add_failover_options(p)
+
+
+def _add_failover_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control", default=None, metavar="PATH",
+                   help="serve a control socket at PATH (JSON lines): snapshot, migrate, pause, resume, stop")
+    p.add_argument("--checkpoint-every", default=None, metavar="DURATION",
+                   help="snapshot the running VM every DURATION (e.g. 5s) into --checkpoint-dir")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="where checkpoints go")
+    p.add_argument("--exit-report", default=None, help=argparse.SUPPRESS)  # the supervisor's channel
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The failover options of ``virtkit run`` (virtkit.cli.vm calls this on its parser, so they
+    exist even when only that module's commands are registered)."""
+    _add_failover_options(run)
+    run.add_argument("--restart", default="no", choices=("no", "on-failure"),
+                     help="on-failure: supervise the VMM and, if it dies, resume the VM from its last "
+                          "checkpoint (with --checkpoint-every, default 5s)")
+    run.add_argument("--restart-limit", type=int, default=5, metavar="N",
+                     help="give up after N restarts (default 5)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+
+    p = sub.add_parser("snapshot", help="snapshot a running VM through its control socket",
+                       description="Pause the VM served at --control, write its snapshot (state file and "
+                                   "memory file) into DIR, and resume it.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--control", required=True, metavar="PATH", help="the VM's control socket (virtkit run --control)")
+    p.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
+    p.add_argument("--sync", action="store_true", help="fsync the files before returning")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_snapshot)
+
+    p = sub.add_parser("snapshot-info", help="describe a snapshot directory (format, size, vCPUs, devices)")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(handler=cmd_snapshot_info)
+
+    p = sub.add_parser("restore", help="resume a VM from a snapshot directory, in the foreground",
+                       description="Resume the VM saved in DIR where it was. Guest memory maps the snapshot's "
+                                   "memory file copy-on-write: the file is never modified, so DIR can be "
+                                   "restored again, or cloned.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--verify", action="store_true", help="read the whole memory file and check its checksums first")
+    _add_runtime_options(p)
+    p.set_defaults(handler=cmd_restore)
+
+    p = sub.add_parser("clone", help="resume N VMs from one snapshot, sharing its memory copy-on-write")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--count", "-n", type=int, required=True, help="how many clones")
+    p.add_argument("--serial-dir", default=None, metavar="DIR",
+                   help="write clone i's serial output to DIR/clone-i.log (default: discard)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the clones after S seconds")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_clone)
+
+    p = sub.add_parser("migrate", help="move a running VM to another virtkit host, live",
+                       description="Pre-copy the VM's memory to a 'virtkit migrate-receive' at HOST:PORT while it "
+                                   "runs, then pause it, send the rest and its state, and let it resume there. "
+                                   "If anything fails before the switch-over, the VM keeps running here.")
+    p.add_argument("--control", required=True, metavar="PATH", help="the VM's control socket (virtkit run --control)")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="where 'virtkit migrate-receive' listens")
+    p.add_argument("--downtime-ms", type=float, default=50.0,
+                   help="stop pre-copying once the rest can be sent in this long (default 50)")
+    p.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds at most (default 30)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_migrate)
+
+    p = sub.add_parser("migrate-receive", help="wait for one incoming live migration and run the VM here",
+                       description="Listen on HOST:PORT, accept one migration from 'virtkit migrate', and run the "
+                                   "VM in the foreground once it has switched over.")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
+    p.add_argument("--port-file", default=None, metavar="FILE", help="write the port listened on to FILE")
+    p.add_argument("--accept-timeout", type=float, default=None, metavar="S",
+                   help="give up if no migration arrives within S seconds")
+    p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS,
+                   choices=("refuse", "drop-during-memory", "die-before-switchover"))
+    _add_runtime_options(p)
+    p.set_defaults(handler=cmd_migrate_receive)
+
+
+# ------------------------------------------------------------------------------------------------
+# the runtime side: control socket, checkpoints, exit report
+
+
+class FailoverHooks:
+    """What ``--control``, ``--checkpoint-every`` and ``--exit-report`` add to a foreground VM."""
+
+    def __init__(self, args: argparse.Namespace, vm: VM) -> None:
+        self.args = args
+        self.vm = vm
+        self.exit_code: int | None = None  # set when the VM left this host (migrated)
+        self.migrated_to: str | None = None
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+
+    def __enter__(self) -> FailoverHooks:
+        from virtkit.errors import ConfigError
+
+        args = self.args
+        assert self.vm.machine is not None
+        every = getattr(args, "checkpoint_every", None)
+        if every is not None and not args.checkpoint_dir:
+            raise ConfigError("--checkpoint-every needs --checkpoint-dir DIR (where the checkpoints go)")
+        if getattr(args, "control", None):
+            from virtkit.migration.control import ControlServer
+
+            self._server = ControlServer(args.control, self.vm.machine, on_migrated=self._migrated)
+        if every is not None:
+            period = parse_duration(every, "--checkpoint-every")
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(period,),
+                                                  name="vm-checkpoint", daemon=True)
+            self._checkpointer.start()
+        return self
+
+    def _migrated(self, to: str) -> None:
+        from virtkit.vm import Stop, StopReason
+
+        self.migrated_to = to
+        self.exit_code = 0
+        assert self.vm.machine is not None
+        self.vm.machine.request_stop(Stop(StopReason.STOPPED, detail=f"migrated to {to}"))
+
+    def _checkpoint_loop(self, period: float) -> None:
+        from virtkit.errors import VirtkitError
+        from virtkit.snapshot import save
+
+        m = self.vm.machine
+        while not self._stop.wait(period):
+            if m is None or m.stopping:
+                return
+            try:
+                save(m, self.args.checkpoint_dir)
+            except VirtkitError as e:
+                print(f"virtkit: warning: checkpoint failed: {e}", file=sys.stderr)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=30)
+        if self._server is not None:
+            self._server.close()
+
+    def finish(self, result: RunResult) -> int:
+        """The process exit status, and the report the supervisor reads."""
+        code = result.exit_code if self.exit_code is None else self.exit_code
+        report = getattr(self.args, "exit_report", None)
+        if report:
+            with contextlib.suppress(OSError), open(report, "w") as f:
+                json.dump({"pid": os.getpid(), "reason": result.reason.value, "exit_code": code,
+                           "migrated": self.migrated_to is not None}, f)
+        return code
+
+
+@contextlib.contextmanager
+def failover_hooks(args: argparse.Namespace, vm: VM) -> Iterator[FailoverHooks]:
+    """Used by ``virtkit run`` (virtkit/cli/run_vm.py) around the VM's run."""
+    with FailoverHooks(args, vm) as hooks:
+        yield hooks
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> int:
+    """Run ``vm`` (already opened) until it stops, as ``virtkit run`` does."""
+    from virtkit.api import EXIT_STOPPED
+    from virtkit.vm import StopReason
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with FailoverHooks(args, vm) as hooks:
+            try:
+                if not started:
+                    vm.start()
+                result = vm.wait(timeout=args.timeout)
+            except (KeyboardInterrupt, _Terminated) as e:
+                print("virtkit: stopped by " + ("SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"),
+                      file=sys.stderr)
+                return EXIT_STOPPED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result.reason is not StopReason.DEBUG_EXIT:
+        label = "guest crashed" if result.crashed else result.reason.value
+        print(f"virtkit: {label}: {result.detail}", file=sys.stderr)
+    if getattr(args, "stats", False):
+        from virtkit.stats import format_table
+
+        print(format_table(result.stats), file=sys.stderr)
+    return hooks.finish(result)
+
+
+# ------------------------------------------------------------------------------------------------
+# handlers
+
+
+def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(obj) if as_json else text)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from virtkit.migration.control import request
+
+    reply = request(args.control, "snapshot", dir=os.path.abspath(args.dir), resume=not args.leave_paused,
+                    sync=args.sync)
+    reply.pop("ok", None)
+    from virtkit.units import format_size
+
+    _print(reply, args.json, f"snapshot written to {reply['dir']}: state {format_size(reply['state_bytes'])}, "
+           f"memory {format_size(reply['memory_bytes'])} ({format_size(reply['memory_written'])} stored); "
+           f"guest paused {reply['paused_ms']:.1f} ms")
+    return 0
+
+
+def cmd_snapshot_info(args: argparse.Namespace) -> int:
+    from virtkit.snapshot import describe
+
+    print(json.dumps(describe(args.dir), indent=2))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from virtkit.snapshot import RestoredVM
+
+    vm = RestoredVM(args.dir, serial=args.serial, verify=args.verify)
+    with vm:
+        for w in vm.warnings:
+            print(f"virtkit: warning: {w}", file=sys.stderr)
+        return foreground(vm, args)
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    from virtkit.errors import ConfigError
+    from virtkit.snapshot import clone
+
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    serial: list[str | None] | None = None
+    if args.serial_dir:
+        os.makedirs(args.serial_dir, exist_ok=True)
+        serial = [os.path.join(args.serial_dir, f"clone-{i}.log") for i in range(args.count)]
+    t0 = time.perf_counter()
+    vms = clone(args.dir, args.count, serial=serial)
+    started = time.perf_counter() - t0
+    try:
+        results = []
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        try:
+            for vm in vms:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                results.append(vm.wait(timeout=left if left is None or left > 0 else 0.001))
+        except KeyboardInterrupt:
+            print("virtkit: stopped by Ctrl-C", file=sys.stderr)
+            return 130
+    finally:
+        for vm in vms:
+            vm.close()
+    out = {"count": args.count, "start_s": started, "clones_per_s": args.count / started if started else 0.0,
+           "exit_codes": [r.exit_code for r in results]}
+    _print(out, args.json, f"{args.count} clones started in {started * 1e3:.1f} ms "
+           f"({out['clones_per_s']:.0f}/s); exit statuses {out['exit_codes']}")
+    return max((r.exit_code for r in results), default=0)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from virtkit.migration.control import request
+
+    reply = request(args.control, "migrate", to=args.to, downtime_ms=args.downtime_ms, max_rounds=args.max_rounds)
+    reply.pop("ok", None)
+    _print(reply, args.json, f"migrated to {args.to}: {reply['rounds']} pre-copy rounds, "
+           f"{reply['pages_sent']} pages sent, total {reply['total_ms']:.0f} ms, "
+           f"downtime {reply['downtime_ms']:.1f} ms")
+    return 0
+
+
+def cmd_migrate_receive(args: argparse.Namespace) -> int:
+    from virtkit.migration.target import receive
+
+    vm = receive(args.listen, serial=args.serial, port_file=args.port_file, accept_timeout=args.accept_timeout,
+                 fault=args.inject_fault)
+    with vm:
+        return foreground(vm, args, started=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# supervisor: virtkit run --checkpoint-every 5s --restart on-failure
+
+
+def supervise(args: argparse.Namespace) -> int:
+    from virtkit.snapshot.supervisor import Supervisor
+
+    return Supervisor(args).run()
