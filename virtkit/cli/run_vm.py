@@ -52,6 +52,10 @@ def run_vm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     if args.cpus is not None or args.pids_limit is not None:
         raise ConfigError("--cpus and --pids-limit apply to --mode container; VMs take --vcpus and --memory")
+    from virtkit.cli.failover import failover_hooks, supervise
+
+    if args.restart != "no":
+        return supervise(args)  # this process becomes the supervisor of a child VMM
     vm = VM(
         args.target,
         memory=args.memory or "64M",
@@ -66,7 +70,7 @@ def run_vm(args: argparse.Namespace) -> int:
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with vm:
+        with vm, failover_hooks(args, vm) as hooks:  # --control, --checkpoint-every
             if sys.stdin.isatty() and args.serial == "stdout":
                 _forward_stdin(vm)
             try:
@@ -84,4 +88,4 @@ def run_vm(args: argparse.Namespace) -> int:
         from virtkit.stats import format_table
 
         print(format_table(result.stats), file=sys.stderr)
-    return result.exit_code
+    return hooks.finish(result)
