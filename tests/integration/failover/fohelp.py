@@ -1,0 +1,81 @@
+"""Helpers for the failover tests: reading the counter guest's output, driving virtkit processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+COUNTER = "counter.elf"
+VIRTKIT = [sys.executable, "-m", "virtkit"]
+_COUNT = re.compile(rb"count (\d+)\r\n")
+
+
+def counts(output: bytes) -> list[int]:
+    """The counter values in ``output`` (complete lines only)."""
+    return [int(m.group(1)) for m in _COUNT.finditer(output)]
+
+
+def assert_seamless(before: bytes, after: bytes, *, first: int | None = None) -> None:
+    """``before`` then ``after`` must read as one uninterrupted counter: every line once, in order,
+    even if the cut fell in the middle of a line."""
+    joined = before + after
+    values = counts(joined)
+    assert values, joined[-200:]
+    start = values[0] if first is None else first
+    assert values == list(range(start, start + len(values))), \
+        f"gap or repeat around the cut: ...{before[-40:]!r} | {after[:40]!r}..."
+    # and nothing but counter lines (no half line repeated or lost at the cut)
+    rest = _COUNT.sub(b"", joined).rstrip(b"count 0123456789\r")
+    assert rest == b"", rest[:200]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def file_counts(path: Path) -> list[int]:
+    try:
+        return counts(path.read_bytes())
+    except FileNotFoundError:
+        return []
+
+
+def virtkit(*args: str, timeout: float = 30, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VIRTKIT, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def spawn(*args: str, netns: str | None = None, **kw: object) -> subprocess.Popen[bytes]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.Popen([*prefix, *VIRTKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **kw)  # type: ignore[call-overload]
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("virtkit: error:"), p.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def stop_process(p: subprocess.Popen[bytes], timeout: float = 10) -> tuple[bytes, bytes]:
+    if p.poll() is None:
+        p.terminate()
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return p.communicate()
+
+
+def env_without_debug() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "VIRTKIT_DEBUG"}

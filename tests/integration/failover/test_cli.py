@@ -1,0 +1,109 @@
+"""The failover commands as a user drives them: a running VM snapshotted from another process,
+restored, checkpointed and restarted after its VMM is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fohelp import VIRTKIT, counts, file_counts, one_line_error, spawn, stop_process, virtkit, wait_for
+
+from virtkit.migration.control import ControlError, request
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+
+def _pid(sock: Path) -> int | None:
+    """The VMM serving ``sock``, or None while there is none (a stale socket counts as none)."""
+    try:
+        return int(request(str(sock), "status", timeout=2)["pid"])
+    except ControlError:
+        return None
+
+
+def test_snapshot_a_running_vm_through_its_control_socket(counter: Path, tmp_path: Path) -> None:
+    sock, log, snap = tmp_path / "vm.sock", tmp_path / "serial.log", tmp_path / "snap"
+    vmm = spawn("run", str(counter), "--cmdline", "us=500", "--control", str(sock), "--serial", str(log))
+    try:
+        wait_for(lambda: len(file_counts(log)) >= 10 and sock.exists(), what="the VM to run")
+        p = virtkit("snapshot", "--control", str(sock), str(snap), "--json")
+        assert p.returncode == 0, p.stderr
+        reply = json.loads(p.stdout)
+        assert reply["dir"] == str(snap) and reply["memory_bytes"] == 64 << 20
+        assert request(str(sock), "status")["state"] == "running"  # resumed after the snapshot
+        at = len(file_counts(log))
+        wait_for(lambda: len(file_counts(log)) > at + 5, what="the VM to run on")
+        request(str(sock), "stop")
+        _, err = vmm.communicate(timeout=10)
+        assert vmm.returncode == 130 and b"stopped through the control socket" in err
+        assert not sock.exists()  # the socket is removed when the VMM ends
+    finally:
+        stop_process(vmm)
+    info = json.loads(virtkit("snapshot-info", str(snap)).stdout)
+    assert info["format_version"] == 1 and info["devices"] == ["i8042", "post", "rtc", "uart0"]
+    p = virtkit("restore", str(snap), "--timeout", "0.5")
+    assert p.returncode == 124, p.stderr
+    # the restored VM picks up exactly where the snapshot was taken
+    restored = counts(p.stdout.encode().replace(b"\n", b"\r\n").replace(b"\r\r", b"\r"))
+    assert restored and restored == list(range(restored[0], restored[0] + len(restored)))
+    assert restored[0] <= max(file_counts(log)) + 1
+
+
+def test_control_socket_errors(counter: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    one_line_error(virtkit("snapshot", "--control", str(sock), str(tmp_path / "s")), "no control socket at")
+    vmm = spawn("run", str(counter), "--control", str(sock), "--serial", "none")
+    try:
+        wait_for(sock.exists, what="the control socket")
+        second = virtkit("run", str(counter), "--control", str(sock), "--serial", "none", "--timeout", "5")
+        one_line_error(second, "is in use by a running virtkit")
+        with pytest.raises(ControlError, match="unknown command 'frobnicate'"):
+            request(str(sock), "frobnicate")
+        with pytest.raises(ControlError, match="snapshot needs"):
+            request(str(sock), "snapshot")
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    finally:
+        stop_process(vmm)
+
+
+def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Path) -> None:
+    sock, ckpt, log = tmp_path / "vm.sock", tmp_path / "ckpt", tmp_path / "serial.log"
+    sup = subprocess.Popen(
+        [*VIRTKIT, "run", str(counter), "--cmdline", "us=500", "--serial", str(log),
+         "--control", str(sock), "--checkpoint-every", "200ms", "--checkpoint-dir", str(ckpt),
+         "--restart", "on-failure"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (ckpt / "vm.state").exists() and sock.exists(), what="a first checkpoint")
+        vmm_pid = request(str(sock), "status")["pid"]
+        assert vmm_pid != sup.pid  # the VMM is the supervisor's child
+        before = log.read_bytes()
+        os.kill(vmm_pid, signal.SIGKILL)
+        wait_for(lambda: _pid(sock) not in (None, vmm_pid), what="the restart")
+        wait_for(lambda: len(file_counts(log)) > len(counts(before)) + 20, what="output after the restart")
+        request(str(sock), "stop")
+        _, err = sup.communicate(timeout=10)
+    finally:
+        stop_process(sup)
+    assert b"was killed by signal 9 (SIGKILL); resuming the VM from its checkpoint" in err, err
+    values = file_counts(log)
+    # one counter, no reboot: after the restart it resumes from the checkpoint (so a few lines may
+    # repeat) and counts on by one
+    restart_at = next(i for i in range(1, len(values)) if values[i] != values[i - 1] + 1)
+    assert values[:restart_at] == list(range(1, restart_at + 1))
+    resumed = values[restart_at:]
+    assert 1 < resumed[0] <= values[restart_at - 1] + 1
+    assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
+
+
+def test_restart_needs_no_checkpoint_dir_and_ends_with_the_guest(guests: Path) -> None:
+    start = time.monotonic()
+    p = virtkit("run", str(guests / "hello.elf"), "--cmdline", "exit=3", "--restart", "on-failure")
+    assert p.returncode == 7, p.stderr  # (3 << 1) | 1, as without the supervisor
+    assert "hello from virtkit guest" in p.stdout
+    assert time.monotonic() - start < 30
