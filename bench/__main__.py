@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"vmm": "bench.vmm"}
+SUITES = {"vmm": "bench.vmm", "paravirt": "bench.paravirt"}
 
 
 def main() -> int:

@@ -1,0 +1,182 @@
+"""Full virtualization against paravirtualization, same workloads, one run (issue: para is faster).
+
+Workloads (guests `fullwork` and `parawork`, docs/GUESTS.md): write 1 MiB to the console; write,
+read back and checksum 16 MiB on the disk; 100K null operations (a write to an emulated device
+register vs a null hypercall); a CPU-bound loop. Each runs as an unmodified guest on emulated
+hardware (UART, ATA PIO, port 0x80), as a paravirtualized guest (virtio-console/virtio-blk, and the
+hypercalls), and, for the CPU loop, natively on the host. The guest times its own work with the
+TSC; virtkit adds the exit picture (exits, exits per KiB, time in the guest vs in the VMM).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, md_table, platform_record, write_results
+
+MiB = 1 << 20
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(f.split("=", 1) for f in line.split() if "=" in f)
+
+
+def _work_line(output: str) -> dict[str, str] | None:
+    for line in output.splitlines():
+        if line.startswith("work="):
+            bad = "MISMATCH" in line or "error" in line
+            return _fields(line) | {"_ok": "" if bad else "ok"}
+    return None
+
+
+def run_guest(kernel: Path, mode: str, cmdline: str, disk: str | None, tsc_khz: int) -> dict[str, Any]:
+    from virtkit import VM
+
+    with VM(kernel, mode=mode, cmdline=cmdline, disks=[disk] if disk else [], memory="128M") as vm:
+        r = vm.run(timeout=600)
+    line = _work_line(r.serial_output)
+    if r.exit_code != 1 or line is None:
+        raise RuntimeError(f"{kernel.name} {cmdline}: ended {r.reason.value} ({r.exit_code}): "
+                           f"{r.detail or r.serial_output[-300:]}")
+    seconds = int(line["tsc"]) / (tsc_khz * 1e3)
+    nbytes = int(line.get("bytes", 0))
+    exits = r.stats.total_exits
+    return {
+        "seconds": seconds, "bytes": nbytes, "mb_s": nbytes / MiB / seconds if nbytes and seconds else None,
+        "exits": exits, "exits_per_kib": exits / (nbytes / 1024) if nbytes else None,
+        "guest_s": r.stats.guest_s, "vmm_s": r.stats.vmm_s, "wall_s": r.stats.wall_s,
+        "exits_by_reason": r.stats.exits, "checksum_ok": line.get("_ok") == "ok", "line": line,
+    }
+
+
+def native_cpu(loop: int) -> dict[str, Any] | None:
+    exe = ROOT / "build" / "native" / "cpuloop"
+    if not exe.exists():
+        return None
+    out = subprocess.run([str(exe), str(loop)], capture_output=True, text=True, timeout=120).stdout
+    for line in out.splitlines():
+        if line.startswith("work=cpu"):
+            f = _fields(line)
+            return {"seconds": int(f["ns"]) / 1e9, "bytes": 0, "mb_s": None, "exits": 0, "exits_per_kib": None}
+    return None
+
+
+def run(quick: bool = False, guests: Path | None = None) -> dict[str, Any]:
+    guests = guests or ROOT / "build" / "guests"
+    plat = platform_record()
+    tsc_khz = int(plat.get("tsc_khz") or 0)
+    console_bytes = 256 * 1024 if quick else MiB
+    disk_mib = 4 if quick else 16
+    null_n = 20_000 if quick else 100_000
+    loop = 50_000_000 if quick else 200_000_000
+    workloads = {
+        "console": f"work=console bytes={console_bytes}",
+        "disk": f"work=disk mib={disk_mib}",
+        "null": f"work=null n={null_n}",
+        "cpu": f"work=cpu loop={loop}",
+    }
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="virtkit-bench-") as tmp:
+        disk = os.path.join(tmp, "disk.img")
+        with open(disk, "wb") as f:
+            f.truncate((disk_mib + 1) * MiB)
+        for name, cmdline in workloads.items():
+            res: dict[str, Any] = {}
+            print(f"  {name}: full", flush=True)
+            res["full"] = run_guest(guests / "fullwork.elf", "full", cmdline, disk, tsc_khz)
+            for via in ("virtio", "hcall"):
+                if name == "cpu" and via == "hcall":
+                    continue
+                print(f"  {name}: para via {via}", flush=True)
+                res[f"para ({via})"] = run_guest(guests / "parawork.elf", "para", f"{cmdline} via={via}", disk, tsc_khz)
+            if name == "cpu":
+                nat = native_cpu(loop)
+                if nat:
+                    res["native"] = nat
+            results[name] = res
+    data = {"platform": plat, "workloads": workloads, "results": results, "targets": targets(results)}
+    md = render(data)
+    jpath, mpath = write_results("paravirt", data, md)
+    png = plot(data)
+    print(md)
+    print(f"wrote {jpath}, {mpath}" + (f", {png}" if png else ""))
+    return data
+
+
+def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("console", "disk"):
+        r = results.get(name, {})
+        full = r.get("full", {}).get("seconds")
+        best = min((v["seconds"] for k, v in r.items() if k.startswith("para")), default=None)
+        if full and best:
+            out[f"{name}_para_speedup"] = full / best
+    cpu = results.get("cpu", {})
+    if "native" in cpu and "para (virtio)" in cpu:
+        out["cpu_para_vs_native"] = cpu["para (virtio)"]["seconds"] / cpu["native"]["seconds"]
+    null = results.get("null", {})
+    if "full" in null and "para (hcall)" in null:
+        out["null_hcall_vs_port_write"] = null["para (hcall)"]["seconds"] / null["full"]["seconds"]
+    return out
+
+
+def render(data: dict[str, Any]) -> str:
+    plat = data["platform"]
+    lines = [f"# Full virtualization vs paravirtualization\n\nPlatform: {plat.get('cpu_model')}, KVM flavor "
+             f"**{plat.get('kvm_flavor')}** ({plat.get('meaning')}).\n"]
+    rows = []
+    for name, res in data["results"].items():
+        for how, r in res.items():
+            rows.append([name, how, f"{r['seconds'] * 1e3:,.1f}",
+                         "-" if r.get("mb_s") is None else f"{r['mb_s']:,.2f}", f"{r['exits']:,}",
+                         "-" if r.get("exits_per_kib") is None else f"{r['exits_per_kib']:,.2f}",
+                         "-" if "guest_s" not in r else f"{r['guest_s'] * 1e3:,.0f} / {r['vmm_s'] * 1e3:,.0f}",
+                         {True: "ok", False: "MISMATCH"}.get(r.get("checksum_ok"), "-") if name == "disk" else "-"])
+    lines.append(md_table(["workload", "how", "time (ms)", "MB/s", "VM exits", "exits per KiB",
+                           "in guest / in VMM (ms)", "data check"], rows))
+    lines.append("\n## Targets\n")
+    t = data["targets"]
+    trows = []
+    for name in ("console", "disk"):
+        if f"{name}_para_speedup" in t:
+            trows.append([f"{name} throughput, para over full", ">= 20x", f"{t[f'{name}_para_speedup']:,.1f}x"])
+    if "cpu_para_vs_native" in t:
+        trows.append(["CPU loop in the para guest vs native", "within 5%",
+                      f"{(t['cpu_para_vs_native'] - 1) * 100:+.1f}%"])
+    if "null_hcall_vs_port_write" in t:
+        trows.append(["null hypercall vs emulated register write", "(no target)",
+                      f"{t['null_hcall_vs_port_write']:.2f}x the time"])
+    lines.append(md_table(["target", "goal", "measured"], trows))
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(data["results"].keys())
+    hows = ["full", "para (virtio)", "para (hcall)", "native"]
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.2
+    for j, how in enumerate(hows):
+        vals = [data["results"][n].get(how, {}).get("seconds", 0) * 1e3 for n in names]
+        ax.bar([i + (j - 1.5) * width for i in range(len(names))], vals, width=width, label=how)
+    ax.set_xticks(range(len(names)), [f"{n}\n{data['workloads'][n]}" for n in names], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("milliseconds (log scale), lower is better")
+    plat = data["platform"]
+    ax.set_title(f"Full vs paravirtualized guest on {plat.get('kvm_flavor')} KVM ({plat.get('cpu_model')})")
+    ax.legend()
+    fig.tight_layout()
+    path = ROOT / "bench" / "results" / "paravirt.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
