@@ -146,8 +146,13 @@ class Rig:
 class Machine:
     """Guest memory shared by several rigs, each with its own slice of RAM for rings and buffers."""
 
-    def __init__(self) -> None:
-        self.mem = make_memory()
+    def __init__(self, mem: GuestMemory | None = None) -> None:
+        """Fresh guest memory, or ``mem`` (zeroed here, and left open by close())."""
+        self._owns_memory = mem is None
+        self.mem = make_memory() if mem is None else mem
+        if mem is not None:
+            for gpa, size in RAM:
+                mem.fill(gpa, size)
         self._next_slice = 0x10_0000  # 1 MiB: below is left alone, so tests can check it is untouched
         self.rigs: list[Rig] = []
 
@@ -165,4 +170,5 @@ class Machine:
     def close(self) -> None:
         for rig in self.rigs:
             rig.transport.close()
-        self.mem.close()
+        if self._owns_memory:
+            self.mem.close()
