@@ -101,11 +101,13 @@ class MachineConfig:
     """What a machine is made of. ``disks``: in full virtualization the first disk is the ATA
     primary master; paravirtualized, it backs the block hypercalls (and virtio-blk)."""
 
-    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks")
+    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip")
 
     def __init__(self, memory: int = layout.DEFAULT_MEMORY, vcpus: int = 1, paravirt: bool = False,
-                 strict: bool = False, disks: tuple[DiskSpec, ...] = ()) -> None:
+                 strict: bool = False, disks: tuple[DiskSpec, ...] = (), irqchip: bool = True) -> None:
         self.memory, self.vcpus, self.paravirt, self.strict, self.disks = memory, vcpus, paravirt, strict, disks
+        #: use KVM's in-kernel PIC/IOAPIC/LAPIC/PIT when the host has them (False: never)
+        self.irqchip = irqchip
 
 
 _supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
@@ -187,11 +189,17 @@ class Machine:
             vm.set_tss_addr(layout.KVM_TSS_ADDR)
             with contextlib.suppress(KvmError):
                 vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        if not vm.check_extension(Cap.IRQCHIP):
-            raise KvmError("KVM on this host has no in-kernel irqchip (KVM_CAP_IRQCHIP), which virtkit needs")
-        vm.create_irqchip()
-        if vm.check_extension(Cap.PIT2):
-            vm.create_pit2()
+        # Without an in-kernel irqchip the machine still runs: HLT then exits to userspace (and
+        # ends the VM, since nothing could wake it), device interrupt lines go nowhere, and only
+        # one vCPU can exist (APs need a local APIC to receive INIT/SIPI).
+        self.irqchip = self.config.irqchip and bool(vm.check_extension(Cap.IRQCHIP))
+        if self.irqchip:
+            vm.create_irqchip()
+            if vm.check_extension(Cap.PIT2):
+                vm.create_pit2()
+        elif self.config.vcpus > 1:
+            raise ConfigError("without an in-kernel irqchip (KVM_CAP_IRQCHIP, or irqchip disabled) a VM "
+                              "can only have one vCPU")
 
     def _create_vcpus(self) -> None:
         global _supported_cpuid
@@ -207,8 +215,7 @@ class Machine:
                 hypercall_abi=HYPERCALL_ABI_VERSION, hypercall_port=layout.HYPERCALL_PORT))
 
     def _create_devices(self, serial_out: Callable[[bytes], None]) -> None:
-        vm = self.vm
-        self.uart = uart.Uart16550(serial_out, lambda level: vm.irq_line(uart.COM1_IRQ, level))
+        self.uart = uart.Uart16550(serial_out, self.irq_setter(uart.COM1_IRQ))
         self.io_bus.register(uart.COM1_BASE, uart.PORT_COUNT, self.uart, "uart0 (16550A)")
         self.io_bus.register(debug_exit.DEBUG_EXIT_PORT, debug_exit.PORT_COUNT,
                              debug_exit.DebugExit(self._on_debug_exit), "isa-debug-exit")
@@ -239,10 +246,17 @@ class Machine:
             self.io_bus.register(layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls, "hypercall")
             self.devices["hypercall"] = self.hypercalls
         elif disk is not None:
-            self.ata = ata.AtaController(disk, lambda level: vm.irq_line(ata.IRQ, level))
+            self.ata = ata.AtaController(disk, self.irq_setter(ata.IRQ))
             self.io_bus.register(ata.CMD_BASE, 8, self.ata, "ata0 (command block)")
             self.io_bus.register(ata.CTRL_PORT, 1, self.ata, "ata0 (control)", offset=8)
             self.devices["ata0"] = self.ata
+
+    def irq_setter(self, line: int) -> Callable[[int], None]:
+        """A function that drives interrupt ``line`` (an ISA IRQ / IOAPIC pin) to a level."""
+        if not self.irqchip:
+            return lambda level: None
+        vm = self.vm
+        return lambda level: vm.irq_line(line, level)
 
     def _on_debug_exit(self, value: int, status: int) -> None:
         self.request_stop(Stop(StopReason.DEBUG_EXIT, exit_status=status,

@@ -8,6 +8,7 @@ import pytest
 
 from virtkit import VM
 from virtkit.doctor import kvm_flavor
+from virtkit.kvm.constants import ExitReason
 from virtkit.vm import StopReason
 
 pytestmark = pytest.mark.usefixtures("kvm", "no_leaks")
@@ -94,3 +95,35 @@ def test_vm_can_be_built_and_closed_many_times(guests: Path) -> None:
     for _ in range(10):
         r = run(guests / "hello.elf")
         assert r.exit_code == 1
+
+
+def test_without_in_kernel_irqchip_hlt_exits_to_the_vmm(guests: Path) -> None:
+    from virtkit.vm import Machine, MachineConfig
+
+    out = bytearray()
+    m = Machine(MachineConfig(irqchip=False), out.extend)
+    try:
+        m.load(str(guests / "hltcli.elf"))
+        m.start()
+        stop = m.wait(20)
+        hlt_exits = m.vcpu_stats()[0].exits[ExitReason.HLT]
+    finally:
+        m.close()
+    assert stop.reason is StopReason.HALTED
+    assert "interrupts disabled" in stop.detail
+    assert hlt_exits == 1  # the HLT reached the VMM itself: no in-kernel LAPIC swallowed it
+
+
+def test_memory_does_not_grow_over_many_vms(guests: Path) -> None:
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    for _ in range(3):  # warm up caches, imports and allocator arenas
+        run(guests / "hello.elf")
+    before = rss_kib()
+    for _ in range(20):
+        assert run(guests / "hello.elf").exit_code == 1
+    grown = rss_kib() - before
+    # each VM has 64 MiB of guest RAM: a leak of even one VM's memory would show as far more
+    assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 20 VMs"
