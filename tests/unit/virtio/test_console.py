@@ -84,6 +84,16 @@ def test_input_before_driver_ok_is_kept(machine: Machine) -> None:
     assert machine.mem.read(buf, 4) == b"boot"
 
 
+def test_no_input_after_the_driver_failed(machine: Machine) -> None:
+    rig, _ = console(machine)
+    rx, tx = rig.driver.init()
+    rx.add([(rx.buffer(8), 8, True)])
+    rig.driver.kick(0)
+    rig.driver.set_status(spec.DeviceStatus.FAILED)
+    rig.device.receive(b"late")
+    assert rx.take_used() == [] and rig.device.pending_input == 4
+
+
 def test_input_is_bounded(machine: Machine) -> None:
     rig, _ = console(machine, input_limit=10)
     assert rig.device.receive(b"x" * 25) == 10

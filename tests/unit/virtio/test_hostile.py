@@ -160,7 +160,8 @@ def test_bad_queue_size_marks_the_device_broken(machine: Machine, size: int) -> 
     rig.driver.setup_queue(0, size, desc=0x20_0000, avail=0x20_1000, used=0x20_2000)
     assert rig.driver.rd(Reg.QUEUE_READY) == 0  # the queue was never enabled
     assert rig.driver.needs_reset and "power of two" in rig.transport.needs_reset_reason
-    rig.driver.set_status(S.DRIVER_OK)  # a driver that goes on anyway gets nothing served
+    rig.driver.set_status(S.DRIVER_OK)  # a driver that goes on anyway is told, and gets nothing served
+    assert rig.driver.rd(Reg.INTERRUPT_STATUS) == spec.InterruptReason.CONFIG_CHANGE
     (q,) = rig.driver.init()  # after reset, a correct setup works
     rng_works(rig)
 
@@ -284,6 +285,14 @@ def test_readable_after_writable_fails_the_request(rigs: tuple[Rig, FakeQueue, R
     q.add([(q.buffer(512), 512, True), (hdr, 16, False), (q.buffer(1), 1, True)])
     disk.driver.kick(0)
     assert q.take_used()[0][1] == 0 and disk.device.failed_requests == 1
+    assert blk_read(disk, q) == blk.S_OK
+
+
+def test_request_without_a_status_byte(rigs: tuple[Rig, FakeQueue, Rig]) -> None:
+    disk, q, rng = rigs
+    head = q.add([(q.buffer(struct.pack("<IIQ", blk.T_IN, 0, 0)), 16, False)])
+    disk.driver.kick(0)
+    assert q.take_used() == [(head, 0)] and "status byte" in (disk.device.last_failure or "")
     assert blk_read(disk, q) == blk.S_OK
 
 

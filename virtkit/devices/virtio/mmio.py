@@ -361,8 +361,13 @@ class VirtioMmioTransport:
         self.status |= new
         if new & S.FEATURES_OK:
             self.device.acked_features = self.driver_features
-        if new & S.DRIVER_OK:
+        if new & S.FAILED:
+            self.device.active = False  # the driver gave up (§2.1): serve nothing until it resets
+        elif new & S.DRIVER_OK:
             self.device.activate()
+            if self.status & S.DEVICE_NEEDS_RESET:
+                # broken during setup, before there was a driver to tell: tell it now (§2.1.2)
+                self._raise_interrupt(spec.InterruptReason.CONFIG_CHANGE)
 
     def _reset(self) -> None:
         """Writing 0 to Status (§4.2.2, §2.4): everything back to power-on, queues disabled, no

@@ -92,6 +92,9 @@ class BlockDevice(VirtioDevice):
         if chain.fault is not None:
             self.request_failed(chain.fault)
             return self._complete(chain, S_IOERR)
+        if not chain.writable:
+            self.request_failed("request without a device-writable status byte")
+            return 0
         try:
             rtype, _, sector = HEADER.unpack(chain.read(HEADER.size))
         except ChainError as e:
