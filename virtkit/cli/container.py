@@ -133,7 +133,46 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p.add_argument("--interval", type=float, default=5.0, help="seconds between stats events (default 5)")
 
 
+_GLOBAL_WITH_VALUE = ("--root", "--log", "--log-format")
+_SEALED_VERBS = ("create", "run", "exec")
+
+
+def _needs_seal(argv: list[str]) -> bool:
+    """Whether this command line will start processes in a container (so must run sealed)."""
+    words = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in _GLOBAL_WITH_VALUE:
+            skip = True
+            continue
+        if a == "--":
+            break
+        if not a.startswith("-"):
+            words.append(a)
+    if not words:
+        return False
+    if words[0] == "oci":
+        return len(words) > 1 and words[1] in _SEALED_VERBS
+    if words[0] == "run":
+        return "container" in argv and "--mode" in " ".join(argv)
+    return words[0] in ("create", "exec")
+
+
+def _is_the_program() -> bool:
+    """True when this process is the virtkit command itself (not a test or a library caller)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0.endswith(("/virtkit", "virtkit/__main__.py")) or argv0 == "virtkit"
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    program = _is_the_program()
+    # Re-executing from the sealed interpreter copy costs an interpreter start; doing it before the
+    # parser and the runtime are built (rather than in the handler) saves their cost once.
+    if program and _needs_seal(sys.argv[1:]):
+        _seal()
     _add_lifecycle(sub, with_run=False)
 
     p = sub.add_parser("logs", help="print the captured output of a container")
@@ -157,7 +196,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.")
     _global_flags(oci)
     oci_sub = oci.add_subparsers(dest="oci_command", metavar="VERB")
-    _add_lifecycle(oci_sub, with_run=True)
+    # the verbs under 'oci' are only built when the command line uses them (each parser costs start-up)
+    if not program or "oci" in sys.argv[1:]:
+        _add_lifecycle(oci_sub, with_run=True)
     oci.set_defaults(handler=lambda args: (oci.print_help(), 2)[1])
 
 

@@ -154,6 +154,18 @@ class Cgroup:
         return self.dirs.get(ctrl)
 
     # --- lifecycle ---------------------------------------------------------------------------
+    def plan(self) -> list[str]:
+        """The directories :meth:`create` will make (parents included), for the intent log."""
+        out: list[str] = []
+        for d in self.directories():
+            missing = []
+            cur = d
+            while not os.path.isdir(cur) and cur not in out:
+                missing.append(cur)
+                cur = os.path.dirname(cur)
+            out.extend(reversed(missing))
+        return out
+
     def create(self) -> list[str]:
         """Make the directories; return every directory made (parents included), outermost first."""
         made: list[str] = []

@@ -20,6 +20,7 @@ after ``pivot_root``/``setns``, and a child never returns into the caller's stac
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import resource
@@ -264,8 +265,15 @@ def configure_interface(name: str, address: str, prefix: int, gateway: str | Non
 # create: monitor -> setup -> init
 
 
+def _after_fork() -> None:
+    """A forked child runs a few milliseconds of Python: no garbage collection, whose passes would
+    write to (and so copy) most of the parent's pages."""
+    gc.disable()
+
+
 def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> None:
     """Runs in R's child; never returns."""
+    _after_fork()
     try:
         os.setsid()
         libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
@@ -408,6 +416,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
 
 
 def exec_main(spec: ExecSpec, chan: Channel) -> None:
+    _after_fork()
     try:
         # non-dumpable first: /proc/PID/exe of this (host) interpreter must not be reachable
         libc.prctl(libc.PR_SET_DUMPABLE, 0)

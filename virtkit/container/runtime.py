@@ -139,20 +139,20 @@ class Runtime:
                      creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
                      cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
                      mounts=[rootfs] if overlay else [], netdevs=[], capture=capture, extra={})
-        cdir = self.dirs.create(rec)
-        made: list[str] = []
+        # intent log: every cgroup directory this create may make is on record before it exists
+        planned = cgroup.plan() if cgroup else []
+        rec.extra = {"cgroup_made": planned}
+        cdir = self.dirs.create(rec, {CONFIG_COPY: json.dumps(raw_config).encode()})
+        made: list[str] = list(planned)
         mon = 0
         try:
-            atomic_write(os.path.join(cdir, CONFIG_COPY), json.dumps(raw_config).encode())
             if overlay:
                 from virtkit.container.image import mount_overlay
 
                 mount_overlay(overlay["lower"], overlay["upper"], overlay["work"], rootfs)
             os.mkfifo(os.path.join(cdir, FIFO), 0o600)
             if cgroup is not None:
-                made = cgroup.create()
-                rec.extra = dict(rec.extra or {}, cgroup_made=made)
-                self.dirs.save(rec)
+                cgroup.create()
                 cgroup.apply(linux.resources)
             new_ns, join_ns, new_user = 0, [], False
             for kind in _JOIN_ORDER:
@@ -223,7 +223,8 @@ class Runtime:
             elif "pid" in msg:
                 rec.pid = int(msg["pid"])
                 rec.pid_start = proc_start_time(rec.pid)
-                self.dirs.save(rec)
+                if not rec.cgroup_path:  # without a cgroup, the pid is the only handle for cleanup
+                    self.dirs.save(rec)
                 if net_spec is not None:
                     from virtkit.container import network
 
@@ -464,15 +465,17 @@ class Runtime:
                 if err.errno not in (22, 2):  # EINVAL: not mounted (any more); ENOENT
                     problems.append(f"unmount {target}: {err.strerror}")
         if cgroup is not None:
-            targets = made or cgroup.directories()
-            left = cgroup.remove(targets)
+            # the container's own directories must go (a busy one is an error); the parents it made
+            # (/virtkit) go when empty, which they are not while another container lives there
+            leaves = cgroup.directories()
+            left = cgroup.remove(leaves)
             problems.extend(f"cgroup {d} is still busy" for d in left)
-            # the shared parent (/virtkit) goes too when this was its last container
-            for d in cgroup.directories():
-                parent = os.path.dirname(d)
-                if rec.cgroup_path == f"/virtkit/{rec.id}":
-                    with contextlib.suppress(OSError):
-                        os.rmdir(parent)
+            parents = {d for d in made if d not in leaves}
+            if rec.cgroup_path == f"/virtkit/{rec.id}":
+                parents |= {os.path.dirname(d) for d in leaves}
+            for d in sorted(parents, key=lambda p: p.count("/"), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         if problems:
             raise ContainerError(f"container {rec.id} was stopped but not fully cleaned up: {'; '.join(problems)}")
 

@@ -257,8 +257,27 @@ def _emit_cond(asm: Assembler, c: _Cond, fail: str) -> None:
     asm.place(ok)
 
 
+_CACHE: dict[str, bytes] = {}
+
+
 def compile_profile(profile: dict[str, Any]) -> bytes:
-    """Compile an OCI seccomp object (already validated) into a BPF program for x86-64."""
+    """Compile an OCI seccomp object (already validated) into a BPF program for x86-64.
+
+    Programs are cached by the profile's canonical JSON: a long-lived runtime compiles the default
+    profile once."""
+    import json
+
+    key = json.dumps(profile, sort_keys=True)
+    program = _CACHE.get(key)
+    if program is None:
+        program = _compile(profile)
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = program
+    return program
+
+
+def _compile(profile: dict[str, Any]) -> bytes:
     default_errno = profile.get("defaultErrnoRet")
     default = action_value(profile["defaultAction"], default_errno)
     foreign = default if default not in (SECCOMP_RET_ALLOW, SECCOMP_RET_LOG) else (
