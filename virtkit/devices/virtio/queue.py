@@ -73,7 +73,8 @@ class ChainError(VirtQueueError):
 # followed by a load of another location *can* be reordered: publishing avail_event and then
 # re-reading avail.idx (§2.7.10), or used.idx and then used_event (§2.7.7), needs a full barrier.
 # CPython has no fence primitive; acquiring a lock is a LOCK-prefixed read-modify-write, which
-# orders all earlier stores before all later loads on x86 (Intel SDM vol. 3A §9.2.2).
+# orders all earlier stores before all later loads on x86 (Intel SDM vol. 3A, "Memory Ordering in
+# P6 and More Recent Processor Families").
 _fence_lock = threading.Lock()
 
 
