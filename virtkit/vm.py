@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -24,13 +25,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
 
-    from virtkit.devices.disk import DiskImage
+    from virtkit.devices.disk import RawImage
 
 from virtkit.arch import cpuid, x86
 from virtkit.boot import layout
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.bus import IoBus, MmioBus
 from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
+from virtkit.iothread import IoThread
 from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
@@ -101,13 +103,17 @@ class MachineConfig:
     """What a machine is made of. ``disks``: in full virtualization the first disk is the ATA
     primary master; paravirtualized, it backs the block hypercalls (and virtio-blk)."""
 
-    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip")
+    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip", "eventfds")
 
     def __init__(self, memory: int = layout.DEFAULT_MEMORY, vcpus: int = 1, paravirt: bool = False,
-                 strict: bool = False, disks: tuple[DiskSpec, ...] = (), irqchip: bool = True) -> None:
+                 strict: bool = False, disks: tuple[DiskSpec, ...] = (), irqchip: bool = True,
+                 eventfds: bool = True) -> None:
         self.memory, self.vcpus, self.paravirt, self.strict, self.disks = memory, vcpus, paravirt, strict, disks
         #: use KVM's in-kernel PIC/IOAPIC/LAPIC/PIT when the host has them (False: never)
         self.irqchip = irqchip
+        #: virtio fast paths when the host has them: queue notifications by ioeventfd (no exit to
+        #: the VMM) and interrupts by irqfd (no ioctl); False forces the exit/KVM_IRQ_LINE paths
+        self.eventfds = eventfds
 
 
 _supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
@@ -177,8 +183,17 @@ class Machine:
             self._create_vcpus()
             self.io_bus = IoBus(strict=config.strict)
             self.mmio_bus = MmioBus(strict=config.strict)
-            self.disks: list[DiskImage] = []  # opened in _create_devices
+            self.disks: list[RawImage] = []  # opened in _create_devices
             undo.callback(self._close_disks)
+            #: device teardown, run in reverse at close (transports, irqfd eventfds)
+            self._closers: list[Callable[[], None]] = []
+            undo.callback(self._run_closers)
+            self.iothread = IoThread("vm-io", lambda e: self.request_stop(
+                Stop(StopReason.ERROR, detail=f"I/O thread: {type(e).__name__}: {e}")))
+            undo.callback(self.iothread.stop)
+            #: appended to the guest's command line (virtio_mmio.device=... for each device)
+            self.kernel_cmdline_extra: list[str] = []
+            self.virtio_paths: dict[str, str] = {}
             self._create_devices(serial_out)
             undo.pop_all()
 
@@ -232,24 +247,60 @@ class Machine:
         if not self.config.disks and not self.config.paravirt:
             return
         # imported here: a VM without disks or paravirtual devices never pays for them
-        from virtkit.devices.disk import DiskImage
+        from virtkit.devices.disk import RawImage
         from virtkit.devices.hypercall import HypercallDevice
         from virtkit.devices.legacy import ata
 
         if len(self.config.disks) > 1:
             raise DeviceError("virtkit attaches one disk per VM for now: give --disk once")
         for spec in self.config.disks:
-            self.disks.append(DiskImage(spec.path, read_only=spec.read_only))
+            self.disks.append(RawImage(spec.path, read_only=spec.read_only))
         disk = self.disks[0] if self.disks else None
         if self.config.paravirt:
             self.hypercalls = HypercallDevice(self.memory, serial_out, disk=disk, power_off=self._on_power_off)
             self.io_bus.register(layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls, "hypercall")
             self.devices["hypercall"] = self.hypercalls
+            self._create_virtio_devices(serial_out, disk)
         elif disk is not None:
             self.ata = ata.AtaController(disk, self.irq_setter(ata.IRQ))
             self.io_bus.register(ata.CMD_BASE, 8, self.ata, "ata0 (command block)")
             self.io_bus.register(ata.CTRL_PORT, 1, self.ata, "ata0 (control)", offset=8)
             self.devices["ata0"] = self.ata
+
+    def _create_virtio_devices(self, serial_out: Callable[[bytes], None], disk: RawImage | None) -> None:
+        """virtio-mmio devices at the fixed slots of ``layout`` (docs/VIRTIO.md), announced to the
+        guest on its command line in Linux's ``virtio_mmio.device=`` syntax."""
+        from virtkit.devices import virtio
+
+        vm = self.vm
+        fast = self.config.eventfds and self.irqchip
+        use_ioeventfd = fast and bool(vm.check_extension(Cap.IOEVENTFD))
+        use_irqfd = fast and bool(vm.check_extension(Cap.IRQFD))
+        self.virtio_paths = {"notify": "ioeventfd" if use_ioeventfd else "mmio-exit",
+                             "interrupt": "irqfd" if use_irqfd else ("irq-line" if self.irqchip else "none")}
+        devices: list[tuple[str, virtio.VirtioDevice]] = [("virtio-console", virtio.ConsoleDevice(serial_out))]
+        if disk is not None:
+            devices.append(("virtio-blk", virtio.BlockDevice(disk)))
+        devices.append(("virtio-rng", virtio.RngDevice()))
+        for slot, (name, device) in enumerate(devices):
+            base, gsi = virtio.mmio_slot(slot)
+            irq: virtio.Interrupt
+            if use_irqfd:
+                fd_irq = virtio.IrqFdInterrupt()
+                self._closers.append(fd_irq.close)
+                vm.irqfd(fd_irq.fileno(), gsi)
+                irq = fd_irq
+            else:
+                irq = virtio.IrqLineInterrupt(self.irq_setter(gsi), edge=True)
+            transport = virtio.VirtioMmioTransport(device, self.memory, irq)
+            self._closers.append(transport.close)
+            self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport, name)
+            if use_ioeventfd:
+                for reg in transport.notify_registrations(base):
+                    efd = self.iothread.new_eventfd(functools.partial(transport.notify, reg.queue))
+                    vm.ioeventfd(efd, reg.addr, reg.length, datamatch=reg.datamatch)
+            self.devices[name] = transport
+            self.kernel_cmdline_extra.append(virtio.kernel_cmdline_arg(base, gsi))
 
     def irq_setter(self, line: int) -> Callable[[int], None]:
         """A function that drives interrupt ``line`` (an ISA IRQ / IOAPIC pin) to a level."""
@@ -272,6 +323,7 @@ class Machine:
     # --- boot --------------------------------------------------------------------------------------
     def load(self, kernel: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None,
              protocol: str = "auto") -> x86.EntryState:
+        cmdline = " ".join([cmdline, *self.kernel_cmdline_extra]).strip()
         entry = load_kernel(self.memory, kernel, cmdline=cmdline, modules=modules, protocol=protocol)
         boot = self.vcpus[0].fd
         regs, sregs = boot.get_regs(), boot.get_sregs()
@@ -284,6 +336,7 @@ class Machine:
     def start(self) -> None:
         self.started_ns = time.perf_counter_ns()
         self._running = len(self.vcpus)
+        self.iothread.start()
         for v in self.vcpus:
             v.start()
         self._watchdog = threading.Thread(target=self._watch, name="vm-watchdog", daemon=True)
@@ -397,6 +450,11 @@ class Machine:
             v.fd.close()
         self.vcpus = []
 
+    def _run_closers(self) -> None:
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            close()
+
     def _close_disks(self) -> None:
         for d in self.disks:
             d.close()
@@ -411,6 +469,8 @@ class Machine:
         for t in threads:
             if t is not None:
                 t.join(timeout=5)
+        self.iothread.stop()
+        self._run_closers()
         self._close_vcpus()
         self._close_disks()
         self.memory.close()

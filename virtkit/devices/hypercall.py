@@ -27,8 +27,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
-from virtkit.devices.disk import SECTOR_SIZE, DiskImage
-from virtkit.errors import DeviceError
+from virtkit.devices.disk import SECTOR_SIZE, RawImage
 from virtkit.memory import GuestMemory, GuestMemoryError
 
 ABI_VERSION: Final = 1
@@ -68,7 +67,7 @@ class HcError(enum.IntEnum):
 class HypercallDevice:
     """Sits on the I/O bus at ``layout.HYPERCALL_PORT``."""
 
-    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], *, disk: DiskImage | None = None,
+    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], *, disk: RawImage | None = None,
                  power_off: Callable[[int], None]) -> None:
         self.memory = memory
         self.console = console
@@ -141,18 +140,15 @@ class HypercallDevice:
         sector, gpa, count = a[0], a[1], a[2]
         if count > MAX_BLOCK_SECTORS:
             return HcError.E2BIG, 0
-        if not self.disk.check(sector, count):
+        if not self.disk.contains(sector, count):
             return HcError.EINVAL, 0
         view = self.memory.view(gpa, count * SECTOR_SIZE)  # raises -> EFAULT before any I/O
         if write:
             if self.disk.read_only:
                 return HcError.EROFS, 0
-            try:
-                self.disk.write_from(sector, view)
-            except DeviceError:
-                return HcError.EROFS, 0
+            self.disk.write_from(sector * SECTOR_SIZE, [view])
         else:
-            self.disk.read_into(sector, view)
+            self.disk.read_into(sector * SECTOR_SIZE, [view])
         return 0, count
 
     def _block_read(self, a: tuple[int, ...]) -> tuple[int, int]:

@@ -127,3 +127,26 @@ def test_memory_does_not_grow_over_many_vms(guests: Path) -> None:
     grown = rss_kib() - before
     # each VM has 64 MiB of guest RAM: a leak of even one VM's memory would show as far more
     assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 20 VMs"
+
+
+@pytest.mark.parametrize("eventfds", [True, False])
+def test_para_machine_announces_its_devices_and_cleans_up(guests: Path, tmp_path: Path, eventfds: bool) -> None:
+    from virtkit.vm import DiskSpec, Machine, MachineConfig
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    out = bytearray()
+    m = Machine(MachineConfig(paravirt=True, disks=(DiskSpec(str(img)),), eventfds=eventfds), out.extend)
+    try:
+        m.load(str(guests / "hello.elf"))
+        m.start()
+        stop = m.wait(20)
+        paths = dict(m.virtio_paths)
+        names = [name for _, _, name in m.mmio_bus.devices()]
+    finally:
+        m.close()
+    assert stop.exit_status == 1
+    assert names == ["virtio-console", "virtio-blk", "virtio-rng"]
+    assert b"virtio_mmio.device=4K@0xd0001000:6" in out  # the guest saw its device list
+    assert paths == ({"notify": "ioeventfd", "interrupt": "irqfd"} if eventfds else
+                     {"notify": "mmio-exit", "interrupt": "irq-line"})

@@ -22,7 +22,7 @@ def image(tmp_path: Path) -> Path:
 
 def make(path: Path, read_only: bool = False) -> tuple[A.AtaController, list[int]]:
     irqs: list[int] = []
-    return A.AtaController(D.DiskImage(str(path), read_only=read_only), irqs.append), irqs
+    return A.AtaController(D.RawImage(str(path), read_only=read_only), irqs.append), irqs
 
 
 def issue(c: A.AtaController, cmd: int, lba: int, count: int) -> None:
@@ -109,23 +109,23 @@ def test_data_port_without_a_command_reads_nothing(image: Path) -> None:
 def test_bad_images(tmp_path: Path) -> None:
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
-    with pytest.raises(DeviceError, match="not a positive multiple of 512"):
-        D.DiskImage(str(odd))
+    with pytest.raises(DeviceError, match="not a multiple of 512"):
+        D.RawImage(str(odd))
     with pytest.raises(DeviceError, match="does not exist"):
-        D.DiskImage(str(tmp_path / "missing.img"))
+        D.RawImage(str(tmp_path / "missing.img"))
     ro = tmp_path / "ro.img"
     ro.write_bytes(bytes(512))
     os.chmod(ro, 0o444)
     if os.geteuid() != 0:  # root opens anything for writing
         with pytest.raises(DeviceError, match="permission denied"):
-            D.DiskImage(str(ro))
-    assert D.DiskImage(str(ro), read_only=True).sectors == 1
+            D.RawImage(str(ro))
+    assert D.RawImage(str(ro), read_only=True).sectors == 1
 
 
 def test_read_only_image_write_raises(tmp_path: Path) -> None:
     p = tmp_path / "d.img"
     p.write_bytes(bytes(1024))
-    d = D.DiskImage(str(p), read_only=True)
-    with pytest.raises(DeviceError, match="read-only"):
-        d.write_from(0, b"x" * 512)
+    d = D.RawImage(str(p), read_only=True)
+    with pytest.raises(OSError, match="read-only"):
+        d.write_from(0, [memoryview(b"x" * 512)])
     d.close()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtkit.devices.disk import DiskImage
+from virtkit.devices.disk import RawImage
 from virtkit.devices.hypercall import ABI_VERSION, PORT_SIGNATURE, HcError, Hypercall, HypercallDevice
 from virtkit.memory import GuestMemory
 
@@ -18,7 +18,7 @@ BLOCK = 0x1000
 
 
 class Env:
-    def __init__(self, disk: DiskImage | None = None) -> None:
+    def __init__(self, disk: RawImage | None = None) -> None:
         self.mem = GuestMemory([(0, 2 * MiB)])
         self.out = bytearray()
         self.powered: list[int] = []
@@ -88,7 +88,8 @@ def test_power_off_and_clocks(env: Env) -> None:
 def test_block_io(tmp_path: Path) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(bytes(8 * 512))
-    e = Env(DiskImage(str(img)))
+    disk = RawImage(str(img))
+    e = Env(disk)
     try:
         assert e.call(Hypercall.BLOCK_INFO) == (0, 8)
         e.mem.write(0x10000, b"\x5a" * 1024)
@@ -101,7 +102,8 @@ def test_block_io(tmp_path: Path) -> None:
         assert e.call(Hypercall.BLOCK_FLUSH) == (0, 0)
     finally:
         e.mem.close()
-    ro = Env(DiskImage(str(img), read_only=True))
+        disk.close()
+    ro = Env(RawImage(str(img), read_only=True))
     try:
         assert ro.call(Hypercall.BLOCK_WRITE, 0, 0x10000, 1)[0] == HcError.EROFS
         assert ro.call(Hypercall.BLOCK_INFO)[1] >> 63 == 1

@@ -19,7 +19,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
-from virtkit.devices.disk import SECTOR_SIZE, DiskImage
+from virtkit.devices.disk import SECTOR_SIZE, RawImage
 
 CMD_BASE: Final = 0x1F0
 CTRL_PORT: Final = 0x3F6
@@ -49,7 +49,7 @@ def _ata_string(text: str, words: int) -> list[int]:
 class AtaController:
     """Register as two windows: the command block (8 ports) and the control port (offset 8)."""
 
-    def __init__(self, disk: DiskImage | None, set_irq: Callable[[int], None]) -> None:
+    def __init__(self, disk: RawImage | None, set_irq: Callable[[int], None]) -> None:
         self.disk = disk
         self._set_irq = set_irq
         self._lock = threading.Lock()
@@ -199,7 +199,7 @@ class AtaController:
         else:
             count = self.count or 256
             lba = (self.device & 0x0F) << 24 | self.lba_high << 16 | self.lba_mid << 8 | self.lba_low
-        if not self.disk.check(lba, count):
+        if not self.disk.contains(lba, count):
             self._abort(ER_IDNF | ER_ABRT)
             return
         if write and self.disk.read_only:
@@ -215,7 +215,7 @@ class AtaController:
 
     def _load_next(self) -> None:
         assert self.disk is not None
-        self.disk.read_into(self.lba, memoryview(self.buffer))
+        self.disk.read_into(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
         self.sectors_read += 1
         self.lba += 1
         self.remaining -= 1
@@ -245,7 +245,7 @@ class AtaController:
         self.buffer[self.pos:self.pos + n] = data[:n]
         self.pos += n
         if self.pos == SECTOR_SIZE:
-            self.disk.write_from(self.lba, self.buffer)
+            self.disk.write_from(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
             self.sectors_written += 1
             self.lba += 1
             self.remaining -= 1

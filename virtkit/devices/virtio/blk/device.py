@@ -20,7 +20,7 @@ import struct
 from typing import Final
 
 from virtkit.devices.virtio import spec
-from virtkit.devices.virtio.blk.image import SECTOR_SIZE, RawImage
+from virtkit.devices.disk import SECTOR_SIZE, RawImage
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.queue import ChainError, DescriptorChain, VirtQueue
 from virtkit.errors import DeviceError
@@ -56,16 +56,21 @@ class BlockDevice(VirtioDevice):
 
     device_type = spec.DeviceType.BLOCK
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, serial: str | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
-        """``serial`` is what VIRTIO_BLK_T_GET_ID returns (/sys/block/vda/serial in Linux); ASCII,
-        at most 20 bytes; the image's file name by default."""
-        self.image = RawImage(path, read_only=read_only)
+    def __init__(self, path: str | os.PathLike[str] | RawImage, *, read_only: bool = False,
+                 serial: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        """``path`` is an image file to open, or an already open :class:`RawImage` shared with
+        other front ends (the machine's block hypercalls): the device then does not own it, and
+        ``read_only`` follows the image. ``serial`` is what VIRTIO_BLK_T_GET_ID returns
+        (/sys/block/vda/serial in Linux); ASCII, at most 20 bytes; the image's file name by default."""
+        self._owns_image = not isinstance(path, RawImage)
+        self.image = RawImage(path, read_only=read_only) if not isinstance(path, RawImage) else path
+        read_only = self.image.read_only
         features = F_FLUSH | F_SEG_MAX | F_BLK_SIZE | (F_RO if read_only else 0)
         try:
             super().__init__([queue_size], features)
         except BaseException:
-            self.image.close()
+            if self._owns_image:
+                self.image.close()
             raise
         name = self.image.path.name if serial is None else serial
         self.serial = name.encode("ascii", "replace")[:ID_BYTES]
@@ -74,7 +79,8 @@ class BlockDevice(VirtioDevice):
         self.io_errors = 0
 
     def close(self) -> None:
-        self.image.close()
+        if self._owns_image:
+            self.image.close()
 
     def config_space(self) -> bytes:
         # seg_max: a request's data segments plus header and status must fit in one chain of at most
