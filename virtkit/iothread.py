@@ -22,6 +22,8 @@ class IoThread:
         self._on_error = on_error
         self._name = name
         self._thread: threading.Thread | None = None
+        #: held while a handler runs; pause() takes it so no device touches guest memory meanwhile
+        self._busy = threading.Lock()
         self.events = 0
 
     def new_eventfd(self, handler: Callable[[], None]) -> int:
@@ -47,9 +49,17 @@ class IoThread:
                     except BlockingIOError:
                         continue
                     self.events += 1
-                    key.data()
+                    with self._busy:
+                        key.data()
         except BaseException as e:  # a handler failed: the machine decides what that means
             self._on_error(e)
+
+    def pause(self) -> None:
+        """Return once no handler runs, and keep it so until :meth:`resume` (snapshots)."""
+        self._busy.acquire()
+
+    def resume(self) -> None:
+        self._busy.release()
 
     def stop(self) -> None:
         """Stop the thread (if running) and close every eventfd. Idempotent."""

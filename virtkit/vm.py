@@ -156,6 +156,7 @@ class Machine:
         self.config = config
         self.stopping = False
         self.paused = False
+        self._io_paused = False
         self._pause_cond = threading.Condition()
         self._parked: set[int] = set()
         self.stop_info: Stop | None = None
@@ -388,16 +389,25 @@ class Machine:
             while not self._all_parked():
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self.paused = False
+                    self._pause_cond.notify_all()
                     raise KvmError(f"vCPUs did not pause within {timeout:g} s")
                 self._pause_cond.wait(min(left, 0.05))
                 for v in self.vcpus:  # a kick can land between two KVM_RUNs; repeat it
                     if v.id not in self._parked:
                         v.kick()
+        # no vCPU can notify a queue now; wait for the I/O thread to finish what it is doing
+        if not self._io_paused:
+            self.iothread.pause()
+            self._io_paused = True
 
     def _all_parked(self) -> bool:
         return all(v.id in self._parked or v.thread is None or not v.thread.is_alive() for v in self.vcpus)
 
     def resume(self) -> None:
+        if self._io_paused:
+            self._io_paused = False
+            self.iothread.resume()
         with self._pause_cond:
             self.paused = False
             self._pause_cond.notify_all()
