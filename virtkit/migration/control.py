@@ -49,6 +49,7 @@ class ControlServer:
         self._closing = False
         self._sock = _listen(path)
         self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
         self.handlers: dict[str, Handler] = {
             "status": self._status, "pause": self._pause, "resume": self._resume,
@@ -110,9 +111,11 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            t = threading.Thread(target=self._client, args=(conn,), name="vm-control-client", daemon=True)
             with self._conns_lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._client, args=(conn,), name="vm-control-client", daemon=True).start()
+                self._threads.add(t)
+            t.start()
 
     def _client(self, conn: socket.socket) -> None:
         try:
@@ -128,6 +131,7 @@ class ControlServer:
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
             conn.close()
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
@@ -155,10 +159,16 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        # Shut only the reading side: a client waiting for its next request sees end-of-file,
+        # while a reply still being produced (the 'stop' or 'migrate' that ended this VM) goes out.
         with self._conns_lock:
             for c in list(self._conns):
                 with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
+                    c.shutdown(socket.SHUT_RD)
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
         self._thread.join(timeout=2)
         with contextlib.suppress(OSError):
             os.unlink(self.path)

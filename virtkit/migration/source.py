@@ -152,7 +152,7 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
     try:
         sock = socket.create_connection((host, port), timeout=opts.connect_timeout)
     except OSError as e:
-        raise MigrationError(f"cannot connect to {to}: {e.strerror or e}") from None
+        raise MigrationError(f"cannot connect to {to}: {e.strerror or e}; the VM keeps running here") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(opts.reply_timeout)
     ch = Channel(sock, to)
