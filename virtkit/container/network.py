@@ -6,7 +6,7 @@ namespace. Container side (the init, before its rootfs is built): rename to ``et
 up, default route via the bridge, with plain ioctls (nothing to import after the fork).
 
 Addresses come from 10.88.0.0/16 (the bridge is .0.1); a lease is a file named after the address
-under ``ROOT/.network``, created with O_EXCL, so two runtimes never hand out the same one.
+under ``/run/virtkit-net``, created with O_EXCL, so two runtimes never hand out the same one.
 Traffic stays on this machine: between the host's bridge and containers' namespaces.
 """
 
@@ -25,15 +25,19 @@ SUBNET = ipaddress.ip_network("10.88.0.0/16")
 GATEWAY = "10.88.0.1"
 
 
-def _names(cid: str) -> tuple[str, str]:
-    h = hashlib.sha256(cid.encode()).hexdigest()[:8]
+#: leases are shared by every state root: two runtimes must not hand out the same address
+LEASES = "/run/virtkit-net"
+
+
+def _names(root: str, cid: str) -> tuple[str, str]:
+    h = hashlib.sha256(f"{root}\0{cid}".encode()).hexdigest()[:8]
     return f"vk{h}", f"vkc{h}"  # at most 15 characters (IFNAMSIZ - 1)
 
 
 def plan(root: str, cid: str) -> dict[str, Any]:
     """Choose interface names and lease an address (before anything is made)."""
-    host_if, peer_if = _names(cid)
-    lease_dir = os.path.join(root, ".network")
+    host_if, peer_if = _names(root, cid)
+    lease_dir = LEASES
     os.makedirs(lease_dir, exist_ok=True)
     start = int.from_bytes(hashlib.sha256(cid.encode()).digest()[:2], "big")
     hosts = SUBNET.num_addresses - 3

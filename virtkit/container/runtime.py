@@ -93,6 +93,17 @@ class Runtime:
         self._exit_pipes: dict[str, int] = {}
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
 
+    def default_cgroup_path(self, cid: str) -> str:
+        """``/virtkit/ID`` for the default root; other roots get a suffix of their own, so that two
+        runtimes (two test runs, say) with the same container id never share a cgroup."""
+        from virtkit.container.state import DEFAULT_ROOT
+
+        if self.dirs.root == DEFAULT_ROOT:
+            return f"/virtkit/{cid}"
+        import hashlib
+
+        return f"/virtkit/{cid}-{hashlib.sha256(self.dirs.root.encode()).hexdigest()[:8]}"
+
     @property
     def layout(self) -> Layout:
         if self._layout is None:
@@ -130,7 +141,7 @@ class Runtime:
         if net == "bridge" and (linux.namespace("network") is None or linux.namespace("network").path):  # type: ignore[union-attr]
             raise ConfigError("--net bridge needs a new network namespace in config.json")
         rootless = os.geteuid() != 0
-        cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or f"/virtkit/{cid}")
+        cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
         if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
             raise ContainerError("resource limits need cgroups, which an unprivileged runtime cannot write: "
                                  "run as root or drop linux.resources")
@@ -139,8 +150,14 @@ class Runtime:
                      creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
                      cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
                      mounts=[rootfs] if overlay else [], netdevs=[], capture=capture, extra={})
+        if self.dirs.exists(cid):  # checked again, atomically, when the state directory is made
+            raise ContainerError(f"container id {cid!r} is already in use: pick another id or "
+                                 f"'virtkit delete {cid}' first")
         # intent log: every cgroup directory this create may make is on record before it exists
         planned = cgroup.plan() if cgroup else []
+        if cgroup is not None and any(d not in planned for d in cgroup.directories()):
+            raise ContainerError(f"cgroup {cgroup.path} already exists: another container (or a crashed one) "
+                                 "uses it; delete that container or set linux.cgroupsPath")
         rec.extra = {"cgroup_made": planned}
         cdir = self.dirs.create(rec, {CONFIG_COPY: json.dumps(raw_config).encode()})
         made: list[str] = list(planned)
@@ -471,7 +488,7 @@ class Runtime:
             left = cgroup.remove(leaves)
             problems.extend(f"cgroup {d} is still busy" for d in left)
             parents = {d for d in made if d not in leaves}
-            if rec.cgroup_path == f"/virtkit/{rec.id}":
+            if rec.cgroup_path == self.default_cgroup_path(rec.id):
                 parents |= {os.path.dirname(d) for d in leaves}
             for d in sorted(parents, key=lambda p: p.count("/"), reverse=True):
                 with contextlib.suppress(OSError):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from glob import glob
 from pathlib import Path
@@ -20,9 +22,15 @@ import pytest
 ROOT_REASON = "needs root: namespaces, cgroups and mounts"
 
 
+# Other work runs on the same machine at the same time (other test suites make network namespaces,
+# jails, devices): the checks look only at what can be ours.
+_BASE = tempfile.gettempdir()
+
+
 def _mounts() -> set[str]:
     with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+        points = {line.split()[4] for line in f}
+    return {p for p in points if "virtkit" in p or p.startswith(os.path.join(_BASE, "pytest-of-"))}
 
 
 def _cgroups() -> set[str]:
@@ -31,11 +39,11 @@ def _cgroups() -> set[str]:
 
 
 def _netdevs() -> set[str]:
-    return set(os.listdir("/sys/class/net"))
+    return {n for n in os.listdir("/sys/class/net") if n == "virtkit0" or re.fullmatch(r"vk[0-9a-f]{8}", n)}
 
 
 def _contained_processes() -> set[int]:
-    """Processes whose root is not the host's (container processes) or that are our children."""
+    """Our children, and processes whose root is one of our test rootfs (container processes)."""
     me = os.getpid()
     out = set()
     for name in os.listdir("/proc"):
@@ -48,7 +56,12 @@ def _contained_processes() -> set[int]:
             fields = stat[stat.rindex(b")") + 2:].split()
             if fields[0] == b"Z":
                 continue
-            if int(fields[1]) == me or os.readlink(f"/proc/{pid}/root") != "/":
+            if int(fields[1]) == me:
+                out.add(pid)
+                continue
+            root = os.readlink(f"/proc/{pid}/root")
+            # a pivoted container shows its rootfs path as the host sees it (or "/" when detached)
+            if root.startswith(os.path.join(_BASE, "pytest-of-")) or "virtkit" in root:
                 out.add(pid)
         except (OSError, ValueError):
             continue
