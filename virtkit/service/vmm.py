@@ -101,7 +101,7 @@ class Vmm:
                                  | os.O_CLOEXEC, 0o640)
         self.machine = Machine(config, self.serial.write)
         self.machine.load(str(d["kernel"]), cmdline=str(d.get("cmdline", "")))
-        path = os.path.join(vmdir, CONTROL_SOCKET)
+        path = str(d.get("control_socket") or os.path.join(vmdir, CONTROL_SOCKET))  # sun_path: 108 bytes
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -1,0 +1,280 @@
+"""The REST API on a Unix socket: routing, body limits, validation, errors as one-line JSON.
+
+Every request is answered with JSON (``/metrics``: Prometheus text). Input the service refuses
+gets a 4xx and ``{"error": "<one line>"}``; a 5xx means a bug in virtkitd (the fuzz test in
+``tests/integration/service`` drives every operation of the OpenAPI document and asserts none).
+One connection carries one request (HTTP/1.0 semantics), which keeps a slow or hostile client
+from holding a server thread beyond its own request; reads time out after 10 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socketserver
+import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from virtkit.errors import VirtkitError
+from virtkit.service import openapi
+from virtkit.service.daemon import Conflict, NotFound, Service
+from virtkit.service.resources import InsufficientResources
+
+_NAME = re.compile(openapi.NAME_PATTERN)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= 400 else line[:397] + "..."
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.0"
+    server_version = "virtkitd/1"
+    timeout = 10
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # events go to the database; access logs are not kept
+
+    def address_string(self) -> str:
+        return "unix"
+
+    # --- responses -------------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value: Any) -> None:
+        self._send(status, (json.dumps(value) + "\n").encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": _one_line(message)})
+
+    # --- request parsing -------------------------------------------------------------------------
+    def _body(self) -> Any:
+        ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "chunked bodies are not accepted: send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise ApiError(411, "a body is required: send Content-Length and a JSON object")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {length_text!r} is not a number") from None
+        if length < 0:
+            raise ApiError(400, "Content-Length is negative")
+        if length > openapi.MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"body of {length} bytes is over the limit of {openapi.MAX_BODY}")
+        if ctype not in ("application/json", ""):
+            raise ApiError(415, f"Content-Type {ctype!r}: send application/json")
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise ApiError(400, "the body ended before Content-Length bytes")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not UTF-8") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+
+    @staticmethod
+    def _query_int(query: dict[str, list[str]], key: str, default: int, lo: int, hi: int) -> int:
+        values = query.get(key)
+        if not values:
+            return default
+        try:
+            value = int(values[-1])
+        except ValueError:
+            raise ApiError(400, f"query parameter {key} must be an integer (got {values[-1][:40]!r})") from None
+        if not lo <= value <= hi:
+            raise ApiError(400, f"query parameter {key} must be between {lo} and {hi}")
+        return value
+
+    @staticmethod
+    def _query_bool(query: dict[str, list[str]], key: str) -> bool:
+        values = query.get(key)
+        if not values:
+            return False
+        if values[-1].lower() in ("true", "1", "yes"):
+            return True
+        if values[-1].lower() in ("false", "0", "no"):
+            return False
+        raise ApiError(400, f"query parameter {key} must be true or false")
+
+    # --- dispatch --------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            self._route(method)
+        except ApiError as e:
+            self._error(e.status, str(e))
+        except NotFound as e:
+            self._error(404, str(e))
+        except (Conflict, InsufficientResources) as e:
+            self._error(409, str(e))
+        except VirtkitError as e:
+            self._error(400, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 in one line, the service goes on
+            sys.stderr.write(f"virtkitd: internal error on {method} {self.path[:200]}: {type(e).__name__}: {e}\n")
+            with contextlib.suppress(OSError):
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+
+    def _route(self, method: str) -> None:
+        svc = self.server.service
+        url = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        # split before decoding: %2F in a name must not become a path separator
+        try:
+            parts = [urllib.parse.unquote(p, errors="strict") if "%" in p else p for p in url.path.split("/")[1:]]
+        except UnicodeDecodeError:
+            raise ApiError(400, "the path is not UTF-8 once percent-decoded") from None
+        if parts and parts[-1] == "" and len(parts) > 1:
+            parts = parts[:-1]
+
+        def allow(*methods: str) -> None:
+            if method not in methods:
+                raise ApiError(405, f"{method} is not allowed on {url.path[:100]} (allowed: {', '.join(methods)})")
+
+        if parts == ["openapi.json"]:
+            allow("GET")
+            return self._send(200, openapi.document().encode())
+        if parts == ["metrics"]:
+            allow("GET")
+            from virtkit.service.metrics import render
+
+            return self._send(200, render(svc).encode(), "text/plain; version=0.0.4")
+        if parts[:1] != ["v1"]:
+            raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
+        rest = parts[1:]
+        if rest == ["host"]:
+            allow("GET")
+            return self._json(200, svc.host())
+        if rest == ["events"]:
+            allow("GET")
+            since = self._query_int(query, "offset", 0, 0, 2**62)
+            return self._json(200, svc.store.events(since=since))
+        if rest == ["vms"]:
+            allow("GET", "POST")
+            if method == "GET":
+                return self._json(200, svc.list())
+            body = self._body()
+            try:
+                openapi.validate(openapi.VM_CREATE, body)
+            except openapi.SchemaError as e:
+                raise ApiError(400, str(e)) from None
+            rec = svc.create(openapi.with_defaults(openapi.VM_CREATE, body))
+            return self._json(201, svc.public(rec))
+        if len(rest) < 2 or rest[0] != "vms" or len(rest) > 3:
+            raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
+        name = rest[1]
+        if not _NAME.match(name):
+            raise ApiError(400, f"VM name {name[:64]!r} must match {openapi.NAME_PATTERN}")
+        action = rest[2] if len(rest) == 3 else None
+        if action is None:
+            allow("GET", "DELETE")
+            if method == "GET":
+                return self._json(200, svc.public(svc.get(name)))
+            svc.delete(name, force=self._query_bool(query, "force"))
+            return self._send(204, b"")
+        if action in ("start", "stop", "kill"):
+            allow("POST")
+            rec = getattr(svc, action)(name)
+            return self._json(200, svc.public(rec))
+        if action == "stats":
+            allow("GET")
+            return self._json(200, svc.stats(name))
+        if action == "logs":
+            allow("GET")
+            offset = self._query_int(query, "offset", 0, 0, 2**62)
+            limit = self._query_int(query, "limit", 1 << 20, 1, 1 << 20)
+            return self._json(200, svc.logs(name, offset, limit))
+        if action == "events":
+            allow("GET")
+            svc.get(name)
+            since = self._query_int(query, "offset", 0, 0, 2**62)
+            return self._json(200, svc.store.events(vm=name, since=since))
+        if action == "console":
+            allow("POST")
+            body = self._body()
+            try:
+                openapi.validate(openapi.CONSOLE_INPUT, body)
+            except openapi.SchemaError as e:
+                raise ApiError(400, str(e)) from None
+            svc.console_write(name, body["data"])
+            return self._send(204, b"")
+        raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, path: str, service: Service) -> None:
+        self.service = service
+        super().__init__(path, Handler)
+
+
+def serve(service: Service, path: str) -> int:
+    """Run until SIGTERM/SIGINT; the VMMs keep running."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    service.start_service()
+    server = Server(path, service)
+    os.chmod(path, 0o600)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"virtkitd: serving on {path}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        service.close()
+    return 0

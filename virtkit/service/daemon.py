@@ -1,0 +1,638 @@
+"""virtkitd: VMs as a service. The state machine, the VMM processes, restart policy, re-attach.
+
+States of a VM: ``created`` (defined) -> ``starting`` -> ``running`` -> ``stopped`` (ended by
+the guest or by a user) or ``failed`` (the VMM died, the guest crashed); ``on-failure`` VMs go
+through ``restarting`` (waiting out a back-off) back to ``starting``.
+
+Each VM runs in a VMM process of its own (:mod:`virtkit.service.vmm`), confined before its guest
+runs, in a session of its own: it outlives the service. The service is a child subreaper, so the
+VMMs it starts become its children (their launcher exits at once) and it learns their exit
+status; VMMs it re-attached to after a restart are watched through pidfds and their exit report.
+
+Re-attach (``Service.reattach``, at start-up): every VM recorded as ``starting`` or ``running``
+is looked for through its control socket. A VMM that answers with the instance id recorded for
+the VM is that VM's VMM (its pid comes from SO_PEERCRED, not from the database, so a recycled
+pid can never be mistaken for it); otherwise the VM ended while the service was down, and its
+exit report, if any, says how. A VM is started only from ``created``, ``stopped`` or ``failed``,
+under its lock, so no VM ever has two VMMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from virtkit.container import libc
+from virtkit.errors import ConfigError, VirtkitError
+from virtkit.service.cgroups import VmCgroup, validate_cpus
+from virtkit.service.resources import VMM_OVERHEAD, Account, InsufficientResources
+from virtkit.service.store import Store
+from virtkit.service.vmm import DEFINITION, EXIT_REPORT, SERIAL_LOG
+
+MIB = 1 << 20
+DEFAULT_STATE_DIR = "/var/lib/virtkitd"
+DEFAULT_RUN_DIR = "/run/virtkitd"
+API_SOCKET = "api.sock"
+#: uids of confined VMMs: UID_BASE + the VM's database id (never reused)
+UID_BASE = 400_000
+STOP_GRACE = 10.0
+START_TIMEOUT = 30.0
+#: restart back-off: BASE x 2^n seconds, at most MAX; n resets once a VM ran STABLE seconds
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 30.0
+BACKOFF_STABLE = 30.0
+MAX_RESTARTS = 10
+ACTIVE = ("starting", "running")
+
+
+class NotFound(VirtkitError):
+    pass
+
+
+class Conflict(VirtkitError):
+    pass
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+def describe_exit(report: dict[str, Any] | None, wait_status: int | None) -> dict[str, Any]:
+    """How a VMM ended, from its exit report and (when it was our child) its wait status."""
+    if report:
+        return {"reason": report.get("reason", "unknown"), "exit_status": report.get("exit_status"),
+                "crash": bool(report.get("crash")), "detail": str(report.get("detail", ""))[:2000]}
+    if wait_status is not None and os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        detail = f"the VMM was killed by {_signal_name(sig)}"
+        if sig == signal.SIGSYS:
+            detail += " (seccomp: it made a system call outside its allow-list)"
+        return {"reason": "vmm-killed", "exit_status": 128 + sig, "crash": True, "detail": detail}
+    if wait_status is not None:
+        return {"reason": "vmm-error", "exit_status": os.WEXITSTATUS(wait_status), "crash": True,
+                "detail": f"the VMM exited with status {os.WEXITSTATUS(wait_status)} without an exit report"}
+    return {"reason": "vmm-gone", "exit_status": None, "crash": True,
+            "detail": "the VMM ended without an exit report (killed while the service was not watching)"}
+
+
+def is_failure(exit_info: dict[str, Any]) -> bool:
+    return bool(exit_info.get("crash"))
+
+
+def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> tuple[dict[str, Any], int]:
+    """One request to a VMM's control socket: (reply, the VMM's pid from SO_PEERCRED)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("the VMM closed the control connection")
+            buf += chunk
+        return json.loads(buf), pid
+    finally:
+        s.close()
+
+
+class VmRuntime:
+    """What the service holds for a VM whose VMM it watches."""
+
+    def __init__(self, name: str, pid: int, pidfd: int, instance: str, child: bool) -> None:
+        self.name, self.pid, self.pidfd, self.instance, self.child = name, pid, pidfd, instance, child
+        self.user_stop = False  # a stop/kill was asked: not a failure, no restart
+        self.started = time.time()
+
+
+class Service:
+    def __init__(self, state_dir: str = DEFAULT_STATE_DIR, run_dir: str = DEFAULT_RUN_DIR, *,
+                 overcommit: float = 4.0, reserve: int | None = None, cgroup_parent: str = "virtkitd",
+                 backoff_base: float = BACKOFF_BASE, use_cgroups: bool = True, python: str | None = None) -> None:
+        self.state_dir, self.run_dir = os.path.abspath(state_dir), os.path.abspath(run_dir)
+        os.makedirs(os.path.join(self.state_dir, "vms"), mode=0o700, exist_ok=True)
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        self.store = Store(os.path.join(self.state_dir, "virtkitd.db"))
+        self.account = Account(overcommit, reserve)
+        self.cgroup_parent = cgroup_parent
+        self.use_cgroups = use_cgroups
+        self.backoff_base = backoff_base
+        self.python = python or sys.executable
+        self.runtimes: dict[str, VmRuntime] = {}
+        self.timers: dict[str, threading.Timer] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closing = False
+        self._monitor = threading.Thread(target=self._watch, name="vmm-monitor", daemon=True)
+        self.started = time.time()
+
+    # --- plumbing --------------------------------------------------------------------------------
+    def lock(self, name: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def vm_dir(self, name: str) -> str:
+        return os.path.join(self.state_dir, "vms", name)
+
+    def control_path(self, rec: dict[str, Any]) -> str:
+        return os.path.join(self.run_dir, f"vm{rec['id']}.sock")
+
+    def cgroup(self, name: str) -> VmCgroup:
+        return VmCgroup(name, self.cgroup_parent)
+
+    def start_service(self) -> None:
+        with contextlib.suppress(OSError):
+            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        self.reattach()
+        self._monitor.start()
+
+    def close(self) -> None:
+        """Stop watching; the VMMs keep running (a new service re-attaches to them)."""
+        self._closing = True
+        for t in list(self.timers.values()):
+            t.cancel()
+        os.write(self._wake_w, b"x")
+        if self._monitor.is_alive():
+            self._monitor.join(timeout=5)
+        for rt in list(self.runtimes.values()):
+            with contextlib.suppress(OSError):
+                os.close(rt.pidfd)
+        self.runtimes.clear()
+        self.store.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # --- definitions -----------------------------------------------------------------------------
+    def get(self, name: str) -> dict[str, Any]:
+        rec = self.store.get(name)
+        if rec is None:
+            raise NotFound(f"no VM named {name!r}")
+        return rec
+
+    def create(self, definition: dict[str, Any]) -> dict[str, Any]:
+        """``definition`` is validated against the OpenAPI schema, defaults filled in."""
+        import sqlite3
+
+        name = definition["name"]
+        kernel = definition["kernel"]
+        if not os.path.isabs(kernel):
+            raise ConfigError(f"kernel {kernel!r} must be an absolute path on the host")
+        if not os.path.isfile(kernel):
+            raise ConfigError(f"kernel {kernel} does not exist or is not a file")
+        memory = definition["memory_mib"] * MIB
+        if memory + VMM_OVERHEAD > self.account.memory_capacity:
+            raise InsufficientResources(f"{name}: asked {definition['memory_mib']} MiB, more than this host can "
+                                        f"give any VM ({self.account.memory_capacity // MIB} MiB)")
+        if definition["vcpus"] > self.account.vcpu_capacity:
+            raise InsufficientResources(f"{name}: asked {definition['vcpus']} vCPUs, more than this host runs "
+                                        f"({self.account.vcpu_capacity} with overcommit)")
+        if definition.get("cpus"):
+            validate_cpus(definition["cpus"], set(os.sched_getaffinity(0)))
+        start = definition.pop("start", False)
+        with self.lock(name):
+            try:
+                rec = self.store.insert(name, definition)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"a VM named {name!r} exists already") from None
+            try:
+                d = self.vm_dir(name)
+                shutil.rmtree(d, ignore_errors=True)  # a leftover of a VM deleted while the service was down
+                os.makedirs(d, mode=0o700)
+            except OSError as e:
+                self.store.delete(name)
+                raise ConfigError(f"cannot create the VM's directory: {e.strerror}") from None
+            self.store.event(name, "created", json.dumps(definition))
+        if start:
+            try:
+                return self.start(name)
+            except VirtkitError:
+                # created, but not started: say so without leaving a half-made VM behind
+                with contextlib.suppress(VirtkitError):
+                    self.delete(name)
+                raise
+        return rec
+
+    def delete(self, name: str, force: bool = False) -> None:
+        with self.lock(name):
+            rec = self.get(name)
+            if rec["state"] in ACTIVE or name in self.runtimes:
+                if not force:
+                    raise Conflict(f"{name} is {rec['state']}: stop it first, or delete with force=true")
+                self._kill_locked(name)
+            timer = self.timers.pop(name, None)
+            if timer:
+                timer.cancel()
+            self.store.delete(name)
+            self.store.event(name, "deleted", "")
+            shutil.rmtree(self.vm_dir(name), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_path(rec))
+            if self.use_cgroups:
+                self.cgroup(name).remove()
+        with self._locks_lock:
+            self._locks.pop(name, None)
+
+    # --- start / stop ----------------------------------------------------------------------------
+    def start(self, name: str) -> dict[str, Any]:
+        with self.lock(name):
+            rec = self.get(name)
+            if rec["state"] in ACTIVE:
+                raise Conflict(f"{name} is {rec['state']} already")
+            timer = self.timers.pop(name, None)
+            if timer:
+                timer.cancel()
+            self._start_locked(rec)
+            return self.get(name)
+
+    def _start_locked(self, rec: dict[str, Any]) -> None:
+        name, d = rec["name"], rec["definition"]
+        self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
+        cg = self.cgroup(name) if self.use_cgroups else None
+        try:
+            if cg is not None:
+                cg.remove()  # a leftover of a VMM that died while the service was down
+                cg.create()
+                cg.apply(weight=d["cpu_weight"], quota_pct=d["cpu_quota_pct"], cpus=d["cpus"],
+                         memory_max=d["memory_mib"] * MIB + VMM_OVERHEAD)
+            instance = uuid.uuid4().hex
+            vmdir = self.vm_dir(name)
+            runtime_def = {
+                "name": name, "instance": instance, "kernel": d["kernel"], "memory": d["memory_mib"] * MIB,
+                "vcpus": d["vcpus"], "cmdline": d["cmdline"], "mode": d["mode"],
+                "control_socket": self.control_path(rec),
+                "cgroups": [os.path.dirname(p) for p in cg.procs_files()] if cg else [],
+                "jail": {"uid": UID_BASE + rec["id"], "gid": UID_BASE + rec["id"]},
+            }
+            with open(os.path.join(vmdir, DEFINITION), "w") as f:
+                json.dump(runtime_def, f)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(vmdir, EXIT_REPORT))
+            self.store.update(name, state="starting", instance=instance, pid=None)
+            pid = self._spawn(name, vmdir)
+            pidfd = os.pidfd_open(pid)
+            rt = VmRuntime(name, pid, pidfd, instance, child=True)
+            self.runtimes[name] = rt
+            self.store.update(name, state="running", pid=pid, started=time.time())
+            self.store.event(name, "started", f"VMM pid {pid}")
+            os.write(self._wake_w, b"x")
+        except BaseException as e:
+            self.account.release(name)
+            if name not in self.runtimes:
+                if cg is not None:
+                    cg.kill()
+                    cg.remove()
+                self.store.update(name, state="failed", pid=None)
+                self.store.event(name, "start-failed", str(e))
+            raise
+
+    def _spawn(self, name: str, vmdir: str) -> int:
+        log = open(os.path.join(vmdir, "vmm.log"), "ab")  # noqa: SIM115 - handed to the child
+        try:
+            launcher = subprocess.Popen(
+                [self.python, "-m", "virtkit.service.vmm", "--dir", vmdir],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                close_fds=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        finally:
+            log.close()
+        assert launcher.stdout is not None
+        try:
+            ready, _, _ = select.select([launcher.stdout], [], [], START_TIMEOUT)
+            line = launcher.stdout.readline() if ready else b""
+            status = launcher.wait(timeout=START_TIMEOUT)
+        finally:
+            launcher.stdout.close()
+        try:
+            pid = int(json.loads(line)["pid"])
+        except (ValueError, KeyError, TypeError):
+            tail = self._log_tail(vmdir)
+            raise VirtkitError(f"the VMM of {name} did not start (status {status}): {tail}") from None
+        if status != 0:
+            raise VirtkitError(f"the VMM launcher of {name} failed with status {status}: {self._log_tail(vmdir)}")
+        return pid
+
+    @staticmethod
+    def _log_tail(vmdir: str) -> str:
+        try:
+            with open(os.path.join(vmdir, "vmm.log"), "rb") as f:
+                lines = f.read()[-2000:].decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "no output"
+        except OSError:
+            return "no output"
+
+    def stop(self, name: str, grace: float = STOP_GRACE) -> dict[str, Any]:
+        with self.lock(name):
+            rec = self.get(name)
+            timer = self.timers.pop(name, None)
+            if timer:  # stopping a VM waiting to be restarted: it stays stopped
+                timer.cancel()
+                self.store.update(name, state="stopped")
+                self.store.event(name, "restart-cancelled", "stopped by the user")
+                return self.get(name)
+            rt = self.runtimes.get(name)
+            if rt is None:
+                raise Conflict(f"{name} is {rec['state']}, not running")
+            rt.user_stop = True
+            with contextlib.suppress(OSError, ValueError):
+                control_request(self.control_path(rec), {"op": "stop"})
+        if not self._wait_gone(name, grace):
+            with self.lock(name):
+                self._kill_locked(name)
+        return self.get(name)
+
+    def kill(self, name: str) -> dict[str, Any]:
+        with self.lock(name):
+            rec = self.get(name)
+            timer = self.timers.pop(name, None)
+            if timer:
+                timer.cancel()
+                self.store.update(name, state="stopped")
+                return self.get(name)
+            if name not in self.runtimes:
+                raise Conflict(f"{name} is {rec['state']}, not running")
+            self._kill_locked(name)
+        return self.get(name)
+
+    def _kill_locked(self, name: str) -> None:
+        rt = self.runtimes.get(name)
+        if rt is None:
+            return
+        rt.user_stop = True
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(rt.pidfd, signal.SIGKILL)
+        # wait for the monitor to record the end (it takes no VM lock for that)
+        deadline = time.monotonic() + 10
+        while name in self.runtimes and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _wait_gone(self, name: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while name in self.runtimes:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # --- watching VMMs ---------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._closing:
+            fds = {rt.pidfd: rt for rt in list(self.runtimes.values())}
+            try:
+                ready, _, _ = select.select([self._wake_r, *fds], [], [], 1.0)
+            except (OSError, ValueError):
+                continue  # an fd closed meanwhile: rebuild the set
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            for fd in ready:
+                rt = fds.get(fd)
+                if rt is not None and not self._closing:
+                    self._ended(rt)
+
+    def _ended(self, rt: VmRuntime) -> None:
+        wait_status = None
+        if rt.child:
+            with contextlib.suppress(ChildProcessError):
+                _, wait_status = os.waitpid(rt.pid, 0)
+        report = None
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(self.vm_dir(rt.name), EXIT_REPORT)) as f:
+                text = f.read()
+            report = json.loads(text) if text.strip() else None
+        info = describe_exit(report, wait_status)
+        info["at"] = time.time()
+        self._record_end(rt.name, info, user_stop=rt.user_stop, ran=time.time() - rt.started)
+        with contextlib.suppress(OSError):
+            os.close(rt.pidfd)
+        self.runtimes.pop(rt.name, None)
+
+    def _record_end(self, name: str, info: dict[str, Any], *, user_stop: bool, ran: float) -> None:
+        rec = self.store.get(name)
+        self.account.release(name)
+        if self.use_cgroups:
+            cg = self.cgroup(name)
+            cg.kill()
+            cg.remove()
+        if rec is None:
+            return
+        failed = is_failure(info) and not user_stop
+        kind = "stopped" if user_stop else ("failed" if failed else "exited")
+        self.store.event(name, kind, f"{info['reason']}: {info['detail']}".strip())
+        restarts = rec["restarts"] if ran < BACKOFF_STABLE else 0
+        policy = rec["definition"].get("restart", "never")
+        if failed and policy == "on-failure" and not self._closing:
+            if restarts >= MAX_RESTARTS:
+                self.store.update(name, state="failed", pid=None, last_exit=info, restarts=restarts)
+                self.store.event(name, "restart-abandoned", f"{restarts} restarts in a row failed")
+                return
+            delay = min(self.backoff_base * (2 ** restarts), BACKOFF_MAX)
+            self.store.update(name, state="restarting", pid=None, last_exit=info, restarts=restarts + 1)
+            self.store.event(name, "restart-scheduled", f"in {delay:g} s (restart {restarts + 1})")
+            timer = threading.Timer(delay, self._restart, args=(name,))
+            timer.daemon = True
+            self.timers[name] = timer
+            timer.start()
+            return
+        self.store.update(name, state="failed" if failed else "stopped", pid=None, last_exit=info,
+                          restarts=0 if not failed else restarts)
+
+    def _restart(self, name: str) -> None:
+        with self.lock(name):
+            if self.timers.pop(name, None) is None or self._closing:
+                return  # cancelled meanwhile
+            rec = self.store.get(name)
+            if rec is None or rec["state"] != "restarting":
+                return
+            try:
+                self._start_locked(rec)
+                self.store.update(name, restarts=rec["restarts"])
+                self.store.event(name, "restarted", f"restart {rec['restarts']}")
+            except VirtkitError as e:
+                self.store.event(name, "restart-failed", str(e))
+
+    # --- re-attach -------------------------------------------------------------------------------
+    def reattach(self) -> None:
+        for rec in self.store.all():
+            name = rec["name"]
+            if rec["state"] == "restarting":
+                self.store.update(name, state="failed")
+                rec["state"] = "failed"
+                info = rec["last_exit"] or {"reason": "unknown", "detail": "", "crash": True}
+                self._record_end(name, dict(info), user_stop=False, ran=0.0)
+                continue
+            if rec["state"] not in ACTIVE:
+                continue
+            path = self.control_path(rec)
+            pid = None
+            try:
+                reply, pid = control_request(path, {"op": "status"}, timeout=2.0)
+                ok = reply.get("ok") and reply.get("instance") == rec["instance"]
+            except (OSError, ValueError):
+                ok = False
+            if ok and pid:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    ok = False
+            if ok and pid:
+                d = rec["definition"]
+                with contextlib.suppress(InsufficientResources):
+                    self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
+                rt = VmRuntime(name, pid, pidfd, rec["instance"], child=False)
+                rt.started = rec["started"] or time.time()
+                self.runtimes[name] = rt
+                self.store.update(name, state="running", pid=pid)
+                self.store.event(name, "reattached", f"VMM pid {pid}")
+                continue
+            report = None
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.vm_dir(name), EXIT_REPORT)) as f:
+                    text = f.read()
+                report = json.loads(text) if text.strip() else None
+            info = describe_exit(report, None)
+            info["at"] = time.time()
+            info["detail"] = (info["detail"] + " (while the service was down)").strip()
+            self._record_end(name, info, user_stop=False, ran=0.0)
+
+    # --- queries ---------------------------------------------------------------------------------
+    def public(self, rec: dict[str, Any]) -> dict[str, Any]:
+        return {k: rec[k] for k in ("name", "state", "pid", "definition", "restarts", "last_exit", "created",
+                                    "started")}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.public(r) for r in self.store.all()]
+
+    def stats(self, name: str) -> dict[str, Any]:
+        rec = self.get(name)
+        out: dict[str, Any] = {"name": name, "state": rec["state"], "pid": rec["pid"]}
+        rt = self.runtimes.get(name)
+        if self.use_cgroups and rt is not None:
+            cg = self.cgroup(name)
+            out["cpu_seconds"] = cg.cpu_ns() / 1e9
+            out["throttled_seconds"] = cg.throttled_ns() / 1e9
+            out["memory_cgroup_bytes"] = cg.memory_bytes()
+        if rt is not None:
+            out["rss_bytes"] = _rss(rt.pid)
+            try:
+                reply, _ = control_request(self.control_path(rec), {"op": "stats"}, timeout=2.0)
+                out["vmm"] = reply.get("stats", {})
+            except (OSError, ValueError):
+                out["vmm"] = {}
+        out["memory_bytes"] = rec["definition"]["memory_mib"] * MIB
+        out["vcpus"] = rec["definition"]["vcpus"]
+        return out
+
+    def logs(self, name: str, offset: int, limit: int) -> dict[str, Any]:
+        self.get(name)
+        path = os.path.join(self.vm_dir(name), SERIAL_LOG)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(limit)
+        except FileNotFoundError:
+            data = b""
+        return {"offset": offset, "next": offset + len(data), "data": data.decode("utf-8", errors="replace")}
+
+    def console_write(self, name: str, data: str) -> None:
+        rec = self.get(name)
+        if name not in self.runtimes:
+            raise Conflict(f"{name} is {rec['state']}, not running")
+        import base64
+
+        try:
+            reply, _ = control_request(self.control_path(rec), {
+                "op": "console-write", "data": base64.b64encode(data.encode()).decode()})
+        except (OSError, ValueError) as e:
+            raise Conflict(f"{name}'s VMM did not answer: {e}") from None
+        if not reply.get("ok"):
+            raise Conflict(f"{name}'s VMM refused the input: {reply.get('error')}")
+
+    def host(self) -> dict[str, Any]:
+        from virtkit.container.cgroups import detect
+
+        states: dict[str, int] = {}
+        for r in self.store.all():
+            states[r["state"]] = states.get(r["state"], 0) + 1
+        info = self.account.describe()
+        try:
+            info["cgroups"] = detect().describe()
+        except VirtkitError as e:
+            info["cgroups"] = str(e)
+        info["vms"] = states
+        info["service_uptime_s"] = time.time() - self.started
+        return info
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the daemon
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from virtkit.units import parse_size
+
+    p = argparse.ArgumentParser(prog="virtkitd", description="virtkit's hypervisor service: a REST API on a "
+                                "Unix socket; each VM in its own confined VMM process.")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                   help=f"database and VM files (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"sockets (default {DEFAULT_RUN_DIR})")
+    p.add_argument("--socket", default=None, help="API socket (default RUN_DIR/api.sock)")
+    p.add_argument("--overcommit", type=float, default=4.0, help="vCPUs per host core (default 4)")
+    p.add_argument("--reserve-memory", default=None, help="memory kept for the host (default max(1G, 5%%))")
+    p.add_argument("--cgroup-parent", default="virtkitd", help="parent cgroup of the VMs (default virtkitd)")
+    p.add_argument("--backoff", type=float, default=BACKOFF_BASE, help="first restart delay in seconds")
+    args = p.parse_args(argv)
+    if args.overcommit <= 0:
+        print("virtkitd: error: --overcommit must be positive", file=sys.stderr)
+        return 2
+    try:
+        reserve = parse_size(args.reserve_memory, what="--reserve-memory") if args.reserve_memory else None
+        service = Service(args.state_dir, args.run_dir, overcommit=args.overcommit, reserve=reserve,
+                          cgroup_parent=args.cgroup_parent, backoff_base=args.backoff)
+    except (VirtkitError, OSError) as e:
+        print(f"virtkitd: error: {e}", file=sys.stderr)
+        return 2
+    from virtkit.service.api import serve
+
+    path = args.socket or os.path.join(service.run_dir, API_SOCKET)
+    return serve(service, path)
+
+
+def run() -> None:
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    run()
