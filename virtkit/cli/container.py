@@ -199,7 +199,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # the verbs under 'oci' are only built when the command line uses them (each parser costs start-up)
     if not program or "oci" in sys.argv[1:]:
         _add_lifecycle(oci_sub, with_run=True)
-    oci.set_defaults(handler=lambda args: (oci.print_help(), 2)[1])
+    def oci_help(_args: argparse.Namespace) -> int:
+        oci.print_help()
+        return 2
+
+    oci.set_defaults(handler=oci_help)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,7 +301,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return 0
     from virtkit.units import format_size
 
-    states = rt.list()
+    states = rt.containers()
     rows = []
     out = []
     for st in states:
@@ -321,7 +325,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    states = _runtime(args).list()
+    states = _runtime(args).containers()
     if args.quiet:
         for st in states:
             print(st["id"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from virtkit.container import libc
 
 CAPABILITIES: dict[str, int] = {
@@ -55,8 +57,6 @@ def apply_sets(effective: tuple[str, ...], permitted: tuple[str, ...], inheritab
     inheritable, capabilities(7))."""
     libc.capset(mask(effective), mask(permitted), mask(inheritable))
     for name in ambient:
-        try:
+        # runc ignores ambient capabilities the kernel refuses (not in permitted+inheritable)
+        with contextlib.suppress(OSError):
             libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_RAISE, CAPABILITIES[name])
-        except OSError:
-            # runc ignores ambient capabilities the kernel refuses (not in permitted+inheritable)
-            pass

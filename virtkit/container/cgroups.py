@@ -14,6 +14,7 @@ container's state *before* they are made, so that ``delete`` removes them even a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -177,10 +178,8 @@ class Cgroup:
                     self._makedirs(d, made)
         except OSError as err:
             for d in reversed(made):
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(d)
-                except OSError:
-                    pass
             raise ContainerError(f"cannot create cgroup {err.filename or self.path}: {err.strerror}") from None
         return made
 
@@ -320,7 +319,10 @@ class Cgroup:
         for r in res.devices:
             major = "*" if r.major is None or r.major < 0 else str(r.major)
             minor = "*" if r.minor is None or r.minor < 0 else str(r.minor)
-            rule = "a" if r.type == "a" and r.major is None and r.minor is None else f"{r.type} {major}:{minor} {r.access}"
+            if r.type == "a" and r.major is None and r.minor is None:
+                rule = "a"
+            else:
+                rule = f"{r.type} {major}:{minor} {r.access}"
             rules.append(("devices.allow" if r.allow else "devices.deny", rule))
         if not any(r.allow for r in res.devices):
             rules.extend(("devices.allow", r) for r in DEFAULT_DEVICE_RULES)
@@ -383,14 +385,14 @@ class Cgroup:
         """Resource usage in the shape of ``runc events --stats`` data."""
         if self.layout.mode == "v2":
             d = self.dirs["unified"]
-            cpu = _kv(os.path.join(d, "cpu.stat"))
+            cst = _kv(os.path.join(d, "cpu.stat"))
             mem_events = _kv(os.path.join(d, "memory.events"))
             return {
-                "cpu": {"usage": {"total": cpu.get("usage_usec", 0) * 1000, "user": cpu.get("user_usec", 0) * 1000,
-                                  "kernel": cpu.get("system_usec", 0) * 1000},
-                        "throttling": {"periods": cpu.get("nr_periods", 0),
-                                       "throttledPeriods": cpu.get("nr_throttled", 0),
-                                       "throttledTime": cpu.get("throttled_usec", 0) * 1000}},
+                "cpu": {"usage": {"total": cst.get("usage_usec", 0) * 1000, "user": cst.get("user_usec", 0) * 1000,
+                                  "kernel": cst.get("system_usec", 0) * 1000},
+                        "throttling": {"periods": cst.get("nr_periods", 0),
+                                       "throttledPeriods": cst.get("nr_throttled", 0),
+                                       "throttledTime": cst.get("throttled_usec", 0) * 1000}},
                 "memory": {"usage": {"usage": _read_int(os.path.join(d, "memory.current")) or 0,
                                      "max": _read_int(os.path.join(d, "memory.peak")) or 0,
                                      "limit": _read_int(os.path.join(d, "memory.max")) or -1,
@@ -442,10 +444,8 @@ class Cgroup:
         frozen = self._freeze(True)
         try:
             for pid in self.pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
         finally:
             if frozen:
                 self._freeze(False)

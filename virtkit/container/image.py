@@ -14,6 +14,7 @@ members below a symlink, and hard links to outside; whiteouts (``.wh.NAME``) del
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -175,50 +176,48 @@ def apply_layer(fileobj: IO[bytes], rootfs: str, what: str = "layer", media_type
     """Unpack one layer tar onto ``rootfs``, applying whiteouts."""
     stream = _open_layer(fileobj, media_type, what)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
-        for m in tar:
-            dest = _check_member(m, rootfs, what)
-            base = os.path.basename(dest)
-            parent = os.path.dirname(dest)
-            if base == OPAQUE:
-                if os.path.isdir(parent):
-                    for child in os.listdir(parent):
-                        _remove(os.path.join(parent, child))
-                continue
-            if base.startswith(WHITEOUT_PREFIX):
-                _remove(os.path.join(parent, base[len(WHITEOUT_PREFIX):]))
-                continue
-            if os.path.lexists(dest) and not (m.isdir() and os.path.isdir(dest) and not os.path.islink(dest)):
-                _remove(dest)
-            os.makedirs(parent, exist_ok=True)
-            if m.isdir():
-                os.makedirs(dest, exist_ok=True)
-                os.chmod(dest, m.mode & 0o7777)
-            elif m.isreg():
-                src = tar.extractfile(m)
-                assert src is not None
-                with open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                os.chmod(dest, m.mode & 0o7777)
-            elif m.issym():
-                os.symlink(m.linkname, dest)
-            elif m.islnk():
-                target = os.path.join(rootfs, *[p for p in m.linkname.split("/") if p not in ("", ".")])
-                os.link(target, dest, follow_symlinks=False)
-            elif m.ischr() or m.isblk() or m.isfifo():
-                kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
-                try:
-                    os.mknod(dest, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
-                except PermissionError:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for m in tar:
+                dest = _check_member(m, rootfs, what)
+                base = os.path.basename(dest)
+                parent = os.path.dirname(dest)
+                if base == OPAQUE:
+                    if os.path.isdir(parent):
+                        for child in os.listdir(parent):
+                            _remove(os.path.join(parent, child))
                     continue
-            else:
-                continue
-            try:
-                os.lchown(dest, m.uid, m.gid)
-            except PermissionError:
-                pass
-            if not m.issym():
-                os.utime(dest, (m.mtime, m.mtime))
+                if base.startswith(WHITEOUT_PREFIX):
+                    _remove(os.path.join(parent, base[len(WHITEOUT_PREFIX):]))
+                    continue
+                if os.path.lexists(dest) and not (m.isdir() and os.path.isdir(dest) and not os.path.islink(dest)):
+                    _remove(dest)
+                os.makedirs(parent, exist_ok=True)
+                if m.isdir():
+                    os.makedirs(dest, exist_ok=True)
+                    os.chmod(dest, m.mode & 0o7777)
+                elif m.isreg():
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    with open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    os.chmod(dest, m.mode & 0o7777)
+                elif m.issym():
+                    os.symlink(m.linkname, dest)
+                elif m.islnk():
+                    target = os.path.join(rootfs, *[p for p in m.linkname.split("/") if p not in ("", ".")])
+                    os.link(target, dest, follow_symlinks=False)
+                elif m.ischr() or m.isblk() or m.isfifo():
+                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+                    try:
+                        os.mknod(dest, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
+                    except PermissionError:
+                        continue
+                else:
+                    continue
+                with contextlib.suppress(PermissionError):
+                    os.lchown(dest, m.uid, m.gid)
+                if not m.issym():
+                    os.utime(dest, (m.mtime, m.mtime))
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as err:
         if isinstance(err, ImageError):
             raise
@@ -259,7 +258,7 @@ class _DirSource(_Source):
 
     def open(self, name: str) -> IO[bytes]:
         try:
-            return open(self._p(name), "rb")
+            return open(self._p(name), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
             raise ImageError(f"image is missing {name} (truncated or not an image)") from None
 
@@ -267,16 +266,23 @@ class _DirSource(_Source):
         return os.path.exists(self._p(name))
 
 
+def _member_name(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.lstrip("/")
+
+
 class _TarSource(_Source):
     def __init__(self, path: str) -> None:
         try:
-            self.tar = tarfile.open(path, "r:*")
-            self.members = {m.name.lstrip("./"): m for m in self.tar.getmembers()}
+            # open for the whole import: members are read on demand (closed with the process)
+            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115
+            self.members = {_member_name(m.name): m for m in self.tar.getmembers()}
         except (tarfile.TarError, EOFError, OSError) as err:
             raise ImageError(f"{path} is truncated or not an image archive: {err}") from None
 
     def read(self, name: str) -> bytes:
-        m = self.members.get(name.lstrip("./"))
+        m = self.members.get(_member_name(name))
         if m is None:
             raise ImageError(f"image archive is missing {name} (truncated or not an image)")
         try:
@@ -290,7 +296,7 @@ class _TarSource(_Source):
         return data
 
     def exists(self, name: str) -> bool:
-        return name.lstrip("./") in self.members
+        return _member_name(name) in self.members
 
 
 def _blob_name(digest: str) -> str:
@@ -350,9 +356,9 @@ def _layers_docker(src: _Source) -> tuple[list[tuple[bytes, str | None, str]], d
         expect = os.path.basename(config_name).split(".")[0]
         if expect != digest[7:]:
             raise ImageError(f"image config digest mismatch: expected sha256:{expect}, got {digest}")
-    config = json.loads(config_data)
+    config: dict[str, Any] = json.loads(config_data)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    layers = []
+    layers: list[tuple[bytes, str | None, str]] = []
     for i, name in enumerate(entry.get("Layers") or []):
         data = src.read(name)
         what = f"layer {i} ({name})"

@@ -164,8 +164,9 @@ def capget(pid: int = 0) -> tuple[int, int, int]:
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
     data = (_CapData * 2)()
     _check(_syscall(SYS_capget, ctypes.byref(hdr), ctypes.byref(data)), "capget")
-    return tuple(getattr(data[0], f) | (getattr(data[1], f) << 32)  # type: ignore[return-value]
-                 for f in ("effective", "permitted", "inheritable"))
+    eff, prm, inh = (int(getattr(data[0], f)) | (int(getattr(data[1], f)) << 32)
+                     for f in ("effective", "permitted", "inheritable"))
+    return eff, prm, inh
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:

@@ -19,6 +19,7 @@ after ``pivot_root``/``setns``, and a child never returns into the caller's stac
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
@@ -180,10 +181,8 @@ def reset_signals() -> None:
     for sig in range(1, signal.NSIG):
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
-        try:
+        with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
@@ -315,10 +314,8 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
             os.rename(".exit.json.tmp", "exit.json", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError:
             pass
-        try:
+        with contextlib.suppress(OSError):
             os.write(exit_w, data)
-        except OSError:
-            pass
     except BaseException as err:  # noqa: BLE001 - a forked child must never unwind into R
         _report_and_exit(chan, err)
     os._exit(0)

@@ -50,7 +50,7 @@ _JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "mount")
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _owner() -> str:
@@ -138,7 +138,8 @@ class Runtime:
             from virtkit.container.seccomp import compile_profile
 
             seccomp = compile_profile(linux.seccomp)
-        if net == "bridge" and (linux.namespace("network") is None or linux.namespace("network").path):  # type: ignore[union-attr]
+        netns = linux.namespace("network")
+        if net == "bridge" and (netns is None or netns.path):
             raise ConfigError("--net bridge needs a new network namespace in config.json")
         rootless = os.geteuid() != 0
         cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
@@ -295,7 +296,7 @@ class Runtime:
             self._run_hooks(config.hooks.poststart, rec)
 
     def kill(self, cid: str, sig: int | str = signal.SIGTERM, all_processes: bool = False) -> None:
-        signum = parse_signal(sig) if isinstance(sig, str) else sig
+        signum: int = parse_signal(sig) if isinstance(sig, str) else int(sig)
         rec = self.dirs.load(cid)
         status = current_status(rec)
         if status not in ("created", "running"):
@@ -324,8 +325,9 @@ class Runtime:
         }
         if rec.annotations:
             out["annotations"] = rec.annotations
-        if (rec.extra or {}).get("address"):
-            out["address"] = rec.extra["address"]
+        address = (rec.extra or {}).get("address")
+        if address:
+            out["address"] = address
         info = self.dirs.exit_info(cid)
         if status == "stopped" and info:
             out["exitStatus"] = info.get("exitStatus")
@@ -338,7 +340,8 @@ class Runtime:
         out["oomKilled"] = oom
         return out
 
-    def list(self) -> list[dict[str, Any]]:
+    def containers(self) -> list[dict[str, Any]]:
+        """The OCI state of every container under this root."""
         out = []
         for cid in self.dirs.ids():
             with contextlib.suppress(ContainerError):
@@ -409,8 +412,8 @@ class Runtime:
         try:
             self.start(cid)
         except BaseException:
-            for s, h in old.items():
-                signal.signal(s, h)
+            for sig_, handler in old.items():
+                signal.signal(sig_, handler)
             self.delete(cid, force=True)
             raise
         if detach:
@@ -418,8 +421,8 @@ class Runtime:
         try:
             info = self.wait(cid)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            for sig_, handler in old.items():
+                signal.signal(sig_, handler)
             if remove:
                 self.delete(cid, force=True)
         status = info.get("exitStatus")

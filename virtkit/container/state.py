@@ -111,12 +111,12 @@ class Record:
     extra: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps({k: getattr(self, k) for k in self.__slots__}, indent=1).encode()  # type: ignore[attr-defined]
+        return json.dumps({k: getattr(self, k) for k in self.__slots__}, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Record:
         raw = json.loads(data)
-        return cls(**{k: raw.get(k) for k in cls.__slots__ if k in raw})  # type: ignore[attr-defined]
+        return cls(**{k: raw.get(k) for k in cls.__slots__ if k in raw})
 
 
 class StateDir:

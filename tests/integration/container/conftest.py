@@ -7,6 +7,7 @@ network devices, processes (container processes or our own children).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -88,10 +89,8 @@ def rt(tmp_path: Path) -> Iterator[Any]:
     yield runtime
     left = runtime.dirs.ids()
     for cid in left:
-        try:
+        with contextlib.suppress(Exception):  # clean as much as possible, then report
             runtime.delete(cid, force=True)
-        except Exception:  # noqa: BLE001 - clean as much as possible, then report
-            pass
     after = (_mounts(), _cgroups(), _netdevs(), _contained_processes())
     leaked = {what: sorted(map(str, a - b)) for what, b, a in
               zip(("mounts", "cgroups", "netdevs", "processes"), before, after, strict=True) if a - b}
@@ -112,8 +111,8 @@ def bundle(tmp_path: Path, busybox_rootfs: Path) -> Callable[..., Path]:
 
     counter = iter(range(1000))
 
-    def make(args: list[str], changes: dict[str, Any] | None = None, edit: Callable[[dict[str, Any]], None] | None = None,
-             ) -> Path:
+    def make(args: list[str], changes: dict[str, Any] | None = None,
+             edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
         b = tmp_path / f"bundle{next(counter)}"
         b.mkdir()
         shutil.copytree(busybox_rootfs, b / "rootfs", symlinks=True)

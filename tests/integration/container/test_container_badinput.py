@@ -143,8 +143,9 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path
         first = manifest["layers"][0]["digest"][7:]
         blobs[first] = blobs[first][:-1] + bytes([blobs[first][-1] ^ 1])
     with tarfile.open(path, "w") as tar:
-        for name, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", json.dumps(index).encode()),
-                           *((f"blobs/sha256/{d}", b) for d, b in blobs.items())]:
+        members = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", json.dumps(index).encode()),
+                   *((f"blobs/sha256/{d}", b) for d, b in blobs.items())]
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

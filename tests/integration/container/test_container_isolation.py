@@ -22,7 +22,8 @@ def test_hostname_env_cwd_user_rlimits(run_container: Any, bundle: Any) -> None:
 
 
 def test_pid_and_net_namespaces(run_container: Any, bundle: Any) -> None:
-    status, out = run_container("ns", bundle(["sh", "-c", "echo $$; ls /sys/class/net; cat /sys/class/net/lo/operstate"]))
+    script = "echo $$; ls /sys/class/net; cat /sys/class/net/lo/operstate"
+    status, out = run_container("ns", bundle(["sh", "-c", script]))
     assert status == 0, out
     lines = out.split()
     assert lines[0] == "1"  # the container's process is PID 1 of its namespace
@@ -83,11 +84,12 @@ def test_bind_mounts_and_readonly_root(run_container: Any, bundle: Any, tmp_path
 
 
 def test_masked_and_readonly_paths(run_container: Any, bundle: Any) -> None:
-    masked = [p for p in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/interrupts") if os.path.exists(p)]
+    candidates = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/interrupts")
+    masked = [p for p in candidates if os.path.exists(p)]
     assert masked, "none of the masked /proc files exists on this kernel"
     reads = "; ".join(f"wc -c < {p}" for p in masked)
-    b = bundle(["sh", "-c", f"{reads}; ls /sys/firmware | wc -l; "
-                            "echo 1 > /proc/sys/kernel/domainname 2>&1; echo 1 > /proc/sys/vm/overcommit_memory 2>&1; true"])
+    writes = "echo 1 > /proc/sys/kernel/domainname 2>&1; echo 1 > /proc/sys/vm/overcommit_memory 2>&1; true"
+    b = bundle(["sh", "-c", f"{reads}; ls /sys/firmware | wc -l; {writes}"])
     status, out = run_container("mask", b)
     assert status == 0, out
     lines = out.splitlines()

@@ -21,7 +21,7 @@ def test_create_start_stop_delete(rt: Any, bundle: Any, tmp_path: Path) -> None:
     assert st["status"] == "created" and st["pid"] == rec.pid > 0
     assert st["bundle"] == str(b) and st["ociVersion"].startswith("1.")
     assert int(pid_file.read_text()) == rec.pid
-    assert [s["id"] for s in rt.list()] == ["life"]
+    assert [s["id"] for s in rt.containers()] == ["life"]
     rt.start("life")
     assert rt.state("life")["status"] == "running"
     with pytest.raises(ContainerError, match="it is running"):
@@ -39,7 +39,7 @@ def test_create_start_stop_delete(rt: Any, bundle: Any, tmp_path: Path) -> None:
     with pytest.raises(ContainerError, match="it is stopped"):
         rt.kill("life", "TERM")
     rt.delete("life")
-    assert rt.list() == []
+    assert rt.containers() == []
     with pytest.raises(ContainerError, match="does not exist"):
         rt.state("life")
 
@@ -47,7 +47,7 @@ def test_create_start_stop_delete(rt: Any, bundle: Any, tmp_path: Path) -> None:
 def test_delete_created_container_kills_its_init(rt: Any, bundle: Any) -> None:
     rt.create("c", str(bundle(["true"])))
     rt.delete("c")
-    assert rt.list() == []
+    assert rt.containers() == []
 
 
 def test_delete_force_running(rt: Any, bundle: Any) -> None:
@@ -108,7 +108,7 @@ def test_pid_one_reaps_orphans(rt: Any, bundle: Any) -> None:
     _wait_for_log(rt, "orph", "spawned")
     pids = rt.processes("orph")
     assert len(pids) == 2
-    ppids = {int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]) for p in pids}
+    ppids = {int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) for p in pids}
     init = rt.state("orph")["pid"]
     assert init in ppids  # the orphaned sleep's parent is the container's init
     rt.delete("orph", force=True)
