@@ -12,6 +12,7 @@
  * the data. Command line: work=console,disk,null,cpu (one or more, run in that order) and
  *   bytes=N   console: bytes written to the COM1 16550 (default 1 MiB)
  *   mib=M     disk: MiB written to and read back from the ATA master (default 16)
+ *   sectors=N disk: that many 512-byte sectors instead (small tests; overrides mib=)
  *   lba=S     disk: first sector (default 0)
  *   req=K     disk: sectors per ATA command, 1..256 (default 256)
  *   lba48=1   disk: use the 48-bit commands even below 128 GiB
@@ -74,7 +75,7 @@ static bool work_disk(u64 mib)
 	struct ata_disk d = { .force48 = cmdline_u64("lba48", 0) != 0 };
 	u64 first = cmdline_u64("lba", 0);
 	u64 req = cmdline_u64("req", ATA_MAX_SECTORS_PER_CMD);
-	u64 total = mib * (MiB / SECTOR_SIZE);
+	u64 total = cmdline_u64("sectors", mib * (MiB / SECTOR_SIZE));  /* sectors= overrides mib= */
 
 	if (req < 1 || req > ATA_MAX_SECTORS_PER_CMD) {
 		printf("fullwork: req=%lu: an ATA command moves 1..256 sectors\n", req);
@@ -86,8 +87,8 @@ static bool work_disk(u64 mib)
 	}
 	printf("fullwork: ata: model=\"%s\" sectors=%lu lba48=%u\n", d.model, d.sectors, d.lba48);
 	if (first + total > d.sectors) {
-		printf("fullwork: the disk has %lu sectors; mib=%lu from sector %lu needs %lu\n",
-		       d.sectors, mib, first, first + total);
+		printf("fullwork: the disk has %lu sectors; %lu from sector %lu need %lu\n", d.sectors,
+		       total, first, first + total);
 		return error_line("disk", "disk-too-small");
 	}
 

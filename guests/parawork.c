@@ -15,6 +15,7 @@
  *                     hcall for null). null via hcall is n NULL hypercalls; null via virtio is n
  *                     notifications (QueueNotify writes) with no new buffers, the doorbell alone.
  *   bytes=N   console bytes (default 1 MiB)         mib=M  disk MiB (default 16)
+ *   sectors=N disk sectors instead of mib= (small tests)
  *   lba=S     first disk sector (default 0)         n=N    null operations (default 100000)
  *   req=K     disk sectors per request (default 2048 = 1 MiB, the most one hypercall moves)
  *   seg=B     virtio: bytes per data descriptor / console buffer (default 65536)
@@ -186,7 +187,7 @@ static bool work_disk(enum via via, u64 mib)
 {
 	u64 first = cmdline_u64("lba", 0);
 	u64 req = cmdline_u64("req", HC_MAX_BLOCK_SECTORS);
-	u64 total = mib * (MiB / SECTOR_SIZE);
+	u64 total = cmdline_u64("sectors", mib * (MiB / SECTOR_SIZE));  /* sectors= overrides mib= */
 	u64 capacity;
 	bool read_only;
 
@@ -221,8 +222,8 @@ static bool work_disk(enum via via, u64 mib)
 		return error_line("disk", via, "read-only");
 	}
 	if (first + total > capacity) {
-		printf("parawork: the disk has %lu sectors; mib=%lu from sector %lu needs %lu\n", capacity,
-		       mib, first, first + total);
+		printf("parawork: the disk has %lu sectors; %lu from sector %lu need %lu\n", capacity,
+		       total, first, first + total);
 		return error_line("disk", via, "disk-too-small");
 	}
 
