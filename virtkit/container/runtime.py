@@ -92,6 +92,7 @@ class Runtime:
         self._layout: Layout | None = None
         self._exit_pipes: dict[str, int] = {}
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
+        self._configs: dict[str, Config] = {}  # parsed configs of the containers this object created
 
     def default_cgroup_path(self, cid: str) -> str:
         """``/virtkit/ID`` for the default root; other roots get a suffix of their own, so that two
@@ -217,6 +218,7 @@ class Runtime:
             finally:
                 r_chan.close()
             self._exit_pipes[cid] = exit_r
+            self._configs[cid] = config
             rec.status = "created"
             self.dirs.save(rec)
             if pid_file:
@@ -448,6 +450,7 @@ class Runtime:
                 with contextlib.suppress(ContainerError):
                     self._run_hooks(config.hooks.poststop, rec)
             self.dirs.remove(cid)
+            self._configs.pop(cid, None)
 
     def _teardown(self, rec: Record, cgroup: Cgroup | None, made: list[str], kill: bool) -> None:
         """Release everything a container holds; safe to repeat, safe on half-made containers."""
@@ -651,6 +654,8 @@ class Runtime:
         return Cgroup(self.layout, rec.cgroup_path)
 
     def _config(self, cid: str) -> Config | None:
+        if cid in self._configs:
+            return self._configs[cid]
         try:
             with open(self.dirs.path(cid, CONFIG_COPY), "rb") as f:
                 return parse_config(json.loads(f.read()))

@@ -1,0 +1,40 @@
+"""OCI containers: a runtime-spec 1.x runtime (namespaces, pivot_root, cgroups v1/hybrid/v2, Docker's
+security defaults), registry-free images, and bridge networking.
+
+Layers, each importing only downward::
+
+    libc, syscalls_x86_64   the system calls Python lacks (ctypes), and the x86-64 syscall table
+    config, spec            config.json parsing (errors name the field) and the default config
+    caps, seccomp           capability sets; the seccomp profile and its BPF compiler
+    cgroups, rootfs         limits/stats/OOM per cgroup layout; the container's mount namespace
+    state                   the state directory (crash-consistent records, locking)
+    process                 the forked monitor/setup/init and exec processes
+    network, image          --net bridge; busybox, OCI layouts, docker-save archives, overlayfs
+    runtime                 the verbs: create, start, kill, delete, run, exec, ps, stats, events
+    sealexe                 run from a sealed interpreter copy (CVE-2019-5736)
+
+Library use (the warm path)::
+
+    from virtkit.container import Runtime
+    rt = Runtime("/run/virtkit")
+    rt.create("web", "/path/to/bundle"); rt.start("web")
+    print(rt.wait("web"))          # {'exitStatus': 0, 'signal': None, 'oomKilled': False}
+    rt.delete("web")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from virtkit.container.runtime import Runtime
+
+__all__ = ["Runtime"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Runtime":
+        from virtkit.container.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module 'virtkit.container' has no attribute {name!r}")
