@@ -35,8 +35,9 @@ def _mounts() -> set[str]:
 
 
 def _cgroups() -> set[str]:
-    return set(glob("/sys/fs/cgroup/*/virtkit*")) | set(glob("/sys/fs/cgroup/*/virtkit/*")) | \
-        set(glob("/sys/fs/cgroup/virtkit*")) | set(glob("/sys/fs/cgroup/virtkit/*"))
+    # containers live under .../virtkit/ (other virtkit parts use other names, e.g. virtkitd-*)
+    return set(glob("/sys/fs/cgroup/*/virtkit")) | set(glob("/sys/fs/cgroup/*/virtkit/*")) | \
+        set(glob("/sys/fs/cgroup/virtkit")) | set(glob("/sys/fs/cgroup/virtkit/*"))
 
 
 def _netdevs() -> set[str]:
