@@ -20,6 +20,7 @@ after ``pivot_root``/``setns``, and a child never returns into the caller's stac
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import fcntl
 import gc
 import json
@@ -435,7 +436,9 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
                 exec_process(spec.process, exe, spec.seccomp, spec.preserve_fds)
             except BaseException as err:  # noqa: BLE001
                 _report_and_exit(None, err, 127)
-        chan.send(pid=pid)
+        # R may already have what it needs (the child's "started") and closed its end
+        with contextlib.suppress(OSError):
+            chan.send(pid=pid)
         chan.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:

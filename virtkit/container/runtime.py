@@ -278,8 +278,14 @@ class Runtime:
             rec = self.dirs.load(cid)
             status = current_status(rec)
             if status != "created":
-                raise ContainerError(f"cannot start container {cid}: it is {status} (only a created container "
-                                     "can be started)")
+                info = self.dirs.exit_info(cid) if status == "stopped" else None
+                why = ""
+                if info and info.get("signal"):
+                    why = f", its init was killed by signal {info['signal']} before start"
+                elif info:
+                    why = f", its init exited with status {info.get('exitStatus')} before start"
+                raise ContainerError(f"cannot start container {cid}: it is {status}{why} (only a created "
+                                     "container can be started)")
             fifo = self.dirs.path(cid, FIFO)
             try:
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
