@@ -144,9 +144,10 @@ def microvm_transports(qemu: str) -> tuple[int, ...]:
 def virtio_words(qemu: str, count: int, *, order: tuple[int, ...] | None = None) -> str:
     """virtio_mmio.device= words for the first ``count`` devices on the command line, in ``order``
     (indices into the devices as plugged) or plugging order. The IRQ is QEMU's GSI for that
-    transport (24 + i with the second IOAPIC, else 5 + i); the guests poll and only print it."""
+    transport (24 + i with the second IOAPIC, else 16 + i with ACPI); the guests poll and only
+    print it."""
     t = microvm_transports(qemu)
-    irq_base = 24 if len(t) == 24 else 5
+    irq_base = 24 if len(t) == 24 else 16
     words = []
     for k in order if order is not None else range(count):
         i = len(t) - 1 - k
