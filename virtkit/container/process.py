@@ -20,7 +20,6 @@ after ``pivot_root``/``setns``, and a child never returns into the caller's stac
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import fcntl
 import gc
 import json
