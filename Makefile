@@ -43,6 +43,7 @@ $(STAMPS)/venv: pyproject.toml
 
 guests: deps
 	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
+	@$(MAKE) -s -C bench/native OUT=$(CURDIR)/build/native
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.

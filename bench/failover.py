@@ -1,0 +1,401 @@
+"""Failover: snapshot, restore, clone and live migration, next to QEMU where QEMU runs here.
+
+Figures, all on a 64 MiB counter guest (guests/counter.c):
+
+* snapshot: how long the guest is paused, state and memory file sizes (API, warm process);
+* restore-to-running: from the call to vCPUs running and to the first byte the resumed guest
+  prints (API, warm process), and from process start to that byte (``virtkit restore``);
+* clone rate: machines resumed from one snapshot per second;
+* live migration between two processes on loopback, an idle and a memory-dirtying guest: total
+  time, downtime (source paused -> target running), pages per pre-copy round;
+* QEMU 7.2 (``-M microvm``) on the same guest: migration to a file (its savevm without a disk),
+  ``-incoming`` from that file (loadvm), and live migration over loopback (its own figures from
+  ``query-migrate``), with the same 50 ms downtime limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, md_table, median, platform_record, qemu_version, write_results
+
+MEMORY = "64M"
+IDLE = "us=1000"
+#: stamps 16 pages of a 32 MiB buffer per line, ~1500 lines/s: ~100 MB/s of guest writes
+DIRTYING = "us=100 dirty=16 buf=32"
+HEAVY = "us=100 dirty=256 buf=32"  # ~1.5 GB/s: the whole buffer rewritten every ~20 ms
+DOWNTIME_MS = 50.0
+QEMU = "qemu-system-x86_64"
+
+
+def virtkit_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "virtkit"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "virtkit"]
+
+
+def _wait(pred: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step timed out")
+        time.sleep(0.005)
+
+
+def _lines(vm: Any) -> int:
+    return int(vm.console.output.count(b"\n"))
+
+
+# --- virtkit, in this process ------------------------------------------------------------------
+def measure_snapshot(counter: Path, work: Path, runs: int) -> tuple[dict[str, Any], Path]:
+    from virtkit import VM, snapshot
+
+    out: dict[str, Any] = {}
+    keep = work / "snap-idle"
+    for label, cmdline in (("idle", IDLE), ("32 MiB touched", HEAVY)):
+        paused, state_ms, memory_ms, sizes = [], [], [], None
+        with VM(counter, memory=MEMORY, cmdline=cmdline) as vm:
+            vm.start()
+            _wait(lambda vm=vm: _lines(vm) > 300)
+            for i in range(runs):
+                d = keep if label == "idle" else work / f"snap-{i}"
+                info = snapshot.save(vm, d)
+                paused.append(info.paused_ns / 1e6)
+                state_ms.append(info.state_ns / 1e6)
+                memory_ms.append(info.memory_ns / 1e6)
+                disk = sum(p.stat().st_blocks * 512 for p in d.iterdir())
+                sizes = {"state_bytes": info.state_bytes, "memory_file_bytes": info.memory_bytes,
+                         "memory_stored_bytes": info.memory_written, "on_disk_bytes": disk}
+                time.sleep(0.02)
+        out[label] = {"paused_ms": median(paused), "state_ms": median(state_ms), "memory_ms": median(memory_ms),
+                      **(sizes or {}), "runs": runs}
+        print(f"  snapshot {label:<16} paused {out[label]['paused_ms']:7.2f} ms (state {out[label]['state_ms']:.2f},"
+              f" memory {out[label]['memory_ms']:.2f})  stored {out[label]['memory_stored_bytes'] >> 10} KiB"
+              f"  state {out[label]['state_bytes'] >> 10} KiB", flush=True)
+    return out, keep
+
+
+def measure_restore(snap: Path, runs: int) -> dict[str, Any]:
+    from virtkit import snapshot
+
+    to_running, to_byte = [], []
+    snapshot.restore(snap).close()  # warm: imports, the MSR list, page cache
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        vm = snapshot.restore(snap)  # load + check + build + apply + start the vCPU threads
+        t1 = time.perf_counter_ns()
+        try:
+            _wait(lambda vm=vm: vm.console.first_byte_ns is not None)
+            to_running.append((t1 - t0) / 1e6)
+            to_byte.append((vm.console.first_byte_ns - t0) / 1e6)
+        finally:
+            vm.close()
+    cli = []
+    for _ in range(max(3, runs // 2)):
+        cli.append(_process_first_byte([*virtkit_cmd(), "restore", str(snap)]))
+    out = {"api_to_running_ms": median(to_running), "api_to_first_byte_ms": median(to_byte),
+           "api_min_to_running_ms": min(to_running), "cli_to_first_byte_ms": median(cli), "runs": runs}
+    print(f"  restore  API to running {out['api_to_running_ms']:.2f} ms, to first guest byte "
+          f"{out['api_to_first_byte_ms']:.2f} ms; virtkit restore (process) {out['cli_to_first_byte_ms']:.1f} ms",
+          flush=True)
+    return out
+
+
+def measure_clone(snap: Path, count: int) -> dict[str, Any]:
+    from virtkit import snapshot
+
+    t0 = time.perf_counter()
+    vms = snapshot.clone(snap, count)
+    started = time.perf_counter() - t0
+    try:
+        _wait(lambda: all(vm.console.first_byte_ns is not None for vm in vms))
+        all_printing = time.perf_counter() - t0
+    finally:
+        for vm in vms:
+            vm.close()
+    out = {"count": count, "start_s": started, "clones_per_s": count / started, "all_printing_s": all_printing}
+    print(f"  clone    {count} clones running in {started * 1e3:.1f} ms ({out['clones_per_s']:.0f}/s)", flush=True)
+    return out
+
+
+def _process_first_byte(cmd: list[str], timeout: float = 30.0) -> float:
+    """Milliseconds from starting ``cmd`` to its first stdout byte; the process is then killed."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert p.stdout is not None
+    try:
+        first = p.stdout.read(1)
+        t1 = time.perf_counter()
+    finally:
+        p.kill()
+        p.communicate(timeout=timeout)
+    return (t1 - t0) * 1e3 if first else float("nan")
+
+
+# --- virtkit live migration, two processes -----------------------------------------------------
+def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30) -> dict[str, Any]:
+    from virtkit.migration.control import request
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    sock, port_file = work / f"src-{tag}.sock", work / f"port-{tag}"
+    vk = virtkit_cmd()
+    target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                               "--serial", "none", "--accept-timeout", "60"], stderr=subprocess.DEVNULL)
+    source = subprocess.Popen([*vk, "run", str(counter), "--memory", MEMORY, "--cmdline", cmdline,
+                               "--control", str(sock), "--serial", "none"], stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: port_file.exists() and sock.exists())
+        time.sleep(0.5)  # let the guest fill its buffer and settle
+        reply = request(str(sock), "migrate", to=f"127.0.0.1:{port_file.read_text().strip()}",
+                        downtime_ms=DOWNTIME_MS, max_rounds=max_rounds)
+        reply.pop("ok", None)
+        return reply
+    finally:
+        for p in (source, target):
+            if p.poll() is None:
+                p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+            if p.poll() is None:
+                p.kill()
+
+
+# --- QEMU --------------------------------------------------------------------------------------
+class Qmp:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        _wait(lambda: os.path.exists(path))
+        self.sock.connect(path)
+        self.sock.settimeout(60)
+        self.f = self.sock.makefile("rb")
+        self.f.readline()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            msg = json.loads(self.f.readline())
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"QMP {name}: {msg['error']}")
+
+    def wait_migration(self) -> dict[str, Any]:
+        while True:
+            st = self.cmd("query-migrate")
+            if st.get("status") in ("completed", "failed", "cancelled"):
+                return st  # type: ignore[no-any-return]
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _qemu(counter: Path, cmdline: str, qmp: str, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config",
+                             "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                             "-kernel", str(counter), "-append", cmdline, "-qmp", f"unix:{qmp},server,nowait", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    p.kill()
+    p.communicate(timeout=10)
+
+
+def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    state = work / "qemu.state"
+    # savevm: stop, migrate the whole state into a file (QEMU's snapshot without a qcow2 disk)
+    paused = []
+    for i in range(runs):
+        qmp_path = str(work / f"q{i}.qmp")
+        q = _qemu(counter, IDLE, qmp_path)
+        try:
+            mon = Qmp(qmp_path)
+            assert q.stdout is not None
+            q.stdout.read(64)  # running
+            with contextlib.suppress(FileNotFoundError):
+                state.unlink()
+            t0 = time.perf_counter()
+            mon.cmd("stop")
+            mon.cmd("migrate", uri=f"exec:cat > {state}")
+            st = mon.wait_migration()
+            paused.append((time.perf_counter() - t0) * 1e3)
+            mon.close()
+        finally:
+            _stop(q)
+    out["savevm"] = {"paused_ms": median(paused), "file_bytes": state.stat().st_size, "status": st.get("status"),
+                     "runs": runs}
+    # loadvm: a new QEMU process resumes from the file; time to the first byte the guest prints
+    firsts = []
+    for i in range(max(3, runs // 2)):
+        firsts.append(_process_first_byte(
+            [QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config", "-nographic",
+             "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(counter),
+             "-append", IDLE, "-incoming", f"exec:cat {state}", "-qmp", f"unix:{work / f'l{i}.qmp'},server,nowait"]))
+    out["loadvm"] = {"process_to_first_byte_ms": median(firsts)}
+    print(f"  qemu     savevm (migrate to file) paused {out['savevm']['paused_ms']:.1f} ms, "
+          f"{out['savevm']['file_bytes'] >> 10} KiB; -incoming to first byte "
+          f"{out['loadvm']['process_to_first_byte_ms']:.1f} ms", flush=True)
+    # live migration over loopback
+    for label, cmdline in (("idle", IDLE), ("dirtying", DIRTYING), ("heavy", HEAVY)):
+        sq, dq = str(work / f"ms-{label}.qmp"), str(work / f"md-{label}.qmp")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        src = _qemu(counter, cmdline, sq)
+        dst = _qemu(counter, cmdline, dq, "-incoming", f"tcp:127.0.0.1:{port}")
+        try:
+            ms, md = Qmp(sq), Qmp(dq)
+            time.sleep(0.5)
+            ms.cmd("migrate-set-parameters", **{"downtime-limit": int(DOWNTIME_MS)})
+            t0 = time.perf_counter()
+            ms.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            st = ms.wait_migration()
+            wall = (time.perf_counter() - t0) * 1e3
+            ram = st.get("ram", {})
+            out[f"migrate_{label}"] = {"status": st.get("status"), "total_ms": st.get("total-time", wall),
+                                       "downtime_ms": st.get("downtime"),
+                                       "rounds": ram.get("dirty-sync-count"),
+                                       "transferred_bytes": ram.get("transferred")}
+            ms.close()
+            md.close()
+        finally:
+            _stop(src)
+            _stop(dst)
+        m = out[f"migrate_{label}"]
+        print(f"  qemu     migrate {label:<9} {m['status']}: total {m['total_ms']} ms, downtime {m['downtime_ms']} ms, "
+              f"{m['rounds']} dirty syncs", flush=True)
+    return out
+
+
+# --- output ------------------------------------------------------------------------------------
+def render(d: dict[str, Any]) -> str:
+    plat = d["platform"]
+    lines = [f"# Failover: snapshot, restore, clone, live migration\n\nPlatform: {plat.get('cpu_model')}, KVM "
+             f"flavor **{plat.get('kvm_flavor')}**; {d['qemu']}. Guest: counter, {MEMORY}; medians.\n"]
+    s = d["snapshot"]
+    rows = [[label, f"{v['paused_ms']:.2f}", f"{v['state_ms']:.2f}", f"{v['memory_ms']:.2f}",
+             f"{v['state_bytes'] / 1024:.1f}", f"{v['memory_stored_bytes'] / 1024:.0f}",
+             f"{v['on_disk_bytes'] / 1024:.0f}"] for label, v in s.items()]
+    q = d.get("qemu_figures") or {}
+    if "savevm" in q:
+        rows.append(["QEMU migrate-to-file (idle)", f"{q['savevm']['paused_ms']:.2f}", "-", "-", "-", "-",
+                     f"{q['savevm']['file_bytes'] / 1024:.0f}"])
+    lines.append("## Snapshot (guest paused; virtkit API, warm process)\n")
+    lines.append(md_table(["guest", "paused (ms)", "of which state (ms)", "of which memory (ms)", "state file (KiB)",
+                           "memory stored (KiB)", "on disk (KiB)"], rows))
+    r = d["restore"]
+    rows = [["virtkit API: call -> vCPUs running", f"{r['api_to_running_ms']:.2f}"],
+            ["virtkit API: call -> first guest byte", f"{r['api_to_first_byte_ms']:.2f}"],
+            ["`virtkit restore`: process start -> first guest byte", f"{r['cli_to_first_byte_ms']:.1f}"]]
+    if "loadvm" in q:
+        rows.append(["QEMU `-incoming exec:cat`: process start -> first guest byte",
+                     f"{q['loadvm']['process_to_first_byte_ms']:.1f}"])
+    lines.append("\n## Restore to running (64 MiB guest; memory file mapped copy-on-write)\n")
+    lines.append(md_table(["path", "ms"], rows))
+    c = d["clone"]
+    lines.append(f"\n## Clone\n\n{c['count']} clones of one snapshot running in {c['start_s'] * 1e3:.1f} ms: "
+                 f"**{c['clones_per_s']:.0f} VMs/s** (all printing after {c['all_printing_s'] * 1e3:.1f} ms).\n")
+    rows = []
+    for label, m in d["migration"].items():
+        rows.append([f"virtkit, {label}", str(m["rounds"]), f"{m['pages_sent']}", f"{m['total_ms']:.1f}",
+                     f"{m['downtime_ms']:.2f}", m.get("stop_reason", "")])
+        qm = q.get(f"migrate_{label}")
+        if qm:
+            rows.append([f"QEMU, {label}", str(qm["rounds"]), f"{(qm['transferred_bytes'] or 0) // 4096}",
+                         f"{qm['total_ms']}", f"{qm['downtime_ms']}", qm["status"]])
+    lines.append(f"\n## Live migration over loopback (downtime limit {DOWNTIME_MS:.0f} ms)\n")
+    lines.append(md_table(["VMM, guest", "rounds", "pages sent", "total (ms)", "downtime (ms)", "ended by"], rows))
+    lines.append("\nGuests: idle `" + IDLE + "`; dirtying `" + DIRTYING + "`; heavy `" + HEAVY + "`. virtkit's "
+                 "downtime is source pause to the target's RUNNING reply; QEMU's is its own `query-migrate` figure.\n")
+    t = d["targets"]
+    lines.append("\n## Targets\n")
+    lines.append(md_table(["target", "goal", "measured"], [
+        ["restore to running, 64 MiB (API)", "< 10 ms", f"{t['restore_ms']:.2f} ms"],
+        ["migration downtime, loopback (idle)", "< 50 ms", f"{t['downtime_idle_ms']:.2f} ms"],
+        ["migration downtime, loopback (dirtying)", "< 50 ms", f"{t['downtime_dirtying_ms']:.2f} ms"],
+    ]))
+    return "\n".join(lines)
+
+
+def plot(d: dict[str, Any]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, m in d["migration"].items():
+        rounds = m["dirty_per_round"]
+        ax.plot(range(len(rounds)), rounds, marker="o", label=f"{label} (+{m['final_pages']} in stop-and-copy)")
+    ax.set_yscale("log")
+    ax.set_xlabel("pre-copy round (0 = all non-zero memory)")
+    ax.set_ylabel("pages sent (4 KiB)")
+    ax.set_title(f"virtkit live migration: pages per pre-copy round ({MEMORY} guest, "
+                 f"{d['platform'].get('kvm_flavor')} KVM)")
+    ax.legend()
+    fig.tight_layout()
+    path = ROOT / "bench" / "results" / "failover.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    counter = ROOT / "build" / "guests" / "counter.elf"
+    if not counter.exists():
+        raise SystemExit(f"{counter} is missing: run `make guests`")
+    runs = 3 if quick else 10
+    work = Path(tempfile.mkdtemp(prefix="virtkit-bench-failover-"))
+    try:
+        print("failover: snapshot, restore, clone (virtkit API, warm process)", flush=True)
+        snaps, snap_dir = measure_snapshot(counter, work, runs)
+        restore = measure_restore(snap_dir, runs * 2)
+        clone = measure_clone(snap_dir, 4 if quick else 16)
+        print("live migration, two virtkit processes on loopback", flush=True)
+        migration = {}
+        for label, cmdline in (("idle", IDLE), ("dirtying", DIRTYING), ("heavy", HEAVY)):
+            migration[label] = migrate_once(counter, cmdline, work)
+            m = migration[label]
+            print(f"  virtkit  migrate {label:<9} total {m['total_ms']:.1f} ms, downtime {m['downtime_ms']:.2f} ms, "
+                  f"rounds {m['dirty_per_round']} + {m['final_pages']} ({m['stop_reason']})", flush=True)
+        qemu: dict[str, Any] = {}
+        if shutil.which(QEMU):
+            try:
+                qemu = measure_qemu(counter, work, runs if not quick else 2)
+            except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+                qemu = {"error": str(e)}
+                print(f"  qemu: could not measure: {e}", flush=True)
+        data = {
+            "platform": platform_record(), "qemu": qemu_version(), "memory": MEMORY,
+            "snapshot": snaps, "restore": restore, "clone": clone, "migration": migration, "qemu_figures": qemu,
+            "targets": {"restore_ms": restore["api_to_running_ms"],
+                        "downtime_idle_ms": migration["idle"]["downtime_ms"],
+                        "downtime_dirtying_ms": migration["dirtying"]["downtime_ms"]},
+        }
+        md = render(data)
+        jpath, mpath = write_results("failover", data, md)
+        png = plot(data)
+        print(md)
+        print(f"wrote {jpath}, {mpath}" + (f", {png}" if png else ""))
+        return data
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)
