@@ -13,6 +13,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 Handler = Callable[[argparse.Namespace], int]
 
 #: command modules, in the order their commands appear in ``--help``
@@ -21,11 +25,18 @@ _COMMAND_MODULES = ("virtkit.cli.vm", "virtkit.cli.container", "virtkit.cli.fail
 _FAST_COMMANDS = {"run": "virtkit.cli.vm", "doctor": "virtkit.cli.vm", "demo": "virtkit.cli.vm"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line like every other virtkit error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"virtkit: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with ``only`` a module name, a parser with just that module's commands."""
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="virtkit",
         description="virtkit: a KVM hypervisor, paravirtualization, OCI containers and failover, in Python.",
         epilog="Run 'virtkit doctor' first to see what this host can do.",
