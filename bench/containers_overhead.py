@@ -109,7 +109,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from virtkit.container.spec import default_spec
 
     ensure_sealed()  # the library path, as a long-lived caller runs it
-    reps = 3 if quick else 7
+    reps = 3 if quick else 9
     base = Path(tempfile.mkdtemp(prefix="virtkit-overhead-"))
     try:
         src = base / "workload.c"
@@ -121,13 +121,16 @@ def run(quick: bool = False) -> dict[str, Any]:
         bundle.mkdir()
         shutil.copytree(image / "rootfs", bundle / "rootfs", symlinks=True)
         shutil.copy2(exe, bundle / "rootfs" / "workload")
+        # both sides write their files to a tmpfs: the figure is the system-call path, not this VM's disk
         native_tmp = base / "native-tmp"
         native_tmp.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(native_tmp)], check=True)
         rt = Runtime(str(base / "run"))
         counter = iter(range(10_000))
 
         def in_container(argv: list[str], seccomp: bool) -> float:
             spec = default_spec(argv)
+            spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]})
             if not seccomp:
                 del spec["linux"]["seccomp"]
             (bundle / "config.json").write_text(json.dumps(spec))
@@ -149,14 +152,18 @@ def run(quick: bool = False) -> dict[str, Any]:
             return float(out.strip().splitlines()[-1])
 
         results: dict[str, dict[str, float]] = {}
+        medians: dict[str, dict[str, float]] = {}
         for work, _label in WORKLOADS:
             modes: dict[str, list[float]] = {"native": [], "container": [], "container, no seccomp": []}
             for _ in range(reps):  # interleaved, so load changes hit every mode alike
                 modes["native"].append(native(_args(work, str(native_tmp), "/bin/busybox")))
                 modes["container"].append(in_container(_args(work, "/tmp", "/bin/true"), True))
                 modes["container, no seccomp"].append(in_container(_args(work, "/tmp", "/bin/true"), False))
-            results[work] = {m: statistics.median(v) for m, v in modes.items()}
+            # best of N: on a shared 2-core machine the minimum is the figure least disturbed by others
+            results[work] = {m: min(v) for m, v in modes.items()}
+            medians[work] = {m: statistics.median(v) for m, v in modes.items()}
     finally:
+        subprocess.run(["umount", str(base / "native-tmp")], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(base, ignore_errors=True)
 
     header = "| workload | native | container | ratio | container, no seccomp | ratio |"
@@ -166,9 +173,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         lines.append(f"| {label} | {r['native'] * 1000:.1f} ms | {r['container'] * 1000:.1f} ms | "
                      f"{r['container'] / r['native']:.2f}x | {r['container, no seccomp'] * 1000:.1f} ms | "
                      f"{r['container, no seccomp'] / r['native']:.2f}x |")
-    md = (f"## Workload overhead: native vs virtkit container (median of {reps}, times measured inside "
-          "the workload)\n\n" + "\n".join(lines) + "\n\nVM columns: see the vmm and paravirt suites.\n")
-    record = {"suite": "containers_overhead", "reps": reps, "results": results,
+    md = (f"## Workload overhead: native vs virtkit container (best of {reps}, times measured inside "
+          "the workload; files on tmpfs)\n\n" + "\n".join(lines) + "\n\nVM columns: see the vmm and paravirt suites.\n")
+    record = {"suite": "containers_overhead", "reps": reps, "best": results, "median": medians,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "containers_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -196,7 +203,7 @@ def _chart(results: dict[str, dict[str, float]]) -> None:
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.set_ylabel("time relative to native")
     ax.set_title("Workload time in a virtkit container, relative to native")
-    ax.legend()
+    ax.legend(loc="lower left")
     fig.tight_layout()
     fig.savefig(RESULTS / "containers_overhead.png", dpi=100)
     plt.close(fig)
