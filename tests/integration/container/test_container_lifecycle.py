@@ -122,3 +122,41 @@ def _wait_for_log(rt: Any, cid: str, text: str) -> None:
             return
         select.select([], [], [], 0.01)
     raise AssertionError(f"{text!r} never appeared in the output of {cid}")
+
+
+@pytest.mark.parametrize("crash_in", ["apply", "handshake"])
+def test_a_create_that_crashes_stays_listed_and_deletable(rt: Any, bundle: Any, crash_in: str) -> None:
+    """Crash consistency: the runtime dies half-way through create (after its cgroups exist, or
+    after the container's processes exist); the container is listed as stopped, and delete
+    releases everything (the fixture then checks no cgroup, mount or process is left)."""
+    from virtkit.container import cgroups as cgmod
+    from virtkit.container import runtime as rtmod
+
+    b = bundle(["sleep", "30"])
+    child = os.fork()
+    if child == 0:  # the runtime that will crash: a forked copy of this process
+        try:
+            if crash_in == "apply":
+                cgmod.Cgroup.apply = lambda self, res: os._exit(9)  # type: ignore[method-assign]
+            else:
+                original = rtmod.Runtime._handshake
+
+                def crash_after_pid(self: Any, rec: Any, chan: Any, config: Any, net: Any) -> None:
+                    msg = chan.recv(timeout=30)  # the init's pid: processes exist now
+                    assert msg and "pid" in msg
+                    os._exit(9)
+
+                rtmod.Runtime._handshake = crash_after_pid  # type: ignore[method-assign]
+                del original
+            rt.create("crash", str(b))
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    states = rt.containers()
+    assert [(s["id"], s["status"]) for s in states] == [("crash", "stopped")]
+    rec = rt.dirs.load("crash")
+    assert rec.status == "creating" and rec.cgroup_dirs
+    rt.delete("crash")
+    assert rt.containers() == []
+    assert not any(os.path.exists(d) for d in rec.cgroup_dirs)
