@@ -107,6 +107,7 @@ class InitSpec:
     join_ns: list[tuple[int, str]]  # (flag, path) of namespaces to join
     new_userns: bool
     net: dict[str, Any] | None = None  # container side of a bridge network: name, address, gateway
+    runtime_hooks: bool = False  # createRuntime/prestart hooks: R runs them before pivot_root
 
 
 @dataclass(slots=True)
@@ -376,6 +377,12 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
                 n = spec.net
                 rename_link(n["peer_if"], n["ifname"])
                 configure_interface(n["ifname"], n["address"], n["prefix"], n.get("gateway"))
+        if spec.runtime_hooks:
+            # runtime-spec: createRuntime hooks run once the namespaces exist, before pivot_root
+            chan.send(hooks=True)
+            reply = chan.recv(timeout=None)
+            if not reply or not reply.get("go"):
+                os._exit(1)  # R reports the hook's failure
         layout_mode = spec.cgroup.layout.mode if spec.cgroup else None
         v1 = tuple(sorted(spec.cgroup.layout.v1)) if spec.cgroup else ()
         builder = RootfsBuilder(cfg, spec.rootfs, spec.new_userns,

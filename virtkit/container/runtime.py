@@ -196,7 +196,8 @@ class Runtime:
             spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
                             cgroup=cgroup, seccomp=seccomp,
                             log_path=os.path.join(cdir, LOG_FILE) if capture else None,
-                            new_ns=new_ns, join_ns=join_ns, new_userns=new_user, net=net_spec)
+                            new_ns=new_ns, join_ns=join_ns, new_userns=new_user, net=net_spec,
+                            runtime_hooks=bool(config.hooks.prestart or config.hooks.create_runtime))
             r_chan, c_chan = Channel.pair()
             exit_r, exit_w = os.pipe()
             dir_fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY)
@@ -223,7 +224,6 @@ class Runtime:
             self.dirs.save(rec)
             if pid_file:
                 atomic_write(os.path.abspath(pid_file), f"{rec.pid}".encode())
-            self._run_hooks(config.hooks.prestart + config.hooks.create_runtime, rec)
             return rec
         except BaseException:
             self._teardown(rec, cgroup, made, kill=True)
@@ -250,6 +250,10 @@ class Runtime:
 
                     network.attach(net_spec, rec.pid)
                     chan.send(net=True)
+            elif msg.get("hooks"):
+                rec.status = "creating"
+                self._run_hooks(config.hooks.prestart + config.hooks.create_runtime, rec)
+                chan.send(go=True)
             elif msg.get("ready"):
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,32 @@ def test_a_create_that_crashes_stays_listed_and_deletable(rt: Any, bundle: Any, 
     rt.delete("crash")
     assert rt.containers() == []
     assert not any(os.path.exists(d) for d in rec.cgroup_dirs)
+
+
+def test_hooks(rt: Any, bundle: Any, tmp_path: Path) -> None:
+    """createRuntime runs once the namespaces exist, before pivot_root (here it finds the init's
+    network namespace); poststart after start; poststop after delete; each gets the state on stdin.
+    A failing hook fails create, cleanly."""
+    def hook(name: str, extra: str = "") -> dict[str, Any]:
+        out = tmp_path / f"{name}.json"
+        return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {out}{extra}"]}
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["hooks"] = {"createRuntime": [hook("create", "; test -e /proc/$(sed 's/.*\"pid\": *\\([0-9]*\\).*/\\1/' "
+                                                         f"{tmp_path}/create.json)/ns/net")],
+                        "poststart": [hook("poststart")], "poststop": [hook("poststop")]}
+
+    rt.create("hooked", str(bundle(["sleep", "30"], edit=edit)))
+    created = json.loads((tmp_path / "create.json").read_text())
+    assert created["id"] == "hooked" and created["status"] == "creating" and created["pid"] > 0
+    rt.start("hooked")
+    assert json.loads((tmp_path / "poststart.json").read_text())["status"] == "running"
+    rt.delete("hooked", force=True)
+    assert json.loads((tmp_path / "poststop.json").read_text())["status"] == "stopped"
+
+    def failing(raw: dict[str, Any]) -> None:
+        raw["hooks"] = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo no way >&2; exit 3"]}]}
+
+    with pytest.raises(ContainerError, match="hook /bin/sh failed with status 3: no way"):
+        rt.create("badhook", str(bundle(["true"], edit=failing)))
+    assert rt.containers() == []
