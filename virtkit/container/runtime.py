@@ -225,8 +225,12 @@ class Runtime:
             if pid_file:
                 atomic_write(os.path.abspath(pid_file), f"{rec.pid}".encode())
             return rec
-        except BaseException:
-            self._teardown(rec, cgroup, made, kill=True)
+        except BaseException as err:
+            try:
+                self._teardown(rec, cgroup, made, kill=True)
+            except ContainerError as cleanup:
+                # the state stays (listed, deletable again); say both things on one line
+                raise ContainerError(f"{err}; then {cleanup}") from None
             self.dirs.remove(cid)
             raise
 

@@ -74,7 +74,10 @@ def _contained_processes() -> set[int]:
 def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
         pytest.skip(ROOT_REASON)
-    from virtkit.container.image import ensure_busybox
+    from virtkit.container.image import BUSYBOX_BINARY, ensure_busybox
+
+    if not os.path.exists(BUSYBOX_BINARY):
+        pytest.skip(f"{BUSYBOX_BINARY} is missing: install busybox-static ('make deps' does)")
 
     return Path(ensure_busybox(str(tmp_path_factory.mktemp("images")))) / "rootfs"
 
