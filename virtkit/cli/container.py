@@ -26,10 +26,16 @@ def _logged(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     def wrapper(args: argparse.Namespace) -> int:
-        from virtkit.errors import VirtkitError
+        from virtkit.errors import ContainerError, VirtkitError
 
         try:
-            return handler(args)
+            try:
+                return handler(args)
+            except OSError as err:
+                # a system error nobody anticipated still gets one line, never a traceback
+                where = f" ({err.filename})" if err.filename else ""
+                hint = "; containers need root (or a rootless bundle)" if err.errno in (1, 13) else ""
+                raise ContainerError(f"{err.strerror or err}{where}{hint}") from err
         except VirtkitError as err:
             if getattr(args, "log", None):
                 import datetime
@@ -409,6 +415,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@_logged
 def cmd_run_container(args: argparse.Namespace) -> int:
     """``virtkit run --mode container IMAGE -- CMD``: an image on a copy-on-write rootfs, with limits,
     in the foreground; the container is deleted when it exits."""

@@ -126,7 +126,11 @@ class StateDir:
         self.root = os.path.abspath(root or DEFAULT_ROOT)
 
     def ensure(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise ContainerError(f"cannot create the state directory {self.root}: {err.strerror}; "
+                                 "run as root or pick another with --root") from None
 
     def path(self, cid: str, *parts: str) -> str:
         return os.path.join(self.root, validate_id(cid), *parts)

@@ -60,3 +60,26 @@ def test_log_file_gets_the_error(tmp_path: Path) -> None:
     assert main(["--root", str(tmp_path), "--log", str(log), "--log-format", "json", "start", "nope"]) != 0
     entry = json.loads(log.read_text().splitlines()[-1])
     assert entry["level"] == "error" and "does not exist" in entry["msg"]
+
+
+def test_unexpected_system_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from virtkit.container.runtime import Runtime
+
+    def denied(self: Runtime) -> list[dict[str, str]]:
+        raise PermissionError(13, "Permission denied", "/run/virtkit")
+
+    monkeypatch.setattr(Runtime, "containers", denied)
+    assert main(["--root", str(tmp_path), "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == "virtkit: error: Permission denied (/run/virtkit); containers need root (or a rootless bundle)\n"
+
+
+def test_state_root_that_cannot_be_made(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "rootfs").mkdir()
+    assert main(["spec", "--bundle", str(b)]) == 0
+    assert main(["--root", str(tmp_path / "file" / "sub"), "create", "x", "--bundle", str(b)]) == 2
+    assert "cannot create the state directory" in capsys.readouterr().err
