@@ -40,7 +40,7 @@ exit exit_group
 #: calls answered with an error instead of death (see the module docstring)
 REFUSED: dict[str, int] = {name: errno.EACCES for name in (
     "open", "openat", "openat2", "stat", "lstat", "newfstatat", "statx", "access", "faccessat",
-    "faccessat2", "readlink", "readlinkat", "getcwd", "getdents64",
+    "faccessat2", "readlink", "readlinkat", "getcwd", "getdents64", "getpeername",
 )}
 REFUSED["clone3"] = errno.ENOSYS
 

@@ -45,8 +45,10 @@ MIB = 1 << 20
 DEFAULT_STATE_DIR = "/var/lib/virtkitd"
 DEFAULT_RUN_DIR = "/run/virtkitd"
 API_SOCKET = "api.sock"
-#: uids of confined VMMs: UID_BASE + the VM's database id (never reused)
+#: uids of confined VMMs: UID_BASE + a block per state directory (so two services on one host do
+#: not share uids, whose RLIMIT_NPROC is counted per uid) + the VM's database id (never reused)
 UID_BASE = 400_000
+UID_BLOCK = 100_000
 STOP_GRACE = 10.0
 START_TIMEOUT = 30.0
 #: restart back-off: BASE x 2^n seconds, at most MAX; n resets once a VM ran STABLE seconds
@@ -154,6 +156,12 @@ class Service:
 
     def control_path(self, rec: dict[str, Any]) -> str:
         return os.path.join(self.run_dir, f"vm{rec['id']}.sock")
+
+    def uid_for(self, vm_id: int) -> int:
+        import zlib
+
+        block = zlib.crc32(self.state_dir.encode()) % 10_000
+        return UID_BASE + block * UID_BLOCK + vm_id % UID_BLOCK
 
     def cgroup(self, name: str) -> VmCgroup:
         return VmCgroup(name, self.cgroup_parent)
@@ -279,7 +287,7 @@ class Service:
                 "vcpus": d["vcpus"], "cmdline": d["cmdline"], "mode": d["mode"],
                 "control_socket": self.control_path(rec),
                 "cgroups": [os.path.dirname(p) for p in cg.procs_files()] if cg else [],
-                "jail": {"uid": UID_BASE + rec["id"], "gid": UID_BASE + rec["id"]},
+                "jail": {"uid": self.uid_for(rec["id"]), "gid": self.uid_for(rec["id"])},
             }
             with open(os.path.join(vmdir, DEFINITION), "w") as f:
                 json.dump(runtime_def, f)

@@ -17,6 +17,8 @@ MIB = 1 << 20
 #: memory a VMM process needs beyond its guest's RAM: the interpreter, page tables, KVM's shadow
 #: pages (charged to the VM's memory cgroup too). bench/service.py measures the real figure.
 VMM_OVERHEAD = 64 * MIB
+#: memory left unclaimed in what the kernel says is available right now (page cache churn, slack)
+AVAILABLE_SLACK = 256 * MIB
 
 
 class InsufficientResources(VirtkitError):
@@ -62,7 +64,7 @@ class Account:
 
     def free_memory(self) -> int:
         _, mem = self.usage()
-        available = _meminfo().get("MemAvailable", self.total_memory) - self.reserve
+        available = _meminfo().get("MemAvailable", self.total_memory) - AVAILABLE_SLACK
         return max(min(self.memory_capacity - mem, available), 0)
 
     def reserve_for(self, name: str, vcpus: int, memory: int) -> None:
@@ -79,7 +81,7 @@ class Account:
                 raise InsufficientResources(
                     f"cannot start {name}: asked {vcpus} vCPUs, {max(free_v, 0)} free of {self.vcpu_capacity} "
                     f"({self.cores} cores x overcommit {self.overcommit:g})")
-            available = _meminfo().get("MemAvailable", self.total_memory) - self.reserve
+            available = _meminfo().get("MemAvailable", self.total_memory) - AVAILABLE_SLACK
             free_m = max(min(self.memory_capacity - used_m, available), 0)
             if need > free_m:
                 raise InsufficientResources(

@@ -1,0 +1,182 @@
+"""virtkitd end to end: lifecycle through the CLI, restarts of the service, fault isolation,
+restart policy, CPU shares from cgroup figures, memory refusal, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from virtkit.service.client import ApiError
+
+from .conftest import vmm_pids
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+
+
+def cli(d: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "virtkit", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "VIRTKITD_SOCKET": d.socket})
+
+
+def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    r = cli(d, "vm", "create", "hello1", "--kernel", str(guests / "hello.elf"), "--memory", "32M", "--start")
+    assert r.returncode == 0, r.stderr
+    rec = d.wait_state("hello1", ("stopped",))
+    assert rec["last_exit"]["reason"] == "debug-exit" and rec["pid"] is None
+    assert "hello from virtkit guest" in cli(d, "vm", "logs", "hello1").stdout
+    r = cli(d, "vm", "create", "count1", "--kernel", str(guests / "counter.elf"), "--cpu-weight", "200",
+            "--start")
+    assert r.returncode == 0, r.stderr
+    d.wait_output("count1", "count 3")
+    listing = cli(d, "vm", "list").stdout
+    assert "count1" in listing and "running" in listing and "hello1" in listing and "debug-exit" in listing
+    stats = cli(d, "vm", "stats", "count1")
+    assert stats.returncode == 0 and "exits" in stats.stdout and "uart0" in stats.stdout, stats.stdout
+    host = cli(d, "host")
+    assert "1 of 8" in host.stdout or "vCPUs      1 of" in host.stdout, host.stdout
+    top = cli(d, "top", "--once", "--interval", "0.2")
+    assert top.returncode == 0 and "count1" in top.stdout, top.stderr
+    ps = cli(d, "ps")
+    assert ps.returncode == 0
+    r = cli(d, "vm", "delete", "count1")
+    assert r.returncode == 2 and "stop it first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert cli(d, "vm", "stop", "count1").returncode == 0
+    assert d.vm("count1")["state"] == "stopped"
+    assert cli(d, "vm", "delete", "count1", "hello1").returncode == 0
+    assert d.call("GET", "/v1/vms") == []
+    events = [e["kind"] for e in d.call("GET", "/v1/events")]
+    assert events.count("created") == 2 and "exited" in events and "stopped" in events
+
+
+def test_a_restarted_service_reattaches_to_every_vmm(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    for i in range(3):
+        d.create(f"c{i}", guests / "counter.elf", start=True)
+    pids = {v["name"]: v["pid"] for v in d.call("GET", "/v1/vms")}
+    d.wait_output("c2", "count 2")
+    d.stop(signal.SIGKILL)  # the harshest end: no chance to tidy up
+    assert sorted(vmm_pids(d.state_dir)) == sorted(pids.values())  # the VMs kept running
+    d.start()
+    after = {v["name"]: (v["pid"], v["state"]) for v in d.call("GET", "/v1/vms")}
+    assert after == {n: (p, "running") for n, p in pids.items()}  # none lost
+    assert sorted(vmm_pids(d.state_dir)) == sorted(pids.values())  # none duplicated
+    before = len(d.call("GET", "/v1/vms/c0/logs")["data"])
+    d.wait_output("c0", f"count {before // 9 + 5}")  # still counting
+    events = [e["kind"] for e in d.call("GET", "/v1/vms/c1/events")]
+    assert events[-1] == "reattached"
+    # and it still controls them: stop one, kill one
+    assert d.call("POST", "/v1/vms/c0/stop")["state"] == "stopped"
+    rec = d.call("POST", "/v1/vms/c1/kill")
+    assert rec["state"] == "stopped"
+    assert sorted(vmm_pids(d.state_dir)) == [pids["c2"]]
+
+
+def test_a_vm_ending_while_the_service_is_down_is_recorded(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    d.create("victim", guests / "counter.elf", start=True)
+    pid = d.vm("victim")["pid"]
+    d.stop()
+    os.kill(pid, signal.SIGKILL)
+    d.start()
+    rec = d.vm("victim")
+    assert rec["state"] == "failed" and rec["last_exit"]["reason"] == "vmm-gone"
+    assert "while the service was down" in rec["last_exit"]["detail"]
+
+
+def test_killing_one_vmm_leaves_the_others_and_the_service_running(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    d.create("a", guests / "counter.elf", start=True)
+    d.create("b", guests / "counter.elf", start=True)
+    os.kill(d.vm("a")["pid"], signal.SIGKILL)
+    rec = d.wait_state("a", ("failed",))
+    assert rec["last_exit"]["reason"] == "vmm-killed" and "SIGKILL" in rec["last_exit"]["detail"]
+    assert d.vm("b")["state"] == "running"
+    n = len(d.call("GET", "/v1/vms/b/logs")["data"])
+    d.wait_output("b", f"count {n // 9 + 3}")
+    kinds = [(e["kind"], e["detail"]) for e in d.call("GET", "/v1/vms/a/events")]
+    assert kinds[-1][0] == "failed" and "SIGKILL" in kinds[-1][1]
+
+
+def test_a_crashing_guest_is_restarted_with_backoff_on_failure(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory("--backoff", "0.05")
+    d.create("crash", guests / "triplefault.elf", restart="on-failure", start=True)
+    d.create("once", guests / "triplefault.elf", start=True)  # restart: never
+    rec = d.wait_state("once", ("failed",))
+    assert rec["last_exit"]["reason"] == "triple-fault"
+    deadline = time.monotonic() + 30
+    while d.vm("crash")["restarts"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kinds = [e["kind"] for e in d.call("GET", "/v1/vms/crash/events")]
+    assert kinds.count("restarted") >= 2 and "restart-scheduled" in kinds
+    delays = [float(e["detail"].split()[1]) for e in d.call("GET", "/v1/vms/crash/events")
+              if e["kind"] == "restart-scheduled"]
+    assert delays[:3] == [0.05, 0.1, 0.2]  # exponential back-off
+    d.call("POST", "/v1/vms/crash/kill")  # stops it whether it is running or waiting to restart
+    assert d.wait_state("crash", ("stopped",))["state"] == "stopped"
+
+
+def _cpu_split(d: Any, names: tuple[str, str], window: float = 2.5) -> float:
+    def cpu() -> dict[str, float]:
+        return {n: d.call("GET", f"/v1/vms/{n}/stats")["cpu_seconds"] for n in names}
+
+    time.sleep(0.5)  # both running flat out
+    a0 = cpu()
+    time.sleep(window)
+    a1 = cpu()
+    used = {n: a1[n] - a0[n] for n in names}
+    assert sum(used.values()) > 0.5 * window, used  # they did compete for the CPU
+    return used[names[0]] / sum(used.values())
+
+
+def test_cpu_weights_3_to_1_split_a_shared_cpu_75_25(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    for name, weight in (("heavy", 300), ("light", 100)):
+        d.create(name, guests / "spin.elf", cmdline="cpl=3", cpu_weight=weight, cpus="0", start=True)
+    share = _cpu_split(d, ("heavy", "light"))
+    assert abs(share - 0.75) <= 0.10, share
+
+
+def test_cpu_quotas_75_and_25_percent(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    for name, quota in (("q75", 75), ("q25", 25)):
+        d.create(name, guests / "spin.elf", cmdline="cpl=3", cpu_quota_pct=quota, start=True)
+    share = _cpu_split(d, ("q75", "q25"))
+    assert abs(share - 0.75) <= 0.10, share
+    st = d.call("GET", "/v1/vms/q25/stats")
+    assert st["throttled_seconds"] > 0
+
+
+def test_memory_the_host_cannot_back_is_refused_in_one_line(daemon_factory: Any, guests: Path) -> None:
+    total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    reserve = total - (1 << 30)  # leave 1 GiB for VMs
+    d = daemon_factory("--reserve-memory", str(reserve))
+    d.create("fits", guests / "counter.elf", memory_mib=512, start=True)  # + 64 MiB VMM allowance
+    d.create("toobig", guests / "counter.elf", memory_mib=512)
+    with pytest.raises(ApiError) as err:
+        d.call("POST", "/v1/vms/toobig/start")
+    msg = str(err.value)
+    assert err.value.status == 409 and "\n" not in msg
+    assert "asked 512 MiB" in msg and "448 MiB free of 1024 MiB" in msg, msg
+    assert d.vm("toobig")["state"] == "failed" or d.vm("toobig")["state"] == "created"
+    assert len(vmm_pids(d.state_dir)) == 1
+
+
+def test_metrics_endpoint_and_stats(daemon_factory: Any, guests: Path) -> None:
+    d = daemon_factory()
+    d.create("m1", guests / "counter.elf", start=True)
+    d.wait_output("m1", "count 2")
+    text = d.call("GET", "/metrics")
+    for needle in ('virtkit_vm_cpu_seconds_total{vm="m1"}', 'virtkit_vm_exits_total{vm="m1",reason="io"}',
+                   'virtkit_vm_device_io_total{vm="m1",device="uart0"}', 'virtkit_vm_rss_bytes{vm="m1"}',
+                   'virtkit_vm_memory_cgroup_bytes{vm="m1"}', "virtkit_host_vcpus_used 1"):
+        assert needle in text, needle
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.split()) == 2, line
