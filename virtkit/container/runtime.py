@@ -235,7 +235,18 @@ class Runtime:
             raise
 
     def _handshake(self, rec: Record, chan: Channel, config: Config, net_spec: dict[str, Any] | None) -> None:
-        while True:
+        """Serve the children until the init's pid is known *and* the init is ready.
+
+        The two come from different processes (setup reports the pid after its fork; the init,
+        running concurrently, may be ready first), so neither message may end the wait alone.
+        """
+        got_pid = ready = hooks_waiting = False
+
+        def run_hooks() -> None:
+            self._run_hooks(config.hooks.prestart + config.hooks.create_runtime, rec)
+            chan.send(go=True)
+
+        while not (got_pid and ready):
             msg = chan.recv(timeout=60)
             if msg is None:
                 raise ContainerError(f"cannot create container {rec.id}: its init exited during setup")
@@ -247,6 +258,7 @@ class Runtime:
             elif "pid" in msg:
                 rec.pid = int(msg["pid"])
                 rec.pid_start = proc_start_time(rec.pid)
+                got_pid = True
                 if not rec.cgroup_path:  # without a cgroup, the pid is the only handle for cleanup
                     self.dirs.save(rec)
                 if net_spec is not None:
@@ -254,12 +266,16 @@ class Runtime:
 
                     network.attach(net_spec, rec.pid)
                     chan.send(net=True)
+                if hooks_waiting:
+                    run_hooks()
             elif msg.get("hooks"):
-                rec.status = "creating"
-                self._run_hooks(config.hooks.prestart + config.hooks.create_runtime, rec)
-                chan.send(go=True)
+                # hooks get the state with the init's pid: wait for it if it has not come yet
+                if got_pid:
+                    run_hooks()
+                else:
+                    hooks_waiting = True
             elif msg.get("ready"):
-                return
+                ready = True
 
     @staticmethod
     def _write_id_maps(pid: int, config: Config) -> None:
