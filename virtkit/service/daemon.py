@@ -255,8 +255,8 @@ class Service:
                 os.unlink(self.control_path(rec))
             if self.use_cgroups:
                 self.cgroup(name).remove()
-        with self._locks_lock:
-            self._locks.pop(name, None)
+        # the name's lock is kept: a thread may be waiting on it, and a new Lock for the same name
+        # would let two threads in at once
 
     # --- start / stop ----------------------------------------------------------------------------
     def start(self, name: str) -> dict[str, Any]:
@@ -643,4 +643,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # run the imported module, not this __main__ copy: the API must see the same exception classes
+    from virtkit.service import daemon
+
+    daemon.run()

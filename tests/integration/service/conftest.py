@@ -56,7 +56,7 @@ class Daemon:
         if os.path.exists(self.socket):
             os.unlink(self.socket)  # left by a service that was SIGKILLed
         self.proc = subprocess.Popen(
-            [*os.environ.get("VKD_WRAP", "").split(), sys.executable, "-m", "virtkit.service.daemon", "--state-dir", self.state_dir, "--run-dir",
+            [sys.executable, "-m", "virtkit.service.daemon", "--state-dir", self.state_dir, "--run-dir",
              self.run_dir, "--cgroup-parent", self.cgroup_parent, *self.extra],
             stdin=subprocess.DEVNULL, stderr=open(os.path.join(self.run_dir, "virtkitd.log"), "ab"))  # noqa: SIM115
         deadline = time.monotonic() + 20

@@ -1,0 +1,187 @@
+"""Bad API input gets a 4xx with a one-line reason and leaves nothing half-made; a fuzzer drives
+every operation of the OpenAPI document with generated inputs and finds no 5xx."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from virtkit.service import openapi
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+
+
+def _check_error(status: int, data: bytes, expected: int | tuple[int, ...]) -> str:
+    codes = expected if isinstance(expected, tuple) else (expected,)
+    assert status in codes, (status, data[:300])
+    message = json.loads(data)["error"]
+    assert message and "\n" not in message and len(message) <= 400
+    return str(message)
+
+
+@pytest.fixture
+def d(daemon_factory: Any) -> Any:
+    return daemon_factory()
+
+
+def _nothing_left(d: Any) -> None:
+    assert d.call("GET", "/v1/vms") == []
+    assert os.listdir(os.path.join(d.state_dir, "vms")) == []
+
+
+def test_malformed_and_wrong_bodies(d: Any, guests: Path) -> None:
+    c = d.client
+    kernel = str(guests / "hello.elf")
+    cases: list[tuple[bytes, int, str]] = [
+        (b"{not json", 400, "malformed JSON"),
+        (b"\xff\xfe", 400, "not UTF-8"),
+        (b"[" * 60000, 400, "malformed JSON"),
+        (b'{"name": "a"}', 400, "kernel is required"),
+        (json.dumps({"name": "a", "kernel": kernel, "colour": "red"}).encode(), 400, "unknown field"),
+        (json.dumps({"name": "a", "kernel": kernel, "vcpus": "2"}).encode(), 400, "must be an integer"),
+        (json.dumps({"name": "a", "kernel": kernel, "vcpus": True}).encode(), 400, "must be an integer"),
+        (json.dumps({"name": "a", "kernel": kernel, "memory_mib": 10**30}).encode(), 400, "at most"),
+        (json.dumps({"name": "a", "kernel": kernel, "cpus": "0;rm"}).encode(), 400, "must match"),
+        (json.dumps({"name": "a", "kernel": "relative.elf"}).encode(), 400, "absolute path"),
+        (json.dumps({"name": "a", "kernel": "/nonexistent"}).encode(), 400, "does not exist"),
+        (json.dumps({"name": "a", "kernel": kernel, "memory_mib": 1048576}).encode(), 409, "more than this host"),
+        (json.dumps({"name": "a", "kernel": kernel, "cpus": "7"}).encode(), 400, "does not have"),
+        (b"1" * 5000, 400, "malformed JSON"),  # past the int conversion limit
+        (json.dumps([1, 2]).encode(), 400, "must be an object"),
+    ]
+    for name in ("../etc", "a/b", "..", ".hidden", "-x", "a\0b", "a b", "x" * 64, ""):
+        cases.append((json.dumps({"name": name, "kernel": kernel}).encode(), 400, "must match"))
+    for body, status, text in cases:
+        code, data = c.request("POST", "/v1/vms", raw=body)
+        msg = _check_error(code, data, status)
+        assert text in msg, (body[:60], msg)
+    code, data = c.request("POST", "/v1/vms", raw=b"x" * (openapi.MAX_BODY + 1))
+    _check_error(code, data, 413)
+    code, data = c.request("POST", "/v1/vms", raw=b"{}", headers={"Content-Type": "text/plain"})
+    _check_error(code, data, 415)
+    for path in ("/v1/vms/..%2F..%2Fetc", "/v1/vms/a%2Fb/start", "/v1/vms/%ff", "/v1/nothing", "/v2/vms"):
+        code, data = c.request("GET", path)
+        _check_error(code, data, (400, 404))
+    code, data = c.request("PUT", "/v1/vms")
+    _check_error(code, data, 405)
+    code, data = c.request("GET", "/v1/vms/ghost")
+    assert "no VM named 'ghost'" in _check_error(code, data, 404)
+    _nothing_left(d)
+
+
+def test_concurrent_create_and_delete_of_one_name(d: Any, guests: Path) -> None:
+    kernel = str(guests / "counter.elf")
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        for _ in range(6):
+            if i % 2:
+                code, data = d.client.request("POST", "/v1/vms", {"name": "contested", "kernel": kernel,
+                                                                  "start": i % 4 == 1})
+            else:
+                code, data = d.client.request("DELETE", "/v1/vms/contested?force=true")
+            with lock:
+                results.append(code)
+            assert code < 500, data
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(results) <= {201, 204, 404, 409}
+    vms = d.call("GET", "/v1/vms")
+    assert len(vms) <= 1  # never two VMs of one name
+    from .conftest import vmm_pids
+
+    assert len(vmm_pids(d.state_dir)) == sum(1 for v in vms if v["state"] == "running")
+    if vms:
+        d.call("DELETE", "/v1/vms/contested?force=true")
+    _nothing_left(d)
+
+
+# --- the fuzzer: inputs generated from the OpenAPI document ----------------------------------------
+
+def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    kind = schema.get("type")
+    if "enum" in schema:
+        s: st.SearchStrategy[Any] = st.sampled_from(schema["enum"])
+    elif kind == "string":
+        s = st.from_regex(schema["pattern"], fullmatch=True) if "pattern" in schema else st.text(max_size=50)
+    elif kind == "integer":
+        s = st.integers(schema.get("minimum", -2**40), min(schema.get("maximum", 2**40), 4096))
+    elif kind == "boolean":
+        s = st.booleans()
+    elif kind == "object":
+        props = schema.get("properties", {})
+        s = st.fixed_dictionaries({k: _from_schema(v) for k, v in props.items() if k in schema.get("required", [])},
+                                  optional={k: _from_schema(v) for k, v in props.items()
+                                            if k not in schema.get("required", []) and k != "start"})
+    else:
+        s = st.none()
+    return s | st.none() if schema.get("nullable") else s
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+
+
+def _mutated(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """A valid object with one field replaced by any JSON value, or an extra field added."""
+    def mutate(obj: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+        return {**obj, key: value}
+
+    keys = st.sampled_from([*schema["properties"], "extra"])
+    return st.builds(mutate, _from_schema(schema), keys, JSON)
+
+
+OPERATIONS = [(path, method.upper(), op) for path, item in openapi.SPEC["paths"].items()
+              for method, op in item.items()]
+NAME = st.one_of(st.from_regex(openapi.NAME_PATTERN, fullmatch=True), st.text(max_size=70))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
+    path, method, op = draw(st.sampled_from(OPERATIONS))
+    from urllib.parse import quote
+
+    url = path.replace("{name}", quote(draw(NAME), safe=""))
+    query = [f"{p['name']}={quote(str(draw(st.one_of(st.integers(-5, 2**63), st.text(max_size=10)))))}"
+             for p in op.get("parameters", []) if p["in"] == "query" and draw(st.booleans())]
+    if query:
+        url += "?" + "&".join(query)
+    body = None
+    schema = (op.get("requestBody") or {}).get("content", {}).get("application/json", {}).get("schema")
+    if schema is not None:
+        value = draw(st.one_of(_from_schema(schema), _mutated(schema), JSON))
+        body = json.dumps(value).encode()
+    return method, url, body
+
+
+def test_the_api_never_answers_5xx_to_generated_input(d: Any) -> None:
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(requests())
+    def run(req: tuple[str, str, bytes | None]) -> None:
+        method, url, body = req
+        code, data = d.client.request(method, url, raw=body)
+        seen[code] = seen.get(code, 0) + 1
+        assert code < 500, (method, url, body, data[:300])
+        if code >= 400 and url != "/metrics":
+            _check_error(code, data, code)
+
+    run()
+    assert any(400 <= c < 500 for c in seen) and any(c < 300 for c in seen), seen
+    for vm in d.call("GET", "/v1/vms"):  # generated creates may have defined VMs (none can start)
+        d.call("DELETE", f"/v1/vms/{vm['name']}?force=true")
+    _nothing_left(d)
