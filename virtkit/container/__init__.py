@@ -6,6 +6,7 @@ Layers, each importing only downward::
     libc, syscalls_x86_64   the system calls Python lacks (ctypes), and the x86-64 syscall table
     config, spec            config.json parsing (errors name the field) and the default config
     caps, seccomp           capability sets; the seccomp profile and its BPF compiler
+    devices                 the device allowlist as a cgroup2 eBPF program
     cgroups, rootfs         limits/stats/OOM per cgroup layout; the container's mount namespace
     state                   the state directory (crash-consistent records, locking)
     process                 the forked monitor/setup/init and exec processes

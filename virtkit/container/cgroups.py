@@ -127,6 +127,21 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
+def device_rules(res: Resources) -> list[Any]:
+    """Deny everything, then the config's rules in order, then (when the config allows nothing
+    itself) the devices of the minimal /dev: the devices cgroup's semantics, later rules winning."""
+    from virtkit.container.devices import Rule, parse_rule
+
+    rules = [Rule(False, "a", None, None, "rwm")]
+    for r in res.devices:
+        major = None if r.major is None or r.major < 0 else r.major
+        minor = None if r.minor is None or r.minor < 0 else r.minor
+        rules.append(Rule(r.allow, r.type, major, minor, r.access))
+    if not any(r.allow for r in res.devices):
+        rules.extend(parse_rule(True, text) for text in DEFAULT_DEVICE_RULES)
+    return rules
+
+
 class Cgroup:
     """The cgroup directories of one container, in every hierarchy of a :class:`Layout`."""
 
@@ -252,6 +267,7 @@ class Cgroup:
             self._apply_v2(res)
         else:
             self._apply_v1(res)
+        self.apply_device_filter(res)
 
     @staticmethod
     def _check(res: Resources) -> None:
@@ -315,22 +331,29 @@ class Cgroup:
         d = self._dir("devices")
         if d is None:
             return
-        rules: list[tuple[str, str]] = [("devices.deny", "a")]
-        for r in res.devices:
-            major = "*" if r.major is None or r.major < 0 else str(r.major)
-            minor = "*" if r.minor is None or r.minor < 0 else str(r.minor)
-            if r.type == "a" and r.major is None and r.minor is None:
-                rule = "a"
-            else:
-                rule = f"{r.type} {major}:{minor} {r.access}"
-            rules.append(("devices.allow" if r.allow else "devices.deny", rule))
-        if not any(r.allow for r in res.devices):
-            rules.extend(("devices.allow", r) for r in DEFAULT_DEVICE_RULES)
-        for fname, rule in rules:
+        for rule in device_rules(res):
+            fname = "devices.allow" if rule.allow else "devices.deny"
+            text = "a" if rule.type == "a" and rule.major is None and rule.minor is None else (
+                f"{rule.type} {'*' if rule.major is None else rule.major}:"
+                f"{'*' if rule.minor is None else rule.minor} {rule.access}")
             try:
-                _write(os.path.join(d, fname), rule)
+                _write(os.path.join(d, fname), text)
             except OSError as err:
-                raise ContainerError(f"the kernel refused device rule {fname} '{rule}': {err.strerror}") from None
+                raise ContainerError(f"the kernel refused device rule {fname} '{text}': {err.strerror}") from None
+
+    def apply_device_filter(self, res: Resources) -> None:
+        """The device rules as a BPF program on the cgroup2 directory: the only enforcement on v2;
+        on a hybrid host an addition to the v1 controller, so a refusal there is not fatal."""
+        d = self.dirs.get("unified")
+        if d is None:
+            return
+        from virtkit.container import devices
+
+        try:
+            devices.attach(d, device_rules(res))
+        except ContainerError:
+            if self.layout.mode == "v2":
+                raise
 
     def _apply_v2(self, res: Resources) -> None:
         mem, cpu = res.memory, res.cpu

@@ -2,8 +2,9 @@
 and cgroup2 is mounted at /sys/fs/cgroup, so the runtime sees the layout most hosts have today.
 
 Only the controllers this host attaches to cgroup2 can be used there (here none of memory, pids,
-cpu), so this checks detection, cgroup placement, the container's own cgroup2 mount, cgroup.kill
-and removal; the limits' v2 files are checked by the unit tests."""
+cpu), so this checks detection, cgroup placement, the container's own cgroup2 mount, cgroup.kill,
+the BPF device filter (cgroup v2 has no devices controller) and removal; the limits' v2 files are
+checked by the unit tests."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ rec = rt.create("v2kill", sys.argv[3])
 rt.start("v2kill")
 rt.delete("v2kill", force=True)  # cgroup.kill
 out["killed_removed"] = not any(os.path.exists(d) for d in rec.cgroup_dirs)
+rt.create("v2dev", sys.argv[4], capture=True)
+rt.start("v2dev")
+out["dev_exit"] = rt.wait("v2dev", timeout=60)["exitStatus"]
+out["dev_log"] = rt.logs("v2dev")
+rt.delete("v2dev")
 print(json.dumps(out))
 """
 
@@ -46,8 +52,11 @@ def test_pure_v2_lifecycle(rt: Any, bundle: Any, tmp_path: Path) -> None:
         pytest.skip("no cgroup2 hierarchy on this host")
     b = bundle(["sh", "-c", "cat /proc/self/cgroup; ls /sys/fs/cgroup | grep -c cgroup.procs"])
     k = bundle(["sh", "-c", "sleep 30 & sleep 30"])
+    # no v1 devices controller here: only the BPF device filter on the cgroup2 directory can refuse
+    major, minor = os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev)
+    d = bundle(["sh", "-c", f"echo ok > /dev/null && mknod /tmp/disk b {major} {minor} && head -c 1 /tmp/disk"])
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT,
-                           rt.dirs.root, str(b), str(k)], capture_output=True, text=True, timeout=120,
+                           rt.dirs.root, str(b), str(k), str(d)], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, VIRTKIT_UNSEALED="1"))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -60,3 +69,4 @@ def test_pure_v2_lifecycle(rt: Any, bundle: Any, tmp_path: Path) -> None:
     assert "0::/" in lines  # (the v1 hierarchies still exist in the kernel, so they are listed too)
     assert lines[-1] == "1"
     assert out["removed"] and out["killed_removed"]
+    assert out["dev_exit"] != 0 and "Operation not permitted" in out["dev_log"], out["dev_log"]
