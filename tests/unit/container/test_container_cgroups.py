@@ -90,7 +90,11 @@ def test_v1_files(tmp_path: Path) -> None:
     assert (base / "devices/virtkit/c/devices.allow").read_text() == "c 10:200 rwm"
 
 
-def test_v2_files(tmp_path: Path) -> None:
+def test_v2_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from virtkit.container import devices
+
+    attached: list[tuple[str, int]] = []
+    monkeypatch.setattr(devices, "attach", lambda d, rules: attached.append((d, len(rules))))
     d = tmp_path / "virtkit" / "c"
     d.mkdir(parents=True)
     for f in ("memory.max", "memory.swap.max", "cpu.weight", "cpu.max", "pids.max"):
@@ -102,6 +106,8 @@ def test_v2_files(tmp_path: Path) -> None:
     assert (d / "cpu.weight").read_text() == "39"
     assert (d / "cpu.max").read_text() == "20000 100000"
     assert (d / "pids.max").read_text() == "max"
+    # v2 has no devices controller: the rules go to a BPF program on the directory
+    assert attached == [(str(d), 1 + 12)]
 
 
 def test_v2_stats_and_oom(tmp_path: Path) -> None:
