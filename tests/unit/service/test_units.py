@@ -1,0 +1,141 @@
+"""Hermetic checks of the service's parts: the VMM seccomp policy (run by the reference BPF
+interpreter), the OpenAPI document and its validator, the store, accounting, exit descriptions."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from virtkit.container.seccomp import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, run_filter
+from virtkit.container.syscalls_x86_64 import SYSCALLS
+from virtkit.jail.policy import vmm_filter
+from virtkit.service import openapi
+from virtkit.service.daemon import describe_exit, is_failure
+from virtkit.service.resources import Account, InsufficientResources
+from virtkit.service.store import Store
+from virtkit.service.vmm import SerialSink
+
+ROOT = Path(__file__).resolve().parents[3]
+KVM_RUN = 0xAE80
+TCGETS = 0x5401
+
+
+@pytest.fixture(scope="module")
+def program() -> bytes:
+    return vmm_filter()
+
+
+@pytest.mark.parametrize("name", ["write", "futex", "accept4", "recvfrom", "sendto", "munmap", "exit_group",
+                                  "tgkill", "preadv", "pwritev"])
+def test_the_calls_a_vmm_makes_are_allowed(program: bytes, name: str) -> None:
+    assert run_filter(program, SYSCALLS[name]) == SECCOMP_RET_ALLOW
+
+
+@pytest.mark.parametrize("name", ["execve", "execveat", "socket", "fork", "vfork", "ptrace", "mount", "kill",
+                                  "bpf", "open_by_handle_at", "setuid", "unshare", "setns", "pidfd_open",
+                                  "process_vm_writev", "connect", "bind", "init_module", "keyctl"])
+def test_everything_else_kills_the_process(program: bytes, name: str) -> None:
+    assert run_filter(program, SYSCALLS[name]) == SECCOMP_RET_KILL_PROCESS
+
+
+def test_path_lookups_fail_with_an_error_and_clone3_with_enosys(program: bytes) -> None:
+    assert run_filter(program, SYSCALLS["openat"]) == SECCOMP_RET_ERRNO | errno.EACCES
+    assert run_filter(program, SYSCALLS["newfstatat"]) == SECCOMP_RET_ERRNO | errno.EACCES
+    assert run_filter(program, SYSCALLS["clone3"]) == SECCOMP_RET_ERRNO | errno.ENOSYS
+
+
+def test_arguments_are_checked(program: bytes) -> None:
+    ioctl, clone, mmap = SYSCALLS["ioctl"], SYSCALLS["clone"], SYSCALLS["mmap"]
+    assert run_filter(program, ioctl, (5, KVM_RUN)) == SECCOMP_RET_ALLOW
+    assert run_filter(program, ioctl, (5, 0xC008AE05)) == SECCOMP_RET_ALLOW  # _IOWR(KVMIO, ...)
+    assert run_filter(program, ioctl, (5, TCGETS)) == SECCOMP_RET_KILL_PROCESS
+    thread_flags = 0x3D0F00  # what glibc's pthread_create passes
+    assert run_filter(program, clone, (thread_flags,)) == SECCOMP_RET_ALLOW
+    assert run_filter(program, clone, (signal.SIGCHLD,)) == SECCOMP_RET_KILL_PROCESS  # fork
+    assert run_filter(program, mmap, (0, 4096, 3)) == SECCOMP_RET_ALLOW
+    assert run_filter(program, mmap, (0, 4096, 7)) == SECCOMP_RET_KILL_PROCESS  # PROT_EXEC
+    assert run_filter(program, SYSCALLS["mprotect"], (0, 4096, 5)) == SECCOMP_RET_KILL_PROCESS
+    assert run_filter(program, SYSCALLS["write"], arch=0x40000003) != SECCOMP_RET_ALLOW  # i386 ABI
+
+
+def test_the_checked_in_openapi_document_is_current() -> None:
+    assert (ROOT / "docs" / "openapi.json").read_text() == openapi.document()
+    assert json.loads(openapi.document())["openapi"].startswith("3.0")
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"name": "a"}, "body.kernel is required"),
+    ({"name": "a", "kernel": "/k", "x": 1}, "unknown field 'x'"),
+    ({"name": "a", "kernel": "/k", "vcpus": 1.5}, "body.vcpus must be an integer"),
+    ({"name": "a", "kernel": "/k", "vcpus": False}, "body.vcpus must be an integer"),
+    ({"name": "a", "kernel": "/k", "vcpus": 0}, "body.vcpus must be at least 1"),
+    ({"name": "a/b", "kernel": "/k"}, "body.name 'a/b' must match"),
+    ({"name": "a", "kernel": "/k", "mode": "x"}, "body.mode must be one of full, para"),
+    ({"name": "a", "kernel": ""}, "body.kernel must not be empty"),
+    ({"name": "a", "kernel": "/k\0"}, "NUL"),
+    ({"name": "a", "kernel": "/k", "cpu_quota_pct": None, "cpus": None}, None),
+])
+def test_validator(value: dict[str, object], message: str | None) -> None:
+    if message is None:
+        openapi.validate(openapi.VM_CREATE, value)
+        assert openapi.with_defaults(openapi.VM_CREATE, value)["memory_mib"] == 64
+        return
+    with pytest.raises(openapi.SchemaError, match=message.replace("(", r"\(")):
+        openapi.validate(openapi.VM_CREATE, value)
+
+
+def test_store_round_trip(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "db"))
+    rec = s.insert("a", {"x": 1})
+    assert rec["state"] == "created" and rec["definition"] == {"x": 1}
+    s.update("a", state="running", pid=42, last_exit={"reason": "r"})
+    s.event("a", "started", "pid 42")
+    s.close()
+    s = Store(str(tmp_path / "db"))  # a restarted service sees the same
+    rec2 = s.get("a")
+    assert rec2 is not None and rec2["pid"] == 42 and rec2["last_exit"] == {"reason": "r"}
+    assert [e["kind"] for e in s.events("a")] == ["started"]
+    import sqlite3
+
+    with pytest.raises(sqlite3.IntegrityError):
+        s.insert("a", {})
+    s.close()
+
+
+def test_account_refuses_what_it_cannot_back() -> None:
+    a = Account(overcommit=1.0, reserve=0)
+    cores = a.cores
+    a.reserve_for("x", cores, 1 << 20)
+    with pytest.raises(InsufficientResources, match=r"asked 1 vCPUs, 0 free of \d+"):
+        a.reserve_for("y", 1, 1 << 20)
+    a.release("x")
+    with pytest.raises(InsufficientResources, match=r"asked \d+ MiB .* MiB free of \d+ MiB for VMs"):
+        a.reserve_for("z", 1, a.total_memory)
+    a.reserve_for("y", 1, 1 << 20)
+
+
+def test_exit_descriptions() -> None:
+    killed = describe_exit(None, signal.SIGSYS)  # a wait status: terminated by SIGSYS
+    assert killed["reason"] == "vmm-killed" and "seccomp" in killed["detail"] and is_failure(killed)
+    ok = describe_exit({"reason": "debug-exit", "exit_status": 1, "crash": False, "detail": ""}, 1 << 8)
+    assert not is_failure(ok)
+    gone = describe_exit(None, None)
+    assert gone["reason"] == "vmm-gone" and is_failure(gone)
+
+
+def test_serial_ring_keeps_offsets() -> None:
+    w = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sink = SerialSink(w)
+        sink.write(b"x" * 70000)
+        sink.write(b"tail")
+        first, data, nxt = sink.read(0, 10)
+        assert first == 70004 - len(sink.ring) and nxt == first + 10
+        assert sink.read(70000, 100)[1] == b"tail"
+    finally:
+        os.close(w)
