@@ -323,6 +323,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
         rows.append([st["id"], "container", st["status"], str(st["pid"] or ""), mem, st["created"][:19]])
         out.append({"id": st["id"], "kind": "container", "status": st["status"], "pid": st["pid"],
                     "memory": mem, "created": st["created"]})
+    from virtkit.service.client import ps_entries  # VMs run by virtkitd, when it is running
+
+    for e in ps_entries():
+        rows.append([e["id"], e["kind"], e["status"], str(e["pid"] or ""), e["memory"], e["created"][:19]])
+        out.append(e)
     if args.format == "json":
         print(json.dumps(out, indent=2))
     else:

@@ -77,3 +77,19 @@ class Client:
     def vm_url(name: str, action: str = "") -> str:
         url = "/v1/vms/" + urllib.parse.quote(name, safe="")
         return url + ("/" + action if action else "")
+
+
+def ps_entries() -> list[dict[str, Any]]:
+    """virtkitd's VMs as ``virtkit ps`` entries (id, kind, status, pid, memory, created); none when
+    the service is not running, so ``ps`` never fails because of it."""
+    import time
+
+    if not os.path.exists(default_socket()):
+        return []
+    try:
+        vms = Client(timeout=5).call("GET", "/v1/vms")
+    except (VirtkitError, OSError):
+        return []
+    return [{"id": v["name"], "kind": "vm", "status": v["state"], "pid": v["pid"],
+             "memory": f"{v['definition']['memory_mib']} MiB",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created"]))} for v in vms]

@@ -45,7 +45,8 @@ def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
     top = cli(d, "top", "--once", "--interval", "0.2")
     assert top.returncode == 0 and "count1" in top.stdout, top.stderr
     ps = cli(d, "ps")
-    assert ps.returncode == 0
+    assert ps.returncode == 0 and any(line.split()[:3] == ["count1", "vm", "running"]
+                                      for line in ps.stdout.splitlines()), ps.stdout
     r = cli(d, "vm", "delete", "count1")
     assert r.returncode == 2 and "stop it first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert cli(d, "vm", "stop", "count1").returncode == 0
