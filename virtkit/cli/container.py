@@ -179,6 +179,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # parser and the runtime are built (rather than in the handler) saves their cost once.
     if program and _needs_seal(sys.argv[1:]):
         _seal()
+    # as the OCI runtime binary ('virtkit oci VERB'), only the oci verbs are needed: each parser
+    # built costs start-up time, and a runtime is started once per container operation
+    oci_only = program and _command_word(sys.argv[1:]) == "oci"
+    if not oci_only:
+        _register_top_level(sub)
+    oci = sub.add_parser("oci", help="the OCI runtime CLI (runc-compatible verbs, including run)",
+                         description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.")
+    _global_flags(oci)
+    oci_sub = oci.add_subparsers(dest="oci_command", metavar="VERB")
+    # the verbs under 'oci' are only built when the command line uses them
+    if not program or "oci" in sys.argv[1:]:
+        _add_lifecycle(oci_sub, with_run=True)
+
+    def oci_help(_args: argparse.Namespace) -> int:
+        oci.print_help()
+        return 2
+
+    oci.set_defaults(handler=oci_help)
+
+
+def _command_word(argv: list[str]) -> str | None:
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def _register_top_level(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_lifecycle(sub, with_run=False)
 
     p = sub.add_parser("logs", help="print the captured output of a container")
@@ -197,19 +230,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ref", default=None, help="the tag to take from a multi-image OCI layout")
     p.add_argument("--store", default=None)
     p.set_defaults(handler=_logged(cmd_import))
-
-    oci = sub.add_parser("oci", help="the OCI runtime CLI (runc-compatible verbs, including run)",
-                         description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.")
-    _global_flags(oci)
-    oci_sub = oci.add_subparsers(dest="oci_command", metavar="VERB")
-    # the verbs under 'oci' are only built when the command line uses them (each parser costs start-up)
-    if not program or "oci" in sys.argv[1:]:
-        _add_lifecycle(oci_sub, with_run=True)
-    def oci_help(_args: argparse.Namespace) -> int:
-        oci.print_help()
-        return 2
-
-    oci.set_defaults(handler=oci_help)
 
 
 # ------------------------------------------------------------------------------------------------
