@@ -83,7 +83,8 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p.add_argument("id")
     p.add_argument("--bundle", "-b", default=".", help="bundle directory with config.json (default .)")
     p.add_argument("--pid-file", default=None, help="write the container's init pid here")
-    p.add_argument("--console-socket", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--console-socket", default=None, metavar="SOCKET",
+                   help="with process.terminal: a unix socket to send the terminal's master side to")
     p.add_argument("--capture", action="store_true", help="keep the container's output for 'virtkit logs'")
     p.add_argument("--net", choices=("none", "bridge"), default="none",
                    help="bridge: a veth pair on the virtkit0 bridge, with an address (default: loopback only)")
@@ -96,7 +97,8 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
         p.add_argument("--pid-file", default=None)
         p.add_argument("--detach", "-d", action="store_true", help="do not wait (output goes to 'virtkit logs')")
         p.add_argument("--rm", action="store_true", help="delete the container when it exits")
-        p.add_argument("--console-socket", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--console-socket", default=None, metavar="SOCKET",
+                       help="with process.terminal and --detach: where to send the terminal")
         p.add_argument("--net", choices=("none", "bridge"), default="none")
 
     p = cmd("start", cmd_start, "start a created container (runs its process)")
@@ -121,7 +123,7 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p.add_argument("--detach", "-d", action="store_true")
     p.add_argument("--pid-file", default=None)
     p.add_argument("--preserve-fds", type=int, default=0)
-    p.add_argument("--tty", "-t", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tty", "-t", action="store_true", help="give the process a terminal (proxied to ours)")
 
     p = cmd("ps", cmd_ps, "list containers in one table, or with ID the processes of one container")
     p.add_argument("id", nargs="?")
@@ -237,24 +239,17 @@ def _register_top_level(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    if args.console_socket:
-        from virtkit.errors import ConfigError
-
-        raise ConfigError("--console-socket (process.terminal) is not supported by virtkit yet")
     _seal()
     _runtime(args).create(args.id, args.bundle, pid_file=args.pid_file, capture=args.capture,
-                          net=None if args.net == "none" else args.net)
+                          net=None if args.net == "none" else args.net, console_socket=args.console_socket)
     return 0
 
 
 def cmd_oci_run(args: argparse.Namespace) -> int:
-    if args.console_socket:
-        from virtkit.errors import ConfigError
-
-        raise ConfigError("--console-socket (process.terminal) is not supported by virtkit yet")
     _seal()
+    extra = {"console_socket": args.console_socket} if args.console_socket else {}
     return int(_runtime(args).run(args.id, args.bundle, detach=args.detach, remove=args.rm, pid_file=args.pid_file,
-                                  net=None if args.net == "none" else args.net))
+                                  net=None if args.net == "none" else args.net, **extra))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -282,8 +277,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from virtkit.errors import ConfigError
 
-    if args.tty:
-        raise ConfigError("exec --tty is not supported by virtkit yet; run without -t")
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -295,7 +288,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 base = json.load(f)
         except (OSError, ValueError) as err:
             raise ConfigError(f"cannot read process file {args.process}: {err}") from None
-    process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base)
+    process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base,
+                              tty=args.tty)
     _seal()
     return int(rt.exec(args.id, process, detach=args.detach, pid_file=args.pid_file,
                        preserve_fds=args.preserve_fds))

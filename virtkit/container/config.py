@@ -50,6 +50,7 @@ class Process:
     cwd: str = "/"
     env: tuple[str, ...] = ()
     terminal: bool = False
+    console_size: tuple[int, int] | None = None  # (height, width)
     user: User = User()
     capabilities: Capabilities | None = None
     rlimits: tuple[Rlimit, ...] = ()
@@ -284,9 +285,11 @@ def _parse_process(raw: dict[str, Any]) -> Process:
         if soft > hard:
             raise _fail(rp, "has soft above hard", r)
         rlimits.append(Rlimit(kind, soft, hard))
-    if _opt(raw, "terminal", bool, p):
-        raise _fail("process.terminal", "true is not supported by virtkit yet; set it to false")
-    return Process(args=args, cwd=cwd, env=env, terminal=False, user=user, capabilities=caps,
+    console_size = None
+    if (cs := _opt(raw, "consoleSize", dict, p)) is not None:
+        console_size = (_req(cs, "height", int, "process.consoleSize"), _req(cs, "width", int, "process.consoleSize"))
+    return Process(args=args, cwd=cwd, env=env, terminal=bool(_opt(raw, "terminal", bool, p)),
+                   console_size=console_size, user=user, capabilities=caps,
                    rlimits=tuple(rlimits),
                    no_new_privileges=bool(_opt(raw, "noNewPrivileges", bool, p)),
                    oom_score_adj=_opt(raw, "oomScoreAdj", int, p))

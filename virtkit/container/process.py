@@ -53,19 +53,26 @@ class Channel:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         return cls(a), cls(b)
 
-    def send(self, **msg: Any) -> None:
-        self.sock.send(json.dumps(msg).encode())
+    def send(self, fds: list[int] | None = None, **msg: Any) -> None:
+        if fds:
+            socket.send_fds(self.sock, [json.dumps(msg).encode()], fds)
+        else:
+            self.sock.send(json.dumps(msg).encode())
 
     def recv(self, timeout: float | None = 60.0) -> dict[str, Any] | None:
-        """The next message, or None when every peer has closed its end."""
+        """The next message, or None when every peer has closed its end. File descriptors passed
+        with it (SCM_RIGHTS: a terminal's master side) are in ``msg["fds"]``."""
         self.sock.settimeout(timeout)
         try:
-            data = self.sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4)
         except TimeoutError:
             raise ContainerError(f"container setup did not answer within {timeout:.0f}s") from None
         if not data:
             return None
-        return json.loads(data)  # type: ignore[no-any-return]
+        msg: dict[str, Any] = json.loads(data)
+        if fds:
+            msg["fds"] = list(fds)
+        return msg
 
     def close(self) -> None:
         self.sock.close()
@@ -220,6 +227,32 @@ def prepare_process(process: Process, seccomp: bytes | None) -> str:
     if chdir_later:
         os.chdir(process.cwd)
     return exe
+
+
+# --- terminals (asm-generic/ioctls.h) ---------------------------------------------------------
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+
+
+def open_terminal(process: Process) -> int:
+    """Make a pseudo-terminal in the container's devpts and make its slave side our stdio and
+    controlling terminal; return the master side (for R, who hands it on or proxies it)."""
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+    number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(f"/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY)
+    with contextlib.suppress(OSError):  # the user owns its terminal, as after a login
+        os.fchown(slave, process.user.uid, process.user.gid)
+    if process.console_size:
+        rows, cols = process.console_size
+        fcntl.ioctl(slave, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    os.close(slave)
+    fcntl.ioctl(0, TIOCSCTTY, 0)  # we are a session leader: this becomes our controlling tty
+    return master
 
 
 _SIOCGIFFLAGS = 0x8913
@@ -394,6 +427,10 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
         if cfg.domainname is not None:
             libc.setdomainname(cfg.domainname)
         builder.finalize()
+        if cfg.process.terminal:
+            master = open_terminal(cfg.process)
+            chan.send(fds=[master], console=True)
+            os.close(master)
         exe = prepare_process(cfg.process, spec.seccomp)
         chan.send(ready=True)
         chan.close()
@@ -433,6 +470,11 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
         pid = os.fork()
         if pid == 0:
             try:
+                if spec.process.terminal:
+                    os.setsid()
+                    master = open_terminal(spec.process)
+                    chan.send(fds=[master], console=True)
+                    os.close(master)
                 exe = prepare_process(spec.process, spec.seccomp)
                 chan.send(started=os.getpid())
                 chan.close()

@@ -84,6 +84,79 @@ def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
             os.close(fd)
 
 
+def send_console(path: str, master: int) -> None:
+    """Hand a terminal's master side to whoever listens on the --console-socket (runc's protocol:
+    one message carrying the fd as SCM_RIGHTS)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            socket.send_fds(s, [b"/dev/ptmx"], [master])
+    except OSError as err:
+        raise ContainerError(f"cannot send the terminal to --console-socket {path}: {err.strerror}") from None
+
+
+def proxy_terminal(master: int, done: int) -> None:
+    """Copy our stdin to the terminal and the terminal to our stdout until ``done`` is readable
+    (the exit pipe, or a pidfd). Our own terminal, if any, is raw meanwhile; its size follows."""
+    import errno
+    import fcntl
+    import termios
+    import threading
+    import tty
+
+    stdin_tty = os.isatty(0)
+    saved = termios.tcgetattr(0) if stdin_tty else None
+
+    def resize(*_: Any) -> None:
+        if stdin_tty:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGWINCH, resize)
+    resize()
+    if stdin_tty:
+        tty.setraw(0)
+    reading_stdin, reading_master = True, True
+
+    def pump() -> bool:
+        try:
+            data = os.read(master, 65536)
+        except OSError as err:  # EIO: the container's side is closed
+            if err.errno != errno.EIO:
+                raise
+            data = b""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+        return bool(data)
+
+    try:
+        while True:
+            watch = [done] + ([master] if reading_master else []) + ([0] if reading_stdin else [])
+            ready, _, _ = select.select(watch, [], [])
+            if master in ready:
+                reading_master = pump()
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if data:
+                    os.write(master, data)
+                else:
+                    reading_stdin = False
+            if done in ready:
+                while reading_master and select.select([master], [], [], 0.05)[0]:
+                    reading_master = pump()
+                return
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        if old is not None:
+            signal.signal(signal.SIGWINCH, old)
+
+
 class Runtime:
     """An OCI runtime bound to one state root."""
 
@@ -93,6 +166,7 @@ class Runtime:
         self._exit_pipes: dict[str, int] = {}
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
         self._configs: dict[str, Config] = {}  # parsed configs of the containers this object created
+        self._consoles: dict[str, int] = {}  # terminal master sides, for run in the foreground
 
     def default_cgroup_path(self, cid: str) -> str:
         """``/virtkit/ID`` for the default root; other roots get a suffix of their own, so that two
@@ -117,7 +191,8 @@ class Runtime:
     def create(self, cid: str, bundle: str, *, pid_file: str | None = None, capture: bool = False,
                config: Config | None = None, rootfs: str | None = None, raw_config: dict[str, Any] | None = None,
                overlay: dict[str, str] | None = None, net: str | None = None,
-               annotations: dict[str, str] | None = None) -> Record:
+               annotations: dict[str, str] | None = None, console_socket: str | None = None,
+               console_proxy: bool = False) -> Record:
         """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
 
         ``overlay`` = {"lower": dir, "upper": dir, "work": dir} mounts a copy-on-write rootfs at
@@ -131,6 +206,9 @@ class Runtime:
                 raw_config = json.loads(f.read())
         assert rootfs is not None and raw_config is not None
         linux = config.linux
+        if config.process.terminal and not console_socket and not console_proxy:
+            raise ConfigError("process.terminal is true: pass --console-socket SOCKET (the runtime sends the "
+                              "terminal's master there), or run it in the foreground with 'virtkit oci run'")
         if linux.namespace("mount") is None:
             raise ConfigError("config.json: linux.namespaces must include a mount namespace "
                               "(virtkit builds the rootfs with pivot_root in it)")
@@ -212,7 +290,7 @@ class Runtime:
             self._children[cid] = mon
             rec.monitor_pid = mon
             try:
-                self._handshake(rec, r_chan, config, net_spec)
+                self._handshake(rec, r_chan, config, net_spec, console_socket)
             except BaseException:
                 os.close(exit_r)
                 raise
@@ -234,7 +312,8 @@ class Runtime:
             self.dirs.remove(cid)
             raise
 
-    def _handshake(self, rec: Record, chan: Channel, config: Config, net_spec: dict[str, Any] | None) -> None:
+    def _handshake(self, rec: Record, chan: Channel, config: Config, net_spec: dict[str, Any] | None,
+                   console_socket: str | None = None) -> None:
         """Serve the children until the init's pid is known *and* the init is ready.
 
         The two come from different processes (setup reports the pid after its fork; the init,
@@ -274,6 +353,15 @@ class Runtime:
                     run_hooks()
                 else:
                     hooks_waiting = True
+            elif msg.get("console"):
+                master = msg["fds"][0]
+                if console_socket:
+                    try:
+                        send_console(console_socket, master)
+                    finally:
+                        os.close(master)
+                else:
+                    self._consoles[rec.id] = master
             elif msg.get("ready"):
                 ready = True
 
@@ -427,7 +515,10 @@ class Runtime:
         """create + start (+ wait, forwarding signals, + delete if ``remove``); the exit status."""
         if detach:
             create_args.setdefault("capture", True)
+        else:
+            create_args.setdefault("console_proxy", True)
         rec = self.create(cid, bundle, **create_args)
+        master = self._consoles.pop(cid, None)
         forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
         old: dict[int, Any] = {}
@@ -451,6 +542,11 @@ class Runtime:
         if detach:
             return 0
         try:
+            if master is not None:
+                try:
+                    proxy_terminal(master, self._exit_pipes[cid])
+                finally:
+                    os.close(master)
             info = self.wait(cid)
         finally:
             for sig_, handler in old.items():
@@ -507,6 +603,9 @@ class Runtime:
         pipe = self._exit_pipes.pop(rec.id, None)
         if pipe is not None:
             os.close(pipe)
+        console = self._consoles.pop(rec.id, None)
+        if console is not None:
+            os.close(console)
         for dev in rec.netdevs or []:
             from virtkit.container import network
 
@@ -570,6 +669,7 @@ class Runtime:
             exec_main(spec, c_chan)
         c_chan.close()
         target = 0
+        master = None
         try:
             while True:
                 msg = r_chan.recv(timeout=60)
@@ -578,6 +678,9 @@ class Runtime:
                 if "error" in msg:
                     os.waitpid(child, 0)
                     raise ContainerError(f"cannot exec in container {cid}: {msg['error']}")
+                if msg.get("console"):
+                    master = msg["fds"][0]
+                    continue
                 if "pid" in msg:
                     target = int(msg["pid"])
                 if "started" in msg:
@@ -596,6 +699,13 @@ class Runtime:
 
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
+            if master is not None:
+                done = os.pidfd_open(child)
+                try:
+                    proxy_terminal(master, done)
+                finally:
+                    os.close(done)
+                    os.close(master)
             _, st = os.waitpid(child, 0)
         finally:
             for s, h in old.items():
@@ -604,7 +714,7 @@ class Runtime:
         return code if code >= 0 else 128 - code
 
     def exec_process(self, cid: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
-                     user: str | None = None, base: dict[str, Any] | None = None) -> Process:
+                     user: str | None = None, base: dict[str, Any] | None = None, tty: bool = False) -> Process:
         """The process ``exec`` runs: the container's own (capabilities, rlimits, user) with overrides."""
         self.dirs.load(cid)  # an unknown id is reported as such
         config = self._config(cid)
@@ -628,7 +738,7 @@ class Runtime:
             new_env = [x for x in new_env if not x.startswith(key)] + [e]
         if not args:
             raise ConfigError("exec needs a command: virtkit exec ID -- CMD ARGS...")
-        return Process(args=tuple(args), cwd=cwd or p.cwd, env=tuple(new_env), user=u,
+        return Process(args=tuple(args), cwd=cwd or p.cwd, env=tuple(new_env), user=u, terminal=tty,
                        capabilities=p.capabilities, rlimits=p.rlimits, no_new_privileges=p.no_new_privileges)
 
     def processes(self, cid: str) -> list[int]:
