@@ -142,7 +142,7 @@ def test_a_create_that_crashes_stays_listed_and_deletable(rt: Any, bundle: Any, 
             else:
                 original = rtmod.Runtime._handshake
 
-                def crash_after_pid(self: Any, rec: Any, chan: Any, config: Any, net: Any) -> None:
+                def crash_after_pid(self: Any, rec: Any, chan: Any, *args: Any) -> None:
                     msg = chan.recv(timeout=30)  # the init's pid: processes exist now
                     assert msg and "pid" in msg
                     os._exit(9)
