@@ -7,7 +7,14 @@ import argparse
 import importlib
 import sys
 
-SUITES = {"vmm": "bench.vmm", "paravirt": "bench.paravirt"}
+SUITES = {
+    "vmm": "bench.vmm",
+    "paravirt": "bench.paravirt",
+    "containers": "bench.containers",
+    "containers_overhead": "bench.containers_overhead",
+    "failover": "bench.failover",
+    "service": "bench.service",
+}
 
 
 def main() -> int:

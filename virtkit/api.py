@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import BinaryIO
 
 from virtkit.boot.loader import ModuleSpec
 from virtkit.console import Console
@@ -20,6 +17,10 @@ from virtkit.errors import ConfigError
 from virtkit.stats import RunStats, merge
 from virtkit.units import parse_count, parse_size
 from virtkit.vm import DiskSpec, Machine, MachineConfig, Stop, StopReason
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 VM_MODES = ("full", "para")
 

@@ -9,11 +9,12 @@ all-ones (what an empty ISA/PCI bus returns), writes are dropped, and both are c
 from __future__ import annotations
 
 import bisect
+
+from virtkit.errors import DeviceError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
-
-from virtkit.errors import DeviceError
 
 
 if TYPE_CHECKING:

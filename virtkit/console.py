@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import BinaryIO

@@ -6,7 +6,6 @@ one record per run, with a plain-text table for ``virtkit run --stats``.
 
 from __future__ import annotations
 
-
 from virtkit.kvm.constants import ExitReason
 from virtkit.vcpu import VcpuStats
 

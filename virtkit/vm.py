@@ -21,25 +21,26 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Protocol
-
-    from virtkit.devices.disk import RawImage
 
 from virtkit.arch import cpuid, x86
 from virtkit.boot import layout
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.bus import IoBus, MmioBus
 from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
-from virtkit.iothread import IoThread
 from virtkit.errors import ConfigError, DeviceError, KvmError
+from virtkit.iothread import IoThread
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
 from virtkit.kvm.ioctl import Kvm, VmFd
 from virtkit.memory import GuestMemory
 from virtkit.units import format_size
 from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    from virtkit.devices.disk import RawImage
 
 if TYPE_CHECKING:
 

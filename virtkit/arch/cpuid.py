@@ -14,11 +14,11 @@ Per vCPU, the APIC ID fields are set so every vCPU has a distinct, correct ident
 
 from __future__ import annotations
 
+from virtkit.kvm import structs as S
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
-
-from virtkit.kvm import structs as S
 
 LEAF_FEATURES: Final = 0x1
 LEAF_EXT_TOPOLOGY: Final = 0xB

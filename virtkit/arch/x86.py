@@ -7,12 +7,13 @@ References: Intel SDM vol. 3A §3.4.5 (segment descriptors), §4.5 (4-level pagi
 from __future__ import annotations
 
 import struct
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Final
 
 from virtkit.boot import layout
 from virtkit.kvm import structs as S
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 # CR0, CR4, EFER bits (SDM vol. 3A §2.5, §2.2.1)
 CR0_PE: Final = 1 << 0

@@ -7,11 +7,12 @@ and size read from the file is checked against the file before use.
 from __future__ import annotations
 
 import struct
+
+from virtkit.errors import BootError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
-
-from virtkit.errors import BootError
 
 ELF_MAGIC: Final = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2

@@ -11,7 +11,6 @@ Protocols:
 
 from __future__ import annotations
 
-
 import os
 
 from virtkit.arch import x86

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import struct
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Final
 
 from virtkit.boot import layout
 from virtkit.errors import BootError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 HEADER_MAGIC: Final = 0x1BADB002
 HEADER_SEARCH: Final = 8192

@@ -132,7 +132,7 @@ def _open_layer(data: IO[bytes], media_type: str | None, what: str) -> IO[bytes]
         return gzip.GzipFile(fileobj=data)  # type: ignore[return-value]
     if head == b"\x28\xb5\x2f\xfd" or media_type in MEDIA_LAYER_ZSTD:
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
         except ImportError:
             raise ImageError(f"{what} is zstd-compressed and the 'zstandard' module is not installed "
                              "(pip install zstandard)") from None

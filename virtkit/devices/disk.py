@@ -83,7 +83,7 @@ class RawImage:
 
     def contains(self, sector: int, count: int) -> bool:
         """True if ``count`` sectors from ``sector`` lie inside the image."""
-        return 0 <= sector and 0 <= count and sector + count <= self.sectors
+        return sector >= 0 and count >= 0 and sector + count <= self.sectors
 
     def fileno(self) -> int:
         return self._fd

@@ -23,12 +23,13 @@ import os
 import struct
 import time
 from collections.abc import Callable
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Final
 
 from virtkit.devices.disk import SECTOR_SIZE, RawImage
 from virtkit.memory import GuestMemory, GuestMemoryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 ABI_VERSION: Final = 1
 BLOCK_SIZE: Final = 64

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes as C
 import enum
+
+from virtkit.kvm import structs as S
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
-
-from virtkit.kvm import structs as S
 
 KVMIO: Final = 0xAE
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2

@@ -11,13 +11,14 @@ import errno
 import fcntl
 import mmap
 import os
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import TypeVar
 
 from virtkit.errors import KvmError
 from virtkit.kvm import constants as K
 from virtkit.kvm import structs as S
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
 
 if TYPE_CHECKING:
     T = TypeVar("T", bound=C.Structure)

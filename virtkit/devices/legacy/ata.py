@@ -15,11 +15,12 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
+
+from virtkit.devices.disk import SECTOR_SIZE, RawImage
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
-
-from virtkit.devices.disk import SECTOR_SIZE, RawImage
 
 CMD_BASE: Final = 0x1F0
 CTRL_PORT: Final = 0x3F6

@@ -7,6 +7,7 @@ computes it, so a test guest reports its result the same way under both VMMs.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final

@@ -8,6 +8,7 @@ kernels reboot; a write of the output port with bit 0 clear does the same.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final

@@ -9,6 +9,7 @@ memory size the way the PC BIOS records it.
 from __future__ import annotations
 
 import time
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final

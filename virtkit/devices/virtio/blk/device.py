@@ -19,8 +19,8 @@ import os
 import struct
 from typing import Final
 
-from virtkit.devices.virtio import spec
 from virtkit.devices.disk import SECTOR_SIZE, RawImage
+from virtkit.devices.virtio import spec
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.queue import ChainError, DescriptorChain, VirtQueue
 from virtkit.errors import DeviceError
