@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ IDLE = "us=1000"
 DIRTYING = "us=100 dirty=16 buf=32"
 HEAVY = "us=100 dirty=256 buf=32"  # ~1.5 GB/s: the whole buffer rewritten every ~20 ms
 DOWNTIME_MS = 50.0
+#: the heavy guest again with a 1 ms budget it cannot meet: shows the rounds until pre-copy gives up
+TIGHT = "heavy, 1 ms budget"
 QEMU = "qemu-system-x86_64"
 
 
@@ -132,17 +135,21 @@ def _process_first_byte(cmd: list[str], timeout: float = 30.0) -> float:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     assert p.stdout is not None
+    watchdog = threading.Timer(timeout, p.kill)  # a process that never prints must not hang the run
+    watchdog.start()
     try:
         first = p.stdout.read(1)
         t1 = time.perf_counter()
     finally:
+        watchdog.cancel()
         p.kill()
         p.communicate(timeout=timeout)
     return (t1 - t0) * 1e3 if first else float("nan")
 
 
 # --- virtkit live migration, two processes -----------------------------------------------------
-def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30) -> dict[str, Any]:
+def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30,
+                 downtime_ms: float = DOWNTIME_MS) -> dict[str, Any]:
     from virtkit.migration.control import request
 
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
@@ -156,7 +163,7 @@ def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30) 
         _wait(lambda: port_file.exists() and sock.exists())
         time.sleep(0.5)  # let the guest fill its buffer and settle
         reply = request(str(sock), "migrate", to=f"127.0.0.1:{port_file.read_text().strip()}",
-                        downtime_ms=DOWNTIME_MS, max_rounds=max_rounds)
+                        downtime_ms=downtime_ms, max_rounds=max_rounds)
         reply.pop("ok", None)
         return reply
     finally:
@@ -189,10 +196,17 @@ class Qmp:
             if "error" in msg:
                 raise RuntimeError(f"QMP {name}: {msg['error']}")
 
-    def wait_migration(self) -> dict[str, Any]:
+    def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll query-migrate until the migration ends; after ``timeout`` seconds cancel it (a
+        guest that dirties memory faster than it can be sent never converges without throttling)."""
+        deadline = time.monotonic() + timeout
         while True:
             st = self.cmd("query-migrate")
             if st.get("status") in ("completed", "failed", "cancelled"):
+                return st  # type: ignore[no-any-return]
+            if time.monotonic() > deadline:
+                self.cmd("migrate_cancel")
+                st["status"] = f"not converged in {timeout:g} s"
                 return st  # type: ignore[no-any-return]
             time.sleep(0.002)
 
@@ -201,10 +215,19 @@ class Qmp:
 
 
 def _qemu(counter: Path, cmdline: str, qmp: str, *extra: str) -> subprocess.Popen[bytes]:
+    """QEMU with its serial port in ``qmp``.log (a pipe nobody drains would stall it)."""
     return subprocess.Popen([QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config",
-                             "-nographic", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                             "-kernel", str(counter), "-append", cmdline, "-qmp", f"unix:{qmp},server,nowait", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                             "-nographic", "-serial", f"file:{qmp}.log", "-device",
+                             "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(counter), "-append", cmdline,
+                             "-qmp", f"unix:{qmp},server,nowait", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def _printing(qmp: str, lines: int = 100) -> bool:
+    try:
+        return os.path.getsize(f"{qmp}.log") > lines * 10
+    except OSError:
+        return False
 
 
 def _stop(p: subprocess.Popen[bytes]) -> None:
@@ -222,8 +245,7 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
         q = _qemu(counter, IDLE, qmp_path)
         try:
             mon = Qmp(qmp_path)
-            assert q.stdout is not None
-            q.stdout.read(64)  # running
+            _wait(lambda qmp_path=qmp_path: _printing(qmp_path))
             with contextlib.suppress(FileNotFoundError):
                 state.unlink()
             t0 = time.perf_counter()
@@ -236,13 +258,27 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
             _stop(q)
     out["savevm"] = {"paused_ms": median(paused), "file_bytes": state.stat().st_size, "status": st.get("status"),
                      "runs": runs}
-    # loadvm: a new QEMU process resumes from the file; time to the first byte the guest prints
+    # loadvm: a new QEMU process loads the file; the state was saved stopped (as savevm does), so it
+    # comes up paused and is continued over QMP as soon as the load completes (what libvirt does).
+    # Time from process start to the first byte the resumed guest prints.
     firsts = []
     for i in range(max(3, runs // 2)):
+        qmp_path = str(work / f"l{i}.qmp")
+
+        def resume(qmp_path: str = qmp_path) -> None:
+            with contextlib.suppress(Exception):
+                mon = Qmp(qmp_path)
+                mon.wait_migration()
+                mon.cmd("cont")
+                mon.close()
+
+        t = threading.Thread(target=resume, daemon=True)
+        t.start()
         firsts.append(_process_first_byte(
             [QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config", "-nographic",
              "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(counter),
-             "-append", IDLE, "-incoming", f"exec:cat {state}", "-qmp", f"unix:{work / f'l{i}.qmp'},server,nowait"]))
+             "-append", IDLE, "-incoming", f"exec:cat {state}", "-qmp", f"unix:{qmp_path},server,nowait"]))
+        t.join(timeout=10)
     out["loadvm"] = {"process_to_first_byte_ms": median(firsts)}
     print(f"  qemu     savevm (migrate to file) paused {out['savevm']['paused_ms']:.1f} ms, "
           f"{out['savevm']['file_bytes'] >> 10} KiB; -incoming to first byte "
@@ -257,11 +293,11 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
         dst = _qemu(counter, cmdline, dq, "-incoming", f"tcp:127.0.0.1:{port}")
         try:
             ms, md = Qmp(sq), Qmp(dq)
-            time.sleep(0.5)
+            _wait(lambda sq=sq: _printing(sq, 300))
             ms.cmd("migrate-set-parameters", **{"downtime-limit": int(DOWNTIME_MS)})
             t0 = time.perf_counter()
             ms.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-            st = ms.wait_migration()
+            st = ms.wait_migration(timeout=15.0)
             wall = (time.perf_counter() - t0) * 1e3
             ram = st.get("ram", {})
             out[f"migrate_{label}"] = {"status": st.get("status"), "total_ms": st.get("total-time", wall),
@@ -319,6 +355,11 @@ def render(d: dict[str, Any]) -> str:
     lines.append(md_table(["VMM, guest", "rounds", "pages sent", "total (ms)", "downtime (ms)", "ended by"], rows))
     lines.append("\nGuests: idle `" + IDLE + "`; dirtying `" + DIRTYING + "`; heavy `" + HEAVY + "`. virtkit's "
                  "downtime is source pause to the target's RUNNING reply; QEMU's is its own `query-migrate` figure.\n")
+    tight = d["migration"].get(TIGHT)
+    if tight:
+        lines.append(f"\nWith a {TIGHT.split(', ')[1]} the heavy guest never fits: pre-copy ran "
+                     f"{len(tight['dirty_per_round'])} rounds (dirty set at each check: {tight['dirty_seen']}) and "
+                     f"ended by *{tight['stop_reason']}*; downtime {tight['downtime_ms']:.1f} ms.\n")
     t = d["targets"]
     lines.append("\n## Targets\n")
     lines.append(md_table(["target", "goal", "measured"], [
@@ -339,10 +380,14 @@ def plot(d: dict[str, Any]) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, m in d["migration"].items():
-        rounds = m["dirty_per_round"]
-        ax.plot(range(len(rounds)), rounds, marker="o", label=f"{label} (+{m['final_pages']} in stop-and-copy)")
-    ax.set_yscale("log")
-    ax.set_xlabel("pre-copy round (0 = all non-zero memory)")
+        rounds = [*m["dirty_per_round"], m["final_pages"]]
+        line, = ax.plot(range(len(rounds)), rounds, marker="o", label=f"{label} ({m['stop_reason']}, downtime "
+                        f"{m['downtime_ms']:.1f} ms)")
+        ax.plot([len(rounds) - 1], [rounds[-1]], marker="s", markersize=10, color=line.get_color())
+    ax.set_yscale("symlog", linthresh=1)  # a round may find nothing dirty: 0 must be plottable
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("pre-copy round (0 = all non-zero memory; square = stop-and-copy)")
     ax.set_ylabel("pages sent (4 KiB)")
     ax.set_title(f"virtkit live migration: pages per pre-copy round ({MEMORY} guest, "
                  f"{d['platform'].get('kvm_flavor')} KVM)")
@@ -368,8 +413,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         clone = measure_clone(snap_dir, 4 if quick else 16)
         print("live migration, two virtkit processes on loopback", flush=True)
         migration = {}
-        for label, cmdline in (("idle", IDLE), ("dirtying", DIRTYING), ("heavy", HEAVY)):
-            migration[label] = migrate_once(counter, cmdline, work)
+        for label, cmdline, budget in (("idle", IDLE, DOWNTIME_MS), ("dirtying", DIRTYING, DOWNTIME_MS),
+                                       ("heavy", HEAVY, DOWNTIME_MS), (TIGHT, HEAVY, 1.0)):
+            migration[label] = migrate_once(counter, cmdline, work, downtime_ms=budget)
             m = migration[label]
             print(f"  virtkit  migrate {label:<9} total {m['total_ms']:.1f} ms, downtime {m['downtime_ms']:.2f} ms, "
                   f"rounds {m['dirty_per_round']} + {m['final_pages']} ({m['stop_reason']})", flush=True)

@@ -70,6 +70,7 @@ class MigrationResult:
     pages_sent: int = 0
     bytes_sent: int = 0
     dirty_per_round: list[int] = field(default_factory=list)  # pages sent in round 0, 1, ...
+    dirty_seen: list[int] = field(default_factory=list)       # dirty-log size at each check after round 0
     precopy_ms: float = 0.0
     downtime_ms: float = 0.0          # source pause -> target's RUNG received here
     target_downtime_ms: float = 0.0   # source pause -> target vCPUs started (same-host clocks)
@@ -177,6 +178,7 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
         result.stop_reason = "max-rounds"
         for rnd in range(1, opts.max_rounds + 1):
             dirty = machine.dirty_pages()
+            result.dirty_seen.append(len(dirty))
             if len(dirty) * PAGE_SIZE / bandwidth + SWITCHOVER_OVERHEAD <= budget:
                 result.stop_reason = "budget"
                 pending = dirty  # small enough: send it during the downtime
