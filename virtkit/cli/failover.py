@@ -10,30 +10,28 @@ so a restored or migrated VM can be snapshotted, migrated or checkpointed again.
 
 from __future__ import annotations
 
+# This module is imported on every `virtkit run` (its options are part of the run parser): only
+# cheap modules at the top; json, re, signal... are imported by the functions that use them.
 import argparse
-import contextlib
-import json
 import os
-import re
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from types import FrameType
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from virtkit.api import VM, RunResult
+    import threading
+    from types import FrameType
+    from typing import Any
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+    from virtkit.api import VM, RunResult
 
 
 def parse_duration(text: str, what: str) -> float:
     """``5s``, ``500ms``, ``2m``, ``1h`` or plain seconds, as seconds."""
+    import re
+
     from virtkit.errors import ConfigError
 
-    m = _DURATION.match(text)
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", text)
     if not m:
         raise ConfigError(f"{what} {text!r} is not a duration: use e.g. 5s, 500ms, 2m")
     value = float(m.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
@@ -140,6 +138,8 @@ class FailoverHooks:
     """What ``--control``, ``--checkpoint-every`` and ``--exit-report`` add to a foreground VM."""
 
     def __init__(self, args: argparse.Namespace, vm: VM) -> None:
+        import threading
+
         self.args = args
         self.vm = vm
         self.exit_code: int | None = None  # set when the VM left this host (migrated)
@@ -161,6 +161,8 @@ class FailoverHooks:
 
             self._server = ControlServer(args.control, self.vm.machine, on_migrated=self._migrated)
         if every is not None:
+            import threading
+
             period = parse_duration(every, "--checkpoint-every")
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(period,),
                                                   name="vm-checkpoint", daemon=True)
@@ -200,17 +202,19 @@ class FailoverHooks:
         code = result.exit_code if self.exit_code is None else self.exit_code
         report = getattr(self.args, "exit_report", None)
         if report:
-            with contextlib.suppress(OSError), open(report, "w") as f:
-                json.dump({"pid": os.getpid(), "reason": result.reason.value, "exit_code": code,
-                           "migrated": self.migrated_to is not None}, f)
+            import json
+
+            try:
+                with open(report, "w") as f:
+                    json.dump({"pid": os.getpid(), "reason": result.reason.value, "exit_code": code,
+                               "migrated": self.migrated_to is not None}, f)
+            except OSError:
+                pass
         return code
 
 
-@contextlib.contextmanager
-def failover_hooks(args: argparse.Namespace, vm: VM) -> Iterator[FailoverHooks]:
-    """Used by ``virtkit run`` (virtkit/cli/run_vm.py) around the VM's run."""
-    with FailoverHooks(args, vm) as hooks:
-        yield hooks
+#: what ``virtkit run`` (virtkit/cli/run_vm.py) wraps the VM's run in
+failover_hooks = FailoverHooks
 
 
 class _Terminated(BaseException):
@@ -223,6 +227,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> int:
     """Run ``vm`` (already opened) until it stops, as ``virtkit run`` does."""
+    import signal
+
     from virtkit.api import EXIT_STOPPED
     from virtkit.vm import StopReason
 
@@ -254,6 +260,8 @@ def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> in
 
 
 def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    import json
+
     print(json.dumps(obj) if as_json else text)
 
 
@@ -272,6 +280,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_info(args: argparse.Namespace) -> int:
+    import json
+
     from virtkit.snapshot import describe
 
     print(json.dumps(describe(args.dir), indent=2))
@@ -289,6 +299,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
+    import time
+
     from virtkit.errors import ConfigError
     from virtkit.snapshot import clone
 
