@@ -107,3 +107,22 @@ def test_restart_needs_no_checkpoint_dir_and_ends_with_the_guest(guests: Path) -
     assert p.returncode == 7, p.stderr  # (3 << 1) | 1, as without the supervisor
     assert "hello from virtkit guest" in p.stdout
     assert time.monotonic() - start < 30
+
+
+def test_clone_command(counter: Path, tmp_path: Path) -> None:
+    from fohelp import assert_seamless
+
+    from virtkit import VM, snapshot
+
+    with VM(counter, cmdline="us=500") as vm:
+        vm.start()
+        wait_for(lambda: len(counts(vm.console.output)) >= 10)
+        snapshot.save(vm, tmp_path / "snap", resume=False)
+        before = vm.console.output
+    p = virtkit("clone", str(tmp_path / "snap"), "--count", "3", "--serial-dir", str(tmp_path / "logs"),
+                "--timeout", "0.5", "--json")
+    assert p.returncode == 124, p.stderr  # every clone ran until the timeout stopped it
+    result = json.loads(p.stdout)
+    assert result["count"] == 3 and result["exit_codes"] == [124, 124, 124]
+    for i in range(3):
+        assert_seamless(before, (tmp_path / "logs" / f"clone-{i}.log").read_bytes(), first=1)
