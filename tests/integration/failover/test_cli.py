@@ -92,13 +92,14 @@ def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Pat
         stop_process(sup)
     assert b"was killed by signal 9 (SIGKILL); resuming the VM from its checkpoint" in err, err
     values = file_counts(log)
-    # one counter, no reboot: after the restart it resumes from the checkpoint (so a few lines may
-    # repeat) and counts on by one
-    restart_at = next(i for i in range(1, len(values)) if values[i] != values[i - 1] + 1)
-    assert values[:restart_at] == list(range(1, restart_at + 1))
-    resumed = values[restart_at:]
-    assert 1 < resumed[0] <= values[restart_at - 1] + 1
-    assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
+    # one counter, no reboot: after the restart it resumes from the checkpoint, so the lines printed
+    # between the checkpoint and the kill repeat (none, if the kill came right after a checkpoint),
+    # and it counts on by one: at most one step back, never a gap, never back to 1
+    assert values[0] == 1
+    steps = [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
+    assert len(steps) <= 1, steps
+    for i in steps:
+        assert 1 < values[i] <= values[i - 1], (values[i - 1], values[i])
 
 
 def test_restart_needs_no_checkpoint_dir_and_ends_with_the_guest(guests: Path) -> None:

@@ -177,3 +177,16 @@ def test_migrate_between_two_network_namespaces(pair_factory, two_hosts) -> None
     # and the target really was only reachable through the veth: not from this namespace
     probe = subprocess.run(["ping", "-c1", "-W1", dst_ip], capture_output=True) if shutil.which("ping") else None
     assert probe is None or probe.returncode != 0
+
+
+def test_a_failed_migration_can_be_retried(pair_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pair = pair_factory(fault="drop-during-memory", cmdline="us=300 dirty=16 buf=8")
+    _source_survives(pair, pair.migrate(), "failed")
+    pair.target.wait(timeout=10)
+    port_file = tmp_path / "port2"
+    pair.target = spawn("migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+                        "--serial", str(pair.dst_log), "--accept-timeout", "30")
+    wait_for(port_file.exists, what="the second target")
+    pair.to = f"127.0.0.1:{port_file.read_text().strip()}"
+    _assert_migrated(pair, pair.migrate(), lines=70)  # past the guest's next full-buffer check
+    assert b"lost write" not in pair.dst_log.read_bytes()
