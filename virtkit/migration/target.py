@@ -155,6 +155,7 @@ def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     ch = Channel(conn, f"{addr[0]}:{addr[1]}")
     vm: IncomingVM | None = None
+    answered = False  # the source was already told why (REFUSE), or must not be (injected drop)
     try:
         _, hello = ch.expect(MessageType.HELLO)
         try:
@@ -163,6 +164,7 @@ def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str
             vm.source = ch.peer
             vm.open()
         except VirtkitError as e:
+            answered = True
             ch.send_json(MessageType.REFUSE, {"error": f"this host cannot build the VM: {e}"})
             raise MigrationError(f"refused the migration from {ch.peer}: {e}") from None
         assert vm.machine is not None
@@ -171,6 +173,7 @@ def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str
         if reason is None and fault == "refuse":
             reason = "refused by fault injection"
         if reason is not None:
+            answered = True
             ch.send_json(MessageType.REFUSE, {"error": reason})
             raise MigrationError(f"refused the migration from {ch.peer}: {reason}")
         ch.send_json(MessageType.ACCEPT, {})
@@ -181,6 +184,7 @@ def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str
             if kind is MessageType.PAGES:
                 pages += _recv_pages(ch, machine, length)
                 if fault == "drop-during-memory":
+                    answered = True
                     # an abrupt reset, as when a host or its network goes away
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     raise MigrationError("dropped the connection by fault injection")
@@ -211,7 +215,7 @@ def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str
             else:
                 raise MigrationError(f"{ch.peer} sent {kind.value.decode()} during the migration")
     except BaseException as e:
-        if isinstance(e, VirtkitError) and fault != "drop-during-memory" and "refused" not in str(e):
+        if isinstance(e, VirtkitError) and not answered:
             with contextlib.suppress(MigrationError):  # tell the source why, if it still listens
                 ch.send_json(MessageType.ABORT, {"error": str(e)})
         if vm is not None:

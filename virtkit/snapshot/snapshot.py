@@ -110,8 +110,10 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
         raise SnapshotError(f"cannot read the VM's state: {e}") from None
     t1 = time.perf_counter_ns()
     mem_name = f"memory-{secrets.token_hex(6)}.bin"
+    mem_path = os.path.join(d, mem_name)
     tmp_mem = os.path.join(d, f".{mem_name}.tmp")
     tmp_state = os.path.join(d, f".{STATE_FILE}.{os.getpid()}.tmp")
+    committed = False
     try:
         fd = os.open(tmp_mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -122,31 +124,27 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
             os.close(fd)
         t2 = time.perf_counter_ns()
         data = format.pack(document(machine, img, state))
-        os.rename(tmp_mem, os.path.join(d, mem_name))
+        os.rename(tmp_mem, mem_path)
         _write_file(tmp_state, data, sync)
         os.rename(tmp_state, os.path.join(d, STATE_FILE))  # the commit point
+        committed = True
         if sync:
             dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-    except OSError as e:
-        for p in (tmp_mem, tmp_state, os.path.join(d, mem_name)):
-            if p != os.path.join(d, mem_name) or not _referenced(d, mem_name):
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
-        raise SnapshotError(f"cannot write snapshot to {d}: {e.strerror or e}") from None
+    except BaseException as e:
+        # Before the commit point nothing of this attempt may stay: the previous snapshot in the
+        # directory is still the valid one.
+        for path in (tmp_mem, tmp_state) if committed else (tmp_mem, tmp_state, mem_path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(e, OSError):
+            raise SnapshotError(f"cannot write snapshot to {d}: {e.strerror or e}") from None
+        raise
     _remove_unreferenced(d, keep=mem_name)
     return SnapshotInfo(d, len(data), img.size, img.written, 0, t1 - t0, t2 - t1)
-
-
-def _referenced(directory: str, mem_name: str) -> bool:
-    try:
-        with open(os.path.join(directory, STATE_FILE), "rb") as f:
-            return mem_name.encode() in f.read()
-    except OSError:
-        return False
 
 
 def _remove_unreferenced(directory: str, keep: str) -> None:
