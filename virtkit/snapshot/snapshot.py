@@ -15,14 +15,10 @@ memory file (which maps it copy-on-write, so it must never change under it) keep
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import platform
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from virtkit.api import VM
@@ -65,6 +61,8 @@ class SnapshotInfo:
 
 
 def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any]) -> dict[str, Any]:
+    import platform
+
     from virtkit import __version__
     from virtkit.doctor import kvm_flavor
 
@@ -109,7 +107,7 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
     except KvmError as e:
         raise SnapshotError(f"cannot read the VM's state: {e}") from None
     t1 = time.perf_counter_ns()
-    mem_name = f"memory-{secrets.token_hex(6)}.bin"
+    mem_name = f"memory-{os.urandom(6).hex()}.bin"
     mem_path = os.path.join(d, mem_name)
     tmp_mem = os.path.join(d, f".{mem_name}.tmp")
     tmp_state = os.path.join(d, f".{STATE_FILE}.{os.getpid()}.tmp")
@@ -150,6 +148,8 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
 def _remove_unreferenced(directory: str, keep: str) -> None:
     """Delete memory files of older snapshots in this directory. Machines restored from them
     keep running: their mapping holds the inode, unlinking only removes the name."""
+    import glob
+
     for p in glob.glob(os.path.join(glob.escape(directory), "memory-*.bin")):
         if os.path.basename(p) != keep:
             with contextlib.suppress(OSError):
@@ -407,5 +407,5 @@ def describe(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "vcpus": [{"id": v.id, "rip": r.rip, "mp_state": v.mp_state, "msrs": len(v.msrs)}
                   for v, r in zip(snap.image.vcpus, regs, strict=True)],
         "devices": sorted(snap.image.devices),
-        "state_file_bytes": Path(snap.directory, STATE_FILE).stat().st_size,
+        "state_file_bytes": os.path.getsize(os.path.join(snap.directory, STATE_FILE)),
     }
