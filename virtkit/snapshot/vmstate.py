@@ -295,3 +295,22 @@ def apply(machine: Machine, img: MachineImage) -> None:
     clock.flags = 0
     clock.realtime = clock.host_tsc = 0
     vm.set_clock(clock)
+    replay_queue_notifications(machine)
+
+
+def replay_queue_notifications(machine: Machine) -> None:
+    """Notify every queue of every virtio transport once, now that the irqchip holds its state.
+
+    A driver's notification is an ioeventfd signal; if it came just before the pause, the I/O
+    thread may have consumed it without serving the queue (the pause keeps handlers from running).
+    The eventfd does not survive into the new machine, so the request would wait forever (seen:
+    virtio-blk "the device did not write a status byte"). A notification with nothing new is
+    harmless: the device serves what is available and stops (virtio 1.2 §2.7.13 lets a device look
+    at the available ring at any time). Transports are recognised by their public ``notify(queue)``
+    and ``device.num_queues``."""
+    for dev in machine.devices.values():
+        notify = getattr(dev, "notify", None)
+        queues = getattr(getattr(dev, "device", None), "num_queues", 0)
+        if callable(notify) and isinstance(queues, int):
+            for index in range(queues):
+                notify(index)
