@@ -70,6 +70,10 @@ class GuestMemory:
         """Map ``ranges`` of (gpa, size). Anonymous by default; with ``fd``, a file or memfd
         mapped at consecutive offsets (``shared=False`` maps it copy-on-write)."""
         self.regions: list[MemoryRegion] = []
+        #: guest-physical page addresses host code wrote (or took a writable view of) since the
+        #: last drain; None when not tracking. KVM's dirty log only sees writes made *by the
+        #: guest*, so live migration needs this for what devices write into guest RAM.
+        self.host_dirty: set[int] | None = None
         offset = 0
         try:
             for gpa, size in sorted(ranges):
@@ -97,6 +101,22 @@ class GuestMemory:
             r.view.release()
             _libc.munmap(r.host_addr, r.size)
 
+    def track_host_writes(self, enabled: bool) -> None:
+        self.host_dirty = set() if enabled else None
+
+    def drain_host_dirty(self) -> set[int]:
+        """The pages host code may have written since the last drain (empty when not tracking)."""
+        dirty = self.host_dirty
+        if dirty is None:
+            return set()
+        self.host_dirty = set()
+        return dirty
+
+    def _mark(self, gpa: int, length: int) -> None:
+        assert self.host_dirty is not None
+        first, last = gpa >> 12, (gpa + max(length, 1) - 1) >> 12
+        self.host_dirty.update(page << 12 for page in range(first, last + 1))
+
     # --- the one bounds check ----------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
         if gpa < 0 or length < 0:
@@ -117,8 +137,11 @@ class GuestMemory:
         return True
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A zero-copy view of guest RAM (valid while the machine lives)."""
+        """A zero-copy view of guest RAM (valid while the machine lives). Views are writable, so
+        while host writes are tracked the whole range counts as written."""
         r, off = self._locate(gpa, length)
+        if self.host_dirty is not None:
+            self._mark(gpa, length)
         return r.view[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:
@@ -128,10 +151,14 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         r, off = self._locate(gpa, length)
+        if self.host_dirty is not None:
+            self._mark(gpa, length)
         r.view[off:off + length] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r, off = self._locate(gpa, length)
+        if self.host_dirty is not None:
+            self._mark(gpa, length)
         C.memset(r.host_addr + off, byte, length)
 
     def read_u16(self, gpa: int) -> int:
@@ -148,13 +175,19 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 2)
+        if self.host_dirty is not None:
+            self._mark(gpa, 2)
         _U16.pack_into(r.view, off, value & 0xFFFF)
 
     def write_u32(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 4)
+        if self.host_dirty is not None:
+            self._mark(gpa, 4)
         _U32.pack_into(r.view, off, value & 0xFFFF_FFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
         r, off = self._locate(gpa, 8)
+        if self.host_dirty is not None:
+            self._mark(gpa, 8)
         _U64.pack_into(r.view, off, value & 0xFFFF_FFFF_FFFF_FFFF)
 

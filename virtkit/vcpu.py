@@ -49,7 +49,9 @@ _kick_lock = threading.Lock()
 def install_kick_handler() -> None:
     """Give KICK_SIGNAL a (no-op) handler so it interrupts KVM_RUN instead of killing us.
 
-    Python lets only the main thread install handlers; the first Machine must be built there."""
+    Python lets only the main thread install handlers. It is done when this module is first
+    imported from the main thread (the usual case), so machines can then be built in any thread;
+    otherwise the first Machine must be built in the main thread."""
     global _kick_installed
     with _kick_lock:
         if _kick_installed:
@@ -60,6 +62,9 @@ def install_kick_handler() -> None:
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
         _kick_installed = True
 
+
+if threading.current_thread() is threading.main_thread():
+    install_kick_handler()
 
 _EXIT_REASON = struct.Struct("<I")
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset

@@ -494,11 +494,14 @@ class Machine:
         flags = KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
         for r in self.memory.regions:
             self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
+        self.memory.track_host_writes(enabled)  # device writes never show in KVM's log
         self.dirty_logging = enabled
 
     def dirty_pages(self) -> list[int]:
-        """Guest-physical page addresses written since the last call (KVM_GET_DIRTY_LOG clears
-        the log as it reads it). Needs :meth:`set_dirty_logging` on."""
+        """Guest-physical page addresses written since the last call, by the guest (KVM_GET_DIRTY_LOG,
+        which clears the log as it reads it) or by a device through GuestMemory. Sorted. Needs
+        :meth:`set_dirty_logging` on."""
+        host = self.memory.drain_host_dirty()
         pages: list[int] = []
         for r in self.memory.regions:
             npages = r.size // layout.PAGE_SIZE
@@ -507,7 +510,7 @@ class Machine:
                 if byte:
                     base = r.gpa + byte_index * 8 * layout.PAGE_SIZE
                     pages.extend(base + bit * layout.PAGE_SIZE for bit in range(8) if byte >> bit & 1)
-        return pages
+        return sorted(host.union(pages)) if host else pages
 
     # --- statistics --------------------------------------------------------------------------------
     def vcpu_stats(self) -> list[VcpuStats]:

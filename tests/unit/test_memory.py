@@ -75,3 +75,18 @@ def test_ram_ranges_split_around_the_mmio_hole() -> None:
     big = 4 << 30
     assert layout.ram_ranges(big) == [(0, layout.MMIO_HOLE_START),
                                       (layout.MMIO_HOLE_END, big - layout.MMIO_HOLE_START)]
+
+
+def test_host_writes_are_tracked_for_migration(mem: GuestMemory) -> None:
+    mem.write(0x1000, b"x")
+    assert mem.drain_host_dirty() == set()  # not tracking
+    mem.track_host_writes(True)
+    mem.write(0x1FFF, b"ab")  # straddles two pages
+    mem.write_u32(0x5000, 1)
+    mem.view(0x8000, 0x2000)  # a writable view counts as written
+    mem.read(0xA000, 16)  # reads do not
+    assert mem.drain_host_dirty() == {0x1000, 0x2000, 0x5000, 0x8000, 0x9000}
+    assert mem.drain_host_dirty() == set()
+    mem.track_host_writes(False)
+    mem.write(0x1000, b"y")
+    assert mem.drain_host_dirty() == set()
