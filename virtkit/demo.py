@@ -89,7 +89,97 @@ def run_demo(guests_dir_override: str | None = None) -> int:
     failures += _paravirt_section(console, gdir)
     failures += _container_section(console)
     failures += _service_section(console, gdir)
+    failures += _failover_section(console, gdir)
     return 1 if failures else 0
+
+
+def _counts(text: str) -> list[int]:
+    """The numbers of the counter guest's complete ``count N`` lines (a last line without its
+    newline may be cut short, so it does not count)."""
+    lines = text.split("\n")[:-1]
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == "count" and fields[1].isdigit():
+            out.append(int(fields[1]))
+    return out
+
+
+def _continuous(before: str, after: str) -> tuple[bool, int, int, int]:
+    """Whether the counter went on without a gap or a repeat across a pause, however the pause cut
+    a line in two: the output before it and after it, joined, must count up by one. Returns that,
+    the last count before, and the first and last after."""
+    joined = _counts(before + after)
+    ok = bool(joined) and joined == list(range(joined[0], joined[0] + len(joined)))
+    b = _counts(before)
+    last = b[-1] if b else -1
+    rest = [n for n in joined if n > last]
+    return ok and bool(rest), last, rest[0] if rest else -1, rest[-1] if rest else -1
+
+
+def _failover_section(console: Console, gdir: Path) -> int:
+    """Snapshot and restore through the API; a live migration between two virtkit processes."""
+    from virtkit import snapshot
+
+    console.rule("[bold]5. Failover: snapshot, restore and live migration")
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="virtkit-demo-fo-") as tmp:
+        snap = os.path.join(tmp, "snap")
+        with VM(gdir / "counter.elf", cmdline="us=2000") as vm:
+            vm.start()
+            time.sleep(0.3)
+            info = snapshot.save(vm, snap, resume=False)  # stays paused: its output ends at the snapshot
+            before = vm.console.output.decode(errors="replace")
+            vm.stop()
+        t0 = time.perf_counter()
+        with snapshot.restore(snap) as restored:
+            ready = time.perf_counter()
+            time.sleep(0.2)
+            restored.stop()
+            after = restored.console.output.decode(errors="replace")
+        console.print(f"snapshot of a running 64 MiB guest: paused {info.paused_ns / 1e6:.1f} ms, state "
+                      f"{info.state_bytes / 1024:.0f} KiB, {info.memory_written / (1 << 20):.1f} MiB of RAM stored")
+        continued, last, first, end = _continuous(before, after)
+        console.print(f"restore to running: {(ready - t0) * 1e3:.1f} ms; the original had printed up to count "
+                      f"{last}, the restored guest went on with {first}..{end}: "
+                      + ("no line lost or repeated" if continued else "[red]a gap"))
+        failures += not continued
+
+        # live migration between two processes, driven with the CLI as a user would
+        port_file, src_log, dst_log = (os.path.join(tmp, n) for n in ("port", "src.log", "dst.log"))
+        control = os.path.join(tmp, "control.sock")
+        vk = [sys.executable, "-m", "virtkit"]
+        target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", port_file,
+                                   "--serial", dst_log, "--timeout", "2", "--accept-timeout", "30"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        source = subprocess.Popen([*vk, "run", str(gdir / "counter.elf"), "--cmdline", "us=2000 dirty=8",
+                                   "--control", control, "--serial", src_log],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not (os.path.exists(control) and os.path.exists(port_file) and os.path.getsize(port_file)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("source or target did not come up")
+                time.sleep(0.05)
+            time.sleep(0.3)
+            port = Path(port_file).read_text().strip()
+            p = _sh(console, ["migrate", "--control", control, "--to", f"127.0.0.1:{port}"])
+            failures += p.returncode != 0
+            source.wait(20)
+            target.wait(30)
+            gap_free, last, first, end = _continuous(Path(src_log).read_text(), Path(dst_log).read_text())
+            console.print(f"source printed count 0..{last} and exited {source.returncode}; the target went on "
+                          f"from {first} to {end}: " + ("no line lost or repeated" if gap_free else "[red]a gap"))
+            failures += not gap_free
+        except Exception as e:
+            console.print(f"[red]migration demo failed: {e}")
+            failures += 1
+        finally:
+            for proc in (source, target):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return failures
 
 
 def _sh(console: Console, args: list[str], *, env: dict[str, str] | None = None, show: str | None = None,
