@@ -213,7 +213,10 @@ def request(path: str, cmd: str, timeout: float | None = None, **fields: Any) ->
                                f"{path}`") from None
         except OSError as e:
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
-        sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        except OSError as e:  # the VMM went away between accept and our request (BrokenPipe, reset)
+            raise ControlError(f"{cmd}: connection to {path} failed: {e.strerror or e}") from None
         f = sock.makefile("rb")
         try:
             line = f.readline(MAX_LINE + 1)
@@ -223,7 +226,10 @@ def request(path: str, cmd: str, timeout: float | None = None, **fields: Any) ->
             raise ControlError(f"{cmd}: connection to {path} failed: {e.strerror or e}") from None
         if not line:
             raise ControlError(f"{cmd}: the VMM at {path} closed the connection without replying")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise ControlError(f"{cmd}: malformed reply from {path}") from None
         if not isinstance(reply, dict):
             raise ControlError(f"{cmd}: malformed reply from {path}")
         if not reply.get("ok"):

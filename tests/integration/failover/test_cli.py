@@ -96,10 +96,20 @@ def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Pat
     # between the checkpoint and the kill repeat (none, if the kill came right after a checkpoint),
     # and it counts on by one: at most one step back, never a gap, never back to 1
     assert values[0] == 1
-    steps = [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
-    assert len(steps) <= 1, steps
-    for i in steps:
-        assert 1 < values[i] <= values[i - 1], (values[i - 1], values[i])
+    assert _resumes_once(values) or any(_resumes_once(values[:j] + values[j + 1:])
+                                        for j in _steps(values) + [i - 1 for i in _steps(values)]), values
+
+
+def _steps(values: list[int]) -> list[int]:
+    return [i for i in range(1, len(values)) if values[i] != values[i - 1] + 1]
+
+
+def _resumes_once(values: list[int]) -> bool:
+    """At most one step back (to the checkpoint), never a gap, never back to 1. The caller also
+    accepts one line removed: the kill can cut a line, whose start then joins the checkpoint's
+    own cut line into one garbled number."""
+    steps = _steps(values)
+    return len(steps) <= 1 and all(1 < values[i] <= values[i - 1] for i in steps)
 
 
 def test_restart_needs_no_checkpoint_dir_and_ends_with_the_guest(guests: Path) -> None:
