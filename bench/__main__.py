@@ -25,7 +25,14 @@ def main() -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite {unknown[0]!r}: choose from {', '.join(SUITES)}")
-    for name in args.suites or list(SUITES):
+    selected = args.suites or list(SUITES)
+    if any(s.startswith("containers") for s in selected):
+        # The container library re-executes its process from a sealed copy of the interpreter
+        # (virtkit/container/sealexe.py); do it now, before any suite ran, not half-way through.
+        from virtkit.container.sealexe import ensure_sealed
+
+        ensure_sealed()
+    for name in selected:
         print(f"== {name}", flush=True)
         importlib.import_module(SUITES[name]).run(quick=args.quick)  # type: ignore[attr-defined]
     return 0

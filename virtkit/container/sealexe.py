@@ -39,6 +39,8 @@ def ensure_sealed() -> None:
     (a benchmark, a service) pay it once.
     """
     if is_sealed() or os.environ.get("VIRTKIT_UNSEALED") == "1":
+        # the marker is for this process only: a child (say a CLI run) must seal itself anew
+        os.environ.pop(_ENV, None)
         return
     if os.environ.get(_ENV) == "1":
         raise ContainerError("re-executing the runtime from a sealed interpreter copy failed; "
