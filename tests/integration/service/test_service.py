@@ -155,6 +155,33 @@ def test_cpu_quotas_75_and_25_percent(daemon_factory: Any, guests: Path) -> None
     assert st["throttled_seconds"] > 0
 
 
+def _cpu_shares(d: Any, names: tuple[str, ...], window: float = 1.5) -> dict[str, float]:
+    """Each VM's cgroup CPU time over one window, as a fraction of that window (1.0 = one CPU)."""
+    def sample() -> tuple[float, dict[str, float]]:
+        t = time.monotonic()
+        return t, {n: d.call("GET", f"/v1/vms/{n}/stats")["cpu_seconds"] for n in names}
+
+    time.sleep(0.5)  # running flat out
+    t0, a0 = sample()
+    time.sleep(window)
+    t1, a1 = sample()
+    return {n: (a1[n] - a0[n]) / (t1 - t0) for n in names}
+
+
+def test_a_vm_at_its_quota_does_not_slow_its_neighbour_beyond_it(daemon_factory: Any, guests: Path) -> None:
+    """Issue 6, section 2: a neighbour on the same CPU loses at most the capped VM's quota (25%),
+    within 10 points, of the share it had alone."""
+    d = daemon_factory()
+    d.create("neighbour", guests / "spin.elf", cmdline="cpl=3", cpus="0", start=True)
+    alone = _cpu_shares(d, ("neighbour",))["neighbour"]
+    assert alone > 0.5, alone  # it did run flat out (CPU 0 was not taken by something else)
+    d.create("capped", guests / "spin.elf", cmdline="cpl=3", cpu_quota_pct=25, cpus="0", start=True)
+    shared = _cpu_shares(d, ("neighbour", "capped"))
+    assert shared["capped"] > 0.10, shared  # the capped VM did run next to it
+    assert shared["neighbour"] >= alone - 0.25 - 0.10, (alone, shared)
+    assert d.call("GET", "/v1/vms/capped/stats")["throttled_seconds"] > 0  # and was held at its quota
+
+
 def test_memory_the_host_cannot_back_is_refused_in_one_line(daemon_factory: Any, guests: Path) -> None:
     total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     reserve = total - (1 << 30)  # leave 1 GiB for VMs
