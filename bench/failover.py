@@ -180,12 +180,20 @@ def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30,
 class Qmp:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        _wait(lambda: os.path.exists(path))
-        self.sock.connect(path)
+        _wait(lambda: self._connect(path))  # the file appears at bind(), before QEMU listens
         self.sock.settimeout(60)
         self.f = self.sock.makefile("rb")
         self.f.readline()  # greeting
         self.cmd("qmp_capabilities")
+
+    def _connect(self, path: str) -> bool:
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.close()
+            self.sock = socket.socket(socket.AF_UNIX)  # a fresh socket for the next attempt
+            return False
+        return True
 
     def cmd(self, name: str, **args: Any) -> Any:
         self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
