@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from virtkit.snapshot.format import FORMAT_VERSION, SnapshotError
 from virtkit.snapshot.snapshot import (
+    CMOS_CLONE_ID,
+    CMOS_CLONE_INDEX,
     STATE_FILE,
+    CloneIdentity,
     LoadedSnapshot,
     RestoredVM,
     SnapshotInfo,
@@ -31,5 +34,6 @@ from virtkit.snapshot.snapshot import (
     save_paused,
 )
 
-__all__ = ["FORMAT_VERSION", "STATE_FILE", "LoadedSnapshot", "RestoredVM", "SnapshotError", "SnapshotInfo", "clone",
-           "describe", "load", "restore", "save", "save_paused"]
+__all__ = ["CMOS_CLONE_ID", "CMOS_CLONE_INDEX", "FORMAT_VERSION", "STATE_FILE", "CloneIdentity", "LoadedSnapshot",
+           "RestoredVM", "SnapshotError", "SnapshotInfo", "clone", "describe", "load", "restore", "save",
+           "save_paused"]

@@ -1,10 +1,12 @@
 """Snapshots on disk: save a machine into a directory, restore or clone machines from one.
 
-A snapshot directory holds two files::
+A snapshot directory holds::
 
     vm.state              the state file (virtkit.snapshot.format): machine config, KVM state,
                           device state, and the name and checksums of the memory file
     memory-<id>.bin       guest RAM (virtkit.snapshot.memfile), sparse
+    disk<i>-<id>.img      a point-in-time copy of each writable disk (virtkit.snapshot.overlay:
+                          reflink or sparse copy), the base of clones' disk overlays
 
 Saving never overwrites a file in place: the memory file gets a fresh name, the state file is
 written to a temporary name and renamed over ``vm.state`` last. The rename is the commit point:
@@ -17,19 +19,24 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Final
 
 from virtkit.api import VM
 from virtkit.errors import KvmError
 from virtkit.kvm.structs import kvm_regs
-from virtkit.snapshot import cpucompat, format, memfile, vmstate
+from virtkit.snapshot import cpucompat, format, memfile, overlay, vmstate
 from virtkit.snapshot.cpucompat import CpuidEntry
 from virtkit.snapshot.format import Fields, SnapshotError
 from virtkit.vm import DiskSpec, Machine, MachineConfig
 
 STATE_FILE = "vm.state"
+#: CMOS NVRAM bytes where a clone finds its identity (docs/FAILOVER.md, "Clone"): a 16-byte id
+#: (RFC 4122 UUID, all zeros when the VM is not a clone) and the clone's index, 16-bit little endian
+CMOS_CLONE_ID: Final = 0x40
+CMOS_CLONE_INDEX: Final = 0x50
 
 
 def effective_cpuid(machine: Machine) -> list[CpuidEntry]:
@@ -58,9 +65,12 @@ class SnapshotInfo:
     paused_ns: int             # how long the guest was paused for this snapshot
     state_ns: int              # of which: reading KVM and device state
     memory_ns: int             # of which: writing the memory file
+    #: for each writable disk, its copy in the snapshot directory and how it was made
+    disk_copies: tuple[tuple[str, str], ...] = ()
 
 
-def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any]) -> dict[str, Any]:
+def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any],
+             copies: dict[int, str] | None = None) -> dict[str, Any]:
     import platform
 
     from virtkit import __version__
@@ -73,10 +83,12 @@ def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any
         "host": {"kernel": platform.release(), "kvm": kvm_flavor(),
                  "cpu": cpucompat.vendor(effective_cpuid(machine)) if machine.vcpus else ""},
         "machine": {"memory": c.memory, "vcpus": c.vcpus, "paravirt": c.paravirt, "strict": c.strict,
-                    # disks are referenced, not copied: the restored machine reattaches the same
-                    # image (shared storage, as for QEMU migration without block copy)
+                    # restore reattaches the image by path (shared storage, as for QEMU migration
+                    # without block copy); "copy" names the point-in-time copy clones start from
                     "disks": [{"path": os.path.abspath(d.path), "read_only": d.read_only,
-                               "size": os.path.getsize(d.path)} for d in getattr(c, "disks", ())]},
+                               "size": os.path.getsize(d.path),
+                               **({"copy": copies[i]} if copies and i in copies else {})}
+                              for i, d in enumerate(getattr(c, "disks", ()))]},
         "memory": memory.to_json(),
         **state,
     }
@@ -94,8 +106,15 @@ def _write_file(path: str, data: bytes, sync: bool) -> None:
         os.close(fd)
 
 
-def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bool = False) -> SnapshotInfo:
-    """Write a snapshot of ``machine``, whose vCPUs are all parked (or never started)."""
+def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bool = False,
+                copy_disks: bool = True) -> SnapshotInfo:
+    """Write a snapshot of ``machine``, whose vCPUs are all parked (or never started).
+
+    A raw image is only referenced by the state file, so once the guest runs on and writes its
+    disk, the snapshot's memory and the image no longer agree. With ``copy_disks`` (the default)
+    each writable disk is also copied into the directory while the guest is paused (reflink:
+    instant; else a sparse copy of the allocated extents), so the snapshot and the clones made
+    from it see the disk exactly as the guest did at the pause."""
     d = os.fspath(directory)
     try:
         os.makedirs(d, exist_ok=True)
@@ -111,8 +130,18 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
     mem_path = os.path.join(d, mem_name)
     tmp_mem = os.path.join(d, f".{mem_name}.tmp")
     tmp_state = os.path.join(d, f".{STATE_FILE}.{os.getpid()}.tmp")
+    copies: dict[int, str] = {}
+    methods: list[tuple[str, str]] = []
     committed = False
     try:
+        if copy_disks:
+            for i, spec in enumerate(getattr(machine.config, "disks", ())):
+                if spec.read_only:
+                    continue  # nobody writes it: the image itself is the point-in-time copy
+                name = f"disk{i}-{os.urandom(6).hex()}.img"
+                copies[i] = name  # before the copy: a failed copy is cleaned up below
+                methods.append((name, overlay.copy_image(spec.path, os.path.join(d, name))))
+                os.chmod(os.path.join(d, name), 0o400)  # a base: clones copy it, nobody writes it
         fd = os.open(tmp_mem, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             img = memfile.write(machine.memory, fd, mem_name)
@@ -121,7 +150,7 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
         finally:
             os.close(fd)
         t2 = time.perf_counter_ns()
-        data = format.pack(document(machine, img, state))
+        data = format.pack(document(machine, img, state, copies))
         os.rename(tmp_mem, mem_path)
         _write_file(tmp_state, data, sync)
         os.rename(tmp_state, os.path.join(d, STATE_FILE))  # the commit point
@@ -135,29 +164,33 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
     except BaseException as e:
         # Before the commit point nothing of this attempt may stay: the previous snapshot in the
         # directory is still the valid one.
-        for path in (tmp_mem, tmp_state) if committed else (tmp_mem, tmp_state, mem_path):
+        undo = [tmp_mem, tmp_state] if committed else [tmp_mem, tmp_state, mem_path,
+                                                       *(os.path.join(d, n) for n in copies.values())]
+        for path in undo:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         if isinstance(e, OSError):
             raise SnapshotError(f"cannot write snapshot to {d}: {e.strerror or e}") from None
         raise
-    _remove_unreferenced(d, keep=mem_name)
-    return SnapshotInfo(d, len(data), img.size, img.written, 0, t1 - t0, t2 - t1)
+    _remove_unreferenced(d, keep={mem_name, *copies.values()})
+    return SnapshotInfo(d, len(data), img.size, img.written, 0, t1 - t0, t2 - t1, tuple(methods))
 
 
-def _remove_unreferenced(directory: str, keep: str) -> None:
-    """Delete memory files of older snapshots in this directory. Machines restored from them
-    keep running: their mapping holds the inode, unlinking only removes the name."""
+def _remove_unreferenced(directory: str, keep: set[str]) -> None:
+    """Delete memory files and disk copies of older snapshots in this directory. Machines restored
+    from them keep running: their mapping holds the inode, unlinking only removes the name; clones
+    have their own overlay copies."""
     import glob
 
-    for p in glob.glob(os.path.join(glob.escape(directory), "memory-*.bin")):
-        if os.path.basename(p) != keep:
-            with contextlib.suppress(OSError):
-                os.unlink(p)
+    for pattern in ("memory-*.bin", "disk*-*.img"):
+        for p in glob.glob(os.path.join(glob.escape(directory), pattern)):
+            if os.path.basename(p) not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
 
 
 def save(target: Machine | VM, directory: str | os.PathLike[str], *, resume: bool = True,
-         sync: bool = False) -> SnapshotInfo:
+         sync: bool = False, copy_disks: bool = True) -> SnapshotInfo:
     """Pause ``target`` (if it runs), snapshot it into ``directory``, and resume it unless
     ``resume`` is False (then it stays paused: :meth:`Machine.resume` continues it)."""
     m = machine_of(target)
@@ -166,13 +199,13 @@ def save(target: Machine | VM, directory: str | os.PathLike[str], *, resume: boo
     try:
         if not was_paused:
             m.pause()
-        info = save_paused(m, directory, sync=sync)
+        info = save_paused(m, directory, sync=sync, copy_disks=copy_disks)
     finally:
         paused_ns = time.perf_counter_ns() - t0
         if resume and not was_paused:
             m.resume()
     return SnapshotInfo(info.directory, info.state_bytes, info.memory_bytes, info.memory_written,
-                        paused_ns, info.state_ns, info.memory_ns)
+                        paused_ns, info.state_ns, info.memory_ns, info.disk_copies)
 
 
 # --- load and check ----------------------------------------------------------------------------
@@ -187,6 +220,8 @@ class LoadedSnapshot:
     created: float
     host: dict[str, Any] = field(default_factory=dict)
     disk_sizes: list[int] = field(default_factory=list)
+    #: per disk: the file name of its copy in the snapshot directory, or None (read-only or not copied)
+    disk_copies: list[str | None] = field(default_factory=list)
 
     @property
     def memory_path(self) -> str:
@@ -200,11 +235,15 @@ class LoadedSnapshot:
 def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
     f = Fields(doc, "state")
     m = f.obj("machine")
-    disks, disk_sizes = [], []
+    disks, disk_sizes, disk_copies = [], [], []
     for i, raw in enumerate(m.array("disks") if m.has("disks") else []):
         d = Fields(raw, f"state.machine.disks[{i}]")
         disks.append(DiskSpec(d.string("path"), read_only=d.boolean("read_only")))
         disk_sizes.append(d.integer("size"))
+        copy = d.string("copy") if d.has("copy") else None
+        if copy is not None and (not copy or os.path.basename(copy) != copy or copy.startswith(".")):
+            raise SnapshotError(f"snapshot field state.machine.disks[{i}].copy is not a file name: {copy!r}")
+        disk_copies.append(copy)
     kw: dict[str, Any] = {"disks": tuple(disks)} if disks else {}
     config = MachineConfig(memory=m.integer("memory"), vcpus=m.integer("vcpus"), paravirt=m.boolean("paravirt"),
                            strict=m.boolean("strict"), **kw)
@@ -219,7 +258,7 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
     created = f.raw("created") if f.has("created") else 0.0
     host = f.raw("host") if f.has("host") else {}
     return LoadedSnapshot(directory, config, memory, image, float(created) if isinstance(created, int | float)
-                          else 0.0, host if isinstance(host, dict) else {}, disk_sizes)
+                          else 0.0, host if isinstance(host, dict) else {}, disk_sizes, disk_copies)
 
 
 def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
@@ -316,12 +355,49 @@ def restore_machine(snap: LoadedSnapshot, serial_out: Callable[[bytes], None], *
     return m
 
 
+@dataclass(frozen=True, slots=True)
+class CloneDisk:
+    base: str          # what the overlay was copied from (the snapshot's disk copy, or the image)
+    path: str          # the clone's own writable image
+    method: str        # overlay.copy_image's path: "reflink" or "sparse"
+
+
+@dataclass(frozen=True, slots=True)
+class CloneIdentity:
+    """Who a clone is. The host sees it here (and in ``virtkit clone --json``); the guest reads
+    ``id`` from CMOS bytes 0x40-0x4F and ``index`` from 0x50-0x51 (ports 0x70/0x71)."""
+
+    index: int
+    name: str
+    id: bytes          # 16 bytes, a random (version 4) UUID
+    directory: str     # where the clone's disk overlays live
+    disks: tuple[CloneDisk, ...] = ()
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.UUID(bytes=self.id))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "id": self.uuid, "directory": self.directory,
+                "disks": [{"base": d.base, "path": d.path, "method": d.method} for d in self.disks]}
+
+
+def set_identity(machine: Machine, identity: CloneIdentity) -> None:
+    """Write the clone's identity into CMOS NVRAM, after the snapshot's device state was applied
+    (which restored the source's NVRAM: all zeros there unless the source was itself a clone)."""
+    nvram = machine.rtc.nvram
+    nvram[CMOS_CLONE_ID:CMOS_CLONE_ID + 16] = identity.id
+    nvram[CMOS_CLONE_INDEX:CMOS_CLONE_INDEX + 2] = (identity.index & 0xFFFF).to_bytes(2, "little")
+
+
 class RestoredVM(VM):
     """A :class:`virtkit.api.VM` whose machine comes from a snapshot instead of a kernel. ``start()``
-    resumes the guest where it was; everything else (wait, stop, serial, results) is as for VM."""
+    resumes the guest where it was; everything else (wait, stop, serial, results) is as for VM.
+    ``identity`` (set by :func:`clone`) is written into the guest's CMOS before it resumes."""
 
     def __init__(self, snapshot: LoadedSnapshot | str | os.PathLike[str], *,
-                 serial: str | BinaryIO | None = None, verify: bool = False) -> None:
+                 serial: str | BinaryIO | None = None, verify: bool = False,
+                 identity: CloneIdentity | None = None) -> None:
         snap = snapshot if isinstance(snapshot, LoadedSnapshot) else load(snapshot)
         c = snap.config
         super().__init__(snap.directory, memory=c.memory, vcpus=c.vcpus, mode="para" if c.paravirt else "full",
@@ -329,6 +405,7 @@ class RestoredVM(VM):
         self.config = c  # exactly the saved machine (disks included)
         self.snapshot = snap
         self.verify = verify
+        self.identity = identity
         self.warnings: list[str] = []
         #: perf_counter_ns() when open() began and when the machine was ready to run
         self.restore_started_ns = self.restore_ready_ns = 0
@@ -339,6 +416,8 @@ class RestoredVM(VM):
         self.restore_started_ns = time.perf_counter_ns()
         try:
             self.machine = restore_machine(self.snapshot, self.console.write, verify=self.verify)
+            if self.identity is not None:
+                set_identity(self.machine, self.identity)
             self.warnings = tsc_warnings(self.snapshot, self.machine)
         except BaseException:
             self.close()
@@ -359,25 +438,83 @@ def restore(directory: str | os.PathLike[str], *, serial: str | BinaryIO | None 
     return vm
 
 
+def _clone_snapshot(snap: LoadedSnapshot, disks: tuple[DiskSpec, ...]) -> LoadedSnapshot:
+    c = snap.config
+    config = MachineConfig(memory=c.memory, vcpus=c.vcpus, paravirt=c.paravirt, strict=c.strict, disks=disks,
+                           irqchip=c.irqchip, eventfds=c.eventfds)
+    return LoadedSnapshot(snap.directory, config, snap.memory, snap.image, snap.created, snap.host,
+                          snap.disk_sizes, snap.disk_copies)
+
+
+def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
+    """What clone overlays of disk ``i`` copy: the snapshot's point-in-time copy if it made one,
+    else the image itself (then the copy is only as consistent as the image still is). Either way
+    it must still have the size recorded at the snapshot."""
+    copy = snap.disk_copies[i] if i < len(snap.disk_copies) else None
+    base = os.path.join(snap.directory, copy) if copy else spec.path
+    try:
+        now = os.path.getsize(base)
+    except OSError:
+        raise SnapshotError(f"cannot clone: the snapshot's disk image {base} is gone") from None
+    size = snap.disk_sizes[i] if i < len(snap.disk_sizes) else now
+    if now != size:
+        raise SnapshotError(f"cannot clone: disk image {base} is {now} bytes, it was {size} at the snapshot")
+    return base
+
+
 def clone(directory: str | os.PathLike[str], count: int, *,
-          serial: Sequence[str | IO[bytes] | None] | None = None, start: bool = True) -> list[RestoredVM]:
+          serial: Sequence[str | IO[bytes] | None] | None = None, start: bool = True,
+          workdir: str | os.PathLike[str] | None = None, reflink: bool = True) -> list[RestoredVM]:
     """``count`` machines resumed from one snapshot. They share its memory file copy-on-write:
     each reads the common pages from the page cache and gets private copies of what it writes.
-    ``serial[i]`` is clone i's serial output (a file name or stream; default captured only)."""
+    ``serial[i]`` is clone i's serial output (a file name or stream; default captured only).
+
+    Each clone gets an identity (``vm.identity``: index, name ``clone-<i>``, a random 16-byte id,
+    also in the guest's CMOS) and, for every writable disk, its own overlay: a reflink (or sparse)
+    copy of the snapshot's disk in ``workdir``/clone-<i>/ (default: a new ``clones-*`` directory in
+    the snapshot directory). Clones write only their overlay, never the base or each other's;
+    overlays stay after the clones end. Read-only disks are shared."""
+    import tempfile
+
     if count < 1:
         raise SnapshotError(f"clone count must be at least 1, got {count}")
     if serial is not None and len(serial) != count:
         raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
     snap = load(directory)
-    writable = [d.path for d in getattr(snap.config, "disks", ()) if not d.read_only]
-    if count > 1 and writable:
-        raise SnapshotError(f"cannot clone a VM with a writable disk ({', '.join(writable)}): the clones "
-                            "would write the same image; attach it read-only")
+    specs: tuple[DiskSpec, ...] = tuple(getattr(snap.config, "disks", ()))
+    bases = {i: _disk_base(snap, i, spec) for i, spec in enumerate(specs) if not spec.read_only}
+    try:
+        if workdir is None:
+            top = tempfile.mkdtemp(prefix="clones-", dir=snap.directory or ".")
+        else:
+            top = os.fspath(workdir)
+            os.makedirs(top, exist_ok=True)
+    except OSError as e:
+        raise SnapshotError(f"cannot create the clones' directory: {e.strerror or e}") from None
     vms: list[RestoredVM] = []
     try:
         for i in range(count):
+            name = f"clone-{i}"
+            cdir = os.path.join(top, name)
+            cdisks: list[CloneDisk] = []
+            new_specs = list(specs)
+            if bases:
+                try:
+                    os.makedirs(cdir, exist_ok=True)
+                    for j, base in bases.items():
+                        path = os.path.join(cdir, f"disk{j}.img")
+                        if os.path.lexists(path):
+                            raise SnapshotError(f"cannot clone: {path} already exists (a clone from an "
+                                                "earlier run?): give another workdir")
+                        method = overlay.copy_image(base, path, reflink=reflink)
+                        cdisks.append(CloneDisk(base, path, method))
+                        new_specs[j] = DiskSpec(path, read_only=False)
+                except OSError as e:
+                    raise SnapshotError(f"cannot make {name}'s disk overlay in {cdir}: {e.strerror or e}") from None
+            identity = CloneIdentity(i, name, uuid.uuid4().bytes, cdir, tuple(cdisks))
             out = serial[i] if serial is not None else None
-            vm = RestoredVM(snap, serial=out)  # type: ignore[arg-type]
+            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap,
+                            serial=out, identity=identity)  # type: ignore[arg-type]
             vms.append(vm)
             vm.start() if start else vm.open()
     except BaseException:
