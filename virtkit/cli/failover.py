@@ -96,9 +96,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_runtime_options(p)
     p.set_defaults(handler=cmd_restore)
 
-    p = sub.add_parser("clone", help="resume N VMs from one snapshot, sharing its memory copy-on-write")
+    p = sub.add_parser("clone", help="resume N VMs from one snapshot, sharing its memory copy-on-write",
+                       description="Each clone gets its own serial, its own copy-on-write overlay of every "
+                                   "writable disk (reflink, else a sparse copy) and an identity: name clone-I and "
+                                   "a 16-byte id, which the guest reads from CMOS bytes 0x40-0x4F (index: 0x50-0x51).")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--count", "-n", type=int, required=True, help="how many clones")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="put clone i's disk overlays in DIR/clone-i/ (default: a new DIR/clones-* in the snapshot)")
     p.add_argument("--serial-dir", default=None, metavar="DIR",
                    help="write clone i's serial output to DIR/clone-i.log (default: discard)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the clones after S seconds")
@@ -311,7 +316,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
         os.makedirs(args.serial_dir, exist_ok=True)
         serial = [os.path.join(args.serial_dir, f"clone-{i}.log") for i in range(args.count)]
     t0 = time.perf_counter()
-    vms = clone(args.dir, args.count, serial=serial)
+    vms = clone(args.dir, args.count, serial=serial, workdir=args.workdir)
     started = time.perf_counter() - t0
     try:
         results = []
@@ -326,10 +331,14 @@ def cmd_clone(args: argparse.Namespace) -> int:
     finally:
         for vm in vms:
             vm.close()
+    clones = [vm.identity.to_json() for vm in vms if vm.identity is not None]
     out = {"count": args.count, "start_s": started, "clones_per_s": args.count / started if started else 0.0,
-           "exit_codes": [r.exit_code for r in results]}
+           "exit_codes": [r.exit_code for r in results], "clones": clones}
+    methods = sorted({d["method"] for c in clones for d in c["disks"]})
+    overlays = f"; disk overlays by {'/'.join(methods)} in {os.path.dirname(clones[0]['directory'])}" \
+        if methods else ""
     _print(out, args.json, f"{args.count} clones started in {started * 1e3:.1f} ms "
-           f"({out['clones_per_s']:.0f}/s); exit statuses {out['exit_codes']}")
+           f"({out['clones_per_s']:.0f}/s); exit statuses {out['exit_codes']}{overlays}")
     return max((r.exit_code for r in results), default=0)
 
 
