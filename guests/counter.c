@@ -11,6 +11,10 @@
  *             what was last written to it ends the guest with "counter: lost write ..." and EXIT_FAIL
  *   buf=N     size of that buffer in MiB (default 16; clipped to the RAM there is)
  *   limit=N   exit with EXIT_OK after N lines (default 0: never)
+ *
+ * Every 64 lines it also reads its clone index from CMOS NVRAM bytes 0x50-0x51 (virtkit writes it
+ * when it starts a clone from a snapshot, docs/FAILOVER.md) and prints "counter: clone N" when it
+ * changes, so a clone shows from the inside that it knows which one it is.
  */
 #include "guest.h"
 
@@ -44,8 +48,16 @@ static void verify(u64 n, u64 per)
 	}
 }
 
+/* MC146818 NVRAM through the index/data ports 0x70/0x71 (bit 7 of the index keeps NMIs enabled). */
+static u8 cmos_read(u8 reg)
+{
+	outb(0x70, reg & 0x7f);
+	return inb(0x71);
+}
+
 int main(void)
 {
+	u32 clone_seen = 0;
 	u64 us = cmdline_u64("us", 1000);
 	u64 per = cmdline_u64("dirty", 0);
 	u64 limit = cmdline_u64("limit", 0);
@@ -72,6 +84,13 @@ int main(void)
 				stamp(((n - 1) * per + i) % buf_pages, n);
 			if (n % 64 == 0)
 				verify(n, per);
+		}
+		if (n % 64 == 0) {
+			u32 clone = cmos_read(0x50) | (u32)cmos_read(0x51) << 8;
+			if (clone != clone_seen) {
+				clone_seen = clone;
+				printf("counter: clone %u\n", clone);
+			}
 		}
 		printf("count %lu\n", n);
 		if (us)

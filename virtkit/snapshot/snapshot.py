@@ -34,7 +34,8 @@ from virtkit.vm import DiskSpec, Machine, MachineConfig
 
 STATE_FILE = "vm.state"
 #: CMOS NVRAM bytes where a clone finds its identity (docs/FAILOVER.md, "Clone"): a 16-byte id
-#: (RFC 4122 UUID, all zeros when the VM is not a clone) and the clone's index, 16-bit little endian
+#: (RFC 4122 UUID, all zeros when the VM is not a clone) and the clone's number, index + 1, 16-bit
+#: little endian (so 0 still means "not a clone" to a guest that only reads these two bytes)
 CMOS_CLONE_ID: Final = 0x40
 CMOS_CLONE_INDEX: Final = 0x50
 
@@ -387,7 +388,7 @@ def set_identity(machine: Machine, identity: CloneIdentity) -> None:
     (which restored the source's NVRAM: all zeros there unless the source was itself a clone)."""
     nvram = machine.rtc.nvram
     nvram[CMOS_CLONE_ID:CMOS_CLONE_ID + 16] = identity.id
-    nvram[CMOS_CLONE_INDEX:CMOS_CLONE_INDEX + 2] = (identity.index & 0xFFFF).to_bytes(2, "little")
+    nvram[CMOS_CLONE_INDEX:CMOS_CLONE_INDEX + 2] = ((identity.index + 1) & 0xFFFF).to_bytes(2, "little")
 
 
 class RestoredVM(VM):

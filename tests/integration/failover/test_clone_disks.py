@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from fohelp import one_line_error, virtkit
+from fohelp import counts, one_line_error, virtkit, wait_for
 
 from virtkit import VM, snapshot
 from virtkit.devices.legacy import rtc
@@ -126,12 +126,29 @@ def test_clones_have_distinct_identities(snap: tuple[Path, Path, VM]) -> None:
         for n, vm in enumerate(vms):
             assert vm.identity is not None
             assert _cmos(vm, snapshot.CMOS_CLONE_ID, 16) == vm.identity.id
-            assert int.from_bytes(_cmos(vm, snapshot.CMOS_CLONE_INDEX, 2), "little") == n
+            assert int.from_bytes(_cmos(vm, snapshot.CMOS_CLONE_INDEX, 2), "little") == n + 1
             # the RTC's own registers are untouched by the identity
             assert _cmos(vm, rtc.REG_D, 1) == bytes([rtc.REG_D_VRT])
     finally:
         for vm in vms:
             vm.close()
+
+
+def test_a_running_clone_reads_its_own_number(counter: Path, tmp_path: Path) -> None:
+    """The guest side of the identity: the counter guest reads CMOS 0x50 every 64 lines."""
+    with VM(counter, cmdline="us=200") as source:
+        source.start()
+        wait_for(lambda: len(counts(source.console.output)) > 10, what="the counter to run")
+        snapshot.save(source, tmp_path / "snap")
+    vms = snapshot.clone(tmp_path / "snap", 2)
+    try:
+        for n, vm in enumerate(vms, start=1):
+            wait_for(lambda vm=vm, n=n: f"counter: clone {n}".encode() in vm.console.output,
+                     what=f"clone {n} to print its number")
+    finally:
+        for vm in vms:
+            vm.close()
+    assert b"counter: clone" not in source.console.output  # the original never was a clone
 
 
 def test_clone_cli_reports_identities_and_refuses_a_resized_base(snap: tuple[Path, Path, VM], tmp_path: Path) -> None:
