@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
-from types import FrameType
 
-from virtkit.api import EXIT_STOPPED, VM
+from virtkit.api import VM
 from virtkit.boot.loader import ModuleSpec
 from virtkit.errors import ConfigError
-from virtkit.vm import StopReason
-
-
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception in the main thread so the VM is stopped cleanly."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
 
 
 def _parse_module(text: str) -> ModuleSpec:
@@ -52,7 +41,7 @@ def run_vm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     if args.cpus is not None or args.pids_limit is not None:
         raise ConfigError("--cpus and --pids-limit apply to --mode container; VMs take --vcpus and --memory")
-    from virtkit.cli.failover import failover_hooks, supervise
+    from virtkit.cli.failover import foreground, supervise
 
     if args.restart != "no":
         return supervise(args)  # this process becomes the supervisor of a child VMM
@@ -68,24 +57,7 @@ def run_vm(args: argparse.Namespace) -> int:
         serial=args.serial,
         disks=args.disk,
     )
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        with vm, failover_hooks(args, vm) as hooks:  # --control, --checkpoint-every
-            if sys.stdin.isatty() and args.serial == "stdout":
-                _forward_stdin(vm)
-            try:
-                result = vm.run(timeout=args.timeout)
-            except (KeyboardInterrupt, _Terminated) as e:
-                print("virtkit: stopped by " + ("SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"),
-                      file=sys.stderr)
-                return EXIT_STOPPED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if result.reason is not StopReason.DEBUG_EXIT:
-        label = "guest crashed" if result.crashed else result.reason.value
-        print(f"virtkit: {label}: {result.detail}", file=sys.stderr)
-    if args.stats:
-        from virtkit.stats import format_table
-
-        print(format_table(result.stats), file=sys.stderr)
-    return hooks.finish(result)
+    with vm:
+        if sys.stdin.isatty() and args.serial == "stdout":
+            _forward_stdin(vm)
+        return foreground(vm, args)  # signals, --control/--checkpoint-every, the end report

@@ -121,6 +121,28 @@ def _kv(path: str) -> dict[str, int]:
     return out
 
 
+def remove_dirs(paths: list[str], timeout: float = 2.0) -> list[str]:
+    """rmdir cgroup directories, deepest first, retrying while the kernel still holds them;
+    returns those that could not be removed. Shared with the per-VM cgroups of virtkitd."""
+    left = []
+    for d in sorted(paths, key=lambda p: p.count("/"), reverse=True):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as err:
+                # EBUSY: processes still exiting, or a child cgroup; the kernel frees it shortly
+                if err.errno in (errno.EBUSY, errno.ENOTEMPTY) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                left.append(d)
+                break
+    return left
+
+
 def shares_to_weight(shares: int) -> int:
     """cpu.shares (2..262144) to cpu.weight (1..10000), the conversion runc and crun use."""
     shares = min(max(shares, 2), 262144)
@@ -240,24 +262,7 @@ class Cgroup:
     def remove(self, made: list[str] | None = None, timeout: float = 2.0) -> list[str]:
         """rmdir the directories (deepest first); return those that could not be removed."""
         targets = list(made) if made is not None else self.directories()
-        targets.sort(key=lambda p: p.count("/"), reverse=True)
-        left = []
-        for d in targets:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    # EBUSY: processes still exiting, or a child cgroup; the kernel frees it shortly
-                    if err.errno in (errno.EBUSY, errno.ENOTEMPTY) and time.monotonic() < deadline:
-                        time.sleep(0.005)
-                        continue
-                    left.append(d)
-                    break
-        return left
+        return remove_dirs(targets, timeout)
 
     # --- limits ------------------------------------------------------------------------------
     def apply(self, res: Resources) -> None:

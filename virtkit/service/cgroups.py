@@ -20,9 +20,7 @@ On a hybrid host the VM also gets a directory in the cgroup2 hierarchy, for ``cg
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import time
 
 from virtkit.container.cgroups import Layout, detect
 from virtkit.errors import VirtkitError
@@ -173,22 +171,9 @@ class VmCgroup:
                 _write(os.path.join(u, "cgroup.kill"), "1")
 
     def remove(self, timeout: float = 2.0) -> list[str]:
-        left = []
-        for d in self.directories():
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno in (errno.EBUSY, errno.ENOTEMPTY) and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                        continue
-                    left.append(d)
-                    break
-        return left
+        from virtkit.container.cgroups import remove_dirs
+
+        return remove_dirs(self.directories(), timeout)
 
     def exists(self) -> bool:
         return any(os.path.isdir(d) for d in self.directories())
