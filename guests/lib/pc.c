@@ -2,7 +2,7 @@
  * The two legacy timer/interrupt chips every PC has: the 8259A PIC pair and the 8254 PIT.
  * Port I/O works at CPL3 here because user RFLAGS has IOPL = 3.
  */
-#include "guest.h"
+#include "pc.h"
 
 #define PIC1_CMD 0x20
 #define PIC1_DATA 0x21
@@ -39,6 +39,15 @@ void pic_mask_all(void)
 {
 	outb(PIC1_DATA, 0xFF);
 	outb(PIC2_DATA, 0xFF);
+}
+
+/* OCW1 read-modify-write: the mask bit of one ISA IRQ (bit set = masked). */
+void pic_mask_irq(unsigned irq, bool masked)
+{
+	u16 port = irq < 8 ? 0x21 : 0xA1;
+	u8 bit = (u8)(1u << (irq & 7));
+	u8 m = inb(port);
+	outb(port, masked ? (u8)(m | bit) : (u8)(m & ~bit));
 }
 
 /*

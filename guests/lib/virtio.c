@@ -3,9 +3,11 @@
  * polling driver at CPL3. Register offsets are §4.2.2's table. Interrupts are not used: the driver
  * asks the device not to send them (VIRTQ_AVAIL_F_NO_INTERRUPT, a hint) and polls the used ring,
  * which is ordinary memory and costs no exit. The only exits are register accesses: a handful at
- * set-up and one notification per batch of requests.
+ * set-up and one notification per batch of requests. A driver that wants interrupts after all
+ * turns them on with virtq_interrupts() and waits through virtq.wait (parawork irq=1).
  */
 #include "virtio.h"
+#include "pc.h"
 
 #define REG_MAGIC               0x000
 #define REG_VERSION             0x004
@@ -20,6 +22,8 @@
 #define REG_QUEUE_NUM           0x038
 #define REG_QUEUE_READY         0x044
 #define REG_QUEUE_NOTIFY        0x050
+#define REG_INTERRUPT_STATUS    0x060
+#define REG_INTERRUPT_ACK       0x064
 #define REG_STATUS              0x070
 #define REG_QUEUE_DESC_LOW      0x080
 #define REG_QUEUE_DESC_HIGH     0x084
@@ -329,12 +333,22 @@ void virtq_kick(struct virtq *q)
 		virtq_notify(q);
 }
 
+void virtq_interrupts(struct virtq *q, bool on)
+{
+	q->avail->flags = on ? 0 : VIRTQ_AVAIL_F_NO_INTERRUPT;
+	mb();           /* the flag before the next avail->idx the device may act on */
+}
+
 int virtq_wait_used(struct virtq *q, struct virtq_used_elem *out)
 {
 	u64 t0 = rdtsc(), checked = t0;
 
-	while (q->used->idx == q->used_seen) {
-		cpu_relax();
+	for (;;) {
+		bool moved = q->used->idx != q->used_seen;
+		if (q->wait ? q->wait(q, moved) : moved)
+			break;
+		if (!q->wait)
+			cpu_relax();
 		u64 now = rdtsc();
 		if (now - checked > VIRTIO_STATUS_CHECK_TSC) {
 			checked = now;
@@ -351,3 +365,36 @@ int virtq_wait_used(struct virtq *q, struct virtq_used_elem *out)
 	q->used_seen++;
 	return 0;
 }
+
+/* ---- interrupts ---- */
+
+volatile u64 virtio_irqs;
+volatile u32 virtio_irq_status;
+extern char isr_virtio[];
+u64 virtio_irq_reg;             /* the device's InterruptStatus; InterruptACK is 4 bytes on */
+
+void virtio_irq_install(struct virtio_dev *d, unsigned vec)
+{
+	virtio_irq_reg = d->base + REG_INTERRUPT_STATUS;
+	idt_set_handler(vec, isr_virtio);
+}
+
+/* CPL0, every instruction emulated on PVM, so short: InterruptStatus, acknowledge exactly those
+ * bits, count, EOI to the local APIC (any write to its EOI register), return. */
+_Static_assert(REG_INTERRUPT_ACK == REG_INTERRUPT_STATUS + 4, "isr_virtio's ACK offset");
+__asm__(
+	"	.text\n"
+	"	.globl isr_virtio\n"
+	"isr_virtio:\n"
+	"	push	%rax\n"
+	"	push	%rdx\n"
+	"	mov	virtio_irq_reg(%rip), %rax\n"
+	"	mov	(%rax), %edx\n"
+	"	mov	%edx, 4(%rax)\n"
+	"	or	%edx, virtio_irq_status(%rip)\n"
+	"	incq	virtio_irqs(%rip)\n"
+	"	mov	$0xFEE000B0, %eax\n"
+	"	movl	$0, (%rax)\n"
+	"	pop	%rdx\n"
+	"	pop	%rax\n"
+	"	iretq\n");

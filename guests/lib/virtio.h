@@ -83,6 +83,10 @@ struct virtq {
 	volatile struct virtq_avail *avail;
 	volatile struct virtq_used *used;
 	u64 kicks;              /* notifications sent */
+	/* NULL: virtq_wait_used spins until the used index moves. Else it asks wait(q, moved) each
+	 * time round whether the wait is over (e.g. parawork irq=1: moved and the interrupt taken);
+	 * if not, wait waits a while (halts until an interrupt) and returns false. */
+	bool (*wait)(struct virtq *q, bool moved);
 };
 
 #define VIRTIO_MAX_QUEUES       2
@@ -132,9 +136,20 @@ void virtq_publish(struct virtq *q, u16 head);
 void virtq_kick(struct virtq *q);
 /* Notify unconditionally: the "null" operation of the virtio path. */
 void virtq_notify(struct virtq *q);
-/* Wait, polling the used ring, for the next used element; 0 or -1 on timeout or a broken
+/* Ask the device for used-buffer interrupts (on) or not (off, the default: clears or sets
+ * VIRTQ_AVAIL_F_NO_INTERRUPT, §2.7.7). */
+void virtq_interrupts(struct virtq *q, bool on);
+/* Wait, polling the used ring (or through q->wait), for the next used element; 0 or -1 on timeout or a broken
  * device. */
 int virtq_wait_used(struct virtq *q, struct virtq_used_elem *out);
+
+/* ---- interrupts (lib/virtio.c; the routing is lib/ioapic.c's) ---- */
+/* Make IDT vector vec the interrupt of device d: a CPL0 stub that reads InterruptStatus, writes
+ * it back to InterruptACK (§4.2.2), counts, and sends the local APIC an EOI. One device at a
+ * time. Route the device's pin to vec yourself (ioapic_route_edge). */
+void virtio_irq_install(struct virtio_dev *d, unsigned vec);
+extern volatile u64 virtio_irqs;        /* interrupts taken */
+extern volatile u32 virtio_irq_status;  /* every InterruptStatus bit seen, ORed */
 
 /* ---- virtio-blk (lib/virtio_blk.c) ---- */
 struct vblk {
