@@ -110,7 +110,8 @@ def format_table(stats: RunStats, top: int = 10) -> str:
     unknown = sum(stats.unknown_pio.values()) + sum(stats.unknown_mmio.values())
     lines.append("")
     lines.append("Time")
-    lines.append(f"  wall {stats.wall_s * 1e3:,.1f} ms; in KVM_RUN (guest) {stats.guest_s * 1e3:,.1f} ms; "
+    lines.append(f"  wall {stats.wall_s * 1e3:,.1f} ms; in KVM_RUN (guest, summed over vCPUs) "
+                 f"{stats.guest_s * 1e3:,.1f} ms; "
                  f"in the VMM handling exits {stats.vmm_s * 1e3:,.1f} ms")
     per_exit = (stats.vmm_s / total * 1e6) if total else 0.0
     lines.append(f"  {stats.exits_per_second:,.0f} exits/s; VMM time per exit {per_exit:.2f} us; "
