@@ -36,9 +36,12 @@ class Console:
                     del self._buf[:cut]
                     self.dropped += cut
             if self._tee is not None:
+                # Flushed at once, not at the end of the line: what the guest has sent must be out
+                # of this process before anything else happens, or a snapshot taken mid-line and a
+                # VMM killed before the newline would lose that line for good (the restored guest
+                # does not send it again). One write per UART byte is cheap next to its VM exit.
                 self._tee.write(data)
-                if b"\n" in data:
-                    self._tee.flush()
+                self._tee.flush()
 
     def flush(self) -> None:
         with self._lock:
