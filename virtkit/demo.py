@@ -216,16 +216,6 @@ def _container_section(console: Console) -> int:
     return 0 if p.returncode == 0 else 1
 
 
-def _remove_cgroup_parent(name: str) -> None:
-    """virtkitd keeps its parent cgroup while it runs (its VMs outlive a restart of the service);
-    the demo made this one, so once the VMs are deleted and the service stopped it removes it."""
-    import glob
-
-    from virtkit.container.cgroups import remove_dirs
-
-    remove_dirs(glob.glob(f"/sys/fs/cgroup/{name}") + glob.glob(f"/sys/fs/cgroup/*/{name}"))
-
-
 def _service_section(console: Console, gdir: Path) -> int:
     """virtkitd with several VMs under different CPU shares, each in its own confined VMM."""
     console.rule("[bold]4. The hypervisor as a service: several isolated VMs sharing one host")
@@ -270,7 +260,9 @@ def _service_section(console: Console, gdir: Path) -> int:
                 daemon.kill()
                 daemon.wait()
             log.close()
-            _remove_cgroup_parent(f"virtkit-demo-{os.getpid()}")
+            from virtkit.service.cgroups import remove_parent
+
+            remove_parent(f"virtkit-demo-{os.getpid()}")  # the demo made it; the service keeps it
     console.print("heavy and light share CPU 0 at 3:1 weights; capped is held to 20% of a CPU; each VM runs in "
                   "its own jailed VMM process (docs/SECURITY.md).")
     return failures

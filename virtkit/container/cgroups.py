@@ -83,7 +83,8 @@ def detect(mountinfo: str | None = None) -> Layout:
     raise ContainerError("no cgroup filesystem is mounted: mount cgroup2 on /sys/fs/cgroup (or v1 controllers)")
 
 
-def _write(path: str, value: str) -> None:
+def write_value(path: str, value: str) -> None:
+    """Write a cgroup control file in one write(2), as the kernel expects."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, value.encode())
@@ -241,7 +242,7 @@ class Cgroup:
         for i, part in enumerate(parts):
             if enable:
                 try:
-                    _write(os.path.join(cur, "cgroup.subtree_control"), enable)
+                    write_value(os.path.join(cur, "cgroup.subtree_control"), enable)
                 except OSError as err:
                     raise ContainerError(f"cannot enable cgroup v2 controllers in {cur}: {err.strerror} "
                                          "(is a process in that cgroup?)") from None
@@ -255,7 +256,7 @@ class Cgroup:
     def join(self, pid: int) -> None:
         for d in self.directories():
             try:
-                _write(os.path.join(d, "cgroup.procs"), str(pid))
+                write_value(os.path.join(d, "cgroup.procs"), str(pid))
             except OSError as err:
                 raise ContainerError(f"cannot move process {pid} into cgroup {d}: {err.strerror}") from None
 
@@ -300,7 +301,7 @@ class Cgroup:
         if d is None:
             raise ContainerError(f"{what} needs the {ctrl} cgroup controller, which this host does not have")
         try:
-            _write(os.path.join(d, name), value)
+            write_value(os.path.join(d, name), value)
         except OSError as err:
             raise ContainerError(f"the kernel refused {what} ({name} = {value}): {err.strerror}") from None
 
@@ -342,7 +343,7 @@ class Cgroup:
                 f"{rule.type} {'*' if rule.major is None else rule.major}:"
                 f"{'*' if rule.minor is None else rule.minor} {rule.access}")
             try:
-                _write(os.path.join(d, fname), text)
+                write_value(os.path.join(d, fname), text)
             except OSError as err:
                 raise ContainerError(f"the kernel refused device rule {fname} '{text}': {err.strerror}") from None
 
@@ -465,7 +466,7 @@ class Cgroup:
         unified = self.dirs.get("unified")
         if sig == signal.SIGKILL and unified and os.path.exists(os.path.join(unified, "cgroup.kill")):
             try:
-                _write(os.path.join(unified, "cgroup.kill"), "1")
+                write_value(os.path.join(unified, "cgroup.kill"), "1")
                 return
             except OSError:
                 pass
@@ -481,11 +482,11 @@ class Cgroup:
     def _freeze(self, on: bool) -> bool:
         try:
             if self.layout.mode == "v2":
-                _write(os.path.join(self.dirs["unified"], "cgroup.freeze"), "1" if on else "0")
+                write_value(os.path.join(self.dirs["unified"], "cgroup.freeze"), "1" if on else "0")
                 return True
             d = self.dirs.get("freezer")
             if d:
-                _write(os.path.join(d, "freezer.state"), "FROZEN" if on else "THAWED")
+                write_value(os.path.join(d, "freezer.state"), "FROZEN" if on else "THAWED")
                 return True
         except OSError:
             pass

@@ -23,6 +23,7 @@ import contextlib
 import os
 
 from virtkit.container.cgroups import Layout, detect
+from virtkit.container.cgroups import write_value as _write
 from virtkit.errors import VirtkitError
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids")
@@ -32,14 +33,6 @@ CFS_PERIOD_US = 100_000
 
 class CgroupError(VirtkitError):
     pass
-
-
-def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
 
 
 def _read(path: str) -> str:
