@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -91,14 +92,41 @@ def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Pat
     finally:
         stop_process(sup)
     assert b"was killed by signal 9 (SIGKILL); resuming the VM from its checkpoint" in err, err
-    values = file_counts(log)
+    values = _spliced_counts(log.read_bytes())
     # one counter, no reboot: after the restart it resumes from the checkpoint, so the lines printed
     # between the checkpoint and the kill repeat (none, if the kill came right after a checkpoint),
     # and it counts on by one: at most one step back, never a gap, never back to 1
     assert values[0] == 1
-    assert _resumes_once(values) or any(_resumes_once(values[:j] + values[j + 1:])
-                                        for j in _steps(values) + [i - 1 for i in _steps(values)]), \
-        [(values[i - 2:i + 2], i) for i in _steps(values)]
+    assert values.count(1) == 1, values  # never back to 1: no reboot
+    assert values.count(None) <= 1, values  # one kill, one spliced line at most
+    cut = values.index(None) if None in values else -1
+    candidates: list[list[int]] = [[v for v in values if v is not None]]  # the spliced line dropped (a repeat)...
+    if cut > 0:  # ...or read as the line it replaced (no repeat)
+        candidates.append([*values[:cut], values[cut - 1] + 1, *values[cut + 1:]])  # type: ignore[operator]
+    assert any(_resumes_once(c) or any(_resumes_once(c[:j] + c[j + 1:]) for j in _wrong_numbers(c))
+               for c in candidates), values
+
+
+def _spliced_counts(data: bytes) -> list[int | None]:
+    """Counter values of a log that a SIGKILL spliced, None for a line that is not one. The bytes
+    the killed VMM sent after the last checkpoint are sent again by the resumed guest, so the line
+    cut by the kill reads as a prefix of one line joined to the rest of another ("counnt 503",
+    "count 5519"): garbled, or a plausible number that is wrong."""
+    out: list[int | None] = []
+    for line in data.split(b"\n")[:-1]:  # the last line may still be being printed
+        m = re.fullmatch(rb"count (\d+)\r*", line)
+        if m:
+            out.append(int(m.group(1)))
+        elif not line.startswith(b"counter:"):
+            out.append(None)
+    return out
+
+
+def _wrong_numbers(values: list[int]) -> list[int]:
+    """Indexes of lines that may be the spliced one read as a wrong number ("count 5519"): inside
+    the log (never the last line, which would hide a gap) and not the next number after the one
+    before it."""
+    return [j for j in range(1, len(values) - 1) if values[j] != values[j - 1] + 1]
 
 
 def _steps(values: list[int]) -> list[int]:
