@@ -1,0 +1,118 @@
+"""virtkit.records: hostile JSON is bounded before it is parsed, and parsed into typed records."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from virtkit.records import UntrustedInput, bounded, load_json, load_object, parse, to_json
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass(frozen=True, slots=True)
+class Inner:
+    gpa: int = bounded(lo=0, hi=2**64 - 1)
+    size: int = bounded(lo=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Outer:
+    name: str = bounded(max_len=8, pattern=r"[a-z]+")
+    count: int = bounded(lo=0, hi=10)
+    ratio: float = 1.0
+    on: bool = False
+    color: Color = Color.RED
+    mode: Literal["full", "para"] = "full"
+    note: str | None = None
+    regions: tuple[Inner, ...] = ()
+    tags: dict[str, int] | None = None
+
+
+def test_a_valid_object_becomes_a_record() -> None:
+    rec = parse(Outer, {"name": "vm", "count": 3, "ratio": 2, "on": True, "color": "blue", "mode": "para",
+                        "regions": [{"gpa": 0, "size": 4096}], "tags": {"a": 1}}, what="def")
+    assert rec == Outer("vm", 3, 2.0, True, Color.BLUE, "para", None, (Inner(0, 4096),), {"a": 1})
+    assert to_json(rec)["color"] == "blue"
+    assert to_json(rec)["regions"] == [{"gpa": 0, "size": 4096}]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"count": 1}, "def.name is missing"),
+    ({"name": "vm", "count": 1, "evil": 1}, "unknown field 'evil'"),
+    ({"name": "vm", "count": True}, "def.count must be an integer, not a boolean"),
+    ({"name": "vm", "count": 11}, "def.count is 11, more than 10"),
+    ({"name": "vm", "count": -1}, "less than 0"),
+    ({"name": "toolongname", "count": 1}, "def.name is longer than 8"),
+    ({"name": "VM", "count": 1}, "does not match"),
+    ({"name": "vm", "count": 1, "color": "green"}, "def.color must be one of"),
+    ({"name": "vm", "count": 1, "mode": "other"}, "def.mode must be one of"),
+    ({"name": "vm", "count": 1, "regions": [{"gpa": -1, "size": 1}]}, "def.regions[0].gpa is -1"),
+    ({"name": "vm", "count": 1, "regions": {}}, "def.regions must be an array"),
+    ({"name": "vm", "count": 1, "tags": {"a": "x"}}, "def.tags.a must be an integer"),
+    ([1, 2], "def must be an object, not a array"),
+    ("text", "def must be an object"),
+])
+def test_what_does_not_fit_is_refused_with_the_field_named(value: object, message: str) -> None:
+    with pytest.raises(UntrustedInput, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        parse(Outer, value, what="def")
+
+
+def test_unknown_fields_can_be_ignored_for_a_newer_peer() -> None:
+    assert parse(Inner, {"gpa": 1, "size": 2, "new": 3}, what="x", unknown="ignore") == Inner(1, 2)
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 200_000])
+def test_deep_nesting_is_refused_before_the_parser_recurses(depth: int) -> None:
+    for doc in (b"[" * depth, b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        with pytest.raises(UntrustedInput, match="nested more than 32"):
+            load_json(doc, what="report", max_bytes=1 << 30)
+
+
+def test_nesting_within_the_limit_and_brackets_in_strings_pass() -> None:
+    assert load_json(b"[" * 32 + b"]" * 32, what="x", max_bytes=1000) == eval("[" * 32 + "]" * 32)
+    text = json.dumps({"s": "[[[[" * 1000 + '\\"[[', "t": ["{" * 100]})
+    assert load_object(text, what="x", max_bytes=1 << 20)["s"].startswith("[[[[")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"x" * 101, "is 101 bytes, more than the 100 allowed"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"{", "not valid JSON"),
+    (b"NaN", "not valid JSON"),
+    (b"[Infinity]", "not valid JSON"),
+    (b"1" * 5000, "not valid JSON"),  # more digits than int() converts
+])
+def test_malformed_input_is_one_line(data: bytes, message: str) -> None:
+    with pytest.raises(UntrustedInput, match=message) as e:
+        load_json(data, what="reply", max_bytes=100 if len(data) > 100 and message.startswith("is") else 10_000)
+    assert "\n" not in str(e.value)
+
+
+def test_an_object_is_required_where_asked() -> None:
+    with pytest.raises(UntrustedInput, match="is a JSON array, not an object"):
+        load_object(b"[]", what="report", max_bytes=10)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_value_or_untrusted_input(data: bytes) -> None:
+    with contextlib.suppress(UntrustedInput):
+        load_json(data, what="fuzz", max_bytes=200)
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+                    max_leaves=20))
+def test_any_json_value_gives_a_record_or_untrusted_input(value: object) -> None:
+    with contextlib.suppress(UntrustedInput):
+        parse(Outer, value, what="fuzz")

@@ -1,0 +1,259 @@
+"""Input from someone we do not trust, parsed once into typed, frozen records.
+
+Everything that crosses a trust boundary into virtkit is hostile by assumption: what a VMM process
+writes (exit reports, control replies), what a migration peer sends, an API client's body, an
+image's config. Two steps, each bounded before any work is done:
+
+1. :func:`load_json`: bytes -> a JSON value, with the size capped *before* parsing, the nesting
+   depth checked by a linear scan (CPython's parser recurses, and 200,000 ``[`` end in a
+   ``RecursionError`` deep in the C scanner), ``NaN``/``Infinity`` refused, and every failure one
+   :class:`UntrustedInput` line naming the source.
+2. :func:`parse`: a JSON value -> a frozen dataclass, each field checked against its annotation
+   (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``list[X]``, ``tuple[X, ...]``,
+   ``dict[str, X]``, ``Literal[...]``, enums, nested records), with bounds from the field's
+   metadata (:func:`bounded`), unknown fields refused (or ignored, where a peer may be newer) and
+   missing ones filled from defaults or reported.
+
+The record is what flows inward; nothing past the edge sees a raw ``dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Final, Literal, TypeVar
+
+from virtkit.errors import VirtkitError
+
+#: nesting deeper than this is refused; no record of ours goes beyond a handful of levels
+MAX_DEPTH: Final = 32
+
+T = TypeVar("T")
+
+
+class UntrustedInput(VirtkitError):
+    """Input from outside (a VMM, a peer, a client, an image) is malformed, too large or too deep."""
+
+
+# --- 1. bytes -> JSON value ------------------------------------------------------------------------
+
+# A JSON string (escapes included) or one bracket: strings are skipped whole, so brackets inside
+# them are not counted. Unterminated strings leave their brackets counted, which only errs on the
+# side of refusing; json.loads rejects them anyway.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+
+def _too_deep(data: bytes, limit: int) -> bool:
+    if data.count(b"[") + data.count(b"{") <= limit:  # the common case costs two C scans
+        return False
+    depth = 0
+    for m in _TOKEN.finditer(data):
+        c = data[m.start()]
+        if c in _OPEN:
+            depth += 1
+            if depth > limit:
+                return True
+        elif c != 0x22:  # a closing bracket ('"' starts a string token)
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode ``data`` (from ``what``: "the exit report of vm1", "HELO from 10.0.0.2:4711"...) as
+    JSON. Raises :class:`UntrustedInput` if it is larger than ``max_bytes``, nested deeper than
+    ``max_depth``, not UTF-8 or not JSON."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise UntrustedInput(f"{what} is {len(raw)} bytes, more than the {max_bytes} allowed")
+    if _too_deep(raw, max_depth):
+        raise UntrustedInput(f"{what} is nested more than {max_depth} levels deep")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise UntrustedInput(f"{what} is not UTF-8") from None
+    except RecursionError:  # cannot happen after the depth check; kept as a second wall
+        raise UntrustedInput(f"{what} is nested too deeply") from None
+    except ValueError as e:
+        raise UntrustedInput(f"{what} is not valid JSON: {e}") from None
+
+
+def load_object(data: bytes | bytearray | str, *, what: str, max_bytes: int,
+                max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """:func:`load_json`, and the value must be a JSON object."""
+    value = load_json(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
+    if not isinstance(value, dict):
+        raise UntrustedInput(f"{what} is a JSON {_json_kind(value)}, not an object")
+    return value
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if value is None:
+        return "null"
+    return "object"
+
+
+# --- 2. JSON value -> record -----------------------------------------------------------------------
+
+
+def bounded(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+            max_len: int | None = None, pattern: str | None = None) -> Any:
+    """A dataclass field with bounds :func:`parse` enforces: ``lo``/``hi`` for numbers,
+    ``max_len`` for strings, lists and dicts, ``pattern`` (a full match) for strings."""
+    meta = {"lo": lo, "hi": hi, "max_len": max_len, "pattern": re.compile(pattern) if pattern else None}
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple or None as the default of a record field")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def parse(cls: type[T], value: object, *, what: str, unknown: Literal["reject", "ignore"] = "reject") -> T:
+    """``value`` (a decoded JSON object) as a ``cls`` record; :class:`UntrustedInput` names the
+    first field that is missing, unknown, of the wrong type or out of bounds (``what.field``)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    return typing.cast(T, _record(cls, value, what, unknown))
+
+
+def _record(cls: type, value: object, path: str, unknown: str) -> object:
+    if not isinstance(value, Mapping):
+        raise UntrustedInput(f"{path} must be an object, not a {_json_kind(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown == "reject":
+        extra = sorted(k for k in value if k not in fields)
+        if extra:
+            names = ", ".join(repr(str(k)[:40]) for k in extra[:5])
+            raise UntrustedInput(f"{path} has unknown field{'s' if len(extra) > 1 else ''} {names} "
+                                 f"(known: {', '.join(fields)})")
+    hints = _hints(cls)
+    kwargs: dict[str, object] = {}
+    for name, f in fields.items():
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UntrustedInput(f"{path}.{name} is missing")
+            continue
+        kwargs[name] = _value(hints[name], value[name], f"{path}.{name}", f.metadata, unknown)
+    return cls(**kwargs)
+
+
+def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
+    if not meta:
+        return
+    lo, hi, max_len, pattern = meta.get("lo"), meta.get("hi"), meta.get("max_len"), meta.get("pattern")
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        if lo is not None and v < lo:
+            raise UntrustedInput(f"{path} is {v}, less than {lo:g}")
+        if hi is not None and v > hi:
+            raise UntrustedInput(f"{path} is {v}, more than {hi:g}")
+    if max_len is not None and isinstance(v, str | list | tuple | dict) and len(v) > max_len:
+        raise UntrustedInput(f"{path} is longer than {max_len}")
+    if pattern is not None and isinstance(v, str) and not pattern.fullmatch(v):
+        raise UntrustedInput(f"{path} {v[:40]!r} does not match {pattern.pattern}")
+
+
+def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str) -> object:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _value(options[0], v, path, meta, unknown)
+        for a in options:  # e.g. int | str: the first that fits
+            try:
+                return _value(a, v, path, meta, unknown)
+            except UntrustedInput:
+                continue
+        raise UntrustedInput(f"{path} has the wrong type ({_json_kind(v)})")
+    if origin is Literal:
+        if v not in args or isinstance(v, bool) != any(isinstance(a, bool) for a in args):
+            raise UntrustedInput(f"{path} must be one of {', '.join(repr(a) for a in args)}")
+        return v
+    if origin in (list, tuple):
+        if not isinstance(v, list):
+            raise UntrustedInput(f"{path} must be an array, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(v) != len(args):
+                raise UntrustedInput(f"{path} must have {len(args)} elements")
+            return tuple(_value(a, x, f"{path}[{i}]", {}, unknown) for i, (a, x) in enumerate(zip(args, v, strict=True)))
+        item = args[0] if args else Any
+        out = [_value(item, x, f"{path}[{i}]", {}, unknown) for i, x in enumerate(v)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise UntrustedInput(f"{path} must be an object, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _value(vt, x, f"{path}.{k}", {}, unknown) for k, x in v.items()}
+    if tp is Any or tp is object:
+        return v
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _record(tp, v, path, unknown)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(v)
+        except ValueError:
+            raise UntrustedInput(f"{path} must be one of {', '.join(repr(m.value) for m in tp)}") from None
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise UntrustedInput(f"{path} must be true or false, not a {_json_kind(v)}")
+        return v
+    if tp is int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UntrustedInput(f"{path} must be an integer, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        return v
+    if tp is float:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise UntrustedInput(f"{path} must be a number, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise UntrustedInput(f"{path} must be a string, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        return v
+    raise TypeError(f"records cannot hold a {tp!r} ({path})")
+
+
+def to_json(record: object) -> dict[str, Any]:
+    """A record back as a JSON-ready dict (enums by value, tuples as lists)."""
+    def conv(v: object) -> object:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, list | tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return typing.cast(dict[str, Any], conv(record))
