@@ -203,7 +203,8 @@ def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str)
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(v) != len(args):
                 raise UntrustedInput(f"{path} must have {len(args)} elements")
-            return tuple(_value(a, x, f"{path}[{i}]", {}, unknown) for i, (a, x) in enumerate(zip(args, v, strict=True)))
+            pairs = enumerate(zip(args, v, strict=True))
+            return tuple(_value(a, x, f"{path}[{i}]", {}, unknown) for i, (a, x) in pairs)
         item = args[0] if args else Any
         out = [_value(item, x, f"{path}[{i}]", {}, unknown) for i, x in enumerate(v)]
         return tuple(out) if origin is tuple else out
