@@ -100,7 +100,11 @@ class HypercallDevice:
         try:
             if gpa % 8:
                 raise GuestMemoryError("misaligned hypercall block")
-            nr, abi, *args = _BLOCK.unpack(self.memory.read(gpa, _BLOCK.size))
+            # The whole block, result fields included, must be guest RAM before the call runs: a
+            # block whose arguments fit but whose ret/value do not would otherwise have its effect
+            # (a disk write, a power-off) and then fail to report it, outside any error path.
+            block = self.memory.read(gpa, BLOCK_SIZE)
+            nr, abi, *args = _BLOCK.unpack_from(block)
         except GuestMemoryError:
             self.bad_blocks += 1  # the block itself is not guest RAM: nowhere to report to
             return

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtkit.devices.disk import RawImage
-from virtkit.devices.hypercall import ABI_VERSION, PORT_SIGNATURE, HcError, Hypercall, HypercallDevice
+from virtkit.devices.hypercall import ABI_VERSION, BLOCK_SIZE, PORT_SIGNATURE, HcError, Hypercall, HypercallDevice
 from virtkit.memory import GuestMemory
 
 MiB = 1 << 20
@@ -126,3 +126,35 @@ def test_random_blocks_never_raise(nr: int, args: list[int]) -> None:
         assert ret <= 0
     finally:
         e.mem.close()
+
+
+@pytest.mark.parametrize("tail", range(0, BLOCK_SIZE + 8, 8))
+@pytest.mark.parametrize("nr", [Hypercall.CONSOLE_WRITE, Hypercall.BLOCK_WRITE, Hypercall.POWER_OFF, Hypercall.NULL])
+def test_a_block_at_the_end_of_ram_runs_only_if_it_fits_whole(tmp_path: Path, nr: Hypercall, tail: int) -> None:
+    """A block whose arguments are in RAM but whose ret/value are not used to run the call and then
+    raise GuestMemoryError on the vCPU thread: now it is ignored and counted, with no effect."""
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4 * 512))
+    disk = RawImage(str(img))
+    e = Env(disk)
+    try:
+        at = 2 * MiB - tail  # the block's last byte is at 2 MiB - tail + 63
+        e.mem.write(0x8000, b"\xaa" * 512)
+        args = {Hypercall.CONSOLE_WRITE: (0x8000, 4), Hypercall.BLOCK_WRITE: (0, 0x8000, 1),
+                Hypercall.POWER_OFF: (3,), Hypercall.NULL: ()}[nr]
+        words = [*args] + [0] * (5 - len(args))
+        block = struct.pack("<II5Q", nr, ABI_VERSION, *words)
+        fits = tail >= BLOCK_SIZE
+        if tail >= len(block):
+            e.mem.write(at, block)
+        elif tail:
+            e.mem.write(at, block[:tail])
+        e.dev.pio_write(0, 4, at)  # must not raise, whatever fits
+        effect = bool(e.out) or bool(e.powered) or img.read_bytes()[:512] != bytes(512)
+        assert effect == (fits and nr is not Hypercall.NULL)
+        assert e.dev.bad_blocks == (0 if fits else 1)
+        if fits:
+            assert struct.unpack("<q", e.mem.read(at + 48, 8))[0] == 0
+    finally:
+        e.mem.close()
+        disk.close()

@@ -315,3 +315,54 @@ def test_rings_overlapping_each_other_do_not_hurt_the_host(machine: Machine) -> 
     q.set_avail_idx(1)
     rig.driver.kick(0)
     assert rig.transport.internal_errors == 0
+
+
+# --- what one request may move ----------------------------------------------------------------------
+def test_one_console_request_cannot_stream_more_than_its_bound(machine: Machine) -> None:
+    """63 descriptors each covering all of a 4 MiB RAM region used to stream 252 MiB to the host
+    from one request (4.2 GB with 64 MiB of RAM). Overlapping buffers make the guest's RAM size
+    no bound at all: the device's request bound is."""
+    out = bytearray()
+    rig = machine.attach(ConsoleDevice(out.extend))
+    _, tx = rig.driver.init()
+    head = tx.add([(0, 4 * MiB, False)] * 63)
+    rig.driver.kick(1)
+    assert tx.take_used() == [(head, 0)]
+    assert out == b"" and rig.device.failed_requests == 1
+    assert "most this device takes in one request" in (rig.device.last_failure or "")
+    tx.add([(tx.buffer(b"ok"), 2, False)])  # the queue goes on
+    rig.driver.kick(1)
+    assert out == b"ok" and not rig.driver.needs_reset
+
+
+def test_every_device_bounds_its_requests(image: Path) -> None:
+    """No device may leave a request unbounded, except one that bounds its own work (rng fills
+    at most max_request bytes of any buffer)."""
+    assert ConsoleDevice(lambda b: None).max_request_bytes <= 1 << 20
+    disk = BlockDevice(image)
+    try:
+        assert disk.max_request_bytes == blk.HEADER.size + (256 - 2) * blk.SIZE_MAX + 1 <= 32 << 20
+    finally:
+        disk.close()
+    assert RngDevice().max_request <= 64 << 10
+
+
+def test_a_disk_request_beyond_seg_max_times_size_max_fails(rigs: tuple[Rig, FakeQueue, Rig]) -> None:
+    disk, q, rng = rigs
+    assert disk.driver.config(8, 4) == blk.SIZE_MAX  # size_max is offered to the driver (§5.2.4)
+    hdr = q.buffer(struct.pack("<IIQ", blk.T_IN, 0, 0))
+    bound = disk.device.max_request_bytes  # 16 + 14 * SIZE_MAX + 1 with this 16-entry queue
+    assert bound < 3 * MiB  # so the data buffers below are guest RAM: only the bound can refuse them
+    # at the bound: header, 14 data segments of SIZE_MAX, status
+    data = 2 * MiB  # past both rigs' slices (1-2 MiB), inside the 4 MiB region
+    status = blk_chain(q, [(hdr, 16, False), *[(data + i * blk.SIZE_MAX, blk.SIZE_MAX, True) for i in range(14)]])
+    disk.driver.kick(0)
+    assert disk.transport.memory.read(status, 1)[0] == blk.S_OK
+    assert q.take_used()[0][1] == bound - 16
+    # one sector more than the bound
+    status = blk_chain(q, [(hdr, 16, False), (data, bound - 17 + 512, True)])
+    disk.driver.kick(0)
+    assert q.take_used()[-1][1] == 0
+    assert disk.transport.memory.read(status, 1)[0] == blk.S_IOERR
+    assert "most this device takes in one request" in (disk.device.last_failure or "")
+    assert blk_read(disk, q) == blk.S_OK

@@ -71,6 +71,9 @@ class VirtioDevice(abc.ABC):
     queue sizes and device feature bits, and implement :meth:`process_queue`."""
 
     device_type: ClassVar[spec.DeviceType]
+    #: the most bytes one request's buffers may describe, readable and writable together; a larger
+    #: chain is a failed request. Every device sets what its protocol needs (queue.py explains why).
+    max_request_bytes: int = 1 << 20
 
     def __init__(self, queue_sizes: Sequence[int], features: int = 0) -> None:
         for size in queue_sizes:
@@ -219,8 +222,8 @@ class VirtioDevice(abc.ABC):
             restored: list[VirtQueue | None] = []
             for qstate in queues:
                 try:
-                    restored.append(VirtQueue.from_state(self.memory, qstate) if isinstance(qstate, dict)
-                                    else None)
+                    restored.append(VirtQueue.from_state(self.memory, qstate, self.max_request_bytes)
+                                    if isinstance(qstate, dict) else None)
                 except (QueueConfigError, KeyError) as e:
                     raise DeviceError(f"saved virtqueue state is not usable: {e}") from None
             acked = state.get("acked_features")

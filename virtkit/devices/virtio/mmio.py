@@ -417,7 +417,8 @@ class VirtioMmioTransport:
             queue = VirtQueue(self.memory, q.num, q.desc, q.driver, q.device,
                               event_idx=self.device.has_feature(spec.F_EVENT_IDX),
                               indirect=self.device.has_feature(spec.F_INDIRECT_DESC),
-                              max_size=self.device.queue_max_sizes[index])
+                              max_size=self.device.queue_max_sizes[index],
+                              max_chain_bytes=self.device.max_request_bytes)
         except QueueConfigError as e:
             self.needs_reset(f"queue {index}: {e}")
             return

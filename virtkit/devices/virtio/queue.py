@@ -23,7 +23,8 @@ every problem falls into one of three classes, each with its own exception:
     DEVICE_NEEDS_RESET. Other queues are unaffected.
 ``ChainError``
     one request's *buffers* are unusable but the ring itself is intact: a buffer outside guest
-    RAM, ``addr + len`` past 2^64, more than 2^32 bytes in total (§2.7.5.2), a device-readable
+    RAM, ``addr + len`` past 2^64, more than 2^32 bytes in total (§2.7.5.2) or more than the device
+    takes in one request (``max_chain_bytes``, see below), a device-readable
     buffer after a device-writable one (§2.7.4.2), or a device asking for more bytes than the
     chain has in the direction it needs. :meth:`pop_chain` still returns such a chain, with
     ``fault`` set, so the device can fail that one request (write an error status if the status
@@ -32,6 +33,10 @@ every problem falls into one of three classes, each with its own exception:
 Work is bounded by construction: walking a chain visits at most Queue Size buffer descriptors
 plus one indirect switch, descriptors are read 16 bytes at a time (no table-sized allocation), and
 the chain helpers hand out zero-copy views of guest RAM or copy at most what the caller limits.
+What one request may *move* is bounded too: each device says how many bytes its requests may
+describe in all (``max_chain_bytes``); a chain above that is a faulted request. Without it, 63
+descriptors each covering all of a 64 MiB guest made one console request stream 4 GiB to the
+host: the buffers may overlap, so the guest's RAM size bounds nothing.
 """
 
 from __future__ import annotations
@@ -217,12 +222,17 @@ class VirtQueue:
 
     def __init__(self, memory: GuestMemory, size: int, desc_table: int, avail_ring: int, used_ring: int,
                  *, event_idx: bool = False, indirect: bool = False,
-                 max_size: int = spec.MAX_QUEUE_SIZE) -> None:
+                 max_size: int = spec.MAX_QUEUE_SIZE, max_chain_bytes: int = spec.MAX_CHAIN_BYTES) -> None:
         """Validate the configuration (QueueConfigError) and start with both indices at 0.
 
         ``event_idx`` and ``indirect`` are whether VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC
-        were negotiated; ``max_size`` is the QueueNumMax the device offered."""
+        were negotiated; ``max_size`` is the QueueNumMax the device offered; ``max_chain_bytes``
+        the most bytes one chain may describe (readable and writable together) before it is
+        returned as a faulted request."""
         _check_config(memory, size, max_size, desc_table, avail_ring, used_ring)
+        if not 0 < max_chain_bytes <= spec.MAX_CHAIN_BYTES:
+            raise QueueConfigError(f"a request bound of {max_chain_bytes} bytes is not between 1 and 2^32")
+        self.max_chain_bytes = max_chain_bytes
         self.memory = memory
         self.size = size
         self.max_size = max_size
@@ -325,8 +335,10 @@ class VirtQueue:
                 elif not flags & spec.DescFlag.WRITE and writable:
                     problem = "a device-readable buffer follows a device-writable one (§2.7.4.2)"
                 total += length
-                if problem is None and total > spec.MAX_CHAIN_BYTES:
-                    problem = "the chain describes more than 2^32 bytes (§2.7.5.2)"
+                if problem is None and total > self.max_chain_bytes:
+                    problem = (f"the chain describes more than {self.max_chain_bytes} bytes, the most this "
+                               "device takes in one request" if self.max_chain_bytes < spec.MAX_CHAIN_BYTES
+                               else "the chain describes more than 2^32 bytes (§2.7.5.2)")
                 if problem is not None and fault is None:
                     fault = problem
                 (writable if flags & spec.DescFlag.WRITE else readable).append((addr, length))
@@ -421,9 +433,11 @@ class VirtQueue:
         }
 
     @classmethod
-    def from_state(cls, memory: GuestMemory, state: dict[str, object]) -> VirtQueue:
+    def from_state(cls, memory: GuestMemory, state: dict[str, object],
+                   max_chain_bytes: int = spec.MAX_CHAIN_BYTES) -> VirtQueue:
         """Rebuild a queue saved by :meth:`save` (guest memory must already hold the rings).
-        QueueConfigError if the saved configuration is not valid for this memory."""
+        QueueConfigError if the saved configuration is not valid for this memory. The request
+        bound is the device's, not the snapshot's."""
         def num(key: str) -> int:
             value = state[key]
             if not isinstance(value, int):
@@ -432,7 +446,7 @@ class VirtQueue:
 
         q = cls(memory, num("size"), num("desc_table"), num("avail_ring"), num("used_ring"),
                 event_idx=bool(state["event_idx"]), indirect=bool(state["indirect"]),
-                max_size=num("max_size"))
+                max_size=num("max_size"), max_chain_bytes=max_chain_bytes)
         q.next_avail = num("next_avail") & 0xFFFF
         q.next_used = num("next_used") & 0xFFFF
         q.last_signalled = num("last_signalled") & 0xFFFF

@@ -24,6 +24,8 @@ class RngDevice(VirtioDevice):
     """A virtio entropy source (/dev/hwrng in a Linux guest)."""
 
     device_type = spec.DeviceType.ENTROPY
+    #: any buffer size is fine: the device fills at most ``max_request`` bytes of it
+    max_request_bytes = spec.MAX_CHAIN_BYTES
 
     def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE, max_request: int = MAX_REQUEST,
                  source: Callable[[int], bytes] = os.urandom) -> None:

@@ -44,6 +44,10 @@ S_IOERR: Final = 1
 S_UNSUPP: Final = 2
 
 HEADER: Final = struct.Struct("<IIQ")  # struct virtio_blk_req up to data[] (§5.2.6)
+#: size_max (§5.2.4): the largest data segment a request may have. With seg_max it bounds what one
+#: request moves (seg_max * SIZE_MAX, 31.75 MiB with 256-entry queues); Linux honours it as the
+#: queue's max_segment_size. Chains describing more are failed requests (queue.py).
+SIZE_MAX: Final = 128 << 10
 #: VIRTIO_BLK_T_GET_ID data is exactly this long: a NUL-padded ASCII string (§5.2.6, §5.2.6.1)
 ID_BYTES: Final = 20
 #: struct virtio_blk_config up to num_queues (§5.2.4); the later fields belong to features not offered
@@ -65,7 +69,7 @@ class BlockDevice(VirtioDevice):
         self._owns_image = not isinstance(path, RawImage)
         self.image = RawImage(path, read_only=read_only) if not isinstance(path, RawImage) else path
         read_only = self.image.read_only
-        features = F_FLUSH | F_SEG_MAX | F_BLK_SIZE | (F_RO if read_only else 0)
+        features = F_FLUSH | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | (F_RO if read_only else 0)
         try:
             super().__init__([queue_size], features)
         except BaseException:
@@ -75,6 +79,8 @@ class BlockDevice(VirtioDevice):
         name = self.image.path.name if serial is None else serial
         self.serial = name.encode("ascii", "replace")[:ID_BYTES]
         self.read_only = read_only
+        # header, seg_max data segments of at most SIZE_MAX, status byte
+        self.max_request_bytes = HEADER.size + max(queue_size - 2, 1) * SIZE_MAX + 1
         self.reads = self.writes = self.flushes = 0
         self.io_errors = 0
 
@@ -86,7 +92,7 @@ class BlockDevice(VirtioDevice):
         # seg_max: a request's data segments plus header and status must fit in one chain of at most
         # Queue Size descriptors (§2.7.5.3.1), which is why it is the queue size minus 2.
         seg_max = self.queue_max_sizes[0] - 2
-        return CONFIG.pack(self.image.sectors, 0, seg_max, 0, 0, 0, SECTOR_SIZE, 0, 0, 0, 0, 0, 0, 1)
+        return CONFIG.pack(self.image.sectors, SIZE_MAX, seg_max, 0, 0, 0, SECTOR_SIZE, 0, 0, 0, 0, 0, 0, 1)
 
     def process_queue(self, index: int, queue: VirtQueue) -> None:
         self.drain(index, queue, self._request)
