@@ -31,6 +31,8 @@ EXIT_TIMEOUT = 124
 EXIT_GUEST_CRASH = 125
 EXIT_UNKNOWN_ACCESS = 126
 EXIT_STOPPED = 130
+#: the serial output's reader went away: what a shell reports for a program killed by SIGPIPE
+EXIT_OUTPUT_CLOSED = 141
 
 
 def parse_disk(text: str) -> DiskSpec:
@@ -50,6 +52,7 @@ def exit_status_for(stop: Stop) -> int:
         StopReason.RESET: EXIT_OK, StopReason.POWER_OFF: EXIT_OK, StopReason.HALTED: EXIT_OK,
         StopReason.TIMEOUT: EXIT_TIMEOUT, StopReason.UNKNOWN_ACCESS: EXIT_UNKNOWN_ACCESS,
         StopReason.STOPPED: EXIT_STOPPED, StopReason.ERROR: EXIT_VMM_ERROR,
+        StopReason.OUTPUT_CLOSED: EXIT_OUTPUT_CLOSED,
     }.get(stop.reason, EXIT_GUEST_CRASH)
 
 
@@ -118,7 +121,14 @@ class VM:
         else:
             tee = serial
         self.console = Console(tee)
+        self.console.on_closed = self._output_closed
         self.machine: Machine | None = None
+
+    def _output_closed(self) -> None:
+        # every way of making the machine (boot, restore, incoming migration) ends here alike
+        if self.machine is not None:
+            self.machine.request_stop(Stop(StopReason.OUTPUT_CLOSED,
+                                           detail="the reader of the serial output went away"))
 
     def __enter__(self) -> VM:
         self.open()

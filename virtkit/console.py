@@ -8,6 +8,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import BinaryIO
 
 #: bytes of output kept for ``RunResult.serial_output``; beyond it the oldest half is dropped,
@@ -18,6 +19,9 @@ CAPTURE_LIMIT = 16 << 20
 class Console:
     def __init__(self, tee: BinaryIO | None = None, *, capture: bool = True) -> None:
         self._tee = tee
+        #: called once, from the writing thread, when the tee's reader has gone away (EPIPE):
+        #: `virtkit run guest | head -2` then ends the VM quietly, as other tools end on SIGPIPE
+        self.on_closed: Callable[[], None] | None = None
         self._capture = capture
         self._buf = bytearray()
         self._lock = threading.Lock()
@@ -40,8 +44,13 @@ class Console:
                 # of this process before anything else happens, or a snapshot taken mid-line and a
                 # VMM killed before the newline would lose that line for good (the restored guest
                 # does not send it again). One write per UART byte is cheap next to its VM exit.
-                self._tee.write(data)
-                self._tee.flush()
+                try:
+                    self._tee.write(data)
+                    self._tee.flush()
+                except BrokenPipeError:
+                    self._tee = None  # nobody reads any more: stop copying, keep capturing
+                    if self.on_closed is not None:
+                        self.on_closed()
 
     def flush(self) -> None:
         with self._lock:

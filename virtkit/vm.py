@@ -70,6 +70,7 @@ class StopReason(enum.Enum):
     UNKNOWN_ACCESS = "unknown-access"  # strict mode: an access to a port/address nobody owns
     TIMEOUT = "timeout"
     STOPPED = "stopped"                # the host asked (Ctrl-C, SIGTERM, Machine.stop)
+    OUTPUT_CLOSED = "output-closed"    # the reader of the serial output went away (`| head`)
     ERROR = "error"                    # the VMM failed (a device raised, an ioctl failed)
 
     @property

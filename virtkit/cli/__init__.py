@@ -85,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("virtkit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 1
+        # the reader of our output went away (`virtkit ps | head -1`): end quietly, with the
+        # status a shell shows for a program killed by SIGPIPE
+        return 141
 
 
 def run() -> None:

@@ -250,7 +250,7 @@ def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> in
                 return EXIT_STOPPED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if result.reason is not StopReason.DEBUG_EXIT:
+    if result.reason not in (StopReason.DEBUG_EXIT, StopReason.OUTPUT_CLOSED):
         label = "guest crashed" if result.crashed else result.reason.value
         print(f"virtkit: {label}: {result.detail}", file=sys.stderr)
     if getattr(args, "stats", False):

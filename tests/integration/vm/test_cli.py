@@ -94,3 +94,25 @@ def test_doctor_names_the_flavor() -> None:
 
     info = json.loads(j.stdout)
     assert info["kvm_usable"] is True and info["kvm_flavor"] in ("pvm", "vmx", "svm", "unknown")
+
+
+@pytest.mark.parametrize("mode", ["full", "para"])
+def test_a_reader_that_goes_away_ends_the_vm_quietly(guests: Path, mode: str) -> None:
+    """`virtkit run guest | head -2`: a closed stdout is not a guest crash. The VM ends at once
+    with the status a shell shows for SIGPIPE, and nothing is said on stderr."""
+    p = subprocess.Popen([*VIRTKIT, "run", str(guests / "counter.elf"), "--mode", mode, "--timeout", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    first = p.stdout.readline()
+    assert first.startswith(b"count"), first
+    p.stdout.close()  # as `head -1` does once it has its line
+    try:
+        status = p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise AssertionError("the VM went on running after its reader went away") from None
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert status == 141, err
+    assert err == ""
