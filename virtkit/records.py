@@ -25,7 +25,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeVar
 
 from virtkit.errors import VirtkitError
@@ -68,17 +68,19 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
+              object_hook: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """Decode ``data`` (from ``what``: "the exit report of vm1", "HELO from 10.0.0.2:4711"...) as
     JSON. Raises :class:`UntrustedInput` if it is larger than ``max_bytes``, nested deeper than
-    ``max_depth``, not UTF-8 or not JSON."""
+    ``max_depth``, not UTF-8 or not JSON (``object_hook`` as json.loads; a ValueError it raises is
+    reported the same way)."""
     raw = data.encode() if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
         raise UntrustedInput(f"{what} is {len(raw)} bytes, more than the {max_bytes} allowed")
     if _too_deep(raw, max_depth):
         raise UntrustedInput(f"{what} is nested more than {max_depth} levels deep")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_hook=object_hook)
     except UnicodeDecodeError:
         raise UntrustedInput(f"{what} is not UTF-8") from None
     except RecursionError:  # cannot happen after the depth check; kept as a second wall
@@ -87,10 +89,10 @@ def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_d
         raise UntrustedInput(f"{what} is not valid JSON: {e}") from None
 
 
-def load_object(data: bytes | bytearray | str, *, what: str, max_bytes: int,
-                max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+def load_object(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
+                object_hook: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """:func:`load_json`, and the value must be a JSON object."""
-    value = load_json(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
+    value = load_json(data, what=what, max_bytes=max_bytes, max_depth=max_depth, object_hook=object_hook)
     if not isinstance(value, dict):
         raise UntrustedInput(f"{what} is a JSON {_json_kind(value)}, not an object")
     return value

@@ -31,6 +31,7 @@ import json
 import struct
 from typing import Any, Final
 
+from virtkit import records
 from virtkit.errors import VirtkitError
 
 MAGIC: Final = b"VKSNAP\r\n"
@@ -109,13 +110,12 @@ def unpack(data: bytes, *, source: str = "snapshot") -> dict[str, Any]:
         raise SnapshotError(f"{source} is corrupted: {len(payload) - length} bytes after the payload")
     if hashlib.sha256(payload).digest() != digest:
         raise SnapshotError(f"{source} is corrupted: checksum mismatch")
+    # The checksum only proves the file is what its writer wrote, not that the writer was ours: a
+    # crafted file with a valid checksum is still parsed as hostile (bounded depth, no recursion).
     try:
-        document = json.loads(payload, object_hook=_object_hook)
-    except (ValueError, UnicodeDecodeError) as e:
-        # the checksum matched, so the writer itself produced this: still refuse, clearly
-        raise SnapshotError(f"{source} is corrupted: payload is not valid JSON ({e})") from None
-    if not isinstance(document, dict):
-        raise SnapshotError(f"{source} is corrupted: payload is not a JSON object")
+        document = records.load_object(payload, what="payload", max_bytes=MAX_PAYLOAD, object_hook=_object_hook)
+    except records.UntrustedInput as e:
+        raise SnapshotError(f"{source} is corrupted: {e}") from None
     return document
 
 

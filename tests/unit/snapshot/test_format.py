@@ -94,3 +94,15 @@ json_values = st.recursive(
 @given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
 def test_any_document_round_trips(doc: dict[str, Any]) -> None:
     assert format.unpack(format.pack(doc)) == doc
+
+
+@pytest.mark.parametrize("payload", [b"[" * 200_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b"[1]", b"NaN"])
+def test_a_crafted_payload_with_a_valid_checksum_is_refused_in_one_line(payload: bytes) -> None:
+    """The checksum proves only that the writer wrote this, not that the writer was virtkit."""
+    import hashlib
+
+    data = format._HEADER.pack(format.MAGIC, format.FORMAT_VERSION, 0, len(payload),
+                               hashlib.sha256(payload).digest()) + payload
+    with pytest.raises(format.SnapshotError, match="is corrupted") as e:
+        format.unpack(data, source="state")
+    assert "\n" not in str(e.value)
