@@ -144,6 +144,12 @@ class GuestMemory:
             self._mark(gpa, length)
         return r.view[off:off + length]
 
+    def read_view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy, read-only view of guest RAM, which does not count as a host write (unlike
+        :meth:`view`): what a migration source reads to send must not mark itself dirty."""
+        r, off = self._locate(gpa, length)
+        return r.view[off:off + length].toreadonly()
+
     def read(self, gpa: int, length: int) -> bytes:
         r, off = self._locate(gpa, length)
         return bytes(r.view[off:off + length])

@@ -85,6 +85,10 @@ def test_host_writes_are_tracked_for_migration(mem: GuestMemory) -> None:
     mem.write_u32(0x5000, 1)
     mem.view(0x8000, 0x2000)  # a writable view counts as written
     mem.read(0xA000, 16)  # reads do not
+    seen = mem.read_view(0xB000, 0x1000)  # nor a read-only view (what a migration source sends)
+    assert seen.readonly
+    with pytest.raises(TypeError):
+        seen[0] = 1
     assert mem.drain_host_dirty() == {0x1000, 0x2000, 0x5000, 0x8000, 0x9000}
     assert mem.drain_host_dirty() == set()
     mem.track_host_writes(False)

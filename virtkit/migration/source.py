@@ -87,7 +87,7 @@ def _send_runs(ch: Channel, machine: Machine, runs: list[tuple[int, int]]) -> in
     batch: list[tuple[int, memoryview]] = []
     pages = 0
     for gpa, n in runs:
-        batch.append((gpa, machine.memory.view(gpa, n * PAGE_SIZE)))
+        batch.append((gpa, machine.memory.read_view(gpa, n * PAGE_SIZE)))
         pages += n
         if len(batch) == MAX_RUNS:
             ch.send_pages(batch)
