@@ -43,14 +43,17 @@ class JailSpec:
     """How to confine one VMM. ``uid``/``gid``: the unprivileged ids it ends as (one per VM, so
     VMMs cannot signal or ptrace one another); ``threads``: the RLIMIT_NPROC of that uid;
     ``max_file_size``: RLIMIT_FSIZE (bounds the serial log); ``seccomp``: False only in tests
-    that show what the other layers stop on their own."""
+    that show what the other layers stop on their own; ``parent_death_signal``: a signal the
+    process gets when its parent dies (a foreground launcher), armed again after the uid change,
+    which clears it (prctl(2), PR_SET_PDEATHSIG)."""
 
-    __slots__ = ("uid", "gid", "threads", "max_file_size", "seccomp")
+    __slots__ = ("uid", "gid", "threads", "max_file_size", "seccomp", "parent_death_signal")
 
     def __init__(self, uid: int, gid: int, threads: int, max_file_size: int = 64 << 20,
-                 seccomp: bool = True) -> None:
+                 seccomp: bool = True, parent_death_signal: int = 0) -> None:
         self.uid, self.gid, self.threads = uid, gid, threads
         self.max_file_size, self.seccomp = max_file_size, seccomp
+        self.parent_death_signal = parent_death_signal
 
 
 def enter_namespaces() -> None:
@@ -101,10 +104,13 @@ def highest_open_fd() -> int:
     return max(int(fd) for fd in os.listdir("/proc/self/fd"))
 
 
-def confine(spec: JailSpec) -> None:
-    """Steps 3a-3e of the module docstring. Call from the VMM's only thread."""
-    program = None
-    if spec.seccomp:  # compiled first: nothing can be imported once the root is empty
+def confine(spec: JailSpec, program: bytes | None = None) -> None:
+    """Steps 3a-3e of the module docstring. Call from the VMM's only thread. ``program``: the
+    seccomp filter to install (default: the service VMM's, :func:`virtkit.jail.policy.vmm_filter`);
+    a migration receiver passes its own, which also allows receiving the VM."""
+    if not spec.seccomp:
+        program = None
+    elif program is None:  # compiled first: nothing can be imported once the root is empty
         from virtkit.jail.policy import vmm_filter
 
         program = vmm_filter()
@@ -112,6 +118,8 @@ def confine(spec: JailSpec) -> None:
     empty_root()
     set_rlimits(spec, highest_fd)
     drop_privileges(spec.uid, spec.gid)
+    if spec.parent_death_signal:
+        libc.prctl(libc.PR_SET_PDEATHSIG, spec.parent_death_signal)
     libc.prctl(libc.PR_SET_DUMPABLE, 0)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     if program is not None:

@@ -70,3 +70,49 @@ def vmm_filter() -> bytes:
     from virtkit.container.seccomp import compile_profile
 
     return compile_profile(profile())
+
+
+# --- a migration receiver (virtkit migrate-receive): the VMM's list, and what receiving adds ----
+#: Measured like the VMM's list: ``strace -f`` of confined receivers (seccomp off, every other layer
+#: on) taking a full-mode counter guest, and a para-mode guest in the middle of virtio-blk writes
+#: (I/O thread, disk); with control-socket traffic (status, pause, resume, stop, and the refused
+#: snapshot/migrate); and each injected failure (refuse, drop mid-copy, die before switch-over);
+#: counting the calls after ``PR_SET_NO_NEW_PRIVS`` in the receiver and its threads. What the
+#: VMM's list lacks:
+#:
+#: * the migration stream: ``poll`` (how Python waits on a socket with a timeout), ``sendmsg``
+#:   (replies and page-less messages go out with it), ``setsockopt`` (TCP_NODELAY on the accepted
+#:   connection; SO_LINGER of the injected drop), ``getrandom`` (the session nonce);
+#: * the control socket: ``shutdown`` (closing client connections);
+#: * the para-mode I/O thread: ``epoll_wait`` and ``read`` (its eventfds);
+#: * disk I/O: ``preadv2``/``pwritev2``, which is what Python's os.preadv/os.pwritev call (the
+#:   VMM's list names preadv/pwritev, which Python 3.11 does not use);
+#: * ``ioctl(FIONBIO)`` (argument-checked, below): Python switches a socket between blocking and
+#:   timeout mode with it.
+RECEIVER_ALLOWED = """
+poll sendmsg setsockopt getrandom
+shutdown
+epoll_wait read
+preadv2 pwritev2
+""".split()  # noqa: SIM905 - a readable table of names
+
+FIONBIO = 0x5421  # asm-generic/ioctls.h
+
+
+def receiver_profile() -> dict[str, Any]:
+    """:func:`profile` plus :data:`RECEIVER_ALLOWED`, and ``ioctl(FIONBIO)`` next to the KVM
+    requests. Built from the VMM's profile, so what is added to or removed from that list applies
+    here too; everything else still kills the process (``socket``, ``connect``, ``execve``...: a
+    confined receiver has all its sockets and files before it reads from the network)."""
+    base = profile()
+    extra = sorted(set(RECEIVER_ALLOWED) - set(ALLOWED))
+    rules: list[dict[str, Any]] = [{"names": extra, "action": "SCMP_ACT_ALLOW"}, *base["syscalls"]]
+    rules.append({"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
+                  "args": [{"index": 1, "value": FIONBIO, "op": "SCMP_CMP_EQ"}]})
+    return {**base, "syscalls": rules}
+
+
+def receiver_filter() -> bytes:
+    from virtkit.container.seccomp import compile_profile
+
+    return compile_profile(receiver_profile())

@@ -41,13 +41,19 @@ class ControlError(VirtkitError):
 class ControlServer:
     """Serves one machine's control socket from a daemon thread."""
 
-    def __init__(self, path: str, machine: Machine, *, on_migrated: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: str, machine: Machine, *, on_migrated: Callable[[str], None] | None = None,
+                 listener: socket.socket | None = None, confined: bool = False) -> None:
+        """``listener``: the socket, already bound at ``path`` (by :func:`bind`), for a VMM that
+        confines itself before it serves. ``confined``: this process can no longer reach host
+        files or the network, so 'snapshot' and 'migrate' are refused (saying why), and the socket
+        file is left for the unconfined parent to remove."""
         self.path = path
         self.machine = machine
         self.on_migrated = on_migrated
+        self.confined = confined
         self._op_lock = threading.Lock()  # one pausing operation at a time
         self._closing = False
-        self._sock = _listen(path)
+        self._sock = listener if listener is not None else bind(path)
         self._conns: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
@@ -55,6 +61,8 @@ class ControlServer:
             "status": self._status, "pause": self._pause, "resume": self._resume,
             "snapshot": self._snapshot, "migrate": self._migrate, "stop": self._stop,
         }
+        if confined:
+            self.handlers["snapshot"] = self.handlers["migrate"] = self._confined
         self._thread = threading.Thread(target=self._serve, name="vm-control", daemon=True)
         self._thread.start()
 
@@ -99,6 +107,11 @@ class ControlServer:
         if result.completed and self.on_migrated is not None:
             self.on_migrated(to)
         return result.to_json()
+
+    def _confined(self, req: dict[str, Any]) -> dict[str, Any]:
+        raise ConfigError(f"{req.get('cmd')} needs host directories or a network connection, which this "
+                          "confined VMM (virtkit migrate-receive) cannot reach; start the receiver with "
+                          "--no-jail to snapshot or migrate the VM it receives")
 
     def _stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self.machine.request_stop(Stop(StopReason.STOPPED, detail="stopped through the control socket"))
@@ -170,11 +183,14 @@ class ControlServer:
             if t is not threading.current_thread():
                 t.join(timeout=5)
         self._thread.join(timeout=2)
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if not self.confined:  # a confined process may not unlink (seccomp would kill it)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
-def _listen(path: str) -> socket.socket:
+def bind(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 (a stale one left by a dead VMM is replaced,
+    a live one refused)."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigError(f"--control {path} exists and is not a socket: choose another path")
