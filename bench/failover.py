@@ -151,19 +151,24 @@ def _process_first_byte(cmd: list[str], timeout: float = 30.0) -> float:
 def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30,
                  downtime_ms: float = DOWNTIME_MS) -> dict[str, Any]:
     from virtkit.migration.control import request
+    from virtkit.migration.keys import generate, load
 
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
-    sock, port_file = work / f"src-{tag}.sock", work / f"port-{tag}"
+    sock, port_file, key = work / f"src-{tag}.sock", work / f"port-{tag}", work / "migration.key"
+    if not key.exists():
+        generate(str(key))
     vk = virtkit_cmd()
+    # the receiver is built with the source's shape (its own --memory) and confines itself
     target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                               "--serial", "none", "--accept-timeout", "60"], stderr=subprocess.DEVNULL)
+                               "--key-file", str(key), "--memory", MEMORY, "--serial", "none",
+                               "--accept-timeout", "60"], stderr=subprocess.DEVNULL)
     source = subprocess.Popen([*vk, "run", str(counter), "--memory", MEMORY, "--cmdline", cmdline,
                                "--control", str(sock), "--serial", "none"], stderr=subprocess.DEVNULL)
     try:
         _wait(lambda: port_file.exists() and sock.exists())
         time.sleep(0.5)  # let the guest fill its buffer and settle
         reply = request(str(sock), "migrate", to=f"127.0.0.1:{port_file.read_text().strip()}",
-                        downtime_ms=downtime_ms, max_rounds=max_rounds)
+                        key=load(str(key)).hex(), downtime_ms=downtime_ms, max_rounds=max_rounds)
         reply.pop("ok", None)
         return reply
     finally:

@@ -145,12 +145,15 @@ def _failover_section(console: Console, gdir: Path) -> int:
                       + ("no line lost or repeated" if continued else "[red]a gap"))
         failures += not continued
 
-        # live migration between two processes, driven with the CLI as a user would
+        # live migration between two processes, driven with the CLI as a user would: a shared key,
+        # a receiver built with the VM's shape (the default 64M, 1 vCPU) that confines itself
         port_file, src_log, dst_log = (os.path.join(tmp, n) for n in ("port", "src.log", "dst.log"))
-        control = os.path.join(tmp, "control.sock")
+        control, key = os.path.join(tmp, "control.sock"), os.path.join(tmp, "migration.key")
         vk = [sys.executable, "-m", "virtkit"]
+        subprocess.run([*vk, "migrate-keygen", key], check=True, stdout=subprocess.DEVNULL)
         target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", port_file,
-                                   "--serial", dst_log, "--timeout", "2", "--accept-timeout", "30"],
+                                   "--key-file", key, "--serial", dst_log, "--timeout", "2",
+                                   "--accept-timeout", "30"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         source = subprocess.Popen([*vk, "run", str(gdir / "counter.elf"), "--cmdline", "us=2000 dirty=8",
                                    "--control", control, "--serial", src_log],
@@ -163,7 +166,7 @@ def _failover_section(console: Console, gdir: Path) -> int:
                 time.sleep(0.05)
             time.sleep(0.3)
             port = Path(port_file).read_text().strip()
-            p = _sh(console, ["migrate", "--control", control, "--to", f"127.0.0.1:{port}"])
+            p = _sh(console, ["migrate", "--control", control, "--to", f"127.0.0.1:{port}", "--key-file", key])
             failures += p.returncode != 0
             source.wait(20)
             target.wait(30)

@@ -18,6 +18,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     import threading
     from types import FrameType
     from typing import Any
@@ -113,24 +114,61 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("migrate", help="move a running VM to another virtkit host, live",
                        description="Pre-copy the VM's memory to a 'virtkit migrate-receive' at HOST:PORT while it "
                                    "runs, then pause it, send the rest and its state, and let it resume there. "
-                                   "If anything fails before the switch-over, the VM keeps running here.")
+                                   "Both ends must hold the same pre-shared key (virtkit migrate-keygen); every "
+                                   "message is authenticated with it, guest memory is not encrypted. If anything "
+                                   "fails before the switch-over, the VM keeps running here.")
     p.add_argument("--control", required=True, metavar="PATH", help="the VM's control socket (virtkit run --control)")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="where 'virtkit migrate-receive' listens")
+    p.add_argument("--key-file", required=True, metavar="FILE",
+                   help="the pre-shared key (mode 0600; the receiver's --key-file holds the same key)")
     p.add_argument("--downtime-ms", type=float, default=50.0,
                    help="stop pre-copying once the rest can be sent in this long (default 50)")
     p.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds at most (default 30)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_migrate)
 
-    p = sub.add_parser("migrate-receive", help="wait for one incoming live migration and run the VM here",
-                       description="Listen on HOST:PORT, accept one migration from 'virtkit migrate', and run the "
-                                   "VM in the foreground once it has switched over.")
-    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
-    p.add_argument("--port-file", default=None, metavar="FILE", help="write the port listened on to FILE")
+    p = sub.add_parser("migrate-keygen", help="make a pre-shared key for live migration",
+                       description="Write 32 random bytes, in hex, to FILE (created with mode 0600; an existing "
+                                   "file is never overwritten). Copy it to the other host over a channel you trust "
+                                   "(e.g. scp) and give it to both 'migrate' and 'migrate-receive' with --key-file.")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=cmd_migrate_keygen)
+
+    from virtkit.cli.vm import add_machine_options
+
+    p = sub.add_parser(
+        "migrate-receive", help="wait for one incoming live migration and run the VM here",
+        description="Build a VM from the machine options below (the same as 'virtkit run' takes), listen on "
+                    "[HOST:]PORT, accept one migration from 'virtkit migrate' authenticated with the key in "
+                    "--key-file, and run the VM in the foreground once it has switched over. The incoming VM "
+                    "must have the shape of this one (memory, vCPUs, mode, strict, the number, sizes and "
+                    "read-only flags of the disks, devices, CPU features): otherwise it is refused, naming the "
+                    "field, and nothing runs. Disk images are the ones named here, never paths from the "
+                    "sender. Once its machine and sockets are ready the receiver confines itself (namespaces, "
+                    "an empty root, an unprivileged uid, seccomp), before it reads a byte from the network.",
+        epilog="Listening on another address than loopback: the key protects the integrity and authenticity "
+               "of the stream (nobody without it can send a VM here, alter or replay one), not its "
+               "confidentiality (guest memory crosses the network unencrypted) nor its availability (anyone "
+               "who can connect or cut the connection can make this migration fail). So the network must be "
+               "trusted with what the guest's memory holds, and for availability.")
+    p.add_argument("--listen", default="127.0.0.1:7000", metavar="[HOST:]PORT",
+                   help="address to listen on (default 127.0.0.1:7000; port 0: any free port; no host: loopback, "
+                        "never all interfaces unless asked, e.g. 0.0.0.0:7000)")
+    p.add_argument("--key-file", required=True, metavar="FILE",
+                   help="the pre-shared key (mode 0600; the sender's --key-file holds the same key)")
+    p.add_argument("--port-file", default=None, metavar="FILE",
+                   help="write the port listened on to FILE once ready to accept")
     p.add_argument("--accept-timeout", type=float, default=None, metavar="S",
                    help="give up if no migration arrives within S seconds")
+    p.add_argument("--no-jail", action="store_true",
+                   help="do not confine the receiver (it stays root, with the host's files and network); "
+                        "needed for --checkpoint-every and the control socket's snapshot/migrate")
+    p.add_argument("--jail-uid", type=int, default=None, metavar="UID",
+                   help="uid and gid of the confined receiver (default: 2000000000 + its pid)")
     p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS,
                    choices=("refuse", "drop-during-memory", "die-before-switchover"))
+    p.add_argument("--no-seccomp", action="store_true", help=argparse.SUPPRESS)  # measuring the allow-list
+    add_machine_options(p)
     _add_runtime_options(p)
     p.set_defaults(handler=cmd_migrate_receive)
 
@@ -142,11 +180,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 class FailoverHooks:
     """What ``--control``, ``--checkpoint-every`` and ``--exit-report`` add to a foreground VM."""
 
-    def __init__(self, args: argparse.Namespace, vm: VM) -> None:
+    def __init__(self, args: argparse.Namespace, vm: VM, *, control_listener: socket.socket | None = None,
+                 confined: bool = False) -> None:
+        """``control_listener``: the --control socket, bound before the process confined itself
+        (``confined``: no host files, no network; see virtkit.migration.receiver)."""
         import threading
 
         self.args = args
         self.vm = vm
+        self.control_listener = control_listener
+        self.confined = confined
         self.exit_code: int | None = None  # set when the VM left this host (migrated)
         self.migrated_to: str | None = None
         self._server: Any = None
@@ -159,16 +202,23 @@ class FailoverHooks:
         args = self.args
         assert self.vm.machine is not None
         every = getattr(args, "checkpoint_every", None)
-        if every is not None and not args.checkpoint_dir:
-            raise ConfigError("--checkpoint-every needs --checkpoint-dir DIR (where the checkpoints go)")
+        try:  # every check before anything starts, so a refusal leaves nothing running
+            if every is not None and not args.checkpoint_dir:
+                raise ConfigError("--checkpoint-every needs --checkpoint-dir DIR (where the checkpoints go)")
+            period = parse_duration(every, "--checkpoint-every") if every is not None else 0.0
+        except BaseException:
+            if self.control_listener is not None:
+                self.control_listener.close()
+            raise
         if getattr(args, "control", None):
             from virtkit.migration.control import ControlServer
 
-            self._server = ControlServer(args.control, self.vm.machine, on_migrated=self._migrated)
+            self._server = ControlServer(args.control, self.vm.machine, on_migrated=self._migrated,
+                                         listener=self.control_listener, confined=self.confined)
+            self.control_listener = None  # the server owns (and closes) it now
         if every is not None:
             import threading
 
-            period = parse_duration(every, "--checkpoint-every")
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(period,),
                                                   name="vm-checkpoint", daemon=True)
             self._checkpointer.start()
@@ -230,8 +280,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
-def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> int:
-    """Run ``vm`` (already opened) until it stops, as ``virtkit run`` does."""
+def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False,
+               control_listener: socket.socket | None = None, confined: bool = False) -> int:
+    """Run ``vm`` (already opened) until it stops, as ``virtkit run`` does. ``control_listener``
+    and ``confined``: see :class:`FailoverHooks`."""
     import signal
 
     from virtkit.api import EXIT_STOPPED
@@ -239,7 +291,7 @@ def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False) -> in
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with FailoverHooks(args, vm) as hooks:
+        with FailoverHooks(args, vm, control_listener=control_listener, confined=confined) as hooks:
             try:
                 if not started:
                     vm.start()
@@ -344,8 +396,13 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from virtkit.migration.control import request
+    from virtkit.migration.keys import load
 
-    reply = request(args.control, "migrate", to=args.to, downtime_ms=args.downtime_ms, max_rounds=args.max_rounds)
+    key = load(args.key_file)
+    # The key goes to the VMM over its control socket (mode 0600, root's), so that a confined VMM,
+    # which cannot open files, can migrate too; it is never echoed back.
+    reply = request(args.control, "migrate", to=args.to, key=key.hex(), downtime_ms=args.downtime_ms,
+                    max_rounds=args.max_rounds)
     reply.pop("ok", None)
     _print(reply, args.json, f"migrated to {args.to}: {reply['rounds']} pre-copy rounds, "
            f"{reply['pages_sent']} pages sent, total {reply['total_ms']:.0f} ms, "
@@ -353,13 +410,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_migrate_receive(args: argparse.Namespace) -> int:
-    from virtkit.migration.target import receive
+def cmd_migrate_keygen(args: argparse.Namespace) -> int:
+    from virtkit.migration.keys import generate
 
-    vm = receive(args.listen, serial=args.serial, port_file=args.port_file, accept_timeout=args.accept_timeout,
-                 fault=args.inject_fault)
-    with vm:
-        return foreground(vm, args, started=True)
+    generate(args.file)
+    print(f"wrote a new migration key to {args.file} (mode 0600): copy it to the other host and pass it "
+          "to both sides with --key-file")
+    return 0
+
+
+def cmd_migrate_receive(args: argparse.Namespace) -> int:
+    from virtkit.migration.receiver import run
+
+    return run(args)
 
 
 # ------------------------------------------------------------------------------------------------

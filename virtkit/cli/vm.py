@@ -21,15 +21,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
     run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
-    run.add_argument("--mode", default="full", choices=MODES, help="full virtualization (default), "
-                     "paravirtualized guest, or container")
-    run.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")
-    run.add_argument("--vcpus", type=str, default="1", help="number of vCPUs (default 1)")
+    add_machine_options(run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, "
+                        "or container")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--module", action="append", default=[], metavar="FILE[,STRING]",
                      help="Multiboot module, optionally with its string (repeatable)")
-    run.add_argument("--disk", action="append", default=[], metavar="IMAGE[,ro]",
-                     help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode")
     run.add_argument("--boot", default="auto", choices=("auto", "multiboot", "direct64"),
                      help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)")
     run.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",
@@ -37,8 +33,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--timeout", type=float, default=None, metavar="S",
                      help="stop the guest after S seconds (exit status 124)")
     run.add_argument("--stats", action="store_true", help="print VM exit statistics at the end")
-    run.add_argument("--strict", action="store_true",
-                     help="treat accesses to unknown ports and MMIO addresses as errors")
     # container mode
     run.add_argument("--cpus", default=None, help="container mode: CPU limit, e.g. 0.5")
     run.add_argument("--pids-limit", default=None, help="container mode: maximum number of processes")
@@ -56,6 +50,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="boot the shipped guests and show what happened")
     demo.add_argument("--guests-dir", default=None, help="where the built guests are (default build/guests)")
     demo.set_defaults(handler=cmd_demo)
+
+
+def add_machine_options(p: argparse.ArgumentParser, *, modes: tuple[str, ...] = ("full", "para"),
+                        mode_help: str = "full virtualization (default) or paravirtualized guest") -> None:
+    """What a VM is made of, parsed by :class:`virtkit.api.VM`: ``run`` boots such a machine,
+    ``migrate-receive`` builds one and takes an incoming VM into it only if the VM has this shape."""
+    p.add_argument("--mode", default="full", choices=modes, help=mode_help)
+    p.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")
+    p.add_argument("--vcpus", type=str, default="1", help="number of vCPUs (default 1)")
+    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[,ro]",
+                   help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode")
+    p.add_argument("--strict", action="store_true",
+                   help="treat accesses to unknown ports and MMIO addresses as errors")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -12,23 +12,32 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as C
-import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeVar
 
+from virtkit import records
 from virtkit.errors import KvmError, VirtkitError
 from virtkit.migration.protocol import (
+    MAX_PAGE_BYTES,
     MAX_RUNS,
+    MAX_SMALL,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Channel,
+    Empty,
+    Failure,
     MessageType,
     MigrationError,
+    RoundEnd,
+    Running,
     page_runs,
     parse_address,
+    printable,
+    source_handshake,
 )
+from virtkit.records import bounded
 from virtkit.snapshot import format, vmstate
 from virtkit.vm import Machine
 
@@ -44,22 +53,37 @@ SWITCHOVER_OVERHEAD: Final = 0.005
 
 @dataclass(frozen=True)
 class MigrationOptions:
+    #: the pre-shared key (virtkit.migration.keys): mandatory, a migration is never unauthenticated
+    key: bytes = b""
     downtime_ms: float = 50.0
     max_rounds: int = 30
     connect_timeout: float = 5.0
-    #: how long to wait for each reply of the target (its machine build, state apply, start)
+    #: how long to wait for each reply of the target (its check of the shape, state apply, start)
     reply_timeout: float = 30.0
 
     @classmethod
     def from_request(cls, req: dict[str, Any]) -> MigrationOptions:
+        """From a control-socket ``migrate`` request (local, root-only, still parsed strictly)."""
+        if not isinstance(req.get("key"), str):
+            raise MigrationError('migrate needs "key": the pre-shared key in hex (`virtkit migrate '
+                                 '--key-file FILE` reads it from FILE)')
         try:
-            downtime = float(req.get("downtime_ms", cls.downtime_ms))
-            rounds = int(req.get("max_rounds", cls.max_rounds))
-        except (TypeError, ValueError):
-            raise MigrationError("downtime_ms and max_rounds must be numbers") from None
-        if downtime <= 0 or rounds < 1:
-            raise MigrationError("downtime_ms must be positive and max_rounds at least 1")
-        return cls(downtime, rounds)
+            r = records.parse(MigrateRequest, req, what="migrate request")
+        except records.UntrustedInput as e:
+            raise MigrationError(str(e)) from None
+        from virtkit.migration.keys import parse
+
+        return cls(key=parse(r.key.encode(), what="the key given"), downtime_ms=r.downtime_ms,
+                   max_rounds=r.max_rounds)
+
+
+@dataclass(frozen=True)
+class MigrateRequest:
+    cmd: Literal["migrate"] = bounded()
+    to: str = bounded(max_len=300)
+    key: str = bounded(max_len=8192, pattern="[0-9a-fA-F]+")
+    downtime_ms: float = bounded(50.0, lo=0.001, hi=600_000.0)
+    max_rounds: int = bounded(30, lo=1, hi=100_000)
 
 
 @dataclass
@@ -83,15 +107,22 @@ class MigrationResult:
 
 
 def _send_runs(ch: Channel, machine: Machine, runs: list[tuple[int, int]]) -> int:
-    """Send (address, page count) runs in PAGE messages; returns pages sent."""
+    """Send (address, page count) runs in PAGE messages of at most MAX_RUNS runs and MAX_PAGE_BYTES
+    of data; returns pages sent. Pages are read through read-only views: sending is not a write."""
     batch: list[tuple[int, memoryview]] = []
+    room = MAX_PAGE_BYTES
     pages = 0
     for gpa, n in runs:
-        batch.append((gpa, machine.memory.read_view(gpa, n * PAGE_SIZE)))
-        pages += n
-        if len(batch) == MAX_RUNS:
-            ch.send_pages(batch)
-            batch = []
+        while n:
+            take = min(n, room // PAGE_SIZE)
+            batch.append((gpa, machine.memory.read_view(gpa, take * PAGE_SIZE)))
+            pages += take
+            gpa += take * PAGE_SIZE
+            n -= take
+            room -= take * PAGE_SIZE
+            if len(batch) == MAX_RUNS or room < PAGE_SIZE:
+                ch.send_pages(batch)
+                batch, room = [], MAX_PAGE_BYTES
     if batch:
         ch.send_pages(batch)
     return pages
@@ -112,30 +143,18 @@ def _nonzero_runs(machine: Machine) -> list[tuple[int, int]]:
                 start = off
         if start >= 0:
             runs.append((r.gpa + start, (r.size - start) // PAGE_SIZE))
-    # bound each run so one PAGE message never carries more than 16 MiB per run
-    out = []
-    limit = (16 << 20) // PAGE_SIZE
-    for gpa, n in runs:
-        while n > limit:
-            out.append((gpa, limit))
-            gpa += limit * PAGE_SIZE
-            n -= limit
-        out.append((gpa, n))
-    return out
+    return runs
 
 
-def hello(machine: Machine) -> dict[str, Any]:
-    c = machine.config
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "machine": {"memory": c.memory, "vcpus": c.vcpus, "paravirt": c.paravirt, "strict": c.strict,
-                    # disk images are not copied: the target opens the same path (shared storage)
-                    "disks": [{"path": os.path.abspath(d.path), "read_only": d.read_only}
-                              for d in getattr(c, "disks", ())]},
-        "cpuid": [list(e) for e in vmstate.get_cpuid(machine.vcpus[0].fd)],  # what the guest saw
-        "regions": [[r.gpa, r.size] for r in machine.memory.regions],
-        "devices": sorted(machine.devices),
-    }
+R = TypeVar("R")
+
+
+def _reply(ch: Channel, kind: MessageType, cls: type[R]) -> R:
+    """The target's reply ``kind`` (a tiny typed record, authenticated), or its ABRT as an error."""
+    got, length = ch.recv_header({kind: MAX_SMALL, MessageType.ABORT: MAX_SMALL})
+    if got is MessageType.ABORT:
+        raise MigrationError(f"{ch.peer} aborted the migration: {ch.failure(got, length)}")
+    return ch.recv_record(got, length, cls)
 
 
 def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> MigrationResult:
@@ -143,6 +162,9 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
     here is left paused and must not run again (the caller stops it). On failure before the
     switch-over, it runs here as before and :class:`MigrationError` says why."""
     opts = opts or MigrationOptions()
+    if not opts.key:
+        raise MigrationError("a migration needs the pre-shared key (virtkit migrate --key-file FILE); "
+                             "the VM keeps running here")
     if machine.stopping:
         raise MigrationError("the VM has stopped: nothing to migrate")
     if machine.paused:
@@ -155,12 +177,12 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
     except OSError as e:
         raise MigrationError(f"cannot connect to {to}: {e.strerror or e}; the VM keeps running here") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(opts.reply_timeout)
-    ch = Channel(sock, to)
+    ch = Channel(sock, to, read_timeout=opts.reply_timeout)
     paused = logging = go_sent = False
     try:
-        ch.send_json(MessageType.HELLO, hello(machine))
-        ch.expect(MessageType.ACCEPT)
+        from virtkit.migration.shape import describe
+
+        source_handshake(ch, opts.key, describe(machine))
         machine.set_dirty_logging(True)
         logging = True
         machine.dirty_pages()  # start from an empty log
@@ -172,7 +194,7 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
         bandwidth = sent * PAGE_SIZE / elapsed if elapsed > 0 and sent else 1e9
         result.dirty_per_round.append(sent)
         result.pages_sent += sent
-        ch.send_json(MessageType.ROUND, {"round": 0, "pages": sent})
+        ch.send_record(MessageType.ROUND, RoundEnd(round=0, pages=sent))
         # --- rounds 1..: what the guest dirtied meanwhile --------------------------------------
         history: list[int] = []
         result.stop_reason = "max-rounds"
@@ -190,7 +212,7 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
                 bandwidth = sent * PAGE_SIZE / elapsed
             result.dirty_per_round.append(sent)
             result.pages_sent += sent
-            ch.send_json(MessageType.ROUND, {"round": rnd, "pages": sent})
+            ch.send_record(MessageType.ROUND, RoundEnd(round=rnd, pages=sent))
             history.append(len(dirty))
             # not converging: the guest dirties as fast as we send; more rounds only add traffic
             if len(history) >= 4 and min(history[-3:]) >= min(history[:-3]):
@@ -212,15 +234,14 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
         result.pages_sent += sent
         state = vmstate.capture(machine)
         ch.send(MessageType.STATE, format.pack({"protocol": PROTOCOL_VERSION, **state}))
-        ch.expect(MessageType.READY)
-        ch.send_json(MessageType.GO, {})
+        _reply(ch, MessageType.READY, Empty)
+        ch.send_record(MessageType.GO, Empty())
         go_sent = True
-        _, running = ch.expect(MessageType.RUNNING)
+        running = _reply(ch, MessageType.RUNNING, Running)
         t_end = time.perf_counter()
         result.downtime_ms = (t_end - t_pause) * 1e3
-        started_ns = running.get("started_ns")
-        if isinstance(started_ns, int) and started_ns > t_pause_ns:
-            result.target_downtime_ms = (started_ns - t_pause_ns) / 1e6
+        if running.started_ns > t_pause_ns:
+            result.target_downtime_ms = (running.started_ns - t_pause_ns) / 1e6
         result.total_ms = (t_end - t_start) * 1e3
         result.bytes_sent = ch.bytes_sent
         result.completed = True
@@ -232,8 +253,9 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
             raise MigrationError(f"migration to {to}: lost contact after the switch-over ({reason}); the VM "
                                  "stays paused here: check the target, then resume or stop it here "
                                  "(control socket 'resume'/'stop')") from None
-        with contextlib.suppress(MigrationError):
-            ch.send_json(MessageType.ABORT, {"error": reason})
+        if ch.authenticated:  # before the keys, the peer is nobody we owe an explanation
+            with contextlib.suppress(MigrationError):
+                ch.send_record(MessageType.ABORT, Failure(printable(reason, 900)))
         if isinstance(e, KvmError):
             reason = f"KVM: {reason}"
         raise MigrationError(f"migration to {to} failed, the VM keeps running here: {reason}") from None

@@ -1,9 +1,21 @@
 """The receiving side of a live migration (see :mod:`virtkit.migration.protocol`).
 
-The target builds an empty machine as soon as the source says what it is (HELO), so that a host
-that cannot run it refuses before any page moves; it then receives pages straight into guest RAM,
-applies the final state, reports READY, and starts the vCPUs only when the source says GO (the
-source has then given the VM up for good).
+The target's machine comes from its own configuration, never from the stream: the caller builds an
+:class:`IncomingVM` from its command line (memory, vCPUs, mode, disks it opens itself) before any
+connection is accepted, as ``qemu -incoming`` does. :func:`receive` then accepts one connection
+and :func:`serve` runs the conversation: it authenticates the source, compares the source's
+description with that machine (refusing with the field that differs), receives pages straight
+into guest RAM, applies the final state, reports READY, and starts the vCPUs only on an
+authenticated GO (the source has then given the VM up). :func:`serve` asks the machine for what it
+needs through :class:`Landing`, so its every path is tested without /dev/kvm.
+
+The order of messages is a strict state machine; at each point only the types listed are read,
+with their size caps, and anything else ends the migration before its payload is read::
+
+    state       accepted                    then
+    HANDSHAKE   HELO, then DESC | ABRT      ACPT or RFSE sent
+    MEMORY      PAGE | ROND | STAT | ABRT   PAGE, ROND: stay; STAT: state applied, RDY! sent
+    SWITCHOVER  GO!! | ABRT                 vCPUs started, RUNG sent
 """
 
 from __future__ import annotations
@@ -14,44 +26,59 @@ import signal
 import socket
 import struct
 import time
-from typing import Any, BinaryIO, Final
+from collections.abc import Sequence
+from typing import Any, BinaryIO, Final, Protocol
 
 from virtkit.api import VM
-from virtkit.errors import VirtkitError
+from virtkit.errors import KvmError, VirtkitError
+from virtkit.memory import GuestMemory
 from virtkit.migration.protocol import (
+    HANDSHAKE_TIMEOUT,
+    MAX_PAGE_BYTES,
+    MAX_PAGE_MESSAGE,
     MAX_RUNS,
-    MAX_STATE,
+    MAX_SMALL,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     RUN,
     RUN_TABLE_HEAD,
     Channel,
+    Empty,
+    Failure,
+    MachineShape,
     MessageType,
     MigrationError,
+    RoundEnd,
+    Running,
     parse_address,
+    parse_shape,
+    printable,
+    state_cap,
+    target_handshake,
 )
 from virtkit.snapshot import cpucompat, format, vmstate
-from virtkit.snapshot.format import Fields
-from virtkit.snapshot.snapshot import effective_cpuid
-from virtkit.vm import DiskSpec, Machine, MachineConfig
+from virtkit.snapshot.format import Fields, SnapshotError
+from virtkit.vm import DiskSpec, Machine
 
-#: how long the target waits for the next message before it gives the migration up
+#: how long the target waits for each read before it gives the migration up
 READ_TIMEOUT: Final = 60.0
 FAULTS: Final = ("refuse", "drop-during-memory", "die-before-switchover")
 
 
 class IncomingVM(VM):
-    """A :class:`virtkit.api.VM` whose machine arrives over the network; it is already running
-    when :func:`receive` returns it."""
+    """A :class:`virtkit.api.VM` built from this host's configuration, whose memory and state arrive
+    over the network; it is running when :func:`receive` returns it."""
 
-    def __init__(self, config: MachineConfig, *, serial: str | BinaryIO | None = None) -> None:
-        super().__init__("(incoming migration)", memory=config.memory, vcpus=config.vcpus,
-                         mode="para" if config.paravirt else "full", strict=config.strict, serial=serial)
-        self.config = config
+    def __init__(self, *, memory: str | int = "64M", vcpus: int | str = 1, mode: str = "full",
+                 strict: bool = False, disks: Sequence[str | DiskSpec] = (),
+                 serial: str | BinaryIO | None = None) -> None:
+        super().__init__("(incoming migration)", memory=memory, vcpus=vcpus, mode=mode, strict=strict,
+                         serial=serial, disks=disks)
         self.source = ""
         self.stats: dict[str, Any] = {}
 
     def open(self) -> None:
+        """Build the machine (memory, vCPUs, devices, the disks this host names): no kernel."""
         if self.machine is not None:
             return
         try:
@@ -61,60 +88,12 @@ class IncomingVM(VM):
             raise
 
 
-def _config_from_hello(hello: dict[str, Any]) -> MachineConfig:
-    f = Fields(hello, "HELO")
-    m = f.obj("machine")
-    disks = tuple(DiskSpec(Fields(d, "disk").string("path"), read_only=Fields(d, "disk").boolean("read_only"))
-                  for d in (m.array("disks") if m.has("disks") else []))
-    kw: dict[str, Any] = {"disks": disks} if disks else {}
-    return MachineConfig(memory=m.integer("memory"), vcpus=m.integer("vcpus"), paravirt=m.boolean("paravirt"),
-                         strict=m.boolean("strict"), **kw)
-
-
-def _check_hello(hello: dict[str, Any], machine: Machine) -> str | None:
-    """None if this host can take the VM described by HELO; else why not."""
-    if hello.get("protocol") != PROTOCOL_VERSION:
-        return f"migration protocol version {hello.get('protocol')!r}; this virtkit speaks {PROTOCOL_VERSION}"
-    cpuid = hello.get("cpuid")
-    if not isinstance(cpuid, list) or not all(isinstance(e, list) and len(e) == 7 for e in cpuid):
-        return "HELO carries no valid CPUID"
-    reason = cpucompat.check_compatible([tuple(e) for e in cpuid], effective_cpuid(machine))
-    if reason:
-        return reason
-    regions = [[r.gpa, r.size] for r in machine.memory.regions]
-    if hello.get("regions") != regions:
-        return f"guest memory layout {hello.get('regions')} differs from this virtkit's {regions}"
-    if hello.get("devices") != sorted(machine.devices):
-        return f"devices {hello.get('devices')} differ from this virtkit's {sorted(machine.devices)}"
-    return None
-
-
-def _recv_pages(ch: Channel, machine: Machine, length: int) -> int:
-    """One PAGE message into guest RAM; every run is bounds-checked before data is received."""
-    if length < RUN_TABLE_HEAD.size:
-        raise MigrationError(f"{ch.peer} sent a malformed PAGE message")
-    nruns, _ = RUN_TABLE_HEAD.unpack(ch.recv_exact(RUN_TABLE_HEAD.size))
-    if not 0 < nruns <= MAX_RUNS:
-        raise MigrationError(f"{ch.peer} sent a PAGE message with {nruns} runs")
-    table = ch.recv_exact(nruns * RUN.size)
-    runs = [RUN.unpack_from(table, i * RUN.size)[:2] for i in range(nruns)]
-    total = sum(n for _, n in runs) * PAGE_SIZE
-    if RUN_TABLE_HEAD.size + len(table) + total != length:
-        raise MigrationError(f"{ch.peer} sent a PAGE message whose length does not match its runs")
-    views = []
-    for gpa, n in runs:
-        if gpa % PAGE_SIZE or n == 0 or not machine.memory.contains(gpa, n * PAGE_SIZE):
-            raise MigrationError(f"{ch.peer} sent pages at {gpa:#x}+{n} outside guest RAM")
-        views.append(machine.memory.view(gpa, n * PAGE_SIZE))
-    for v in views:
-        ch.recv_into(v)
-    return int(total // PAGE_SIZE)
-
-
-def _listen(address: str) -> socket.socket:
+def listen(address: str) -> socket.socket:
+    """A listening socket for ``address`` (``HOST:PORT``, ``:PORT`` or ``PORT``; no host means
+    loopback). Bound before anything else, so that a receiver confines itself with it open."""
     host, port = parse_address(address, "--listen")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -125,101 +104,209 @@ def _listen(address: str) -> socket.socket:
     return sock
 
 
-def _write_port_file(path: str, port: int) -> None:
+def write_port_file(path: str, port: int) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{port}\n")
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{port}\n")
+        os.rename(tmp, path)
+    except OSError as e:
+        raise MigrationError(f"cannot write --port-file {path}: {e.strerror}") from None
 
 
-def receive(listen: str, *, serial: str | BinaryIO | None = None, port_file: str | None = None,
-            accept_timeout: float | None = None, fault: str | None = None,
-            listener: socket.socket | None = None) -> IncomingVM:
-    """Accept one migration on ``listen`` (HOST:PORT) and return the VM running here. Raises
-    :class:`MigrationError` (and leaves nothing behind) if the migration does not complete.
-    ``fault`` injects a failure for tests: refuse, drop-during-memory, die-before-switchover."""
-    if fault is not None and fault not in FAULTS:
-        raise MigrationError(f"unknown fault {fault!r}")
-    lsock = listener or _listen(listen)
+def recv_pages(ch: Channel, memory: GuestMemory, length: int) -> int:
+    """One PAGE message into guest RAM. The run table is checked (increasing, not overlapping,
+    inside guest RAM, lengths adding up) before a byte of data is received; the MAC after."""
+    if length < RUN_TABLE_HEAD.size:
+        raise MigrationError(f"{ch.peer} sent a malformed PAGE message")
+    head = ch.recv_payload(RUN_TABLE_HEAD.size, "a PAGE run table")
+    nruns, reserved = RUN_TABLE_HEAD.unpack(head)
+    if not 0 < nruns <= MAX_RUNS or reserved:
+        raise MigrationError(f"{ch.peer} sent a PAGE message with {nruns} runs (1 to {MAX_RUNS} allowed)")
+    if RUN_TABLE_HEAD.size + nruns * RUN.size > length:
+        raise MigrationError(f"{ch.peer} sent a PAGE message whose length does not match its runs")
+    table = ch.recv_payload(nruns * RUN.size, "a PAGE run table")
+    total = 0
+    end = 0
+    views = []
+    for i in range(nruns):
+        gpa, n, reserved = RUN.unpack_from(table, i * RUN.size)
+        size = n * PAGE_SIZE
+        if gpa % PAGE_SIZE or n == 0 or reserved or not memory.contains(gpa, size):
+            raise MigrationError(f"{ch.peer} sent pages at {gpa:#x}+{n} outside guest RAM")
+        if gpa < end:
+            raise MigrationError(f"{ch.peer} sent a PAGE message whose runs overlap or are out of order")
+        end = gpa + size
+        total += size
+        views.append(memory.view(gpa, size))
+    if total > MAX_PAGE_BYTES or RUN_TABLE_HEAD.size + len(table) + total != length:
+        raise MigrationError(f"{ch.peer} sent a PAGE message whose length does not match its runs")
+    for v in views:
+        ch.recv_into(v, "PAGE data")
+    ch.verify(MessageType.PAGES, head, table, *views)
+    return total // PAGE_SIZE
+
+
+def parse_state(data: bytes, machine: Machine, peer: str) -> vmstate.MachineImage:
+    """A verified STAT payload -> the state to apply, checked against this machine: the snapshot
+    format's own checks (version, checksum, bounded JSON, every field typed), the protocol, the
+    vCPU count, and each vCPU's CPUID against what this host offers."""
+    from virtkit.snapshot.snapshot import effective_cpuid
+
     try:
-        if port_file:
-            _write_port_file(port_file, lsock.getsockname()[1])
-        lsock.settimeout(accept_timeout)
+        doc = format.unpack(data, source=f"the migration state from {peer}")
+        if doc.get("protocol") != PROTOCOL_VERSION:
+            raise MigrationError(f"{peer} sent state for protocol {printable(repr(doc.get('protocol')), 20)}")
+        image = vmstate.parse(Fields(doc, "state"))
+    except SnapshotError as e:
+        raise MigrationError(str(e)) from None
+    if len(image.vcpus) != len(machine.vcpus):
+        raise MigrationError(f"{peer} sent the state of {len(image.vcpus)} vCPUs for a {len(machine.vcpus)}-vCPU "
+                             "machine")
+    host = effective_cpuid(machine)
+    for v in image.vcpus:
+        reason = cpucompat.check_compatible(v.cpuid, host)
+        if reason is not None:
+            raise MigrationError(f"the state of vCPU {v.id} from {peer}: {reason}")
+    return image
+
+
+class Landing(Protocol):
+    """What the target's state machine needs of the machine a VM lands in: :class:`MachineLanding`
+    for a real one; unit tests pass a fake to drive every path without /dev/kvm."""
+
+    memory: GuestMemory
+    vcpus: int
+
+    def refusal(self, shape: MachineShape) -> str | None:
+        """Why a VM of this (verified) shape cannot land here, or None."""
+
+    def apply_state(self, data: bytes, peer: str) -> None:
+        """Check and apply a verified STAT payload; nothing runs yet."""
+
+    def start(self) -> int:
+        """Start the vCPUs; the CLOCK_MONOTONIC time (ns) they started at."""
+
+
+class MachineLanding:
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.memory = machine.memory
+        self.vcpus = len(machine.vcpus)
+
+    def refusal(self, shape: MachineShape) -> str | None:
+        from virtkit.migration.shape import compare, describe
+
+        return compare(describe(self.machine), shape)
+
+    def apply_state(self, data: bytes, peer: str) -> None:
+        image = parse_state(data, self.machine, peer)
         try:
-            conn, addr = lsock.accept()
-        except TimeoutError:
-            raise MigrationError(f"no migration arrived on {listen} within {accept_timeout:g} s") from None
-    finally:
-        lsock.close()
-    conn.settimeout(READ_TIMEOUT)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    ch = Channel(conn, f"{addr[0]}:{addr[1]}")
-    vm: IncomingVM | None = None
-    answered = False  # the source was already told why (REFUSE), or must not be (injected drop)
+            vmstate.apply(self.machine, image)
+        except (SnapshotError, KvmError) as e:
+            raise MigrationError(f"cannot apply the state from {peer}: {e}") from None
+
+    def start(self) -> int:
+        self.machine.start()
+        return time.monotonic_ns()
+
+
+def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None) -> dict[str, Any]:
+    """The target's side of one connection, from HELO to RUNG (module docstring); returns
+    statistics once the VM runs. Raises :class:`MigrationError` otherwise, and then nothing was
+    started and no state applied unless every message up to it verified."""
+    authenticated = False  # the source proved it holds the key: it is owed an explanation
+    answered = False       # it was told why already (RFSE), or must not be (injected drop)
     try:
-        _, hello = ch.expect(MessageType.HELLO)
         try:
-            config = _config_from_hello(hello)
-            vm = IncomingVM(config, serial=serial)
-            vm.source = ch.peer
-            vm.open()
-        except VirtkitError as e:
-            answered = True
-            ch.send_json(MessageType.REFUSE, {"error": f"this host cannot build the VM: {e}"})
-            raise MigrationError(f"refused the migration from {ch.peer}: {e}") from None
-        assert vm.machine is not None
-        machine = vm.machine
-        reason = _check_hello(hello, machine)
+            description = target_handshake(ch, key, deadline=time.monotonic() + HANDSHAKE_TIMEOUT)
+        except MigrationError as e:
+            raise type(e)(f"migration handshake failed: {e}") from None
+        authenticated = True
+        theirs = parse_shape(description, ch.peer)
+        reason = landing.refusal(theirs)
         if reason is None and fault == "refuse":
             reason = "refused by fault injection"
         if reason is not None:
             answered = True
-            ch.send_json(MessageType.REFUSE, {"error": reason})
+            ch.send_record(MessageType.REFUSE, Failure(reason))
             raise MigrationError(f"refused the migration from {ch.peer}: {reason}")
-        ch.send_json(MessageType.ACCEPT, {})
-        pages = 0
+        ch.send_record(MessageType.ACCEPT, Empty())
+        # --- MEMORY -------------------------------------------------------------------------------
+        pages = rounds = 0
         t_first = time.perf_counter()
+        memory_phase = {MessageType.PAGES: MAX_PAGE_MESSAGE, MessageType.ROUND: MAX_SMALL,
+                        MessageType.STATE: state_cap(landing.vcpus), MessageType.ABORT: MAX_SMALL}
         while True:
-            kind, length = ch.recv_header()
+            kind, length = ch.recv_header(memory_phase)
             if kind is MessageType.PAGES:
-                pages += _recv_pages(ch, machine, length)
+                pages += recv_pages(ch, landing.memory, length)
                 if fault == "drop-during-memory":
                     answered = True
                     # an abrupt reset, as when a host or its network goes away
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    ch.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     raise MigrationError("dropped the connection by fault injection")
             elif kind is MessageType.ROUND:
-                ch.recv_json_payload(kind, length)
-            elif kind is MessageType.STATE:
-                if length > MAX_STATE:
-                    raise MigrationError(f"{ch.peer} sent a {length}-byte state")
-                doc = format.unpack(ch.recv_exact(length), source=f"migration state from {ch.peer}")
-                if doc.get("protocol") != PROTOCOL_VERSION:
-                    raise MigrationError(f"{ch.peer} sent state for protocol {doc.get('protocol')!r}")
-                image = vmstate.parse(Fields(doc, "state"))
-                if fault == "die-before-switchover":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                vmstate.apply(machine, image)
-                ch.send_json(MessageType.READY, {})
-            elif kind is MessageType.GO:
-                ch.recv_json_payload(kind, length)
-                machine.start()
-                started_ns = time.monotonic_ns()
-                vm.stats = {"pages": pages, "receive_s": time.perf_counter() - t_first}
-                with contextlib.suppress(MigrationError):
-                    ch.send_json(MessageType.RUNNING, {"started_ns": started_ns})
-                return vm
+                r = ch.recv_record(kind, length, RoundEnd)
+                if r.round != rounds:
+                    raise MigrationError(f"{ch.peer} ended round {r.round} where round {rounds} was expected")
+                rounds += 1
             elif kind is MessageType.ABORT:
-                body = ch.recv_json_payload(kind, length)
-                raise MigrationError(f"{ch.peer} aborted the migration: {body.get('error', 'no reason given')}")
+                raise MigrationError(f"{ch.peer} aborted the migration: {ch.failure(kind, length)}")
             else:
-                raise MigrationError(f"{ch.peer} sent {kind.value.decode()} during the migration")
+                break
+        # --- STATE: verified, then parsed, checked and applied; READY -----------------------------
+        state = ch.recv_body(MessageType.STATE, length)
+        if fault == "die-before-switchover":
+            # As abrupt as SIGKILL for the source (no ABRT, no cleanup), and it works where a signal
+            # cannot: a confined receiver is PID 1 of its namespace, which ignores its own SIGKILL.
+            os._exit(128 + signal.SIGKILL)
+        landing.apply_state(state, ch.peer)
+        ch.send_record(MessageType.READY, Empty())
+        # --- SWITCHOVER ---------------------------------------------------------------------------
+        kind, length = ch.recv_header({MessageType.GO: MAX_SMALL, MessageType.ABORT: MAX_SMALL})
+        if kind is MessageType.ABORT:
+            raise MigrationError(f"{ch.peer} aborted the migration: {ch.failure(kind, length)}")
+        ch.recv_record(kind, length, Empty)
+        # every message verified, in order, up to an authenticated GO: only now does the VM run
+        started_ns = landing.start()
+        with contextlib.suppress(MigrationError):
+            ch.send_record(MessageType.RUNNING, Running(started_ns=started_ns))
+        return {"pages": pages, "rounds": rounds, "receive_s": time.perf_counter() - t_first}
     except BaseException as e:
-        if isinstance(e, VirtkitError) and not answered:
+        if isinstance(e, VirtkitError) and authenticated and not answered:
             with contextlib.suppress(MigrationError):  # tell the source why, if it still listens
-                ch.send_json(MessageType.ABORT, {"error": str(e)})
-        if vm is not None:
-            vm.close()
+                ch.send_record(MessageType.ABORT, Failure(printable(str(e), 900)))
         raise
+
+
+def receive(listener: socket.socket, vm: IncomingVM, key: bytes, *, accept_timeout: float | None = None,
+            fault: str | None = None) -> IncomingVM:
+    """Accept one migration on ``listener`` into ``vm`` (opened: its machine built from this host's
+    configuration) and return it running. Raises :class:`MigrationError` if the migration does
+    not complete; the caller then closes ``vm``, which never ran. ``fault`` injects a failure for
+    tests: refuse, drop-during-memory, die-before-switchover."""
+    if fault is not None and fault not in FAULTS:
+        raise MigrationError(f"unknown fault {fault!r}")
+    if not key:
+        raise MigrationError("receiving a migration needs the pre-shared key (--key-file FILE)")
+    machine = vm.machine
+    assert machine is not None, "open() the IncomingVM first"
+    name = "{}:{}".format(*listener.getsockname()[:2])
+    listener.settimeout(accept_timeout)
+    try:
+        conn, addr = listener.accept()
+    except TimeoutError:
+        raise MigrationError(f"no migration arrived on {name} within {accept_timeout:g} s") from None
+    except OSError as e:
+        raise MigrationError(f"cannot accept a migration on {name}: {e.strerror or e}") from None
+    finally:
+        listener.close()  # one migration per receiver: nobody else gets a turn
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ch = Channel(conn, f"{addr[0]}:{addr[1]}", read_timeout=READ_TIMEOUT)
+    try:
+        vm.stats = serve(ch, key, MachineLanding(machine), fault=fault)
+        vm.source = ch.peer
+        return vm
     finally:
         ch.close()

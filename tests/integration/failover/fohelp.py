@@ -84,3 +84,26 @@ def stop_process(p: subprocess.Popen[bytes], timeout: float = 10) -> tuple[bytes
 
 def env_without_debug() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "VIRTKIT_DEBUG"}
+
+
+def make_key(path: Path) -> Path:
+    """A migration key at ``path`` (mode 0600), as `virtkit migrate-keygen` writes it."""
+    from virtkit.migration.keys import generate
+
+    if not path.exists():
+        generate(str(path))
+    return path
+
+
+def tcp_established(port: int) -> bool:
+    """A TCP connection to local ``port`` is established (in this network namespace)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                return True
+    return False

@@ -12,7 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fohelp import VIRTKIT, assert_seamless, file_counts, spawn, stop_process, virtkit, wait_for
+from fohelp import (
+    VIRTKIT,
+    assert_seamless,
+    file_counts,
+    make_key,
+    spawn,
+    stop_process,
+    tcp_established,
+    virtkit,
+    wait_for,
+)
 
 from virtkit.migration.control import request
 
@@ -26,10 +36,12 @@ class Pair:
                  source_ns: str | None = None, target_ns: str | None = None, listen: str = "127.0.0.1:0",
                  connect_host: str = "127.0.0.1") -> None:
         self.sock, self.src_log, self.dst_log = tmp / "src.sock", tmp / "src.log", tmp / "dst.log"
+        self.key = make_key(tmp / "key")
         port_file = tmp / "port"
         extra = ["--inject-fault", fault] if fault else []
         self.target = spawn("migrate-receive", "--listen", listen, "--port-file", str(port_file),
-                            "--serial", str(self.dst_log), "--accept-timeout", "30", *extra, netns=target_ns)
+                            "--key-file", str(self.key), "--serial", str(self.dst_log), "--accept-timeout", "30",
+                            *extra, netns=target_ns)
         self.source = spawn("run", str(counter), "--cmdline", cmdline, "--control", str(self.sock),
                             "--serial", str(self.src_log), netns=source_ns)
         wait_for(lambda: port_file.exists() and self.sock.exists() and len(file_counts(self.src_log)) >= 20,
@@ -37,7 +49,8 @@ class Pair:
         self.to = f"{connect_host}:{port_file.read_text().strip()}"
 
     def migrate(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return virtkit("migrate", "--control", str(self.sock), "--to", self.to, "--json", *args, timeout=60)
+        return virtkit("migrate", "--control", str(self.sock), "--to", self.to, "--key-file", str(self.key),
+                       "--json", *args, timeout=60)
 
     def close(self) -> None:
         stop_process(self.source)
@@ -123,11 +136,12 @@ def test_source_keeps_running_when_the_target_fails(pair_factory, fault: str,  #
 
 def test_source_keeps_running_when_the_target_is_killed_mid_copy(pair_factory) -> None:  # type: ignore[no-untyped-def]
     pair = pair_factory(cmdline="us=200 dirty=256 buf=32")
-    migration = subprocess.Popen([*VIRTKIT, "migrate",
+    migration = subprocess.Popen([*VIRTKIT, "migrate", "--key-file", str(pair.key),
                                   "--control", str(pair.sock), "--to", pair.to, "--downtime-ms", "0.01",
                                   "--max-rounds", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # the target has accepted (it built the machine: its serial file exists) and pages are flowing
-    wait_for(lambda: pair.dst_log.exists(), what="the target to accept")
+    # the source is connected to the target (which accepts at once: it built its machine and
+    # confined itself before it wrote its port file), and pages are flowing
+    wait_for(lambda: tcp_established(int(pair.to.rsplit(":", 1)[1])), what="the source to connect")
     pair.target.kill()
     out, err = migration.communicate(timeout=60)
     _source_survives(pair, subprocess.CompletedProcess(migration.args, migration.returncode, out, err), "failed")
@@ -189,7 +203,7 @@ def test_a_failed_migration_can_be_retried(pair_factory, tmp_path: Path) -> None
     pair.target.wait(timeout=10)
     port_file = tmp_path / "port2"
     pair.target = spawn("migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                        "--serial", str(pair.dst_log), "--accept-timeout", "30")
+                        "--key-file", str(pair.key), "--serial", str(pair.dst_log), "--accept-timeout", "30")
     wait_for(port_file.exists, what="the second target")
     pair.to = f"127.0.0.1:{port_file.read_text().strip()}"
     _assert_migrated(pair, pair.migrate(), lines=70)  # past the guest's next full-buffer check
