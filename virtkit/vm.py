@@ -178,6 +178,7 @@ class Machine:
             self.memory = GuestMemory(layout.ram_ranges(config.memory), fd=memory_fd, shared=memory_shared)
             undo.callback(self.memory.close)
             self.dirty_logging = False
+            self._host_dirty_before: set[int] = set()  # see dirty_pages()
             for slot, region in enumerate(self.memory.regions):
                 region.slot = slot
                 self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
@@ -496,13 +497,22 @@ class Machine:
         for r in self.memory.regions:
             self.vm.set_user_memory_region(r.slot, r.gpa, r.size, r.host_addr, flags)
         self.memory.track_host_writes(enabled)  # device writes never show in KVM's log
+        self._host_dirty_before = set()
         self.dirty_logging = enabled
 
     def dirty_pages(self) -> list[int]:
         """Guest-physical page addresses written since the last call, by the guest (KVM_GET_DIRTY_LOG,
         which clears the log as it reads it) or by a device through GuestMemory. Sorted. Needs
         :meth:`set_dirty_logging` on."""
-        host = self.memory.drain_host_dirty()
+        # A device marks pages when it takes a view of them, and its data lands a little later
+        # (a disk read into a virtio buffer): a drain in between would send the page before the
+        # write and forget it. So what host code touched is reported by two consecutive drains:
+        # the write has landed by the second, unless one device request outlasts a whole pre-copy
+        # round. The last drain, with the vCPUs parked and the I/O thread paused, has no request
+        # in flight at all.
+        fresh = self.memory.drain_host_dirty()
+        host = fresh | self._host_dirty_before
+        self._host_dirty_before = fresh
         pages: list[int] = []
         for r in self.memory.regions:
             npages = r.size // layout.PAGE_SIZE
