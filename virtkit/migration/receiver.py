@@ -7,13 +7,14 @@ The steps, in the order each one needs:
    are the user's and are reported before anything else happens;
 2. bind the migration socket (loopback unless told otherwise) and ``--control``, in the host's
    network and mount namespaces;
-3. jailed (the default): unshare the mount, PID, network, IPC, UTS and cgroup namespaces and fork
-   (``CLONE_NEWPID`` applies to children only). The parent stays outside, unconfined but doing
-   nothing but wait: it forwards SIGTERM/SIGINT/SIGHUP, exits with the child's status (128+N and
-   a one-line reason if a signal ended it) and removes the control socket file the child cannot;
-4. the child, PID 1 of its namespace, builds the machine (KVM binds a VM to the address space
-   that created it, so the fork comes first) and opens the disks this host names, then writes
-   ``--port-file``;
+3. jailed (the default): unshare the PID namespace and fork (``CLONE_NEWPID`` applies to children
+   only). The parent stays outside, unconfined but doing nothing but wait: it forwards
+   SIGTERM/SIGINT/SIGHUP, exits with the child's status (128+N and a one-line reason if a signal
+   ended it) and removes the control socket file the child cannot. The child dies with it
+   (PR_SET_PDEATHSIG), so no VM outlives its foreground command;
+4. the child, PID 1 of its namespace, unshares its mount, network, IPC, UTS and cgroup
+   namespaces, builds the machine (KVM binds a VM to the address space that created it, so the
+   fork comes first) and opens the disks this host names, then writes ``--port-file``;
 5. confines itself (:func:`virtkit.jail.confine.confine`): empty read-only root, rlimits, a uid
    of its own with no capabilities, ``no_new_privs``, the seccomp allow-list of
    :func:`virtkit.jail.policy.receiver_filter`;
@@ -91,10 +92,14 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError):
                     os.unlink(args.control)
     uid = args.jail_uid if args.jail_uid is not None else JAIL_UID_BASE + os.getpid()
-    from virtkit.jail.confine import enter_namespaces
+    from virtkit.container import libc
 
     try:
-        enter_namespaces()
+        # Only the PID namespace here (it applies to children only). The child unshares the rest
+        # itself: a mount namespace shared with the parent would be the child's to pivot_root,
+        # and the parent's root would go empty with it (pivot_root moves every process of the
+        # namespace that had the old root), leaving it unable to remove the control socket.
+        libc.unshare(libc.CLONE_NEWPID)
         # the child learns from this pipe's end-of-file that the parent is gone (see _child)
         alive_r, alive_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
@@ -149,6 +154,13 @@ def _child(vm: IncomingVM, listener: socket.socket, control: socket.socket | Non
 
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _exit_if_orphaned(parent_alive)  # the parent may have died before the prctl
+        from virtkit.jail.confine import NAMESPACE_FLAGS
+
+        try:  # still one thread: mount, network, IPC, UTS and cgroup namespaces of its own
+            libc.unshare(NAMESPACE_FLAGS & ~libc.CLONE_NEWPID)
+        except OSError as e:
+            raise ConfigError(f"cannot confine the receiver ({e.strerror or e}): run it as root, or add "
+                              "--no-jail") from None
         # PID 1 gets only the signals it handles: without this, the parent's SIGTERM would be lost
         signal.signal(signal.SIGTERM, _terminate)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it once
