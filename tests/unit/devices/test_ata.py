@@ -129,3 +129,46 @@ def test_read_only_image_write_raises(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="read-only"):
         d.write_from(0, [memoryview(b"x" * 512)])
     d.close()
+
+
+def test_save_and_restore_in_the_middle_of_a_transfer(image: Path) -> None:
+    c, _ = make(image)
+    issue(c, A.CMD_READ_SECTORS, 3, 2)
+    c.pio_read_string(A.DATA, 2, 100)
+    state = c.save()
+    copy = image.with_name("copy.img")
+    copy.write_bytes(image.read_bytes())
+    other, _ = make(copy)
+    other.restore(state)
+    assert other.pio_read_string(A.DATA, 2, 156) + other.pio_read_string(A.DATA, 2, 256) == \
+        bytes([3]) * 312 + bytes([4]) * 512
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"lba": 64, "remaining": 1}, "outside the disk"),          # the image has 64 sectors
+    ({"lba": 1 << 40, "remaining": 2}, "out of range|outside the disk"),
+    ({"remaining": -1}, "out of range"),
+    ({"pos": 513}, "out of range"),
+    ({"count": 256}, "registers must be bytes"),
+    ({"status": True}, "registers must be bytes"),
+    ({"buffer": b"x" * 100}, "empty or one sector"),
+    ({"hob": [0, 0, 0, 1 << 9]}, "hob must be 4 bytes"),
+    ({"disk": "/etc/passwd"}, "fields differ"),                 # was set as an attribute as is
+    ({"writing": 1}, "out of range"),
+])
+def test_restored_state_is_checked_like_guest_input(image: Path, change: dict[str, object], match: str) -> None:
+    """A snapshot or a migration peer hands this over: nothing in it may reach outside the disk."""
+    c, _ = make(image)
+    state = c.save() | {"buffer": bytes(512)} | change
+    size = os.path.getsize(image)
+    with pytest.raises(ValueError, match=match):
+        c.restore(state)
+    assert os.path.getsize(image) == size
+    assert c.save()["lba"] == 0 and c.save()["remaining"] == 0  # nothing of it was applied
+
+
+def test_a_restored_write_transfer_needs_a_writable_disk(image: Path) -> None:
+    c, _ = make(image, read_only=True)
+    state = c.save() | {"buffer": bytes(512), "writing": True, "lba": 1, "remaining": 1}
+    with pytest.raises(ValueError, match="cannot be written"):
+        c.restore(state)
