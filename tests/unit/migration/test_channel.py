@@ -333,17 +333,36 @@ def test_page_data_is_authenticated(landing: FakeLanding) -> None:
 
 
 def test_the_sender_authenticates_what_it_sends_not_what_the_guest_writes_meanwhile(landing: FakeLanding) -> None:
-    """The guest keeps running during pre-copy: the MAC covers a copy of the pages, so a write
-    between the MAC and the send cannot make the receiver refuse a good stream."""
+    """The guest keeps running during pre-copy: the MAC covers a copy of the pages, so a guest
+    writing them while they are hashed and sent cannot make the receiver refuse a good stream."""
+    import ctypes
+
     src_mem = FakeLanding()
-    src_mem.memory.write(0, b"E" * 4096)
     src, dst = established_pair()
-    view = src_mem.memory.read_view(0, 4096)
-    src.send_pages([(0, view)])
-    src_mem.memory.write(0, b"F" * 4096)  # after send_pages copied and sent: not what was sent
-    kind, length = dst.recv_header({MessageType.PAGES: protocol.MAX_PAGE_MESSAGE})
-    target.recv_pages(dst, landing.memory, length)
-    assert landing.memory.read(0, 4096) == b"E" * 4096
+    stop = threading.Event()
+    size = 64 * 4096
+    memset = ctypes.CDLL(None).memset  # a ctypes call runs without the GIL, as a vCPU does
+    memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+
+    def guest() -> None:
+        n = 0
+        while not stop.is_set():
+            memset(src_mem.memory.regions[0].host_addr, n & 0xFF, size)
+            n += 1
+
+    writer = threading.Thread(target=guest)
+    writer.start()
+    sender = threading.Thread(target=lambda: [src.send_pages([(0, src_mem.memory.read_view(0, size))])
+                                              for _ in range(100)])
+    sender.start()
+    try:
+        for _ in range(100):
+            kind, length = dst.recv_header({MessageType.PAGES: protocol.MAX_PAGE_MESSAGE})
+            assert target.recv_pages(dst, landing.memory, length) == 64  # each one verifies
+    finally:
+        stop.set()
+        writer.join()
+        sender.join()
     src.close()
     dst.close()
     src_mem.memory.close()
