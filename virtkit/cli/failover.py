@@ -150,7 +150,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                "of the stream (nobody without it can send a VM here, alter or replay one), not its "
                "confidentiality (guest memory crosses the network unencrypted) nor its availability (anyone "
                "who can connect or cut the connection can make this migration fail). So the network must be "
-               "trusted with what the guest's memory holds, and for availability.")
+               "trusted with what the guest's memory holds (or the port tunnelled: ssh, WireGuard), and "
+               "for availability.")
     p.add_argument("--listen", default="127.0.0.1:7000", metavar="[HOST:]PORT",
                    help="address to listen on (default 127.0.0.1:7000; port 0: any free port; no host: loopback, "
                         "never all interfaces unless asked, e.g. 0.0.0.0:7000)")
