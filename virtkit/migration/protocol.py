@@ -68,6 +68,7 @@ import contextlib
 import enum
 import hashlib
 import hmac
+import re
 import secrets
 import socket
 import struct
@@ -155,12 +156,13 @@ def state_cap(vcpus: int) -> int:
 
 
 def printable(text: str | bytes, limit: int = MAX_SHOWN) -> str:
-    """What a peer said, safe to put in our one-line messages: control characters (newlines,
-    escape sequences) become '?', and it is cut at ``limit`` characters."""
+    """What a peer said, safe to put in our one-line messages and to send in a small message:
+    anything but printable ASCII (newlines, escape sequences, characters JSON would expand six
+    times) becomes '?', and it is cut at ``limit`` characters."""
     if isinstance(text, bytes):
         text = text.decode("ascii", errors="replace")
     cut = text[:limit]
-    out = "".join(c if c.isprintable() else "?" for c in cut)
+    out = "".join(c if c.isascii() and c.isprintable() else "?" for c in cut)
     return out + ("..." if len(text) > limit else "")
 
 
@@ -169,6 +171,10 @@ MAX_DISKS: Final = 16
 MAX_REGIONS: Final = 64
 MAX_DEVICES: Final = 64
 MAX_CPUID: Final = 1024
+
+
+#: what Machine.devices names look like (uart0, virtio-blk...): they end up in messages
+_DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ class MachineShape:
             if not (0 <= gpa < 1 << 52 and 0 < size <= 1 << 52):
                 raise records.UntrustedInput(f"{what}.regions[{i}] is not a memory region")
         for i, name in enumerate(self.devices):
-            if not 0 < len(name) <= 64:
+            if not _DEVICE_NAME.fullmatch(name):
                 raise records.UntrustedInput(f"{what}.devices[{i}] is not a device name")
 
 

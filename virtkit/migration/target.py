@@ -229,6 +229,7 @@ def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None
             reason = "refused by fault injection"
         if reason is not None:
             answered = True
+            reason = printable(reason, 900)  # it may quote the peer's words
             ch.send_record(MessageType.REFUSE, Failure(reason))
             raise MigrationError(f"refused the migration from {ch.peer}: {reason}")
         ch.send_record(MessageType.ACCEPT, Empty())
@@ -274,9 +275,12 @@ def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None
             ch.send_record(MessageType.RUNNING, Running(started_ns=started_ns))
         return {"pages": pages, "rounds": rounds, "receive_s": time.perf_counter() - t_first}
     except BaseException as e:
-        if isinstance(e, VirtkitError) and authenticated and not answered:
-            with contextlib.suppress(MigrationError):  # tell the source why, if it still listens
-                ch.send_record(MessageType.ABORT, Failure(printable(str(e), 900)))
+        if isinstance(e, VirtkitError):
+            # one line, whatever the peer put in a field name or a device's state that an error quotes
+            e.args = (printable(str(e), 2000),)
+            if authenticated and not answered:
+                with contextlib.suppress(MigrationError):  # tell the source why, if it still listens
+                    ch.send_record(MessageType.ABORT, Failure(printable(str(e), 900)))
         raise
 
 

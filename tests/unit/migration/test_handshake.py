@@ -177,6 +177,8 @@ def test_a_refusal_after_authentication_is_reported_by_the_source(tap: Tap) -> N
     ("cpuid", ((0, 0, 0, 1 << 40, 0, 0, 0),), "not a CPUID entry"),
     ("regions", ((0, 0),), "not a memory region"),
     ("devices", ("",), "not a device name"),
+    ("devices", ("uart0\nvirtkit: error: forged",), "not a device name"),
+    ("devices", ("\u00e9" * 64,), "not a device name"),
 ])
 def test_a_description_out_of_bounds_is_refused(tap: Tap, field: str, value: object, match: str) -> None:
     t = Target(tap.target)

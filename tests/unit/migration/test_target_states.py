@@ -216,3 +216,18 @@ def test_receive_needs_a_key() -> None:
         receive(a, object(), b"")  # type: ignore[arg-type]
     a.close()
     b.close()
+
+
+def test_errors_that_quote_the_peer_stay_on_one_line(landing: FakeLanding) -> None:
+    def quoting(data: bytes, peer: str) -> None:  # as a state check naming a field the peer chose
+        raise MigrationError("snapshot field devices.evil\nvirtkit: error: forged line\x1b[2J is not an object")
+
+    landing.apply_state = quoting  # type: ignore[method-assign]
+    src, served = start(landing)
+    src.send(MessageType.STATE, STATE)
+    kind, length = src.recv_header({MessageType.ABORT: protocol.MAX_SMALL})
+    told = src.failure(kind, length)
+    error = finish(src, served)
+    assert isinstance(error, MigrationError)
+    for text in (str(error), told):
+        assert "\n" not in text and "\x1b" not in text and "forged line" in text
