@@ -38,18 +38,8 @@ from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
-
+    from virtkit.devices.contract import Persistent
     from virtkit.devices.disk import RawImage
-
-if TYPE_CHECKING:
-
-    class Persistent(Protocol):
-        """What every device with state implements, so snapshots are not a special case."""
-
-        def save(self) -> dict[str, object]: ...
-        def restore(self, state: dict[str, object]) -> None: ...
-
 
 #: kept in step with virtkit.devices.hypercall.ABI_VERSION (a unit test checks), which is imported
 #: only by paravirtualized machines
@@ -244,7 +234,8 @@ class Machine:
         self.io_bus.register(rtc.INDEX_PORT, 2, self.rtc, "cmos rtc")
         self.post = post.PostPort()
         self.io_bus.register(post.POST_PORT, 1, self.post, "post code")
-        #: devices with state, by stable name: each has save() -> dict and restore(dict)
+        #: devices with state, by stable name (virtkit.devices.contract.Persistent): what snapshot
+        #: and migration walk
         self.devices: dict[str, Persistent] = {"uart0": self.uart, "rtc": self.rtc, "i8042": kbc,
                                                "post": self.post}
         if not self.config.disks and not self.config.paravirt:
