@@ -14,7 +14,6 @@ waits for KVM_RUN to return anyway.
 from __future__ import annotations
 
 import ctypes as C
-import fcntl
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -66,19 +65,8 @@ def msr_index_list(kvm: Kvm) -> list[int]:
 def get_cpuid(fd: VcpuFd) -> list[CpuidEntry]:
     """The CPUID the vCPU was given (KVM_GET_CPUID2): what the guest saw, even for a machine
     that was itself restored with a CPUID older than this host's."""
-    n = 256
-    while True:
-        buf = S.kvm_cpuid2_of(n)()
-        buf.nent = n
-        try:
-            fcntl.ioctl(fd.fd, K.KVM_GET_CPUID2, buf, True)
-        except OSError as e:
-            if e.errno == 7 and n < 4096:  # E2BIG
-                n *= 2
-                continue
-            raise KvmError(f"KVM_GET_CPUID2 failed: {e.strerror}") from None
-        return [(int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
-                for x in (buf.entries[i] for i in range(buf.nent))]
+    return [(int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
+            for x in fd.get_cpuid2()]
 
 
 def cpuid_structs(entries: list[CpuidEntry]) -> list[S.kvm_cpuid_entry2]:

@@ -16,12 +16,11 @@ from virtkit.devices.virtio.blk import BlockDevice
 from virtkit.devices.virtio.console import ConsoleDevice
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.interrupt import Interrupt, IrqFdInterrupt, IrqLineInterrupt
-from virtkit.devices.virtio.mmio import NotifyRegistration, VirtioMmioTransport, kernel_cmdline_arg, mmio_slot
+from virtkit.devices.virtio.mmio import NotifyRegistration, VirtioMmioTransport
 from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
 from virtkit.devices.virtio.rng import RngDevice
 
 __all__ = [
     "BlockDevice", "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
     "NotifyRegistration", "RngDevice", "VirtQueue", "VirtioDevice", "VirtioMmioTransport",
-    "kernel_cmdline_arg", "mmio_slot",
 ]

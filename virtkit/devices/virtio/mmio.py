@@ -1,11 +1,8 @@
 """virtio-mmio transport, version 2 (virtio 1.2 §4.2): one register window per device.
 
-The register layout is the table of §4.2.2; the window is VIRTIO_MMIO_SIZE bytes at
-``VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_SIZE`` with IRQ ``VIRTIO_IRQ_BASE + n`` (``boot/layout.py``,
-see :func:`mmio_slot`). Linux finds such a device from the command line argument
-:func:`kernel_cmdline_arg` returns (``virtio_mmio.device=4K@0xd0000000:5``).
-
-Wiring a device into a machine::
+The register layout is the table of §4.2.2. Where a window goes and which interrupt line it uses
+is the device manager's choice (:mod:`virtkit.devices.manager`, which also announces the device
+to Linux as ``virtio_mmio.device=4K@0xd0000000:5``); what it does by hand::
 
     dev = BlockDevice("disk.img")
     irq = IrqFdInterrupt()                            # or IrqLineInterrupt(lambda l: vm.irq_line(gsi, l))
@@ -43,7 +40,6 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from virtkit.boot import layout
 from virtkit.devices.contract import MmioDevice, Persistent, QueueReplay
 from virtkit.devices.virtio import spec
 from virtkit.devices.virtio.device import VirtioDevice
@@ -107,20 +103,6 @@ _ADDRESS_REGS: Final = {
     Reg.QUEUE_DRIVER_LOW: ("driver", 0), Reg.QUEUE_DRIVER_HIGH: ("driver", 32),
     Reg.QUEUE_DEVICE_LOW: ("device", 0), Reg.QUEUE_DEVICE_HIGH: ("device", 32),
 }
-
-
-def mmio_slot(index: int) -> tuple[int, int]:
-    """(base GPA, IRQ) of virtio-mmio device number ``index`` in the machine's layout."""
-    if not 0 <= index < layout.VIRTIO_MMIO_MAX_DEVICES:
-        raise DeviceError(f"virtio-mmio slot {index} does not exist: a machine has "
-                          f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})")
-    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index
-
-
-def kernel_cmdline_arg(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -> str:
-    """The Linux command line parameter that declares one virtio-mmio device
-    (drivers/virtio/virtio_mmio.c: ``virtio_mmio.device=<size>@<base>:<irq>``)."""
-    return f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}"
 
 
 @dataclass(frozen=True, slots=True)

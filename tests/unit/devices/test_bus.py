@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from virtkit.bus import MAX_DISTINCT_UNKNOWN, IoBus, MmioBus, UnknownAccess
+from virtkit.devices.bus import MAX_DISTINCT_UNKNOWN, IoBus, MmioBus, UnknownAccess
 from virtkit.devices.contract import MmioDevice, PioDevice, StringPio
 from virtkit.errors import DeviceError
 
