@@ -9,7 +9,9 @@
     console.py     virtio-console, one port (§5.3)
     rng.py         virtio-rng (§5.4)
 
-docs/VIRTIO.md describes the whole and how a machine wires a device in.
+docs/VIRTIO.md describes the whole and how the device manager wires a device in. State records
+are in ``persist.py``. May import: ``virtkit.devices.contract``, ``virtkit.devices.disk``,
+``virtkit.memory``, ``virtkit.arch``, ``virtkit.records`` (lazily), ``virtkit.errors``.
 """
 
 from virtkit.devices.virtio.blk import BlockDevice
