@@ -32,9 +32,29 @@ def main() -> int:
         from virtkit.container.sealexe import ensure_sealed
 
         ensure_sealed()
+    import json
+
+    from bench import readme
+    from bench.common import RESULTS, conditions_after, conditions_before
+
     for name in selected:
         print(f"== {name}", flush=True)
+        cond = conditions_before()
         importlib.import_module(SUITES[name]).run(quick=args.quick)  # type: ignore[attr-defined]
+        cond = conditions_after(cond)
+        # every result says what the machine was doing meanwhile: a figure from a busy machine
+        # is kept, but marked as such (here, in its JSON and in the README)
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["conditions"] = cond
+            path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        if cond["busy"]:
+            others = ", ".join(f"{p['name']} ({p['cpu_share']:.0%})" for p in cond["others_before"]) or "none seen"
+            print(f"bench: warning: {name} ran on a busy machine (load {cond['load_before'][0]:.2f} on "
+                  f"{cond['cpu_count']} cores; other processes: {others}): its figures are pessimistic",
+                  file=sys.stderr)
+    readme.main([])
     return 0
 
 

@@ -80,3 +80,55 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out) + "\n"
+
+
+# --- the conditions a suite ran under --------------------------------------------------------------
+#: a 1-minute load average above this share of the cores, or another process using more than
+#: BUSY_PROCESS_SHARE of a core, marks the machine busy: figures are then pessimistic
+BUSY_LOAD_SHARE = 0.5
+BUSY_PROCESS_SHARE = 0.2
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    ticks: dict[int, tuple[str, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        ticks[int(entry)] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
+    return ticks
+
+
+def busy_processes(window: float = 0.5) -> list[dict[str, Any]]:
+    """Other processes that used more than BUSY_PROCESS_SHARE of a core over ``window`` seconds."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before = _cpu_ticks()
+    time.sleep(window)
+    after = _cpu_ticks()
+    mine = os.getpid()
+    out = []
+    for pid, (name, t) in after.items():
+        if pid == mine or pid not in before:
+            continue
+        share = (t - before[pid][1]) / hz / window
+        if share > BUSY_PROCESS_SHARE:
+            out.append({"pid": pid, "name": name, "cpu_share": round(share, 2)})
+    return sorted(out, key=lambda p: -p["cpu_share"])
+
+
+def conditions_before() -> dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+            "load_before": list(os.getloadavg()), "others_before": busy_processes()}
+
+
+def conditions_after(cond: dict[str, Any]) -> dict[str, Any]:
+    cond = {**cond, "load_after": list(os.getloadavg())}
+    cores = cond["cpu_count"] or 1
+    cond["busy"] = bool(cond["others_before"]) or cond["load_before"][0] > BUSY_LOAD_SHARE * cores
+    return cond

@@ -391,20 +391,57 @@ def plot(d: dict[str, Any]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # Left: how long is the guest stopped, per failover operation, virtkit (green) next to QEMU
+    # (grey), with the targets drawn. Right: does pre-copy converge (every series visible: each is
+    # offset a little and has its own marker).
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [3, 2]})
+    q = d.get("qemu_figures", {})
+    bars: list[tuple[str, float | None, str]] = [
+        ("snapshot pause, idle", d["snapshot"]["idle"]["paused_ms"], "virtkit"),
+        ("snapshot pause, 32 MiB touched", d["snapshot"]["32 MiB touched"]["paused_ms"], "virtkit"),
+        ("QEMU savevm pause, idle", q.get("savevm", {}).get("paused_ms"), "qemu"),
+        ("restore to running (API)", d["restore"]["api_to_running_ms"], "virtkit"),
+        ("restore, fresh process to first byte", d["restore"]["cli_to_first_byte_ms"], "virtkit"),
+        ("QEMU -incoming, process to first byte", q.get("loadvm", {}).get("process_to_first_byte_ms"), "qemu"),
+        (f"clone start, per clone ({d['clone']['count']} at once)",
+         d["clone"]["start_s"] * 1e3 / d["clone"]["count"], "virtkit"),
+    ]
     for label, m in d["migration"].items():
+        bars.append((f"migration downtime, {label}", m["downtime_ms"], "virtkit"))
+    for label in ("idle", "dirtying", "heavy"):
+        qm = q.get(f"migrate_{label}", {})
+        if qm:
+            bars.append((f"QEMU migration downtime, {label}", qm.get("downtime_ms"), "qemu"))
+    shown = [(lab, v, who) for lab, v, who in bars if v is not None]
+    ys = range(len(shown))
+    ax1.barh(list(ys), [max(v, 0.01) for _, v, _ in shown],
+             color=["#2a9d5c" if who == "virtkit" else "#8a8a8a" for _, _, who in shown])
+    for y, (_, v, _) in zip(ys, shown, strict=True):
+        ax1.annotate(f"{v:.1f} ms", (max(v, 0.01) * 1.1, y), va="center", fontsize=7)
+    missing = [lab for lab, v, _ in bars if v is None]
+    ax1.set_yticks(list(ys), [lab for lab, _, _ in shown], fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xscale("log")
+    ax1.axvline(10, color="black", linestyle=":", linewidth=1, label="target: restore < 10 ms")
+    ax1.axvline(50, color="black", linestyle="--", linewidth=1, label="target: migration downtime < 50 ms")
+    ax1.set_xlabel("milliseconds the guest does not run (log)" + (f"; no figure: {', '.join(missing)}"
+                                                                   if missing else ""))
+    ax1.set_title("How long is the guest stopped? (green: virtkit, grey: QEMU)")
+    ax1.legend(fontsize=8, loc="lower right")
+    markers = "osD^v<>"
+    for k, (label, m) in enumerate(d["migration"].items()):
         rounds = [*m["dirty_per_round"], m["final_pages"]]
-        line, = ax.plot(range(len(rounds)), rounds, marker="o", label=f"{label} ({m['stop_reason']}, downtime "
-                        f"{m['downtime_ms']:.1f} ms)")
-        ax.plot([len(rounds) - 1], [rounds[-1]], marker="s", markersize=10, color=line.get_color())
-    ax.set_yscale("symlog", linthresh=1)  # a round may find nothing dirty: 0 must be plottable
-    ax.set_ylim(bottom=0)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("pre-copy round (0 = all non-zero memory; square = stop-and-copy)")
-    ax.set_ylabel("pages sent (4 KiB)")
-    ax.set_title(f"virtkit live migration: pages per pre-copy round ({MEMORY} guest, "
-                 f"{d['platform'].get('kvm_flavor')} KVM)")
-    ax.legend()
+        xs = [x + (k - 1.5) * 0.06 for x in range(len(rounds))]
+        line, = ax2.plot(xs, rounds, marker=markers[k % len(markers)], linestyle="-" if k % 2 == 0 else "--",
+                         label=f"{label} ({m['stop_reason']}, downtime {m['downtime_ms']:.1f} ms)")
+        ax2.plot([xs[-1]], [rounds[-1]], marker="s", markersize=10, color=line.get_color(), fillstyle="none")
+    ax2.set_yscale("symlog", linthresh=1)  # a round may find nothing dirty: 0 must be plottable
+    ax2.set_ylim(bottom=0)
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    ax2.set_xlabel("pre-copy round (0: all non-zero RAM; hollow square: stop-and-copy)")
+    ax2.set_ylabel("pages sent (4 KiB)")
+    ax2.set_title(f"Does pre-copy converge? ({MEMORY} guest, {d['platform'].get('kvm_flavor')} KVM)")
+    ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = ROOT / "bench" / "results" / "failover.png"
     path.parent.mkdir(parents=True, exist_ok=True)

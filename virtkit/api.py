@@ -15,8 +15,9 @@ from virtkit.boot.loader import ModuleSpec
 from virtkit.console import Console
 from virtkit.errors import ConfigError
 from virtkit.stats import RunStats, merge
+from virtkit.stop import Stop, StopReason
 from virtkit.units import parse_count, parse_size
-from virtkit.vm import DiskSpec, Machine, MachineConfig, Stop, StopReason
+from virtkit.vm import DiskSpec, Machine, MachineConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

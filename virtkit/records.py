@@ -9,9 +9,9 @@ image's config. Two steps, each bounded before any work is done:
    ``RecursionError`` deep in the C scanner), ``NaN``/``Infinity`` refused, and every failure one
    :class:`UntrustedInput` line naming the source.
 2. :func:`parse`: a JSON value -> a frozen dataclass, each field checked against its annotation
-   (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``list[X]``, ``tuple[X, ...]``,
-   ``dict[str, X]``, ``Literal[...]``, enums, nested records), with bounds from the field's
-   metadata (:func:`bounded`), unknown fields refused (or ignored, where a peer may be newer) and
+   (``int``, ``float``, ``bool``, ``str``, ``bytes``, ``X | None``, ``list[X]``, ``tuple[X, ...]``,
+   ``dict[str, X]``, ``Literal[...]``, enums, nested records), with bounds given as
+   ``Annotated[int, Bounds(lo=0, hi=255)]``, unknown fields refused (or ignored, where a peer may be newer) and
    missing ones filled from defaults or reported.
 
 The record is what flows inward; nothing past the edge sees a raw ``dict``.
@@ -26,7 +26,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from virtkit.errors import VirtkitError
 
@@ -115,14 +115,30 @@ def _json_kind(value: object) -> str:
 # --- 2. JSON value -> record -----------------------------------------------------------------------
 
 
-def bounded(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-            max_len: int | None = None, pattern: str | None = None) -> Any:
-    """A dataclass field with bounds :func:`parse` enforces: ``lo``/``hi`` for numbers,
-    ``max_len`` for strings, lists and dicts, ``pattern`` (a full match) for strings."""
-    meta = {"lo": lo, "hi": hi, "max_len": max_len, "pattern": re.compile(pattern) if pattern else None}
-    if isinstance(default, list | dict | set):
-        raise TypeError("use a tuple or None as the default of a record field")
-    return dataclasses.field(default=default, metadata=meta)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounds:
+    """Bounds :func:`parse` enforces on a field, given as ``Annotated[int, Bounds(lo=0, hi=255)]``:
+    ``lo``/``hi`` for numbers, ``min_len``/``max_len`` for strings, bytes, lists and dicts,
+    ``pattern`` (a full match) for strings."""
+
+    lo: float | None = None
+    hi: float | None = None
+    max_len: int | None = None
+    min_len: int | None = None
+    pattern: str | None = None
+
+
+#: the integer widths records hold most
+U8 = Annotated[int, Bounds(lo=0, hi=0xFF)]
+U16 = Annotated[int, Bounds(lo=0, hi=0xFFFF)]
+U32 = Annotated[int, Bounds(lo=0, hi=0xFFFF_FFFF)]
+U64 = Annotated[int, Bounds(lo=0, hi=0xFFFF_FFFF_FFFF_FFFF)]
+Count = Annotated[int, Bounds(lo=0)]
+
+
+def _meta(bounds: Bounds) -> dict[str, Any]:
+    return {"lo": bounds.lo, "hi": bounds.hi, "max_len": bounds.max_len, "min_len": bounds.min_len,
+            "pattern": re.compile(bounds.pattern) if bounds.pattern else None}
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -131,7 +147,7 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _hints(cls: type) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
     return hints
 
 
@@ -160,21 +176,25 @@ def _record(cls: type, value: object, path: str, unknown: str) -> object:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UntrustedInput(f"{path}.{name} is missing")
             continue
-        kwargs[name] = _value(hints[name], value[name], f"{path}.{name}", f.metadata, unknown)
+        kwargs[name] = _value(hints[name], value[name], f"{path}.{name}", {}, unknown)
     return cls(**kwargs)
 
 
 def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
     if not meta:
         return
-    lo, hi, max_len, pattern = meta.get("lo"), meta.get("hi"), meta.get("max_len"), meta.get("pattern")
+    lo, hi, pattern = meta.get("lo"), meta.get("hi"), meta.get("pattern")
+    max_len, min_len = meta.get("max_len"), meta.get("min_len")
     if isinstance(v, int | float) and not isinstance(v, bool):
         if lo is not None and v < lo:
             raise UntrustedInput(f"{path} is {v}, less than {lo:g}")
         if hi is not None and v > hi:
             raise UntrustedInput(f"{path} is {v}, more than {hi:g}")
-    if max_len is not None and isinstance(v, str | list | tuple | dict) and len(v) > max_len:
-        raise UntrustedInput(f"{path} is longer than {max_len}")
+    if isinstance(v, str | bytes | list | tuple | dict):
+        if max_len is not None and len(v) > max_len:
+            raise UntrustedInput(f"{path} is longer than {max_len}")
+        if min_len is not None and len(v) < min_len:
+            raise UntrustedInput(f"{path} is shorter than {min_len}")
     if pattern is not None and isinstance(v, str) and not pattern.fullmatch(v):
         raise UntrustedInput(f"{path} {v[:40]!r} does not match {pattern.pattern}")
 
@@ -182,6 +202,9 @@ def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
 def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str) -> object:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        bounds = [a for a in tp.__metadata__ if isinstance(a, Bounds)]
+        return _value(args[0], v, path, _meta(bounds[0]) if bounds else meta, unknown)
     if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
@@ -239,6 +262,11 @@ def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str)
             raise UntrustedInput(f"{path} must be a number, not a {_json_kind(v)}")
         _check_bounds(v, path, meta)
         return float(v)
+    if tp is bytes:  # what the snapshot format's {"$bytes": ...} decodes to
+        if not isinstance(v, bytes):
+            raise UntrustedInput(f"{path} must be a byte string, not a {_json_kind(v)}")
+        _check_bounds(v, path, meta)
+        return v
     if tp is str:
         if not isinstance(v, str):
             raise UntrustedInput(f"{path} must be a string, not a {_json_kind(v)}")

@@ -15,16 +15,17 @@ EINTR). KVM documents this pairing under KVM_CAP_IMMEDIATE_EXIT.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import signal
-import struct
 import threading
 import time
 
 from virtkit.arch.x86 import RFLAGS_IF
-from virtkit.bus import UnknownAccess
+from virtkit.devices.bus import UnknownAccess
 from virtkit.errors import KvmError
+from virtkit.kvm import exits as exits_layout
 from virtkit.kvm.constants import (
     KVM_EXIT_IO_OUT,
     KVM_RUN,
@@ -35,10 +36,12 @@ from virtkit.kvm.constants import (
 )
 from virtkit.kvm.ioctl import VcpuFd
 from virtkit.kvm.structs import KVM_RUN_EXIT_UNION_OFFSET, KVM_RUN_IMMEDIATE_EXIT_OFFSET
+from virtkit.stop import Stop, StopReason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from virtkit.vm import Machine
+    from virtkit.devices.bus import IoBus, MmioBus
+    from virtkit.memory import GuestMemory
 
 #: real-time signal used to pull a vCPU thread out of KVM_RUN
 KICK_SIGNAL = signal.SIGRTMIN + 1
@@ -66,13 +69,6 @@ def install_kick_handler() -> None:
 if threading.current_thread() is threading.main_thread():
     install_kick_handler()
 
-_EXIT_REASON = struct.Struct("<I")
-_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
-_INTERNAL = struct.Struct("<IIQ")  # suberror, ndata, data[0] (flags for emulation failures)
-_SYSTEM_EVENT = struct.Struct("<II")  # type, ndata
-_MMIO_DATA_OFFSET = KVM_RUN_EXIT_UNION_OFFSET + 8
-KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1
 
 #: distinct MMIO addresses counted one by one; beyond this they are counted under address -1
 MAX_DISTINCT_MMIO = 1024
@@ -94,8 +90,39 @@ class VcpuStats:
         self.vmm_ns = 0
 
 
+class VcpuHost(abc.ABC):
+    """What a vCPU needs from the machine it belongs to (:class:`virtkit.vm.Machine`): the buses
+    its exits go to, guest memory for crash reports, and the calls that stop, pause and watch it.
+    A vCPU knows its machine only through this, so the machine module sits above this one."""
+
+    io_bus: IoBus
+    mmio_bus: MmioBus
+    memory: GuestMemory
+    #: set once the machine is ending / while vCPUs must park outside KVM_RUN
+    stopping: bool
+    paused: bool
+    #: the watchdog's current round (see :meth:`Vcpu.request_inspection`)
+    watchdog_round: int
+
+    @abc.abstractmethod
+    def request_stop(self, stop: Stop) -> None:
+        """End the machine for ``stop``'s reason (the first request wins); any thread."""
+
+    @abc.abstractmethod
+    def park(self, vcpu: Vcpu) -> None:
+        """Called by a vCPU thread that saw ``paused``: returns when resumed or stopping."""
+
+    @abc.abstractmethod
+    def vcpu_exited(self, vcpu: Vcpu) -> None:
+        """Called by a vCPU thread as it ends."""
+
+    @abc.abstractmethod
+    def check_all_idle(self) -> None:
+        """A vCPU found itself asleep for good in this watchdog round: stop if all are."""
+
+
 class Vcpu:
-    def __init__(self, machine: Machine, fd: VcpuFd) -> None:
+    def __init__(self, machine: VcpuHost, fd: VcpuFd) -> None:
         self.machine = machine
         self.fd = fd
         self.id = fd.vcpu_id
@@ -132,8 +159,6 @@ class Vcpu:
         try:
             self._loop()
         except BaseException as e:  # the VMM must report, never die silently in a thread
-            from virtkit.vm import Stop, StopReason
-
             m.request_stop(Stop(StopReason.ERROR, detail=f"vCPU {self.id}: {type(e).__name__}: {e}"))
         finally:
             m.vcpu_exited(self)
@@ -144,9 +169,10 @@ class Vcpu:
         page = self.fd.run_page
         ioctl = fcntl.ioctl
         clock = time.perf_counter_ns
-        reason_of = _EXIT_REASON.unpack_from
-        io_of = _IO.unpack_from
-        mmio_of = _MMIO.unpack_from
+        reason_of = exits_layout.EXIT_REASON.unpack_from
+        io_of = exits_layout.IO.unpack_from
+        mmio_of = exits_layout.MMIO.unpack_from
+        mmio_data = exits_layout.MMIO_DATA_OFFSET
         pio_read, pio_write = m.io_bus.read, m.io_bus.write
         pio_read_string, pio_write_string = m.io_bus.read_string, m.io_bus.write_string
         mmio_read, mmio_write = m.mmio_bus.read, m.mmio_bus.write
@@ -175,7 +201,7 @@ class Vcpu:
                 continue
             t1 = clock()
             st.guest_ns += t1 - t0
-            reason = reason_of(page, 8)[0]
+            reason = reason_of(page, exits_layout.EXIT_REASON_OFFSET)[0]
             try:
                 if reason == EXIT_IO:
                     exits[EXIT_IO] += 1
@@ -211,15 +237,13 @@ class Vcpu:
                         mmio_write(addr, length, int.from_bytes(data[:length], "little"))
                     else:
                         value = mmio_read(addr, length)
-                        page[_MMIO_DATA_OFFSET:_MMIO_DATA_OFFSET + length] = value.to_bytes(length, "little")
+                        page[mmio_data:mmio_data + length] = value.to_bytes(length, "little")
                 else:
                     if reason < _NREASONS:
                         exits[reason] += 1
                     if not self._slow_exit(reason):
                         break
             except UnknownAccess as e:
-                from virtkit.vm import Stop, StopReason
-
                 m.request_stop(Stop(StopReason.UNKNOWN_ACCESS, vcpu=self.id,
                                     detail=f"{e} (--strict)"))
                 break
@@ -229,7 +253,6 @@ class Vcpu:
     def _slow_exit(self, reason: int) -> bool:
         """Handle an exit other than I/O; False ends this vCPU's loop."""
         from virtkit.diagnose import crash_report  # only crashes need capstone and the report
-        from virtkit.vm import Stop, StopReason
 
         m = self.machine
         page = self.fd.run_page
@@ -245,10 +268,10 @@ class Vcpu:
             m.request_stop(Stop(StopReason.TRIPLE_FAULT, vcpu=self.id, detail=report))
             return False
         if reason == ExitReason.INTERNAL_ERROR:
-            suberror, ndata, flags = _INTERNAL.unpack_from(page, u)
+            suberror, ndata, flags = exits_layout.INTERNAL.unpack_from(page, u)
             insn = None
             if suberror == InternalError.EMULATION and ndata >= 2 and \
-                    flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                    flags & exits_layout.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 size = min(page[u + 16], 15)
                 insn = bytes(page[u + 17:u + 17 + size])
             try:
@@ -259,12 +282,12 @@ class Vcpu:
             m.request_stop(Stop(StopReason.INTERNAL_ERROR, vcpu=self.id, detail=report))
             return False
         if reason == ExitReason.FAIL_ENTRY:
-            hw_reason = struct.unpack_from("<Q", page, u)[0]
+            hw_reason = exits_layout.FAIL_ENTRY.unpack_from(page, u)[0]
             report = crash_report(f"VM entry failed (hardware reason {hw_reason:#x})", self.fd, m.memory)
             m.request_stop(Stop(StopReason.FAIL_ENTRY, vcpu=self.id, detail=report))
             return False
         if reason == ExitReason.SYSTEM_EVENT:
-            kind = _SYSTEM_EVENT.unpack_from(page, u)[0]
+            kind = exits_layout.SYSTEM_EVENT.unpack_from(page, u)[0]
             if kind == SystemEvent.RESET:
                 m.request_stop(Stop(StopReason.RESET, vcpu=self.id, detail="guest requested a reset"))
             elif kind == SystemEvent.SHUTDOWN:

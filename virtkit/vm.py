@@ -16,40 +16,27 @@ Build order matters to KVM and is kept here in one place:
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
 import threading
 import time
 from collections.abc import Callable
 
-from virtkit.arch import cpuid, x86
-from virtkit.boot import layout
+from virtkit.arch import cpuid, layout, x86
 from virtkit.boot.loader import ModuleSpec, load_kernel
-from virtkit.bus import IoBus, MmioBus
 from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
+from virtkit.devices.manager import DeviceManager
 from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.iothread import IoThread
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
 from virtkit.kvm.ioctl import Kvm, VmFd
 from virtkit.memory import GuestMemory
+from virtkit.stop import Stop, StopReason
 from virtkit.units import format_size
-from virtkit.vcpu import Vcpu, VcpuStats, install_kick_handler
+from virtkit.vcpu import Vcpu, VcpuHost, VcpuStats, install_kick_handler
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
-
     from virtkit.devices.disk import RawImage
-
-if TYPE_CHECKING:
-
-    class Persistent(Protocol):
-        """What every device with state implements, so snapshots are not a special case."""
-
-        def save(self) -> dict[str, object]: ...
-        def restore(self, state: dict[str, object]) -> None: ...
-
 
 #: kept in step with virtkit.devices.hypercall.ABI_VERSION (a unit test checks), which is imported
 #: only by paravirtualized machines
@@ -57,41 +44,6 @@ HYPERCALL_ABI_VERSION = 1
 
 #: how often the watchdog looks for vCPUs that sleep forever (seconds)
 WATCHDOG_PERIOD = 0.25
-
-
-class StopReason(enum.Enum):
-    DEBUG_EXIT = "debug-exit"          # the guest wrote the isa-debug-exit port
-    RESET = "reset"                    # i8042 reset line or a KVM reset event
-    POWER_OFF = "power-off"            # a KVM shutdown system event
-    HALTED = "halted"                  # every vCPU halted with interrupts disabled
-    TRIPLE_FAULT = "triple-fault"
-    INTERNAL_ERROR = "internal-error"  # KVM could not emulate an instruction (common on PVM)
-    FAIL_ENTRY = "fail-entry"
-    UNKNOWN_ACCESS = "unknown-access"  # strict mode: an access to a port/address nobody owns
-    TIMEOUT = "timeout"
-    STOPPED = "stopped"                # the host asked (Ctrl-C, SIGTERM, Machine.stop)
-    OUTPUT_CLOSED = "output-closed"    # the reader of the serial output went away (`| head`)
-    ERROR = "error"                    # the VMM failed (a device raised, an ioctl failed)
-
-    @property
-    def is_crash(self) -> bool:
-        return self in (StopReason.TRIPLE_FAULT, StopReason.INTERNAL_ERROR, StopReason.FAIL_ENTRY,
-                        StopReason.ERROR)
-
-
-class Stop:
-    """Why a machine stopped, with the status the guest asked for and a readable detail."""
-
-    __slots__ = ("reason", "exit_status", "detail", "vcpu")
-
-    def __init__(self, reason: StopReason, exit_status: int | None = None, detail: str = "",
-                 vcpu: int | None = None) -> None:
-        self.reason = reason
-        self.exit_status = exit_status  # debug-exit: (value << 1) | 1; power-off hypercall: its status
-        self.detail, self.vcpu = detail, vcpu
-
-    def __repr__(self) -> str:
-        return f"Stop({self.reason.value}, status={self.exit_status}, {self.detail!r})"
 
 
 class DiskSpec:
@@ -147,7 +99,7 @@ def validate_config(config: MachineConfig, kvm: Kvm) -> None:
         raise ConfigError(f"--vcpus {config.vcpus}: KVM on this host allows 1 to {max_vcpus}")
 
 
-class Machine:
+class Machine(VcpuHost):
     """One virtual machine. Build it, :meth:`load`, :meth:`start`, :meth:`wait`, :meth:`close`."""
 
     def __init__(self, config: MachineConfig, serial_out: Callable[[bytes], None], *,
@@ -185,19 +137,17 @@ class Machine:
             self._create_platform()
             undo.callback(self._close_vcpus)
             self._create_vcpus()
-            self.io_bus = IoBus(strict=config.strict)
-            self.mmio_bus = MmioBus(strict=config.strict)
             self.disks: list[RawImage] = []  # opened in _create_devices
             undo.callback(self._close_disks)
-            #: device teardown, run in reverse at close (transports, irqfd eventfds)
-            self._closers: list[Callable[[], None]] = []
-            undo.callback(self._run_closers)
+            self.device_manager = DeviceManager(strict=config.strict, irq_line=self.irq_setter)
+            undo.callback(self.device_manager.close)
+            self.io_bus, self.mmio_bus = self.device_manager.io_bus, self.device_manager.mmio_bus
+            #: devices with state, by stable name (virtkit.devices.contract.Persistent): what
+            #: snapshot and migration walk
+            self.devices = self.device_manager.persistent
             self.iothread = IoThread("vm-io", lambda e: self.request_stop(
                 Stop(StopReason.ERROR, detail=f"I/O thread: {type(e).__name__}: {e}")))
             undo.callback(self.iothread.stop)
-            #: appended to the guest's command line (virtio_mmio.device=... for each device)
-            self.kernel_cmdline_extra: list[str] = []
-            self.virtio_paths: dict[str, str] = {}
             self._create_devices(serial_out)
             undo.pop_all()
 
@@ -233,21 +183,28 @@ class Machine:
                 paravirt_features=cpuid.PV_FEATURE_HYPERCALL | cpuid.PV_FEATURE_VIRTIO_MMIO,
                 hypercall_abi=HYPERCALL_ABI_VERSION, hypercall_port=layout.HYPERCALL_PORT))
 
+    @property
+    def kernel_cmdline_extra(self) -> list[str]:
+        """Appended to the guest's command line: what the devices need announced."""
+        return self.device_manager.cmdline
+
+    @property
+    def virtio_paths(self) -> dict[str, str]:
+        return self.device_manager.virtio_paths
+
     def _create_devices(self, serial_out: Callable[[bytes], None]) -> None:
+        dm = self.device_manager
         self.uart = uart.Uart16550(serial_out, self.irq_setter(uart.COM1_IRQ))
-        self.io_bus.register(uart.COM1_BASE, uart.PORT_COUNT, self.uart, "uart0 (16550A)")
-        self.io_bus.register(debug_exit.DEBUG_EXIT_PORT, debug_exit.PORT_COUNT,
-                             debug_exit.DebugExit(self._on_debug_exit), "isa-debug-exit")
+        dm.add_port_device("uart0 (16550A)", uart.COM1_BASE, uart.PORT_COUNT, self.uart, state_name="uart0")
+        dm.add_port_device("isa-debug-exit", debug_exit.DEBUG_EXIT_PORT, debug_exit.PORT_COUNT,
+                           debug_exit.DebugExit(self._on_debug_exit))
         kbc = i8042.I8042(self._on_reset)
-        self.io_bus.register(i8042.DATA_PORT, 1, kbc, "i8042 data")
-        self.io_bus.register(i8042.COMMAND_PORT, 1, kbc, "i8042 command", offset=4)
+        dm.add_port_device("i8042 data", i8042.DATA_PORT, 1, kbc)
+        dm.add_port_device("i8042 command", i8042.COMMAND_PORT, 1, kbc, offset=4, state_name="i8042")
         self.rtc = rtc.CmosRtc(self.config.memory)
-        self.io_bus.register(rtc.INDEX_PORT, 2, self.rtc, "cmos rtc")
+        dm.add_port_device("cmos rtc", rtc.INDEX_PORT, 2, self.rtc, state_name="rtc")
         self.post = post.PostPort()
-        self.io_bus.register(post.POST_PORT, 1, self.post, "post code")
-        #: devices with state, by stable name: each has save() -> dict and restore(dict)
-        self.devices: dict[str, Persistent] = {"uart0": self.uart, "rtc": self.rtc, "i8042": kbc,
-                                               "post": self.post}
+        dm.add_port_device("post code", post.POST_PORT, 1, self.post, state_name="post")
         if not self.config.disks and not self.config.paravirt:
             return
         # imported here: a VM without disks or paravirtual devices never pays for them
@@ -262,49 +219,29 @@ class Machine:
         disk = self.disks[0] if self.disks else None
         if self.config.paravirt:
             self.hypercalls = HypercallDevice(self.memory, serial_out, disk=disk, power_off=self._on_power_off)
-            self.io_bus.register(layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls, "hypercall")
-            self.devices["hypercall"] = self.hypercalls
+            dm.add_port_device("hypercall", layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls,
+                               state_name="hypercall")
             self._create_virtio_devices(serial_out, disk)
         elif disk is not None:
             self.ata = ata.AtaController(disk, self.irq_setter(ata.IRQ))
-            self.io_bus.register(ata.CMD_BASE, 8, self.ata, "ata0 (command block)")
-            self.io_bus.register(ata.CTRL_PORT, 1, self.ata, "ata0 (control)", offset=8)
-            self.devices["ata0"] = self.ata
+            dm.add_port_device("ata0 (command block)", ata.CMD_BASE, 8, self.ata)
+            dm.add_port_device("ata0 (control)", ata.CTRL_PORT, 1, self.ata, offset=8, state_name="ata0")
 
     def _create_virtio_devices(self, serial_out: Callable[[bytes], None], disk: RawImage | None) -> None:
-        """virtio-mmio devices at the fixed slots of ``layout`` (docs/VIRTIO.md), announced to the
-        guest on its command line in Linux's ``virtio_mmio.device=`` syntax."""
+        """virtio-mmio devices in the slots the device manager hands out (docs/VIRTIO.md),
+        announced to the guest on its command line in Linux's ``virtio_mmio.device=`` syntax."""
         from virtkit.devices import virtio
 
         vm = self.vm
         fast = self.config.eventfds and self.irqchip
-        use_ioeventfd = fast and bool(vm.check_extension(Cap.IOEVENTFD))
-        use_irqfd = fast and bool(vm.check_extension(Cap.IRQFD))
-        self.virtio_paths = {"notify": "ioeventfd" if use_ioeventfd else "mmio-exit",
-                             "interrupt": "irqfd" if use_irqfd else ("irq-line" if self.irqchip else "none")}
-        devices: list[tuple[str, virtio.VirtioDevice]] = [("virtio-console", virtio.ConsoleDevice(serial_out))]
+        self.device_manager.configure_virtio(
+            vm=vm, new_eventfd=self.iothread.new_eventfd, irqchip=self.irqchip,
+            use_ioeventfd=fast and bool(vm.check_extension(Cap.IOEVENTFD)),
+            use_irqfd=fast and bool(vm.check_extension(Cap.IRQFD)))
+        self.device_manager.add_virtio("virtio-console", virtio.ConsoleDevice(serial_out), self.memory)
         if disk is not None:
-            devices.append(("virtio-blk", virtio.BlockDevice(disk)))
-        devices.append(("virtio-rng", virtio.RngDevice()))
-        for slot, (name, device) in enumerate(devices):
-            base, gsi = virtio.mmio_slot(slot)
-            irq: virtio.Interrupt
-            if use_irqfd:
-                fd_irq = virtio.IrqFdInterrupt()
-                self._closers.append(fd_irq.close)
-                vm.irqfd(fd_irq.fileno(), gsi)
-                irq = fd_irq
-            else:
-                irq = virtio.IrqLineInterrupt(self.irq_setter(gsi), edge=True)
-            transport = virtio.VirtioMmioTransport(device, self.memory, irq)
-            self._closers.append(transport.close)
-            self.mmio_bus.register(base, layout.VIRTIO_MMIO_SIZE, transport, name)
-            if use_ioeventfd:
-                for reg in transport.notify_registrations(base):
-                    efd = self.iothread.new_eventfd(functools.partial(transport.notify, reg.queue))
-                    vm.ioeventfd(efd, reg.addr, reg.length, datamatch=reg.datamatch)
-            self.devices[name] = transport
-            self.kernel_cmdline_extra.append(virtio.kernel_cmdline_arg(base, gsi))
+            self.device_manager.add_virtio("virtio-blk", virtio.BlockDevice(disk), self.memory)
+        self.device_manager.add_virtio("virtio-rng", virtio.RngDevice(), self.memory)
 
     def irq_setter(self, line: int) -> Callable[[int], None]:
         """A function that drives interrupt ``line`` (an ISA IRQ / IOAPIC pin) to a level."""
@@ -463,11 +400,6 @@ class Machine:
             v.fd.close()
         self.vcpus = []
 
-    def _run_closers(self) -> None:
-        closers, self._closers = self._closers, []
-        for close in reversed(closers):
-            close()
-
     def _close_disks(self) -> None:
         for d in self.disks:
             d.close()
@@ -483,7 +415,7 @@ class Machine:
             if t is not None:
                 t.join(timeout=5)
         self.iothread.stop()
-        self._run_closers()
+        self.device_manager.close()
         self._close_vcpus()
         self._close_disks()
         self.memory.close()

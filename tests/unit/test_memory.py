@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtkit.boot import layout
+from virtkit.arch import layout
 from virtkit.memory import GuestMemory, GuestMemoryError
 
 MiB = 1 << 20

@@ -6,13 +6,13 @@ import contextlib
 import enum
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtkit.records import UntrustedInput, bounded, load_json, load_object, parse, to_json
+from virtkit.records import U64, Bounds, UntrustedInput, load_json, load_object, parse, to_json
 
 
 class Color(enum.Enum):
@@ -22,14 +22,14 @@ class Color(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Inner:
-    gpa: int = bounded(lo=0, hi=2**64 - 1)
-    size: int = bounded(lo=1)
+    gpa: U64
+    size: Annotated[int, Bounds(lo=1)]
 
 
 @dataclass(frozen=True, slots=True)
 class Outer:
-    name: str = bounded(max_len=8, pattern=r"[a-z]+")
-    count: int = bounded(lo=0, hi=10)
+    name: Annotated[str, Bounds(max_len=8, pattern=r"[a-z]+")]
+    count: Annotated[int, Bounds(lo=0, hi=10)]
     ratio: float = 1.0
     on: bool = False
     color: Color = Color.RED
@@ -37,12 +37,13 @@ class Outer:
     note: str | None = None
     regions: tuple[Inner, ...] = ()
     tags: dict[str, int] | None = None
+    pair: tuple[Annotated[int, Bounds(hi=3)], str] | None = None
 
 
 def test_a_valid_object_becomes_a_record() -> None:
     rec = parse(Outer, {"name": "vm", "count": 3, "ratio": 2, "on": True, "color": "blue", "mode": "para",
                         "regions": [{"gpa": 0, "size": 4096}], "tags": {"a": 1}}, what="def")
-    assert rec == Outer("vm", 3, 2.0, True, Color.BLUE, "para", None, (Inner(0, 4096),), {"a": 1})
+    assert rec == Outer("vm", 3, 2.0, True, Color.BLUE, "para", None, (Inner(0, 4096),), {"a": 1}, None)
     assert to_json(rec)["color"] == "blue"
     assert to_json(rec)["regions"] == [{"gpa": 0, "size": 4096}]
 
@@ -60,6 +61,8 @@ def test_a_valid_object_becomes_a_record() -> None:
     ({"name": "vm", "count": 1, "regions": [{"gpa": -1, "size": 1}]}, "def.regions[0].gpa is -1"),
     ({"name": "vm", "count": 1, "regions": {}}, "def.regions must be an array"),
     ({"name": "vm", "count": 1, "tags": {"a": "x"}}, "def.tags.a must be an integer"),
+    ({"name": "vm", "count": 1, "pair": [4, "x"]}, "def.pair[0] is 4, more than 3"),
+    ({"name": "vm", "count": 1, "pair": [1]}, "def.pair must have 2 elements"),
     ([1, 2], "def must be an object, not a array"),
     ("text", "def must be an object"),
 ])

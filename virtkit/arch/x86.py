@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from virtkit.boot import layout
+from virtkit.arch import layout
 from virtkit.kvm import structs as S
 
 TYPE_CHECKING = False

@@ -1,1 +1,6 @@
-"""Boot loaders: Multiboot v1, direct 64-bit ELF entry, and the fixed guest-physical layout."""
+"""Boot protocols: Multiboot v1 and direct 64-bit ELF entry (``loader`` picks one from the file).
+
+Owns: parsing kernel images and placing them and their boot information in guest memory. May
+import: ``virtkit.arch`` (the address map, the entry CPU state), ``virtkit.memory``,
+``virtkit.errors``.
+"""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 
-from virtkit.arch import x86
-from virtkit.boot import layout, multiboot
+from virtkit.arch import layout, x86
+from virtkit.boot import multiboot
 from virtkit.boot.elf import ElfImage, is_elf, parse_elf
 from virtkit.errors import BootError
 from virtkit.memory import GuestMemory

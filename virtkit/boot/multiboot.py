@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from virtkit.boot import layout
+from virtkit.arch import layout
 from virtkit.errors import BootError
 
 TYPE_CHECKING = False

@@ -4,6 +4,9 @@ Each group of commands lives in its own module with a ``register(subparsers)`` f
 handlers import the heavy parts of virtkit only when they run, so ``virtkit run`` starts fast.
 Errors derived from :class:`virtkit.errors.VirtkitError` are printed on one line and turned
 into a non-zero exit status; a traceback is never shown unless ``--debug`` is given.
+
+The top layer: may import anything in virtkit; nothing imports it (the restart supervisor,
+still in ``virtkit.snapshot``, is the one exception left, see tests/unit/test_layers.py).
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ class FailoverHooks:
         return self
 
     def _migrated(self, to: str) -> None:
-        from virtkit.vm import Stop, StopReason
+        from virtkit.stop import Stop, StopReason
 
         self.migrated_to = to
         self.exit_code = 0
@@ -288,7 +288,7 @@ def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False,
     import signal
 
     from virtkit.api import EXIT_STOPPED
-    from virtkit.vm import StopReason
+    from virtkit.stop import StopReason
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

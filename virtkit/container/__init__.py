@@ -14,6 +14,8 @@ Layers, each importing only downward::
     runtime                 the verbs: create, start, kill, delete, run, exec, ps, stats, events
     sealexe                 run from a sealed interpreter copy (CVE-2019-5736)
 
+Independent of the VM stack: may import ``virtkit.errors`` and ``virtkit.records`` only.
+
 Library use (the warm path)::
 
     from virtkit.container import Runtime

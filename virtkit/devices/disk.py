@@ -94,8 +94,17 @@ class RawImage:
             self._fd = -1
 
     # --- I/O (OSError on host failures; the device turns them into VIRTIO_BLK_S_IOERR) -----------
+    def _check_range(self, offset: int, views: Sequence[memoryview]) -> None:
+        # Every front end checks its request against the image first; this is the wall behind
+        # them: no state (a restored snapshot, a device bug) can make I/O land outside the image,
+        # where a write would grow the host file without bound.
+        length = sum(len(v) for v in views)
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"bytes {offset}+{length} are outside the {self.size}-byte image")
+
     def read_into(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` from the image starting at ``offset``."""
+        self._check_range(offset, views)
         _transfer(os.preadv, self._fd, views, offset)
 
     def write_from(self, offset: int, views: Sequence[memoryview]) -> None:
@@ -103,6 +112,7 @@ class RawImage:
         data is zeros."""
         if self.read_only:
             raise OSError(errno.EBADF, "image is read-only")
+        self._check_range(offset, views)
         for view in views:
             self._write_segment(offset, view)
             offset += len(view)

@@ -24,12 +24,16 @@ import struct
 import time
 from collections.abc import Callable
 
+from virtkit.devices.contract import Persistent, PioDevice
 from virtkit.devices.disk import SECTOR_SIZE, RawImage
+from virtkit.errors import DeviceError
 from virtkit.memory import GuestMemory, GuestMemoryError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
+
+    from virtkit.devices.persist import HypercallState
 
 ABI_VERSION: Final = 1
 BLOCK_SIZE: Final = 64
@@ -65,7 +69,7 @@ class HcError(enum.IntEnum):
     ENODEV = -7   # no such device
 
 
-class HypercallDevice:
+class HypercallDevice(PioDevice, Persistent):
     """Sits on the I/O bus at ``layout.HYPERCALL_PORT``."""
 
     def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], *, disk: RawImage | None = None,
@@ -176,10 +180,19 @@ class HypercallDevice:
         self.power_off(a[0] & 0xFF)
         return 0, 0
 
-    def save(self) -> dict[str, object]:
-        return {"calls": list(self.calls), "errors": self.errors, "bad_blocks": self.bad_blocks}
+    @classmethod
+    def state_type(cls) -> type[HypercallState]:
+        from virtkit.devices.persist import HypercallState
 
-    def restore(self, state: dict[str, object]) -> None:
-        self.calls = [int(x) for x in state["calls"]]  # type: ignore[attr-defined]
-        self.errors = int(state["errors"])  # type: ignore[call-overload]
-        self.bad_blocks = int(state["bad_blocks"])  # type: ignore[call-overload]
+        return HypercallState
+
+    def save(self) -> HypercallState:
+        return self.state_type()(calls=tuple(self.calls), errors=self.errors, bad_blocks=self.bad_blocks)
+
+    def restore(self, state: object) -> None:
+        # one counter per call number, each a count: a short list would raise IndexError on the
+        # vCPU thread at the next call (seen with a crafted snapshot)
+        if not isinstance(state, self.state_type()) or len(state.calls) != len(Hypercall) \
+                or any(c < 0 for c in state.calls):
+            raise DeviceError(f"hypercall state is not {len(Hypercall)} call counters")
+        self.calls, self.errors, self.bad_blocks = list(state.calls), state.errors, state.bad_blocks

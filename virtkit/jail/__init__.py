@@ -7,4 +7,6 @@ system calls. :func:`virtkit.jail.confine.confine` takes everything else away, l
 namespaces, an empty read-only root, rlimits, an unprivileged uid with no capabilities,
 ``no_new_privs`` and a seccomp allow-list (:mod:`virtkit.jail.policy`). ``docs/SECURITY.md``
 says what each layer stops.
+
+May import: the host-kernel calls of ``virtkit.container`` (libc, caps, seccomp), ``virtkit.errors``.
 """

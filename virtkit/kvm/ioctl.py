@@ -34,6 +34,21 @@ def _ioctl_buf(fd: int, request: int, buf: T, name: str) -> T:
     return buf
 
 
+def _get_cpuid(fd: int, request: int, name: str, n: int) -> list[S.kvm_cpuid_entry2]:
+    """A ``kvm_cpuid2`` query, retried with a larger buffer while KVM answers E2BIG."""
+    while True:
+        buf = S.kvm_cpuid2_of(n)()
+        buf.nent = n
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+        except OSError as e:
+            if e.errno == errno.E2BIG and n < 4096:
+                n *= 2
+                continue
+            raise KvmError(f"{name} failed: {e.strerror}") from None
+        return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+
 def _ioctl_int(fd: int, request: int, arg: int, name: str) -> int:
     try:
         return fcntl.ioctl(fd, request, arg)
@@ -102,18 +117,7 @@ class Kvm:
         return _ioctl_int(self.fd, K.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
 
     def supported_cpuid(self) -> list[S.kvm_cpuid_entry2]:
-        n = 64
-        while True:
-            buf = S.kvm_cpuid2_of(n)()
-            buf.nent = n
-            try:
-                fcntl.ioctl(self.fd, K.KVM_GET_SUPPORTED_CPUID, buf, True)
-            except OSError as e:
-                if e.errno == errno.E2BIG and n < 4096:
-                    n *= 2
-                    continue
-                raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror}") from None
-            return [S.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+        return _get_cpuid(self.fd, K.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID", 64)
 
     def msr_index_list(self) -> list[int]:
         n = 256
@@ -264,6 +268,10 @@ class VcpuFd:
         for i, e in enumerate(entries):
             buf.entries[i] = e
         _ioctl_buf(self.fd, K.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]:
+        """The CPUID this vCPU was given (KVM_GET_CPUID2)."""
+        return _get_cpuid(self.fd, K.KVM_GET_CPUID2, "KVM_GET_CPUID2", 256)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         buf = S.kvm_msrs_of(len(indices))()

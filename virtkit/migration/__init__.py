@@ -8,6 +8,8 @@ over; ``target`` receives it into a machine built from the receiver's own config
 strict order; ``receiver`` is ``virtkit migrate-receive`` (build, listen, confine, receive, run);
 ``control`` serves a running VMM's Unix control socket (snapshot, migrate, pause, resume, stop).
 See docs/FAILOVER.md.
+
+May import: ``virtkit.snapshot`` and everything below it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from virtkit.errors import ConfigError, VirtkitError
-from virtkit.vm import Machine, Stop, StopReason
+from virtkit.stop import Stop, StopReason
+from virtkit.vm import Machine
 
 #: a request line longer than this is refused (the socket is local, but still a parser input)
 MAX_LINE = 64 << 10

@@ -6,4 +6,7 @@ gives each VM a cgroup (:mod:`virtkit.service.cgroups`) and a confined VMM proce
 (:mod:`virtkit.service.vmm`, jailed by :mod:`virtkit.jail`), and serves a REST API on a Unix socket
 (:mod:`virtkit.service.api`, described by :mod:`virtkit.service.openapi`). The CLI talks to it
 through :mod:`virtkit.service.client`.
+
+May import: ``virtkit.jail``, ``virtkit.container`` (cgroup and libc calls), ``virtkit.api`` and
+everything below; never the CLI.
 """

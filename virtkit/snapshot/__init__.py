@@ -13,6 +13,8 @@ Layers, imports pointing down: ``format`` (the state file container) and ``cpuco
 checks) are pure; ``memfile`` writes and checks guest RAM files; ``vmstate`` reads and writes
 KVM and device state in the kernel's order; ``snapshot`` puts them together on disk. See
 docs/FAILOVER.md.
+
+May import: the machine (``virtkit.vm``, ``virtkit.api``) and everything below it.
 """
 
 from __future__ import annotations

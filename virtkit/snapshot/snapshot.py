@@ -26,7 +26,6 @@ from typing import IO, Any, BinaryIO, Final
 
 from virtkit.api import VM
 from virtkit.errors import KvmError
-from virtkit.kvm.structs import kvm_regs
 from virtkit.snapshot import cpucompat, format, memfile, overlay, vmstate
 from virtkit.snapshot.cpucompat import CpuidEntry
 from virtkit.snapshot.format import Fields, SnapshotError
@@ -528,7 +527,7 @@ def clone(directory: str | os.PathLike[str], count: int, *,
 def describe(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """What a snapshot holds, for ``virtkit snapshot-info`` (no KVM needed)."""
     snap = load(directory)
-    regs = [kvm_regs.from_buffer_copy(bytes(memoryview(v.structs["regs"]).cast("B"))) for v in snap.image.vcpus]
+    regs = [v.regs for v in snap.image.vcpus]
     try:
         mem_disk = os.stat(snap.memory_path).st_blocks * 512
     except OSError:

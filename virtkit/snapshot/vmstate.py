@@ -14,11 +14,12 @@ waits for KVM_RUN to return anyway.
 from __future__ import annotations
 
 import ctypes as C
-import fcntl
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from virtkit.errors import KvmError
+from virtkit import records
+from virtkit.devices.contract import QueueReplay
+from virtkit.errors import DeviceError, KvmError
 from virtkit.kvm import constants as K
 from virtkit.kvm import structs as S
 from virtkit.kvm.ioctl import Kvm, VcpuFd, VmFd
@@ -64,19 +65,8 @@ def msr_index_list(kvm: Kvm) -> list[int]:
 def get_cpuid(fd: VcpuFd) -> list[CpuidEntry]:
     """The CPUID the vCPU was given (KVM_GET_CPUID2): what the guest saw, even for a machine
     that was itself restored with a CPUID older than this host's."""
-    n = 256
-    while True:
-        buf = S.kvm_cpuid2_of(n)()
-        buf.nent = n
-        try:
-            fcntl.ioctl(fd.fd, K.KVM_GET_CPUID2, buf, True)
-        except OSError as e:
-            if e.errno == 7 and n < 4096:  # E2BIG
-                n *= 2
-                continue
-            raise KvmError(f"KVM_GET_CPUID2 failed: {e.strerror}") from None
-        return [(int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
-                for x in (buf.entries[i] for i in range(buf.nent))]
+    return [(int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
+            for x in fd.get_cpuid2()]
 
 
 def cpuid_structs(entries: list[CpuidEntry]) -> list[S.kvm_cpuid_entry2]:
@@ -132,7 +122,7 @@ def capture_vm(vm: VmFd) -> dict[str, Any]:
 
 
 def capture_devices(machine: Machine) -> dict[str, Any]:
-    return {name: dev.save() for name, dev in machine.devices.items()}
+    return {name: records.to_json(dev.save()) for name, dev in machine.devices.items()}
 
 
 def capture(machine: Machine) -> dict[str, Any]:
@@ -148,11 +138,20 @@ def capture(machine: Machine) -> dict[str, Any]:
 
 
 # --- validation: the whole document is checked before the first SET ioctl --------------------
-@dataclass
+@dataclass(frozen=True, slots=True)
 class VcpuImage:
+    """One vCPU's state, every KVM structure decoded to its own type (sizes were checked)."""
+
     id: int
     mp_state: int
-    structs: dict[str, C.Structure]
+    regs: S.kvm_regs
+    sregs: S.kvm_sregs
+    fpu: S.kvm_fpu
+    xsave: S.kvm_xsave
+    xcrs: S.kvm_xcrs
+    lapic: S.kvm_lapic_state
+    events: S.kvm_vcpu_events
+    debugregs: S.kvm_debugregs
     cpuid: list[CpuidEntry]
     msrs: dict[int, int]
     tsc_khz: int
@@ -188,7 +187,9 @@ def parse(doc: Fields) -> MachineImage:
         v = Fields(raw, f"vcpus[{i}]")
         if v.integer("id") != i:
             raise SnapshotError(f"snapshot field vcpus[{i}].id is {v.integer('id')}, expected {i}")
-        structs = {name: _from_raw(t, v.blob(name, C.sizeof(t))) for name, t in VCPU_STRUCTS.items()}
+        def struct(name: str, t: type[T], v: Fields = v) -> T:
+            return _from_raw(t, v.blob(name, C.sizeof(t)))
+
         cpuid: list[CpuidEntry] = []
         for j, e in enumerate(v.array("cpuid")):
             if not isinstance(e, list) or len(e) != 7:
@@ -204,7 +205,11 @@ def parse(doc: Fields) -> MachineImage:
         mp_state = v.integer("mp_state")
         if mp_state not in set(K.MpState):
             raise SnapshotError(f"snapshot field vcpus[{i}].mp_state {mp_state} is not an MP state")
-        vcpus.append(VcpuImage(i, mp_state, structs, cpuid, msrs, v.integer("tsc_khz")))
+        vcpus.append(VcpuImage(
+            i, mp_state, regs=struct("regs", S.kvm_regs), sregs=struct("sregs", S.kvm_sregs),
+            fpu=struct("fpu", S.kvm_fpu), xsave=struct("xsave", S.kvm_xsave), xcrs=struct("xcrs", S.kvm_xcrs),
+            lapic=struct("lapic", S.kvm_lapic_state), events=struct("events", S.kvm_vcpu_events),
+            debugregs=struct("debugregs", S.kvm_debugregs), cpuid=cpuid, msrs=msrs, tsc_khz=v.integer("tsc_khz")))
     devices_obj = doc.obj("devices")
     devices = {name: devices_obj.obj(name).mapping() for name in devices_obj.mapping()}
     return MachineImage(chips, pit2, clock, vcpus, devices)
@@ -236,21 +241,21 @@ def apply_vcpu(fd: VcpuFd, img: VcpuImage, *, has_xsave: bool) -> None:
     fd.set_cpuid2(cpuid_structs(img.cpuid))
     # 2. SREGS before REGS: SREGS sets the mode (CR0/CR4/EFER) and the APIC base MSR; REGS then
     #    lands in that mode. SREGS also carries a pending external interrupt (interrupt_bitmap).
-    fd.set_sregs(img.structs["sregs"])  # type: ignore[arg-type]
+    fd.set_sregs(img.sregs)
     # 3. REGS: note that KVM_SET_REGS clears any pending exception, so it must precede
     #    KVM_SET_VCPU_EVENTS (step 9), which restores it.
-    fd.set_regs(img.structs["regs"])  # type: ignore[arg-type]
+    fd.set_regs(img.regs)
     # 4. FPU state: XSAVE holds the legacy FXSAVE area too, so FPU is only for hosts without it.
     if has_xsave:
-        fd.set_xsave(img.structs["xsave"])  # type: ignore[arg-type]
+        fd.set_xsave(img.xsave)
         # 5. XCRs after XSAVE and CPUID (XCR0 must be allowed by CPUID.0xD).
-        fd.set_xcrs(img.structs["xcrs"])  # type: ignore[arg-type]
+        fd.set_xcrs(img.xcrs)
     else:
-        fd.set_fpu(img.structs["fpu"])  # type: ignore[arg-type]
-    fd.set_debugregs(img.structs["debugregs"])  # type: ignore[arg-type]
+        fd.set_fpu(img.fpu)
+    fd.set_debugregs(img.debugregs)
     # 6. LAPIC after SREGS (which restored IA32_APIC_BASE: the LAPIC's enable/x2APIC mode) and
     #    before MSRs (the TSC-deadline MSR only takes when the LAPIC timer is configured).
-    fd.set_lapic(img.structs["lapic"])  # type: ignore[arg-type]
+    fd.set_lapic(img.lapic)
     # 7. MSRs, including IA32_TSC (the guest's TSC continues from where it was: a pause).
     _set_msrs(fd, img.msrs)
     # 8. MP state after the LAPIC: a restored LAPIC may hold a pending INIT; MP state says what
@@ -258,7 +263,7 @@ def apply_vcpu(fd: VcpuFd, img: VcpuImage, *, has_xsave: bool) -> None:
     fd.set_mp_state(img.mp_state)
     # 9. Events last: pending exception/interrupt/NMI and the interrupt shadow, which the steps
     #    above may have cleared (KVM_SET_REGS) or queued (KVM_SET_SREGS).
-    fd.set_vcpu_events(img.structs["events"])  # type: ignore[arg-type]
+    fd.set_vcpu_events(img.events)
 
 
 def apply(machine: Machine, img: MachineImage) -> None:
@@ -270,14 +275,21 @@ def apply(machine: Machine, img: MachineImage) -> None:
         extra = sorted(set(machine.devices) - set(img.devices))
         raise SnapshotError(f"snapshot devices do not match this virtkit's machine (not here: {missing}; "
                             f"not in the snapshot: {extra})")
+    # Every device's record is parsed (types and bounds, records.parse) before any is restored.
+    parsed: dict[str, object] = {}
+    for name, dev in machine.devices.items():
+        try:
+            parsed[name] = records.parse(dev.state_type(), img.devices[name], what=f"devices.{name}")
+        except records.UntrustedInput as e:
+            raise SnapshotError(f"snapshot state of device {name} is invalid: {e}") from None
     # Devices first: restoring one may drive its interrupt line (the UART re-asserts its IRQ
     # level), which would leave an edge in the PIC; the irqchip restore below then overwrites
     # the PIC and IOAPIC with exactly the saved pin state.
     for name, dev in machine.devices.items():
         try:
-            dev.restore(img.devices[name])
-        except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise SnapshotError(f"snapshot state of device {name} is invalid ({type(e).__name__}: {e})") from None
+            dev.restore(parsed[name])
+        except DeviceError as e:
+            raise SnapshotError(f"snapshot state of device {name} does not fit this machine: {e}") from None
     vm = machine.vm
     # VM-wide in-kernel devices before the vCPUs: the IOAPIC/PIC routes and pin levels must be in
     # place when the LAPICs are restored (an IRR bit there may correspond to a level-triggered
@@ -299,18 +311,15 @@ def apply(machine: Machine, img: MachineImage) -> None:
 
 
 def replay_queue_notifications(machine: Machine) -> None:
-    """Notify every queue of every virtio transport once, now that the irqchip holds its state.
+    """Notify every queue of every device that declares it has queues (QueueReplay), now that
+    the irqchip holds its state.
 
     A driver's notification is an ioeventfd signal; if it came just before the pause, the I/O
     thread may have consumed it without serving the queue (the pause keeps handlers from running).
     The eventfd does not survive into the new machine, so the request would wait forever (seen:
     virtio-blk "the device did not write a status byte"). A notification with nothing new is
     harmless: the device serves what is available and stops (virtio 1.2 §2.7.13 lets a device look
-    at the available ring at any time). Transports are recognised by their public ``notify(queue)``
-    and ``device.num_queues``."""
+    at the available ring at any time)."""
     for dev in machine.devices.values():
-        notify = getattr(dev, "notify", None)
-        queues = getattr(getattr(dev, "device", None), "num_queues", 0)
-        if callable(notify) and isinstance(queues, int):
-            for index in range(queues):
-                notify(index)
+        if isinstance(dev, QueueReplay):
+            dev.replay_notifications()

@@ -14,7 +14,7 @@ from fohelp import assert_seamless, counts, one_line_error, virtkit, wait_for
 from virtkit import VM, snapshot
 from virtkit.snapshot import format
 from virtkit.snapshot.format import SnapshotError
-from virtkit.vm import StopReason
+from virtkit.stop import StopReason
 
 pytestmark = pytest.mark.usefixtures("kvm")
 

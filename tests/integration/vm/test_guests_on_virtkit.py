@@ -9,7 +9,7 @@ import pytest
 from virtkit import VM
 from virtkit.doctor import kvm_flavor
 from virtkit.kvm.constants import ExitReason
-from virtkit.vm import StopReason
+from virtkit.stop import StopReason
 
 pytestmark = pytest.mark.usefixtures("kvm", "no_leaks")
 

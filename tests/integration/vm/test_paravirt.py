@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from virtkit import VM
-from virtkit.vm import StopReason
+from virtkit.stop import StopReason
 
 pytestmark = pytest.mark.usefixtures("kvm", "no_leaks")
 

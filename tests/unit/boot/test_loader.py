@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from elfbuild import elf, multiboot_header  # type: ignore[import-not-found]
 
-from virtkit.boot import layout, multiboot
+from virtkit.arch import layout
+from virtkit.boot import multiboot
 from virtkit.boot.elf import parse_elf
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.errors import BootError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -233,7 +234,7 @@ def test_save_and_restore(mem: GuestMemory) -> None:
 
 def test_restore_refuses_a_state_that_does_not_fit_this_memory(mem: GuestMemory) -> None:
     q, _ = make(mem)
-    state = q.save() | {"used_ring": HOLE}
+    state = dataclasses.replace(q.save(), used_ring=HOLE)
     with pytest.raises(QueueConfigError):
         VirtQueue.from_state(mem, state)
 

@@ -1,1 +1,6 @@
-"""Emulated standard PC devices: 16550A UART, isa-debug-exit, i8042, CMOS RTC, POST port."""
+"""Emulated standard PC devices: 16550A UART, ATA disk, isa-debug-exit, i8042, CMOS RTC, POST
+port; their state records are in ``persist.py``.
+
+May import: ``virtkit.devices.contract``, ``virtkit.devices.disk``, ``virtkit.records`` (records
+only, lazily), ``virtkit.errors``.
+"""

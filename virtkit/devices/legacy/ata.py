@@ -16,11 +16,15 @@ import struct
 import threading
 from collections.abc import Callable
 
+from virtkit.devices.contract import Persistent, StringPio
 from virtkit.devices.disk import SECTOR_SIZE, RawImage
+from virtkit.errors import DeviceError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
+
+    from virtkit.devices.legacy.persist import AtaState
 
 CMD_BASE: Final = 0x1F0
 CTRL_PORT: Final = 0x3F6
@@ -47,7 +51,7 @@ def _ata_string(text: str, words: int) -> list[int]:
     return [(raw[i] << 8) | raw[i + 1] for i in range(0, len(raw), 2)]
 
 
-class AtaController:
+class AtaController(StringPio, Persistent):
     """Register as two windows: the command block (8 ports) and the control port (offset 8)."""
 
     def __init__(self, disk: RawImage | None, set_irq: Callable[[int], None]) -> None:
@@ -216,7 +220,11 @@ class AtaController:
 
     def _load_next(self) -> None:
         assert self.disk is not None
-        self.disk.read_into(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
+        try:
+            self.disk.read_into(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
+        except OSError:
+            self._abort(ER_ABRT)  # a host I/O error is the command's failure, not the VMM's
+            return
         self.sectors_read += 1
         self.lba += 1
         self.remaining -= 1
@@ -246,7 +254,12 @@ class AtaController:
         self.buffer[self.pos:self.pos + n] = data[:n]
         self.pos += n
         if self.pos == SECTOR_SIZE:
-            self.disk.write_from(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
+            try:
+                self.disk.write_from(self.lba * SECTOR_SIZE, [memoryview(self.buffer)])
+            except OSError:
+                self._abort(ER_ABRT)
+                self.writing = False
+                return n
             self.sectors_written += 1
             self.lba += 1
             self.remaining -= 1
@@ -279,20 +292,42 @@ class AtaController:
         return struct.pack("<256H", *w)
 
     # --- persistence -----------------------------------------------------------------------------
-    def save(self) -> dict[str, object]:
-        with self._lock:
-            return {k: getattr(self, k) for k in (
-                "features", "count", "lba_low", "lba_mid", "lba_high", "device", "status", "error",
-                "control", "pos", "remaining", "lba", "writing")} | {"hob": list(self.hob),
-                                                                     "buffer": bytes(self.buffer)}
+    @classmethod
+    def state_type(cls) -> type[AtaState]:
+        from virtkit.devices.legacy.persist import AtaState
 
-    def restore(self, state: dict[str, object]) -> None:
+        return AtaState
+
+    def save(self) -> AtaState:
         with self._lock:
-            for k, v in state.items():
-                if k == "buffer":
-                    assert isinstance(v, bytes)
-                    self.buffer = bytearray(v)
-                elif k == "hob":
-                    self.hob = [int(x) for x in v]  # type: ignore[attr-defined]
-                else:
-                    setattr(self, k, v)
+            return self.state_type()(
+                features=self.features, count=self.count, lba_low=self.lba_low, lba_mid=self.lba_mid,
+                lba_high=self.lba_high, hob=(self.hob[0], self.hob[1], self.hob[2], self.hob[3]),
+                device=self.device, status=self.status, error=self.error, control=self.control,
+                buffer=bytes(self.buffer), pos=self.pos, remaining=self.remaining, lba=self.lba,
+                writing=self.writing)
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, self.state_type()):
+            raise DeviceError("ATA state is not an AtaState")
+        # A transfer in progress must be one this controller could have started on this disk:
+        # the buffer is one sector (or the IDENTIFY page), the position inside it, and every
+        # sector still to move inside the image.
+        if not all(0 <= b <= 0xFF for b in state.hob):
+            raise DeviceError("ATA state: a high-order task-file byte is not a byte")
+        if state.buffer and len(state.buffer) != SECTOR_SIZE or state.pos > len(state.buffer):
+            raise DeviceError(f"ATA state: a {len(state.buffer)}-byte transfer buffer at position {state.pos}")
+        if state.status & ST_DRQ and state.buffer:
+            pending = state.remaining  # from state.lba on, the buffered sector included when writing
+            if self.disk is None or not self.disk.contains(state.lba, pending):
+                raise DeviceError(f"ATA state: a transfer of {pending} sectors at LBA {state.lba} is "
+                                  "outside the disk")
+            if state.writing and self.disk.read_only:
+                raise DeviceError("ATA state: a write in progress to a read-only disk")
+        with self._lock:
+            self.features, self.count = state.features, state.count
+            self.lba_low, self.lba_mid, self.lba_high = state.lba_low, state.lba_mid, state.lba_high
+            self.hob = list(state.hob)
+            self.device, self.status, self.error, self.control = state.device, state.status, state.error, state.control
+            self.buffer, self.pos, self.remaining = bytearray(state.buffer), state.pos, state.remaining
+            self.lba, self.writing = state.lba, state.writing

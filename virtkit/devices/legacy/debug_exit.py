@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from virtkit.devices.contract import PioDevice
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
@@ -16,7 +18,7 @@ DEBUG_EXIT_PORT: Final = 0xF4
 PORT_COUNT: Final = 4  # QEMU's iosize=0x04
 
 
-class DebugExit:
+class DebugExit(PioDevice):
     def __init__(self, on_exit: Callable[[int, int], None]) -> None:
         """``on_exit(value, status)`` is called from the vCPU thread that wrote the port."""
         self._on_exit = on_exit

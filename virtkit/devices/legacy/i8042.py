@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from virtkit.devices.contract import Persistent, PioDevice
+from virtkit.errors import DeviceError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
+
+    from virtkit.devices.legacy.persist import I8042State
 
 DATA_PORT: Final = 0x60
 COMMAND_PORT: Final = 0x64
@@ -26,7 +31,7 @@ CMD_WRITE_OUTPUT_PORT: Final = 0xD1
 CMD_PULSE_RESET: Final = 0xFE
 
 
-class I8042:
+class I8042(PioDevice, Persistent):
     """Occupies port 0x60 (offset 0) and 0x64 (offset 4): register it as 0x60+5."""
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
@@ -64,11 +69,18 @@ class I8042:
         elif cmd == CMD_SELF_TEST:
             self._output = 0x55
 
-    def save(self) -> dict[str, object]:
-        return {"config": self.config, "output": self._output, "pending_cmd": self._pending_cmd}
+    @classmethod
+    def state_type(cls) -> type[I8042State]:
+        from virtkit.devices.legacy.persist import I8042State
 
-    def restore(self, state: dict[str, object]) -> None:
-        self.config = int(state["config"])  # type: ignore[call-overload]
-        out, cmd = state["output"], state["pending_cmd"]
-        self._output = None if out is None else int(out)  # type: ignore[call-overload]
-        self._pending_cmd = None if cmd is None else int(cmd)  # type: ignore[call-overload]
+        return I8042State
+
+    def save(self) -> I8042State:
+        return self.state_type()(config=self.config, output=self._output, pending_cmd=self._pending_cmd)
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, self.state_type()):
+            raise DeviceError("i8042 state is not an I8042State")
+        if state.pending_cmd not in (None, CMD_WRITE_CONFIG, CMD_WRITE_OUTPUT_PORT):
+            raise DeviceError(f"i8042 state: no command {state.pending_cmd:#x} waits for a data byte")
+        self.config, self._output, self._pending_cmd = state.config, state.output, state.pending_cmd

@@ -7,14 +7,19 @@ write costs exactly one VM exit on either.
 
 from __future__ import annotations
 
+from virtkit.devices.contract import Persistent, PioDevice
+from virtkit.errors import DeviceError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
+    from virtkit.devices.legacy.persist import PostState
+
 POST_PORT: Final = 0x80
 
 
-class PostPort:
+class PostPort(PioDevice, Persistent):
     def __init__(self) -> None:
         self.last_code = 0
         self.writes = 0
@@ -26,9 +31,16 @@ class PostPort:
         self.last_code = value & 0xFF
         self.writes += 1
 
-    def save(self) -> dict[str, object]:
-        return {"last_code": self.last_code, "writes": self.writes}
+    @classmethod
+    def state_type(cls) -> type[PostState]:
+        from virtkit.devices.legacy.persist import PostState
 
-    def restore(self, state: dict[str, object]) -> None:
-        self.last_code = int(state["last_code"])  # type: ignore[call-overload]
-        self.writes = int(state["writes"])  # type: ignore[call-overload]
+        return PostState
+
+    def save(self) -> PostState:
+        return self.state_type()(last_code=self.last_code, writes=self.writes)
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, self.state_type()):
+            raise DeviceError("POST port state is not a PostState")
+        self.last_code, self.writes = state.last_code, state.writes

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import time
 
+from virtkit.devices.contract import Persistent, PioDevice
+from virtkit.errors import DeviceError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
+
+    from virtkit.devices.legacy.persist import RtcState
 
 INDEX_PORT: Final = 0x70
 REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
@@ -27,7 +32,7 @@ def _bcd(v: int) -> int:
     return ((v // 10) << 4) | (v % 10)
 
 
-class CmosRtc:
+class CmosRtc(PioDevice, Persistent):
     """Occupies two ports: register at 0x70 with length 2."""
 
     def __init__(self, memory_size: int) -> None:
@@ -76,11 +81,17 @@ class CmosRtc:
         value = table.get(reg)
         return conv(value) if value is not None else self.nvram[reg]
 
-    def save(self) -> dict[str, object]:
-        return {"index": self.index, "nvram": bytes(self.nvram)}
+    @classmethod
+    def state_type(cls) -> type[RtcState]:
+        from virtkit.devices.legacy.persist import RtcState
 
-    def restore(self, state: dict[str, object]) -> None:
-        self.index = int(state["index"])  # type: ignore[call-overload]
-        nvram = state["nvram"]
-        assert isinstance(nvram, bytes) and len(nvram) == 128
-        self.nvram[:] = nvram
+        return RtcState
+
+    def save(self) -> RtcState:
+        return self.state_type()(index=self.index, nvram=bytes(self.nvram))
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, self.state_type()) or len(state.nvram) != len(self.nvram) or state.index > 0x7F:
+            raise DeviceError("CMOS state is not a valid RtcState (128 bytes of NVRAM, index below 0x80)")
+        self.index = state.index
+        self.nvram[:] = state.nvram

@@ -11,9 +11,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from virtkit.devices.contract import Persistent, PioDevice
+from virtkit.errors import DeviceError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
+
+    from virtkit.devices.legacy.persist import UartState
 
 COM1_BASE: Final = 0x3F8
 COM1_IRQ: Final = 4
@@ -50,7 +55,7 @@ FCR_ENABLE, FCR_CLEAR_RX = 0x01, 0x02
 RX_FIFO_LIMIT: Final = 4096  # bytes buffered from the host before new input is dropped (overrun)
 
 
-class Uart16550:
+class Uart16550(PioDevice, Persistent):
     """One 16550A. ``output`` receives every transmitted byte; ``set_irq`` drives the IRQ line."""
 
     def __init__(self, output: Callable[[bytes], None], set_irq: Callable[[int], None] | None = None):
@@ -178,21 +183,25 @@ class Uart16550:
                 self._set_irq(level)
 
     # --- persistence (snapshot/restore) --------------------------------------------------------
-    def save(self) -> dict[str, object]:
-        with self._lock:
-            return {
-                "ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "lsr": self.lsr, "msr": self.msr,
-                "scr": self.scr, "dll": self.dll, "dlm": self.dlm, "fcr": self.fcr,
-                "thr_interrupt": self.thr_interrupt, "rx": bytes(self._rx),
-            }
+    @classmethod
+    def state_type(cls) -> type[UartState]:
+        from virtkit.devices.legacy.persist import UartState
 
-    def restore(self, state: dict[str, object]) -> None:
+        return UartState
+
+    def save(self) -> UartState:
         with self._lock:
-            for name in ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr"):
-                setattr(self, name, int(state[name]))  # type: ignore[call-overload]
-            self.thr_interrupt = bool(state["thr_interrupt"])
-            rx = state["rx"]
-            assert isinstance(rx, bytes)
-            self._rx = deque(rx[:RX_FIFO_LIMIT])
+            return self.state_type()(
+                ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=self.lsr, msr=self.msr, scr=self.scr,
+                dll=self.dll, dlm=self.dlm, fcr=self.fcr, thr_interrupt=self.thr_interrupt, rx=bytes(self._rx))
+
+    def restore(self, state: object) -> None:
+        if not isinstance(state, self.state_type()) or len(state.rx) > RX_FIFO_LIMIT:
+            raise DeviceError("16550A state is not a valid UartState")
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.lsr = state.ier, state.lcr, state.mcr, state.lsr
+            self.msr, self.scr, self.dll, self.dlm, self.fcr = state.msr, state.scr, state.dll, state.dlm, state.fcr
+            self.thr_interrupt = state.thr_interrupt
+            self._rx = deque(state.rx)
             self._irq_level = -1
             self._update_irq()

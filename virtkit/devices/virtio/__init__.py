@@ -9,19 +9,20 @@
     console.py     virtio-console, one port (§5.3)
     rng.py         virtio-rng (§5.4)
 
-docs/VIRTIO.md describes the whole and how a machine wires a device in.
+docs/VIRTIO.md describes the whole and how the device manager wires a device in. State records
+are in ``persist.py``. May import: ``virtkit.devices.contract``, ``virtkit.devices.disk``,
+``virtkit.memory``, ``virtkit.arch``, ``virtkit.records`` (lazily), ``virtkit.errors``.
 """
 
 from virtkit.devices.virtio.blk import BlockDevice
 from virtkit.devices.virtio.console import ConsoleDevice
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.interrupt import Interrupt, IrqFdInterrupt, IrqLineInterrupt
-from virtkit.devices.virtio.mmio import NotifyRegistration, VirtioMmioTransport, kernel_cmdline_arg, mmio_slot
+from virtkit.devices.virtio.mmio import NotifyRegistration, VirtioMmioTransport
 from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
 from virtkit.devices.virtio.rng import RngDevice
 
 __all__ = [
     "BlockDevice", "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
     "NotifyRegistration", "RngDevice", "VirtQueue", "VirtioDevice", "VirtioMmioTransport",
-    "kernel_cmdline_arg", "mmio_slot",
 ]

@@ -21,6 +21,11 @@ from typing import Final
 from virtkit.devices.virtio import spec
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
+from virtkit.errors import DeviceError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import ConsoleState
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +126,18 @@ class ConsoleDevice(VirtioDevice):
             log.warning("virtio-console output failed: %s", e)
         self.bytes_out += len(data)
 
-    def save_device(self) -> dict[str, object]:
-        return {"cols": self._size[0], "rows": self._size[1], "input": bytes(self._input)}
+    def save_device(self) -> ConsoleState:
+        from virtkit.devices.virtio.persist import ConsoleState
 
-    def restore_device(self, state: dict[str, object]) -> None:
-        cols, rows, pending = state.get("cols", 0), state.get("rows", 0), state.get("input", b"")
-        self._size = (cols if isinstance(cols, int) else 0, rows if isinstance(rows, int) else 0)
-        self._input = bytearray(pending[:self.input_limit] if isinstance(pending, bytes) else b"")
+        return ConsoleState(cols=self._size[0], rows=self._size[1], input=bytes(self._input))
+
+    def restore_device(self, state: object) -> None:
+        from virtkit.devices.virtio.persist import ConsoleState
+
+        if not isinstance(state, ConsoleState):
+            raise DeviceError(f"saved console state is a {type(state).__name__}, not a console's")
+        if len(state.input) > self.input_limit:
+            raise DeviceError(f"saved console input is {len(state.input)} bytes, more than the "
+                              f"{self.input_limit} this console holds")
+        self._size = (state.cols, state.rows)
+        self._input = bytearray(state.input)

@@ -28,6 +28,10 @@ from virtkit.devices.virtio.queue import ChainError, DescriptorChain, QueueConfi
 from virtkit.errors import DeviceError
 from virtkit.memory import GuestMemory, GuestMemoryError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import DeviceState, Specific
+
 log = logging.getLogger(__name__)
 
 #: offered by every virtkit device: modern interface, indirect tables and event indices (§6)
@@ -194,48 +198,50 @@ class VirtioDevice(abc.ABC):
         log.debug("%s: request failed: %s", self.device_type.name.lower(), reason)
 
     # --- persistence --------------------------------------------------------------------------------
-    def save(self) -> dict[str, object]:
+    def save(self) -> DeviceState:
         """Negotiated features, activity, every enabled queue's addresses and indices, and the
-        device-specific state of :meth:`save_device`."""
-        with self.lock:
-            state: dict[str, object] = {
-                "type": int(self.device_type),
-                "acked_features": self.acked_features,
-                "active": self.active,
-                "queues": [q.save() if q is not None else None for q in self.queues],
-            }
-            state["device"] = self.save_device()
-            return state
+        device type's own record (:meth:`save_device`)."""
+        from virtkit.devices.virtio.persist import DeviceState
 
-    def restore(self, state: dict[str, object]) -> None:
-        """Load what :meth:`save` produced. Guest memory must already be restored and the device
-        attached to its transport."""
         with self.lock:
-            if state.get("type") != int(self.device_type):
-                raise DeviceError(f"saved state of device type {state.get('type')} cannot be restored "
-                                  f"into a {self.device_type.name.lower()} device")
-            queues = state.get("queues")
-            if not isinstance(queues, list) or len(queues) != self.num_queues:
-                raise DeviceError(f"saved {self.device_type.name.lower()} state has the wrong number of queues")
+            return DeviceState(type=int(self.device_type), acked_features=self.acked_features, active=self.active,
+                               queues=tuple(q.save() if q is not None else None for q in self.queues),
+                               specific=self.save_device())
+
+    def restore(self, state: DeviceState) -> None:
+        """Load what :meth:`save` produced. Guest memory must already be restored and the device
+        attached to its transport. Everything is checked before anything changes (DeviceError)."""
+        name = self.device_type.name.lower()
+        if state.type != int(self.device_type):
+            raise DeviceError(f"saved state of device type {state.type} cannot be restored into a {name} device")
+        if len(state.queues) != self.num_queues:
+            raise DeviceError(f"saved {name} state has {len(state.queues)} queues, the device {self.num_queues}")
+        if state.acked_features & ~self.offered_features:
+            raise DeviceError(f"saved {name} state acknowledges features {state.acked_features:#x} the device "
+                              f"does not offer ({self.offered_features:#x})")
+        with self.lock:
             if self.memory is None:
                 raise DeviceError("restore a virtio device only after attaching it to its transport")
             restored: list[VirtQueue | None] = []
-            for qstate in queues:
+            for index, qstate in enumerate(state.queues):
+                if qstate is not None and qstate.max_size != self.queue_max_sizes[index]:
+                    raise DeviceError(f"saved {name} queue {index} was offered {qstate.max_size} entries, "
+                                      f"this device offers {self.queue_max_sizes[index]}")
                 try:
-                    restored.append(VirtQueue.from_state(self.memory, qstate, self.max_request_bytes)
-                                    if isinstance(qstate, dict) else None)
-                except (QueueConfigError, KeyError) as e:
-                    raise DeviceError(f"saved virtqueue state is not usable: {e}") from None
-            acked = state.get("acked_features")
-            self.acked_features = acked if isinstance(acked, int) else 0
-            self.active = bool(state.get("active"))
+                    restored.append(None if qstate is None else
+                                    VirtQueue.from_state(self.memory, qstate, self.max_request_bytes))
+                except QueueConfigError as e:
+                    raise DeviceError(f"saved {name} queue {index} is not usable: {e}") from None
+            self.restore_device(state.specific)  # checks and raises before the queues change
+            self.acked_features = state.acked_features
+            self.active = state.active
             self.queues = restored
-            device_state = state.get("device")
-            self.restore_device(device_state if isinstance(device_state, dict) else {})
 
-    def save_device(self) -> dict[str, object]:
-        """Device-specific state to persist (none by default)."""
-        return {}
+    @abc.abstractmethod
+    def save_device(self) -> Specific:
+        """The device type's own state record (virtkit.devices.virtio.persist)."""
 
-    def restore_device(self, state: dict[str, object]) -> None:  # noqa: B027 - optional hook
-        """Load what :meth:`save_device` produced."""
+    @abc.abstractmethod
+    def restore_device(self, state: object) -> None:
+        """Load a record :meth:`save_device` produced; DeviceError if it is not this type's, or
+        does not fit this device."""

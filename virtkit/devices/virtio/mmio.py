@@ -1,11 +1,8 @@
 """virtio-mmio transport, version 2 (virtio 1.2 §4.2): one register window per device.
 
-The register layout is the table of §4.2.2; the window is VIRTIO_MMIO_SIZE bytes at
-``VIRTIO_MMIO_BASE + n * VIRTIO_MMIO_SIZE`` with IRQ ``VIRTIO_IRQ_BASE + n`` (``boot/layout.py``,
-see :func:`mmio_slot`). Linux finds such a device from the command line argument
-:func:`kernel_cmdline_arg` returns (``virtio_mmio.device=4K@0xd0000000:5``).
-
-Wiring a device into a machine::
+The register layout is the table of §4.2.2. Where a window goes and which interrupt line it uses
+is the device manager's choice (:mod:`virtkit.devices.manager`, which also announces the device
+to Linux as ``virtio_mmio.device=4K@0xd0000000:5``); what it does by hand::
 
     dev = BlockDevice("disk.img")
     irq = IrqFdInterrupt()                            # or IrqLineInterrupt(lambda l: vm.irq_line(gsi, l))
@@ -43,13 +40,17 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from virtkit.boot import layout
+from virtkit.devices.contract import MmioDevice, Persistent, QueueReplay
 from virtkit.devices.virtio import spec
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.interrupt import Interrupt
 from virtkit.devices.virtio.queue import QueueConfigError, VirtQueue
 from virtkit.errors import DeviceError
 from virtkit.memory import GuestMemory
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import TransportState
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +105,6 @@ _ADDRESS_REGS: Final = {
 }
 
 
-def mmio_slot(index: int) -> tuple[int, int]:
-    """(base GPA, IRQ) of virtio-mmio device number ``index`` in the machine's layout."""
-    if not 0 <= index < layout.VIRTIO_MMIO_MAX_DEVICES:
-        raise DeviceError(f"virtio-mmio slot {index} does not exist: a machine has "
-                          f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})")
-    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index
-
-
-def kernel_cmdline_arg(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -> str:
-    """The Linux command line parameter that declares one virtio-mmio device
-    (drivers/virtio/virtio_mmio.c: ``virtio_mmio.device=<size>@<base>:<irq>``)."""
-    return f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}"
-
-
 @dataclass(frozen=True, slots=True)
 class NotifyRegistration:
     """One ioeventfd the machine may register so that notifications of ``queue`` skip the exit:
@@ -142,7 +129,7 @@ class _QueueRegs:
     ready: bool = False
 
 
-class VirtioMmioTransport:
+class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
     """The register window of one virtio device; an MMIO bus device (``mmio_read``/``mmio_write``)."""
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Interrupt,
@@ -442,49 +429,54 @@ class VirtioMmioTransport:
         self.device.write_config(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     # --- persistence -------------------------------------------------------------------------------
-    def save(self) -> dict[str, object]:
-        """Registers, queue configuration and the device's own state (``device``)."""
-        with self.lock:
-            return {
-                "status": self.status,
-                "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel,
-                "driver_features": self.driver_features,
-                "unknown_features_written": self.unknown_features_written,
-                "queue_sel": self.queue_sel,
-                "shm_sel": self.shm_sel,
-                "interrupt_status": self.interrupt_status,
-                "config_generation": self.config_generation,
-                "needs_reset_reason": self.needs_reset_reason,
-                "queues": [{"num": q.num, "desc": q.desc, "driver": q.driver, "device": q.device,
-                            "ready": q.ready} for q in self.queue_regs],
-                "device": self.device.save(),
-            }
+    @classmethod
+    def state_type(cls) -> type[TransportState]:
+        from virtkit.devices.virtio.persist import TransportState
 
-    def restore(self, state: dict[str, object]) -> None:
+        return TransportState
+
+    def save(self) -> TransportState:
+        """Registers, queue configuration and the device's own state (``device``)."""
+        from virtkit.devices.virtio.persist import QueueRegsState
+
+        with self.lock:
+            return self.state_type()(
+                status=self.status, device_features_sel=self.device_features_sel,
+                driver_features_sel=self.driver_features_sel, driver_features=self.driver_features,
+                unknown_features_written=self.unknown_features_written, queue_sel=self.queue_sel,
+                shm_sel=self.shm_sel, interrupt_status=self.interrupt_status,
+                config_generation=self.config_generation, needs_reset_reason=self.needs_reset_reason,
+                queues=tuple(QueueRegsState(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
+                             for q in self.queue_regs),
+                device=self.device.save())
+
+    def restore(self, state: object) -> None:
         """Load what :meth:`save` produced, into a transport built with the same device
         configuration. Guest memory must be restored first. The interrupt level is re-driven from
-        InterruptStatus; no new edge is sent (the irqchip's own state carries pending interrupts)."""
+        InterruptStatus; no new edge is sent (the irqchip's own state carries pending interrupts).
+        DeviceError, with nothing changed, if the record does not fit this transport."""
+        if not isinstance(state, self.state_type()):
+            raise DeviceError("virtio-mmio state is not a TransportState")
+        if len(state.queues) != len(self.queue_regs):
+            raise DeviceError(f"saved virtio-mmio state has {len(state.queues)} queues, the device "
+                              f"{len(self.queue_regs)}")
+        for index, q in enumerate(state.queues):
+            if q.num > self.device.queue_max_sizes[index]:
+                raise DeviceError(f"saved virtio-mmio queue {index} has {q.num} entries, more than the "
+                                  f"{self.device.queue_max_sizes[index]} the device offers")
         with self.lock:
-            try:
-                queues = state["queues"]
-                if not isinstance(queues, list) or len(queues) != len(self.queue_regs):
-                    raise DeviceError("saved virtio-mmio state has the wrong number of queues")
-                regs = [_QueueRegs(num=int(q["num"]), desc=int(q["desc"]), driver=int(q["driver"]),
-                                   device=int(q["device"]), ready=bool(q["ready"])) for q in queues]
-                fields = {name: int(state[name]) for name in (  # type: ignore[call-overload]
-                    "status", "device_features_sel", "driver_features_sel", "driver_features", "queue_sel",
-                    "shm_sel", "interrupt_status", "config_generation")}
-                device_state = state["device"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise DeviceError(f"saved virtio-mmio state is incomplete or malformed: {e!r}") from None
-            if not isinstance(device_state, dict):
-                raise DeviceError("saved virtio-mmio state has no device state")
-            self.device.restore(device_state)
-            for name, value in fields.items():
-                setattr(self, name, value)
-            self.queue_regs = regs
-            self.unknown_features_written = bool(state.get("unknown_features_written"))
-            reason = state.get("needs_reset_reason")
-            self.needs_reset_reason = reason if isinstance(reason, str) else None
+            self.device.restore(state.device)  # raises before anything here changes
+            self.status, self.device_features_sel = state.status, state.device_features_sel
+            self.driver_features_sel, self.driver_features = state.driver_features_sel, state.driver_features
+            self.unknown_features_written = state.unknown_features_written
+            self.queue_sel, self.shm_sel = state.queue_sel, state.shm_sel
+            self.interrupt_status, self.config_generation = state.interrupt_status, state.config_generation
+            self.needs_reset_reason = state.needs_reset_reason
+            self.queue_regs = [_QueueRegs(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
+                               for q in state.queues]
             self.interrupt.set_level(bool(self.interrupt_status))
+
+    def replay_notifications(self) -> None:
+        """After a restore: serve every queue once (see :class:`~virtkit.devices.contract.QueueReplay`)."""
+        for index in range(self.device.num_queues):
+            self.notify(index)

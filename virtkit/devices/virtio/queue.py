@@ -50,6 +50,10 @@ from virtkit.devices.virtio import spec
 from virtkit.errors import VirtkitError
 from virtkit.memory import GuestMemory, GuestMemoryError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import QueueState
+
 _DESC = struct.Struct("<QIHH")  # struct virtq_desc (§2.7.5)
 _U64_LIMIT: Final = 1 << 64
 
@@ -424,33 +428,25 @@ class VirtQueue:
         return self.pending() != 0
 
     # --- persistence --------------------------------------------------------------------------------
-    def save(self) -> dict[str, object]:
-        return {
-            "size": self.size, "max_size": self.max_size, "desc_table": self.desc_table,
-            "avail_ring": self.avail_ring, "used_ring": self.used_ring, "event_idx": self.event_idx,
-            "indirect": self.indirect, "next_avail": self.next_avail, "next_used": self.next_used,
-            "last_signalled": self.last_signalled, "unsignalled": self.unsignalled, "broken": self.broken,
-        }
+    def save(self) -> QueueState:
+        from virtkit.devices.virtio.persist import QueueState
+
+        return QueueState(
+            size=self.size, max_size=self.max_size, desc_table=self.desc_table, avail_ring=self.avail_ring,
+            used_ring=self.used_ring, event_idx=self.event_idx, indirect=self.indirect,
+            next_avail=self.next_avail, next_used=self.next_used, last_signalled=self.last_signalled,
+            unsignalled=self.unsignalled, broken=self.broken)
 
     @classmethod
-    def from_state(cls, memory: GuestMemory, state: dict[str, object],
+    def from_state(cls, memory: GuestMemory, state: QueueState,
                    max_chain_bytes: int = spec.MAX_CHAIN_BYTES) -> VirtQueue:
         """Rebuild a queue saved by :meth:`save` (guest memory must already hold the rings).
-        QueueConfigError if the saved configuration is not valid for this memory. The request
-        bound is the device's, not the snapshot's."""
-        def num(key: str) -> int:
-            value = state[key]
-            if not isinstance(value, int):
-                raise QueueConfigError(f"saved queue field {key!r} is not an integer")
-            return value
-
-        q = cls(memory, num("size"), num("desc_table"), num("avail_ring"), num("used_ring"),
-                event_idx=bool(state["event_idx"]), indirect=bool(state["indirect"]),
-                max_size=num("max_size"), max_chain_bytes=max_chain_bytes)
-        q.next_avail = num("next_avail") & 0xFFFF
-        q.next_used = num("next_used") & 0xFFFF
-        q.last_signalled = num("last_signalled") & 0xFFFF
-        q.unsignalled = num("unsignalled")
-        broken = state.get("broken")
-        q.broken = broken if isinstance(broken, str) else None
+        QueueConfigError if the saved configuration is not valid for this memory (the same checks
+        as when the driver enables a queue). The request bound is the device's, not the record's."""
+        q = cls(memory, state.size, state.desc_table, state.avail_ring, state.used_ring,
+                event_idx=state.event_idx, indirect=state.indirect, max_size=state.max_size,
+                max_chain_bytes=max_chain_bytes)
+        q.next_avail, q.next_used, q.last_signalled = state.next_avail, state.next_used, state.last_signalled
+        q.unsignalled = state.unsignalled
+        q.broken = state.broken
         return q

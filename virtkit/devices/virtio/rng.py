@@ -15,6 +15,11 @@ from typing import Final
 from virtkit.devices.virtio import spec
 from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
+from virtkit.errors import DeviceError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import RngState
 
 MAX_REQUEST: Final = 64 * 1024
 DEFAULT_QUEUE_SIZE: Final = 256
@@ -45,3 +50,14 @@ class RngDevice(VirtioDevice):
         written = chain.write(self._source(count))
         self.bytes_out += written
         return written
+
+    def save_device(self) -> RngState:
+        from virtkit.devices.virtio.persist import RngState
+
+        return RngState()
+
+    def restore_device(self, state: object) -> None:
+        from virtkit.devices.virtio.persist import RngState
+
+        if not isinstance(state, RngState):
+            raise DeviceError(f"saved entropy device state is a {type(state).__name__}, not an entropy device's")

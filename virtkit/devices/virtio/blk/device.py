@@ -25,6 +25,10 @@ from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.queue import ChainError, DescriptorChain, VirtQueue
 from virtkit.errors import DeviceError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.persist import BlockState
+
 # feature bits (§5.2.3)
 F_SIZE_MAX: Final = 1 << 1
 F_SEG_MAX: Final = 1 << 2
@@ -197,12 +201,18 @@ class BlockDevice(VirtioDevice):
         return S_OK, chain.write(self.serial.ljust(ID_BYTES, b"\0"))
 
     # --- persistence --------------------------------------------------------------------------------
-    def save_device(self) -> dict[str, object]:
+    def save_device(self) -> BlockState:
         # the image's contents are the image; what is saved lets restore check it is the same disk
-        return {"path": str(self.image.path), "sectors": self.image.sectors, "read_only": self.read_only,
-                "serial": self.serial.decode("ascii")}
+        from virtkit.devices.virtio.persist import BlockState
 
-    def restore_device(self, state: dict[str, object]) -> None:
-        if state.get("sectors") != self.image.sectors or state.get("read_only") != self.read_only:
+        return BlockState(path=str(self.image.path), sectors=self.image.sectors, read_only=self.read_only,
+                          serial=self.serial.decode("ascii"))
+
+    def restore_device(self, state: object) -> None:
+        from virtkit.devices.virtio.persist import BlockState
+
+        if not isinstance(state, BlockState):
+            raise DeviceError(f"saved virtio-blk state is a {type(state).__name__}, not a disk's")
+        if state.sectors != self.image.sectors or state.read_only != self.read_only:
             raise DeviceError(f"disk image {self.image.path} does not match the saved disk "
-                              f"({state.get('sectors')} sectors, read_only={state.get('read_only')})")
+                              f"({state.sectors} sectors, read_only={state.read_only})")

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from virtkit.bus import MAX_DISTINCT_UNKNOWN, IoBus, MmioBus, UnknownAccess
+from virtkit.devices.bus import MAX_DISTINCT_UNKNOWN, IoBus, MmioBus, UnknownAccess
+from virtkit.devices.contract import MmioDevice, PioDevice, StringPio
 from virtkit.errors import DeviceError
 
 
-class Recorder:
+class Recorder(PioDevice, MmioDevice):
     def __init__(self) -> None:
         self.log: list[tuple[str, int, int, int]] = []
 
@@ -76,3 +77,46 @@ def test_mmio_access_must_fit_in_the_range() -> None:
     bus.register(0x1000, 0x10, dev, "dev")
     assert bus.read(0x100C, 4) == 0x40 + 0xC
     assert bus.read(0x100E, 4) == 0xFFFFFFFF  # straddles the end: nobody owns all of it
+
+
+def test_a_device_must_declare_the_bus_it_sits_on() -> None:
+    class Duck:  # has the methods, does not declare the contract
+        def pio_read(self, offset: int, size: int) -> int:
+            return 0
+
+        def pio_write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    with pytest.raises(DeviceError, match="is not a port-I/O device"):
+        IoBus().register(0x100, 1, Duck(), "duck")  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match="is not an MMIO device"):
+        MmioBus().register(0x1000, 1, Duck(), "duck")  # type: ignore[arg-type]
+
+
+def test_string_io_goes_in_bulk_only_to_devices_that_declare_it() -> None:
+    class Fifo(StringPio):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def pio_read(self, offset: int, size: int) -> int:
+            self.calls.append("read")
+            return 0x11
+
+        def pio_write(self, offset: int, size: int, value: int) -> None:
+            self.calls.append("write")
+
+        def pio_read_string(self, offset: int, size: int, count: int) -> bytes:
+            self.calls.append(f"read_string {count}")
+            return b"\x22" * size * count
+
+        def pio_write_string(self, offset: int, size: int, data: bytes) -> None:
+            self.calls.append(f"write_string {len(data)}")
+
+    bus, fifo, plain = IoBus(), Fifo(), Recorder()
+    bus.register(0x1F0, 8, fifo, "fifo")
+    bus.register(0x300, 1, plain, "plain")
+    assert bus.read_string(0x1F0, 2, 256) == b"\x22" * 512
+    bus.write_string(0x1F0, 2, b"ab" * 4)
+    assert fifo.calls == ["read_string 256", "write_string 8"]
+    assert bus.read_string(0x300, 2, 3) == (0x40).to_bytes(2, "little") * 3  # element by element
+    assert [c[0] for c in plain.log] == ["r", "r", "r"]

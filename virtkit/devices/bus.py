@@ -10,22 +10,8 @@ from __future__ import annotations
 
 import bisect
 
+from virtkit.devices.contract import MmioDevice, PioDevice, StringPio
 from virtkit.errors import DeviceError
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Protocol
-
-
-if TYPE_CHECKING:
-
-    class PioDevice(Protocol):
-        def pio_read(self, offset: int, size: int) -> int: ...
-        def pio_write(self, offset: int, size: int, value: int) -> None: ...
-
-    class MmioDevice(Protocol):
-        def mmio_read(self, offset: int, size: int) -> int: ...
-        def mmio_write(self, offset: int, size: int, value: int) -> None: ...
 
 
 class UnknownAccess(Exception):
@@ -50,10 +36,18 @@ def _count_unknown(counts: dict[tuple[int, bool], int], addr: int, is_write: boo
 
 
 class _Range:
-    __slots__ = ("base", "length", "device", "name")
+    __slots__ = ("base", "length", "name")
 
-    def __init__(self, base: int, length: int, device: object, name: str) -> None:
-        self.base, self.length, self.device, self.name = base, length, device, name
+    def __init__(self, base: int, length: int, name: str) -> None:
+        self.base, self.length, self.name = base, length, name
+
+
+class _MmioRange(_Range):
+    __slots__ = ("device",)
+
+    def __init__(self, base: int, length: int, device: MmioDevice, name: str) -> None:
+        super().__init__(base, length, name)
+        self.device = device
 
 
 class IoBus:
@@ -69,13 +63,15 @@ class IoBus:
     def register(self, base: int, length: int, device: PioDevice, name: str, *, offset: int = 0) -> None:
         """Give ports ``base``..``base+length-1`` to ``device``; it sees offsets from ``offset`` up
         (so one device can own separate port windows, like the i8042 at 0x60 and 0x64)."""
+        if not isinstance(device, PioDevice):
+            raise DeviceError(f"{name}: {type(device).__name__} is not a port-I/O device")
         if base < 0 or length <= 0 or base + length > 0x10000:
             raise DeviceError(f"{name}: port range {base:#x}+{length} is outside the I/O space")
         for r in self._ranges:
             if base < r.base + r.length and r.base < base + length:
                 raise DeviceError(f"{name}: ports {base:#x}-{base + length - 1:#x} collide with "
                                   f"{r.name} at {r.base:#x}-{r.base + r.length - 1:#x}")
-        self._ranges.append(_Range(base, length, device, name))
+        self._ranges.append(_Range(base, length, name))
         for port in range(base, base + length):
             self._ports[port] = (device, base - offset)
 
@@ -96,24 +92,19 @@ class IoBus:
         entry[0].pio_write(port - entry[1], size, value)
 
     def read_string(self, port: int, size: int, count: int) -> bytes:
-        """``rep ins``: ``count`` elements at once. Devices with a data FIFO (ATA) implement
-        ``pio_read_string`` to move a whole sector per exit; others are read element by element."""
+        """``rep ins``: ``count`` elements at once. Devices with a data FIFO (ATA) declare
+        :class:`StringPio` and move a whole sector per exit; others are read element by element."""
         entry = self._ports.get(port)
-        if entry is not None:
-            bulk = getattr(entry[0], "pio_read_string", None)
-            if bulk is not None:
-                data: bytes = bulk(port - entry[1], size, count)
-                return data
+        if entry is not None and isinstance(entry[0], StringPio):
+            return entry[0].pio_read_string(port - entry[1], size, count)
         return b"".join(self.read(port, size).to_bytes(size, "little") for _ in range(count))
 
     def write_string(self, port: int, size: int, data: bytes) -> None:
         """``rep outs``: the counterpart of :meth:`read_string`."""
         entry = self._ports.get(port)
-        if entry is not None:
-            bulk = getattr(entry[0], "pio_write_string", None)
-            if bulk is not None:
-                bulk(port - entry[1], size, data)
-                return
+        if entry is not None and isinstance(entry[0], StringPio):
+            entry[0].pio_write_string(port - entry[1], size, data)
+            return
         for i in range(0, len(data), size):
             self.write(port, size, int.from_bytes(data[i:i + size], "little"))
 
@@ -130,10 +121,12 @@ class MmioBus:
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self._bases: list[int] = []
-        self._ranges: list[_Range] = []
+        self._ranges: list[_MmioRange] = []
         self.unknown: dict[tuple[int, bool], int] = {}
 
     def register(self, base: int, length: int, device: MmioDevice, name: str) -> None:
+        if not isinstance(device, MmioDevice):
+            raise DeviceError(f"{name}: {type(device).__name__} is not an MMIO device")
         if base < 0 or length <= 0:
             raise DeviceError(f"{name}: invalid MMIO range {base:#x}+{length}")
         for r in self._ranges:
@@ -142,12 +135,12 @@ class MmioBus:
                                   f"{r.base:#x}+{r.length:#x}")
         i = bisect.bisect(self._bases, base)
         self._bases.insert(i, base)
-        self._ranges.insert(i, _Range(base, length, device, name))
+        self._ranges.insert(i, _MmioRange(base, length, device, name))
 
     def devices(self) -> list[tuple[int, int, str]]:
         return [(r.base, r.length, r.name) for r in self._ranges]
 
-    def _find(self, addr: int, size: int) -> _Range | None:
+    def _find(self, addr: int, size: int) -> _MmioRange | None:
         i = bisect.bisect(self._bases, addr) - 1
         if i >= 0:
             r = self._ranges[i]
@@ -159,16 +152,14 @@ class MmioBus:
         r = self._find(addr, size)
         if r is None:
             return self._unknown(addr, size, False)
-        dev: MmioDevice = r.device  # type: ignore[assignment]
-        return dev.mmio_read(addr - r.base, size)
+        return r.device.mmio_read(addr - r.base, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
         r = self._find(addr, size)
         if r is None:
             self._unknown(addr, size, True)
             return
-        dev: MmioDevice = r.device  # type: ignore[assignment]
-        dev.mmio_write(addr - r.base, size, value)
+        r.device.mmio_write(addr - r.base, size, value)
 
     def _unknown(self, addr: int, size: int, is_write: bool) -> int:
         _count_unknown(self.unknown, addr, is_write)

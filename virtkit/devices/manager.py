@@ -1,0 +1,146 @@
+"""The device manager: the one place that wires devices into a machine.
+
+It owns
+* the two buses (:class:`IoBus`, :class:`MmioBus`) and every registration on them;
+* the device windows of the address map (:mod:`virtkit.arch.layout`): virtio-mmio slots are
+  handed out here, each with its own interrupt line (GSI), never chosen by a device;
+* the kernel command-line fragments the devices need (``virtio_mmio.device=...``);
+* the map of persistent devices, by stable name, that snapshot and live migration walk;
+* how each virtio device is wired: queue notifications by ioeventfd or by MMIO exit, interrupts
+  by irqfd or by KVM_IRQ_LINE, whichever the host offers (``virtio_paths`` says which);
+* the teardown of what it wired, in reverse order.
+
+A new device is added through :meth:`add_port_device`, :meth:`add_mmio_device` or
+:meth:`add_virtio`; the platform tables a Linux guest reads (ACPI, MP table) will be generated
+from the same inventory.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from virtkit.arch import layout
+from virtkit.devices.bus import IoBus, MmioBus
+from virtkit.devices.contract import MmioDevice, Persistent, PioDevice
+from virtkit.errors import DeviceError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio import VirtioDevice, VirtioMmioTransport
+    from virtkit.kvm.ioctl import VmFd
+    from virtkit.memory import GuestMemory
+
+#: how a device drives its interrupt line: a function of the level (0 or 1)
+IrqSetter = Callable[[int], None]
+
+
+def virtio_kernel_cmdline_arg(base: int, irq: int, size: int = layout.VIRTIO_MMIO_SIZE) -> str:
+    """The Linux command line parameter that declares one virtio-mmio device
+    (drivers/virtio/virtio_mmio.c: ``virtio_mmio.device=<size>@<base>:<irq>``)."""
+    return f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}"
+
+
+def virtio_mmio_slot(index: int) -> tuple[int, int]:
+    """(base GPA, GSI) of virtio-mmio slot ``index`` in the address map."""
+    if not 0 <= index < layout.VIRTIO_MMIO_MAX_DEVICES:
+        raise DeviceError(f"virtio-mmio slot {index} does not exist: a machine has "
+                          f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})")
+    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index
+
+
+class DeviceManager:
+    """The devices of one machine. ``irq_line(gsi)`` gives a setter for an interrupt line (a
+    no-op without an in-kernel irqchip)."""
+
+    def __init__(self, *, strict: bool, irq_line: Callable[[int], IrqSetter]) -> None:
+        self.io_bus = IoBus(strict=strict)
+        self.mmio_bus = MmioBus(strict=strict)
+        self.irq_line = irq_line
+        #: devices with state, by stable name (what snapshot and migration walk)
+        self.persistent: dict[str, Persistent] = {}
+        #: appended to the guest's command line, in the order devices were added
+        self.cmdline: list[str] = []
+        #: how virtio notifications and interrupts travel on this host (for --stats and benches)
+        self.virtio_paths: dict[str, str] = {}
+        self._next_virtio_slot = 0
+        self._closers: list[Callable[[], None]] = []
+        self._vm: VmFd | None = None
+        self._new_eventfd: Callable[[Callable[[], None]], int] | None = None
+        self._use_ioeventfd = self._use_irqfd = False
+
+    # --- adding devices --------------------------------------------------------------------------
+    def _persist(self, name: str | None, device: object) -> None:
+        if name is None:
+            return
+        if not isinstance(device, Persistent):
+            raise DeviceError(f"{name}: {type(device).__name__} has no state to persist")
+        if name in self.persistent:
+            raise DeviceError(f"two devices are named {name!r}")
+        self.persistent[name] = device
+
+    def add_port_device(self, name: str, base: int, length: int, device: PioDevice, *, offset: int = 0,
+                        state_name: str | None = None) -> None:
+        """Ports ``base``..``base+length-1`` to ``device`` (see :meth:`IoBus.register`);
+        ``state_name``: the name its state is saved under, if it has any."""
+        self.io_bus.register(base, length, device, name, offset=offset)
+        self._persist(state_name, device)
+
+    def add_mmio_device(self, name: str, base: int, length: int, device: MmioDevice, *,
+                        state_name: str | None = None) -> None:
+        self.mmio_bus.register(base, length, device, name)
+        self._persist(state_name, device)
+
+    def on_close(self, close: Callable[[], None]) -> None:
+        """Run ``close`` when the manager closes (in reverse order of registration)."""
+        self._closers.append(close)
+
+    # --- virtio-mmio -----------------------------------------------------------------------------
+    def allocate_virtio_slot(self) -> tuple[int, int]:
+        """The next free virtio-mmio window and its GSI."""
+        slot = virtio_mmio_slot(self._next_virtio_slot)
+        self._next_virtio_slot += 1
+        return slot
+
+    def configure_virtio(self, *, vm: VmFd, new_eventfd: Callable[[Callable[[], None]], int],
+                         use_ioeventfd: bool, use_irqfd: bool, irqchip: bool) -> None:
+        """How virtio devices will be wired on this host: queue notifications by ioeventfd
+        (served on the I/O thread ``new_eventfd`` belongs to) or by MMIO exit; interrupts by irqfd
+        or by KVM_IRQ_LINE (or nowhere, without an in-kernel irqchip)."""
+        self._vm, self._new_eventfd = vm, new_eventfd
+        self._use_ioeventfd, self._use_irqfd = use_ioeventfd, use_irqfd
+        self.virtio_paths = {"notify": "ioeventfd" if use_ioeventfd else "mmio-exit",
+                             "interrupt": "irqfd" if use_irqfd else ("irq-line" if irqchip else "none")}
+
+    def add_virtio(self, name: str, device: VirtioDevice, memory: GuestMemory) -> VirtioMmioTransport:
+        """Put ``device`` behind a virtio-mmio transport in the next free slot, wire its
+        notifications and interrupt as :meth:`configure_virtio` said, announce it on the command
+        line and persist it as ``name``."""
+        from virtkit.devices import virtio
+
+        if self._vm is None or self._new_eventfd is None:
+            raise DeviceError("configure_virtio() first")
+        base, gsi = self.allocate_virtio_slot()
+        irq: virtio.Interrupt
+        if self._use_irqfd:
+            fd_irq = virtio.IrqFdInterrupt()
+            self.on_close(fd_irq.close)
+            self._vm.irqfd(fd_irq.fileno(), gsi)
+            irq = fd_irq
+        else:
+            irq = virtio.IrqLineInterrupt(self.irq_line(gsi), edge=True)
+        transport = virtio.VirtioMmioTransport(device, memory, irq)
+        self.on_close(transport.close)
+        self.add_mmio_device(name, base, layout.VIRTIO_MMIO_SIZE, transport, state_name=name)
+        if self._use_ioeventfd:
+            for reg in transport.notify_registrations(base):
+                efd = self._new_eventfd(functools.partial(transport.notify, reg.queue))
+                self._vm.ioeventfd(efd, reg.addr, reg.length, datamatch=reg.datamatch)
+        self.cmdline.append(virtio_kernel_cmdline_arg(base, gsi))
+        return transport
+
+    # --- teardown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            close()
