@@ -134,7 +134,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_migrate_keygen)
 
-    from virtkit.cli.vm import add_machine_options
+    from virtkit.cli.options import add_machine_options
 
     p = sub.add_parser(
         "migrate-receive", help="wait for one incoming live migration and run the VM here",
@@ -184,7 +184,7 @@ class FailoverHooks:
     def __init__(self, args: argparse.Namespace, vm: VM, *, control_listener: socket.socket | None = None,
                  confined: bool = False) -> None:
         """``control_listener``: the --control socket, bound before the process confined itself
-        (``confined``: no host files, no network; see virtkit.migration.receiver)."""
+        (``confined``: no host files, no network; see virtkit.cli.migrate_receive)."""
         import threading
 
         self.args = args
@@ -421,9 +421,9 @@ def cmd_migrate_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate_receive(args: argparse.Namespace) -> int:
-    from virtkit.migration.receiver import run
+    from virtkit.cli.migrate_receive import run
 
-    return run(args)
+    return run(args, foreground)
 
 
 # ------------------------------------------------------------------------------------------------

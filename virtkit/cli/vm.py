@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
     run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
+    from virtkit.cli.options import add_machine_options
+
     add_machine_options(run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, "
                         "or container")
     run.add_argument("--cmdline", default="", help="kernel command line")
@@ -50,19 +52,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="boot the shipped guests and show what happened")
     demo.add_argument("--guests-dir", default=None, help="where the built guests are (default build/guests)")
     demo.set_defaults(handler=cmd_demo)
-
-
-def add_machine_options(p: argparse.ArgumentParser, *, modes: tuple[str, ...] = ("full", "para"),
-                        mode_help: str = "full virtualization (default) or paravirtualized guest") -> None:
-    """What a VM is made of, parsed by :class:`virtkit.api.VM`: ``run`` boots such a machine,
-    ``migrate-receive`` builds one and takes an incoming VM into it only if the VM has this shape."""
-    p.add_argument("--mode", default="full", choices=modes, help=mode_help)
-    p.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")
-    p.add_argument("--vcpus", type=str, default="1", help="number of vCPUs (default 1)")
-    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[,ro]",
-                   help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode")
-    p.add_argument("--strict", action="store_true",
-                   help="treat accesses to unknown ports and MMIO addresses as errors")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

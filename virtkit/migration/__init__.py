@@ -5,9 +5,9 @@ starts it.
 and size caps); ``keys`` makes and reads the pre-shared key; ``shape`` describes a machine and
 compares two descriptions; ``source`` pre-copies memory with KVM dirty logging and hands the VM
 over; ``target`` receives it into a machine built from the receiver's own configuration, in a
-strict order; ``receiver`` is ``virtkit migrate-receive`` (build, listen, confine, receive, run);
-``control`` serves a running VMM's Unix control socket (snapshot, migrate, pause, resume, stop).
-See docs/FAILOVER.md.
+strict order (the ``virtkit migrate-receive`` process around it, which confines itself, is
+``virtkit.cli.migrate_receive``); ``control`` serves a running VMM's Unix control socket
+(snapshot, migrate, pause, resume, stop). See docs/FAILOVER.md.
 
 May import: ``virtkit.snapshot`` and everything below it.
 """

@@ -68,18 +68,17 @@ import contextlib
 import enum
 import hashlib
 import hmac
-import re
 import secrets
 import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from virtkit import records
 from virtkit.errors import VirtkitError
-from virtkit.records import bounded
+from virtkit.records import U32, Bounds
 
 PROTOCOL_VERSION: Final = 2
 PAGE_SIZE: Final = 4096
@@ -171,16 +170,18 @@ MAX_DISKS: Final = 16
 MAX_REGIONS: Final = 64
 MAX_DEVICES: Final = 64
 MAX_CPUID: Final = 1024
-
-
 #: what Machine.devices names look like (uart0, virtio-blk...): they end up in messages
-_DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEVICE_NAME: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_ADDRESS = Annotated[int, Bounds(lo=0, hi=1 << 52)]
+_SIZE = Annotated[int, Bounds(lo=1, hi=1 << 52)]
+#: a CPUID entry: function, index, flags, eax, ebx, ecx, edx
+CpuidWords = tuple[U32, U32, U32, U32, U32, U32, U32]
 
 
 @dataclass(frozen=True)
 class DiskShape:
     read_only: bool
-    size: int = bounded(lo=0, hi=1 << 62)
+    size: Annotated[int, Bounds(lo=0, hi=1 << 62)]
 
 
 @dataclass(frozen=True)
@@ -188,27 +189,15 @@ class MachineShape:
     """What the VM is, as both ends compare it (DESC). No path, no file name: the target attaches
     the disks its own command line names, and only compares their number, sizes and modes."""
 
-    memory: int = bounded(lo=1, hi=1 << 52)
-    vcpus: int = bounded(lo=1, hi=4096)
-    mode: Literal["full", "para"] = bounded()
-    strict: bool = bounded()
-    disks: tuple[DiskShape, ...] = bounded(max_len=MAX_DISKS)
-    regions: tuple[tuple[int, int], ...] = bounded(max_len=MAX_REGIONS)
-    devices: tuple[str, ...] = bounded(max_len=MAX_DEVICES)
-    #: the guest's CPUID (KVM_GET_CPUID2 of vCPU 0): function, index, flags, eax, ebx, ecx, edx
-    cpuid: tuple[tuple[int, int, int, int, int, int, int], ...] = bounded(max_len=MAX_CPUID)
-
-    def check(self, what: str) -> None:
-        """Bounds records cannot express on tuple members."""
-        for i, entry in enumerate(self.cpuid):
-            if not all(0 <= x <= 0xFFFF_FFFF for x in entry):
-                raise records.UntrustedInput(f"{what}.cpuid[{i}] is not a CPUID entry of 32-bit values")
-        for i, (gpa, size) in enumerate(self.regions):
-            if not (0 <= gpa < 1 << 52 and 0 < size <= 1 << 52):
-                raise records.UntrustedInput(f"{what}.regions[{i}] is not a memory region")
-        for i, name in enumerate(self.devices):
-            if not _DEVICE_NAME.fullmatch(name):
-                raise records.UntrustedInput(f"{what}.devices[{i}] is not a device name")
+    memory: _SIZE
+    vcpus: Annotated[int, Bounds(lo=1, hi=4096)]
+    mode: Literal["full", "para"]
+    strict: bool
+    disks: Annotated[tuple[DiskShape, ...], Bounds(max_len=MAX_DISKS)]
+    regions: Annotated[tuple[tuple[_ADDRESS, _SIZE], ...], Bounds(max_len=MAX_REGIONS)]
+    devices: Annotated[tuple[Annotated[str, Bounds(pattern=DEVICE_NAME)], ...], Bounds(max_len=MAX_DEVICES)]
+    #: the guest's CPUID (KVM_GET_CPUID2 of vCPU 0)
+    cpuid: Annotated[tuple[CpuidWords, ...], Bounds(max_len=MAX_CPUID)]
 
 
 @dataclass(frozen=True)
@@ -220,18 +209,18 @@ class Empty:
 class Failure:
     """RFSE, ABRT."""
 
-    error: str = bounded(max_len=1000)
+    error: Annotated[str, Bounds(max_len=1000)]
 
 
 @dataclass(frozen=True)
 class RoundEnd:
-    round: int = bounded(lo=0, hi=1 << 20)
-    pages: int = bounded(lo=0, hi=1 << 40)
+    round: Annotated[int, Bounds(lo=0, hi=1 << 20)]
+    pages: Annotated[int, Bounds(lo=0, hi=1 << 40)]
 
 
 @dataclass(frozen=True)
 class Running:
-    started_ns: int = bounded(lo=0, hi=1 << 63)
+    started_ns: Annotated[int, Bounds(lo=0, hi=1 << 63)]
 
 
 R = TypeVar("R")
@@ -506,13 +495,7 @@ def target_handshake(ch: Channel, psk: bytes, *, deadline: float) -> bytes:
 
 def parse_shape(data: bytes, peer: str) -> MachineShape:
     """A verified DESC payload -> the source's machine shape, every field typed and bounded."""
-    what = f"DESC from {peer}"
-    shape = parse_record(MachineShape, data, what, MAX_DESC)
-    try:
-        shape.check(what)
-    except records.UntrustedInput as e:
-        raise MigrationError(str(e)) from None
-    return shape
+    return parse_record(MachineShape, data, f"DESC from {peer}", MAX_DESC)
 
 
 def _refuse_unauthenticated(ch: Channel, reason: str) -> None:

@@ -15,7 +15,7 @@ import ctypes as C
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from virtkit import records
 from virtkit.errors import KvmError, VirtkitError
@@ -37,7 +37,7 @@ from virtkit.migration.protocol import (
     printable,
     source_handshake,
 )
-from virtkit.records import bounded
+from virtkit.records import Bounds
 from virtkit.snapshot import format, vmstate
 from virtkit.vm import Machine
 
@@ -79,11 +79,11 @@ class MigrationOptions:
 
 @dataclass(frozen=True)
 class MigrateRequest:
-    cmd: Literal["migrate"] = bounded()
-    to: str = bounded(max_len=300)
-    key: str = bounded(max_len=8192, pattern="[0-9a-fA-F]+")
-    downtime_ms: float = bounded(50.0, lo=0.001, hi=600_000.0)
-    max_rounds: int = bounded(30, lo=1, hi=100_000)
+    cmd: Literal["migrate"]
+    to: Annotated[str, Bounds(max_len=300)]
+    key: Annotated[str, Bounds(max_len=8192, pattern="[0-9a-fA-F]+")]
+    downtime_ms: Annotated[float, Bounds(lo=0.001, hi=600_000.0)] = 50.0
+    max_rounds: Annotated[int, Bounds(lo=1, hi=100_000)] = 30
 
 
 @dataclass

@@ -174,11 +174,11 @@ def test_a_refusal_after_authentication_is_reported_by_the_source(tap: Tap) -> N
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("cpuid", ((0, 0, 0, 1 << 40, 0, 0, 0),), "not a CPUID entry"),
-    ("regions", ((0, 0),), "not a memory region"),
-    ("devices", ("",), "not a device name"),
-    ("devices", ("uart0\nvirtkit: error: forged",), "not a device name"),
-    ("devices", ("\u00e9" * 64,), "not a device name"),
+    ("cpuid", ((0, 0, 0, 1 << 40, 0, 0, 0),), "cpuid[0][3] is 1099511627776, more than"),
+    ("regions", ((0, 0),), "regions[0][1] is 0, less than 1"),
+    ("devices", ("",), "devices[0] '' does not match"),
+    ("devices", ("uart0\nvirtkit: error: forged",), "does not match"),
+    ("devices", ("\u00e9" * 64,), "does not match"),
 ])
 def test_a_description_out_of_bounds_is_refused(tap: Tap, field: str, value: object, match: str) -> None:
     t = Target(tap.target)

@@ -37,6 +37,7 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Final
 
 from virtkit.errors import ConfigError, VirtkitError
@@ -59,7 +60,12 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-def run(args: argparse.Namespace) -> int:
+#: virtkit.cli.failover.foreground, handed in (that module registers this command: importing it
+#: back would be a cycle)
+Foreground = Callable[..., int]
+
+
+def run(args: argparse.Namespace, foreground: Foreground) -> int:
     key = keys.load(args.key_file)
     jailed = not args.no_jail
     if jailed and args.checkpoint_every is not None:
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print("virtkit: warning: --no-jail: this receiver runs unconfined (as root, with the host's files "
               "and network): a guest that takes over its VMM takes over the host", file=sys.stderr)
         try:
-            return _receive_and_run(vm, listener, control, key, args, uid=None)
+            return _receive_and_run(vm, listener, control, key, args, foreground, uid=None)
         finally:
             if args.control:  # bound here; the control server removes it too, if it got that far
                 with contextlib.suppress(OSError):
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                           "--no-jail") from None
     if pid == 0:
         os.close(alive_w)
-        os._exit(_child(vm, listener, control, key, args, uid, alive_r))
+        os._exit(_child(vm, listener, control, key, args, foreground, uid, alive_r))
     # the parent: everything it opened now belongs to the child
     os.close(alive_r)  # alive_w stays open until this process ends, however it ends
     listener.close()
@@ -145,7 +151,7 @@ def _wait(pid: int) -> int:
 
 
 def _child(vm: IncomingVM, listener: socket.socket, control: socket.socket | None, key: bytes,
-           args: argparse.Namespace, uid: int, parent_alive: int) -> int:
+           args: argparse.Namespace, foreground: Foreground, uid: int, parent_alive: int) -> int:
     """PID 1 of the receiver's namespaces: returns the process exit status, never raises."""
     try:
         # The VM lives and dies with the foreground process: a launcher killed with SIGKILL must
@@ -164,7 +170,8 @@ def _child(vm: IncomingVM, listener: socket.socket, control: socket.socket | Non
         # PID 1 gets only the signals it handles: without this, the parent's SIGTERM would be lost
         signal.signal(signal.SIGTERM, _terminate)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it once
-        return _receive_and_run(vm, listener, control, key, args, uid=uid, parent_alive=parent_alive)
+        return _receive_and_run(vm, listener, control, key, args, foreground, uid=uid,
+                                parent_alive=parent_alive)
     except VirtkitError as e:
         print(f"virtkit: error: {e}", file=sys.stderr)
         return e.exit_status
@@ -194,9 +201,8 @@ def _exit_if_orphaned(parent_alive: int) -> None:
 
 
 def _receive_and_run(vm: IncomingVM, listener: socket.socket, control: socket.socket | None, key: bytes,
-                     args: argparse.Namespace, *, uid: int | None, parent_alive: int = -1) -> int:
-    from virtkit.cli.failover import foreground
-
+                     args: argparse.Namespace, foreground: Foreground, *, uid: int | None,
+                     parent_alive: int = -1) -> int:
     with vm, contextlib.ExitStack() as owned:
         owned.callback(listener.close)
         if control is not None:
@@ -206,6 +212,10 @@ def _receive_and_run(vm: IncomingVM, listener: socket.socket, control: socket.so
         if args.port_file:
             write_port_file(args.port_file, listener.getsockname()[1])
         if uid is not None:
+            # the device state records the incoming state is parsed into are imported on first
+            # use; after the root is emptied an import fails, so they are imported now
+            for device in vm.machine.devices.values():
+                device.state_type()
             _confine(uid, threads=len(vm.machine.vcpus) + EXTRA_THREADS, seccomp=not args.no_seccomp)
             _exit_if_orphaned(parent_alive)  # the uid change cleared PDEATHSIG until confine re-armed it
             os.close(parent_alive)
