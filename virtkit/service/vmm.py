@@ -326,11 +326,11 @@ def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object
     try:
         vmm = Vmm(vmdir, definition)
         if jailed:
-            from virtkit.jail.confine import EXTRA_THREADS, JailSpec, confine
+            from virtkit.jail.confine import JailSpec, confine, thread_limit
 
             j: dict[str, int] = definition.get("jail") or {}
             spec = JailSpec(uid=int(j.get("uid", 65534)), gid=int(j.get("gid", 65534)),
-                            threads=int(definition["vcpus"]) + EXTRA_THREADS,
+                            threads=thread_limit(int(definition["vcpus"]), definition.get("mode") == "para"),
                             max_file_size=int(j.get("max_log", 64 << 20)),
                             seccomp=not getattr(args, "no_seccomp", False))
             confine(spec)
