@@ -202,3 +202,77 @@ def test_a_good_reply_is_a_record_with_the_peer_pid(server: Callable[[Behaviour]
 def test_no_socket_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(VmmUnresponsive, match="cannot be reached"):
         request(str(tmp_path / "none.sock"), {"op": "status"}, StatusReply)
+
+
+# --- the monitor survives any one VM's end ---------------------------------------------------------
+
+def _svc(tmp_path: Path) -> object:
+    from virtkit.service.daemon import Service
+
+    return Service(str(tmp_path / "state"), str(tmp_path / "run"), use_cgroups=False)
+
+
+def _watch_child(svc: object, name: str, seconds: float) -> int:
+    import subprocess
+
+    from virtkit.service.daemon import VmRuntime
+
+    proc = subprocess.Popen(["sleep", str(seconds)])
+    svc.store.insert(name, {"restart": "never", "vcpus": 1, "memory_mib": 2})  # type: ignore[attr-defined]
+    svc.store.update(name, state="running", pid=proc.pid)  # type: ignore[attr-defined]
+    svc.runtimes[name] = VmRuntime(name, proc.pid, os.pidfd_open(proc.pid), "i", child=True)  # type: ignore[attr-defined]
+    os.write(svc._wake_w, b"x")  # type: ignore[attr-defined]
+    return proc.pid
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_vm_whose_end_cannot_be_recorded_is_failed_and_the_monitor_goes_on(tmp_path: Path) -> None:
+    svc = _svc(tmp_path)
+    real_record = svc._record_end  # type: ignore[attr-defined]
+
+    def record(name: str, info: dict[str, object], **kw: object) -> None:
+        if name == "bad":
+            raise RuntimeError("boom")
+        real_record(name, info, **kw)
+
+    svc._record_end = record  # type: ignore[attr-defined]
+    svc._monitor.start()  # type: ignore[attr-defined]
+    try:
+        (tmp_path / "state" / "vms" / "bad").mkdir()
+        (tmp_path / "state" / "vms" / "bad" / "exit.json").write_bytes(b"[" * 200_000)
+        _watch_child(svc, "bad", 0)
+        _wait(lambda: svc.store.get("bad")["state"] == "failed")  # type: ignore[attr-defined]
+        assert "boom" in svc.store.get("bad")["last_exit"]["detail"]  # type: ignore[attr-defined]
+        assert "bad" not in svc.runtimes  # type: ignore[attr-defined]
+        (tmp_path / "state" / "vms" / "good").mkdir()
+        _watch_child(svc, "good", 0.1)
+        _wait(lambda: svc.store.get("good")["state"] == "failed")  # type: ignore[attr-defined]
+        assert svc.store.get("good")["last_exit"]["reason"] == "vmm-error"  # type: ignore[attr-defined]
+        assert svc._monitor.is_alive()  # type: ignore[attr-defined]
+    finally:
+        svc.close()  # type: ignore[attr-defined]
+
+
+def test_reattach_survives_any_exit_report(tmp_path: Path) -> None:
+    svc = _svc(tmp_path)
+    try:
+        for i, content in enumerate([b"[1]", b"[" * 200_000, bytes(range(256)), b"x" * (1 << 20)]):
+            name = f"vm{i}"
+            svc.store.insert(name, {"restart": "on-failure", "vcpus": 1, "memory_mib": 2})  # type: ignore[attr-defined]
+            svc.store.update(name, state="running", instance="gone")  # type: ignore[attr-defined]
+            (tmp_path / "state" / "vms" / name).mkdir()
+            (tmp_path / "state" / "vms" / name / "exit.json").write_bytes(content)
+        svc.reattach()  # type: ignore[attr-defined]
+        for rec in svc.store.all():  # type: ignore[attr-defined]
+            assert rec["last_exit"]["reason"] == "bad-exit-report", rec
+            assert "(while the service was down)" in rec["last_exit"]["detail"]
+    finally:
+        for t in list(svc.timers.values()):  # type: ignore[attr-defined]
+            t.cancel()
+        svc.close()  # type: ignore[attr-defined]
