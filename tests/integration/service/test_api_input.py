@@ -211,7 +211,9 @@ def _raw(d: Any, data: bytes, *, read_timeout: float = 20) -> tuple[int, dict[st
     elapsed = time.monotonic() - t0
     head, _, body = buf.partition(b"\r\n\r\n")
     status = int(head.split()[1])
-    assert b"application/json" in head, head
+    if b"text/plain" in head and status < 400:  # /metrics
+        return status, {"text": body.decode()}, elapsed
+    assert b"application/json" in head, head  # everything else, and every error
     return status, json.loads(body), elapsed
 
 
