@@ -368,8 +368,15 @@ def serve(service: Service, path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     service.start_service()
-    server = Server(path, service)
-    os.chmod(path, 0o600)
+    # bound and listening under a temporary name, made 0600, and only then renamed into place: a
+    # client that sees the socket can connect (between bind and listen it would be refused), and
+    # nobody else ever could
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    server = Server(tmp, service)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
