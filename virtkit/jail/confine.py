@@ -33,8 +33,19 @@ NAMESPACE_FLAGS = (libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWNET | li
 #: to the VMM's mount namespace and the host's directory is never written
 JAIL_MOUNTPOINT = "/tmp"
 
-#: threads a VMM runs besides one per vCPU: main, control server, watchdog, and one spare
+#: threads a VMM runs besides one per vCPU, each counted against RLIMIT_NPROC of its uid: main,
+#: control server, watchdog, and KVM's own NX-huge-page recovery worker (a task of the VMM's thread
+#: group since Linux 6.13, named ``kvm-nx-lpage-re``, made at the first KVM_RUN). No spare: the
+#: limit is what stops a subverted VMM from forking (test_jail.py)
 EXTRA_THREADS = 4
+
+
+def thread_limit(vcpus: int, paravirt: bool) -> int:
+    """RLIMIT_NPROC for a VMM: its vCPUs, :data:`EXTRA_THREADS`, and in para mode the I/O thread
+    that runs virtio's ioeventfd handlers (measured: ``python -m virtkit.jail.measure``)."""
+    return vcpus + EXTRA_THREADS + (1 if paravirt else 0)
+
+
 #: file descriptors a VMM may open after confinement (accepted control connections)
 SPARE_FDS = 16
 
@@ -104,6 +115,17 @@ def highest_open_fd() -> int:
     return max(int(fd) for fd in os.listdir("/proc/self/fd"))
 
 
+def _preload_unwinder() -> None:
+    """glibc loads libgcc_s.so.1 the first time a thread unwinds (``pthread_exit``, which Python
+    calls for a daemon thread at interpreter exit); in the empty root that load fails and glibc
+    aborts the process, turning an error exit into SIGABRT. Loaded now, it stays loaded."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError):  # no libgcc_s on this host: nothing would load it later either
+        ctypes.CDLL("libgcc_s.so.1")
+
+
 def confine(spec: JailSpec, program: bytes | None = None) -> None:
     """Steps 3a-3e of the module docstring. Call from the VMM's only thread. ``program``: the
     seccomp filter to install (default: the service VMM's, :func:`virtkit.jail.policy.vmm_filter`);
@@ -114,6 +136,7 @@ def confine(spec: JailSpec, program: bytes | None = None) -> None:
         from virtkit.jail.policy import vmm_filter
 
         program = vmm_filter()
+    _preload_unwinder()
     highest_fd = highest_open_fd()  # /proc is gone after empty_root
     empty_root()
     set_rlimits(spec, highest_fd)

@@ -4,7 +4,12 @@ Every request is answered with JSON (``/metrics``: Prometheus text). Input the s
 gets a 4xx and ``{"error": "<one line>"}``; a 5xx means a bug in virtkitd (the fuzz test in
 ``tests/integration/service`` drives every operation of the OpenAPI document and asserts none).
 One connection carries one request (HTTP/1.0 semantics), which keeps a slow or hostile client
-from holding a server thread beyond its own request; reads time out after 10 s.
+from holding a server thread beyond its own request; reads time out after :data:`READ_TIMEOUT`
+seconds (an idle connection is closed then; a body shorter than its Content-Length is a 400).
+At most :data:`MAX_CONNECTIONS` connections are served at once, each by its own thread; one more
+gets a JSON 503 at once and is closed. Every answer, HTTP-level errors included (a garbage request
+line, a header too long), is JSON, and comes after the request's body was read (up to
+:data:`DRAIN_LIMIT` bytes), so a client still sending it reads the answer instead of a broken pipe.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from virtkit.service.daemon import Conflict, NotFound, Service
 from virtkit.service.resources import InsufficientResources
 
 _NAME = re.compile(openapi.NAME_PATTERN)
+#: seconds a connection may take to send each part of its request (line, headers, body)
+READ_TIMEOUT = 5.0
+#: connections served at once; one more is answered 503
+MAX_CONNECTIONS = 64
+#: a body this much larger than MAX_BODY is still read (and discarded) before a 413 is sent; past
+#: it the connection is closed after the answer
+DRAIN_LIMIT = 1 << 20
 
 
 class ApiError(Exception):
@@ -44,7 +56,9 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.0"
     server_version = "virtkitd/1"
-    timeout = 10
+    timeout = READ_TIMEOUT
+    _body_read = False
+    _answered = False
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # events go to the database; access logs are not kept
@@ -53,7 +67,50 @@ class Handler(BaseHTTPRequestHandler):
         return "unix"
 
     # --- responses -------------------------------------------------------------------------------
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """HTTP-level errors (raised by the base class while parsing the request line and headers)
+        as JSON like every other answer. A method it does not know is a 405 and an HTTP version it
+        does not speak a 400: a 5xx from this API means a bug in virtkitd."""
+        self._answered = True
+        status = 405 if code == 501 else 400 if code == 505 else code
+        text = message or self.responses.get(code, ("error",))[0]
+        self.close_connection = True
+        if not hasattr(self, "command") or self.command is None:
+            self.command = ""  # the request line was unreadable
+        if getattr(self, "request_version", "HTTP/1.0") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # answer with a status line and headers all the same
+        with contextlib.suppress(OSError):
+            self._error(status, text)
+
+    def parse_request(self) -> bool:
+        self._answered = False
+        ok = super().parse_request()
+        if not ok and not self._answered:  # the base class refuses an empty request line silently
+            self.send_error(400, "empty request line")
+        return ok
+
+    def _drain(self) -> None:
+        """Read the rest of the request's body (up to DRAIN_LIMIT), so that the client is not
+        still writing when the answer comes and the connection closes."""
+        if self._body_read or not hasattr(self, "headers") or self.headers is None:
+            return
+        self._body_read = True
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        left = min(length, DRAIN_LIMIT)
+        if length > DRAIN_LIMIT:
+            self.close_connection = True
+        with contextlib.suppress(OSError, ValueError):
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
     def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self._drain()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -86,9 +143,20 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"body of {length} bytes is over the limit of {openapi.MAX_BODY}")
         if ctype not in ("application/json", ""):
             raise ApiError(415, f"Content-Type {ctype!r}: send application/json")
-        raw = self.rfile.read(length)
+        self._body_read = True
+        raw = b""
+        try:
+            while len(raw) < length:
+                chunk = self.rfile.read1(length - len(raw))  # what came: a timeout loses nothing
+                if not chunk:
+                    break
+                raw += chunk
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length): "
+                                f"nothing more came in {self.timeout:g} s") from None
         if len(raw) < length:
-            raise ApiError(400, "the body ended before Content-Length bytes")
+            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
         try:
             return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -152,7 +220,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(409, str(e))
         except VirtkitError as e:
             self._error(400, str(e))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         except Exception as e:  # noqa: BLE001 - a bug answers 500 in one line, the service goes on
             sys.stderr.write(f"virtkitd: internal error on {method} {self.path[:200]}: {type(e).__name__}: {e}\n")
@@ -245,13 +313,54 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
 
 
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s")
+
+
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-    request_queue_size = 64
+    request_queue_size = 128
+    max_connections = MAX_CONNECTIONS
 
     def __init__(self, path: str, service: Service) -> None:
         self.service = service
+        self._active = 0
+        self._active_lock = threading.Lock()
         super().__init__(path, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, at most ``max_connections`` at once; the overflow is answered
+        here, in the accepting thread, without a thread of its own."""
+        with self._active_lock:
+            busy = self._active >= self.max_connections
+            if not busy:
+                self._active += 1
+        if busy:
+            self._busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._active_lock:
+                self._active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _busy(self, request: Any) -> None:
+        body = (json.dumps({"error": f"virtkitd is serving {self.max_connections} connections already: "
+                                     "retry shortly"}) + "\n").encode()
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            with contextlib.suppress(OSError):  # what the client sent already, so the close is clean
+                request.recv(65536)
+            request.send(_BUSY % (len(body), body))
+        self.shutdown_request(request)
 
 
 def serve(service: Service, path: str) -> int:
@@ -259,8 +368,15 @@ def serve(service: Service, path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     service.start_service()
-    server = Server(path, service)
-    os.chmod(path, 0o600)
+    # bound and listening under a temporary name, made 0600, and only then renamed into place: a
+    # client that sees the socket can connect (between bind and listen it would be refused), and
+    # nobody else ever could
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    server = Server(tmp, service)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

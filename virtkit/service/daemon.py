@@ -25,8 +25,6 @@ import os
 import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +34,8 @@ from typing import Any
 
 from virtkit.container import libc
 from virtkit.errors import ConfigError, VirtkitError
+from virtkit.records import UntrustedInput, to_json
+from virtkit.service import vmmproto
 from virtkit.service.cgroups import VmCgroup, validate_cpus
 from virtkit.service.resources import VMM_OVERHEAD, Account, InsufficientResources
 from virtkit.service.store import Store
@@ -57,6 +57,8 @@ BACKOFF_MAX = 30.0
 BACKOFF_STABLE = 30.0
 MAX_RESTARTS = 10
 ACTIVE = ("starting", "running")
+#: what a kill waits for the VMM to be gone (SIGKILL: only an uninterruptible sleep delays it)
+KILL_WAIT = 10.0
 
 
 class NotFound(VirtkitError):
@@ -74,11 +76,19 @@ def _signal_name(sig: int) -> str:
         return str(sig)
 
 
-def describe_exit(report: dict[str, Any] | None, wait_status: int | None) -> dict[str, Any]:
-    """How a VMM ended, from its exit report and (when it was our child) its wait status."""
+def describe_exit(report: vmmproto.ExitReport | None, wait_status: int | None,
+                  unreadable: str | None = None) -> dict[str, Any]:
+    """How a VMM ended, from its exit report and (when it was our child) its wait status. A report
+    that could not be read (``unreadable``: the one-line reason) is a crash: the VMM misbehaved."""
+    if unreadable is not None:
+        out: dict[str, Any] = {"reason": "bad-exit-report", "exit_status": None, "crash": True,
+                               "detail": f"the VMM wrote an unreadable exit report: {_one_line(unreadable)}"}
+        if wait_status is not None and os.WIFSIGNALED(wait_status):
+            out["detail"] += f" (and was killed by {_signal_name(os.WTERMSIG(wait_status))})"
+        return out
     if report:
-        return {"reason": report.get("reason", "unknown"), "exit_status": report.get("exit_status"),
-                "crash": bool(report.get("crash")), "detail": str(report.get("detail", ""))[:2000]}
+        return {"reason": report.reason, "exit_status": report.exit_status, "crash": report.crash,
+                "detail": _one_line(report.detail, 2000)}
     if wait_status is not None and os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
         detail = f"the VMM was killed by {_signal_name(sig)}"
@@ -92,27 +102,14 @@ def describe_exit(report: dict[str, Any] | None, wait_status: int | None) -> dic
             "detail": "the VMM ended without an exit report (killed while the service was not watching)"}
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    """Text from a VMM as one printable line of at most ``limit`` characters."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text[:limit * 2]).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def is_failure(exit_info: dict[str, Any]) -> bool:
     return bool(exit_info.get("crash"))
-
-
-def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> tuple[dict[str, Any], int]:
-    """One request to a VMM's control socket: (reply, the VMM's pid from SO_PEERCRED)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(timeout)
-        s.connect(path)
-        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                raise ConnectionError("the VMM closed the control connection")
-            buf += chunk
-        return json.loads(buf), pid
-    finally:
-        s.close()
 
 
 class VmRuntime:
@@ -122,28 +119,33 @@ class VmRuntime:
         self.name, self.pid, self.pidfd, self.instance, self.child = name, pid, pidfd, instance, child
         self.user_stop = False  # a stop/kill was asked: not a failure, no restart
         self.started = time.time()
+        self.handled = False  # its end was recorded (by the monitor, or by a kill that could not wait)
 
 
 class Service:
     def __init__(self, state_dir: str = DEFAULT_STATE_DIR, run_dir: str = DEFAULT_RUN_DIR, *,
                  overcommit: float = 4.0, reserve: int | None = None, cgroup_parent: str = "virtkitd",
-                 backoff_base: float = BACKOFF_BASE, use_cgroups: bool = True, python: str | None = None) -> None:
+                 backoff_base: float = BACKOFF_BASE, use_cgroups: bool = True, python: str | None = None,
+                 vmm_module: str = "virtkit.service.vmm") -> None:
         self.state_dir, self.run_dir = os.path.abspath(state_dir), os.path.abspath(run_dir)
-        os.makedirs(os.path.join(self.state_dir, "vms"), mode=0o700, exist_ok=True)
-        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        for d in (self.state_dir, os.path.join(self.state_dir, "vms"), self.run_dir):
+            _private_dir(d)
         self.store = Store(os.path.join(self.state_dir, "virtkitd.db"))
         self.account = Account(overcommit, reserve)
         self.cgroup_parent = cgroup_parent
         self.use_cgroups = use_cgroups
         self.backoff_base = backoff_base
         self.python = python or sys.executable
+        #: the VMM's entry point; tests run a deliberately hostile one (tests/integration/service)
+        self.vmm_module = vmm_module
+        self._end_lock = threading.Lock()
         self.runtimes: dict[str, VmRuntime] = {}
         self.timers: dict[str, threading.Timer] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closing = False
-        self._monitor = threading.Thread(target=self._watch, name="vmm-monitor", daemon=True)
+        self._monitor = threading.Thread(target=self._supervise, name="vmm-monitor", daemon=True)
         self.started = time.time()
 
     # --- plumbing --------------------------------------------------------------------------------
@@ -315,21 +317,24 @@ class Service:
         log = open(os.path.join(vmdir, "vmm.log"), "ab")  # noqa: SIM115 - handed to the child
         try:
             launcher = subprocess.Popen(
-                [self.python, "-m", "virtkit.service.vmm", "--dir", vmdir],
+                [self.python, "-m", self.vmm_module, "--dir", vmdir],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
                 close_fds=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         finally:
             log.close()
         assert launcher.stdout is not None
         try:
-            ready, _, _ = select.select([launcher.stdout], [], [], START_TIMEOUT)
-            line = launcher.stdout.readline() if ready else b""
-            status = launcher.wait(timeout=START_TIMEOUT)
+            line = _read_line(launcher.stdout.fileno(), START_TIMEOUT, vmmproto.MAX_LAUNCH_LINE)
+            try:
+                status = launcher.wait(timeout=START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                status = launcher.wait()
         finally:
             launcher.stdout.close()
         try:
-            pid = int(json.loads(line)["pid"])
-        except (ValueError, KeyError, TypeError):
+            pid = vmmproto.parse_launch_line(line, what=f"the VMM launcher of {name}").pid
+        except UntrustedInput:
             tail = self._log_tail(vmdir)
             raise VirtkitError(f"the VMM of {name} did not start (status {status}): {tail}") from None
         if status != 0:
@@ -338,14 +343,17 @@ class Service:
 
     @staticmethod
     def _log_tail(vmdir: str) -> str:
+        """The last line of the VMM's stderr log (which a VMM fills as it likes: bounded, one line)."""
         try:
-            with open(os.path.join(vmdir, "vmm.log"), "rb") as f:
-                lines = f.read()[-2000:].decode(errors="replace").strip().splitlines()
-            return lines[-1] if lines else "no output"
-        except OSError:
+            data = vmmproto.read_bounded(os.path.join(vmdir, "vmm.log"), 0, 2000, from_end=True)
+        except (OSError, UntrustedInput):
             return "no output"
+        lines = data.decode(errors="replace").strip().splitlines()
+        return _one_line(lines[-1], 300) if lines else "no output"
 
     def stop(self, name: str, grace: float = STOP_GRACE) -> dict[str, Any]:
+        # the VM's lock is held to read and mark its state, never while talking to its VMM: a VMM
+        # that does not answer must not keep kill or delete from taking the lock
         with self.lock(name):
             rec = self.get(name)
             timer = self.timers.pop(name, None)
@@ -358,11 +366,15 @@ class Service:
             if rt is None:
                 raise Conflict(f"{name} is {rec['state']}, not running")
             rt.user_stop = True
-            with contextlib.suppress(OSError, ValueError):
-                control_request(self.control_path(rec), {"op": "stop"})
-        if not self._wait_gone(name, grace):
+            path = self.control_path(rec)
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(vmmproto.VmmUnresponsive):
+            vmmproto.request(path, {"op": "stop"}, vmmproto.OkReply, deadline=min(grace, vmmproto.REQUEST_DEADLINE),
+                             what=f"the VMM of {name}")
+        if not self._wait_gone(name, rt, max(0.0, deadline - time.monotonic())):
             with self.lock(name):
-                self._kill_locked(name)
+                if self.runtimes.get(name) is rt:
+                    self._kill_locked(name)
         return self.get(name)
 
     def kill(self, name: str) -> dict[str, Any]:
@@ -379,32 +391,46 @@ class Service:
         return self.get(name)
 
     def _kill_locked(self, name: str) -> None:
+        """SIGKILL the VM's VMM through its pidfd and return once its end is recorded. Needs no
+        word from the VMM and no monitor: if the monitor has not recorded the end soon after the
+        process is gone, this thread records it."""
         rt = self.runtimes.get(name)
         if rt is None:
             return
         rt.user_stop = True
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(rt.pidfd, signal.SIGKILL)
-        # wait for the monitor to record the end (it takes no VM lock for that)
-        deadline = time.monotonic() + 10
-        while name in self.runtimes and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with contextlib.suppress(OSError, ValueError):
+            select.select([rt.pidfd], [], [], KILL_WAIT)  # readable once the process is gone
+        if not self._wait_gone(name, rt, 1.0):
+            self._handle_end(rt)
 
-    def _wait_gone(self, name: str, timeout: float) -> bool:
+    def _wait_gone(self, name: str, rt: VmRuntime, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while name in self.runtimes:
+        while self.runtimes.get(name) is rt:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
         return True
 
     # --- watching VMMs ---------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """The monitor thread. No VM's misbehaviour reaches this loop (:meth:`_watch` contains each
+        VM's end); should anything else escape, it is logged and watching resumes."""
+        while not self._closing:
+            try:
+                self._watch()
+            except Exception as e:  # noqa: BLE001 - the monitor must never die
+                _log(f"the VMM monitor failed and restarts: {type(e).__name__}: {e}")
+                time.sleep(0.1)
+
     def _watch(self) -> None:
         while not self._closing:
-            fds = {rt.pidfd: rt for rt in list(self.runtimes.values())}
+            fds = {rt.pidfd: rt for rt in list(self.runtimes.values()) if not rt.handled}
             try:
                 ready, _, _ = select.select([self._wake_r, *fds], [], [], 1.0)
             except (OSError, ValueError):
+                time.sleep(0.01)
                 continue  # an fd closed meanwhile: rebuild the set
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -412,24 +438,61 @@ class Service:
             for fd in ready:
                 rt = fds.get(fd)
                 if rt is not None and not self._closing:
-                    self._ended(rt)
+                    self._handle_end(rt)
+
+    def _handle_end(self, rt: VmRuntime) -> None:
+        """Record the end of ``rt``'s VMM exactly once, whatever that VMM left behind."""
+        with self._end_lock:
+            if rt.handled:
+                return
+            rt.handled = True
+        try:
+            self._ended(rt)
+        except Exception as e:  # noqa: BLE001 - one VM's end never takes the monitor down
+            _log(f"recording the end of {rt.name} failed: {type(e).__name__}: {e}")
+            self._force_end(rt, f"the service could not record how the VMM ended: {type(e).__name__}: {e}")
+
+    def _force_end(self, rt: VmRuntime, detail: str) -> None:
+        """The end of a VM whose normal recording failed: every step on its own, none can stop the rest."""
+        with contextlib.suppress(OSError):
+            os.close(rt.pidfd)
+        if self.runtimes.get(rt.name) is rt:
+            self.runtimes.pop(rt.name, None)
+        with contextlib.suppress(Exception):
+            self.account.release(rt.name)
+        if self.use_cgroups:
+            with contextlib.suppress(Exception):
+                cg = self.cgroup(rt.name)
+                cg.kill()
+                cg.remove()
+        with contextlib.suppress(Exception):
+            self.store.update(rt.name, state="stopped" if rt.user_stop else "failed", pid=None,
+                              last_exit={"reason": "service-error", "exit_status": None, "crash": True,
+                                         "detail": _one_line(detail), "at": time.time()})
+            self.store.event(rt.name, "failed", _one_line(detail))
+
+    def _exit_info(self, name: str, wait_status: int | None) -> dict[str, Any]:
+        path = os.path.join(self.vm_dir(name), EXIT_REPORT)
+        try:
+            report = vmmproto.read_exit_report(path, what=f"the exit report of {name}")
+        except UntrustedInput as e:
+            return describe_exit(None, wait_status, unreadable=str(e))
+        return describe_exit(report, wait_status)
 
     def _ended(self, rt: VmRuntime) -> None:
         wait_status = None
         if rt.child:
             with contextlib.suppress(ChildProcessError):
                 _, wait_status = os.waitpid(rt.pid, 0)
-        report = None
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(self.vm_dir(rt.name), EXIT_REPORT)) as f:
-                text = f.read()
-            report = json.loads(text) if text.strip() else None
-        info = describe_exit(report, wait_status)
-        info["at"] = time.time()
-        self._record_end(rt.name, info, user_stop=rt.user_stop, ran=time.time() - rt.started)
-        with contextlib.suppress(OSError):
-            os.close(rt.pidfd)
-        self.runtimes.pop(rt.name, None)
+        try:
+            info = self._exit_info(rt.name, wait_status)
+            info["at"] = time.time()
+            self._record_end(rt.name, info, user_stop=rt.user_stop, ran=time.time() - rt.started)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(rt.pidfd)
+            if self.runtimes.get(rt.name) is rt:
+                self.runtimes.pop(rt.name, None)
 
     def _record_end(self, name: str, info: dict[str, Any], *, user_stop: bool, ran: float) -> None:
         rec = self.store.get(name)
@@ -462,62 +525,78 @@ class Service:
                           restarts=0 if not failed else restarts)
 
     def _restart(self, name: str) -> None:
-        with self.lock(name):
-            if self.timers.pop(name, None) is None or self._closing:
-                return  # cancelled meanwhile
-            rec = self.store.get(name)
-            if rec is None or rec["state"] != "restarting":
-                return
-            try:
-                self._start_locked(rec)
-                self.store.update(name, restarts=rec["restarts"])
-                self.store.event(name, "restarted", f"restart {rec['restarts']}")
-            except VirtkitError as e:
-                self.store.event(name, "restart-failed", str(e))
+        try:
+            with self.lock(name):
+                if self.timers.pop(name, None) is None or self._closing:
+                    return  # cancelled meanwhile
+                rec = self.store.get(name)
+                if rec is None or rec["state"] != "restarting":
+                    return
+                try:
+                    self._start_locked(rec)
+                    self.store.update(name, restarts=rec["restarts"])
+                    self.store.event(name, "restarted", f"restart {rec['restarts']}")
+                except VirtkitError as e:
+                    self.store.event(name, "restart-failed", str(e))
+        except Exception as e:  # noqa: BLE001 - a timer thread dies silently otherwise, the VM stuck
+            _log(f"restarting {name} failed: {type(e).__name__}: {e}")
+            with contextlib.suppress(Exception):
+                self.store.update(name, state="failed", pid=None)
+                self.store.event(name, "restart-failed", _one_line(f"{type(e).__name__}: {e}"))
 
     # --- re-attach -------------------------------------------------------------------------------
     def reattach(self) -> None:
+        """Find every VM's VMM again (module docstring). Survives anything a VMM left behind:
+        a VM whose record cannot be handled is marked failed with the reason, and the rest go on."""
         for rec in self.store.all():
-            name = rec["name"]
-            if rec["state"] == "restarting":
-                self.store.update(name, state="failed")
-                rec["state"] = "failed"
-                info = rec["last_exit"] or {"reason": "unknown", "detail": "", "crash": True}
-                self._record_end(name, dict(info), user_stop=False, ran=0.0)
-                continue
-            if rec["state"] not in ACTIVE:
-                continue
-            path = self.control_path(rec)
-            pid = None
             try:
-                reply, pid = control_request(path, {"op": "status"}, timeout=2.0)
-                ok = reply.get("ok") and reply.get("instance") == rec["instance"]
-            except (OSError, ValueError):
+                self._reattach_one(rec)
+            except Exception as e:  # noqa: BLE001 - virtkitd must always start
+                _log(f"re-attaching {rec['name']} failed: {type(e).__name__}: {e}")
+                with contextlib.suppress(Exception):
+                    self.store.update(rec["name"], state="failed", pid=None, last_exit={
+                        "reason": "service-error", "exit_status": None, "crash": True, "at": time.time(),
+                        "detail": _one_line(f"re-attach failed: {type(e).__name__}: {e}")})
+
+    def _reattach_one(self, rec: dict[str, Any]) -> None:
+        name = rec["name"]
+        if rec["state"] == "restarting":
+            self.store.update(name, state="failed")
+            rec["state"] = "failed"
+            info = rec["last_exit"] or {"reason": "unknown", "detail": "", "crash": True}
+            self._record_end(name, dict(info), user_stop=False, ran=0.0)
+            return
+        if rec["state"] not in ACTIVE:
+            return
+        path = self.control_path(rec)
+        pid = 0
+        ok = False
+        pidfd = -1
+        try:
+            reply, pid = vmmproto.request(path, {"op": "status"}, vmmproto.StatusReply, deadline=2.0,
+                                          what=f"the VMM of {name}")
+            ok = reply.instance == rec["instance"] and pid > 0
+        except vmmproto.VmmUnresponsive:
+            ok = False
+        if ok:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
                 ok = False
-            if ok and pid:
-                try:
-                    pidfd = os.pidfd_open(pid)
-                except OSError:
-                    ok = False
-            if ok and pid:
-                d = rec["definition"]
-                with contextlib.suppress(InsufficientResources):
-                    self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
-                rt = VmRuntime(name, pid, pidfd, rec["instance"], child=False)
-                rt.started = rec["started"] or time.time()
-                self.runtimes[name] = rt
-                self.store.update(name, state="running", pid=pid)
-                self.store.event(name, "reattached", f"VMM pid {pid}")
-                continue
-            report = None
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(self.vm_dir(name), EXIT_REPORT)) as f:
-                    text = f.read()
-                report = json.loads(text) if text.strip() else None
-            info = describe_exit(report, None)
-            info["at"] = time.time()
-            info["detail"] = (info["detail"] + " (while the service was down)").strip()
-            self._record_end(name, info, user_stop=False, ran=0.0)
+        if ok:
+            d = rec["definition"]
+            with contextlib.suppress(InsufficientResources):
+                self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
+            rt = VmRuntime(name, pid, pidfd, rec["instance"], child=False)
+            rt.started = rec["started"] or time.time()
+            self.runtimes[name] = rt
+            self.store.update(name, state="running", pid=pid)
+            self.store.event(name, "reattached", f"VMM pid {pid}")
+            return
+        info = self._exit_info(name, None)
+        info["at"] = time.time()
+        info["detail"] = (info["detail"] + " (while the service was down)").strip()
+        self._record_end(name, info, user_stop=False, ran=0.0)
 
     # --- queries ---------------------------------------------------------------------------------
     def public(self, rec: dict[str, Any]) -> dict[str, Any]:
@@ -539,23 +618,28 @@ class Service:
         if rt is not None:
             out["rss_bytes"] = _rss(rt.pid)
             try:
-                reply, _ = control_request(self.control_path(rec), {"op": "stats"}, timeout=2.0)
-                out["vmm"] = reply.get("stats", {})
-            except (OSError, ValueError):
+                reply, _ = vmmproto.request(self.control_path(rec), {"op": "stats"}, vmmproto.StatsReply,
+                                            deadline=2.0, what=f"the VMM of {name}")
+                out["vmm"] = {k: v for k, v in to_json(reply.stats).items() if v is not None}
+            except vmmproto.VmmUnresponsive as e:
                 out["vmm"] = {}
+                out["vmm_error"] = _one_line(str(e))
         out["memory_bytes"] = rec["definition"]["memory_mib"] * MIB
         out["vcpus"] = rec["definition"]["vcpus"]
         return out
 
     def logs(self, name: str, offset: int, limit: int) -> dict[str, Any]:
+        """The serial log, which the VMM fills: read from a regular file only, at most ``limit``."""
         self.get(name)
         path = os.path.join(self.vm_dir(name), SERIAL_LOG)
         try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(limit)
+            data = vmmproto.read_bounded(path, offset, limit)
         except FileNotFoundError:
             data = b""
+        except UntrustedInput as e:
+            raise Conflict(f"{name}'s serial log cannot be served: {e}") from None
+        except OSError as e:
+            raise Conflict(f"{name}'s serial log cannot be read: {e.strerror}") from None
         return {"offset": offset, "next": offset + len(data), "data": data.decode("utf-8", errors="replace")}
 
     def console_write(self, name: str, data: str) -> None:
@@ -565,12 +649,13 @@ class Service:
         import base64
 
         try:
-            reply, _ = control_request(self.control_path(rec), {
-                "op": "console-write", "data": base64.b64encode(data.encode()).decode()})
-        except (OSError, ValueError) as e:
-            raise Conflict(f"{name}'s VMM did not answer: {e}") from None
-        if not reply.get("ok"):
-            raise Conflict(f"{name}'s VMM refused the input: {reply.get('error')}")
+            reply, _ = vmmproto.request(self.control_path(rec), {
+                "op": "console-write", "data": base64.b64encode(data.encode()).decode()}, vmmproto.OkReply,
+                what=f"{name}'s VMM")
+        except vmmproto.VmmUnresponsive as e:
+            raise Conflict(_one_line(str(e))) from None
+        if not reply.ok:
+            raise Conflict(f"{name}'s VMM refused the input: {_one_line(reply.error or 'no reason')}")
 
     def host(self) -> dict[str, Any]:
         from virtkit.container.cgroups import detect
@@ -594,9 +679,47 @@ def _rss(pid: int) -> int:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _log(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"virtkitd: {text}\n")
+        sys.stderr.flush()
+
+
+def _private_dir(path: str) -> None:
+    """``path`` as a directory only root can enter (0700), also when it existed with a looser
+    mode: the database, VM definitions and sockets are under it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    import stat as stat_mod
+
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a directory")
+    if stat_mod.S_IMODE(st.st_mode) != 0o700 or st.st_uid != os.geteuid():
+        os.chown(path, os.geteuid(), os.getegid())
+        os.chmod(path, 0o700)
+
+
+def _read_line(fd: int, timeout: float, cap: int) -> bytes:
+    """The first line from pipe ``fd`` (without its newline), at most ``cap`` bytes, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf and len(buf) <= cap:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, cap + 1 - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\n", 1)[0][:cap + 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reserve-memory", default=None, help="memory kept for the host (default max(1G, 5%%))")
     p.add_argument("--cgroup-parent", default="virtkitd", help="parent cgroup of the VMs (default virtkitd)")
     p.add_argument("--backoff", type=float, default=BACKOFF_BASE, help="first restart delay in seconds")
+    p.add_argument("--vmm-module", default="virtkit.service.vmm", help=argparse.SUPPRESS)  # tests: a hostile VMM
     args = p.parse_args(argv)
     if args.overcommit <= 0:
         print("virtkitd: error: --overcommit must be positive", file=sys.stderr)
@@ -625,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reserve = parse_size(args.reserve_memory, what="--reserve-memory") if args.reserve_memory else None
         service = Service(args.state_dir, args.run_dir, overcommit=args.overcommit, reserve=reserve,
-                          cgroup_parent=args.cgroup_parent, backoff_base=args.backoff)
+                          cgroup_parent=args.cgroup_parent, backoff_base=args.backoff, vmm_module=args.vmm_module)
     except (VirtkitError, OSError) as e:
         print(f"virtkitd: error: {e}", file=sys.stderr)
         return 2

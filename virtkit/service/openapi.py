@@ -84,7 +84,11 @@ SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "virtkitd", "version": "1",
              "description": "virtkit's hypervisor service: VMs, each in its own confined VMM process, with "
-                            "quotas. Served on a Unix socket (default /run/virtkitd/api.sock)."},
+                            "quotas. Served on a Unix socket (default /run/virtkitd/api.sock). Every answer "
+                            "is JSON (errors: {\"error\": \"<one line>\"}), HTTP-level errors included; a "
+                            "request must arrive within 5 s a part (line, headers, body) or the connection "
+                            "is closed (a short body is a 400); past 64 connections at once, one more gets "
+                            "a 503 at once."},
     "paths": {
         "/v1/host": {"get": {"summary": "host capacity and what running VMs hold",
                              "responses": {"200": _json({"type": "object"}, "capacity and usage")}}},

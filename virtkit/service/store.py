@@ -8,7 +8,9 @@ found again on the next start (:meth:`virtkit.service.daemon.Service.reattach`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -42,6 +44,13 @@ COLUMNS = ("id", "name", "definition", "state", "instance", "pid", "created", "s
 
 class Store:
     def __init__(self, path: str) -> None:
+        # VM definitions hold kernel command lines: the database and its WAL files are the
+        # service's alone (0600), also when an older service left them readable. SQLite gives
+        # the -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        for p in (path, path + "-wal", path + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(p, 0o600)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self.lock = threading.Lock()
         with self.lock:

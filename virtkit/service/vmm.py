@@ -280,7 +280,8 @@ def _status_of(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, vmm_class: type[Vmm] | None = None) -> int:
+    """``vmm_class``: what runs the guest once built and confined (tests substitute a hostile one)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="virtkit vmm", description="run one VM from VMDIR/definition.json")
@@ -315,22 +316,27 @@ def main(argv: list[str] | None = None) -> int:
                     continue
     else:
         print(json.dumps({"pid": os.getpid()}), flush=True)
-    return _vmm_main(vmdir, definition, jailed, args)
+    return _vmm_main(vmdir, definition, jailed, args, vmm_class or Vmm)
 
 
-def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object) -> int:
+def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object, vmm_class: type[Vmm]) -> int:
     import virtkit.diagnose  # noqa: F401 - crash reports must not need an import after confinement
     import virtkit.stats  # noqa: F401
     from virtkit.api import exit_status_for  # noqa: F401
 
     try:
-        vmm = Vmm(vmdir, definition)
+        vmm = vmm_class(vmdir, definition)
+        # stdout is the launcher's pipe to the service, which reads one line from it: the VMM has
+        # nothing to say there, so a subverted one cannot write to it either
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(devnull, 1)
+        os.close(devnull)
         if jailed:
-            from virtkit.jail.confine import EXTRA_THREADS, JailSpec, confine
+            from virtkit.jail.confine import JailSpec, confine, thread_limit
 
             j: dict[str, int] = definition.get("jail") or {}
             spec = JailSpec(uid=int(j.get("uid", 65534)), gid=int(j.get("gid", 65534)),
-                            threads=int(definition["vcpus"]) + EXTRA_THREADS,
+                            threads=thread_limit(int(definition["vcpus"]), definition.get("mode") == "para"),
                             max_file_size=int(j.get("max_log", 64 << 20)),
                             seccomp=not getattr(args, "no_seccomp", False))
             confine(spec)
@@ -338,7 +344,7 @@ def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object
         os.write(2, f"virtkit vmm: error: {e}\n".encode())
         try:
             fd = os.open(os.path.join(vmdir, EXIT_REPORT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            os.write(fd, json.dumps({"reason": "error", "exit_status": 1, "detail": str(e),
+            os.write(fd, json.dumps({"reason": "error", "exit_status": 1, "detail": str(e)[:4000],
                                      "crash": False, "ended": time.time()}).encode())
             os.close(fd)
         except OSError:

@@ -32,7 +32,8 @@ def vmm_pids(state_dir: str) -> list[int]:
             cmd = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"virtkit.service.vmm" in cmd and any(a.startswith(state_dir.encode()) for a in cmd):
+        vmm = b"virtkit.service.vmm" in cmd or b"hostile_vmm" in cmd  # the daemon names hostile_vmm too
+        if vmm and b"--dir" in cmd and any(a.startswith(state_dir.encode()) for a in cmd):
             try:
                 if Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                     continue
@@ -43,12 +44,13 @@ def vmm_pids(state_dir: str) -> list[int]:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, extra: list[str]) -> None:
+    def __init__(self, tmp: Path, extra: list[str], env: dict[str, str] | None = None) -> None:
         self.state_dir = str(tmp / "state")
         self.run_dir = tempfile.mkdtemp(prefix="vkd", dir="/tmp")  # short: sun_path holds 108 bytes
         self.socket = os.path.join(self.run_dir, "api.sock")
         self.cgroup_parent = f"virtkitd-test-{os.getpid()}-{tmp.name}"[:60]
         self.extra = extra
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = Client(self.socket, timeout=60)
 
@@ -58,7 +60,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtkit.service.daemon", "--state-dir", self.state_dir, "--run-dir",
              self.run_dir, "--cgroup-parent", self.cgroup_parent, *self.extra],
-            stdin=subprocess.DEVNULL, stderr=open(os.path.join(self.run_dir, "virtkitd.log"), "ab"))  # noqa: SIM115
+            stdin=subprocess.DEVNULL, stderr=open(os.path.join(self.run_dir, "virtkitd.log"), "ab"),  # noqa: SIM115
+            env=self.env)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -117,8 +120,8 @@ def daemon_factory(tmp_path: Path, guests: Path, kvm: None) -> Iterator[Any]:
         pytest.skip("needs root: namespaces, cgroups, setuid")
     made: list[Daemon] = []
 
-    def make(*extra: str) -> Daemon:
-        d = Daemon(tmp_path, list(extra))
+    def make(*extra: str, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(tmp_path, list(extra), env)
         made.append(d)
         d.start()
         return d

@@ -185,3 +185,194 @@ def test_the_api_never_answers_5xx_to_generated_input(d: Any) -> None:
     for vm in d.call("GET", "/v1/vms"):  # generated creates may have defined VMs (none can start)
         d.call("DELETE", f"/v1/vms/{vm['name']}?force=true")
     _nothing_left(d)
+
+
+# --- HTTP-level input: short bodies, garbage, slow senders, too many connections --------------------
+
+def _raw(d: Any, data: bytes, *, read_timeout: float = 20) -> tuple[int, dict[str, Any], float]:
+    """Send ``data`` as is; (status, JSON body, seconds until the answer)."""
+    import socket
+    import time
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(read_timeout)
+    s.connect(d.socket)
+    t0 = time.monotonic()
+    try:
+        s.sendall(data)
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    elapsed = time.monotonic() - t0
+    head, _, body = buf.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    if b"text/plain" in head and status < 400:  # /metrics
+        return status, {"text": body.decode()}, elapsed
+    assert b"application/json" in head, head  # everything else, and every error
+    return status, json.loads(body), elapsed
+
+
+def test_a_body_shorter_than_its_content_length_is_a_400_not_a_500(d: Any) -> None:
+    from virtkit.service.api import READ_TIMEOUT
+
+    status, body, elapsed = _raw(d, b"POST /v1/vms HTTP/1.0\r\nContent-Type: application/json\r\n"
+                                    b"Content-Length: 100\r\n\r\n{\"name\": \"x\"")
+    assert status == 400 and "ended after 12 of its 100 bytes" in body["error"], body
+    assert elapsed < READ_TIMEOUT + 10  # within the read timeout (plus a busy machine's slack)
+    _nothing_left(d)
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"\x00\xff\xfe garbage \x01\r\n\r\n", 400),
+    (b"GET /v1/vms HTTP/9.9\r\n\r\n", 400),
+    (b"GET /v1/vms HTTP/1.0 extra words\r\n\r\n", 400),
+    (b"BREW /v1/vms HTTP/1.0\r\n\r\n", 405),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n", 414),
+    (b"GET /v1/vms HTTP/1.0\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
+    (b"GET /v1/vms HTTP/1.0\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+])
+def test_http_level_errors_are_json_4xx(d: Any, request_bytes: bytes, status: int) -> None:
+    code, body, _ = _raw(d, request_bytes)
+    assert code == status, (code, body)
+    assert body["error"] and "\n" not in body["error"]
+
+
+@pytest.mark.parametrize(("path", "length", "status"), [
+    ("/v1/nothing", 60_000, 404),  # refused by its path: the body is read all the same
+    ("/v1/vms/bad%20name/start", 30_000, 400),
+    ("/v1/vms", openapi.MAX_BODY + 200_000, 413),  # over the limit, under the drain limit
+])
+def test_a_client_still_sending_its_body_reads_the_error(d: Any, path: str, length: int, status: int) -> None:
+    """The answer comes after the body was read: a slow sender gets it instead of a broken pipe."""
+    import socket
+    import time
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(d.socket)
+    try:
+        s.sendall(f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+                  .encode())
+        sent = 0
+        while sent < length:  # in pieces, with pauses, as a client on a loaded machine would
+            n = min(8192, length - sent)
+            s.sendall(b" " * n)  # raises BrokenPipeError if the server answered and hung up early
+            sent += n
+            if sent % 65536 < 8192:
+                time.sleep(0.05)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    finally:
+        s.close()
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert int(head.split()[1]) == status, buf[:300]
+    assert json.loads(body)["error"]
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_are_capped_with_a_json_503_and_timed_out(d: Any) -> None:
+    import socket
+    import time
+
+    from virtkit.service.api import MAX_CONNECTIONS, READ_TIMEOUT
+
+    before = _threads(d.proc.pid)
+    conns = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 136):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)  # blocking: a full backlog waits instead of EAGAIN
+            conns.append(s)
+        deadline = time.monotonic() + 20
+        while _threads(d.proc.pid) < before + MAX_CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _threads(d.proc.pid) <= before + MAX_CONNECTIONS + 2  # not one thread per connection
+        # the overflow is answered at once, in JSON
+        busy = 0
+        for s in conns[MAX_CONNECTIONS + 8:]:
+            s.settimeout(10)
+            data = s.recv(65536)
+            if data.startswith(b"HTTP/1.0 503"):
+                assert "retry shortly" in json.loads(data.partition(b"\r\n\r\n")[2])["error"]
+                busy += 1
+        assert busy >= 100, busy
+        # the idle ones are closed after the read timeout, freeing their threads
+        t0 = time.monotonic()
+        for s in conns[:MAX_CONNECTIONS]:
+            s.settimeout(READ_TIMEOUT + 20)
+            assert s.recv(65536) == b""
+        assert time.monotonic() - t0 < READ_TIMEOUT + 20
+    finally:
+        for s in conns:
+            s.close()
+    deadline = time.monotonic() + 20
+    while _threads(d.proc.pid) > before + 2:
+        assert time.monotonic() < deadline, _threads(d.proc.pid)
+        time.sleep(0.05)
+    assert d.call("GET", "/v1/vms") == []  # and it serves again
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """Generated requests at the HTTP level: the operations of the document with bodies whose
+    Content-Length may lie (short bodies wait out the read timeout, so they are rare), random
+    methods and header values, and random bytes."""
+    method, url, body = draw(requests())
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=200)) + b"\r\n\r\n"
+    method = draw(st.sampled_from([method, method, method, "PATCH", "OPTIONS", "get", "X" * 30]))
+    payload = body if body is not None else draw(st.one_of(st.just(b""), st.binary(max_size=100)))
+    lie = draw(st.integers(0, 39))
+    length = len(payload) + (1 if lie == 0 else -1 if lie == 1 and payload else 0)
+    ctype = draw(st.sampled_from(["application/json", "application/json", "text/x"]))
+    headers = [f"Content-Length: {length}", f"Content-Type: {ctype}"]
+    if draw(st.booleans()):
+        junk = draw(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+        headers.append(f"X-Junk: {junk}")
+    head = f"{method} {url} HTTP/1.0\r\n" + "\r\n".join(headers) + "\r\n\r\n"
+    return head.encode() + payload
+
+
+def test_http_level_fuzz_under_concurrent_load_never_answers_5xx(d: Any) -> None:
+    """The generated requests of the fuzzer above at the HTTP level, while other clients keep the
+    API busy: every answer is JSON and under 500."""
+    stop = threading.Event()
+    bad: list[object] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            code, data = d.client.request("GET", "/v1/vms")
+            if code >= 500:
+                bad.append(data[:200])
+
+    loaders = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    try:
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(raw_requests())
+        def run(raw: bytes) -> None:
+            code, body, _ = _raw(d, raw)
+            assert code < 500, (raw[:200], body)
+            if code >= 400:
+                assert body["error"] and "\n" not in body["error"]
+
+        run()
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(10)
+    assert not bad, bad
+    for vm in d.call("GET", "/v1/vms"):
+        d.call("DELETE", f"/v1/vms/{vm['name']}?force=true")
+    _nothing_left(d)

@@ -123,3 +123,36 @@ def test_a_running_vmm_is_confined(vmdir: Path, guests: Path) -> None:
         assert launcher.wait(timeout=20) == STOPPED_STATUS
         launcher.stdout.close()  # type: ignore[union-attr]
         launcher.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_para_vmm_has_no_spare_thread_either(vmdir: Path, guests: Path) -> None:
+    """Para mode runs one more thread (virtio's I/O thread); its limit grows by exactly that one."""
+    define(vmdir, guests / "spin.elf", mode="para", cmdline="cpl=3")
+    r = vmm(vmdir, "--no-seccomp", "--probe", "fork")
+    assert r.returncode == STOPPED_STATUS, (r.returncode, r.stderr)
+    assert "probe fork: denied: Resource temporarily unavailable" in r.stderr
+
+
+def test_a_para_vmm_runs_its_virtio_guest_under_the_filter(vmdir: Path, guests: Path) -> None:
+    define(vmdir, guests / "parawork.elf", mode="para", cmdline="work=console,null,cpu bytes=65536 n=1000 loop=1000")
+    r = vmm(vmdir)
+    assert r.returncode == 1, (r.returncode, r.stderr)  # debug-exit 0, not 159 (SIGSYS)
+    assert "work=console mode=para via=virtio" in (vmdir / "serial.log").read_text()
+
+
+@pytest.mark.parametrize(("guest", "mode", "cmdline", "line"), [
+    ("parawork.elf", "para", "work=disk sectors=64 irq=1", "work=disk mode=para via=virtio"),  # blk, irqfd
+    ("parawork.elf", "para", "work=disk via=hcall sectors=64", "work=disk mode=para via=hcall"),
+    ("fullwork.elf", "full", "work=disk sectors=64", "work=disk mode=full"),  # ATA PIO
+])
+def test_disk_guests_run_under_the_filter(vmdir: Path, guests: Path, guest: str, mode: str, cmdline: str,
+                                          line: str) -> None:
+    """The service's API has no disks yet; its VMM has. Every disk path under the real filter."""
+    disk = vmdir / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    define(vmdir, guests / guest, mode=mode, cmdline=cmdline, disks=[{"path": str(disk)}])
+    r = vmm(vmdir)
+    assert r.returncode == 1, (r.returncode, r.stderr)  # debug-exit 0: every check of the guest passed
+    out = (vmdir / "serial.log").read_text()
+    assert line in out and " ok" in out, out[-500:]

@@ -19,6 +19,7 @@ from virtkit.service.daemon import describe_exit, is_failure
 from virtkit.service.resources import Account, InsufficientResources
 from virtkit.service.store import Store
 from virtkit.service.vmm import SerialSink
+from virtkit.service.vmmproto import ExitReport
 
 ROOT = Path(__file__).resolve().parents[3]
 KVM_RUN = 0xAE80
@@ -122,10 +123,25 @@ def test_account_refuses_what_it_cannot_back() -> None:
 def test_exit_descriptions() -> None:
     killed = describe_exit(None, signal.SIGSYS)  # a wait status: terminated by SIGSYS
     assert killed["reason"] == "vmm-killed" and "seccomp" in killed["detail"] and is_failure(killed)
-    ok = describe_exit({"reason": "debug-exit", "exit_status": 1, "crash": False, "detail": ""}, 1 << 8)
+    ok = describe_exit(ExitReport(reason="debug-exit", exit_status=1), 1 << 8)
     assert not is_failure(ok)
     gone = describe_exit(None, None)
     assert gone["reason"] == "vmm-gone" and is_failure(gone)
+    bad = describe_exit(None, 1 << 8, unreadable="the exit report of a is a JSON array, not an object\nx\x1b[2J")
+    assert bad["reason"] == "bad-exit-report" and is_failure(bad)
+    assert bad["detail"] == ("the VMM wrote an unreadable exit report: the exit report of a is a JSON array, "
+                             "not an object x [2J")
+
+
+def test_store_files_are_the_services_alone(tmp_path: Path) -> None:
+    db = tmp_path / "virtkitd.db"
+    db.touch(mode=0o644)
+    db.chmod(0o644)  # as an older service left it
+    s = Store(str(db))
+    s.insert("a", {"cmdline": "secret"})
+    s.close()
+    for p in tmp_path.iterdir():
+        assert p.stat().st_mode & 0o077 == 0, p
 
 
 def test_serial_ring_keeps_offsets() -> None:
