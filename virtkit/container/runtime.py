@@ -26,7 +26,7 @@ from typing import Any
 
 from virtkit.container import libc
 from virtkit.container.cgroups import Cgroup, Layout, detect
-from virtkit.container.config import Config, Process, User, load_bundle, parse_config
+from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
 from virtkit.container.signals import parse_signal
 from virtkit.container.state import (
@@ -201,9 +201,7 @@ class Runtime:
         validate_id(cid)
         bundle = os.path.abspath(bundle)
         if config is None:
-            config, rootfs = load_bundle(bundle)
-            with open(os.path.join(bundle, "config.json"), "rb") as f:
-                raw_config = json.loads(f.read())
+            config, raw_config, rootfs = load_bundle_raw(bundle)
         assert rootfs is not None and raw_config is not None
         linux = config.linux
         if config.process.terminal and not console_socket and not console_proxy:
