@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pwd
@@ -82,6 +83,56 @@ def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+NSFS_MAGIC = 0x6E736673
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
+
+
+def open_namespaces(config: Config) -> dict[str, int]:
+    """Open every namespace the config joins by path, once: type -> fd (the children setns to the
+    fd, so the path is never walked again). Each must be a namespace file of the type it claims,
+    and one that sysctls or a hostname will be written to must not be the runtime's own (that
+    would change the host's values)."""
+    from virtkit.container.config import sysctl_namespace
+
+    targets = {sysctl_namespace(k) for k, _ in config.linux.sysctl}
+    if config.hostname is not None or config.domainname is not None:
+        targets.add("uts")
+    out: dict[str, int] = {}
+    try:
+        for i, ns in enumerate(config.linux.namespaces):
+            if not ns.path:
+                continue
+            where = f"config.json: linux.namespaces[{i}].path {ns.path}"
+            flag, name = libc.NAMESPACES[ns.type]
+            try:
+                fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise ConfigError(f"{where}: cannot open it ({err.strerror})") from None
+            out[ns.type] = fd
+            try:
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if libc.fstatfs_type(fd) == NSFS_MAGIC else None
+            except OSError:
+                kind = None
+            if kind is None:
+                raise ConfigError(f"{where} is not a namespace (give /proc/PID/ns/{name} or a bind mount of one)")
+            if kind != flag:
+                raise ConfigError(f"{where} is not a {ns.type} namespace")
+            if ns.type in targets:
+                st = os.fstat(fd)
+                for own in (f"/proc/self/ns/{name}", f"/proc/1/ns/{name}"):
+                    with contextlib.suppress(OSError):
+                        o = os.stat(own)
+                        if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                            raise ConfigError(f"{where} is the host's {ns.type} namespace, and the config sets "
+                                              "sysctls or names in it, which would change the host's; join another "
+                                              "namespace or drop them")
+    except BaseException:
+        for fd in out.values():
+            os.close(fd)
+        raise
+    return out
 
 
 def send_console(path: str, master: int) -> None:
@@ -218,6 +269,20 @@ class Runtime:
         netns = linux.namespace("network")
         if net == "bridge" and (netns is None or netns.path):
             raise ConfigError("--net bridge needs a new network namespace in config.json")
+        ns_fds = open_namespaces(config)  # before anything exists: a bad path is only an error
+        try:
+            return self._create(cid, bundle, config, rootfs, raw_config, ns_fds, seccomp, pid_file=pid_file,
+                                capture=capture, overlay=overlay, net=net, annotations=annotations,
+                                console_socket=console_socket)
+        finally:
+            for fd in ns_fds.values():
+                os.close(fd)
+
+    def _create(self, cid: str, bundle: str, config: Config, rootfs: str, raw_config: dict[str, Any],
+                ns_fds: dict[str, int], seccomp: bytes | None, *, pid_file: str | None, capture: bool,
+                overlay: dict[str, str] | None, net: str | None, annotations: dict[str, str] | None,
+                console_socket: str | None) -> Record:
+        linux = config.linux
         rootless = os.geteuid() != 0
         cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
         if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
@@ -256,7 +321,7 @@ class Runtime:
                     continue
                 flag = libc.NAMESPACES[kind][0]
                 if ns.path:
-                    join_ns.append((flag, ns.path))
+                    join_ns.append((flag, ns_fds[kind]))
                 elif kind == "user":
                     new_user = True
                 else:
