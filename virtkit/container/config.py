@@ -480,6 +480,8 @@ def _parse_cgroups_path(value: str | None) -> str | None:
     if value is None:
         return None
     what = "linux.cgroupsPath"
+    if "\0" in value:
+        raise _fail(what, "contains a NUL byte", value)
     if ":" in value:
         raise _fail(what, "is a systemd slice (slice:prefix:name), which virtkit does not support; "
                     "give a path like /virtkit/web", value)

@@ -22,7 +22,7 @@ import pwd
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from virtkit.container import libc
@@ -33,6 +33,7 @@ from virtkit.container.signals import parse_signal
 from virtkit.container.state import (
     FIFO,
     LOG_FILE,
+    CorruptState,
     Record,
     StateDir,
     atomic_write,
@@ -218,6 +219,7 @@ class Runtime:
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
         self._configs: dict[str, Config] = {}  # parsed configs of the containers this object created
         self._consoles: dict[str, int] = {}  # terminal master sides, for run in the foreground
+        self.warnings: list[str] = []  # things the caller should tell the user (a corrupt record removed...)
 
     def default_cgroup_path(self, cid: str) -> str:
         """``/virtkit/ID`` for the default root; other roots get a suffix of their own, so that two
@@ -292,7 +294,7 @@ class Runtime:
                      annotations=dict(config.annotations) | (annotations or {}),
                      creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
                      cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
-                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture, extra={})
+                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture)
         if self.dirs.exists(cid):  # checked again, atomically, when the state directory is made
             raise ContainerError(f"container id {cid!r} is already in use: pick another id or "
                                  f"'virtkit delete {cid}' first")
@@ -301,7 +303,7 @@ class Runtime:
         if cgroup is not None and any(d not in planned for d in cgroup.directories()):
             raise ContainerError(f"cgroup {cgroup.path} already exists: another container (or a crashed one) "
                                  "uses it; delete that container or set linux.cgroupsPath")
-        rec.extra = {"cgroup_made": planned}
+        rec.cgroup_made = planned
         cdir = self.dirs.create(rec, {CONFIG_COPY: json.dumps(raw_config).encode()})
         made: list[str] = list(planned)
         mon = 0
@@ -332,7 +334,7 @@ class Runtime:
 
                 net_spec = network.plan(self.dirs.root, cid)
                 rec.netdevs = [net_spec["host_if"]]
-                rec.extra = dict(rec.extra or {}, lease=net_spec["lease"], address=net_spec["address"])
+                rec.lease, rec.address = net_spec["lease"], net_spec["address"]
                 self.dirs.save(rec)
             spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
                             cgroup=cgroup, seccomp=seccomp,
@@ -508,9 +510,8 @@ class Runtime:
         }
         if rec.annotations:
             out["annotations"] = rec.annotations
-        address = (rec.extra or {}).get("address")
-        if address:
-            out["address"] = address
+        if rec.address:
+            out["address"] = rec.address
         info = self.dirs.exit_info(cid)
         if status == "stopped" and info:
             out["exitStatus"] = info.get("exitStatus")
@@ -523,12 +524,18 @@ class Runtime:
         out["oomKilled"] = oom
         return out
 
-    def containers(self) -> list[dict[str, Any]]:
-        """The OCI state of every container under this root."""
+    def containers(self, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        """The OCI state of every container under this root; one whose record is corrupt is left
+        out, and ``warn`` is told (with the command that removes it)."""
         out = []
         for cid in self.dirs.ids():
-            with contextlib.suppress(ContainerError):
+            try:
                 out.append(self.state(cid))
+            except CorruptState as err:
+                if warn is not None:
+                    warn(str(err))
+            except ContainerError:
+                continue  # deleted meanwhile
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -624,7 +631,13 @@ class Runtime:
 
     def delete(self, cid: str, force: bool = False) -> None:
         with self.dirs.lock(cid):
-            rec = self.dirs.load(cid)
+            try:
+                rec = self.dirs.load(cid)
+            except CorruptState:
+                if not force:
+                    raise
+                self._delete_corrupt(cid)
+                return
             status = current_status(rec)
             if status == "running" and not force:
                 raise ContainerError(f"cannot delete container {cid}: it is running; stop it "
@@ -632,7 +645,7 @@ class Runtime:
             if status == "creating" and not force:
                 raise ContainerError(f"cannot delete container {cid}: it is being created; retry, or use --force")
             cgroup = self._cgroup(rec) if rec.cgroup_path else None
-            made = list((rec.extra or {}).get("cgroup_made") or rec.cgroup_dirs or [])
+            made = self._made_cgroups(rec, cgroup)
             config = self._config(cid)
             self._teardown(rec, cgroup, made, kill=status != "stopped")
             if config is not None:
@@ -640,6 +653,47 @@ class Runtime:
                     self._run_hooks(config.hooks.poststop, rec)
             self.dirs.remove(cid)
             self._configs.pop(cid, None)
+
+    def _made_cgroups(self, rec: Record, cgroup: Cgroup | None) -> list[str]:
+        """The cgroup directories the record says create made, kept only where they are the
+        container's own path or one of its parents in one of the host's hierarchies."""
+        if cgroup is None:
+            return []
+        allowed = set()
+        for d in cgroup.directories():
+            top = d[: len(d) - len(cgroup.path)]
+            cur = cgroup.path
+            while cur not in ("", "/"):
+                allowed.add(top + cur)
+                cur = os.path.dirname(cur)
+        return [d for d in (rec.cgroup_made or rec.cgroup_dirs or []) if d in allowed]
+
+    def _delete_corrupt(self, cid: str) -> None:
+        """``delete --force`` of a container whose record cannot be trusted: release what can be
+        found without it (its cgroup at the path its saved config or the default names, a mount
+        below its directory, its bridge device and lease), then remove the directory."""
+        found: list[str] = []
+        config = self._config(cid)
+        path = config.linux.cgroups_path if config is not None and config.linux.cgroups_path else \
+            self.default_cgroup_path(cid)
+        if os.geteuid() == 0:
+            with contextlib.suppress(ContainerError, OSError):
+                cgroup = Cgroup(self.layout, path)
+                if any(os.path.isdir(d) for d in cgroup.directories()):
+                    found.append(f"cgroup {path}")
+                    self._teardown(Record(id=cid, bundle="", cgroup_path=path), cgroup, [], kill=True)
+        from virtkit.container import network
+
+        host_if = network.host_ifname(self.dirs.root, cid)
+        lease = network.lease_of(host_if)
+        if lease is not None or os.path.exists(f"/sys/class/net/{host_if}"):
+            found.append(f"network device {host_if}")
+            with contextlib.suppress(Exception):  # noqa: BLE001 - best effort, said in the warning
+                network.remove_link(host_if, lease)
+        self.dirs.remove(cid)  # unmounts what is mounted below it first
+        self._configs.pop(cid, None)
+        self.warnings.append(f"state of container {cid} was corrupt; removed it"
+                             + (f" and released {', '.join(found)}" if found else ""))
 
     def _teardown(self, rec: Record, cgroup: Cgroup | None, made: list[str], kill: bool) -> None:
         """Release everything a container holds; safe to repeat, safe on half-made containers."""
@@ -672,7 +726,7 @@ class Runtime:
         for dev in rec.netdevs or []:
             from virtkit.container import network
 
-            network.remove_link(dev, (rec.extra or {}).get("lease"))
+            network.remove_link(dev, rec.lease)
         for target in rec.mounts or []:
             try:
                 libc.umount2(target, libc.MNT_DETACH)
@@ -859,10 +913,14 @@ class Runtime:
     def _config(self, cid: str) -> Config | None:
         if cid in self._configs:
             return self._configs[cid]
+        from virtkit.container.config import MAX_CONFIG_BYTES
+        from virtkit.container.state import read_small
+        from virtkit.records import UntrustedInput, load_object
+
         try:
-            with open(self.dirs.path(cid, CONFIG_COPY), "rb") as f:
-                return parse_config(json.loads(f.read()))
-        except (OSError, ValueError, ConfigError):
+            data = read_small(self.dirs.path(cid, CONFIG_COPY), MAX_CONFIG_BYTES)
+            return parse_config(load_object(data, what="config.json", max_bytes=MAX_CONFIG_BYTES))
+        except (OSError, UntrustedInput, ConfigError):
             return None
 
     def _run_hooks(self, hooks: tuple[Any, ...], rec: Record) -> None:

@@ -199,3 +199,76 @@ def test_good_image_runs_with_limits(rt: Any, tmp_path: Path, monkeypatch: pytes
     # copy-on-write: the image's rootfs did not change
     assert not (store / "bb" / "rootfs" / "bin" / "file").exists()
     _state_is_empty(rt)
+
+
+# ---- bundles and state records the CLI must survive ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/virtkit/a\u0000b", "/", "", "/a/../../b", "/" + "x" * 300, "/cgroup.procs/x"])
+def test_bad_cgroups_path_creates_nothing(cli: Any, rt: Any, bundle: Any, path: str) -> None:
+    """A cgroupsPath with a NUL byte crashed run with a traceback and left a record that broke
+    list, state and delete -f until removed by hand."""
+    b = bundle(["true"], {"linux.cgroupsPath": path})
+    _one_line_error(*cli("oci", "run", "nul", "--bundle", str(b)))
+    _state_is_empty(rt)
+    assert cli("list")[0] == 0
+    _one_line_error(*cli("state", "nul"), "does not exist")
+
+
+def _corruptions(good: bytes) -> dict[str, Any]:
+    import json
+
+    raw = json.loads(good)
+
+    def hostile(**changes: Any) -> bytes:
+        return json.dumps(dict(raw, **changes)).encode()
+
+    return {
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "garbage": os.urandom(64),
+        "array": b"[]",
+        "deep": b"[" * 50_000 + b"]" * 50_000,
+        "wrong-types": hostile(pid="1", status=7),
+        "root-cgroup": hostile(cgroup_path="/"),  # delete must never kill the host's processes
+        "foreign-mount": hostile(mounts=["/"]),
+        "foreign-lease": hostile(lease="/etc/passwd"),
+        "foreign-netdev": hostile(netdevs=["lo"]),
+        "other-id": hostile(id="someone-else"),
+        "no-state-file": None,
+        "symlinked-state": "symlink",
+    }
+
+
+@pytest.mark.parametrize("kind", list(_corruptions(b'{"id": "x"}')))
+def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: Any, kind: str,
+                                                    tmp_path: Path) -> None:
+    b = bundle(["sleep", "300"])
+    assert cli("create", "bad", "--bundle", str(b))[0] == 0
+    assert cli("start", "bad")[0] == 0
+    rec = rt.dirs.load("bad")
+    state = Path(rt.dirs.path("bad", "state.json"))
+    content = _corruptions(state.read_bytes())[kind]
+    if content is None:
+        state.unlink()
+    elif content == "symlink":
+        target = tmp_path / "elsewhere.json"
+        target.write_bytes(state.read_bytes())
+        state.unlink()
+        os.symlink(target, state)
+    else:
+        state.write_bytes(content)
+    assert cli("create", "good", "--bundle", str(bundle(["true"])))[0] == 0  # others keep working
+    status, err = cli("list")
+    assert status == 0 and err.count("\n") == 1 and "virtkit: warning: state of container 'bad' is corrupt" in err
+    _one_line_error(*cli("state", "bad"), "corrupt", "delete --force bad")
+    _one_line_error(*cli("delete", "bad"), "corrupt")
+    status, err = cli("delete", "--force", "bad")
+    assert status == 0 and "was corrupt" in err, err
+    # what the record named is released all the same: the init is gone, its cgroups too
+    from virtkit.container.state import process_alive
+
+    assert not process_alive(rec.pid, rec.pid_start)
+    assert not any(os.path.exists(d) for d in rec.cgroup_dirs or [])
+    assert cli("delete", "good")[0] == 0
+    _state_is_empty(rt)
