@@ -135,7 +135,8 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path
         blobs[d] = data
         return {"digest": f"sha256:{d}", "size": len(data)}
 
-    config = blob(json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers"}}).encode())
+    diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(x)).hexdigest() for x in layers]
+    config = blob(json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
     manifest = {"schemaVersion": 2, "config": config,
                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers]}
     index = {"schemaVersion": 2, "manifests": [blob(json.dumps(manifest).encode())]}
@@ -271,4 +272,48 @@ def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: A
     assert not process_alive(rec.pid, rec.pid_start)
     assert not any(os.path.exists(d) for d in rec.cgroup_dirs or [])
     assert cli("delete", "good")[0] == 0
+    _state_is_empty(rt)
+
+
+def test_an_image_never_brings_devices_or_setuid_files(rt: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """The store handed out host devices: a layer's block device node was made with mknod in a
+    world-traversable store, and an unprivileged user read the host's disk through it."""
+    import stat
+
+    store = tmp_path / "store"
+    store.mkdir(mode=0o755)
+    os.chmod(store, 0o755)  # an old, world-traversable store
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
+    major, minor = os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tar.gettarinfo("/bin/busybox", arcname="bin/busybox")
+        info.mode = 0o4755  # setuid root
+        info.uid = info.gid = 0
+        with open("/bin/busybox", "rb") as f:
+            tar.addfile(info, f)
+        for applet in ("sh", "ls", "head", "stat"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        for name, kind, dev in (("disk", tarfile.BLKTYPE, (major, minor)), ("mem", tarfile.CHRTYPE, (1, 1))):
+            node = tarfile.TarInfo(name)
+            node.type, node.mode = kind, 0o666
+            node.devmajor, node.devminor = dev
+            tar.addfile(node)
+    archive = _oci_archive(tmp_path / "devs.tar", [gzip.compress(buf.getvalue())])
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")
+    assert main(["--root", rt.dirs.root, "import", str(archive), "--name", "devs"]) == 0
+    assert "skipped 2 device node(s)" in capfd.readouterr().err
+    assert os.stat(store).st_mode & 0o777 == 0o700
+    found = [p for p in store.rglob("*") if stat.S_ISBLK(p.lstat().st_mode) or stat.S_ISCHR(p.lstat().st_mode)]
+    assert found == []
+    assert os.stat(store / "devs" / "rootfs" / "bin" / "busybox").st_mode & 0o7777 == 0o755
+    status = main(["--root", rt.dirs.root, "run", "--mode", "container", "devs", "--", "sh", "-c",
+                   "head -c 1 /disk; head -c 1 /mem; stat -c %a /bin/busybox"])
+    out = capfd.readouterr()
+    assert status == 0, out.err
+    assert out.out.split() == ["755"] and out.err.count("No such file") == 2, out
     _state_is_empty(rt)
