@@ -199,8 +199,13 @@ def _record(cls: type[Any], data: bytes, what: str) -> Any:
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     from virtkit.container import libc
 
-    for d in (upper, work, target):
+    for d in (work, target):
         os.makedirs(d, mode=0o700, exist_ok=True)
+    # the merged root takes the upper directory's mode: the image's own root is traversable by every
+    # user of the container (the state directory above it keeps host users out)
+    os.makedirs(upper, exist_ok=True)
+    root_mode = stat.S_IMODE(os.stat(lower).st_mode)
+    os.chmod(upper, root_mode)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     try:
         libc.mount("overlay", target, "overlay", 0, opts)

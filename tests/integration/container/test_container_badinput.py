@@ -127,7 +127,7 @@ def _layer(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: s
     return gzip.compress(buf.getvalue())
 
 
-def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path:
+def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False, user: str | None = None) -> Path:
     blobs: dict[str, bytes] = {}
 
     def blob(data: bytes) -> dict[str, Any]:
@@ -136,7 +136,8 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path
         return {"digest": f"sha256:{d}", "size": len(data)}
 
     diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(x)).hexdigest() for x in layers]
-    config = blob(json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
+    image_config: dict[str, Any] = {"Cmd": ["sh"], **({"User": user} if user else {})}
+    config = blob(json.dumps({"config": image_config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
     manifest = {"schemaVersion": 2, "config": config,
                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers]}
     index = {"schemaVersion": 2, "manifests": [blob(json.dumps(manifest).encode())]}
@@ -316,4 +317,26 @@ def test_an_image_never_brings_devices_or_setuid_files(rt: Any, tmp_path: Path,
     out = capfd.readouterr()
     assert status == 0, out.err
     assert out.out.split() == ["755"] and out.err.count("No such file") == 2, out
+    _state_is_empty(rt)
+
+
+def test_an_image_user_other_than_root_can_use_the_rootfs(rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """The overlay's root takes the mode of its upper directory, which lives in the private state
+    directory: it must be the image root's mode, not the state directory's 0700."""
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(tmp_path / "store"))
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        for applet in ("sh", "ls", "id"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+    archive = _oci_archive(tmp_path / "u.tar", [gzip.compress(buf.getvalue())], user="1000:1000")
+    status = main(["--root", rt.dirs.root, "run", "--mode", "container", str(archive), "--", "sh", "-c",
+                   "id -u; ls / >/dev/null && echo listed"])
+    out = capfd.readouterr()
+    assert status == 0, out.err
+    assert out.out.split() == ["1000", "listed"]
     _state_is_empty(rt)
