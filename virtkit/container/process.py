@@ -121,7 +121,7 @@ class InitSpec:
 class ExecSpec:
     process: Process
     init_pid: int
-    namespaces: list[tuple[int, str]]  # (flag, /proc/PID/ns/NAME) in join order
+    namespaces: list[tuple[int, int]]  # (flag, fd of /proc/PID/ns/NAME opened by R) in join order
     cgroup: Cgroup | None
     seccomp: bytes | None
     preserve_fds: int = 0
@@ -474,8 +474,7 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
         set_oom_score_adj(spec.process)
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
-        fds = [(flag, os.open(path, os.O_RDONLY | os.O_CLOEXEC)) for flag, path in spec.namespaces]
-        for flag, fd in fds:
+        for flag, fd in spec.namespaces:
             libc.setns(fd, flag)
             os.close(fd)
         pid = os.fork()

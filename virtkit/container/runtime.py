@@ -764,27 +764,37 @@ class Runtime:
             from virtkit.container.seccomp import compile_profile
 
             seccomp = compile_profile(config.linux.seccomp)
-        namespaces = []
-        for kind in _JOIN_ORDER:
-            if config is not None and config.linux.namespace(kind) is None:
-                continue
-            flag, name = libc.NAMESPACES[kind]
-            path = f"/proc/{rec.pid}/ns/{name}"
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
-                    continue  # already there (the user namespace cannot be re-entered)
-            namespaces.append((flag, path))
-        spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
-                        cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
-                        preserve_fds=preserve_fds)
-        if proc_start_time(rec.pid) != rec.pid_start:
-            raise ContainerError(f"cannot exec in container {cid}: it has stopped")
-        r_chan, c_chan = Channel.pair()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - runs in the child
-            r_chan.close()
-            exec_main(spec, c_chan)
-        c_chan.close()
+        # the init's namespaces are opened here, once, and checked to be the init's after the open
+        # (a pid reused in between would otherwise be joined); the child joins the descriptors
+        namespaces: list[tuple[int, int]] = []
+        try:
+            for kind in _JOIN_ORDER:
+                if config is not None and config.linux.namespace(kind) is None:
+                    continue
+                flag, name = libc.NAMESPACES[kind]
+                try:
+                    fd = os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    raise ContainerError(f"cannot exec in container {cid}: it has stopped") from None
+                ns_st, own = os.fstat(fd), os.stat(f"/proc/self/ns/{name}")
+                if (ns_st.st_dev, ns_st.st_ino) == (own.st_dev, own.st_ino):
+                    os.close(fd)  # already there (the user namespace cannot be re-entered)
+                    continue
+                namespaces.append((flag, fd))
+            if proc_start_time(rec.pid) != rec.pid_start:
+                raise ContainerError(f"cannot exec in container {cid}: it has stopped")
+            spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
+                            cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
+                            preserve_fds=preserve_fds)
+            r_chan, c_chan = Channel.pair()
+            child = os.fork()
+            if child == 0:  # pragma: no cover - runs in the child
+                r_chan.close()
+                exec_main(spec, c_chan)
+            c_chan.close()
+        finally:
+            for _flag, fd in namespaces:
+                os.close(fd)
         target = 0
         master = None
         try:
