@@ -530,7 +530,7 @@ class RootfsBuilder:
             return
         try:
             if _is_dir(fd):
-                cover = libc.fs_mount("tmpfs", "tmpfs", ["size=4k", "mode=000"], _M.MOUNT_ATTR_RDONLY)
+                cover = libc.fs_mount("tmpfs", "tmpfs", [], _M.MOUNT_ATTR_RDONLY)  # empty, read-only
             else:
                 null = _open_host_device("/dev/null", "c", 1, 3)
                 try:
