@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import stat
 from typing import Any
 
 from virtkit.errors import ContainerError
@@ -71,6 +72,9 @@ def plan(root: str, cid: str) -> dict[str, Any]:
     host_if, peer_if = _names(root, cid)
     lease_dir = LEASES
     os.makedirs(lease_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(lease_dir)
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
+        os.chmod(lease_dir, 0o700)  # one made by an older virtkit was world-readable
     start = int.from_bytes(hashlib.sha256(cid.encode()).digest()[:2], "big")
     hosts = SUBNET.num_addresses - 3
     for i in range(hosts):

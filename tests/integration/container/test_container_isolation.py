@@ -143,6 +143,9 @@ def test_bridge_network(rt: Any, bundle: Any) -> None:
     assert f"inet {address}/16" in out and "reached" in out
     rt.delete("net")
     assert not os.path.exists(f"/sys/class/net/{rec.netdevs[0]}")
+    from virtkit.container.network import LEASES
+
+    assert os.stat(LEASES).st_mode & 0o777 == 0o700
 
 
 def test_masked_directories_read_as_empty_for_any_user(run_container: Any, bundle: Any) -> None:
