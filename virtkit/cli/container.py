@@ -59,6 +59,10 @@ def _runtime(args: argparse.Namespace) -> Any:
     return Runtime(args.root)
 
 
+def _warn(message: str) -> None:
+    print(f"virtkit: warning: {message}", file=sys.stderr)
+
+
 def _seal() -> None:
     from virtkit.container.sealexe import ensure_sealed
 
@@ -270,7 +274,10 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    _runtime(args).delete(args.id, force=args.force)
+    rt = _runtime(args)
+    rt.delete(args.id, force=args.force)
+    for w in rt.warnings:
+        _warn(w)
     return 0
 
 
@@ -283,11 +290,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
     rt = _runtime(args)
     base = None
     if args.process:
+        from virtkit.container.config import MAX_CONFIG_BYTES
+        from virtkit.records import UntrustedInput, load_object
+
         try:
-            with open(args.process) as f:
-                base = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot read process file {args.process}: {err}") from None
+            with open(args.process, "rb") as f:
+                base = load_object(f.read(MAX_CONFIG_BYTES + 1), what=f"process file {args.process}",
+                                   max_bytes=MAX_CONFIG_BYTES)
+        except OSError as err:
+            raise ConfigError(f"cannot read process file {args.process}: {err.strerror}") from None
+        except UntrustedInput as err:
+            raise ConfigError(str(err)) from None
     process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base,
                               tty=args.tty)
     _seal()
@@ -321,7 +334,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return 0
     from virtkit.units import format_size
 
-    states = rt.containers()
+    states = rt.containers(warn=_warn)
     rows = []
     out = []
     for st in states:
@@ -350,7 +363,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    states = _runtime(args).containers()
+    states = _runtime(args).containers(warn=_warn)
     if args.quiet:
         for st in states:
             print(st["id"])

@@ -56,26 +56,41 @@ class Layout:
         return f"cgroup {self.mode} ({ctrls}){extra}"
 
 
+#: where the host's cgroup hierarchies live (systemd and every distribution put them there)
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
 def detect(mountinfo: str | None = None) -> Layout:
-    """Read /proc/self/mountinfo and classify the cgroup layout."""
+    """Read /proc/self/mountinfo and classify the cgroup layout.
+
+    Only the hierarchies at the host's cgroup location count (``/sys/fs/cgroup`` itself, or one
+    level below it, as v1 controllers and a hybrid host's ``unified`` are mounted): that is where
+    the runtime makes its cgroups. Other programs mount cgroup filesystems elsewhere for their own
+    purposes (a test's private tree, a benchmark's v1 hugetlb); those must not change the layout.
+    Only when nothing is mounted there are other mounts considered."""
     if mountinfo is None:
         with open("/proc/self/mountinfo") as f:
             mountinfo = f.read()
-    v1: dict[str, str] = {}
-    unified = None
+    found: dict[bool, tuple[dict[str, str], list[str]]] = {True: ({}, []), False: ({}, [])}
     for line in mountinfo.splitlines():
         pre, _, post = line.partition(" - ")
         fields, tail = pre.split(), post.split()
         if len(fields) < 5 or len(tail) < 3:
             continue
         fstype, mountpoint, root = tail[0], fields[4].replace("\\040", " "), fields[3]
-        if fstype == "cgroup2":
-            if unified is None or mountpoint == "/sys/fs/cgroup":
-                unified = mountpoint
+        canonical = mountpoint == CGROUP_ROOT or os.path.dirname(mountpoint) == CGROUP_ROOT
+        v1_found, unified_found = found[canonical]
+        if fstype == "cgroup2" and root == "/":
+            unified_found.append(mountpoint)
         elif fstype == "cgroup" and root == "/":
             for opt in tail[2].split(","):
                 if opt in V1_CONTROLLERS or opt in ("cpuset", "blkio", "hugetlb", "net_cls", "perf_event"):
-                    v1.setdefault(opt, mountpoint)
+                    v1_found.setdefault(opt, mountpoint)
+    v1, unified_all = found[True]
+    if not v1 and not unified_all:
+        v1, unified_all = found[False]
+    # a cgroup2 at /sys/fs/cgroup itself is the unified hierarchy of a v2 host; else the first one
+    unified = CGROUP_ROOT if CGROUP_ROOT in unified_all else (unified_all[0] if unified_all else None)
     if v1:
         return Layout("hybrid" if unified else "v1", v1, unified)
     if unified:
@@ -144,6 +159,22 @@ def remove_dirs(paths: list[str], timeout: float = 2.0) -> list[str]:
     return left
 
 
+def subtree(top: str) -> list[str]:
+    """``top`` and every cgroup directory below it (child cgroups the container made itself),
+    deepest first. cgroupfs has no symlinks; none is followed anyway."""
+    out: list[str] = []
+    for dirpath, _dirs, _files in os.walk(top, topdown=False, followlinks=False):
+        out.append(dirpath)
+    return out
+
+
+def remove_tree(top: str, timeout: float = 2.0) -> list[str]:
+    """rmdir ``top`` and its child cgroups, deepest first; returns what could not be removed."""
+    if not os.path.isdir(top):
+        return []
+    return remove_dirs(subtree(top), timeout)
+
+
 def shares_to_weight(shares: int) -> int:
     """cpu.shares (2..262144) to cpu.weight (1..10000), the conversion runc and crun use."""
     shares = min(max(shares, 2), 262144)
@@ -200,6 +231,9 @@ class Cgroup:
             missing = []
             cur = d
             while not os.path.isdir(cur) and cur not in out:
+                if os.path.lexists(cur):
+                    raise ContainerError(f"cgroup path {self.path} runs into {cur}, which is a control file, not a "
+                                         "cgroup: pick another linux.cgroupsPath")
                 missing.append(cur)
                 cur = os.path.dirname(cur)
             out.extend(reversed(missing))
@@ -261,9 +295,13 @@ class Cgroup:
                 raise ContainerError(f"cannot move process {pid} into cgroup {d}: {err.strerror}") from None
 
     def remove(self, made: list[str] | None = None, timeout: float = 2.0) -> list[str]:
-        """rmdir the directories (deepest first); return those that could not be removed."""
+        """rmdir the directories with the child cgroups the container made in them (deepest first);
+        return those that could not be removed."""
         targets = list(made) if made is not None else self.directories()
-        return remove_dirs(targets, timeout)
+        left: list[str] = []
+        for d in sorted(targets, key=lambda p: p.count("/"), reverse=True):
+            left.extend(remove_tree(d, timeout))
+        return left
 
     # --- limits ------------------------------------------------------------------------------
     def apply(self, res: Resources) -> None:
@@ -393,14 +431,16 @@ class Cgroup:
 
     # --- queries -----------------------------------------------------------------------------
     def pids(self) -> list[int]:
-        for ctrl in ("pids", "memory", "unified", "cpu"):
+        """Every process of the container, in its cgroup and in the child cgroups it made."""
+        for ctrl in ("pids", "memory", "unified", "cpu", "freezer"):
             d = self.dirs.get(ctrl)
-            if d is None:
+            if d is None or not os.path.isdir(d):
                 continue
-            try:
-                return sorted(int(x) for x in _read(os.path.join(d, "cgroup.procs")).split())
-            except FileNotFoundError:
-                continue
+            found: set[int] = set()
+            for sub in subtree(d):
+                with contextlib.suppress(OSError, ValueError):
+                    found.update(int(x) for x in _read(os.path.join(sub, "cgroup.procs")).split())
+            return sorted(found)
         return []
 
     def oom_kills(self) -> int:

@@ -1,33 +1,54 @@
 """Images without a registry: the built-in busybox image, OCI layouts, ``docker save`` archives.
 
-An image store is a directory (default ``/var/lib/virtkit/images``) with one directory per image::
+An image store is a directory (default ``/var/lib/virtkit/images``, mode 0700) with one directory
+per image::
 
     STORE/NAME/rootfs/        the unpacked layers (shared, read-only by convention)
-    STORE/NAME/image.json     {"name", "digest", "config": {Env, Cmd, Entrypoint, WorkingDir, User}}
+    STORE/NAME/image.json     {"name", "digest", "source", "config": {Env, Cmd, Entrypoint, WorkingDir, User}}
 
 Containers run on an overlayfs over ``rootfs`` (copy-on-write: the image is never written).
 
-Layer extraction refuses what could write outside the rootfs: absolute or ``..`` member names,
-members below a symlink, and hard links to outside; whiteouts (``.wh.NAME``) delete, opaque markers
-(``.wh..wh..opq``) empty a directory, per the OCI image-spec layer.md "Whiteouts".
+**An image is hostile input.** Whoever made it chooses every byte, so the importer:
+
+* parses index.json, manifests, configs and manifest.json as bounded, typed records
+  (:mod:`virtkit.records`), and checks every blob against its digest and size;
+* streams each layer (decompression and tar in stream mode, never a whole layer in memory), with
+  one budget for the whole image: inflated bytes (``VIRTKIT_IMAGE_MAX_BYTES``, default 8 GiB),
+  entries, path and link-target lengths, directory depth, tar header sizes;
+* requires ``rootfs.diff_ids`` in the image config, one per layer, and checks each against the
+  sha256 of the layer as inflated (the OCI layout's blob digest covers the compressed bytes);
+* refuses what could write outside the rootfs: absolute or ``..`` member names, members below a
+  symlink (every parent is opened with ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`` and
+  everything is created with ``*at`` calls relative to it), hard links out of the rootfs or to a
+  directory, sparse members;
+* never creates a device node: character and block devices are skipped (counted in image.json and
+  reported), as Docker does for rootless; the store is not a place to hand out host devices;
+* clears setuid and setgid bits (and sticky bits on files) deliberately, see :func:`safe_mode`;
+* applies whiteouts (``.wh.NAME`` deletes NAME, ``.wh..wh..opq`` empties a directory, per the OCI
+  image-spec layer.md "Whiteouts") without following symlinks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import gzip
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import tarfile
+import typing
 from collections.abc import Iterator
-from typing import IO, Any
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
 
 from virtkit.errors import ConfigError, ContainerError
+from virtkit.records import UntrustedInput, bounded, load_json, load_object, parse
 
 DEFAULT_STORE = "/var/lib/virtkit/images"
 BUSYBOX_BINARY = "/bin/busybox"
@@ -41,13 +62,134 @@ MEDIA_LAYER_ZSTD = ("application/vnd.oci.image.layer.v1.tar+zstd",)
 MEDIA_INDEX = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 
+#: inflated bytes an import may write, over all its layers (``VIRTKIT_IMAGE_MAX_BYTES`` overrides)
+DEFAULT_MAX_BYTES = 8 << 30
+MAX_ENTRIES = 1_000_000  # tar members over all layers
+MAX_PATH = 4096  # a member's name or a link's target, in bytes
+MAX_NAME = 255
+MAX_DEPTH = 256  # directory levels below the rootfs
+MAX_TAR_HEADER = 1 << 20  # a pax or GNU long-name header (read whole by tarfile)
+MAX_JSON = 4 << 20  # index.json, a manifest, an image config
+MAX_LAYERS = 1024
+MAX_INDEX_NESTING = 4
+CHUNK = 1 << 20
+
+DIGEST = r"sha256:[0-9a-f]{64}"
+_DIGEST_RE = re.compile(DIGEST)
+
 
 class ImageError(ContainerError):
-    """An image cannot be imported (truncated, digest mismatch, unsafe layer...)."""
+    """An image cannot be imported (truncated, digest mismatch, unsafe layer, over a limit...)."""
 
 
 def store_dir(store: str | None = None) -> str:
     return os.path.abspath(store or os.environ.get("VIRTKIT_IMAGES") or DEFAULT_STORE)
+
+
+def ensure_store(store: str | None = None) -> str:
+    """The store directory, made if needed; only root may enter it (0700), an old one's mode fixed."""
+    d = store_dir(store)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"the image store {d} is not a directory")
+    if stat.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
+        os.chmod(d, 0o700)
+    return d
+
+
+def max_bytes() -> int:
+    value = os.environ.get("VIRTKIT_IMAGE_MAX_BYTES")
+    if not value:
+        return DEFAULT_MAX_BYTES
+    try:
+        from virtkit.units import parse_size
+
+        return int(parse_size(value, what="VIRTKIT_IMAGE_MAX_BYTES"))
+    except (ValueError, ConfigError):
+        raise ConfigError(f"VIRTKIT_IMAGE_MAX_BYTES={value!r} is not a size (e.g. 8G)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# the records an image is made of (only the fields virtkit reads; others are ignored)
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    architecture: str | None = bounded(None, max_len=64)
+    os: str | None = bounded(None, max_len=64)
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    digest: str = bounded(pattern=DIGEST)
+    size: int = bounded(lo=0, hi=2**62)
+    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815 - the image-spec's names
+    annotations: dict[str, str] | None = bounded(None, max_len=256)
+    platform: Platform | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    manifests: tuple[Descriptor, ...] = bounded(max_len=MAX_LAYERS)
+    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815
+    config: Descriptor | None = None
+    layers: tuple[Descriptor, ...] = bounded((), max_len=MAX_LAYERS)
+    manifests: tuple[Descriptor, ...] | None = bounded(None, max_len=MAX_LAYERS)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerConfig:
+    Env: tuple[str, ...] | None = bounded(None, max_len=4096)
+    Cmd: tuple[str, ...] | None = bounded(None, max_len=4096)
+    Entrypoint: tuple[str, ...] | None = bounded(None, max_len=4096)
+    WorkingDir: str | None = bounded(None, max_len=MAX_PATH)
+    User: str | None = bounded(None, max_len=256)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class RootFS:
+    diff_ids: tuple[str, ...] = bounded(max_len=MAX_LAYERS)
+    type: str = bounded("layers", max_len=64)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    rootfs: RootFS
+    config: ContainerConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DockerEntry:
+    Config: str = bounded(max_len=MAX_PATH)
+    Layers: tuple[str, ...] = bounded((), max_len=MAX_LAYERS)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreMeta:
+    """``image.json`` of the store, read back (the store is root's, but reads stay bounded)."""
+
+    name: str = bounded(max_len=1024)
+    digest: str | None = bounded(None, max_len=128)
+    source: str | None = bounded(None, max_len=MAX_PATH)
+    config: ContainerConfig | None = None
+    skipped_devices: int = bounded(0, lo=0)
+
+
+def _record(cls: type[Any], data: bytes, what: str) -> Any:
+    try:
+        return parse(cls, load_object(data, what=what, max_bytes=MAX_JSON), what=what, unknown="ignore")
+    except UntrustedInput as err:
+        raise ImageError(f"{err}; refusing the image") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,8 +199,13 @@ def store_dir(store: str | None = None) -> str:
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     from virtkit.container import libc
 
-    for d in (upper, work, target):
-        os.makedirs(d, exist_ok=True)
+    for d in (work, target):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    # the merged root takes the upper directory's mode: the image's own root is traversable by every
+    # user of the container (the state directory above it keeps host users out)
+    os.makedirs(upper, exist_ok=True)
+    root_mode = stat.S_IMODE(os.stat(lower).st_mode)
+    os.chmod(upper, root_mode)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     try:
         libc.mount("overlay", target, "overlay", 0, opts)
@@ -79,6 +226,7 @@ def build_busybox(rootfs: str, binary: str = BUSYBOX_BINARY) -> None:
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "var/tmp",
               "home", "run"):
         os.makedirs(os.path.join(tmp, d), exist_ok=True)
+    os.chmod(tmp, 0o755)
     os.chmod(os.path.join(tmp, "tmp"), 0o1777)
     shutil.copy2(binary, os.path.join(tmp, "bin/busybox"))
     out = subprocess.run([binary, "--list-full"], capture_output=True, text=True, check=True).stdout
@@ -103,9 +251,9 @@ def build_busybox(rootfs: str, binary: str = BUSYBOX_BINARY) -> None:
 
 def ensure_busybox(store: str | None = None) -> str:
     """The built-in image's directory (made on first use)."""
-    root = os.path.join(store_dir(store), "busybox")
+    root = os.path.join(ensure_store(store), "busybox")
     if not os.path.isfile(os.path.join(root, "image.json")):
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)
         build_busybox(os.path.join(root, "rootfs"))
         meta = {"name": "busybox", "digest": None, "source": BUSYBOX_BINARY,
                 "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
@@ -122,106 +270,321 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# layers
+# streams: counted, hashed, capped
 
 
-def _open_layer(data: IO[bytes], media_type: str | None, what: str) -> IO[bytes]:
-    head = data.read(4)
-    data.seek(0)
-    if head[:2] == b"\x1f\x8b" or (media_type in MEDIA_LAYER_GZIP):
-        return gzip.GzipFile(fileobj=data)  # type: ignore[return-value]
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Counted:
+    """A reader that hashes and counts what passes through it, and refuses to pass more than
+    ``limit`` bytes (the reading stops there, with an ImageError naming ``what``)."""
+
+    def __init__(self, source: _Readable, limit: int, what: str, prefix: bytes = b"") -> None:
+        self.source = source
+        self.limit = limit
+        self.what = what
+        self.count = 0
+        self.sha = hashlib.sha256()
+        self._prefix = prefix
+
+    def read(self, n: int = -1, /) -> bytes:
+        want = CHUNK if n is None or n < 0 else n
+        if self._prefix:
+            data, self._prefix = self._prefix[:want], self._prefix[want:]
+        else:
+            data = self.source.read(min(want, self.limit - self.count + 1))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ImageError(f"{self.what} is larger than {self.limit} bytes; refusing the image "
+                             "(VIRTKIT_IMAGE_MAX_BYTES sets the limit for inflated layers)")
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+@dataclass(slots=True)
+class Budget:
+    """What one import may still write: inflated bytes and tar entries, over all its layers."""
+
+    bytes_left: int = field(default_factory=max_bytes)
+    entries_left: int = MAX_ENTRIES
+    skipped_devices: list[str] = field(default_factory=list)
+
+
+def _decompressor(raw: _Counted, media_type: str | None, what: str) -> _Readable:
+    head = raw.read(4)
+    raw_stream = _Counted(raw, 2**63, what, prefix=head)  # puts the peeked bytes back, hashes nothing twice
+    if head[:2] == b"\x1f\x8b" or media_type in MEDIA_LAYER_GZIP:
+        return gzip.GzipFile(fileobj=typing.cast(IO[bytes], raw_stream), mode="rb")
     if head == b"\x28\xb5\x2f\xfd" or media_type in MEDIA_LAYER_ZSTD:
         try:
             import zstandard
         except ImportError:
             raise ImageError(f"{what} is zstd-compressed and the 'zstandard' module is not installed "
                              "(pip install zstandard)") from None
-        return io.BytesIO(zstandard.ZstdDecompressor().stream_reader(data).read())
-    return data
+        reader: _Readable = zstandard.ZstdDecompressor().stream_reader(typing.cast(IO[bytes], raw_stream),
+                                                                       read_across_frames=True)
+        return reader
+    return raw_stream
 
 
-def _check_member(m: tarfile.TarInfo, rootfs: str, what: str) -> str:
-    name = m.name
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory: bound it first."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > MAX_TAR_HEADER:
+            raise ImageError(f"a tar header of {self.size} bytes (more than {MAX_TAR_HEADER}); refusing the image")
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+
+
+def safe_mode(m: tarfile.TarInfo) -> int:
+    """The permission bits an entry gets in the store, chosen on purpose.
+
+    setuid and setgid are dropped everywhere: an image is imported by root into a store that
+    containers (and, through a bind mount or a careless chmod, users) can reach, and a setuid-root
+    file from a stranger's image is a privilege escalation waiting to be found. (Containers run
+    with no_new_privs by default, where the bits would be ignored anyway.) The sticky bit is kept on
+    directories, where it protects /tmp-like directories, and dropped on files, where it means
+    nothing. This is applied after the owner is set, so it does not depend on chown(2) clearing the
+    bits as a side effect."""
+    if m.isdir():
+        return m.mode & 0o1777
+    return m.mode & 0o777
+
+
+def _split(name: str, what: str, kind: str = "entry") -> list[str]:
+    if "\0" in name:
+        raise ImageError(f"{what}: {kind} {name[:80]!r} contains a NUL byte; refusing the image")
     parts = [p for p in name.split("/") if p not in ("", ".")]
-    if name.startswith("/") or ".." in parts:
-        raise ImageError(f"{what}: entry {name!r} would escape the rootfs; refusing the image")
-    dest = os.path.join(rootfs, *parts) if parts else rootfs
-    # no member may be written through a symlink an earlier member created
-    cur = rootfs
-    for p in parts[:-1]:
-        cur = os.path.join(cur, p)
-        if os.path.islink(cur):
-            raise ImageError(f"{what}: entry {name!r} goes through the symlink {p!r}; refusing the image")
-    if m.islnk():
-        target = [p for p in m.linkname.split("/") if p not in ("", ".")]
-        if ".." in target:
-            raise ImageError(f"{what}: hard link {name!r} -> {m.linkname!r} escapes the rootfs; refusing the image")
-        cur = rootfs
-        for p in target:
-            cur = os.path.join(cur, p)
-            if os.path.islink(cur):
-                raise ImageError(f"{what}: hard link {name!r} -> {m.linkname!r} goes through a symlink; "
-                                 "refusing the image")
-    return dest
+    if ".." in parts or (kind == "entry" and name.startswith("/")):
+        raise ImageError(f"{what}: {kind} {name[:80]!r} would escape the rootfs; refusing the image")
+    if len(name.encode()) > MAX_PATH or any(len(p.encode()) > MAX_NAME for p in parts) or len(parts) > MAX_DEPTH:
+        raise ImageError(f"{what}: {kind} {name[:80]!r} is longer or deeper than a filesystem allows; "
+                         "refusing the image")
+    return parts
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+_STRICT = 0  # set at first use (libc import is lazy: the image module is used without containers too)
 
 
-def apply_layer(fileobj: IO[bytes], rootfs: str, what: str = "layer", media_type: str | None = None) -> None:
-    """Unpack one layer tar onto ``rootfs``, applying whiteouts."""
-    stream = _open_layer(fileobj, media_type, what)
+def _strict() -> int:
+    global _STRICT
+    if not _STRICT:
+        from virtkit.container import libc
+
+        _STRICT = libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_MAGICLINKS | libc.RESOLVE_NO_XDEV
+    return _STRICT
+
+
+def _open_dir(root_fd: int, parts: list[str], what: str, name: str, create: bool) -> int:
+    """An O_PATH fd of the directory ``parts`` below the rootfs, made if missing (when ``create``);
+    a symlink anywhere on the way refuses the image."""
+    from virtkit.container import libc
+
+    cur = os.dup(root_fd)
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for m in tar:
-                dest = _check_member(m, rootfs, what)
-                base = os.path.basename(dest)
-                parent = os.path.dirname(dest)
-                if base == OPAQUE:
-                    if os.path.isdir(parent):
-                        for child in os.listdir(parent):
-                            _remove(os.path.join(parent, child))
-                    continue
-                if base.startswith(WHITEOUT_PREFIX):
-                    _remove(os.path.join(parent, base[len(WHITEOUT_PREFIX):]))
-                    continue
-                if os.path.lexists(dest) and not (m.isdir() and os.path.isdir(dest) and not os.path.islink(dest)):
-                    _remove(dest)
-                os.makedirs(parent, exist_ok=True)
-                if m.isdir():
-                    os.makedirs(dest, exist_ok=True)
-                    os.chmod(dest, m.mode & 0o7777)
-                elif m.isreg():
-                    src = tar.extractfile(m)
-                    assert src is not None
-                    with open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    os.chmod(dest, m.mode & 0o7777)
-                elif m.issym():
-                    os.symlink(m.linkname, dest)
-                elif m.islnk():
-                    target = os.path.join(rootfs, *[p for p in m.linkname.split("/") if p not in ("", ".")])
-                    os.link(target, dest, follow_symlinks=False)
-                elif m.ischr() or m.isblk() or m.isfifo():
-                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
-                    try:
-                        os.mknod(dest, kind | (m.mode & 0o7777), os.makedev(m.devmajor, m.devminor))
-                    except PermissionError:
-                        continue
-                else:
-                    continue
-                with contextlib.suppress(PermissionError):
-                    os.lchown(dest, m.uid, m.gid)
-                if not m.issym():
-                    os.utime(dest, (m.mtime, m.mtime))
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as err:
-        if isinstance(err, ImageError):
-            raise
+        for p in parts:
+            try:
+                nxt = libc.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(p, 0o755, dir_fd=cur)
+                nxt = libc.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+                    raise ImageError(f"{what}: {name[:80]!r} goes through the symlink or file {p!r}; refusing "
+                                     "the image") from None
+                raise
+            os.close(cur)
+            cur = nxt
+        return cur
+    except BaseException:
+        os.close(cur)
+        raise
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in ``dir_fd`` (a directory tree too) without following symlinks."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _copy(src: IO[bytes], fd: int, size: int, what: str) -> None:
+    left = size
+    while left > 0:
+        data = src.read(min(CHUNK, left))
+        if not data:
+            raise ImageError(f"{what} is truncated")
+        left -= len(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _apply_entry(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: str, budget: Budget,
+                 skipped: set[str]) -> None:
+    parts = _split(m.name, what)
+    if not parts:
+        return  # the rootfs itself ("./"): it keeps the store's mode
+    name, parent_parts = parts[-1], parts[:-1]
+    if name.startswith(WHITEOUT_PREFIX):
+        try:
+            parent = _open_dir(root_fd, parent_parts, what, m.name, create=False)
+        except FileNotFoundError:
+            return  # nothing there to delete
+        try:
+            if name == OPAQUE:
+                for child in _list(parent):
+                    _remove_at(parent, child)
+            elif not name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):  # .wh..wh.* is aufs metadata
+                target = name[len(WHITEOUT_PREFIX):]
+                if target in ("", ".", ".."):
+                    raise ImageError(f"{what}: whiteout {m.name[:80]!r} names no file; refusing the image")
+                _remove_at(parent, target)
+        finally:
+            os.close(parent)
+        return
+    if m.ischr() or m.isblk():
+        # never a device node from an image: skipped, counted, reported (Docker does so for rootless)
+        budget.skipped_devices.append("/" + "/".join(parts))
+        skipped.add("/".join(parts))
+        return
+    if m.issparse():
+        raise ImageError(f"{what}: {m.name[:80]!r} is a sparse file, which virtkit does not import; "
+                         "refusing the image")
+    if not (m.isdir() or m.isreg() or m.issym() or m.islnk() or m.isfifo()):
+        return  # tar's own metadata (volume labels...): nothing to create
+    parent = _open_dir(root_fd, parent_parts, what, m.name, create=True)
+    try:
+        existing = None
+        with contextlib.suppress(FileNotFoundError):
+            existing = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if existing is not None and not (m.isdir() and stat.S_ISDIR(existing.st_mode)):
+            _remove_at(parent, name)
+        if m.isdir():
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(name, 0o700, dir_fd=parent)
+        elif m.isreg():
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
+            try:
+                src = tar.extractfile(m)
+                if src is None:  # pragma: no cover - isreg() members always have a reader
+                    raise ImageError(f"{what}: {m.name[:80]!r} cannot be read")
+                _copy(src, fd, m.size, f"{what}: {m.name[:80]!r}")
+            finally:
+                os.close(fd)
+        elif m.issym():
+            if "\0" in m.linkname or len(m.linkname.encode()) > MAX_PATH:
+                raise ImageError(f"{what}: symlink {m.name[:80]!r} has an impossible target; refusing the image")
+            os.symlink(m.linkname, name, dir_fd=parent)
+        elif m.islnk():
+            tparts = _split(m.linkname, what, "hard link target")
+            if "/".join(tparts) in skipped:
+                return  # a link to a device node that was skipped
+            if not tparts:
+                raise ImageError(f"{what}: hard link {m.name[:80]!r} points at the rootfs itself; refusing the image")
+            tdir = _open_dir(root_fd, tparts[:-1], what, m.linkname, create=False)
+            try:
+                tst = os.stat(tparts[-1], dir_fd=tdir, follow_symlinks=False)
+                if stat.S_ISDIR(tst.st_mode):
+                    raise ImageError(f"{what}: hard link {m.name[:80]!r} points at a directory; refusing the image")
+                os.link(tparts[-1], name, src_dir_fd=tdir, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(tdir)
+            return  # a hard link shares its target's owner, mode and times
+        else:  # a FIFO: an inert file, kept
+            os.mkfifo(name, 0o600, dir_fd=parent)
+        # owner first, then the mode chosen on purpose (safe_mode), then the times
+        with contextlib.suppress(PermissionError):
+            os.chown(name, m.uid, m.gid, dir_fd=parent, follow_symlinks=False)
+        if not m.issym():
+            os.chmod(name, safe_mode(m), dir_fd=parent)
+            os.utime(name, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(parent)
+
+
+def _list(dir_fd: int) -> list[str]:
+    from virtkit.container import libc
+
+    fd = libc.openat2(dir_fd, ".", os.O_RDONLY | os.O_DIRECTORY, _strict())
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerResult:
+    compressed_digest: str
+    compressed_size: int
+    diff_id: str  # sha256 of the layer as inflated
+
+
+def apply_layer(fileobj: _Readable, rootfs: str, what: str = "layer", media_type: str | None = None,
+                budget: Budget | None = None, compressed_limit: int = 2**62) -> LayerResult:
+    """Stream one layer tar (plain, gzip or zstd) onto ``rootfs``, applying whiteouts; return the
+    digests of what was read (the caller checks them against the image's)."""
+    budget = budget if budget is not None else Budget()
+    raw = _Counted(fileobj, compressed_limit, what)
+    try:
+        inflated = _Counted(_decompressor(raw, media_type, what), budget.bytes_left, f"{what}, inflated,")
+        root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        skipped: set[str] = set()
+        try:
+            with tarfile.open(fileobj=inflated, mode="r|", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
+                while True:
+                    m = tar.next()
+                    if m is None:
+                        break
+                    tar.members.clear()  # stream mode keeps every header otherwise
+                    budget.entries_left -= 1
+                    if budget.entries_left < 0:
+                        raise ImageError(f"{what}: the image has more than {MAX_ENTRIES} files; refusing it")
+                    _apply_entry(tar, m, root_fd, what, budget, skipped)
+            inflated.drain()  # the tar's trailing blocks count in its digest
+            raw.drain()
+        finally:
+            os.close(root_fd)
+        budget.bytes_left -= inflated.count
+        return LayerResult(raw.digest(), raw.count, inflated.digest())
+    except ImageError:
+        raise
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib_errors()) as err:
         raise ImageError(f"{what} is truncated or not a valid tar archive: {err}") from None
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ImageError(f"no space left to unpack {what}: {err.strerror}") from None
+        raise ImageError(f"{what} is truncated or cannot be unpacked: {err.strerror or err}") from None
+    except Exception as err:  # zstandard.ZstdError and friends: a damaged stream  # noqa: BLE001
+        raise ImageError(f"{what} is truncated or not a valid compressed layer: {err}") from None
+
+
+def zlib_errors() -> type[Exception]:
+    import zlib
+
+    return zlib.error
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,41 +592,66 @@ def apply_layer(fileobj: IO[bytes], rootfs: str, what: str = "layer", media_type
 
 
 class _Source:
-    def read(self, name: str) -> bytes:
+    def open(self, name: str) -> tuple[IO[bytes], int]:
+        """A stream of member ``name`` and its size."""
         raise NotImplementedError
-
-    def open(self, name: str) -> IO[bytes]:
-        return io.BytesIO(self.read(name))
 
     def exists(self, name: str) -> bool:
         raise NotImplementedError
+
+    def read(self, name: str, limit: int = MAX_JSON) -> bytes:
+        f, size = self.open(name)
+        with f:
+            if size > limit:
+                raise ImageError(f"image member {name} is {size} bytes, more than the {limit} allowed")
+            data = f.read(limit + 1)
+        if len(data) != size:
+            raise ImageError(f"image member {name} is truncated")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def _member_parts(name: str) -> list[str]:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts or not parts or "\0" in name:
+        raise ImageError(f"image refers to {name[:80]!r}, outside the image; refusing it")
+    return parts
 
 
 class _DirSource(_Source):
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def _p(self, name: str) -> str:
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            raise ImageError(f"image refers to {name!r}, outside the image; refusing it")
-        return os.path.join(self.path, *parts)
+    def open(self, name: str) -> tuple[IO[bytes], int]:
+        from virtkit.container import libc
 
-    def read(self, name: str) -> bytes:
         try:
-            with open(self._p(name), "rb") as f:
-                return f.read()
+            # no symlink, no other filesystem: a blob that points at /dev/sda or a FIFO is refused
+            fd = libc.openat2(self.fd, "/".join(_member_parts(name)), os.O_RDONLY | os.O_NONBLOCK, _strict())
         except FileNotFoundError:
             raise ImageError(f"image is missing {name} (truncated or not an image)") from None
-
-    def open(self, name: str) -> IO[bytes]:
-        try:
-            return open(self._p(name), "rb")  # noqa: SIM115 - the caller closes it
-        except FileNotFoundError:
-            raise ImageError(f"image is missing {name} (truncated or not an image)") from None
+        except OSError as err:
+            raise ImageError(f"image member {name} cannot be read ({err.strerror}); refusing the image") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ImageError(f"image member {name} is not a regular file; refusing the image")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
 
     def exists(self, name: str) -> bool:
-        return os.path.exists(self._p(name))
+        try:
+            f, _ = self.open(name)
+        except ImageError:
+            return False
+        f.close()
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _member_name(name: str) -> str:
@@ -275,105 +663,150 @@ def _member_name(name: str) -> str:
 class _TarSource(_Source):
     def __init__(self, path: str) -> None:
         try:
-            # open for the whole import: members are read on demand (closed with the process)
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115
-            self.members = {_member_name(m.name): m for m in self.tar.getmembers()}
+            # open for the whole import: members are read on demand
+            self.tar = tarfile.open(path, "r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115
         except (tarfile.TarError, EOFError, OSError) as err:
             raise ImageError(f"{path} is truncated or not an image archive: {err}") from None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        try:
+            count = 0
+            while True:
+                m = self.tar.next()
+                if m is None:
+                    break
+                count += 1
+                if count > 100_000:
+                    raise ImageError(f"{path} has more than 100000 members; it is not an image")
+                if m.isreg():  # blobs are regular files; links inside the archive are not followed
+                    self.members[_member_name(m.name)] = m
+        except (tarfile.TarError, EOFError, OSError) as err:
+            self.tar.close()
+            raise ImageError(f"{path} is truncated or not an image archive: {err}") from None
+        except BaseException:
+            self.tar.close()
+            raise
 
-    def read(self, name: str) -> bytes:
+    def open(self, name: str) -> tuple[IO[bytes], int]:
         m = self.members.get(_member_name(name))
         if m is None:
             raise ImageError(f"image archive is missing {name} (truncated or not an image)")
-        try:
-            f = self.tar.extractfile(m)
-            assert f is not None
-            data = f.read()
-        except (tarfile.TarError, EOFError, OSError) as err:
-            raise ImageError(f"image archive member {name} is truncated: {err}") from None
-        if len(data) != m.size:
-            raise ImageError(f"image archive member {name} is truncated")
-        return data
+        f = self.tar.extractfile(m)
+        if f is None:  # pragma: no cover - regular members always have a reader
+            raise ImageError(f"image archive member {name} cannot be read")
+        return f, m.size
 
     def exists(self, name: str) -> bool:
         return _member_name(name) in self.members
 
+    def close(self) -> None:
+        self.tar.close()
+
 
 def _blob_name(digest: str) -> str:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or len(hexd) != 64 or any(c not in "0123456789abcdef" for c in hexd):
-        raise ImageError(f"unsupported or malformed digest {digest!r}")
-    return f"blobs/sha256/{hexd}"
+    if not _DIGEST_RE.fullmatch(digest):
+        raise ImageError(f"unsupported or malformed digest {digest[:80]!r}")
+    return f"blobs/sha256/{digest[7:]}"
 
 
-def _verified(src: _Source, digest: str, what: str) -> bytes:
-    data = src.read(_blob_name(digest))
+def _verified(src: _Source, desc: Descriptor, what: str) -> bytes:
+    data = src.read(_blob_name(desc.digest))
     got = "sha256:" + hashlib.sha256(data).hexdigest()
-    if got != digest:
-        raise ImageError(f"{what} digest mismatch: expected {digest}, got {got}; the image is corrupt")
+    if got != desc.digest:
+        raise ImageError(f"{what} digest mismatch: expected {desc.digest}, got {got}; the image is corrupt")
+    if len(data) != desc.size:
+        raise ImageError(f"{what} is {len(data)} bytes, its descriptor says {desc.size}; the image is corrupt")
     return data
 
 
-def _layers_oci(src: _Source, ref: str | None) -> tuple[list[tuple[bytes, str | None, str]], dict[str, Any], str]:
-    index = json.loads(src.read("index.json"))
-    manifests = index.get("manifests") or []
-    if not manifests:
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    name: str  # member name in the source
+    media_type: str | None
+    what: str
+    digest: str | None  # of the blob as stored (OCI); docker-save archives have none
+    size: int | None
+    diff_id: str
+
+
+def _diff_ids(config: ImageConfig, count: int) -> tuple[str, ...]:
+    ids = config.rootfs.diff_ids
+    if len(ids) != count:
+        raise ImageError(f"the image config lists {len(ids)} rootfs.diff_ids for {count} layers: every layer must "
+                         "have one (it is how its content is verified); refusing the image")
+    for d in ids:
+        if not _DIGEST_RE.fullmatch(d):
+            raise ImageError(f"rootfs.diff_ids holds {d[:80]!r}, not a sha256 digest; refusing the image")
+    return ids
+
+
+def _layers_oci(src: _Source, ref: str | None) -> tuple[list[_Layer], ImageConfig, str]:
+    index = _record(Index, src.read("index.json"), "index.json")
+    if not index.manifests:
         raise ImageError("index.json lists no manifests")
-    chosen = manifests[0]
+    chosen = index.manifests[0]
     if ref:
-        for m in manifests:
-            if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref:
+        for m in index.manifests:
+            if (m.annotations or {}).get("org.opencontainers.image.ref.name") == ref:
                 chosen = m
                 break
         else:
             raise ImageError(f"no manifest tagged {ref!r} in the image")
-    manifest = json.loads(_verified(src, chosen["digest"], "manifest"))
-    while manifest.get("mediaType") in MEDIA_INDEX or "manifests" in manifest:
-        for m in manifest["manifests"]:
-            plat = m.get("platform") or {}
-            if plat.get("architecture") in (None, "amd64") and plat.get("os") in (None, "linux"):
-                manifest = json.loads(_verified(src, m["digest"], "manifest"))
+    manifest = _record(Manifest, _verified(src, chosen, "manifest"), "manifest")
+    for _ in range(MAX_INDEX_NESTING):
+        if manifest.mediaType not in MEDIA_INDEX and manifest.manifests is None:
+            break
+        for m in manifest.manifests or ():
+            plat = m.platform or Platform()
+            if plat.architecture in (None, "amd64") and plat.os in (None, "linux"):
+                manifest = _record(Manifest, _verified(src, m, "manifest"), "manifest")
                 break
         else:
             raise ImageError("the image has no linux/amd64 manifest")
-    config = json.loads(_verified(src, manifest["config"]["digest"], "image config"))
-    layers = []
-    for i, layer in enumerate(manifest.get("layers") or []):
-        data = _verified(src, layer["digest"], f"layer {i}")
-        layers.append((data, layer.get("mediaType"), f"layer {i} ({layer['digest'][:19]})"))
-    return layers, config, chosen["digest"]
+    else:
+        raise ImageError(f"the image's indexes nest more than {MAX_INDEX_NESTING} deep; refusing it")
+    if manifest.config is None:
+        raise ImageError("the manifest names no image config; refusing the image")
+    config = _record(ImageConfig, _verified(src, manifest.config, "image config"), "image config")
+    ids = _diff_ids(config, len(manifest.layers))
+    layers = [_Layer(_blob_name(d.digest), d.mediaType, f"layer {i} ({d.digest[:19]})", d.digest, d.size, ids[i])
+              for i, d in enumerate(manifest.layers)]
+    return layers, config, chosen.digest
 
 
-def _layers_docker(src: _Source) -> tuple[list[tuple[bytes, str | None, str]], dict[str, Any], str]:
-    manifest = json.loads(src.read("manifest.json"))
-    if not isinstance(manifest, list) or not manifest:
-        raise ImageError("manifest.json of the docker archive is empty")
-    entry = manifest[0]
-    config_name = entry["Config"]
-    config_data = src.read(config_name)
+def _layers_docker(src: _Source) -> tuple[list[_Layer], ImageConfig, str]:
+    try:
+        entries = load_json(src.read("manifest.json"), what="manifest.json", max_bytes=MAX_JSON)
+    except UntrustedInput as err:
+        raise ImageError(f"{err}; refusing the image") from None
+    if not isinstance(entries, list) or not entries:
+        raise ImageError("manifest.json of the docker archive is empty or not a list")
+    try:
+        entry = parse(DockerEntry, entries[0], what="manifest.json[0]", unknown="ignore")
+    except UntrustedInput as err:
+        raise ImageError(f"{err}; refusing the image") from None
+    config_data = src.read(entry.Config)
     digest = "sha256:" + hashlib.sha256(config_data).hexdigest()
-    if config_name.startswith("blobs/sha256/") or len(os.path.basename(config_name).split(".")[0]) == 64:
-        expect = os.path.basename(config_name).split(".")[0]
-        if expect != digest[7:]:
-            raise ImageError(f"image config digest mismatch: expected sha256:{expect}, got {digest}")
-    config: dict[str, Any] = json.loads(config_data)
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-    layers: list[tuple[bytes, str | None, str]] = []
-    for i, name in enumerate(entry.get("Layers") or []):
-        data = src.read(name)
-        what = f"layer {i} ({name})"
-        raw = data
-        if raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError) as err:
-                raise ImageError(f"{what} is truncated: {err}") from None
-        if i < len(diff_ids):
-            got = "sha256:" + hashlib.sha256(raw).hexdigest()
-            if got != diff_ids[i]:
-                raise ImageError(f"{what} digest mismatch: expected {diff_ids[i]}, got {got}; the image is corrupt")
-        layers.append((data, None, what))
+    base = os.path.basename(entry.Config).split(".")[0]
+    if (entry.Config.startswith("blobs/sha256/") or len(base) == 64) and base != digest[7:]:
+        raise ImageError(f"image config digest mismatch: expected sha256:{base[:64]}, got {digest}")
+    config = _record(ImageConfig, config_data, "image config")
+    ids = _diff_ids(config, len(entry.Layers))
+    layers = [_Layer(name, None, f"layer {i} ({name[:40]})", None, None, ids[i]) for i, name in enumerate(entry.Layers)]
     return layers, config, digest
+
+
+def _check_blob(src: _Source, layer: _Layer) -> None:
+    f, size = src.open(layer.name)
+    with f:
+        if layer.size is not None and size != layer.size:
+            raise ImageError(f"{layer.what} is {size} bytes, its descriptor says {layer.size}; the image is corrupt")
+        blob = _Counted(f, size, layer.what)
+        blob.drain()
+    if blob.count != size:
+        raise ImageError(f"{layer.what} is truncated")
+    if blob.digest() != layer.digest:
+        raise ImageError(f"{layer.what} digest mismatch: expected {layer.digest}, got {blob.digest()}; "
+                         "the image is corrupt")
 
 
 def import_image(path: str, name: str | None = None, store: str | None = None, ref: str | None = None) -> str:
@@ -381,6 +814,13 @@ def import_image(path: str, name: str | None = None, store: str | None = None, r
     if not os.path.exists(path):
         raise ConfigError(f"image {path} does not exist")
     src: _Source = _DirSource(path) if os.path.isdir(path) else _TarSource(path)
+    try:
+        return _import(src, path, name, store, ref)
+    finally:
+        src.close()
+
+
+def _import(src: _Source, path: str, name: str | None, store: str | None, ref: str | None) -> str:
     if src.exists("index.json"):
         layers, config, digest = _layers_oci(src, ref)
     elif src.exists("manifest.json"):
@@ -389,28 +829,66 @@ def import_image(path: str, name: str | None = None, store: str | None = None, r
         raise ImageError(f"{path} is neither an OCI image layout nor a docker-save archive "
                          "(no index.json or manifest.json)")
     name = name or os.path.basename(path.rstrip("/")).split(".")[0] or digest[7:19]
-    from virtkit.container.state import validate_id
+    from virtkit.container.state import remove_tree, validate_id
 
     try:
         validate_id(name)
     except ContainerError:
         raise ConfigError(f"invalid image name {name!r}: use letters, digits and _ . + -") from None
-    root = os.path.join(store_dir(store), name)
+    root = os.path.join(ensure_store(store), name)
     tmp = root + ".importing"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "rootfs"))
+    remove_tree(tmp)
+    os.mkdir(tmp, 0o700)
+    os.mkdir(os.path.join(tmp, "rootfs"), 0o755)
+    budget = Budget()
     try:
-        for data, media, what in layers:
-            apply_layer(io.BytesIO(data), os.path.join(tmp, "rootfs"), what, media)
-        _write_json(os.path.join(tmp, "image.json"),
-                    {"name": name, "digest": digest, "source": os.path.abspath(path),
-                     "config": config.get("config") or {}})
-        shutil.rmtree(root, ignore_errors=True)
+        for layer in layers:
+            if layer.digest is not None:
+                # the stored blob is checked before anything reads it as gzip or tar: a tampered blob
+                # never reaches the decompressor or the extractor (one more streaming read of a local file)
+                _check_blob(src, layer)
+            f, size = src.open(layer.name)
+            with f:
+                if layer.size is not None and size != layer.size:
+                    raise ImageError(f"{layer.what} is {size} bytes, its descriptor says {layer.size}; "
+                                     "the image is corrupt")
+                got = apply_layer(f, os.path.join(tmp, "rootfs"), layer.what, layer.media_type, budget,
+                                  compressed_limit=size)
+            if got.compressed_size != size:
+                raise ImageError(f"{layer.what} is truncated")
+            if layer.digest is not None and got.compressed_digest != layer.digest:
+                raise ImageError(f"{layer.what} digest mismatch: expected {layer.digest}, got "
+                                 f"{got.compressed_digest}; the image is corrupt")
+            if got.diff_id != layer.diff_id:
+                raise ImageError(f"{layer.what} digest mismatch: its content is {got.diff_id}, the image config "
+                                 f"says {layer.diff_id}; the image is corrupt")
+        meta = StoreMeta(name, digest, os.path.abspath(path), config.config, len(budget.skipped_devices))
+        _write_json(os.path.join(tmp, "image.json"), {**dataclasses.asdict(meta), "config": (
+            config.config.as_dict() if config.config else {})})
+        remove_tree(root)
         os.rename(tmp, root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
+    if budget.skipped_devices:
+        import sys
+
+        shown = ", ".join(budget.skipped_devices[:5]) + (" ..." if len(budget.skipped_devices) > 5 else "")
+        print(f"virtkit: warning: image {name}: skipped {len(budget.skipped_devices)} device node(s) "
+              f"({shown}); images never bring device nodes", file=sys.stderr)
     return root
+
+
+def _meta(root: str) -> StoreMeta:
+    from virtkit.container.state import read_small
+
+    try:
+        data = read_small(os.path.join(root, "image.json"), MAX_JSON)
+        return parse(StoreMeta, load_object(data, what=f"{root}/image.json", max_bytes=MAX_JSON),
+                     what="image.json", unknown="ignore")
+    except (OSError, UntrustedInput) as err:
+        raise ImageError(f"image {os.path.basename(root)} in the store is damaged ({err}); import it again") \
+            from None
 
 
 def resolve(image: str, store: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -418,7 +896,7 @@ def resolve(image: str, store: str | None = None) -> tuple[str, dict[str, Any]]:
     to a rootfs directory is used as is; a path to an image (layout or archive) is imported."""
     if image == "busybox":
         root = ensure_busybox(store)
-    elif os.path.isdir(os.path.join(store_dir(store), image)) and "/" not in image:
+    elif "/" not in image and image not in (".", "..") and os.path.isdir(os.path.join(store_dir(store), image)):
         root = os.path.join(store_dir(store), image)
     elif os.path.exists(image):
         if os.path.isdir(image) and not os.path.exists(os.path.join(image, "index.json")) and \
@@ -428,9 +906,8 @@ def resolve(image: str, store: str | None = None) -> tuple[str, dict[str, Any]]:
     else:
         raise ConfigError(f"unknown image {image!r}: use 'busybox', an image name from 'virtkit images', "
                           "or a path to an OCI layout, a docker-save archive or a rootfs directory")
-    with open(os.path.join(root, "image.json")) as f:
-        meta = json.load(f)
-    return os.path.join(root, "rootfs"), meta.get("config") or {}
+    meta = _meta(root)
+    return os.path.join(root, "rootfs"), meta.config.as_dict() if meta.config else {}
 
 
 def list_images(store: str | None = None) -> Iterator[dict[str, Any]]:
@@ -440,8 +917,11 @@ def list_images(store: str | None = None) -> Iterator[dict[str, Any]]:
     except FileNotFoundError:
         return
     for n in names:
-        try:
-            with open(os.path.join(base, n, "image.json")) as f:
-                yield json.load(f)
-        except (OSError, ValueError):
+        if n.endswith(".importing"):
             continue
+        try:
+            meta = _meta(os.path.join(base, n))
+        except ImageError:
+            continue
+        yield {"name": meta.name, "digest": meta.digest, "source": meta.source or "",
+               "skipped_devices": meta.skipped_devices}

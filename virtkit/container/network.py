@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import stat
 from typing import Any
 
 from virtkit.errors import ContainerError
@@ -34,11 +35,46 @@ def _names(root: str, cid: str) -> tuple[str, str]:
     return f"vk{h}", f"vkc{h}"  # at most 15 characters (IFNAMSIZ - 1)
 
 
+def host_ifname(root: str, cid: str) -> str:
+    """The host end's name for container ``cid`` of the state root ``root`` (always the same)."""
+    return _names(root, cid)[0]
+
+
+def is_lease_path(path: str) -> bool:
+    """Whether ``path`` is a lease file this module makes: LEASES/<an address of SUBNET>."""
+    if os.path.dirname(path) != LEASES:
+        return False
+    try:
+        return ipaddress.ip_address(os.path.basename(path)) in SUBNET
+    except ValueError:
+        return False
+
+
+def lease_of(host_if: str) -> str | None:
+    """The lease file held by ``host_if`` (its content), if any: for cleaning up after a lost record."""
+    try:
+        names = os.listdir(LEASES)
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(LEASES, name)
+        try:
+            with open(path, "rb") as f:
+                if f.read(64) == host_if.encode() and is_lease_path(path):
+                    return path
+        except OSError:
+            continue
+    return None
+
+
 def plan(root: str, cid: str) -> dict[str, Any]:
     """Choose interface names and lease an address (before anything is made)."""
     host_if, peer_if = _names(root, cid)
     lease_dir = LEASES
-    os.makedirs(lease_dir, exist_ok=True)
+    os.makedirs(lease_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(lease_dir)
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
+        os.chmod(lease_dir, 0o700)  # one made by an older virtkit was world-readable
     start = int.from_bytes(hashlib.sha256(cid.encode()).digest()[:2], "big")
     hosts = SUBNET.num_addresses - 3
     for i in range(hosts):

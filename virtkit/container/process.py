@@ -111,7 +111,7 @@ class InitSpec:
     seccomp: bytes | None
     log_path: str | None
     new_ns: int  # CLONE_NEW* flags of namespaces to create (user excluded)
-    join_ns: list[tuple[int, str]]  # (flag, path) of namespaces to join
+    join_ns: list[tuple[int, int]]  # (flag, fd) of namespaces to join, opened and checked by R
     new_userns: bool
     net: dict[str, Any] | None = None  # container side of a bridge network: name, address, gateway
     runtime_hooks: bool = False  # createRuntime/prestart hooks: R runs them before pivot_root
@@ -121,7 +121,7 @@ class InitSpec:
 class ExecSpec:
     process: Process
     init_pid: int
-    namespaces: list[tuple[int, str]]  # (flag, /proc/PID/ns/NAME) in join order
+    namespaces: list[tuple[int, int]]  # (flag, fd of /proc/PID/ns/NAME opened by R) in join order
     cgroup: Cgroup | None
     seccomp: bytes | None
     preserve_fds: int = 0
@@ -206,12 +206,21 @@ def exec_process(process: Process, exe: str, seccomp: bytes | None, preserve_fds
     os.execve(exe, list(process.args), env)
 
 
+def set_oom_score_adj(process: Process) -> None:
+    """Through the runtime's own /proc, before the process enters the container's mount namespace
+    (whose /proc the config controls); forked children inherit the value."""
+    if process.oom_score_adj is None:
+        return
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(process.oom_score_adj).encode())
+    finally:
+        os.close(fd)
+
+
 def prepare_process(process: Process, seccomp: bytes | None) -> str:
     """Everything up to the exec that may fail with a message for R; returns the executable."""
     set_rlimits(process)
-    if process.oom_score_adj is not None:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(process.oom_score_adj))
     try:
         os.chdir(process.cwd)
         chdir_later = False
@@ -318,6 +327,8 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
             os.close(dir_fd)
             setup_main(spec, chan)
         chan.close()
+        for _flag, fd in spec.join_ns:  # setup's to use: held here they would pin the namespaces
+            os.close(fd)
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -364,8 +375,7 @@ def setup_main(spec: InitSpec, chan: Channel) -> None:
             log = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
-        join_fds = [(flag, os.open(path, os.O_RDONLY | os.O_CLOEXEC)) for flag, path in spec.join_ns]
-        for flag, fd in join_fds:  # the user namespace comes first in join_ns
+        for flag, fd in spec.join_ns:  # the user namespace comes first in join_ns
             libc.setns(fd, flag)
             os.close(fd)
         if spec.new_userns:
@@ -394,6 +404,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
     cfg = spec.config
     try:
         os.setsid()
+        set_oom_score_adj(cfg.process)
         if log >= 0:
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
@@ -416,17 +427,16 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
             reply = chan.recv(timeout=None)
             if not reply or not reply.get("go"):
                 os._exit(1)  # R reports the hook's failure
-        layout_mode = spec.cgroup.layout.mode if spec.cgroup else None
-        v1 = tuple(sorted(spec.cgroup.layout.v1)) if spec.cgroup else ()
-        builder = RootfsBuilder(cfg, spec.rootfs, spec.new_userns,
-                                bool(spec.new_ns & libc.CLONE_NEWCGROUP), layout_mode, v1)
+        builder = RootfsBuilder(cfg, spec.rootfs, spec.new_userns, spec.cgroup.dirs if spec.cgroup else None,
+                                spec.cgroup.layout.mode if spec.cgroup else None)
         builder.prepare()
+        builder.set_sysctls()
+        builder.protect()
         builder.pivot()
         if cfg.hostname is not None:
             libc.sethostname(cfg.hostname)
         if cfg.domainname is not None:
             libc.setdomainname(cfg.domainname)
-        builder.finalize()
         if cfg.process.terminal:
             master = open_terminal(cfg.process)
             chan.send(fds=[master], console=True)
@@ -461,10 +471,10 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
     try:
         # non-dumpable first: /proc/PID/exe of this (host) interpreter must not be reachable
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
+        set_oom_score_adj(spec.process)
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
-        fds = [(flag, os.open(path, os.O_RDONLY | os.O_CLOEXEC)) for flag, path in spec.namespaces]
-        for flag, fd in fds:
+        for flag, fd in spec.namespaces:
             libc.setns(fd, flag)
             os.close(fd)
         pid = os.fork()

@@ -15,23 +15,25 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import pwd
 import select
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from virtkit.container import libc
 from virtkit.container.cgroups import Cgroup, Layout, detect
-from virtkit.container.config import Config, Process, User, load_bundle, parse_config
+from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
 from virtkit.container.signals import parse_signal
 from virtkit.container.state import (
     FIFO,
     LOG_FILE,
+    CorruptState,
     Record,
     StateDir,
     atomic_write,
@@ -82,6 +84,56 @@ def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+NSFS_MAGIC = 0x6E736673
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
+
+
+def open_namespaces(config: Config) -> dict[str, int]:
+    """Open every namespace the config joins by path, once: type -> fd (the children setns to the
+    fd, so the path is never walked again). Each must be a namespace file of the type it claims,
+    and one that sysctls or a hostname will be written to must not be the runtime's own (that
+    would change the host's values)."""
+    from virtkit.container.config import sysctl_namespace
+
+    targets = {sysctl_namespace(k) for k, _ in config.linux.sysctl}
+    if config.hostname is not None or config.domainname is not None:
+        targets.add("uts")
+    out: dict[str, int] = {}
+    try:
+        for i, ns in enumerate(config.linux.namespaces):
+            if not ns.path:
+                continue
+            where = f"config.json: linux.namespaces[{i}].path {ns.path}"
+            flag, name = libc.NAMESPACES[ns.type]
+            try:
+                fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise ConfigError(f"{where}: cannot open it ({err.strerror})") from None
+            out[ns.type] = fd
+            try:
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if libc.fstatfs_type(fd) == NSFS_MAGIC else None
+            except OSError:
+                kind = None
+            if kind is None:
+                raise ConfigError(f"{where} is not a namespace (give /proc/PID/ns/{name} or a bind mount of one)")
+            if kind != flag:
+                raise ConfigError(f"{where} is not a {ns.type} namespace")
+            if ns.type in targets:
+                st = os.fstat(fd)
+                for own in (f"/proc/self/ns/{name}", f"/proc/1/ns/{name}"):
+                    with contextlib.suppress(OSError):
+                        o = os.stat(own)
+                        if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                            raise ConfigError(f"{where} is the host's {ns.type} namespace, and the config sets "
+                                              "sysctls or names in it, which would change the host's; join another "
+                                              "namespace or drop them")
+    except BaseException:
+        for fd in out.values():
+            os.close(fd)
+        raise
+    return out
 
 
 def send_console(path: str, master: int) -> None:
@@ -167,6 +219,7 @@ class Runtime:
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
         self._configs: dict[str, Config] = {}  # parsed configs of the containers this object created
         self._consoles: dict[str, int] = {}  # terminal master sides, for run in the foreground
+        self.warnings: list[str] = []  # things the caller should tell the user (a corrupt record removed...)
 
     def default_cgroup_path(self, cid: str) -> str:
         """``/virtkit/ID`` for the default root; other roots get a suffix of their own, so that two
@@ -201,9 +254,7 @@ class Runtime:
         validate_id(cid)
         bundle = os.path.abspath(bundle)
         if config is None:
-            config, rootfs = load_bundle(bundle)
-            with open(os.path.join(bundle, "config.json"), "rb") as f:
-                raw_config = json.loads(f.read())
+            config, raw_config, rootfs = load_bundle_raw(bundle)
         assert rootfs is not None and raw_config is not None
         linux = config.linux
         if config.process.terminal and not console_socket and not console_proxy:
@@ -220,6 +271,20 @@ class Runtime:
         netns = linux.namespace("network")
         if net == "bridge" and (netns is None or netns.path):
             raise ConfigError("--net bridge needs a new network namespace in config.json")
+        ns_fds = open_namespaces(config)  # before anything exists: a bad path is only an error
+        try:
+            return self._create(cid, bundle, config, rootfs, raw_config, ns_fds, seccomp, pid_file=pid_file,
+                                capture=capture, overlay=overlay, net=net, annotations=annotations,
+                                console_socket=console_socket)
+        finally:
+            for fd in ns_fds.values():
+                os.close(fd)
+
+    def _create(self, cid: str, bundle: str, config: Config, rootfs: str, raw_config: dict[str, Any],
+                ns_fds: dict[str, int], seccomp: bytes | None, *, pid_file: str | None, capture: bool,
+                overlay: dict[str, str] | None, net: str | None, annotations: dict[str, str] | None,
+                console_socket: str | None) -> Record:
+        linux = config.linux
         rootless = os.geteuid() != 0
         cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
         if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
@@ -229,7 +294,7 @@ class Runtime:
                      annotations=dict(config.annotations) | (annotations or {}),
                      creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
                      cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
-                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture, extra={})
+                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture)
         if self.dirs.exists(cid):  # checked again, atomically, when the state directory is made
             raise ContainerError(f"container id {cid!r} is already in use: pick another id or "
                                  f"'virtkit delete {cid}' first")
@@ -238,7 +303,7 @@ class Runtime:
         if cgroup is not None and any(d not in planned for d in cgroup.directories()):
             raise ContainerError(f"cgroup {cgroup.path} already exists: another container (or a crashed one) "
                                  "uses it; delete that container or set linux.cgroupsPath")
-        rec.extra = {"cgroup_made": planned}
+        rec.cgroup_made = planned
         cdir = self.dirs.create(rec, {CONFIG_COPY: json.dumps(raw_config).encode()})
         made: list[str] = list(planned)
         mon = 0
@@ -258,7 +323,7 @@ class Runtime:
                     continue
                 flag = libc.NAMESPACES[kind][0]
                 if ns.path:
-                    join_ns.append((flag, ns.path))
+                    join_ns.append((flag, ns_fds[kind]))
                 elif kind == "user":
                     new_user = True
                 else:
@@ -269,7 +334,7 @@ class Runtime:
 
                 net_spec = network.plan(self.dirs.root, cid)
                 rec.netdevs = [net_spec["host_if"]]
-                rec.extra = dict(rec.extra or {}, lease=net_spec["lease"], address=net_spec["address"])
+                rec.lease, rec.address = net_spec["lease"], net_spec["address"]
                 self.dirs.save(rec)
             spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
                             cgroup=cgroup, seccomp=seccomp,
@@ -445,9 +510,8 @@ class Runtime:
         }
         if rec.annotations:
             out["annotations"] = rec.annotations
-        address = (rec.extra or {}).get("address")
-        if address:
-            out["address"] = address
+        if rec.address:
+            out["address"] = rec.address
         info = self.dirs.exit_info(cid)
         if status == "stopped" and info:
             out["exitStatus"] = info.get("exitStatus")
@@ -460,12 +524,18 @@ class Runtime:
         out["oomKilled"] = oom
         return out
 
-    def containers(self) -> list[dict[str, Any]]:
-        """The OCI state of every container under this root."""
+    def containers(self, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+        """The OCI state of every container under this root; one whose record is corrupt is left
+        out, and ``warn`` is told (with the command that removes it)."""
         out = []
         for cid in self.dirs.ids():
-            with contextlib.suppress(ContainerError):
+            try:
                 out.append(self.state(cid))
+            except CorruptState as err:
+                if warn is not None:
+                    warn(str(err))
+            except ContainerError:
+                continue  # deleted meanwhile
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -561,7 +631,13 @@ class Runtime:
 
     def delete(self, cid: str, force: bool = False) -> None:
         with self.dirs.lock(cid):
-            rec = self.dirs.load(cid)
+            try:
+                rec = self.dirs.load(cid)
+            except CorruptState:
+                if not force:
+                    raise
+                self._delete_corrupt(cid)
+                return
             status = current_status(rec)
             if status == "running" and not force:
                 raise ContainerError(f"cannot delete container {cid}: it is running; stop it "
@@ -569,7 +645,7 @@ class Runtime:
             if status == "creating" and not force:
                 raise ContainerError(f"cannot delete container {cid}: it is being created; retry, or use --force")
             cgroup = self._cgroup(rec) if rec.cgroup_path else None
-            made = list((rec.extra or {}).get("cgroup_made") or rec.cgroup_dirs or [])
+            made = self._made_cgroups(rec, cgroup)
             config = self._config(cid)
             self._teardown(rec, cgroup, made, kill=status != "stopped")
             if config is not None:
@@ -577,6 +653,47 @@ class Runtime:
                     self._run_hooks(config.hooks.poststop, rec)
             self.dirs.remove(cid)
             self._configs.pop(cid, None)
+
+    def _made_cgroups(self, rec: Record, cgroup: Cgroup | None) -> list[str]:
+        """The cgroup directories the record says create made, kept only where they are the
+        container's own path or one of its parents in one of the host's hierarchies."""
+        if cgroup is None:
+            return []
+        allowed = set()
+        for d in cgroup.directories():
+            top = d[: len(d) - len(cgroup.path)]
+            cur = cgroup.path
+            while cur not in ("", "/"):
+                allowed.add(top + cur)
+                cur = os.path.dirname(cur)
+        return [d for d in (rec.cgroup_made or rec.cgroup_dirs or []) if d in allowed]
+
+    def _delete_corrupt(self, cid: str) -> None:
+        """``delete --force`` of a container whose record cannot be trusted: release what can be
+        found without it (its cgroup at the path its saved config or the default names, a mount
+        below its directory, its bridge device and lease), then remove the directory."""
+        found: list[str] = []
+        config = self._config(cid)
+        path = config.linux.cgroups_path if config is not None and config.linux.cgroups_path else \
+            self.default_cgroup_path(cid)
+        if os.geteuid() == 0:
+            with contextlib.suppress(ContainerError, OSError):
+                cgroup = Cgroup(self.layout, path)
+                if any(os.path.isdir(d) for d in cgroup.directories()):
+                    found.append(f"cgroup {path}")
+                    self._teardown(Record(id=cid, bundle="", cgroup_path=path), cgroup, [], kill=True)
+        from virtkit.container import network
+
+        host_if = network.host_ifname(self.dirs.root, cid)
+        lease = network.lease_of(host_if)
+        if lease is not None or os.path.exists(f"/sys/class/net/{host_if}"):
+            found.append(f"network device {host_if}")
+            with contextlib.suppress(Exception):  # noqa: BLE001 - best effort, said in the warning
+                network.remove_link(host_if, lease)
+        self.dirs.remove(cid)  # unmounts what is mounted below it first
+        self._configs.pop(cid, None)
+        self.warnings.append(f"state of container {cid} was corrupt; removed it"
+                             + (f" and released {', '.join(found)}" if found else ""))
 
     def _teardown(self, rec: Record, cgroup: Cgroup | None, made: list[str], kill: bool) -> None:
         """Release everything a container holds; safe to repeat, safe on half-made containers."""
@@ -609,7 +726,7 @@ class Runtime:
         for dev in rec.netdevs or []:
             from virtkit.container import network
 
-            network.remove_link(dev, (rec.extra or {}).get("lease"))
+            network.remove_link(dev, rec.lease)
         for target in rec.mounts or []:
             try:
                 libc.umount2(target, libc.MNT_DETACH)
@@ -647,27 +764,37 @@ class Runtime:
             from virtkit.container.seccomp import compile_profile
 
             seccomp = compile_profile(config.linux.seccomp)
-        namespaces = []
-        for kind in _JOIN_ORDER:
-            if config is not None and config.linux.namespace(kind) is None:
-                continue
-            flag, name = libc.NAMESPACES[kind]
-            path = f"/proc/{rec.pid}/ns/{name}"
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
-                    continue  # already there (the user namespace cannot be re-entered)
-            namespaces.append((flag, path))
-        spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
-                        cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
-                        preserve_fds=preserve_fds)
-        if proc_start_time(rec.pid) != rec.pid_start:
-            raise ContainerError(f"cannot exec in container {cid}: it has stopped")
-        r_chan, c_chan = Channel.pair()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - runs in the child
-            r_chan.close()
-            exec_main(spec, c_chan)
-        c_chan.close()
+        # the init's namespaces are opened here, once, and checked to be the init's after the open
+        # (a pid reused in between would otherwise be joined); the child joins the descriptors
+        namespaces: list[tuple[int, int]] = []
+        try:
+            for kind in _JOIN_ORDER:
+                if config is not None and config.linux.namespace(kind) is None:
+                    continue
+                flag, name = libc.NAMESPACES[kind]
+                try:
+                    fd = os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    raise ContainerError(f"cannot exec in container {cid}: it has stopped") from None
+                ns_st, own = os.fstat(fd), os.stat(f"/proc/self/ns/{name}")
+                if (ns_st.st_dev, ns_st.st_ino) == (own.st_dev, own.st_ino):
+                    os.close(fd)  # already there (the user namespace cannot be re-entered)
+                    continue
+                namespaces.append((flag, fd))
+            if proc_start_time(rec.pid) != rec.pid_start:
+                raise ContainerError(f"cannot exec in container {cid}: it has stopped")
+            spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
+                            cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
+                            preserve_fds=preserve_fds)
+            r_chan, c_chan = Channel.pair()
+            child = os.fork()
+            if child == 0:  # pragma: no cover - runs in the child
+                r_chan.close()
+                exec_main(spec, c_chan)
+            c_chan.close()
+        finally:
+            for _flag, fd in namespaces:
+                os.close(fd)
         target = 0
         master = None
         try:
@@ -796,10 +923,14 @@ class Runtime:
     def _config(self, cid: str) -> Config | None:
         if cid in self._configs:
             return self._configs[cid]
+        from virtkit.container.config import MAX_CONFIG_BYTES
+        from virtkit.container.state import read_small
+        from virtkit.records import UntrustedInput, load_object
+
         try:
-            with open(self.dirs.path(cid, CONFIG_COPY), "rb") as f:
-                return parse_config(json.loads(f.read()))
-        except (OSError, ValueError, ConfigError):
+            data = read_small(self.dirs.path(cid, CONFIG_COPY), MAX_CONFIG_BYTES)
+            return parse_config(load_object(data, what="config.json", max_bytes=MAX_CONFIG_BYTES))
+        except (OSError, UntrustedInput, ConfigError):
             return None
 
     def _run_hooks(self, hooks: tuple[Any, ...], rec: Record) -> None:

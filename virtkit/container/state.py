@@ -11,6 +11,12 @@ Crash consistency, by construction:
 * ``delete`` releases the resources first and renames the directory away last; a crash in between
   leaves the container listed (and deletable again), never a resource with no record.
 
+A record is read back as untrusted input (a crash, a full disk or a person may have left anything
+there): its size and depth are bounded and every field is type- and range-checked
+(:mod:`virtkit.records`), then checked against what this runtime could have written for that id
+(:meth:`Record.check`). A record that fails is :class:`CorruptState`: ``list`` skips it with a
+warning, ``state`` says so in one line, and ``delete --force`` removes it.
+
 Every write is ``write tmp + rename``; transitions hold ``flock`` on the container directory. There is
 no fsync: the state describes processes, mounts and cgroups that a reboot ends anyway (runc keeps it
 in /run, a tmpfs, for that reason), and rename is atomic against a crash of the runtime, which is
@@ -19,12 +25,13 @@ the failure that matters. On this project's machines /run is on disk and an fsyn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
-import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtkit.errors import ContainerError
+from virtkit.records import UntrustedInput, bounded, load_object, parse
 
 DEFAULT_ROOT = "/run/virtkit"
 STATE_FILE = "state.json"
@@ -40,9 +48,18 @@ FIFO = "exec.fifo"
 LOG_FILE = "output.log"
 
 # the ids runc accepts: no path separators, no leading dot, bounded length
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}"
+_ID_RE = re.compile(f"^{ID_PATTERN}$")
 
 STATUSES = ("creating", "created", "running", "stopped")
+#: a state.json or exit.json larger than this is corrupt (ours are well under 4 KiB)
+MAX_RECORD_BYTES = 1 << 20
+PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
+_PATH = 4096
+
+
+class CorruptState(ContainerError):
+    """A container's state directory holds a record this runtime cannot trust."""
 
 
 def validate_id(cid: str) -> str:
@@ -91,32 +108,164 @@ def process_alive(pid: int, start_time: int | None) -> bool:
 class Record:
     """The persistent record of one container (``state.json``); OCI fields plus virtkit's own."""
 
-    id: str
-    bundle: str
-    status: str = "creating"
-    pid: int = 0
-    pid_start: int | None = None
-    created: str = ""
-    owner: str = "root"
-    annotations: dict[str, str] | None = None
-    creator_pid: int = 0
-    creator_start: int | None = None
-    monitor_pid: int = 0
-    rootfs: str = ""
-    cgroup_path: str = ""
-    cgroup_dirs: list[str] | None = None  # every cgroup directory made (intent-logged)
-    mounts: list[str] | None = None  # host mounts virtkit made for this container (overlay rootfs)
-    netdevs: list[str] | None = None  # host network devices made for this container
+    id: str = bounded(pattern=ID_PATTERN)
+    bundle: str = bounded(max_len=_PATH)
+    status: str = bounded("creating", pattern="|".join(STATUSES))
+    pid: int = bounded(0, lo=0, hi=PID_MAX)
+    pid_start: int | None = bounded(None, lo=0)
+    created: str = bounded("", max_len=64)
+    owner: str = bounded("root", max_len=256)
+    annotations: dict[str, str] | None = bounded(None, max_len=1024)
+    creator_pid: int = bounded(0, lo=0, hi=PID_MAX)
+    creator_start: int | None = bounded(None, lo=0)
+    monitor_pid: int = bounded(0, lo=0, hi=PID_MAX)
+    rootfs: str = bounded("", max_len=_PATH)
+    cgroup_path: str = bounded("", max_len=_PATH)
+    cgroup_dirs: list[str] | None = bounded(None, max_len=64)  # the container's own cgroup directories
+    mounts: list[str] | None = bounded(None, max_len=4)  # host mounts virtkit made (the overlay rootfs)
+    netdevs: list[str] | None = bounded(None, max_len=4)  # host network devices made for this container
     capture: bool = False
-    extra: dict[str, Any] | None = None
+    cgroup_made: list[str] | None = bounded(None, max_len=256)  # every cgroup directory made (intent log)
+    lease: str | None = bounded(None, max_len=_PATH)  # the --net bridge address lease file
+    address: str | None = bounded(None, max_len=64)
 
     def to_json(self) -> bytes:
         return json.dumps({k: getattr(self, k) for k in self.__slots__}, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Record:
-        raw = json.loads(data)
-        return cls(**{k: raw.get(k) for k in cls.__slots__ if k in raw})
+    def from_json(cls, data: bytes, what: str = "state.json") -> Record:
+        """Parse a record read back from disk; :class:`UntrustedInput` on anything malformed."""
+        raw = load_object(data, what=what, max_bytes=MAX_RECORD_BYTES)
+        extra = raw.pop("extra", None)  # records written before these fields had names of their own
+        if isinstance(extra, dict):
+            for key in ("cgroup_made", "lease", "address"):
+                if key in extra and key not in raw:
+                    raw[key] = extra[key]
+        return parse(cls, raw, what=what, unknown="ignore")
+
+    def check(self, root: str, cid: str) -> None:
+        """What this runtime could have written for container ``cid`` under ``root``, and nothing
+        else: delete acts on these fields (kills a cgroup, unmounts, removes a device and a file),
+        so a value outside that is refused rather than acted on."""
+        def bad(field: str, value: object) -> UntrustedInput:
+            return UntrustedInput(f"{field} {str(value)[:80]!r} is not something virtkit makes for container {cid}")
+
+        if self.id != cid:
+            raise bad("id", self.id)
+        for field in ("bundle", "rootfs", "created", "owner"):
+            v = getattr(self, field)
+            if "\0" in v or (field in ("bundle", "rootfs") and v and not v.startswith("/")):
+                raise bad(field, v)
+        if self.cgroup_path:
+            from virtkit.container.config import _parse_cgroups_path
+            from virtkit.errors import ConfigError
+
+            try:
+                if _parse_cgroups_path(self.cgroup_path) != self.cgroup_path:
+                    raise bad("cgroup_path", self.cgroup_path)
+            except ConfigError:
+                raise bad("cgroup_path", self.cgroup_path) from None
+        for d in [*(self.cgroup_dirs or []), *(self.cgroup_made or [])]:
+            # a cgroup directory is the container's path, or one of its parents, below a hierarchy
+            if not d.startswith("/") or ".." in d.split("/") or not self.cgroup_path:
+                raise bad("cgroup directory", d)
+        own = os.path.join(root, cid)
+        for m in self.mounts or []:
+            if m != os.path.join(own, "rootfs"):
+                raise bad("mount", m)
+        from virtkit.container import network
+
+        for dev in self.netdevs or []:
+            if dev != network.host_ifname(root, cid):
+                raise bad("network device", dev)
+        if self.lease is not None and not network.is_lease_path(self.lease):
+            raise bad("lease", self.lease)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """``exit.json``, written by the monitor when the container's process ends."""
+
+    exitStatus: int | None = bounded(None, lo=0, hi=255)  # noqa: N815 - the OCI state's names
+    signal: int | None = bounded(None, lo=1, hi=64)
+    oomKilled: bool = False  # noqa: N815
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"exitStatus": self.exitStatus, "signal": self.signal, "oomKilled": self.oomKilled}
+
+
+def read_small(path: str, limit: int) -> bytes:
+    """A regular file, opened without following a symlink, at most ``limit`` (+1) bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UntrustedInput(f"{path} is not a regular file")
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def mounts_below(path: str) -> list[str]:
+    """Mount points at or below ``path`` (this process's view), deepest first."""
+    prefix = path.rstrip("/") + "/"
+    out = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), os.fsdecode(fields[4]))
+                    if point == path or point.startswith(prefix):
+                        out.append(point)
+    except OSError:
+        return []
+    return sorted(out, key=lambda p: p.count("/"), reverse=True)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a state directory: unmount whatever is mounted below it first (an overlay rootfs left
+    by a crash), then delete its files without ever following a symlink or crossing into another
+    filesystem (what could not be unmounted is left in place, not emptied)."""
+    from virtkit.container import libc
+
+    for point in mounts_below(path):
+        with contextlib.suppress(OSError):
+            libc.umount2(point, libc.MNT_DETACH)
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+
+    def clear(d: str) -> None:
+        with contextlib.suppress(OSError), os.scandir(d) as it:
+            for entry in list(it):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        if st.st_dev == top.st_dev:
+                            clear(entry.path)
+                            os.rmdir(entry.path)
+                    else:
+                        os.unlink(entry.path)
+
+    clear(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 class StateDir:
@@ -126,8 +275,15 @@ class StateDir:
         self.root = os.path.abspath(root or DEFAULT_ROOT)
 
     def ensure(self) -> None:
+        """Make the root, only root may enter it (0700, the mode of one made earlier is fixed too)."""
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
+            st = os.lstat(self.root)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ContainerError(f"the state directory {self.root} is not a directory; remove it or pick "
+                                     "another with --root")
+            if stat.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
+                os.chmod(self.root, 0o700)
         except OSError as err:
             raise ContainerError(f"cannot create the state directory {self.root}: {err.strerror}; "
                                  "run as root or pick another with --root") from None
@@ -136,7 +292,7 @@ class StateDir:
         return os.path.join(self.root, validate_id(cid), *parts)
 
     def exists(self, cid: str) -> bool:
-        return os.path.exists(self.path(cid, STATE_FILE))
+        return os.path.lexists(self.path(cid))
 
     # --- create / remove -------------------------------------------------------------------
     def create(self, record: Record, extra_files: dict[str, bytes] | None = None) -> str:
@@ -149,7 +305,7 @@ class StateDir:
             raise ContainerError(f"container id {record.id!r} is already in use: pick another id or "
                                  f"'virtkit delete {record.id}' first")
         tmp = os.path.join(self.root, f".new-{record.id[:64]}-{os.getpid()}-{time.monotonic_ns()}")
-        os.mkdir(tmp, 0o711)
+        os.mkdir(tmp, 0o700)
         try:
             # nobody sees the directory before the rename: plain writes suffice
             for name, data in ((STATE_FILE, record.to_json()), *extra_files.items()):
@@ -162,7 +318,7 @@ class StateDir:
                     raise ContainerError(f"container id {record.id!r} is already in use: pick another id") from None
                 raise
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             raise
         return final
 
@@ -173,7 +329,7 @@ class StateDir:
             os.rename(self.path(cid), trash)
         except FileNotFoundError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash)
 
     def sweep(self) -> None:
         """Delete leftovers of interrupted creates/deletes (they hold no resources by construction)."""
@@ -183,38 +339,51 @@ class StateDir:
             return
         for name in names:
             if name.startswith(".trash-"):
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                remove_tree(os.path.join(self.root, name))
             elif name.startswith(".new-"):
                 pid = name.rsplit("-", 2)[-2]
                 if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                    remove_tree(os.path.join(self.root, name))
 
     # --- records -----------------------------------------------------------------------------
     def load(self, cid: str) -> Record:
+        """The record of ``cid``; ContainerError if there is none, :class:`CorruptState` if it
+        cannot be trusted (the message says how to get rid of it)."""
+        d = self.path(cid)
         try:
-            with open(self.path(cid, STATE_FILE), "rb") as f:
-                return Record.from_json(f.read())
+            data = read_small(os.path.join(d, STATE_FILE), MAX_RECORD_BYTES)
+            rec = Record.from_json(data, what=f"state of container {cid}")
+            rec.check(self.root, cid)
+            return rec
         except FileNotFoundError:
-            raise ContainerError(f"container {cid!r} does not exist (see 'virtkit list')") from None
-        except ValueError:
-            raise ContainerError(f"state of container {cid!r} is corrupt: 'virtkit delete --force {cid}'") from None
+            if not os.path.lexists(d):
+                raise ContainerError(f"container {cid!r} does not exist (see 'virtkit list')") from None
+            why = "it has no state.json (a create that never finished?)"
+        except (UntrustedInput, OSError) as err:
+            why = str(err) if isinstance(err, UntrustedInput) else (err.strerror or str(err))
+        raise CorruptState(f"state of container {cid!r} is corrupt ({why}): 'virtkit delete --force {cid}' "
+                           "removes it")
 
     def save(self, record: Record) -> None:
         atomic_write(self.path(record.id, STATE_FILE), record.to_json())
 
     def ids(self) -> list[str]:
+        """Every container directory, including ones whose record is missing or corrupt."""
         try:
             names = sorted(os.listdir(self.root))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return [n for n in names if not n.startswith(".") and os.path.exists(os.path.join(self.root, n, STATE_FILE))]
+        return [n for n in names if not n.startswith(".") and _ID_RE.match(n)]
 
     @contextmanager
     def lock(self, cid: str) -> Iterator[None]:
         try:
-            fd = os.open(self.path(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self.path(cid), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ContainerError(f"container {cid!r} does not exist (see 'virtkit list')") from None
+        except OSError:  # a symlink or a file where the directory should be: no lock to take
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -223,9 +392,10 @@ class StateDir:
 
     def exit_info(self, cid: str) -> dict[str, Any] | None:
         try:
-            with open(self.path(cid, EXIT_FILE), "rb") as f:
-                return json.loads(f.read())  # type: ignore[no-any-return]
-        except (OSError, ValueError):
+            data = read_small(self.path(cid, EXIT_FILE), MAX_RECORD_BYTES)
+            return parse(ExitInfo, load_object(data, what="exit.json", max_bytes=MAX_RECORD_BYTES),
+                         what="exit.json", unknown="ignore").as_dict()
+        except (OSError, UntrustedInput):
             return None
 
 

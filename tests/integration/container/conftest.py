@@ -35,9 +35,12 @@ def _mounts() -> set[str]:
 
 
 def _cgroups() -> set[str]:
-    # containers live under .../virtkit/ (other virtkit parts use other names, e.g. virtkitd-*)
-    return set(glob("/sys/fs/cgroup/*/virtkit")) | set(glob("/sys/fs/cgroup/*/virtkit/*")) | \
-        set(glob("/sys/fs/cgroup/virtkit")) | set(glob("/sys/fs/cgroup/virtkit/*"))
+    # containers live under .../virtkit/ (other virtkit parts use other names, e.g. virtkitd-*), with
+    # any child cgroups they made below them
+    out: set[str] = set()
+    for top in glob("/sys/fs/cgroup/*/virtkit") + glob("/sys/fs/cgroup/virtkit"):
+        out.update(d for d, _, _ in os.walk(top))
+    return out
 
 
 def _netdevs() -> set[str]:
@@ -70,6 +73,36 @@ def _contained_processes() -> set[int]:
     return out
 
 
+#: parts of the host's /dev that change on their own (terminals, other programs' shared memory)
+_DEV_VOLATILE = ("pts", "shm", "mqueue", "hugepages")
+
+
+def host_dev() -> dict[str, tuple[int, int, int]]:
+    """The host's /dev: path -> (inode, mode, device number), for every node, link and directory."""
+    out = {}
+    for dirpath, dirs, files in os.walk("/dev"):
+        rel = os.path.relpath(dirpath, "/dev")
+        if rel.split("/")[0] in _DEV_VOLATILE:
+            dirs[:] = []
+            continue
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                out[path] = (st.st_ino, st.st_mode, st.st_rdev)
+    return out
+
+
+def assert_host_dev_unchanged(before: dict[str, tuple[int, int, int]]) -> None:
+    import stat
+
+    st = os.lstat("/dev/null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3), "the host's /dev/null is not 1:3 any more"
+    after = host_dev()
+    changed = {p: (before.get(p), after.get(p)) for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    assert not changed, f"the host's /dev changed (path: (before, after) inode, mode, rdev): {changed}"
+
+
 @pytest.fixture(scope="session")
 def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
@@ -89,6 +122,7 @@ def rt(tmp_path: Path) -> Iterator[Any]:
     from virtkit.container.runtime import Runtime
 
     before = (_mounts(), _cgroups(), _netdevs(), _contained_processes())
+    dev_before = host_dev()
     runtime = Runtime(str(tmp_path / "run"))
     yield runtime
     left = runtime.dirs.ids()
@@ -100,6 +134,7 @@ def rt(tmp_path: Path) -> Iterator[Any]:
               zip(("mounts", "cgroups", "netdevs", "processes"), before, after, strict=True) if a - b}
     assert not left, f"containers left behind: {left}"
     assert not leaked, f"left behind: {leaked}"
+    assert_host_dev_unchanged(dev_before)
     assert not [n for n in os.listdir(runtime.dirs.root) if not n.startswith(".")] \
         if os.path.isdir(runtime.dirs.root) else True
 

@@ -127,7 +127,7 @@ def _layer(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, link: s
     return gzip.compress(buf.getvalue())
 
 
-def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path:
+def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False, user: str | None = None) -> Path:
     blobs: dict[str, bytes] = {}
 
     def blob(data: bytes) -> dict[str, Any]:
@@ -135,7 +135,9 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False) -> Path
         blobs[d] = data
         return {"digest": f"sha256:{d}", "size": len(data)}
 
-    config = blob(json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers"}}).encode())
+    diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(x)).hexdigest() for x in layers]
+    image_config: dict[str, Any] = {"Cmd": ["sh"], **({"User": user} if user else {})}
+    config = blob(json.dumps({"config": image_config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
     manifest = {"schemaVersion": 2, "config": config,
                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers]}
     index = {"schemaVersion": 2, "manifests": [blob(json.dumps(manifest).encode())]}
@@ -198,4 +200,143 @@ def test_good_image_runs_with_limits(rt: Any, tmp_path: Path, monkeypatch: pytes
     assert out.split() == [str(48 << 20), "9", "50000"]
     # copy-on-write: the image's rootfs did not change
     assert not (store / "bb" / "rootfs" / "bin" / "file").exists()
+    _state_is_empty(rt)
+
+
+# ---- bundles and state records the CLI must survive ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/virtkit/a\u0000b", "/", "", "/a/../../b", "/" + "x" * 300, "/cgroup.procs/x"])
+def test_bad_cgroups_path_creates_nothing(cli: Any, rt: Any, bundle: Any, path: str) -> None:
+    """A cgroupsPath with a NUL byte crashed run with a traceback and left a record that broke
+    list, state and delete -f until removed by hand."""
+    b = bundle(["true"], {"linux.cgroupsPath": path})
+    _one_line_error(*cli("oci", "run", "nul", "--bundle", str(b)))
+    _state_is_empty(rt)
+    assert cli("list")[0] == 0
+    _one_line_error(*cli("state", "nul"), "does not exist")
+
+
+def _corruptions(good: bytes) -> dict[str, Any]:
+    import json
+
+    raw = json.loads(good)
+
+    def hostile(**changes: Any) -> bytes:
+        return json.dumps(dict(raw, **changes)).encode()
+
+    return {
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "garbage": os.urandom(64),
+        "array": b"[]",
+        "deep": b"[" * 50_000 + b"]" * 50_000,
+        "wrong-types": hostile(pid="1", status=7),
+        "root-cgroup": hostile(cgroup_path="/"),  # delete must never kill the host's processes
+        "foreign-mount": hostile(mounts=["/"]),
+        "foreign-lease": hostile(lease="/etc/passwd"),
+        "foreign-netdev": hostile(netdevs=["lo"]),
+        "other-id": hostile(id="someone-else"),
+        "no-state-file": None,
+        "symlinked-state": "symlink",
+    }
+
+
+@pytest.mark.parametrize("kind", list(_corruptions(b'{"id": "x"}')))
+def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: Any, kind: str,
+                                                    tmp_path: Path) -> None:
+    b = bundle(["sleep", "300"])
+    assert cli("create", "bad", "--bundle", str(b))[0] == 0
+    assert cli("start", "bad")[0] == 0
+    rec = rt.dirs.load("bad")
+    state = Path(rt.dirs.path("bad", "state.json"))
+    content = _corruptions(state.read_bytes())[kind]
+    if content is None:
+        state.unlink()
+    elif content == "symlink":
+        target = tmp_path / "elsewhere.json"
+        target.write_bytes(state.read_bytes())
+        state.unlink()
+        os.symlink(target, state)
+    else:
+        state.write_bytes(content)
+    assert cli("create", "good", "--bundle", str(bundle(["true"])))[0] == 0  # others keep working
+    status, err = cli("list")
+    assert status == 0 and err.count("\n") == 1 and "virtkit: warning: state of container 'bad' is corrupt" in err
+    _one_line_error(*cli("state", "bad"), "corrupt", "delete --force bad")
+    _one_line_error(*cli("delete", "bad"), "corrupt")
+    status, err = cli("delete", "--force", "bad")
+    assert status == 0 and "was corrupt" in err, err
+    # what the record named is released all the same: the init is gone, its cgroups too
+    from virtkit.container.state import process_alive
+
+    assert not process_alive(rec.pid, rec.pid_start)
+    assert not any(os.path.exists(d) for d in rec.cgroup_dirs or [])
+    assert cli("delete", "good")[0] == 0
+    _state_is_empty(rt)
+
+
+def test_an_image_never_brings_devices_or_setuid_files(rt: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """The store handed out host devices: a layer's block device node was made with mknod in a
+    world-traversable store, and an unprivileged user read the host's disk through it."""
+    import stat
+
+    store = tmp_path / "store"
+    store.mkdir(mode=0o755)
+    os.chmod(store, 0o755)  # an old, world-traversable store
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
+    major, minor = os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tar.gettarinfo("/bin/busybox", arcname="bin/busybox")
+        info.mode = 0o4755  # setuid root
+        info.uid = info.gid = 0
+        with open("/bin/busybox", "rb") as f:
+            tar.addfile(info, f)
+        for applet in ("sh", "ls", "head", "stat"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        for name, kind, dev in (("disk", tarfile.BLKTYPE, (major, minor)), ("mem", tarfile.CHRTYPE, (1, 1))):
+            node = tarfile.TarInfo(name)
+            node.type, node.mode = kind, 0o666
+            node.devmajor, node.devminor = dev
+            tar.addfile(node)
+    archive = _oci_archive(tmp_path / "devs.tar", [gzip.compress(buf.getvalue())])
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")
+    assert main(["--root", rt.dirs.root, "import", str(archive), "--name", "devs"]) == 0
+    assert "skipped 2 device node(s)" in capfd.readouterr().err
+    assert os.stat(store).st_mode & 0o777 == 0o700
+    found = [p for p in store.rglob("*") if stat.S_ISBLK(p.lstat().st_mode) or stat.S_ISCHR(p.lstat().st_mode)]
+    assert found == []
+    assert os.stat(store / "devs" / "rootfs" / "bin" / "busybox").st_mode & 0o7777 == 0o755
+    status = main(["--root", rt.dirs.root, "run", "--mode", "container", "devs", "--", "sh", "-c",
+                   "head -c 1 /disk; head -c 1 /mem; stat -c %a /bin/busybox"])
+    out = capfd.readouterr()
+    assert status == 0, out.err
+    assert out.out.split() == ["755"] and out.err.count("No such file") == 2, out
+    _state_is_empty(rt)
+
+
+def test_an_image_user_other_than_root_can_use_the_rootfs(rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """The overlay's root takes the mode of its upper directory, which lives in the private state
+    directory: it must be the image root's mode, not the state directory's 0700."""
+    monkeypatch.setenv("VIRTKIT_IMAGES", str(tmp_path / "store"))
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        for applet in ("sh", "ls", "id"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+    archive = _oci_archive(tmp_path / "u.tar", [gzip.compress(buf.getvalue())], user="1000:1000")
+    status = main(["--root", rt.dirs.root, "run", "--mode", "container", str(archive), "--", "sh", "-c",
+                   "id -u; ls / >/dev/null && echo listed"])
+    out = capfd.readouterr()
+    assert status == 0, out.err
+    assert out.out.split() == ["1000", "listed"]
     _state_is_empty(rt)

@@ -143,3 +143,13 @@ def test_bridge_network(rt: Any, bundle: Any) -> None:
     assert f"inet {address}/16" in out and "reached" in out
     rt.delete("net")
     assert not os.path.exists(f"/sys/class/net/{rec.netdevs[0]}")
+    from virtkit.container.network import LEASES
+
+    assert os.stat(LEASES).st_mode & 0o777 == 0o700
+
+
+def test_masked_directories_read_as_empty_for_any_user(run_container: Any, bundle: Any) -> None:
+    b = bundle(["sh", "-c", "ls -A /sys/firmware | wc -l"], {"process.user": {"uid": 1000, "gid": 1000}})
+    status, out = run_container("mask-user", b)
+    assert status == 0, out
+    assert out.split() == ["0"]

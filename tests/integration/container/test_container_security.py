@@ -126,3 +126,47 @@ def test_init_runs_from_a_sealed_interpreter_copy(tmp_path: Path, bundle: Any, r
                 os.close(fd)
     finally:
         os.close(handle)
+
+
+IO_URING_PROBE = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(void) {
+    char params[120] = {0};  /* struct io_uring_params */
+    long fd = syscall(425 /* io_uring_setup */, 1, params);
+    printf("io_uring_setup: %s\n", fd < 0 ? strerror(errno) : "ok");
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def io_uring_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the io_uring probe")
+    d = tmp_path_factory.mktemp("probe")
+    (d / "probe.c").write_text(IO_URING_PROBE)
+    subprocess.run(["gcc", "-static", "-O", "-o", str(d / "probe"), str(d / "probe.c")], check=True, timeout=120)
+    return d / "probe"
+
+
+@pytest.mark.parametrize("with_seccomp", [True, False], ids=["default-profile", "no-filter-control"])
+def test_io_uring_is_denied_by_the_default_profile(run_container: Any, bundle: Any, io_uring_probe: Path,
+                                                   with_seccomp: bool) -> None:
+    import shutil
+
+    def edit(raw: dict[str, Any]) -> None:
+        if not with_seccomp:
+            del raw["linux"]["seccomp"]
+
+    b = bundle(["/probe"], edit=edit)
+    shutil.copy(io_uring_probe, b / "rootfs" / "probe")
+    status, out = run_container("uring", b)
+    assert status == 0, out
+    # the control shows the kernel has io_uring, so the denial is the filter's doing
+    assert out.strip() == ("io_uring_setup: Operation not permitted" if with_seccomp else "io_uring_setup: ok")

@@ -127,3 +127,58 @@ def test_v2_stats_and_oom(tmp_path: Path) -> None:
     assert s["cpu"]["usage"]["total"] == 2_000_000
     assert s["cpu"]["throttling"]["throttledPeriods"] == 4
     assert s["pids"] == {"current": 3, "limit": 20}
+
+
+# other programs mount cgroup filesystems for themselves: a jail's private tree, a benchmark's v1 hugetlb
+FOREIGN = """\
+90 22 0:40 / /tmp/jail/sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+91 22 0:41 / /run/bench/hugetlb rw,relatime - cgroup cgroup rw,hugetlb
+92 22 0:42 / /tmp/other-cgroup2 rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_detect_ignores_other_programs_mounts() -> None:
+    assert detect(V2 + FOREIGN) == detect(V2)
+    assert detect(FOREIGN + V2).mode == "v2"
+    assert detect(HYBRID + FOREIGN) == detect(HYBRID)
+    assert "hugetlb" not in detect(FOREIGN + HYBRID).v1
+    # a bind of a sub-cgroup is not a hierarchy either
+    sub = "93 25 0:28 /virtkit/x /sys/fs/cgroup/pids2 rw - cgroup cgroup rw,pids\n"
+    assert detect(V2 + sub) == detect(V2)
+
+
+def test_detect_falls_back_to_any_mount_when_nothing_is_at_sys_fs_cgroup() -> None:
+    only = "92 22 0:42 / /mnt/cg2 rw,relatime - cgroup2 cgroup2 rw\n"
+    assert detect(only) == Layout("v2", {}, "/mnt/cg2")
+
+
+def _tree(tmp_path: Path) -> Path:
+    """A container cgroup with child cgroups it made itself (plain directories stand in for them)."""
+    top = tmp_path / "virtkit" / "c"
+    for sub in ("", "a", "a/b", "a/b/c", "d"):
+        (top / sub).mkdir(parents=True, exist_ok=True)
+    (top / "cgroup.procs").write_text("10\n")
+    (top / "a" / "b" / "c" / "cgroup.procs").write_text("12\n13\n")
+    (top / "d" / "cgroup.procs").write_text("")
+    return top
+
+
+def test_pids_include_child_cgroups(tmp_path: Path) -> None:
+    _tree(tmp_path)
+    cg = Cgroup(Layout("v2", {}, str(tmp_path)), "/virtkit/c")
+    assert cg.pids() == [10, 12, 13]
+
+
+def test_remove_takes_child_cgroups_depth_first(tmp_path: Path) -> None:
+    top = _tree(tmp_path)
+    for f in top.rglob("cgroup.procs"):  # a real cgroupfs has no removable files; the fake must be empty
+        f.unlink()
+    cg = Cgroup(Layout("v2", {}, str(tmp_path)), "/virtkit/c")
+    assert cg.remove() == []
+    assert not top.exists() and (tmp_path / "virtkit").exists()
+
+
+def test_plan_refuses_a_path_through_a_control_file(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.procs").write_text("")
+    with pytest.raises(ContainerError, match="control file"):
+        Cgroup(Layout("v2", {}, str(tmp_path)), "/cgroup.procs/x").plan()

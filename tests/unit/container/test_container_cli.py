@@ -66,7 +66,7 @@ def test_unexpected_system_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from virtkit.container.runtime import Runtime
 
-    def denied(self: Runtime) -> list[dict[str, str]]:
+    def denied(self: Runtime, warn: object = None) -> list[dict[str, str]]:
         raise PermissionError(13, "Permission denied", "/run/virtkit")
 
     monkeypatch.setattr(Runtime, "containers", denied)
