@@ -255,10 +255,10 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
         raise SnapshotError(f"snapshot holds {len(image.vcpus)} vCPU states for a {config.vcpus}-vCPU machine")
     if memory.size != config.memory:
         raise SnapshotError(f"snapshot memory file covers {memory.size} bytes of a {config.memory}-byte machine")
-    created = f.raw("created") if f.has("created") else 0.0
+    created = f.number("created") if f.has("created") else 0.0
     host = f.raw("host") if f.has("host") else {}
-    return LoadedSnapshot(directory, config, memory, image, float(created) if isinstance(created, int | float)
-                          else 0.0, host if isinstance(host, dict) else {}, disk_sizes, disk_copies)
+    return LoadedSnapshot(directory, config, memory, image, created, host if isinstance(host, dict) else {},
+                          disk_sizes, disk_copies)
 
 
 def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
