@@ -46,6 +46,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
+from virtkit import records
 from virtkit.errors import VirtkitError
 
 PROTOCOL_VERSION: Final = 1
@@ -153,13 +154,14 @@ class Channel:
     def recv_json_payload(self, kind: MessageType, length: int) -> dict[str, Any]:
         if length > MAX_CONTROL:
             raise MigrationError(f"{self.peer} sent a {length}-byte {kind.value.decode()} message")
+        if not length:
+            return {}
+        # depth bounded before parsing (records): deep nesting raised RecursionError, not ValueError
         try:
-            obj = json.loads(self.recv_exact(length)) if length else {}
-        except ValueError:
-            raise MigrationError(f"{self.peer} sent a malformed {kind.value.decode()} message") from None
-        if not isinstance(obj, dict):
-            raise MigrationError(f"{self.peer} sent a malformed {kind.value.decode()} message")
-        return obj
+            return records.load_object(self.recv_exact(length), what=f"{kind.value.decode()} message",
+                                       max_bytes=MAX_CONTROL)
+        except records.UntrustedInput as e:
+            raise MigrationError(f"{self.peer} sent a malformed {kind.value.decode()} message: {e}") from None
 
     def expect(self, *kinds: MessageType) -> tuple[MessageType, dict[str, Any]]:
         """Receive a control message of one of ``kinds``; ABRT and REFUSE become errors."""

@@ -66,6 +66,15 @@ def test_unexpected_and_unknown_messages(pair: tuple[Channel, Channel]) -> None:
         b.recv_header()
 
 
+@pytest.mark.parametrize("body", [b"[" * 50000, b'{"x": ' + b"[" * 50000 + b"]" * 50000 + b"}", b"\xff", b"[1]"])
+def test_a_malformed_control_message_is_a_migration_error(pair: tuple[Channel, Channel], body: bytes) -> None:
+    # 50,000 '[' raised RecursionError (not a ValueError) out of recv_json_payload
+    a, b = pair
+    a.sock.sendall(protocol.HEADER.pack(b"HELO", 0, len(body)) + body)
+    with pytest.raises(MigrationError, match="malformed HELO message"):
+        b.expect(MessageType.HELLO)
+
+
 def test_oversized_control_message_is_refused(pair: tuple[Channel, Channel]) -> None:
     a, b = pair
     a.sock.sendall(protocol.HEADER.pack(b"HELO", 0, protocol.MAX_CONTROL + 1))
