@@ -40,7 +40,11 @@ def read_image(path: str, what: str, limit: int) -> bytes:
             raise BootError(f"{what} {path} is {size} bytes, larger than guest memory: give the VM "
                             "more --memory")
         with open(path, "rb") as f:
-            data = f.read()
+            # st_size says nothing for a character device (/dev/zero reads without end): read at
+            # most one byte past the limit, whatever the file claims
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise BootError(f"{what} {path} is larger than guest memory ({limit} bytes)")
     except FileNotFoundError:
         raise BootError(f"{what} {path} does not exist") from None
     except PermissionError:

@@ -144,3 +144,9 @@ def test_a_module_that_would_land_above_4_gib_is_refused(tmp_path: Path, protoco
             load_kernel(big, k, modules=[ModuleSpec(m)], protocol=protocol)
     finally:
         big.close()
+
+
+def test_a_kernel_that_reads_without_end_is_refused(mem: GuestMemory) -> None:
+    # st_size of /dev/zero is 0, and read() without a bound filled host memory until killed
+    with pytest.raises(BootError, match="larger than guest memory"):
+        load_kernel(mem, "/dev/zero")
