@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 import types
 import typing
@@ -68,6 +69,13 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: Infinity by another spelling
+        raise ValueError(f"{text[:40]} is beyond the range of a double")
+    return value
+
+
 def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
               object_hook: Callable[[dict[str, Any]], Any] | None = None) -> Any:
     """Decode ``data`` (from ``what``: "the exit report of vm1", "HELO from 10.0.0.2:4711"...) as
@@ -80,7 +88,8 @@ def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_d
     if _too_deep(raw, max_depth):
         raise UntrustedInput(f"{what} is nested more than {max_depth} levels deep")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_hook=object_hook)
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                          object_hook=object_hook)
     except UnicodeDecodeError:
         raise UntrustedInput(f"{what} is not UTF-8") from None
     except RecursionError:  # cannot happen after the depth check; kept as a second wall
@@ -260,8 +269,12 @@ def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str)
     if tp is float:
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise UntrustedInput(f"{path} must be a number, not a {_json_kind(v)}")
-        _check_bounds(v, path, meta)
-        return float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # an integer of 400 digits is valid JSON
+            raise UntrustedInput(f"{path} is beyond the range of a double") from None
+        _check_bounds(f, path, meta)
+        return f
     if tp is bytes:  # what the snapshot format's {"$bytes": ...} decodes to
         if not isinstance(v, bytes):
             raise UntrustedInput(f"{path} must be a byte string, not a {_json_kind(v)}")

@@ -95,6 +95,8 @@ def test_nesting_within_the_limit_and_brackets_in_strings_pass() -> None:
     (b"NaN", "not valid JSON"),
     (b"[Infinity]", "not valid JSON"),
     (b"1" * 5000, "not valid JSON"),  # more digits than int() converts
+    (b"1e999", "not valid JSON"),  # overflows to inf: Infinity by another spelling
+    (b"[-1e400]", "not valid JSON"),
 ])
 def test_malformed_input_is_one_line(data: bytes, message: str) -> None:
     with pytest.raises(UntrustedInput, match=message) as e:
@@ -107,13 +109,21 @@ def test_an_object_is_required_where_asked() -> None:
         load_object(b"[]", what="report", max_bytes=10)
 
 
+@pytest.mark.parametrize("big", [10 ** 400, -(10 ** 400)], ids=["positive", "negative"])
+def test_an_integer_beyond_float_range_in_a_float_field_is_refused(big: int) -> None:
+    # valid JSON (400 digits is under int()'s limit), and float() of it raised OverflowError
+    with pytest.raises(UntrustedInput, match="fuzz.ratio"):
+        parse(Outer, {"name": "a", "count": 1, "ratio": big}, what="fuzz")
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_give_a_value_or_untrusted_input(data: bytes) -> None:
     with contextlib.suppress(UntrustedInput):
         load_json(data, what="fuzz", max_bytes=200)
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.integers(-(10 ** 400), 10 ** 400)
+                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
                     max_leaves=20))
 def test_any_json_value_gives_a_record_or_untrusted_input(value: object) -> None:

@@ -40,7 +40,11 @@ def read_image(path: str, what: str, limit: int) -> bytes:
             raise BootError(f"{what} {path} is {size} bytes, larger than guest memory: give the VM "
                             "more --memory")
         with open(path, "rb") as f:
-            data = f.read()
+            # st_size says nothing for a character device (/dev/zero reads without end): read at
+            # most one byte past the limit, whatever the file claims
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise BootError(f"{what} {path} is larger than guest memory ({limit} bytes)")
     except FileNotFoundError:
         raise BootError(f"{what} {path} does not exist") from None
     except PermissionError:
@@ -171,6 +175,11 @@ def _load_modules(mem: GuestMemory, specs: list[ModuleSpec], top: int) -> list[m
         # always page aligned, whether or not the header asks (§3.1.2 bit 0): cheap, and QEMU does too
         addr = (addr + layout.PAGE_SIZE - 1) & ~(layout.PAGE_SIZE - 1)
         data = read_image(spec.path, "module", mem.size)
+        if addr + len(data) > 1 << 32:
+            # the MBI's mod_start/mod_end are 32-bit (§3.3); a kernel with a segment above the MMIO
+            # hole puts its modules there, and packing the MBI raised struct.error
+            raise BootError(f"module {spec.path} would be loaded at {addr:#x}, above 4 GiB, where Multiboot "
+                            "cannot describe it: link the kernel below 4 GiB")
         _check_range(mem, addr, len(data), f"module {spec.path}")
         mem.write(addr, data)
         loaded.append(multiboot.Module(addr, addr + len(data), spec.string or spec.path))

@@ -45,10 +45,10 @@ import tarfile
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Annotated, Any, Protocol
 
 from virtkit.errors import ConfigError, ContainerError
-from virtkit.records import UntrustedInput, bounded, load_json, load_object, parse
+from virtkit.records import Bounds, UntrustedInput, load_json, load_object, parse
 
 DEFAULT_STORE = "/var/lib/virtkit/images"
 BUSYBOX_BINARY = "/bin/busybox"
@@ -116,40 +116,40 @@ def max_bytes() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Platform:
-    architecture: str | None = bounded(None, max_len=64)
-    os: str | None = bounded(None, max_len=64)
+    architecture: Annotated[str, Bounds(max_len=64)] | None = None
+    os: Annotated[str, Bounds(max_len=64)] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Descriptor:
-    digest: str = bounded(pattern=DIGEST)
-    size: int = bounded(lo=0, hi=2**62)
-    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815 - the image-spec's names
-    annotations: dict[str, str] | None = bounded(None, max_len=256)
+    digest: Annotated[str, Bounds(pattern=DIGEST)]
+    size: Annotated[int, Bounds(lo=0, hi=2**62)]
+    mediaType: Annotated[str, Bounds(max_len=256)] | None = None  # noqa: N815 - the image-spec's names
+    annotations: Annotated[dict[str, str], Bounds(max_len=256)] | None = None
     platform: Platform | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Index:
-    manifests: tuple[Descriptor, ...] = bounded(max_len=MAX_LAYERS)
-    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815
+    manifests: Annotated[tuple[Descriptor, ...], Bounds(max_len=MAX_LAYERS)]
+    mediaType: Annotated[str, Bounds(max_len=256)] | None = None  # noqa: N815
 
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    mediaType: str | None = bounded(None, max_len=256)  # noqa: N815
+    mediaType: Annotated[str, Bounds(max_len=256)] | None = None  # noqa: N815
     config: Descriptor | None = None
-    layers: tuple[Descriptor, ...] = bounded((), max_len=MAX_LAYERS)
-    manifests: tuple[Descriptor, ...] | None = bounded(None, max_len=MAX_LAYERS)
+    layers: Annotated[tuple[Descriptor, ...], Bounds(max_len=MAX_LAYERS)] = ()
+    manifests: Annotated[tuple[Descriptor, ...], Bounds(max_len=MAX_LAYERS)] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ContainerConfig:
-    Env: tuple[str, ...] | None = bounded(None, max_len=4096)
-    Cmd: tuple[str, ...] | None = bounded(None, max_len=4096)
-    Entrypoint: tuple[str, ...] | None = bounded(None, max_len=4096)
-    WorkingDir: str | None = bounded(None, max_len=MAX_PATH)
-    User: str | None = bounded(None, max_len=256)
+    Env: Annotated[tuple[str, ...], Bounds(max_len=4096)] | None = None
+    Cmd: Annotated[tuple[str, ...], Bounds(max_len=4096)] | None = None
+    Entrypoint: Annotated[tuple[str, ...], Bounds(max_len=4096)] | None = None
+    WorkingDir: Annotated[str, Bounds(max_len=MAX_PATH)] | None = None
+    User: Annotated[str, Bounds(max_len=256)] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
@@ -158,8 +158,8 @@ class ContainerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RootFS:
-    diff_ids: tuple[str, ...] = bounded(max_len=MAX_LAYERS)
-    type: str = bounded("layers", max_len=64)
+    diff_ids: Annotated[tuple[str, ...], Bounds(max_len=MAX_LAYERS)]
+    type: Annotated[str, Bounds(max_len=64)] = "layers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,19 +170,19 @@ class ImageConfig:
 
 @dataclass(frozen=True, slots=True)
 class DockerEntry:
-    Config: str = bounded(max_len=MAX_PATH)
-    Layers: tuple[str, ...] = bounded((), max_len=MAX_LAYERS)
+    Config: Annotated[str, Bounds(max_len=MAX_PATH)]
+    Layers: Annotated[tuple[str, ...], Bounds(max_len=MAX_LAYERS)] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class StoreMeta:
     """``image.json`` of the store, read back (the store is root's, but reads stay bounded)."""
 
-    name: str = bounded(max_len=1024)
-    digest: str | None = bounded(None, max_len=128)
-    source: str | None = bounded(None, max_len=MAX_PATH)
+    name: Annotated[str, Bounds(max_len=1024)]
+    digest: Annotated[str, Bounds(max_len=128)] | None = None
+    source: Annotated[str, Bounds(max_len=MAX_PATH)] | None = None
     config: ContainerConfig | None = None
-    skipped_devices: int = bounded(0, lo=0)
+    skipped_devices: Annotated[int, Bounds(lo=0)] = 0
 
 
 def _record(cls: type[Any], data: bytes, what: str) -> Any:

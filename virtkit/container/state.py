@@ -36,10 +36,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from virtkit.errors import ContainerError
-from virtkit.records import UntrustedInput, bounded, load_object, parse
+from virtkit.records import Bounds, UntrustedInput, load_object, parse
 
 DEFAULT_ROOT = "/run/virtkit"
 STATE_FILE = "state.json"
@@ -108,26 +108,26 @@ def process_alive(pid: int, start_time: int | None) -> bool:
 class Record:
     """The persistent record of one container (``state.json``); OCI fields plus virtkit's own."""
 
-    id: str = bounded(pattern=ID_PATTERN)
-    bundle: str = bounded(max_len=_PATH)
-    status: str = bounded("creating", pattern="|".join(STATUSES))
-    pid: int = bounded(0, lo=0, hi=PID_MAX)
-    pid_start: int | None = bounded(None, lo=0)
-    created: str = bounded("", max_len=64)
-    owner: str = bounded("root", max_len=256)
-    annotations: dict[str, str] | None = bounded(None, max_len=1024)
-    creator_pid: int = bounded(0, lo=0, hi=PID_MAX)
-    creator_start: int | None = bounded(None, lo=0)
-    monitor_pid: int = bounded(0, lo=0, hi=PID_MAX)
-    rootfs: str = bounded("", max_len=_PATH)
-    cgroup_path: str = bounded("", max_len=_PATH)
-    cgroup_dirs: list[str] | None = bounded(None, max_len=64)  # the container's own cgroup directories
-    mounts: list[str] | None = bounded(None, max_len=4)  # host mounts virtkit made (the overlay rootfs)
-    netdevs: list[str] | None = bounded(None, max_len=4)  # host network devices made for this container
+    id: Annotated[str, Bounds(pattern=ID_PATTERN)]
+    bundle: Annotated[str, Bounds(max_len=_PATH)]
+    status: Annotated[str, Bounds(pattern="|".join(STATUSES))] = "creating"
+    pid: Annotated[int, Bounds(lo=0, hi=PID_MAX)] = 0
+    pid_start: Annotated[int, Bounds(lo=0)] | None = None
+    created: Annotated[str, Bounds(max_len=64)] = ""
+    owner: Annotated[str, Bounds(max_len=256)] = "root"
+    annotations: Annotated[dict[str, str], Bounds(max_len=1024)] | None = None
+    creator_pid: Annotated[int, Bounds(lo=0, hi=PID_MAX)] = 0
+    creator_start: Annotated[int, Bounds(lo=0)] | None = None
+    monitor_pid: Annotated[int, Bounds(lo=0, hi=PID_MAX)] = 0
+    rootfs: Annotated[str, Bounds(max_len=_PATH)] = ""
+    cgroup_path: Annotated[str, Bounds(max_len=_PATH)] = ""
+    cgroup_dirs: Annotated[list[str], Bounds(max_len=64)] | None = None  # the container's own cgroup directories
+    mounts: Annotated[list[str], Bounds(max_len=4)] | None = None  # host mounts virtkit made (the overlay rootfs)
+    netdevs: Annotated[list[str], Bounds(max_len=4)] | None = None  # host network devices made for this container
     capture: bool = False
-    cgroup_made: list[str] | None = bounded(None, max_len=256)  # every cgroup directory made (intent log)
-    lease: str | None = bounded(None, max_len=_PATH)  # the --net bridge address lease file
-    address: str | None = bounded(None, max_len=64)
+    cgroup_made: Annotated[list[str], Bounds(max_len=256)] | None = None  # every cgroup directory made (intent log)
+    lease: Annotated[str, Bounds(max_len=_PATH)] | None = None  # the --net bridge address lease file
+    address: Annotated[str, Bounds(max_len=64)] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps({k: getattr(self, k) for k in self.__slots__}, indent=1).encode()
@@ -186,8 +186,8 @@ class Record:
 class ExitInfo:
     """``exit.json``, written by the monitor when the container's process ends."""
 
-    exitStatus: int | None = bounded(None, lo=0, hi=255)  # noqa: N815 - the OCI state's names
-    signal: int | None = bounded(None, lo=1, hi=64)
+    exitStatus: Annotated[int, Bounds(lo=0, hi=255)] | None = None  # noqa: N815 - the OCI state's names
+    signal: Annotated[int, Bounds(lo=1, hi=64)] | None = None
     oomKilled: bool = False  # noqa: N815
 
     def as_dict(self) -> dict[str, Any]:

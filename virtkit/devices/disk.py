@@ -41,13 +41,17 @@ class RawImage:
         self._fd = self._open()
         try:
             self.size = self._measure()
+            os.set_blocking(self._fd, True)
             self._lock()
         except BaseException:
             os.close(self._fd)
             raise
 
     def _open(self) -> int:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK only for the open itself: opening a FIFO for reading would block until a writer
+        # came (the path may come from a crafted snapshot); _measure then refuses it, and
+        # _open clears the flag for the image's real I/O.
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             return os.open(self.path, flags)
         except FileNotFoundError:

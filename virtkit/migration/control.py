@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from virtkit import records
 from virtkit.errors import ConfigError, VirtkitError
 from virtkit.stop import Stop, StopReason
 from virtkit.vm import Machine
@@ -151,12 +152,12 @@ class ControlServer:
     def handle_line(self, line: bytes) -> dict[str, Any]:
         if len(line) > MAX_LINE:
             return {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
+        # records bounds the nesting before parsing: json.loads of 60,000 '[' raised RecursionError,
+        # which ended the client's thread with a traceback instead of a reply
         try:
-            req = json.loads(line)
-        except ValueError:
-            return {"ok": False, "error": "request is not a JSON object on one line"}
-        if not isinstance(req, dict):
-            return {"ok": False, "error": "request is not a JSON object on one line"}
+            req = records.load_object(line, what="request", max_bytes=MAX_LINE)
+        except records.UntrustedInput as e:
+            return {"ok": False, "error": f"request is not a JSON object on one line: {e}"}
         cmd = req.get("cmd")
         handler = self.handlers.get(cmd) if isinstance(cmd, str) else None
         if handler is None:
@@ -243,12 +244,11 @@ def request(path: str, cmd: str, timeout: float | None = None, **fields: Any) ->
             raise ControlError(f"{cmd}: connection to {path} failed: {e.strerror or e}") from None
         if not line:
             raise ControlError(f"{cmd}: the VMM at {path} closed the connection without replying")
+        # the VMM's guest may have subverted it: its reply is parsed as hostile input
         try:
-            reply = json.loads(line)
-        except ValueError:
-            raise ControlError(f"{cmd}: malformed reply from {path}") from None
-        if not isinstance(reply, dict):
-            raise ControlError(f"{cmd}: malformed reply from {path}")
+            reply = records.load_object(line, what=f"reply from {path}", max_bytes=MAX_LINE + 1)
+        except records.UntrustedInput as e:
+            raise ControlError(f"{cmd}: malformed reply from {path}: {e}") from None
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "failed")))
         return reply

@@ -154,10 +154,25 @@ class Fields:
         return v
 
     def string(self, key: str) -> str:
+        """A string field. NUL is refused: these strings name files (the memory file, disk images
+        and their copies), and every os call raises ValueError on an embedded NUL."""
         v = self._get(key)
         if not isinstance(v, str):
             raise SnapshotError(f"snapshot field {self.path}.{key} is not a string")
+        if "\0" in v:
+            raise SnapshotError(f"snapshot field {self.path}.{key} contains a NUL character")
         return v
+
+    def number(self, key: str) -> float:
+        """A JSON number as a float; an integer too large for one is refused (float() would raise
+        OverflowError)."""
+        v = self._get(key)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise SnapshotError(f"snapshot field {self.path}.{key} is not a number")
+        try:
+            return float(v)
+        except OverflowError:
+            raise SnapshotError(f"snapshot field {self.path}.{key} is out of range") from None
 
     def blob(self, key: str, size: int | None = None) -> bytes:
         v = self._get(key)

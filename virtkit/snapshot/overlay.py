@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from typing import Final, Literal
 
 #: _IOW(0x94, 9, int) from linux/fs.h
@@ -33,11 +34,20 @@ CHUNK: Final = 8 << 20
 Method = Literal["reflink", "sparse"]
 
 
-def copy_image(src: str, dst: str, *, reflink: bool = True) -> Method:
+def copy_image(src: str, dst: str, *, reflink: bool = True, follow_symlinks: bool = True) -> Method:
     """Copy ``src`` to the new file ``dst`` (which must not exist), copy-on-write if the filesystem
-    can, else sparse. ``reflink=False`` forces the sparse path (tests). On failure ``dst`` is gone."""
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    can, else sparse. ``reflink=False`` forces the sparse path (tests). On failure ``dst`` is gone.
+
+    ``src`` must be a regular file or a block device (OSError otherwise: a FIFO would block the
+    copy forever); ``follow_symlinks=False`` refuses a symbolic link too (ELOOP), for a ``src`` in a
+    snapshot directory, which may be crafted to point at any host file."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    sfd = os.open(src, flags)
     try:
+        mode = os.fstat(sfd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise OSError(errno.EINVAL, f"{src} is not a regular file or block device")
+        os.set_blocking(sfd, True)
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             method = _copy(sfd, dfd, reflink)

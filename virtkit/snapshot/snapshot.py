@@ -17,7 +17,9 @@ memory file (which maps it copy-on-write, so it must never change under it) keep
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -255,10 +257,10 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
         raise SnapshotError(f"snapshot holds {len(image.vcpus)} vCPU states for a {config.vcpus}-vCPU machine")
     if memory.size != config.memory:
         raise SnapshotError(f"snapshot memory file covers {memory.size} bytes of a {config.memory}-byte machine")
-    created = f.raw("created") if f.has("created") else 0.0
+    created = f.number("created") if f.has("created") else 0.0
     host = f.raw("host") if f.has("host") else {}
-    return LoadedSnapshot(directory, config, memory, image, float(created) if isinstance(created, int | float)
-                          else 0.0, host if isinstance(host, dict) else {}, disk_sizes, disk_copies)
+    return LoadedSnapshot(directory, config, memory, image, created, host if isinstance(host, dict) else {},
+                          disk_sizes, disk_copies)
 
 
 def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
@@ -266,15 +268,52 @@ def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
     d = os.fspath(directory)
     path = os.path.join(d, STATE_FILE)
     try:
-        with open(path, "rb") as f:
-            data = f.read(format.MAX_PAYLOAD + format.HEADER_SIZE + 1)
+        fd = open_member(path)
     except FileNotFoundError:
         if not os.path.isdir(d):
             raise SnapshotError(f"snapshot directory {d} does not exist") from None
         raise SnapshotError(f"{d} holds no snapshot ({STATE_FILE} is missing)") from None
+    try:
+        limit = format.MAX_PAYLOAD + format.HEADER_SIZE + 1
+        chunks: list[bytes] = []
+        got = 0
+        while got < limit:
+            chunk = os.read(fd, limit - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
     except OSError as e:
         raise SnapshotError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     return parse_document(format.unpack(data, source=path), d)
+
+
+def open_member(path: str) -> int:
+    """Open ``path``, a file of a snapshot directory, for reading: it must be a regular file and not
+    a symbolic link. The directory may be crafted: a FIFO would block open() (and read()) forever, a
+    device would be read without end, and a symlink would hand any host file the restoring user can
+    read to the guest (as its RAM or its disk). FileNotFoundError is left to the caller; anything
+    else is a SnapshotError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(f"{path} is a symbolic link: a snapshot's files must be regular files "
+                                "inside its directory") from None
+        raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def check_host(snap: LoadedSnapshot, host: list[CpuidEntry]) -> None:
@@ -300,11 +339,9 @@ def tsc_warnings(snap: LoadedSnapshot, machine: Machine) -> list[str]:
 def open_memory(snap: LoadedSnapshot, *, verify: bool = False) -> int:
     path = snap.memory_path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_member(path)
     except FileNotFoundError:
         raise SnapshotError(f"snapshot memory file {path} is missing") from None
-    except OSError as e:
-        raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
     try:
         memfile.check_size(fd, snap.memory, path)
         if verify:
@@ -453,6 +490,10 @@ def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
     copy = snap.disk_copies[i] if i < len(snap.disk_copies) else None
     base = os.path.join(snap.directory, copy) if copy else spec.path
     try:
+        if copy:
+            # a file of the snapshot directory: a regular file, never followed out of it (open_member;
+            # clone copies it again with follow_symlinks=False, so a swap after this check fails too)
+            os.close(open_member(base))
         now = os.path.getsize(base)
     except OSError:
         raise SnapshotError(f"cannot clone: the snapshot's disk image {base} is gone") from None
@@ -506,7 +547,8 @@ def clone(directory: str | os.PathLike[str], count: int, *,
                         if os.path.lexists(path):
                             raise SnapshotError(f"cannot clone: {path} already exists (a clone from an "
                                                 "earlier run?): give another workdir")
-                        method = overlay.copy_image(base, path, reflink=reflink)
+                        in_snapshot = j < len(snap.disk_copies) and snap.disk_copies[j] is not None
+                        method = overlay.copy_image(base, path, reflink=reflink, follow_symlinks=not in_snapshot)
                         cdisks.append(CloneDisk(base, path, method))
                         new_specs[j] = DiskSpec(path, read_only=False)
                 except OSError as e:

@@ -128,3 +128,25 @@ def test_huge_cmdline_is_refused(tmp_path: Path, mem: GuestMemory) -> None:
     k = write(tmp_path, elf(32, 0x100000 + 12, [(0x100000, CODE, len(CODE))]))
     with pytest.raises(BootError, match="too long"):
         load_kernel(mem, k, cmdline="x" * (1 << 20))
+
+
+@pytest.mark.parametrize("protocol", ["multiboot", "direct64"])
+def test_a_module_that_would_land_above_4_gib_is_refused(tmp_path: Path, protocol: str) -> None:
+    # A hostile ELF64 with a segment in the RAM above the MMIO hole puts the modules after it, above
+    # 4 GiB, where the MBI's 32-bit mod_start/mod_end cannot say: struct.error escaped load_kernel.
+    big = GuestMemory(layout.ram_ranges(layout.MMIO_HOLE_START + 16 * MiB))  # NORESERVE: costs nothing
+    try:
+        code = CODE if protocol == "multiboot" else b"\xf4" * 16
+        k = write(tmp_path, elf(64, 0x100000, [(0x100000, code, 0x1000), (layout.MMIO_HOLE_END, b"x", 0x1000)]))
+        m = write(tmp_path, b"module", "m.bin")
+        load_kernel(big, k, protocol=protocol)  # without modules the kernel itself loads
+        with pytest.raises(BootError, match="above 4 GiB"):
+            load_kernel(big, k, modules=[ModuleSpec(m)], protocol=protocol)
+    finally:
+        big.close()
+
+
+def test_a_kernel_that_reads_without_end_is_refused(mem: GuestMemory) -> None:
+    # st_size of /dev/zero is 0, and read() without a bound filled host memory until killed
+    with pytest.raises(BootError, match="larger than guest memory"):
+        load_kernel(mem, "/dev/zero")
