@@ -91,7 +91,8 @@ json_values = st.recursive(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
+# "$bytes" alone as a key is the format's tag for bytes, at the top level as anywhere else
+@given(st.dictionaries(st.text(max_size=8).filter(lambda k: k != "$bytes"), json_values, max_size=6))
 def test_any_document_round_trips(doc: dict[str, Any]) -> None:
     assert format.unpack(format.pack(doc)) == doc
 
