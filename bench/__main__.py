@@ -51,9 +51,11 @@ def main() -> int:
             path.write_text(json.dumps(data, indent=2, default=str) + "\n")
         if cond["busy"]:
             others = ", ".join(f"{p['name']} ({p['cpu_share']:.0%})" for p in cond["others_before"]) or "none seen"
-            print(f"bench: warning: {name} ran on a busy machine (load {cond['load_before'][0]:.2f} on "
-                  f"{cond['cpu_count']} cores; other processes: {others}): its figures are pessimistic",
-                  file=sys.stderr)
+            print(
+                f"bench: warning: {name} ran on a busy machine (load {cond['load_before'][0]:.2f} on "
+                f"{cond['cpu_count']} cores; other processes: {others}): its figures are pessimistic",
+                file=sys.stderr,
+            )
     readme.main([])
     return 0
 

@@ -56,8 +56,10 @@ def platform_record() -> dict[str, Any]:
     from virtkit.doctor import probe
 
     info = probe()
-    return {k: info.get(k) for k in ("host", "kernel", "cpu_model", "cpu_count", "kvm_flavor", "meaning",
-                                     "tsc_khz", "api_version")}
+    return {
+        k: info.get(k)
+        for k in ("host", "kernel", "cpu_model", "cpu_count", "kvm_flavor", "meaning", "tsc_khz", "api_version")
+    }
 
 
 def qemu_version() -> str:
@@ -99,8 +101,8 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
                 stat = f.read()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         ticks[int(entry)] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
     return ticks
 
@@ -123,8 +125,12 @@ def busy_processes(window: float = 0.5) -> list[dict[str, Any]]:
 
 
 def conditions_before() -> dict[str, Any]:
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
-            "load_before": list(os.getloadavg()), "others_before": busy_processes()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_count": os.cpu_count(),
+        "load_before": list(os.getloadavg()),
+        "others_before": busy_processes(),
+    }
 
 
 def conditions_after(cond: dict[str, Any]) -> dict[str, Any]:

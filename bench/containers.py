@@ -95,8 +95,11 @@ def hugetlb_on_v1() -> Iterator[bool]:
             with open("/sys/fs/cgroup/unified/cgroup.controllers") as f:
                 if "hugetlb" in f.read().split():
                     break
-            subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_MOUNT], check=False,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_MOUNT],
+                check=False,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(0.1)
         else:
             print(f"warning: hugetlb did not return to cgroup2; check {HUGETLB_MOUNT}", file=sys.stderr)
@@ -119,9 +122,14 @@ def _peak_rss(cmd: list[str], env: dict[str, str] | None) -> int:
 
 def summarize(name: str, times: list[float], rss: list[int]) -> dict[str, Any]:
     times.sort()
-    return {"path": name, "runs": len(times), "median_ms": statistics.median(times) * 1000,
-            "p90_ms": times[int(0.9 * (len(times) - 1))] * 1000, "min_ms": times[0] * 1000,
-            "peak_rss_kib": max(rss) if rss else None}
+    return {
+        "path": name,
+        "runs": len(times),
+        "median_ms": statistics.median(times) * 1000,
+        "p90_ms": times[int(0.9 * (len(times) - 1))] * 1000,
+        "min_ms": times[0] * 1000,
+        "peak_rss_kib": max(rss) if rss else None,
+    }
 
 
 def warm_worker(bundle: str, root: str) -> None:
@@ -151,9 +159,14 @@ def warm_worker(bundle: str, root: str) -> None:
 
 class Warm:
     def __init__(self, bundle: Path, root: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.containers", "--warm-worker", str(bundle),
-                                      str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.containers", "--warm-worker", str(bundle), str(root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
 
     def __call__(self, cid: str) -> tuple[float, int]:
         assert self.proc.stdin and self.proc.stdout
@@ -188,8 +201,7 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         py = sys.executable
         # an installed package has bytecode; with PYTHONDONTWRITEBYTECODE=1 (as here) a source tree
         # would be compiled again by every one-shot CLI run, which is not what a user pays
-        subprocess.run([py, "-m", "compileall", "-q", str(ROOT / "virtkit")], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([py, "-m", "compileall", "-q", str(ROOT / "virtkit")], check=True, stdout=subprocess.DEVNULL)
         env_sealed = {k: v for k, v in os.environ.items() if k != "VIRTKIT_UNSEALED"}
         env_unsealed = dict(env_sealed, VIRTKIT_UNSEALED="1")
         vroot = str(base / "virtkit")
@@ -220,8 +232,10 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
         rss: dict[str, int] = {}
         with hugetlb_on_v1() as moved:
             if moved:
-                notes.append("crun needs no controller left on cgroup2: hugetlb was mounted as a v1 hierarchy "
-                             "for the whole run and handed back to cgroup2 afterwards")
+                notes.append(
+                    "crun needs no controller left on cgroup2: hugetlb was mounted as a v1 hierarchy "
+                    "for the whole run and handed back to cgroup2 afterwards"
+                )
             for i in range(runs + 2):
                 for name, build, env in paths:
                     cid = f"b{os.getpid()}-{name.split()[0]}-{i}"
@@ -245,16 +259,35 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
 
     from virtkit.doctor import probe
 
-    record = {"suite": "containers", "bundle": "busybox /bin/true, virtkit default spec", "runs": runs,
-              "results": results, "notes": notes, "versions": versions,
-              "host": {k: probe().get(k) for k in ("kernel", "cpu_model", "cpu_count", "kvm_flavor")},
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    rows = [[r["path"], f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['min_ms']:.1f}",
-             f"{(r['peak_rss_kib'] or 0) / 1024:.1f}"] for r in results]
+    record = {
+        "suite": "containers",
+        "bundle": "busybox /bin/true, virtkit default spec",
+        "runs": runs,
+        "results": results,
+        "notes": notes,
+        "versions": versions,
+        "host": {k: probe().get(k) for k in ("kernel", "cpu_model", "cpu_count", "kvm_flavor")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    rows = [
+        [
+            r["path"],
+            f"{r['median_ms']:.1f}",
+            f"{r['p90_ms']:.1f}",
+            f"{r['min_ms']:.1f}",
+            f"{(r['peak_rss_kib'] or 0) / 1024:.1f}",
+        ]
+        for r in results
+    ]
     table = ["| path | median ms | p90 ms | min ms | peak RSS MiB |", "|---|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows]
-    md = (f"## Container runtimes: create+start+wait+delete of /bin/true ({runs} runs each)\n\n"
-          + "\n".join(table) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    md = (
+        f"## Container runtimes: create+start+wait+delete of /bin/true ({runs} runs each)\n\n"
+        + "\n".join(table)
+        + "\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+        + "\n"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "containers.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "containers.md").write_text(md)
@@ -263,8 +296,9 @@ def run(quick: bool = False, runs: int | None = None) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.containers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.containers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--warm-worker", nargs=2, metavar=("BUNDLE", "ROOT"), help=argparse.SUPPRESS)

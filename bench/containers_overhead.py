@@ -99,8 +99,12 @@ GETPIDS = 100_000  # getpid calls natively; kcall round trips in the VMs
 VM_MODES = ("VM full", "VM para")
 MODES = ("native", "container", "container, no seccomp", *VM_MODES)
 
-WORKLOADS = (("cpu", "CPU loop (200M iterations)"), ("files", "10K small file writes"),
-             ("getpid", "100K getpid"), ("spawn", "200 process starts"))
+WORKLOADS = (
+    ("cpu", "CPU loop (200M iterations)"),
+    ("files", "10K small file writes"),
+    ("getpid", "100K getpid"),
+    ("spawn", "200 process starts"),
+)
 
 
 def _args(work: str, tmp: str, true_path: str) -> list[str]:
@@ -119,8 +123,10 @@ def _vm_line(kernel: Path, mode: str, cmdline: str, prefix: str) -> dict[str, st
     for line in r.serial_output.splitlines():
         if line.startswith(prefix):
             return dict(f.split("=", 1) for f in line.split() if "=" in f)
-    raise RuntimeError(f"{kernel.name} {cmdline} ({mode}): no {prefix!r} line; ended {r.reason.value} "
-                       f"({r.exit_code}): {r.detail or r.serial_output[-300:]}")
+    raise RuntimeError(
+        f"{kernel.name} {cmdline} ({mode}): no {prefix!r} line; ended {r.reason.value} "
+        f"({r.exit_code}): {r.detail or r.serial_output[-300:]}"
+    )
 
 
 def in_vm(work: str, mode: str, tsc_khz: int) -> float:
@@ -157,8 +163,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         src = base / "workload.c"
         src.write_text(WORKLOAD_C)
         exe = base / "workload"
-        subprocess.run(["gcc", "-O2", "-static", f"-DCPU_LOOP={CPU_LOOP}UL", f"-DGETPIDS={GETPIDS}",
-                        "-o", str(exe), str(src)], check=True)
+        subprocess.run(
+            ["gcc", "-O2", "-static", f"-DCPU_LOOP={CPU_LOOP}UL", f"-DGETPIDS={GETPIDS}", "-o", str(exe), str(src)],
+            check=True,
+        )
         image = Path(ensure_busybox(str(base / "images")))
         bundle = base / "bundle"
         bundle.mkdir()
@@ -233,18 +241,28 @@ def run(quick: bool = False) -> dict[str, Any]:
             v = r[m]
             cells += [f"{v * 1000:.1f} ms", f"{v / nat:.2f}x"] if v is not None else ["n/a", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    md = (f"## Workload overhead: native vs virtkit container vs virtkit VMs (best of {reps}, times measured "
-          "inside the workload; files on tmpfs)\n\n" + "\n".join(lines) + "\n\n"
-          "VM columns: virtkit's guests have no operating system. CPU loop: `fullwork` (full mode) and "
-          f"`parawork` (para mode), `work=cpu loop={CPU_LOOP}`, the same count and the same body as the native loop "
-          "(add/xor/dec/jnz in registers; CPL3 in the guests). "
-          f"getpid: {GETPIDS // 1000}K round trips CPL3 -> CPL0 -> CPL3 of trapcost's `kcall` (INT3 + IRETQ, "
-          "the guest kernel's equivalent of a system call). Both timed with RDTSC at KVM's TSC rate. "
-          "File writes and process starts: n/a, there is no filesystem and there are no processes in "
-          "these guests." + (f" Not run: {vm_skip}." if vm_skip else "") + "\n")
-    record = {"suite": "containers_overhead", "reps": reps, "cpu_loop": CPU_LOOP, "getpids": GETPIDS,
-              "vm_skipped": vm_skip, "tsc_khz": tsc_khz, "best": results, "median": medians,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    md = (
+        f"## Workload overhead: native vs virtkit container vs virtkit VMs (best of {reps}, times measured "
+        "inside the workload; files on tmpfs)\n\n" + "\n".join(lines) + "\n\n"
+        "VM columns: virtkit's guests have no operating system. CPU loop: `fullwork` (full mode) and "
+        f"`parawork` (para mode), `work=cpu loop={CPU_LOOP}`, the same count and the same body as the native loop "
+        "(add/xor/dec/jnz in registers; CPL3 in the guests). "
+        f"getpid: {GETPIDS // 1000}K round trips CPL3 -> CPL0 -> CPL3 of trapcost's `kcall` (INT3 + IRETQ, "
+        "the guest kernel's equivalent of a system call). Both timed with RDTSC at KVM's TSC rate. "
+        "File writes and process starts: n/a, there is no filesystem and there are no processes in "
+        "these guests." + (f" Not run: {vm_skip}." if vm_skip else "") + "\n"
+    )
+    record = {
+        "suite": "containers_overhead",
+        "reps": reps,
+        "cpu_loop": CPU_LOOP,
+        "getpids": GETPIDS,
+        "vm_skipped": vm_skip,
+        "tsc_khz": tsc_khz,
+        "best": results,
+        "median": medians,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "containers_overhead.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "containers_overhead.md").write_text(md)
@@ -256,8 +274,9 @@ def run(quick: bool = False) -> dict[str, Any]:
 def _vm_unavailable() -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "no usable /dev/kvm"
-    missing = [g for g in ("fullwork.elf", "parawork.elf", "trapcost.elf")
-               if not (ROOT / "build" / "guests" / g).exists()]
+    missing = [
+        g for g in ("fullwork.elf", "parawork.elf", "trapcost.elf") if not (ROOT / "build" / "guests" / g).exists()
+    ]
     return f"guests not built ({', '.join(missing)}; make guests)" if missing else None
 
 
@@ -283,8 +302,11 @@ def _chart(results: dict[str, dict[str, float | None]]) -> None:
     ax.axhline(1.0, color="black", linewidth=0.5)
     ax.set_yscale("log")  # a kcall round trip in a VM costs orders of magnitude more than a getpid
     ax.set_ylabel("time relative to native (log)")
-    ax.set_title("Workload time in a virtkit container and VMs, relative to native\n"
-                 "(VMs: CPU loop and syscall only; no files or processes in their guests)", fontsize=10)
+    ax.set_title(
+        "Workload time in a virtkit container and VMs, relative to native\n"
+        "(VMs: CPU loop and syscall only; no files or processes in their guests)",
+        fontsize=10,
+    )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "containers_overhead.png", dpi=100)
@@ -292,8 +314,11 @@ def _chart(results: dict[str, dict[str, float | None]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.containers_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.containers_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     run(quick=args.quick)

@@ -76,14 +76,26 @@ def measure_snapshot(counter: Path, work: Path, runs: int) -> tuple[dict[str, An
                 state_ms.append(info.state_ns / 1e6)
                 memory_ms.append(info.memory_ns / 1e6)
                 disk = sum(p.stat().st_blocks * 512 for p in d.iterdir())
-                sizes = {"state_bytes": info.state_bytes, "memory_file_bytes": info.memory_bytes,
-                         "memory_stored_bytes": info.memory_written, "on_disk_bytes": disk}
+                sizes = {
+                    "state_bytes": info.state_bytes,
+                    "memory_file_bytes": info.memory_bytes,
+                    "memory_stored_bytes": info.memory_written,
+                    "on_disk_bytes": disk,
+                }
                 time.sleep(0.02)
-        out[label] = {"paused_ms": median(paused), "state_ms": median(state_ms), "memory_ms": median(memory_ms),
-                      **(sizes or {}), "runs": runs}
-        print(f"  snapshot {label:<16} paused {out[label]['paused_ms']:7.2f} ms (state {out[label]['state_ms']:.2f},"
-              f" memory {out[label]['memory_ms']:.2f})  stored {out[label]['memory_stored_bytes'] >> 10} KiB"
-              f"  state {out[label]['state_bytes'] >> 10} KiB", flush=True)
+        out[label] = {
+            "paused_ms": median(paused),
+            "state_ms": median(state_ms),
+            "memory_ms": median(memory_ms),
+            **(sizes or {}),
+            "runs": runs,
+        }
+        print(
+            f"  snapshot {label:<16} paused {out[label]['paused_ms']:7.2f} ms (state {out[label]['state_ms']:.2f},"
+            f" memory {out[label]['memory_ms']:.2f})  stored {out[label]['memory_stored_bytes'] >> 10} KiB"
+            f"  state {out[label]['state_bytes'] >> 10} KiB",
+            flush=True,
+        )
     return out, keep
 
 
@@ -105,11 +117,18 @@ def measure_restore(snap: Path, runs: int) -> dict[str, Any]:
     cli = []
     for _ in range(max(3, runs // 2)):
         cli.append(_process_first_byte([*virtkit_cmd(), "restore", str(snap)]))
-    out = {"api_to_running_ms": median(to_running), "api_to_first_byte_ms": median(to_byte),
-           "api_min_to_running_ms": min(to_running), "cli_to_first_byte_ms": median(cli), "runs": runs}
-    print(f"  restore  API to running {out['api_to_running_ms']:.2f} ms, to first guest byte "
-          f"{out['api_to_first_byte_ms']:.2f} ms; virtkit restore (process) {out['cli_to_first_byte_ms']:.1f} ms",
-          flush=True)
+    out = {
+        "api_to_running_ms": median(to_running),
+        "api_to_first_byte_ms": median(to_byte),
+        "api_min_to_running_ms": min(to_running),
+        "cli_to_first_byte_ms": median(cli),
+        "runs": runs,
+    }
+    print(
+        f"  restore  API to running {out['api_to_running_ms']:.2f} ms, to first guest byte "
+        f"{out['api_to_first_byte_ms']:.2f} ms; virtkit restore (process) {out['cli_to_first_byte_ms']:.1f} ms",
+        flush=True,
+    )
     return out
 
 
@@ -148,8 +167,9 @@ def _process_first_byte(cmd: list[str], timeout: float = 30.0) -> float:
 
 
 # --- virtkit live migration, two processes -----------------------------------------------------
-def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30,
-                 downtime_ms: float = DOWNTIME_MS) -> dict[str, Any]:
+def migrate_once(
+    counter: Path, cmdline: str, work: Path, max_rounds: int = 30, downtime_ms: float = DOWNTIME_MS
+) -> dict[str, Any]:
     from virtkit.migration.control import request
     from virtkit.migration.keys import generate, load
 
@@ -159,16 +179,52 @@ def migrate_once(counter: Path, cmdline: str, work: Path, max_rounds: int = 30,
         generate(str(key))
     vk = virtkit_cmd()
     # the receiver is built with the source's shape (its own --memory) and confines itself
-    target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                               "--key-file", str(key), "--memory", MEMORY, "--serial", "none",
-                               "--accept-timeout", "60"], stderr=subprocess.DEVNULL)
-    source = subprocess.Popen([*vk, "run", str(counter), "--memory", MEMORY, "--cmdline", cmdline,
-                               "--control", str(sock), "--serial", "none"], stderr=subprocess.DEVNULL)
+    target = subprocess.Popen(
+        [
+            *vk,
+            "migrate-receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+            "--key-file",
+            str(key),
+            "--memory",
+            MEMORY,
+            "--serial",
+            "none",
+            "--accept-timeout",
+            "60",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    source = subprocess.Popen(
+        [
+            *vk,
+            "run",
+            str(counter),
+            "--memory",
+            MEMORY,
+            "--cmdline",
+            cmdline,
+            "--control",
+            str(sock),
+            "--serial",
+            "none",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait(lambda: port_file.exists() and sock.exists())
         time.sleep(0.5)  # let the guest fill its buffer and settle
-        reply = request(str(sock), "migrate", to=f"127.0.0.1:{port_file.read_text().strip()}",
-                        key=load(str(key)).hex(), downtime_ms=downtime_ms, max_rounds=max_rounds)
+        reply = request(
+            str(sock),
+            "migrate",
+            to=f"127.0.0.1:{port_file.read_text().strip()}",
+            key=load(str(key)).hex(),
+            downtime_ms=downtime_ms,
+            max_rounds=max_rounds,
+        )
         reply.pop("ok", None)
         return reply
     finally:
@@ -229,11 +285,33 @@ class Qmp:
 
 def _qemu(counter: Path, cmdline: str, qmp: str, *extra: str) -> subprocess.Popen[bytes]:
     """QEMU with its serial port in ``qmp``.log (a pipe nobody drains would stall it)."""
-    return subprocess.Popen([QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config",
-                             "-nographic", "-serial", f"file:{qmp}.log", "-device",
-                             "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(counter), "-append", cmdline,
-                             "-qmp", f"unix:{qmp},server,nowait", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            QEMU,
+            "-enable-kvm",
+            "-m",
+            MEMORY,
+            "-M",
+            "microvm",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            f"file:{qmp}.log",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+            str(counter),
+            "-append",
+            cmdline,
+            "-qmp",
+            f"unix:{qmp},server,nowait",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _printing(qmp: str, lines: int = 100) -> bool:
@@ -269,8 +347,12 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
             mon.close()
         finally:
             _stop(q)
-    out["savevm"] = {"paused_ms": median(paused), "file_bytes": state.stat().st_size, "status": st.get("status"),
-                     "runs": runs}
+    out["savevm"] = {
+        "paused_ms": median(paused),
+        "file_bytes": state.stat().st_size,
+        "status": st.get("status"),
+        "runs": runs,
+    }
     # loadvm: a new QEMU process loads the file; the state was saved stopped (as savevm does), so it
     # comes up paused and is continued over QMP as soon as the load completes (what libvirt does).
     # Time from process start to the first byte the resumed guest prints.
@@ -287,15 +369,41 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
 
         t = threading.Thread(target=resume, daemon=True)
         t.start()
-        firsts.append(_process_first_byte(
-            [QEMU, "-enable-kvm", "-m", MEMORY, "-M", "microvm", "-nodefaults", "-no-user-config", "-nographic",
-             "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", str(counter),
-             "-append", IDLE, "-incoming", f"exec:cat {state}", "-qmp", f"unix:{qmp_path},server,nowait"]))
+        firsts.append(
+            _process_first_byte(
+                [
+                    QEMU,
+                    "-enable-kvm",
+                    "-m",
+                    MEMORY,
+                    "-M",
+                    "microvm",
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                    "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                    "-kernel",
+                    str(counter),
+                    "-append",
+                    IDLE,
+                    "-incoming",
+                    f"exec:cat {state}",
+                    "-qmp",
+                    f"unix:{qmp_path},server,nowait",
+                ]
+            )
+        )
         t.join(timeout=10)
     out["loadvm"] = {"process_to_first_byte_ms": median(firsts)}
-    print(f"  qemu     savevm (migrate to file) paused {out['savevm']['paused_ms']:.1f} ms, "
-          f"{out['savevm']['file_bytes'] >> 10} KiB; -incoming to first byte "
-          f"{out['loadvm']['process_to_first_byte_ms']:.1f} ms", flush=True)
+    print(
+        f"  qemu     savevm (migrate to file) paused {out['savevm']['paused_ms']:.1f} ms, "
+        f"{out['savevm']['file_bytes'] >> 10} KiB; -incoming to first byte "
+        f"{out['loadvm']['process_to_first_byte_ms']:.1f} ms",
+        flush=True,
+    )
     # live migration over loopback
     for label, cmdline in (("idle", IDLE), ("dirtying", DIRTYING), ("heavy", HEAVY)):
         sq, dq = str(work / f"ms-{label}.qmp"), str(work / f"md-{label}.qmp")
@@ -313,73 +421,144 @@ def measure_qemu(counter: Path, work: Path, runs: int) -> dict[str, Any]:
             st = ms.wait_migration(timeout=15.0)
             wall = (time.perf_counter() - t0) * 1e3
             ram = st.get("ram", {})
-            out[f"migrate_{label}"] = {"status": st.get("status"), "total_ms": st.get("total-time", wall),
-                                       "downtime_ms": st.get("downtime"),
-                                       "rounds": ram.get("dirty-sync-count"),
-                                       "transferred_bytes": ram.get("transferred")}
+            out[f"migrate_{label}"] = {
+                "status": st.get("status"),
+                "total_ms": st.get("total-time", wall),
+                "downtime_ms": st.get("downtime"),
+                "rounds": ram.get("dirty-sync-count"),
+                "transferred_bytes": ram.get("transferred"),
+            }
             ms.close()
             md.close()
         finally:
             _stop(src)
             _stop(dst)
         m = out[f"migrate_{label}"]
-        print(f"  qemu     migrate {label:<9} {m['status']}: total {m['total_ms']} ms, downtime {m['downtime_ms']} ms, "
-              f"{m['rounds']} dirty syncs", flush=True)
+        print(
+            f"  qemu     migrate {label:<9} {m['status']}: total {m['total_ms']} ms, downtime {m['downtime_ms']} ms, "
+            f"{m['rounds']} dirty syncs",
+            flush=True,
+        )
     return out
 
 
 # --- output ------------------------------------------------------------------------------------
 def render(d: dict[str, Any]) -> str:
     plat = d["platform"]
-    lines = [f"# Failover: snapshot, restore, clone, live migration\n\nPlatform: {plat.get('cpu_model')}, KVM "
-             f"flavor **{plat.get('kvm_flavor')}**; {d['qemu']}. Guest: counter, {MEMORY}; medians.\n"]
+    lines = [
+        f"# Failover: snapshot, restore, clone, live migration\n\nPlatform: {plat.get('cpu_model')}, KVM "
+        f"flavor **{plat.get('kvm_flavor')}**; {d['qemu']}. Guest: counter, {MEMORY}; medians.\n"
+    ]
     s = d["snapshot"]
-    rows = [[label, f"{v['paused_ms']:.2f}", f"{v['state_ms']:.2f}", f"{v['memory_ms']:.2f}",
-             f"{v['state_bytes'] / 1024:.1f}", f"{v['memory_stored_bytes'] / 1024:.0f}",
-             f"{v['on_disk_bytes'] / 1024:.0f}"] for label, v in s.items()]
+    rows = [
+        [
+            label,
+            f"{v['paused_ms']:.2f}",
+            f"{v['state_ms']:.2f}",
+            f"{v['memory_ms']:.2f}",
+            f"{v['state_bytes'] / 1024:.1f}",
+            f"{v['memory_stored_bytes'] / 1024:.0f}",
+            f"{v['on_disk_bytes'] / 1024:.0f}",
+        ]
+        for label, v in s.items()
+    ]
     q = d.get("qemu_figures") or {}
     if "savevm" in q:
-        rows.append(["QEMU migrate-to-file (idle)", f"{q['savevm']['paused_ms']:.2f}", "-", "-", "-", "-",
-                     f"{q['savevm']['file_bytes'] / 1024:.0f}"])
+        rows.append(
+            [
+                "QEMU migrate-to-file (idle)",
+                f"{q['savevm']['paused_ms']:.2f}",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{q['savevm']['file_bytes'] / 1024:.0f}",
+            ]
+        )
     lines.append("## Snapshot (guest paused; virtkit API, warm process)\n")
-    lines.append(md_table(["guest", "paused (ms)", "of which state (ms)", "of which memory (ms)", "state file (KiB)",
-                           "memory stored (KiB)", "on disk (KiB)"], rows))
+    lines.append(
+        md_table(
+            [
+                "guest",
+                "paused (ms)",
+                "of which state (ms)",
+                "of which memory (ms)",
+                "state file (KiB)",
+                "memory stored (KiB)",
+                "on disk (KiB)",
+            ],
+            rows,
+        )
+    )
     r = d["restore"]
-    rows = [["virtkit API: call -> vCPUs running", f"{r['api_to_running_ms']:.2f}"],
-            ["virtkit API: call -> first guest byte", f"{r['api_to_first_byte_ms']:.2f}"],
-            ["`virtkit restore`: process start -> first guest byte", f"{r['cli_to_first_byte_ms']:.1f}"]]
+    rows = [
+        ["virtkit API: call -> vCPUs running", f"{r['api_to_running_ms']:.2f}"],
+        ["virtkit API: call -> first guest byte", f"{r['api_to_first_byte_ms']:.2f}"],
+        ["`virtkit restore`: process start -> first guest byte", f"{r['cli_to_first_byte_ms']:.1f}"],
+    ]
     if "loadvm" in q:
-        rows.append(["QEMU `-incoming exec:cat`: process start -> first guest byte",
-                     f"{q['loadvm']['process_to_first_byte_ms']:.1f}"])
+        rows.append(
+            [
+                "QEMU `-incoming exec:cat`: process start -> first guest byte",
+                f"{q['loadvm']['process_to_first_byte_ms']:.1f}",
+            ]
+        )
     lines.append("\n## Restore to running (64 MiB guest; memory file mapped copy-on-write)\n")
     lines.append(md_table(["path", "ms"], rows))
     c = d["clone"]
-    lines.append(f"\n## Clone\n\n{c['count']} clones of one snapshot running in {c['start_s'] * 1e3:.1f} ms: "
-                 f"**{c['clones_per_s']:.0f} VMs/s** (all printing after {c['all_printing_s'] * 1e3:.1f} ms).\n")
+    lines.append(
+        f"\n## Clone\n\n{c['count']} clones of one snapshot running in {c['start_s'] * 1e3:.1f} ms: "
+        f"**{c['clones_per_s']:.0f} VMs/s** (all printing after {c['all_printing_s'] * 1e3:.1f} ms).\n"
+    )
     rows = []
     for label, m in d["migration"].items():
-        rows.append([f"virtkit, {label}", str(m["rounds"]), f"{m['pages_sent']}", f"{m['total_ms']:.1f}",
-                     f"{m['downtime_ms']:.2f}", m.get("stop_reason", "")])
+        rows.append(
+            [
+                f"virtkit, {label}",
+                str(m["rounds"]),
+                f"{m['pages_sent']}",
+                f"{m['total_ms']:.1f}",
+                f"{m['downtime_ms']:.2f}",
+                m.get("stop_reason", ""),
+            ]
+        )
         qm = q.get(f"migrate_{label}")
         if qm:
-            rows.append([f"QEMU, {label}", str(qm["rounds"]), f"{(qm['transferred_bytes'] or 0) // 4096}",
-                         f"{qm['total_ms']}", f"{qm['downtime_ms']}", qm["status"]])
+            rows.append(
+                [
+                    f"QEMU, {label}",
+                    str(qm["rounds"]),
+                    f"{(qm['transferred_bytes'] or 0) // 4096}",
+                    f"{qm['total_ms']}",
+                    f"{qm['downtime_ms']}",
+                    qm["status"],
+                ]
+            )
     lines.append(f"\n## Live migration over loopback (downtime limit {DOWNTIME_MS:.0f} ms)\n")
     lines.append(md_table(["VMM, guest", "rounds", "pages sent", "total (ms)", "downtime (ms)", "ended by"], rows))
-    lines.append("\nGuests: idle `" + IDLE + "`; dirtying `" + DIRTYING + "`; heavy `" + HEAVY + "`. virtkit's "
-                 "downtime is source pause to the target's RUNNING reply; QEMU's is its own `query-migrate` figure.\n")
+    lines.append(
+        "\nGuests: idle `" + IDLE + "`; dirtying `" + DIRTYING + "`; heavy `" + HEAVY + "`. virtkit's "
+        "downtime is source pause to the target's RUNNING reply; QEMU's is its own `query-migrate` figure.\n"
+    )
     tight = d["migration"].get(TIGHT)
     if tight:
-        lines.append(f"\nWith a {TIGHT.split(', ')[1]} the heavy guest never fits: pre-copy ran "
-                     f"{len(tight['dirty_per_round'])} rounds (dirty set at each check: {tight['dirty_seen']}) and "
-                     f"ended by *{tight['stop_reason']}*; downtime {tight['downtime_ms']:.1f} ms.\n")
+        lines.append(
+            f"\nWith a {TIGHT.split(', ')[1]} the heavy guest never fits: pre-copy ran "
+            f"{len(tight['dirty_per_round'])} rounds (dirty set at each check: {tight['dirty_seen']}) and "
+            f"ended by *{tight['stop_reason']}*; downtime {tight['downtime_ms']:.1f} ms.\n"
+        )
     t = d["targets"]
     lines.append("\n## Targets\n")
-    lines.append(md_table(["target", "goal", "measured"], [
-        ["restore to running, 64 MiB (API)", "< 10 ms", f"{t['restore_ms']:.2f} ms"],
-        ["migration downtime, loopback (idle)", "< 50 ms", f"{t['downtime_idle_ms']:.2f} ms"],
-        ["migration downtime, loopback (dirtying)", "< 50 ms", f"{t['downtime_dirtying_ms']:.2f} ms"],
-    ]))
+    lines.append(
+        md_table(
+            ["target", "goal", "measured"],
+            [
+                ["restore to running, 64 MiB (API)", "< 10 ms", f"{t['restore_ms']:.2f} ms"],
+                ["migration downtime, loopback (idle)", "< 50 ms", f"{t['downtime_idle_ms']:.2f} ms"],
+                ["migration downtime, loopback (dirtying)", "< 50 ms", f"{t['downtime_dirtying_ms']:.2f} ms"],
+            ],
+        )
+    )
     return "\n".join(lines)
 
 
@@ -403,8 +582,11 @@ def plot(d: dict[str, Any]) -> Path | None:
         ("restore to running (API)", d["restore"]["api_to_running_ms"], "virtkit"),
         ("restore, fresh process to first byte", d["restore"]["cli_to_first_byte_ms"], "virtkit"),
         ("QEMU -incoming, process to first byte", q.get("loadvm", {}).get("process_to_first_byte_ms"), "qemu"),
-        (f"clone start, per clone ({d['clone']['count']} at once)",
-         d["clone"]["start_s"] * 1e3 / d["clone"]["count"], "virtkit"),
+        (
+            f"clone start, per clone ({d['clone']['count']} at once)",
+            d["clone"]["start_s"] * 1e3 / d["clone"]["count"],
+            "virtkit",
+        ),
     ]
     for label, m in d["migration"].items():
         bars.append((f"migration downtime, {label}", m["downtime_ms"], "virtkit"))
@@ -414,8 +596,11 @@ def plot(d: dict[str, Any]) -> Path | None:
             bars.append((f"QEMU migration downtime, {label}", qm.get("downtime_ms"), "qemu"))
     shown = [(lab, v, who) for lab, v, who in bars if v is not None]
     ys = range(len(shown))
-    ax1.barh(list(ys), [max(v, 0.01) for _, v, _ in shown],
-             color=["#2a9d5c" if who == "virtkit" else "#8a8a8a" for _, _, who in shown])
+    ax1.barh(
+        list(ys),
+        [max(v, 0.01) for _, v, _ in shown],
+        color=["#2a9d5c" if who == "virtkit" else "#8a8a8a" for _, _, who in shown],
+    )
     for y, (_, v, _) in zip(ys, shown, strict=True):
         ax1.annotate(f"{v:.1f} ms", (max(v, 0.01) * 1.1, y), va="center", fontsize=7)
     missing = [lab for lab, v, _ in bars if v is None]
@@ -424,16 +609,22 @@ def plot(d: dict[str, Any]) -> Path | None:
     ax1.set_xscale("log")
     ax1.axvline(10, color="black", linestyle=":", linewidth=1, label="target: restore < 10 ms")
     ax1.axvline(50, color="black", linestyle="--", linewidth=1, label="target: migration downtime < 50 ms")
-    ax1.set_xlabel("milliseconds the guest does not run (log)" + (f"; no figure: {', '.join(missing)}"
-                                                                   if missing else ""))
+    ax1.set_xlabel(
+        "milliseconds the guest does not run (log)" + (f"; no figure: {', '.join(missing)}" if missing else "")
+    )
     ax1.set_title("How long is the guest stopped? (green: virtkit, grey: QEMU)")
     ax1.legend(fontsize=8, loc="lower right")
     markers = "osD^v<>"
     for k, (label, m) in enumerate(d["migration"].items()):
         rounds = [*m["dirty_per_round"], m["final_pages"]]
         xs = [x + (k - 1.5) * 0.06 for x in range(len(rounds))]
-        line, = ax2.plot(xs, rounds, marker=markers[k % len(markers)], linestyle="-" if k % 2 == 0 else "--",
-                         label=f"{label} ({m['stop_reason']}, downtime {m['downtime_ms']:.1f} ms)")
+        (line,) = ax2.plot(
+            xs,
+            rounds,
+            marker=markers[k % len(markers)],
+            linestyle="-" if k % 2 == 0 else "--",
+            label=f"{label} ({m['stop_reason']}, downtime {m['downtime_ms']:.1f} ms)",
+        )
         ax2.plot([xs[-1]], [rounds[-1]], marker="s", markersize=10, color=line.get_color(), fillstyle="none")
     ax2.set_yscale("symlog", linthresh=1)  # a round may find nothing dirty: 0 must be plottable
     ax2.set_ylim(bottom=0)
@@ -463,12 +654,19 @@ def run(quick: bool = False) -> dict[str, Any]:
         clone = measure_clone(snap_dir, 4 if quick else 16)
         print("live migration, two virtkit processes on loopback", flush=True)
         migration = {}
-        for label, cmdline, budget in (("idle", IDLE, DOWNTIME_MS), ("dirtying", DIRTYING, DOWNTIME_MS),
-                                       ("heavy", HEAVY, DOWNTIME_MS), (TIGHT, HEAVY, 1.0)):
+        for label, cmdline, budget in (
+            ("idle", IDLE, DOWNTIME_MS),
+            ("dirtying", DIRTYING, DOWNTIME_MS),
+            ("heavy", HEAVY, DOWNTIME_MS),
+            (TIGHT, HEAVY, 1.0),
+        ):
             migration[label] = migrate_once(counter, cmdline, work, downtime_ms=budget)
             m = migration[label]
-            print(f"  virtkit  migrate {label:<9} total {m['total_ms']:.1f} ms, downtime {m['downtime_ms']:.2f} ms, "
-                  f"rounds {m['dirty_per_round']} + {m['final_pages']} ({m['stop_reason']})", flush=True)
+            print(
+                f"  virtkit  migrate {label:<9} total {m['total_ms']:.1f} ms, downtime {m['downtime_ms']:.2f} ms, "
+                f"rounds {m['dirty_per_round']} + {m['final_pages']} ({m['stop_reason']})",
+                flush=True,
+            )
         qemu: dict[str, Any] = {}
         if shutil.which(QEMU):
             try:
@@ -477,11 +675,19 @@ def run(quick: bool = False) -> dict[str, Any]:
                 qemu = {"error": str(e)}
                 print(f"  qemu: could not measure: {e}", flush=True)
         data = {
-            "platform": platform_record(), "qemu": qemu_version(), "memory": MEMORY,
-            "snapshot": snaps, "restore": restore, "clone": clone, "migration": migration, "qemu_figures": qemu,
-            "targets": {"restore_ms": restore["api_to_running_ms"],
-                        "downtime_idle_ms": migration["idle"]["downtime_ms"],
-                        "downtime_dirtying_ms": migration["dirtying"]["downtime_ms"]},
+            "platform": platform_record(),
+            "qemu": qemu_version(),
+            "memory": MEMORY,
+            "snapshot": snaps,
+            "restore": restore,
+            "clone": clone,
+            "migration": migration,
+            "qemu_figures": qemu,
+            "targets": {
+                "restore_ms": restore["api_to_running_ms"],
+                "downtime_idle_ms": migration["idle"]["downtime_ms"],
+                "downtime_dirtying_ms": migration["dirtying"]["downtime_ms"],
+            },
         }
         md = render(data)
         jpath, mpath = write_results("failover", data, md)

@@ -40,16 +40,24 @@ def run_guest(kernel: Path, mode: str, cmdline: str, disk: str | None, tsc_khz: 
         r = vm.run(timeout=600)
     line = _work_line(r.serial_output)
     if r.exit_code != 1 or line is None:
-        raise RuntimeError(f"{kernel.name} {cmdline}: ended {r.reason.value} ({r.exit_code}): "
-                           f"{r.detail or r.serial_output[-300:]}")
+        raise RuntimeError(
+            f"{kernel.name} {cmdline}: ended {r.reason.value} ({r.exit_code}): {r.detail or r.serial_output[-300:]}"
+        )
     seconds = int(line["tsc"]) / (tsc_khz * 1e3)
     nbytes = int(line.get("bytes", 0))
     exits = r.stats.total_exits
     return {
-        "seconds": seconds, "bytes": nbytes, "mb_s": nbytes / MiB / seconds if nbytes and seconds else None,
-        "exits": exits, "exits_per_kib": exits / (nbytes / 1024) if nbytes else None,
-        "guest_s": r.stats.guest_s, "vmm_s": r.stats.vmm_s, "wall_s": r.stats.wall_s,
-        "exits_by_reason": r.stats.exits, "checksum_ok": line.get("_ok") == "ok", "line": line,
+        "seconds": seconds,
+        "bytes": nbytes,
+        "mb_s": nbytes / MiB / seconds if nbytes and seconds else None,
+        "exits": exits,
+        "exits_per_kib": exits / (nbytes / 1024) if nbytes else None,
+        "guest_s": r.stats.guest_s,
+        "vmm_s": r.stats.vmm_s,
+        "wall_s": r.stats.wall_s,
+        "exits_by_reason": r.stats.exits,
+        "checksum_ok": line.get("_ok") == "ok",
+        "line": line,
     }
 
 
@@ -79,15 +87,25 @@ def run(quick: bool = False, guests: Path | None = None, full_size: bool = False
     loop = 200_000_000 // scale
 
     def cmdline(name: str, sizes: dict[str, int]) -> str:
-        return {"console": f"work=console bytes={sizes['console']}", "disk": f"work=disk mib={sizes['disk']}",
-                "null": f"work=null n={null_n}", "cpu": f"work=cpu loop={loop}"}[name]
+        return {
+            "console": f"work=console bytes={sizes['console']}",
+            "disk": f"work=disk mib={sizes['disk']}",
+            "null": f"work=null n={null_n}",
+            "cpu": f"work=cpu loop={loop}",
+        }[name]
 
     plans = {
-        "console": [("full", "full", ""), ("para (virtio)", "para", "via=virtio"),
-                    ("para (hcall)", "para", "via=hcall")],
+        "console": [
+            ("full", "full", ""),
+            ("para (virtio)", "para", "via=virtio"),
+            ("para (hcall)", "para", "via=hcall"),
+        ],
         "disk": [("full", "full", ""), ("para (virtio)", "para", "via=virtio"), ("para (hcall)", "para", "via=hcall")],
-        "null": [("full", "full", ""), ("para (hcall)", "para", "via=hcall"),
-                 ("para (virtio kick)", "para", "via=virtio")],
+        "null": [
+            ("full", "full", ""),
+            ("para (hcall)", "para", "via=hcall"),
+            ("para (virtio kick)", "para", "via=virtio"),
+        ],
         "cpu": [("full", "full", ""), ("para", "para", "")],
     }
     results: dict[str, dict[str, Any]] = {}
@@ -113,8 +131,13 @@ def run(quick: bool = False, guests: Path | None = None, full_size: bool = False
                     workloads[name]["native"] = f"build/native/cpuloop {loop}"
             results[name] = res
     paths = _virtio_paths()
-    data = {"platform": plat, "workloads": workloads, "results": results, "virtio_paths": paths,
-            "targets": targets(results)}
+    data = {
+        "platform": plat,
+        "workloads": workloads,
+        "results": results,
+        "virtio_paths": paths,
+        "targets": targets(results),
+    }
     md = render(data)
     jpath, mpath = write_results("paravirt", data, md)
     png = plot(data)
@@ -153,20 +176,44 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def render(data: dict[str, Any]) -> str:
     plat = data["platform"]
-    lines = [f"# Full virtualization vs paravirtualization\n\nPlatform: {plat.get('cpu_model')}, KVM flavor "
-             f"**{plat.get('kvm_flavor')}** ({plat.get('meaning')}). virtio notifications by "
-             f"{data['virtio_paths'].get('notify')}, interrupts by {data['virtio_paths'].get('interrupt')}. "
-             "Times are the guest's own TSC measurement of the work.\n"]
+    lines = [
+        f"# Full virtualization vs paravirtualization\n\nPlatform: {plat.get('cpu_model')}, KVM flavor "
+        f"**{plat.get('kvm_flavor')}** ({plat.get('meaning')}). virtio notifications by "
+        f"{data['virtio_paths'].get('notify')}, interrupts by {data['virtio_paths'].get('interrupt')}. "
+        "Times are the guest's own TSC measurement of the work.\n"
+    ]
     rows = []
     for name, res in data["results"].items():
         for how, r in res.items():
-            rows.append([name, how, data["workloads"][name].get(how, ""), f"{r['seconds'] * 1e3:,.1f}",
-                         "-" if r.get("mb_s") is None else f"{r['mb_s']:,.2f}", f"{r['exits']:,}",
-                         "-" if r.get("exits_per_kib") is None else f"{r['exits_per_kib']:,.2f}",
-                         "-" if "guest_s" not in r else f"{r['guest_s'] * 1e3:,.0f} / {r['vmm_s'] * 1e3:,.0f}",
-                         {True: "ok", False: "MISMATCH"}.get(r.get("checksum_ok"), "-") if name == "disk" else "-"])
-    lines.append(md_table(["workload", "how", "guest command line", "time (ms)", "MB/s", "VM exits", "exits per KiB",
-                           "in guest / in VMM (ms)", "data check"], rows))
+            rows.append(
+                [
+                    name,
+                    how,
+                    data["workloads"][name].get(how, ""),
+                    f"{r['seconds'] * 1e3:,.1f}",
+                    "-" if r.get("mb_s") is None else f"{r['mb_s']:,.2f}",
+                    f"{r['exits']:,}",
+                    "-" if r.get("exits_per_kib") is None else f"{r['exits_per_kib']:,.2f}",
+                    "-" if "guest_s" not in r else f"{r['guest_s'] * 1e3:,.0f} / {r['vmm_s'] * 1e3:,.0f}",
+                    {True: "ok", False: "MISMATCH"}.get(r.get("checksum_ok"), "-") if name == "disk" else "-",
+                ]
+            )
+    lines.append(
+        md_table(
+            [
+                "workload",
+                "how",
+                "guest command line",
+                "time (ms)",
+                "MB/s",
+                "VM exits",
+                "exits per KiB",
+                "in guest / in VMM (ms)",
+                "data check",
+            ],
+            rows,
+        )
+    )
     lines.append("\n## Targets\n")
     t = data["targets"]
     trows = []
@@ -174,11 +221,17 @@ def render(data: dict[str, Any]) -> str:
         if f"{name}_para_speedup" in t:
             trows.append([f"{name} throughput, para over full", ">= 20x", f"{t[f'{name}_para_speedup']:,.1f}x"])
     if "cpu_para_vs_native" in t:
-        trows.append(["CPU loop in the para guest vs native", "within 5%",
-                      f"{(t['cpu_para_vs_native'] - 1) * 100:+.1f}%"])
+        trows.append(
+            ["CPU loop in the para guest vs native", "within 5%", f"{(t['cpu_para_vs_native'] - 1) * 100:+.1f}%"]
+        )
     if "null_hcall_vs_port_write" in t:
-        trows.append(["null hypercall vs emulated register write", "(no target)",
-                      f"{t['null_hcall_vs_port_write']:.2f}x the time"])
+        trows.append(
+            [
+                "null hypercall vs emulated register write",
+                "(no target)",
+                f"{t['null_hcall_vs_port_write']:.2f}x the time",
+            ]
+        )
     lines.append(md_table(["target", "goal", "measured"], trows))
     return "\n".join(lines)
 
@@ -205,8 +258,14 @@ def plot(data: dict[str, Any]) -> Path | None:
     # console, the disk (time per MiB), the null call and the CPU loop (time per run).
     names = list(data["results"].keys())
     hows = ["full", "para", "para (virtio)", "para (hcall)", "para (virtio kick)", "native"]
-    colours = {"full": "#8a8a8a", "para": "#2a9d5c", "para (virtio)": "#2a9d5c", "para (hcall)": "#1f6f8b",
-               "para (virtio kick)": "#7fc97f", "native": "#333333"}
+    colours = {
+        "full": "#8a8a8a",
+        "para": "#2a9d5c",
+        "para (virtio)": "#2a9d5c",
+        "para (hcall)": "#1f6f8b",
+        "para (virtio kick)": "#7fc97f",
+        "native": "#333333",
+    }
     fig, ax = plt.subplots(figsize=(10, 5.5))
     width = 0.15
     shown = [h for h in hows if any(data["results"][n].get(h) for n in names)]
@@ -225,15 +284,22 @@ def plot(data: dict[str, Any]) -> Path | None:
                     text = f"{1 / y:,.0f}x faster" if y < 0.5 else f"{1 / y:.2f}x faster"
                 else:
                     text = f"{y:.2f}x slower"
-                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, y * 1.15), ha="center", va="bottom",
-                            fontsize=7, rotation=90)
+                ax.annotate(
+                    text,
+                    (bar.get_x() + bar.get_width() / 2, y * 1.15),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    rotation=90,
+                )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names)
     ax.set_yscale("log")
     ax.set_ylabel("time relative to full virtualization (log; lower is faster)")
     plat = data["platform"]
-    ax.set_title(f"Same work, paravirtualized vs fully virtualized ({plat.get('kvm_flavor')} KVM, "
-                 f"{plat.get('cpu_model')})")
+    ax.set_title(
+        f"Same work, paravirtualized vs fully virtualized ({plat.get('kvm_flavor')} KVM, {plat.get('cpu_model')})"
+    )
     ax.set_ylim(top=30)  # room for the labels above the bars at 1x
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=len(shown), frameon=False)
     fig.tight_layout()

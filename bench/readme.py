@@ -43,26 +43,40 @@ def vmm_rows(d: dict[str, Any]) -> list[Row]:
     boot, cost, t = d["boot"], d["exit_cost_us"], d["targets"]
     vk, micro = boot["virtkit run (Multiboot)"], boot["qemu -M microvm"]
     api = boot["virtkit API (warm process)"]
-    peers = ", ".join(f"{name.replace('qemu -M ', '')} {_ms(r['first_byte_s'])}" for name, r in boot.items()
-                      if name.startswith("qemu"))
+    peers = ", ".join(
+        f"{name.replace('qemu -M ', '')} {_ms(r['first_byte_s'])}"
+        for name, r in boot.items()
+        if name.startswith("qemu")
+    )
     v, q = cost["virtkit"], cost["qemu microvm"]
     return [
         ("`virtkit run hello.elf`: process start to first serial byte", _ms(vk["first_byte_s"]), peers, ""),
-        ("process start to guest exit", _ms(vk["exit_s"]),
-         f"microvm {_ms(micro['exit_s'])} ({t['cli_exit_vs_microvm']:.2f}x)",
-         _target(t["cli_exit_vs_microvm"] <= 1.0, "<= 1.0x")),
-        ("first serial byte, VM started from the Python API in a warm process", _ms(api["first_byte_s"]),
-         f"microvm {_ms(micro['first_byte_s'])}: {t['api_first_byte_speedup_vs_microvm']:.0f}x sooner",
-         _target(t["api_first_byte_speedup_vs_microvm"] >= 10, ">= 10x")),
-        ("one port-I/O / MMIO exit from CPL3, timed by the guest",
-         f"{v['pio_cpl3_us']:.1f} / {v['mmio_cpl3_us']:.1f} us",
-         f"{q['pio_cpl3_us']:.1f} / {q['mmio_cpl3_us']:.1f} us ({t['pio_cpl3_us_ratio_vs_qemu']:.2f}x / "
-         f"{t['mmio_cpl3_us_ratio_vs_qemu']:.2f}x)",
-         _target(max(t["pio_cpl3_us_ratio_vs_qemu"], t["mmio_cpl3_us_ratio_vs_qemu"]) <= 1.5, "<= 1.5x")),
+        (
+            "process start to guest exit",
+            _ms(vk["exit_s"]),
+            f"microvm {_ms(micro['exit_s'])} ({t['cli_exit_vs_microvm']:.2f}x)",
+            _target(t["cli_exit_vs_microvm"] <= 1.0, "<= 1.0x"),
+        ),
+        (
+            "first serial byte, VM started from the Python API in a warm process",
+            _ms(api["first_byte_s"]),
+            f"microvm {_ms(micro['first_byte_s'])}: {t['api_first_byte_speedup_vs_microvm']:.0f}x sooner",
+            _target(t["api_first_byte_speedup_vs_microvm"] >= 10, ">= 10x"),
+        ),
+        (
+            "one port-I/O / MMIO exit from CPL3, timed by the guest",
+            f"{v['pio_cpl3_us']:.1f} / {v['mmio_cpl3_us']:.1f} us",
+            f"{q['pio_cpl3_us']:.1f} / {q['mmio_cpl3_us']:.1f} us ({t['pio_cpl3_us_ratio_vs_qemu']:.2f}x / "
+            f"{t['mmio_cpl3_us_ratio_vs_qemu']:.2f}x)",
+            _target(max(t["pio_cpl3_us_ratio_vs_qemu"], t["mmio_cpl3_us_ratio_vs_qemu"]) <= 1.5, "<= 1.5x"),
+        ),
         ("virtkit's own Python per exit", f"{v['vmm_python_us_per_exit']:.1f} us", "", ""),
-        ("peak RSS of the VMM process", _num(vk["peak_rss_mib"], " MiB"),
-         f"{_num(micro['peak_rss_mib'], ' MiB')} ({t['cli_peak_rss_vs_microvm']:.2f}x)",
-         _target(t["cli_peak_rss_vs_microvm"] < 1.0, "below QEMU")),
+        (
+            "peak RSS of the VMM process",
+            _num(vk["peak_rss_mib"], " MiB"),
+            f"{_num(micro['peak_rss_mib'], ' MiB')} ({t['cli_peak_rss_vs_microvm']:.2f}x)",
+            _target(t["cli_peak_rss_vs_microvm"] < 1.0, "below QEMU"),
+        ),
     ]
 
 
@@ -74,16 +88,30 @@ def paravirt_rows(d: dict[str, Any]) -> list[Row]:
         return "n/a" if value is None else f"{value:,.{2 if value < 10 else 0}f} MB/s"
 
     return [
-        ("console output, full (emulated 16550A) vs para (virtio / hypercall)", f"{rate('console', 'para (virtio)')} / "
-         f"{rate('console', 'para (hcall)')}", f"full: {rate('console', 'full')}",
-         f"para {t['console_para_speedup']:,.0f}x faster"),
-        ("disk write + read + checksum, full (ATA PIO) vs para (virtio-blk / hypercall)",
-         f"{rate('disk', 'para (virtio)')} / {rate('disk', 'para (hcall)')}", f"full: {rate('disk', 'full')}",
-         f"para {t['disk_para_speedup']:,.0f}x faster"),
-        ("CPU loop in the paravirtualized guest vs native", f"{t['cpu_para_vs_native']:.3f}x", "native 1.000x",
-         _target(t["cpu_para_vs_native"] <= 1.05, "within 5%")),
-        ("a null hypercall vs an emulated register write (one exit each)", f"{t['null_hcall_vs_port_write']:.2f}x",
-         "", ""),
+        (
+            "console output, full (emulated 16550A) vs para (virtio / hypercall)",
+            f"{rate('console', 'para (virtio)')} / {rate('console', 'para (hcall)')}",
+            f"full: {rate('console', 'full')}",
+            f"para {t['console_para_speedup']:,.0f}x faster",
+        ),
+        (
+            "disk write + read + checksum, full (ATA PIO) vs para (virtio-blk / hypercall)",
+            f"{rate('disk', 'para (virtio)')} / {rate('disk', 'para (hcall)')}",
+            f"full: {rate('disk', 'full')}",
+            f"para {t['disk_para_speedup']:,.0f}x faster",
+        ),
+        (
+            "CPU loop in the paravirtualized guest vs native",
+            f"{t['cpu_para_vs_native']:.3f}x",
+            "native 1.000x",
+            _target(t["cpu_para_vs_native"] <= 1.05, "within 5%"),
+        ),
+        (
+            "a null hypercall vs an emulated register write (one exit each)",
+            f"{t['null_hcall_vs_port_write']:.2f}x",
+            "",
+            "",
+        ),
     ]
 
 
@@ -94,10 +122,18 @@ def containers_rows(d: dict[str, Any]) -> list[Row]:
     warm = by["virtkit warm (library, sealed once)"]["median_ms"]
     cli = by["virtkit oci run (CLI, sealed)"]["median_ms"]
     return [
-        ("create+start+wait+delete of `/bin/true`, library in a warm process", f"{warm:.1f} ms", peers,
-         _target(warm <= crun, "<= crun")),
-        ("the same through the one-shot CLI (sealed interpreter)", f"{cli:.1f} ms", peers,
-         _target(cli <= runc, "<= runc")),
+        (
+            "create+start+wait+delete of `/bin/true`, library in a warm process",
+            f"{warm:.1f} ms",
+            peers,
+            _target(warm <= crun, "<= crun"),
+        ),
+        (
+            "the same through the one-shot CLI (sealed interpreter)",
+            f"{cli:.1f} ms",
+            peers,
+            _target(cli <= runc, "<= runc"),
+        ),
     ]
 
 
@@ -109,11 +145,19 @@ def overhead_rows(d: dict[str, Any]) -> list[Row]:
         return "n/a" if value is None or not native else f"{value / native:.2f}x"
 
     return [
-        ("CPU loop: container / full VM / para VM, vs native", f"{ratio('cpu', 'container')} / "
-         f"{ratio('cpu', 'VM full')} / {ratio('cpu', 'VM para')}", "native 1.00x", ""),
-        ("100K getpid: container (seccomp) / without seccomp / a guest system call",
-         f"{ratio('getpid', 'container')} / {ratio('getpid', 'container, no seccomp')} / "
-         f"{ratio('getpid', 'VM full')}", "native 1.00x", ""),
+        (
+            "CPU loop: container / full VM / para VM, vs native",
+            f"{ratio('cpu', 'container')} / {ratio('cpu', 'VM full')} / {ratio('cpu', 'VM para')}",
+            "native 1.00x",
+            "",
+        ),
+        (
+            "100K getpid: container (seccomp) / without seccomp / a guest system call",
+            f"{ratio('getpid', 'container')} / {ratio('getpid', 'container, no seccomp')} / "
+            f"{ratio('getpid', 'VM full')}",
+            "native 1.00x",
+            "",
+        ),
         ("10K file writes, container vs native", ratio("files", "container"), "native 1.00x", ""),
     ]
 
@@ -126,17 +170,37 @@ def failover_rows(d: dict[str, Any]) -> list[Row]:
         return f"{x['downtime_ms']} ms" if x.get("downtime_ms") is not None else x.get("status", "n/a")
 
     return [
-        ("restore of a 64 MiB guest to running (API)", f"{rest['api_to_running_ms']:.1f} ms",
-         f"`virtkit restore` CLI {rest['cli_to_first_byte_ms']:.0f} ms; QEMU -incoming "
-         f"{q['loadvm']['process_to_first_byte_ms']:.0f} ms", _target(rest["api_to_running_ms"] < 10, "< 10 ms")),
-        ("snapshot of an idle guest: time paused", f"{snap['idle']['paused_ms']:.1f} ms",
-         f"QEMU migrate-to-file {q['savevm']['paused_ms']:.1f} ms", ""),
-        (f"{clone['count']} clones from one snapshot, all running", f"{clone['start_s'] * 1e3:.0f} ms "
-         f"({clone['clones_per_s']:.0f}/s)", "", ""),
-        ("live migration downtime, idle guest", f"{mig['idle']['downtime_ms']:.1f} ms", f"QEMU {qdown(qidle)}",
-         _target(mig["idle"]["downtime_ms"] < 50, "< 50 ms")),
-        ("live migration downtime, guest dirtying memory", f"{mig['dirtying']['downtime_ms']:.1f} ms",
-         f"QEMU {qdown(qdirty)}", _target(mig["dirtying"]["downtime_ms"] < 50, "< 50 ms")),
+        (
+            "restore of a 64 MiB guest to running (API)",
+            f"{rest['api_to_running_ms']:.1f} ms",
+            f"`virtkit restore` CLI {rest['cli_to_first_byte_ms']:.0f} ms; QEMU -incoming "
+            f"{q['loadvm']['process_to_first_byte_ms']:.0f} ms",
+            _target(rest["api_to_running_ms"] < 10, "< 10 ms"),
+        ),
+        (
+            "snapshot of an idle guest: time paused",
+            f"{snap['idle']['paused_ms']:.1f} ms",
+            f"QEMU migrate-to-file {q['savevm']['paused_ms']:.1f} ms",
+            "",
+        ),
+        (
+            f"{clone['count']} clones from one snapshot, all running",
+            f"{clone['start_s'] * 1e3:.0f} ms ({clone['clones_per_s']:.0f}/s)",
+            "",
+            "",
+        ),
+        (
+            "live migration downtime, idle guest",
+            f"{mig['idle']['downtime_ms']:.1f} ms",
+            f"QEMU {qdown(qidle)}",
+            _target(mig["idle"]["downtime_ms"] < 50, "< 50 ms"),
+        ),
+        (
+            "live migration downtime, guest dirtying memory",
+            f"{mig['dirtying']['downtime_ms']:.1f} ms",
+            f"QEMU {qdown(qdirty)}",
+            _target(mig["dirtying"]["downtime_ms"] < 50, "< 50 ms"),
+        ),
     ]
 
 
@@ -144,14 +208,25 @@ def service_rows(d: dict[str, Any]) -> list[Row]:
     c, q, ip = d["creation"], d["qemu"], d["in_process"]
     dens = max(d["density"], key=lambda x: x["running"])
     return [
-        ("memory per VM beyond guest RAM, one confined VMM process each",
-         f"{c['vmm_rss_beyond_guest_mib_median']:.1f} MiB", f"QEMU microvm {q['rss_beyond_guest_mib_median']:.1f} MiB",
-         _target(c["vmm_rss_beyond_guest_mib_median"] < 15, "< 15 MiB")),
+        (
+            "memory per VM beyond guest RAM, one confined VMM process each",
+            f"{c['vmm_rss_beyond_guest_mib_median']:.1f} MiB",
+            f"QEMU microvm {q['rss_beyond_guest_mib_median']:.1f} MiB",
+            _target(c["vmm_rss_beyond_guest_mib_median"] < 15, "< 15 MiB"),
+        ),
         ("memory per VM, many VMs in one process", f"{ip['per_vm_beyond_guest_mib']:.2f} MiB", "", ""),
-        ("VM creation rate, API request to first guest output", f"{c['vms_per_s']:.1f} VMs/s "
-         f"(median {c['to_first_output_ms_median']:.0f} ms each)", "", ""),
-        ("CPU-burning VMs running at once on 2 cores", f"{dens['running']} (overcommit {dens['overcommit']:g}; "
-         f"stopped by: {dens['stopped_by']})", "", ""),
+        (
+            "VM creation rate, API request to first guest output",
+            f"{c['vms_per_s']:.1f} VMs/s (median {c['to_first_output_ms_median']:.0f} ms each)",
+            "",
+            "",
+        ),
+        (
+            "CPU-burning VMs running at once on 2 cores",
+            f"{dens['running']} (overcommit {dens['overcommit']:g}; stopped by: {dens['stopped_by']})",
+            "",
+            "",
+        ),
     ]
 
 
@@ -197,7 +272,7 @@ def splice(readme: str, block: str) -> str:
     start, end = readme.find(BEGIN), readme.find(END)
     if start < 0 or end < start:
         raise SystemExit(f"README.md has no {BEGIN!r} ... {END!r} section to fill")
-    return readme[:start] + block + readme[end + len(END):]
+    return readme[:start] + block + readme[end + len(END) :]
 
 
 def main(argv: list[str] | None = None) -> int:

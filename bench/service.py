@@ -58,9 +58,21 @@ class Service:
 
         self.tmp = tempfile.mkdtemp(prefix="vkb", dir="/tmp")
         self.parent = f"virtkitd-bench-{os.getpid()}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "virtkit.service.daemon", "--state-dir",
-                                      f"{self.tmp}/state", "--run-dir", self.tmp, "--cgroup-parent", self.parent,
-                                      *extra], stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "virtkit.service.daemon",
+                "--state-dir",
+                f"{self.tmp}/state",
+                "--run-dir",
+                self.tmp,
+                "--cgroup-parent",
+                self.parent,
+                *extra,
+            ],
+            stderr=subprocess.DEVNULL,
+        )
         sock = f"{self.tmp}/api.sock"
         while not os.path.exists(sock):
             time.sleep(0.02)
@@ -97,10 +109,15 @@ def creation_rate(n: int) -> dict[str, Any]:
         for vm in s.c.call("GET", "/v1/vms"):
             rss, guest = _guest_rss(vm["pid"], 16 * MIB)
             overhead.append(rss - guest)
-        return {"vms": n, "total_s": total, "vms_per_s": n / total, "to_first_output_ms_median":
-                median(times) * 1e3, "to_first_output_ms_min": min(times) * 1e3,
-                "vmm_rss_beyond_guest_mib_median": median(overhead) / MIB,
-                "vmm_rss_beyond_guest_mib_max": max(overhead) / MIB}
+        return {
+            "vms": n,
+            "total_s": total,
+            "vms_per_s": n / total,
+            "to_first_output_ms_median": median(times) * 1e3,
+            "to_first_output_ms_min": min(times) * 1e3,
+            "vmm_rss_beyond_guest_mib_median": median(overhead) / MIB,
+            "vmm_rss_beyond_guest_mib_max": max(overhead) / MIB,
+        }
     finally:
         s.close()
 
@@ -122,9 +139,15 @@ def density(overcommit: float, cap: int) -> dict[str, Any]:
             n += 1
         running = sum(1 for v in s.c.call("GET", "/v1/vms") if v["state"] == "running")
         host = s.c.call("GET", "/v1/host")
-        return {"overcommit": overcommit, "started": n, "running": running, "stopped_by": limit,
-                "seconds": time.perf_counter() - t0, "load_average": host["load_average"],
-                "memory_available_mib": host["memory_available_now"] // MIB}
+        return {
+            "overcommit": overcommit,
+            "started": n,
+            "running": running,
+            "stopped_by": limit,
+            "seconds": time.perf_counter() - t0,
+            "load_average": host["load_average"],
+            "memory_available_mib": host["memory_available_now"] // MIB,
+        }
     finally:
         s.close()
 
@@ -135,10 +158,28 @@ def qemu_overhead(n: int) -> dict[str, Any]:
     procs = []
     try:
         for _ in range(n):
-            procs.append(subprocess.Popen(
-                ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-m", "16", "-nodefaults",
-                 "-no-user-config", "-nographic", "-serial", "stdio", "-kernel", str(GUESTS / "counter.elf")],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "qemu-system-x86_64",
+                        "-M",
+                        "microvm",
+                        "-enable-kvm",
+                        "-m",
+                        "16",
+                        "-nodefaults",
+                        "-no-user-config",
+                        "-nographic",
+                        "-serial",
+                        "stdio",
+                        "-kernel",
+                        str(GUESTS / "counter.elf"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
         for p in procs:
             assert p.stdout is not None
             p.stdout.read(1)
@@ -180,12 +221,21 @@ os._exit(0)
 
 
 def in_process(n: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(n), str(GUESTS / "counter.elf")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS, str(n), str(GUESTS / "counter.elf")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     d = json.loads(out.stdout)
     per_vm = (d["total"] - d["guest"] - d["base"]) / n
-    return {"vms": n, "process_base_mib": d["base"] / MIB, "per_vm_beyond_guest_mib": per_vm / MIB,
-            "total_beyond_guest_mib": (d["total"] - d["guest"]) / MIB}
+    return {
+        "vms": n,
+        "process_base_mib": d["base"] / MIB,
+        "per_vm_beyond_guest_mib": per_vm / MIB,
+        "total_beyond_guest_mib": (d["total"] - d["guest"]) / MIB,
+    }
 
 
 def plot(data: dict[str, Any]) -> Path | None:
@@ -234,21 +284,40 @@ def run(quick: bool = False) -> dict[str, Any]:
     data["density"] = [density(4.0, 64), density(64.0, 20 if quick else 120)]
     c, ip, q = data["creation"], data["in_process"], data["qemu"]
     rows = [
-        ["VM creation, API request to first guest output (median / min)",
-         f"{c['to_first_output_ms_median']:.0f} / {c['to_first_output_ms_min']:.0f} ms", f"{c['vms_per_s']:.1f} VMs/s"],
-        ["VMM process RSS beyond guest RAM (median / max)",
-         f"{c['vmm_rss_beyond_guest_mib_median']:.1f} / {c['vmm_rss_beyond_guest_mib_max']:.1f} MiB", "target < 15"],
-        ["in-process mode, per VM beyond guest RAM", f"{ip['per_vm_beyond_guest_mib']:.1f} MiB",
-         f"base process {ip['process_base_mib']:.1f} MiB"],
-        ["QEMU -M microvm process RSS beyond guest RAM",
-         f"{q.get('rss_beyond_guest_mib_median', float('nan')):.1f} MiB", data["qemu_version"]],
+        [
+            "VM creation, API request to first guest output (median / min)",
+            f"{c['to_first_output_ms_median']:.0f} / {c['to_first_output_ms_min']:.0f} ms",
+            f"{c['vms_per_s']:.1f} VMs/s",
+        ],
+        [
+            "VMM process RSS beyond guest RAM (median / max)",
+            f"{c['vmm_rss_beyond_guest_mib_median']:.1f} / {c['vmm_rss_beyond_guest_mib_max']:.1f} MiB",
+            "target < 15",
+        ],
+        [
+            "in-process mode, per VM beyond guest RAM",
+            f"{ip['per_vm_beyond_guest_mib']:.1f} MiB",
+            f"base process {ip['process_base_mib']:.1f} MiB",
+        ],
+        [
+            "QEMU -M microvm process RSS beyond guest RAM",
+            f"{q.get('rss_beyond_guest_mib_median', float('nan')):.1f} MiB",
+            data["qemu_version"],
+        ],
     ]
     for d in data["density"]:
-        rows.append([f"density, overcommit {d['overcommit']:g} (16 MiB spin VMs)", f"{d['running']} running",
-                     f"stopped by: {d['stopped_by'][:90]}"])
-    md = ("# virtkitd: creation rate, density, memory overhead\n\n"
-          f"Platform: {data['platform'].get('kvm_flavor')}, {data['platform'].get('cpu_count')} CPUs. "
-          f"{n} VMs per measurement.\n\n" + md_table(["what", "value", "note"], rows) + "\n")
+        rows.append(
+            [
+                f"density, overcommit {d['overcommit']:g} (16 MiB spin VMs)",
+                f"{d['running']} running",
+                f"stopped by: {d['stopped_by'][:90]}",
+            ]
+        )
+    md = (
+        "# virtkitd: creation rate, density, memory overhead\n\n"
+        f"Platform: {data['platform'].get('kvm_flavor')}, {data['platform'].get('cpu_count')} CPUs. "
+        f"{n} VMs per measurement.\n\n" + md_table(["what", "value", "note"], rows) + "\n"
+    )
     jpath, mpath = write_results("service", data, md)
     png = plot(data)
     print(md)

@@ -16,8 +16,18 @@ from typing import Any
 from bench.common import ROOT, md_table, median, platform_record, qemu_version, run_process, write_results
 
 QEMU = "qemu-system-x86_64"
-QEMU_COMMON = ["-enable-kvm", "-m", "64M", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
-               "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+QEMU_COMMON = [
+    "-enable-kvm",
+    "-m",
+    "64M",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-device",
+    "isa-debug-exit,iobase=0xf4,iosize=0x04",
+]
 QEMU_MACHINES = {
     "qemu -M microvm": ["-M", "microvm"],
     "qemu -M pc + qboot": ["-M", "pc", "-bios", "/usr/share/qemu/qboot.rom"],
@@ -83,10 +93,14 @@ def run(quick: bool = False, guests: Path | None = None) -> dict[str, Any]:
             "first_byte_s": median([r.first_byte_s for r in ok if r.first_byte_s is not None]),
             "exit_s": median([r.exit_s for r in ok]),
             "peak_rss_mib": median([r.maxrss_kib / 1024 for r in ok]),
-            "runs": len(ok), "failed": len(results) - len(ok),
+            "runs": len(ok),
+            "failed": len(results) - len(ok),
         }
-        print(f"  {label:<28} first byte {boot[label]['first_byte_s'] * 1e3:8.1f} ms   exit "
-              f"{boot[label]['exit_s'] * 1e3:8.1f} ms   peak RSS {boot[label]['peak_rss_mib']:6.1f} MiB", flush=True)
+        print(
+            f"  {label:<28} first byte {boot[label]['first_byte_s'] * 1e3:8.1f} ms   exit "
+            f"{boot[label]['exit_s'] * 1e3:8.1f} ms   peak RSS {boot[label]['peak_rss_mib']:6.1f} MiB",
+            flush=True,
+        )
 
     print("boot: process start -> first serial byte -> exit (median)", flush=True)
     measure("virtkit run (Multiboot)", [*virtkit_cmd(), "run", str(hello)], runs)
@@ -98,8 +112,11 @@ def run(quick: bool = False, guests: Path | None = None) -> dict[str, Any]:
             measure(label, qemu_cmd(machine, hello), runs)
     api = api_first_byte(hello, runs * 3)
     boot["virtkit API (warm process)"] = {**api, "peak_rss_mib": float("nan"), "runs": runs * 3, "failed": 0}
-    print(f"  {'virtkit API (warm process)':<28} first byte {api['first_byte_s'] * 1e3:8.2f} ms   exit "
-          f"{api['exit_s'] * 1e3:8.2f} ms", flush=True)
+    print(
+        f"  {'virtkit API (warm process)':<28} first byte {api['first_byte_s'] * 1e3:8.2f} ms   exit "
+        f"{api['exit_s'] * 1e3:8.2f} ms",
+        flush=True,
+    )
 
     print("exit cost: trap-cost guest, 100K port writes and 100K MMIO writes at CPL3", flush=True)
     n = 20000 if quick else 100000
@@ -116,8 +133,14 @@ def run(quick: bool = False, guests: Path | None = None) -> dict[str, Any]:
     for who, d in exits.items():
         print(f"  {who:<14} " + "  ".join(f"{k} {v:.2f}" for k, v in sorted(d.items())), flush=True)
 
-    data = {"platform": plat, "qemu": qemu_version(), "boot": boot, "exit_cost_us": exits,
-            "guest_cmdline": cmdline, "targets": targets(boot, exits)}
+    data = {
+        "platform": plat,
+        "qemu": qemu_version(),
+        "boot": boot,
+        "exit_cost_us": exits,
+        "guest_cmdline": cmdline,
+        "targets": targets(boot, exits),
+    }
     md = render(data)
     jpath, mpath = write_results("vmm", data, md)
     png = plot(data)
@@ -145,14 +168,23 @@ def targets(boot: dict[str, dict[str, float]], exits: dict[str, dict[str, float]
 
 def render(data: dict[str, Any]) -> str:
     plat = data["platform"]
-    lines = [f"# VMM: virtkit vs QEMU\n\nPlatform: {plat.get('cpu_model')}, KVM flavor **{plat.get('kvm_flavor')}** "
-             f"({plat.get('meaning')}); TSC {int(plat.get('tsc_khz') or 0) / 1e6:.3f} GHz; {data['qemu']}.\n",
-             "## Boot of the `hello` guest (median)\n"]
+    lines = [
+        f"# VMM: virtkit vs QEMU\n\nPlatform: {plat.get('cpu_model')}, KVM flavor **{plat.get('kvm_flavor')}** "
+        f"({plat.get('meaning')}); TSC {int(plat.get('tsc_khz') or 0) / 1e6:.3f} GHz; {data['qemu']}.\n",
+        "## Boot of the `hello` guest (median)\n",
+    ]
     rows = []
     for label, d in data["boot"].items():
         rss = d.get("peak_rss_mib")
-        rows.append([label, f"{d['first_byte_s'] * 1e3:.2f}", f"{d['exit_s'] * 1e3:.2f}",
-                     "-" if rss != rss else f"{rss:.1f}", str(d["runs"])])
+        rows.append(
+            [
+                label,
+                f"{d['first_byte_s'] * 1e3:.2f}",
+                f"{d['exit_s'] * 1e3:.2f}",
+                "-" if rss != rss else f"{rss:.1f}",
+                str(d["runs"]),
+            ]
+        )
     lines.append(md_table(["VMM", "first serial byte (ms)", "guest exit (ms)", "peak RSS (MiB)", "runs"], rows))
     lines.append(f"\n## Cost of one VM exit, measured by the guest (`{data['guest_cmdline']}`)\n")
     keys = sorted({k for d in data["exit_cost_us"].values() for k in d})
@@ -164,8 +196,13 @@ def render(data: dict[str, Any]) -> str:
     if "cli_exit_vs_microvm" in t:
         rows.append(["`virtkit run` to guest exit vs QEMU microvm", "<= 1.0x", f"{t['cli_exit_vs_microvm']:.2f}x"])
     if "api_first_byte_speedup_vs_microvm" in t:
-        rows.append(["API first serial byte, speed-up over QEMU microvm", ">= 10x",
-                     f"{t['api_first_byte_speedup_vs_microvm']:.1f}x"])
+        rows.append(
+            [
+                "API first serial byte, speed-up over QEMU microvm",
+                ">= 10x",
+                f"{t['api_first_byte_speedup_vs_microvm']:.1f}x",
+            ]
+        )
     for key in ("pio_cpl3_us_ratio_vs_qemu", "mmio_cpl3_us_ratio_vs_qemu"):
         if key in t:
             rows.append([f"{key.split('_')[0]} exit cost vs QEMU", "<= 1.5x", f"{t[key]:.2f}x"])
@@ -183,6 +220,7 @@ def plot(data: dict[str, Any]) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+
     # One question per panel, one meaning per colour: green is virtkit and grey is QEMU in both
     # panels; solid is the first serial byte, hatched the guest's exit.
     def colour(name: str) -> str:
@@ -195,12 +233,24 @@ def plot(data: dict[str, Any]) -> Path | None:
     y = range(len(labels))
     colours = [colour(k) for k in labels]
     ax1.barh([i + 0.2 for i in y], firsts, height=0.4, color=colours, label="first serial byte")
-    ax1.barh([i - 0.2 for i in y], exits, height=0.4, color=colours, hatch="//", edgecolor="white",
-             label="guest exit (hatched)")
+    ax1.barh(
+        [i - 0.2 for i in y],
+        exits,
+        height=0.4,
+        color=colours,
+        hatch="//",
+        edgecolor="white",
+        label="guest exit (hatched)",
+    )
     micro = data["boot"].get("qemu -M microvm")
     if micro:
-        ax1.axvline(micro["exit_s"] * 1e3, color="black", linestyle="--", linewidth=1,
-                    label="target: exit no later than QEMU microvm")
+        ax1.axvline(
+            micro["exit_s"] * 1e3,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="target: exit no later than QEMU microvm",
+        )
     ax1.set_yticks(list(y), labels)
     ax1.set_xscale("log")
     ax1.set_xlabel("milliseconds from process start (log scale)")
@@ -209,16 +259,30 @@ def plot(data: dict[str, Any]) -> Path | None:
     keys = sorted({k for d in data["exit_cost_us"].values() for k in d if k.endswith("cpl3_us")})
     who = list(data["exit_cost_us"].keys())
     for j, w in enumerate(who):
-        ax2.bar([i + j * 0.4 for i in range(len(keys))], [data["exit_cost_us"][w].get(k, 0) for k in keys],
-                width=0.4, label=w, color=colour(w))
+        ax2.bar(
+            [i + j * 0.4 for i in range(len(keys))],
+            [data["exit_cost_us"][w].get(k, 0) for k in keys],
+            width=0.4,
+            label=w,
+            color=colour(w),
+        )
     qemu = next((w for w in who if not w.startswith("virtkit")), None)
     if qemu:
         for i, k in enumerate(keys):
             limit = data["exit_cost_us"][qemu].get(k, 0) * 1.5
-            ax2.hlines(limit, i - 0.2, i + 0.6, colors="black", linestyles="--", linewidth=1,
-                       label="target: at most 1.5x QEMU" if i == 0 else None)
-    ax2.set_xticks([i + 0.2 for i in range(len(keys))],
-                   [{"pio_cpl3_us": "port I/O", "mmio_cpl3_us": "MMIO"}.get(k, k) for k in keys])
+            ax2.hlines(
+                limit,
+                i - 0.2,
+                i + 0.6,
+                colors="black",
+                linestyles="--",
+                linewidth=1,
+                label="target: at most 1.5x QEMU" if i == 0 else None,
+            )
+    ax2.set_xticks(
+        [i + 0.2 for i in range(len(keys))],
+        [{"pio_cpl3_us": "port I/O", "mmio_cpl3_us": "MMIO"}.get(k, k) for k in keys],
+    )
     ax2.set_ylabel("microseconds per exit (from guest CPL3)")
     ax2.set_title("What does one VM exit cost?")
     top = max((v for d in data["exit_cost_us"].values() for k, v in d.items() if k in keys), default=1)

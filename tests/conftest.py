@@ -56,8 +56,7 @@ def no_leaks() -> Iterator[None]:
     fds_before = _open_fds()
     threads_before = {t.ident for t in threading.enumerate()}
     yield
-    leaked_threads = [t.name for t in threading.enumerate()
-                      if t.ident not in threads_before and t.is_alive()]
+    leaked_threads = [t.name for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     leaked = _open_fds() - fds_before
     # an fd listed by os.listdir itself may show up; resolve to be sure the rest are real leaks

@@ -1,8 +1,8 @@
 """The Python API: a VM in a ``with`` block.
 
-    with VM(kernel="build/guests/hello.elf", memory="64M") as vm:
-        result = vm.run(timeout=5)
-    print(result.exit_code, result.serial_output, result.stats.total_exits)
+with VM(kernel="build/guests/hello.elf", memory="64M") as vm:
+    result = vm.run(timeout=5)
+print(result.exit_code, result.serial_output, result.stats.total_exits)
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def exit_status_for(stop: Stop) -> int:
     if stop.reason in (StopReason.DEBUG_EXIT, StopReason.POWER_OFF) and stop.exit_status is not None:
         return stop.exit_status
     return {
-        StopReason.RESET: EXIT_OK, StopReason.POWER_OFF: EXIT_OK, StopReason.HALTED: EXIT_OK,
-        StopReason.TIMEOUT: EXIT_TIMEOUT, StopReason.UNKNOWN_ACCESS: EXIT_UNKNOWN_ACCESS,
-        StopReason.STOPPED: EXIT_STOPPED, StopReason.ERROR: EXIT_VMM_ERROR,
+        StopReason.RESET: EXIT_OK,
+        StopReason.POWER_OFF: EXIT_OK,
+        StopReason.HALTED: EXIT_OK,
+        StopReason.TIMEOUT: EXIT_TIMEOUT,
+        StopReason.UNKNOWN_ACCESS: EXIT_UNKNOWN_ACCESS,
+        StopReason.STOPPED: EXIT_STOPPED,
+        StopReason.ERROR: EXIT_VMM_ERROR,
         StopReason.OUTPUT_CLOSED: EXIT_OUTPUT_CLOSED,
     }.get(stop.reason, EXIT_GUEST_CRASH)
 
@@ -94,12 +98,16 @@ class VM:
         disks: Sequence[str | DiskSpec] = (),
     ) -> None:
         if mode not in VM_MODES:
-            raise ConfigError(f"--mode {mode!r} is not a VM mode: use one of {', '.join(VM_MODES)} "
-                              "(or 'container' from the CLI)")
+            raise ConfigError(
+                f"--mode {mode!r} is not a VM mode: use one of {', '.join(VM_MODES)} (or 'container' from the CLI)"
+            )
         self.kernel = os.fspath(kernel)
         self.config = MachineConfig(
-            memory=parse_size(memory, what="--memory", default_unit="M" if isinstance(memory, str)
-                              and memory.strip().isdigit() else ""),
+            memory=parse_size(
+                memory,
+                what="--memory",
+                default_unit="M" if isinstance(memory, str) and memory.strip().isdigit() else "",
+            ),
             vcpus=parse_count(vcpus, what="--vcpus"),
             paravirt=mode == "para",
             strict=strict,
@@ -128,8 +136,9 @@ class VM:
     def _output_closed(self) -> None:
         # every way of making the machine (boot, restore, incoming migration) ends here alike
         if self.machine is not None:
-            self.machine.request_stop(Stop(StopReason.OUTPUT_CLOSED,
-                                           detail="the reader of the serial output went away"))
+            self.machine.request_stop(
+                Stop(StopReason.OUTPUT_CLOSED, detail="the reader of the serial output went away")
+            )
 
     def __enter__(self) -> VM:
         self.open()
@@ -177,8 +186,7 @@ class VM:
     def _result(self, stop: Stop) -> RunResult:
         m = self.machine
         assert m is not None
-        stats = merge(m.vcpu_stats(), m.io_bus.unknown, m.mmio_bus.unknown,
-                      (m.ended_ns or m.started_ns) - m.started_ns)
+        stats = merge(m.vcpu_stats(), m.io_bus.unknown, m.mmio_bus.unknown, (m.ended_ns or m.started_ns) - m.started_ns)
         stats.tsc_khz = m.tsc_khz()
         if self.console.first_byte_ns is not None and m.started_ns:
             stats.first_output_s = (self.console.first_byte_ns - m.started_ns) / 1e9

@@ -65,18 +65,37 @@ def _trapcost(r: RunResult) -> str:
 
 
 STEPS = [
-    Step("Unmodified kernel, Multiboot, emulated 16550A UART", "hello.elf", {"cmdline": "demo"},
-         lambda r: _first_line(r, "hello")),
-    Step("Same guest entered directly in 64-bit mode", "hello64.elf", {"boot": "direct64"},
-         lambda r: _first_line(r, "hello")),
-    Step("Trap-and-emulate: every port/MMIO access exits to the VMM", "trapcost.elf",
-         {"cmdline": "n=20000 phases=pio,mmio,cpu loop=10000000"}, _trapcost),
-    Step("Two vCPUs inside the guest at the same moment", "smp.elf",
-         {"vcpus": 2, "cmdline": "rounds=100000"}, lambda r: _first_line(r, "smp: pingpong")),
-    Step("A guest that triple-faults", "triplefault.elf", {},
-         lambda r: r.detail.splitlines()[0] if r.detail else ""),
-    Step("An instruction the CPU emulator cannot run", "badinsn.elf", {},
-         lambda r: " ".join(r.detail.splitlines()[:2]).replace("  ", " ") if r.detail else ""),
+    Step(
+        "Unmodified kernel, Multiboot, emulated 16550A UART",
+        "hello.elf",
+        {"cmdline": "demo"},
+        lambda r: _first_line(r, "hello"),
+    ),
+    Step(
+        "Same guest entered directly in 64-bit mode",
+        "hello64.elf",
+        {"boot": "direct64"},
+        lambda r: _first_line(r, "hello"),
+    ),
+    Step(
+        "Trap-and-emulate: every port/MMIO access exits to the VMM",
+        "trapcost.elf",
+        {"cmdline": "n=20000 phases=pio,mmio,cpu loop=10000000"},
+        _trapcost,
+    ),
+    Step(
+        "Two vCPUs inside the guest at the same moment",
+        "smp.elf",
+        {"vcpus": 2, "cmdline": "rounds=100000"},
+        lambda r: _first_line(r, "smp: pingpong"),
+    ),
+    Step("A guest that triple-faults", "triplefault.elf", {}, lambda r: r.detail.splitlines()[0] if r.detail else ""),
+    Step(
+        "An instruction the CPU emulator cannot run",
+        "badinsn.elf",
+        {},
+        lambda r: " ".join(r.detail.splitlines()[:2]).replace("  ", " ") if r.detail else "",
+    ),
 ]
 
 
@@ -137,12 +156,16 @@ def _failover_section(console: Console, gdir: Path) -> int:
             time.sleep(0.2)
             restored.stop()
             after = restored.console.output.decode(errors="replace")
-        console.print(f"snapshot of a running 64 MiB guest: paused {info.paused_ns / 1e6:.1f} ms, state "
-                      f"{info.state_bytes / 1024:.0f} KiB, {info.memory_written / (1 << 20):.1f} MiB of RAM stored")
+        console.print(
+            f"snapshot of a running 64 MiB guest: paused {info.paused_ns / 1e6:.1f} ms, state "
+            f"{info.state_bytes / 1024:.0f} KiB, {info.memory_written / (1 << 20):.1f} MiB of RAM stored"
+        )
         continued, last, first, end = _continuous(before, after)
-        console.print(f"restore to running: {(ready - t0) * 1e3:.1f} ms; the original had printed up to count "
-                      f"{last}, the restored guest went on with {first}..{end}: "
-                      + ("no line lost or repeated" if continued else "[red]a gap"))
+        console.print(
+            f"restore to running: {(ready - t0) * 1e3:.1f} ms; the original had printed up to count "
+            f"{last}, the restored guest went on with {first}..{end}: "
+            + ("no line lost or repeated" if continued else "[red]a gap")
+        )
         failures += not continued
 
         # live migration between two processes, driven with the CLI as a user would: a shared key,
@@ -151,13 +174,43 @@ def _failover_section(console: Console, gdir: Path) -> int:
         control, key = os.path.join(tmp, "control.sock"), os.path.join(tmp, "migration.key")
         vk = [sys.executable, "-m", "virtkit"]
         subprocess.run([*vk, "migrate-keygen", key], check=True, stdout=subprocess.DEVNULL)
-        target = subprocess.Popen([*vk, "migrate-receive", "--listen", "127.0.0.1:0", "--port-file", port_file,
-                                   "--key-file", key, "--serial", dst_log, "--timeout", "2",
-                                   "--accept-timeout", "30"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        source = subprocess.Popen([*vk, "run", str(gdir / "counter.elf"), "--cmdline", "us=2000 dirty=8",
-                                   "--control", control, "--serial", src_log],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        target = subprocess.Popen(
+            [
+                *vk,
+                "migrate-receive",
+                "--listen",
+                "127.0.0.1:0",
+                "--port-file",
+                port_file,
+                "--key-file",
+                key,
+                "--serial",
+                dst_log,
+                "--timeout",
+                "2",
+                "--accept-timeout",
+                "30",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        source = subprocess.Popen(
+            [
+                *vk,
+                "run",
+                str(gdir / "counter.elf"),
+                "--cmdline",
+                "us=2000 dirty=8",
+                "--control",
+                control,
+                "--serial",
+                src_log,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 20
             while not (os.path.exists(control) and os.path.exists(port_file) and os.path.getsize(port_file)):
@@ -171,8 +224,10 @@ def _failover_section(console: Console, gdir: Path) -> int:
             source.wait(20)
             target.wait(30)
             gap_free, last, first, end = _continuous(Path(src_log).read_text(), Path(dst_log).read_text())
-            console.print(f"source printed count 0..{last} and exited {source.returncode}; the target went on "
-                          f"from {first} to {end}: " + ("no line lost or repeated" if gap_free else "[red]a gap"))
+            console.print(
+                f"source printed count 0..{last} and exited {source.returncode}; the target went on "
+                f"from {first} to {end}: " + ("no line lost or repeated" if gap_free else "[red]a gap")
+            )
             failures += not gap_free
         except Exception as e:
             console.print(f"[red]migration demo failed: {e}")
@@ -185,8 +240,14 @@ def _failover_section(console: Console, gdir: Path) -> int:
     return failures
 
 
-def _sh(console: Console, args: list[str], *, env: dict[str, str] | None = None, show: str | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _sh(
+    console: Console,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    show: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Run a virtkit command the way a user would, and show the command and what it printed."""
     cmd = [sys.executable, "-m", "virtkit", *args]
     console.print(f"[bold cyan]$ {show or 'virtkit ' + ' '.join(shlex.quote(a) for a in args)}")
@@ -210,12 +271,31 @@ CONTAINER_SCRIPT = (
 
 def _container_section(console: Console) -> int:
     console.rule("[bold]3. Containers: the host kernel shared, limits and isolation applied")
-    p = _sh(console, ["run", "--mode", "container", "busybox", "--memory", "64M", "--cpus", "0.5",
-                      "--pids-limit", "50", "--", "sh", "-c", CONTAINER_SCRIPT],
-            show="virtkit run --mode container busybox --memory 64M --cpus 0.5 --pids-limit 50 -- sh -c "
-                 "'<print hostname and PID, the cgroup limits, the visible processes; try unshare>'")
-    console.print("The container saw its own hostname and PID 1, the cgroup limits it was given, and the "
-                  "default seccomp profile; `make bench` compares its start-up with crun and runc.")
+    p = _sh(
+        console,
+        [
+            "run",
+            "--mode",
+            "container",
+            "busybox",
+            "--memory",
+            "64M",
+            "--cpus",
+            "0.5",
+            "--pids-limit",
+            "50",
+            "--",
+            "sh",
+            "-c",
+            CONTAINER_SCRIPT,
+        ],
+        show="virtkit run --mode container busybox --memory 64M --cpus 0.5 --pids-limit 50 -- sh -c "
+        "'<print hostname and PID, the cgroup limits, the visible processes; try unshare>'",
+    )
+    console.print(
+        "The container saw its own hostname and PID 1, the cgroup limits it was given, and the "
+        "default seccomp profile; `make bench` compares its start-up with crun and runc."
+    )
     return 0 if p.returncode == 0 else 1
 
 
@@ -227,9 +307,20 @@ def _service_section(console: Console, gdir: Path) -> int:
         env = dict(os.environ, VIRTKITD_SOCKET=sock)
         log = open(os.path.join(tmp, "virtkitd.log"), "wb")  # noqa: SIM115 - closed below
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "virtkit.service.daemon", "--state-dir", os.path.join(tmp, "state"),
-             "--run-dir", os.path.join(tmp, "run"), "--cgroup-parent", f"virtkit-demo-{os.getpid()}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "virtkit.service.daemon",
+                "--state-dir",
+                os.path.join(tmp, "state"),
+                "--run-dir",
+                os.path.join(tmp, "run"),
+                "--cgroup-parent",
+                f"virtkit-demo-{os.getpid()}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         failures = 0
         try:
             deadline = time.monotonic() + 20
@@ -239,10 +330,34 @@ def _service_section(console: Console, gdir: Path) -> int:
                 time.sleep(0.05)
             spin, counter = str(gdir / "spin.elf"), str(gdir / "counter.elf")
             steps = [
-                ["vm", "create", "heavy", "--kernel", spin, "--cmdline", "cpl=3", "--cpu-weight", "300",
-                 "--cpus", "0", "--start"],
-                ["vm", "create", "light", "--kernel", spin, "--cmdline", "cpl=3", "--cpu-weight", "100",
-                 "--cpus", "0", "--start"],
+                [
+                    "vm",
+                    "create",
+                    "heavy",
+                    "--kernel",
+                    spin,
+                    "--cmdline",
+                    "cpl=3",
+                    "--cpu-weight",
+                    "300",
+                    "--cpus",
+                    "0",
+                    "--start",
+                ],
+                [
+                    "vm",
+                    "create",
+                    "light",
+                    "--kernel",
+                    spin,
+                    "--cmdline",
+                    "cpl=3",
+                    "--cpu-weight",
+                    "100",
+                    "--cpus",
+                    "0",
+                    "--start",
+                ],
                 ["vm", "create", "capped", "--kernel", counter, "--cpu-quota", "20", "--start"],
             ]
             for args in steps:
@@ -266,8 +381,10 @@ def _service_section(console: Console, gdir: Path) -> int:
             from virtkit.service.cgroups import remove_parent
 
             remove_parent(f"virtkit-demo-{os.getpid()}")  # the demo made it; the service keeps it
-    console.print("heavy and light share CPU 0 at 3:1 weights; capped is held to 20% of a CPU; each VM runs in "
-                  "its own jailed VMM process (docs/SECURITY.md).")
+    console.print(
+        "heavy and light share CPU 0 at 3:1 weights; capped is held to 20% of a CPU; each VM runs in "
+        "its own jailed VMM process (docs/SECURITY.md)."
+    )
     return failures
 
 
@@ -282,8 +399,14 @@ def _vmm_section(console: Console, gdir: Path) -> int:
             r = vm.run(timeout=60)
         ended = r.reason.value + ("" if r.reason.value != "debug-exit" else f" ({r.exit_code})")
         style = "red" if r.crashed else "green"
-        table.add_row(step.guest, step.title, f"[{style}]{ended}[/{style}]", f"{r.stats.total_exits:,}",
-                      f"{r.stats.wall_s * 1e3:,.0f} ms", step.explain(r))
+        table.add_row(
+            step.guest,
+            step.title,
+            f"[{style}]{ended}[/{style}]",
+            f"{r.stats.total_exits:,}",
+            f"{r.stats.wall_s * 1e3:,.0f} ms",
+            step.explain(r),
+        )
         if r.reason.value in ("timeout", "error"):
             failures += 1
     console.print(table)
@@ -332,8 +455,10 @@ def _paravirt_section(console: Console, gdir: Path) -> int:
         for title, full_cmd, para_cmd, _ in plans:
             runs = [("full: emulated UART/ATA/port", "fullwork.elf", "full", full_cmd)]
             vias = ("virtio", "hcall") if not title.startswith("CPU") else ("",)
-            runs += [(f"para: {via or 'same loop'}", "parawork.elf", "para",
-                      f"{para_cmd} via={via}" if via else para_cmd) for via in vias]
+            runs += [
+                (f"para: {via or 'same loop'}", "parawork.elf", "para", f"{para_cmd} via={via}" if via else para_cmd)
+                for via in vias
+            ]
             for how, guest, mode, cmdline in runs:
                 with VM(gdir / guest, mode=mode, cmdline=cmdline, disks=[img], memory="128M") as vm:
                     r = vm.run(timeout=120)
@@ -348,6 +473,8 @@ def _paravirt_section(console: Console, gdir: Path) -> int:
                 data = _data_check(title, w, r)
                 table.add_row(title, how, f"{secs * 1e3:,.1f} ms", rate, f"{r.stats.total_exits:,}", data)
     console.print(table)
-    console.print("Paravirtualized I/O moves kilobytes per VM exit where emulated hardware needs one exit per "
-                  "byte or word; `make bench` measures the full sizes next to native.")
+    console.print(
+        "Paravirtualized I/O moves kilobytes per VM exit where emulated hardware needs one exit per "
+        "byte or word; `make bench` measures the full sizes next to native."
+    )
     return failures

@@ -19,16 +19,30 @@ from typing import Any
 from virtkit.kvm.constants import Cap
 
 _CAPS_USED = (
-    Cap.USER_MEMORY, Cap.IRQCHIP, Cap.PIT2, Cap.SET_TSS_ADDR, Cap.IMMEDIATE_EXIT, Cap.IOEVENTFD,
-    Cap.IRQFD, Cap.MP_STATE, Cap.VCPU_EVENTS, Cap.DEBUGREGS, Cap.XSAVE, Cap.XCRS, Cap.ADJUST_CLOCK,
-    Cap.GET_TSC_KHZ, Cap.READONLY_MEM, Cap.X86_DISABLE_EXITS, Cap.NESTED_STATE,
+    Cap.USER_MEMORY,
+    Cap.IRQCHIP,
+    Cap.PIT2,
+    Cap.SET_TSS_ADDR,
+    Cap.IMMEDIATE_EXIT,
+    Cap.IOEVENTFD,
+    Cap.IRQFD,
+    Cap.MP_STATE,
+    Cap.VCPU_EVENTS,
+    Cap.DEBUGREGS,
+    Cap.XSAVE,
+    Cap.XCRS,
+    Cap.ADJUST_CLOCK,
+    Cap.GET_TSC_KHZ,
+    Cap.READONLY_MEM,
+    Cap.X86_DISABLE_EXITS,
+    Cap.NESTED_STATE,
 )
 
 FLAVOR_MEANING = {
     "vmx": "hardware virtualization (Intel VT-x): guest kernel and user code run natively",
     "svm": "hardware virtualization (AMD-V): guest kernel and user code run natively",
     "pvm": "PVM, no hardware virtualization: guest CPL3 code runs natively, guest CPL0 code is "
-           "emulated instruction by instruction (~1000x slower); unmodified Linux cannot boot",
+    "emulated instruction by instruction (~1000x slower); unmodified Linux cannot boot",
     "unknown": "KVM vendor module not recognised",
 }
 
@@ -108,11 +122,15 @@ def print_report(as_json: bool = False) -> int:
         return 0 if info["kvm_usable"] else 1
     ok = "ok" if info["kvm_usable"] else "NOT USABLE"
     print(f"virtkit doctor: {info['host']} (Linux {info['kernel']}, {info['cpu_count']} CPUs, {info['cpu_model']})")
-    print(f"  /dev/kvm        {ok}" + (f": {info['kvm_error']}" if "kvm_error" in info else
-                                      f" (API {info['api_version']})"))
+    print(
+        f"  /dev/kvm        {ok}"
+        + (f": {info['kvm_error']}" if "kvm_error" in info else f" (API {info['api_version']})")
+    )
     print(f"  KVM flavor      {info['kvm_flavor']}: {info['meaning']}")
-    print(f"  CPU virt flag   {info['cpu_virt_flag'] or 'none (no vmx/svm in /proc/cpuinfo)'}"
-          + ("; this host is itself a guest of another hypervisor" if info["running_under_hypervisor"] else ""))
+    print(
+        f"  CPU virt flag   {info['cpu_virt_flag'] or 'none (no vmx/svm in /proc/cpuinfo)'}"
+        + ("; this host is itself a guest of another hypervisor" if info["running_under_hypervisor"] else "")
+    )
     if info["kvm_usable"]:
         caps = info["capabilities"]
         have = ", ".join(k for k, v in caps.items() if v)
@@ -127,8 +145,10 @@ def print_report(as_json: bool = False) -> int:
 
 def _advice(flavor: str) -> str:
     if flavor == "pvm":
-        return ("do real work at CPL3 (virtkit's guests do); keep CPL0 paths short; expect KVM internal "
-                "errors for instructions the emulator lacks (virtkit reports them with a disassembly)")
+        return (
+            "do real work at CPL3 (virtkit's guests do); keep CPL0 paths short; expect KVM internal "
+            "errors for instructions the emulator lacks (virtkit reports them with a disassembly)"
+        )
     if flavor in ("vmx", "svm"):
         return "any x86-64 guest runs at native speed, kernel code included"
     return "unknown KVM flavor: run the test suite to see what works"

@@ -142,24 +142,24 @@ class GuestMemory:
         r, off = self._locate(gpa, length)
         if self.host_dirty is not None:
             self._mark(gpa, length)
-        return r.view[off:off + length]
+        return r.view[off : off + length]
 
     def read_view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy, read-only view of guest RAM, which does not count as a host write (unlike
         :meth:`view`): what a migration source reads to send must not mark itself dirty."""
         r, off = self._locate(gpa, length)
-        return r.view[off:off + length].toreadonly()
+        return r.view[off : off + length].toreadonly()
 
     def read(self, gpa: int, length: int) -> bytes:
         r, off = self._locate(gpa, length)
-        return bytes(r.view[off:off + length])
+        return bytes(r.view[off : off + length])
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         r, off = self._locate(gpa, length)
         if self.host_dirty is not None:
             self._mark(gpa, length)
-        r.view[off:off + length] = data
+        r.view[off : off + length] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         r, off = self._locate(gpa, length)
@@ -196,4 +196,3 @@ class GuestMemory:
         if self.host_dirty is not None:
             self._mark(gpa, 8)
         _U64.pack_into(r.view, off, value & 0xFFFF_FFFF_FFFF_FFFF)
-

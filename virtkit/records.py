@@ -76,8 +76,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
-              object_hook: Callable[[dict[str, Any]], Any] | None = None) -> Any:
+def load_json(
+    data: bytes | bytearray | str,
+    *,
+    what: str,
+    max_bytes: int,
+    max_depth: int = MAX_DEPTH,
+    object_hook: Callable[[dict[str, Any]], Any] | None = None,
+) -> Any:
     """Decode ``data`` (from ``what``: "the exit report of vm1", "HELO from 10.0.0.2:4711"...) as
     JSON. Raises :class:`UntrustedInput` if it is larger than ``max_bytes``, nested deeper than
     ``max_depth``, not UTF-8 or not JSON (``object_hook`` as json.loads; a ValueError it raises is
@@ -88,8 +94,9 @@ def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_d
     if _too_deep(raw, max_depth):
         raise UntrustedInput(f"{what} is nested more than {max_depth} levels deep")
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
-                          object_hook=object_hook)
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float, object_hook=object_hook
+        )
     except UnicodeDecodeError:
         raise UntrustedInput(f"{what} is not UTF-8") from None
     except RecursionError:  # cannot happen after the depth check; kept as a second wall
@@ -98,8 +105,14 @@ def load_json(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_d
         raise UntrustedInput(f"{what} is not valid JSON: {e}") from None
 
 
-def load_object(data: bytes | bytearray | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
-                object_hook: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+def load_object(
+    data: bytes | bytearray | str,
+    *,
+    what: str,
+    max_bytes: int,
+    max_depth: int = MAX_DEPTH,
+    object_hook: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
     """:func:`load_json`, and the value must be a JSON object."""
     value = load_json(data, what=what, max_bytes=max_bytes, max_depth=max_depth, object_hook=object_hook)
     if not isinstance(value, dict):
@@ -146,8 +159,13 @@ Count = Annotated[int, Bounds(lo=0)]
 
 
 def _meta(bounds: Bounds) -> dict[str, Any]:
-    return {"lo": bounds.lo, "hi": bounds.hi, "max_len": bounds.max_len, "min_len": bounds.min_len,
-            "pattern": re.compile(bounds.pattern) if bounds.pattern else None}
+    return {
+        "lo": bounds.lo,
+        "hi": bounds.hi,
+        "max_len": bounds.max_len,
+        "min_len": bounds.min_len,
+        "pattern": re.compile(bounds.pattern) if bounds.pattern else None,
+    }
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -176,8 +194,9 @@ def _record(cls: type, value: object, path: str, unknown: str) -> object:
         extra = sorted(k for k in value if k not in fields)
         if extra:
             names = ", ".join(repr(str(k)[:40]) for k in extra[:5])
-            raise UntrustedInput(f"{path} has unknown field{'s' if len(extra) > 1 else ''} {names} "
-                                 f"(known: {', '.join(fields)})")
+            raise UntrustedInput(
+                f"{path} has unknown field{'s' if len(extra) > 1 else ''} {names} (known: {', '.join(fields)})"
+            )
     hints = _hints(cls)
     kwargs: dict[str, object] = {}
     for name, f in fields.items():
@@ -290,6 +309,7 @@ def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str)
 
 def to_json(record: object) -> dict[str, Any]:
     """A record back as a JSON-ready dict (enums by value, tuples as lists)."""
+
     def conv(v: object) -> object:
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -300,4 +320,5 @@ def to_json(record: object) -> dict[str, Any]:
         if isinstance(v, dict):
             return {k: conv(x) for k, x in v.items()}
         return v
+
     return typing.cast(dict[str, Any], conv(record))

@@ -10,9 +10,20 @@ from virtkit.kvm.constants import ExitReason
 from virtkit.vcpu import VcpuStats
 
 KNOWN_PORTS = {
-    0x3F8: "uart0", 0x3F9: "uart0", 0x3FA: "uart0", 0x3FB: "uart0", 0x3FC: "uart0", 0x3FD: "uart0",
-    0x3FE: "uart0", 0x3FF: "uart0", 0xF4: "debug-exit", 0x60: "i8042", 0x64: "i8042", 0x70: "rtc",
-    0x71: "rtc", 0x80: "post",
+    0x3F8: "uart0",
+    0x3F9: "uart0",
+    0x3FA: "uart0",
+    0x3FB: "uart0",
+    0x3FC: "uart0",
+    0x3FD: "uart0",
+    0x3FE: "uart0",
+    0x3FF: "uart0",
+    0xF4: "debug-exit",
+    0x60: "i8042",
+    0x64: "i8042",
+    0x70: "rtc",
+    0x71: "rtc",
+    0x80: "post",
 }
 
 
@@ -43,11 +54,19 @@ class RunStats:
             return {f"{a:#x}:{rw}": n for (a, rw), n in sorted(d.items())}
 
         return {
-            "wall_s": self.wall_s, "guest_s": self.guest_s, "vmm_s": self.vmm_s,
-            "exits": dict(self.exits), "total_exits": self.total_exits,
-            "exits_per_second": self.exits_per_second, "pio": keyed(self.pio), "mmio": keyed(self.mmio),
-            "unknown_pio": keyed(self.unknown_pio), "unknown_mmio": keyed(self.unknown_mmio),
-            "kicks": self.kicks, "tsc_khz": self.tsc_khz, "first_output_s": self.first_output_s,
+            "wall_s": self.wall_s,
+            "guest_s": self.guest_s,
+            "vmm_s": self.vmm_s,
+            "exits": dict(self.exits),
+            "total_exits": self.total_exits,
+            "exits_per_second": self.exits_per_second,
+            "pio": keyed(self.pio),
+            "mmio": keyed(self.mmio),
+            "unknown_pio": keyed(self.unknown_pio),
+            "unknown_mmio": keyed(self.unknown_mmio),
+            "kicks": self.kicks,
+            "tsc_khz": self.tsc_khz,
+            "first_output_s": self.first_output_s,
         }
 
 
@@ -55,8 +74,12 @@ def _rw(is_write: bool) -> str:
     return "write" if is_write else "read"
 
 
-def merge(per_vcpu: list[VcpuStats], unknown_pio: dict[tuple[int, bool], int],
-          unknown_mmio: dict[tuple[int, bool], int], wall_ns: int) -> RunStats:
+def merge(
+    per_vcpu: list[VcpuStats],
+    unknown_pio: dict[tuple[int, bool], int],
+    unknown_mmio: dict[tuple[int, bool], int],
+    wall_ns: int,
+) -> RunStats:
     out = RunStats(wall_s=wall_ns / 1e9)
     for st in per_vcpu:
         out.guest_s += st.guest_ns / 1e9
@@ -87,8 +110,7 @@ def format_table(stats: RunStats, top: int = 10) -> str:
         lines.append(f"  {name:<18}{n:>12,}{(100.0 * n / total if total else 0):>8.1f}%")
     lines.append(f"  {'total':<18}{total:>12,}")
 
-    def section(title: str, data: dict[tuple[int, str], int], unknown: dict[tuple[int, str], int],
-                port: bool) -> None:
+    def section(title: str, data: dict[tuple[int, str], int], unknown: dict[tuple[int, str], int], port: bool) -> None:
         if not data:
             return
         lines.append("")
@@ -110,10 +132,13 @@ def format_table(stats: RunStats, top: int = 10) -> str:
     unknown = sum(stats.unknown_pio.values()) + sum(stats.unknown_mmio.values())
     lines.append("")
     lines.append("Time")
-    lines.append(f"  wall {stats.wall_s * 1e3:,.1f} ms; in KVM_RUN (guest, summed over vCPUs) "
-                 f"{stats.guest_s * 1e3:,.1f} ms; "
-                 f"in the VMM handling exits {stats.vmm_s * 1e3:,.1f} ms")
+    lines.append(
+        f"  wall {stats.wall_s * 1e3:,.1f} ms; in KVM_RUN (guest, summed over vCPUs) "
+        f"{stats.guest_s * 1e3:,.1f} ms; "
+        f"in the VMM handling exits {stats.vmm_s * 1e3:,.1f} ms"
+    )
     per_exit = (stats.vmm_s / total * 1e6) if total else 0.0
-    lines.append(f"  {stats.exits_per_second:,.0f} exits/s; VMM time per exit {per_exit:.2f} us; "
-                 f"unknown accesses {unknown:,}")
+    lines.append(
+        f"  {stats.exits_per_second:,.0f} exits/s; VMM time per exit {per_exit:.2f} us; unknown accesses {unknown:,}"
+    )
     return "\n".join(lines)

@@ -10,23 +10,22 @@ import enum
 
 
 class StopReason(enum.Enum):
-    DEBUG_EXIT = "debug-exit"          # the guest wrote the isa-debug-exit port
-    RESET = "reset"                    # i8042 reset line or a KVM reset event
-    POWER_OFF = "power-off"            # a KVM shutdown system event
-    HALTED = "halted"                  # every vCPU halted with interrupts disabled
+    DEBUG_EXIT = "debug-exit"  # the guest wrote the isa-debug-exit port
+    RESET = "reset"  # i8042 reset line or a KVM reset event
+    POWER_OFF = "power-off"  # a KVM shutdown system event
+    HALTED = "halted"  # every vCPU halted with interrupts disabled
     TRIPLE_FAULT = "triple-fault"
     INTERNAL_ERROR = "internal-error"  # KVM could not emulate an instruction (common on PVM)
     FAIL_ENTRY = "fail-entry"
     UNKNOWN_ACCESS = "unknown-access"  # strict mode: an access to a port/address nobody owns
     TIMEOUT = "timeout"
-    STOPPED = "stopped"                # the host asked (Ctrl-C, SIGTERM, Machine.stop)
-    OUTPUT_CLOSED = "output-closed"    # the reader of the serial output went away (`| head`)
-    ERROR = "error"                    # the VMM failed (a device raised, an ioctl failed)
+    STOPPED = "stopped"  # the host asked (Ctrl-C, SIGTERM, Machine.stop)
+    OUTPUT_CLOSED = "output-closed"  # the reader of the serial output went away (`| head`)
+    ERROR = "error"  # the VMM failed (a device raised, an ioctl failed)
 
     @property
     def is_crash(self) -> bool:
-        return self in (StopReason.TRIPLE_FAULT, StopReason.INTERNAL_ERROR, StopReason.FAIL_ENTRY,
-                        StopReason.ERROR)
+        return self in (StopReason.TRIPLE_FAULT, StopReason.INTERNAL_ERROR, StopReason.FAIL_ENTRY, StopReason.ERROR)
 
 
 class Stop:
@@ -34,8 +33,9 @@ class Stop:
 
     __slots__ = ("reason", "exit_status", "detail", "vcpu")
 
-    def __init__(self, reason: StopReason, exit_status: int | None = None, detail: str = "",
-                 vcpu: int | None = None) -> None:
+    def __init__(
+        self, reason: StopReason, exit_status: int | None = None, detail: str = "", vcpu: int | None = None
+    ) -> None:
         self.reason = reason
         self.exit_status = exit_status  # debug-exit: (value << 1) | 1; power-off hypercall: its status
         self.detail, self.vcpu = detail, vcpu

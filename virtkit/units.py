@@ -18,8 +18,9 @@ def parse_size(text: str | int, *, what: str = "size", default_unit: str = "") -
         return text
     m = _SIZE.match(text)
     if not m:
-        raise ConfigError(f"{what} {text!r} is not a size: use a number with an optional unit K, M, G "
-                          "or T (e.g. 64M, 1G)")
+        raise ConfigError(
+            f"{what} {text!r} is not a size: use a number with an optional unit K, M, G or T (e.g. 64M, 1G)"
+        )
     number, unit = int(m.group(1)), (m.group(2) or default_unit).upper()
     value = number * _FACTORS[unit]
     if value <= 0:

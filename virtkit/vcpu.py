@@ -60,8 +60,10 @@ def install_kick_handler() -> None:
         if _kick_installed:
             return
         if threading.current_thread() is not threading.main_thread():
-            raise KvmError("create the first virtkit machine from the main thread (virtkit installs a "
-                           "signal handler there to stop vCPUs)")
+            raise KvmError(
+                "create the first virtkit machine from the main thread (virtkit installs a "
+                "signal handler there to stop vCPUs)"
+            )
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
         _kick_installed = True
 
@@ -211,14 +213,15 @@ class Vcpu:
                     pio_counts[key] = pio_counts.get(key, 0) + count
                     if count == 1:
                         if is_write:
-                            pio_write(port, size, int.from_bytes(page[off:off + size], "little"))
+                            pio_write(port, size, int.from_bytes(page[off : off + size], "little"))
                         else:
-                            page[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                            page[off : off + size] = pio_read(port, size).to_bytes(size, "little")
                     else:  # rep ins/outs: KVM batches up to a page of elements in one exit
                         end = off + count * size
                         if end > len(page):
-                            raise KvmError(f"KVM reported string I/O of {count} x {size} bytes, "
-                                           "more than the kvm_run page holds")
+                            raise KvmError(
+                                f"KVM reported string I/O of {count} x {size} bytes, more than the kvm_run page holds"
+                            )
                         if is_write:
                             pio_write_string(port, size, page[off:end])
                         else:
@@ -237,15 +240,14 @@ class Vcpu:
                         mmio_write(addr, length, int.from_bytes(data[:length], "little"))
                     else:
                         value = mmio_read(addr, length)
-                        page[mmio_data:mmio_data + length] = value.to_bytes(length, "little")
+                        page[mmio_data : mmio_data + length] = value.to_bytes(length, "little")
                 else:
                     if reason < _NREASONS:
                         exits[reason] += 1
                     if not self._slow_exit(reason):
                         break
             except UnknownAccess as e:
-                m.request_stop(Stop(StopReason.UNKNOWN_ACCESS, vcpu=self.id,
-                                    detail=f"{e} (--strict)"))
+                m.request_stop(Stop(StopReason.UNKNOWN_ACCESS, vcpu=self.id, detail=f"{e} (--strict)"))
                 break
             st.vmm_ns += clock() - t1  # kept live: the service reads it while the VM runs
 
@@ -270,10 +272,13 @@ class Vcpu:
         if reason == ExitReason.INTERNAL_ERROR:
             suberror, ndata, flags = exits_layout.INTERNAL.unpack_from(page, u)
             insn = None
-            if suberror == InternalError.EMULATION and ndata >= 2 and \
-                    flags & exits_layout.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            if (
+                suberror == InternalError.EMULATION
+                and ndata >= 2
+                and flags & exits_layout.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+            ):
                 size = min(page[u + 16], 15)
-                insn = bytes(page[u + 17:u + 17 + size])
+                insn = bytes(page[u + 17 : u + 17 + size])
             try:
                 what = InternalError(suberror).name.lower().replace("_", " ")
             except ValueError:

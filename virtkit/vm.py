@@ -59,9 +59,16 @@ class MachineConfig:
 
     __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip", "eventfds")
 
-    def __init__(self, memory: int = layout.DEFAULT_MEMORY, vcpus: int = 1, paravirt: bool = False,
-                 strict: bool = False, disks: tuple[DiskSpec, ...] = (), irqchip: bool = True,
-                 eventfds: bool = True) -> None:
+    def __init__(
+        self,
+        memory: int = layout.DEFAULT_MEMORY,
+        vcpus: int = 1,
+        paravirt: bool = False,
+        strict: bool = False,
+        disks: tuple[DiskSpec, ...] = (),
+        irqchip: bool = True,
+        eventfds: bool = True,
+    ) -> None:
         self.memory, self.vcpus, self.paravirt, self.strict, self.disks = memory, vcpus, paravirt, strict, disks
         #: use KVM's in-kernel PIC/IOAPIC/LAPIC/PIT when the host has them (False: never)
         self.irqchip = irqchip
@@ -86,12 +93,12 @@ def _host_memory() -> int:
 
 def validate_config(config: MachineConfig, kvm: Kvm) -> None:
     if config.memory < layout.MIN_MEMORY:
-        raise ConfigError(f"--memory {format_size(config.memory)} is too small: a VM needs at least "
-                          f"{format_size(layout.MIN_MEMORY)}")
+        raise ConfigError(
+            f"--memory {format_size(config.memory)} is too small: a VM needs at least {format_size(layout.MIN_MEMORY)}"
+        )
     host = _host_memory()
     if config.memory > host:
-        raise ConfigError(f"--memory {format_size(config.memory)} is more than this host has "
-                          f"({format_size(host)})")
+        raise ConfigError(f"--memory {format_size(config.memory)} is more than this host has ({format_size(host)})")
     if config.memory % layout.PAGE_SIZE:
         raise ConfigError(f"--memory must be a multiple of 4 KiB, got {config.memory} bytes")
     max_vcpus = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS) or 1
@@ -102,8 +109,14 @@ def validate_config(config: MachineConfig, kvm: Kvm) -> None:
 class Machine(VcpuHost):
     """One virtual machine. Build it, :meth:`load`, :meth:`start`, :meth:`wait`, :meth:`close`."""
 
-    def __init__(self, config: MachineConfig, serial_out: Callable[[bytes], None], *,
-                 memory_fd: int = -1, memory_shared: bool = False) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        serial_out: Callable[[bytes], None],
+        *,
+        memory_fd: int = -1,
+        memory_shared: bool = False,
+    ) -> None:
         """``memory_fd``: back guest RAM with this file (a memfd, or a snapshot's memory file),
         mapped shared or copy-on-write (``memory_shared=False``: restore and clones)."""
         install_kick_handler()
@@ -145,8 +158,10 @@ class Machine(VcpuHost):
             #: devices with state, by stable name (virtkit.devices.contract.Persistent): what
             #: snapshot and migration walk
             self.devices = self.device_manager.persistent
-            self.iothread = IoThread("vm-io", lambda e: self.request_stop(
-                Stop(StopReason.ERROR, detail=f"I/O thread: {type(e).__name__}: {e}")))
+            self.iothread = IoThread(
+                "vm-io",
+                lambda e: self.request_stop(Stop(StopReason.ERROR, detail=f"I/O thread: {type(e).__name__}: {e}")),
+            )
             undo.callback(self.iothread.stop)
             self._create_devices(serial_out)
             undo.pop_all()
@@ -167,8 +182,9 @@ class Machine(VcpuHost):
             if vm.check_extension(Cap.PIT2):
                 vm.create_pit2()
         elif self.config.vcpus > 1:
-            raise ConfigError("without an in-kernel irqchip (KVM_CAP_IRQCHIP, or irqchip disabled) a VM "
-                              "can only have one vCPU")
+            raise ConfigError(
+                "without an in-kernel irqchip (KVM_CAP_IRQCHIP, or irqchip disabled) a VM can only have one vCPU"
+            )
 
     def _create_vcpus(self) -> None:
         global _supported_cpuid
@@ -178,10 +194,17 @@ class Machine(VcpuHost):
         for i in range(n):
             fd = self.vm.create_vcpu(i)
             self.vcpus.append(Vcpu(self, fd))
-            fd.set_cpuid2(cpuid.build_cpuid(
-                _supported_cpuid, vcpu_id=i, vcpu_count=n, paravirt=self.config.paravirt,
-                paravirt_features=cpuid.PV_FEATURE_HYPERCALL | cpuid.PV_FEATURE_VIRTIO_MMIO,
-                hypercall_abi=HYPERCALL_ABI_VERSION, hypercall_port=layout.HYPERCALL_PORT))
+            fd.set_cpuid2(
+                cpuid.build_cpuid(
+                    _supported_cpuid,
+                    vcpu_id=i,
+                    vcpu_count=n,
+                    paravirt=self.config.paravirt,
+                    paravirt_features=cpuid.PV_FEATURE_HYPERCALL | cpuid.PV_FEATURE_VIRTIO_MMIO,
+                    hypercall_abi=HYPERCALL_ABI_VERSION,
+                    hypercall_port=layout.HYPERCALL_PORT,
+                )
+            )
 
     @property
     def kernel_cmdline_extra(self) -> list[str]:
@@ -196,8 +219,12 @@ class Machine(VcpuHost):
         dm = self.device_manager
         self.uart = uart.Uart16550(serial_out, self.irq_setter(uart.COM1_IRQ))
         dm.add_port_device("uart0 (16550A)", uart.COM1_BASE, uart.PORT_COUNT, self.uart, state_name="uart0")
-        dm.add_port_device("isa-debug-exit", debug_exit.DEBUG_EXIT_PORT, debug_exit.PORT_COUNT,
-                           debug_exit.DebugExit(self._on_debug_exit))
+        dm.add_port_device(
+            "isa-debug-exit",
+            debug_exit.DEBUG_EXIT_PORT,
+            debug_exit.PORT_COUNT,
+            debug_exit.DebugExit(self._on_debug_exit),
+        )
         kbc = i8042.I8042(self._on_reset)
         dm.add_port_device("i8042 data", i8042.DATA_PORT, 1, kbc)
         dm.add_port_device("i8042 command", i8042.COMMAND_PORT, 1, kbc, offset=4, state_name="i8042")
@@ -219,8 +246,9 @@ class Machine(VcpuHost):
         disk = self.disks[0] if self.disks else None
         if self.config.paravirt:
             self.hypercalls = HypercallDevice(self.memory, serial_out, disk=disk, power_off=self._on_power_off)
-            dm.add_port_device("hypercall", layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls,
-                               state_name="hypercall")
+            dm.add_port_device(
+                "hypercall", layout.HYPERCALL_PORT, layout.HYPERCALL_PORT_COUNT, self.hypercalls, state_name="hypercall"
+            )
             self._create_virtio_devices(serial_out, disk)
         elif disk is not None:
             self.ata = ata.AtaController(disk, self.irq_setter(ata.IRQ))
@@ -235,9 +263,12 @@ class Machine(VcpuHost):
         vm = self.vm
         fast = self.config.eventfds and self.irqchip
         self.device_manager.configure_virtio(
-            vm=vm, new_eventfd=self.iothread.new_eventfd, irqchip=self.irqchip,
+            vm=vm,
+            new_eventfd=self.iothread.new_eventfd,
+            irqchip=self.irqchip,
             use_ioeventfd=fast and bool(vm.check_extension(Cap.IOEVENTFD)),
-            use_irqfd=fast and bool(vm.check_extension(Cap.IRQFD)))
+            use_irqfd=fast and bool(vm.check_extension(Cap.IRQFD)),
+        )
         self.device_manager.add_virtio("virtio-console", virtio.ConsoleDevice(serial_out), self.memory)
         if disk is not None:
             self.device_manager.add_virtio("virtio-blk", virtio.BlockDevice(disk), self.memory)
@@ -251,19 +282,22 @@ class Machine(VcpuHost):
         return lambda level: vm.irq_line(line, level)
 
     def _on_debug_exit(self, value: int, status: int) -> None:
-        self.request_stop(Stop(StopReason.DEBUG_EXIT, exit_status=status,
-                               detail=f"guest wrote {value:#x} to the debug-exit port"))
+        self.request_stop(
+            Stop(StopReason.DEBUG_EXIT, exit_status=status, detail=f"guest wrote {value:#x} to the debug-exit port")
+        )
 
     def _on_power_off(self, status: int) -> None:
-        self.request_stop(Stop(StopReason.POWER_OFF, exit_status=status,
-                               detail=f"guest powered off with status {status} (hypercall)"))
+        self.request_stop(
+            Stop(StopReason.POWER_OFF, exit_status=status, detail=f"guest powered off with status {status} (hypercall)")
+        )
 
     def _on_reset(self) -> None:
         self.request_stop(Stop(StopReason.RESET, detail="guest pulsed the i8042 reset line"))
 
     # --- boot --------------------------------------------------------------------------------------
-    def load(self, kernel: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None,
-             protocol: str = "auto") -> x86.EntryState:
+    def load(
+        self, kernel: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None, protocol: str = "auto"
+    ) -> x86.EntryState:
         cmdline = " ".join([cmdline, *self.kernel_cmdline_extra]).strip()
         entry = load_kernel(self.memory, kernel, cmdline=cmdline, modules=modules, protocol=protocol)
         boot = self.vcpus[0].fd
@@ -464,4 +498,3 @@ class Machine(VcpuHost):
             return self.vcpus[0].fd.get_tsc_khz() if self.vcpus else 0
         except KvmError:
             return 0
-

@@ -32,25 +32,56 @@ class Run:
     stderr: str
 
 
-def qemu_cmd(qemu: str, kernel: Path, append: str = "", *, smp: int = 1, machine: str = "microvm",
-             accel: str = "kvm", extra: tuple[str, ...] = ()) -> list[str]:
-    return [qemu, "-accel", accel, "-M", machine, "-smp", str(smp), "-m", "128M", "-no-reboot",
-            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", *DEBUG_EXIT,
-            *extra, "-kernel", str(kernel), "-append", append]
+def qemu_cmd(
+    qemu: str,
+    kernel: Path,
+    append: str = "",
+    *,
+    smp: int = 1,
+    machine: str = "microvm",
+    accel: str = "kvm",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    return [
+        qemu,
+        "-accel",
+        accel,
+        "-M",
+        machine,
+        "-smp",
+        str(smp),
+        "-m",
+        "128M",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        *DEBUG_EXIT,
+        *extra,
+        "-kernel",
+        str(kernel),
+        "-append",
+        append,
+    ]
 
 
 def boot(qemu: str, kernel: Path, append: str = "", *, timeout: float = 10.0, **kw: Any) -> Run:
     """Boot and wait for QEMU to exit."""
-    p = subprocess.run(qemu_cmd(qemu, kernel, append, **kw), capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        qemu_cmd(qemu, kernel, append, **kw), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     return Run(p.returncode, p.stdout.replace("\r\n", "\n"), p.stderr)
 
 
-def boot_and_watch(qemu: str, kernel: Path, append: str = "", *, until: str, hold: float = 0.3,
-                   timeout: float = 10.0, **kw: Any) -> Run:
+def boot_and_watch(
+    qemu: str, kernel: Path, append: str = "", *, until: str, hold: float = 0.3, timeout: float = 10.0, **kw: Any
+) -> Run:
     """Boot, wait until ``until`` appears on stdout or stderr, watch ``hold`` more seconds, kill."""
-    p = subprocess.Popen(qemu_cmd(qemu, kernel, append, **kw), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        qemu_cmd(qemu, kernel, append, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
     assert p.stdout is not None and p.stderr is not None
     fd_out, fd_err = p.stdout.fileno(), p.stderr.fileno()
     out = {fd_out: bytearray(), fd_err: bytearray()}
@@ -85,6 +116,7 @@ def status(value: int) -> int:
 
 
 # --- hello ---------------------------------------------------------------------------------------
+
 
 def test_hello_prints_and_exits_0(qemu: str, guests: Path) -> None:
     r = boot(qemu, guests / "hello.elf", "greeting=yes")
@@ -121,8 +153,17 @@ def test_trapcost_reports_every_phase(qemu: str, guests: Path) -> None:
     r = boot(qemu, guests / "trapcost.elf", "n=300 loop=100000 pages=64 ticks=10")
     assert r.status == status(0), r
     got = {(phase, int(cpl)): (int(n), int(tsc)) for phase, cpl, n, tsc in PHASE.findall(r.stdout)}
-    assert set(got) == {("pio", 3), ("pio", 0), ("mmio", 3), ("mmio", 0), ("cpu", 3), ("cpu", 0),
-                        ("pages", 3), ("kcall", 3), ("timer", 0)}, r.stdout
+    assert set(got) == {
+        ("pio", 3),
+        ("pio", 0),
+        ("mmio", 3),
+        ("mmio", 0),
+        ("cpu", 3),
+        ("cpu", 0),
+        ("pages", 3),
+        ("kcall", 3),
+        ("timer", 0),
+    }, r.stdout
     assert got["pio", 3][0] == 300 and got["pio", 0][0] == 3
     assert got["cpu", 3][0] == 100000 and got["cpu", 0][0] == 100
     assert got["pages", 3][0] == 64 and got["timer", 0][0] == 10
@@ -140,6 +181,7 @@ def test_trapcost_phase_selection(qemu: str, guests: Path) -> None:
 
 # --- smp -----------------------------------------------------------------------------------------
 
+
 def test_smp_pingpong_on_two_vcpus(qemu: str, guests: Path) -> None:
     r = boot(qemu, guests / "smp.elf", "rounds=20000", smp=2, timeout=20)
     assert r.status == status(0), r
@@ -156,6 +198,7 @@ def test_smp_reports_a_missing_ap(qemu: str, guests: Path) -> None:
 
 
 # --- failure cases -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cpl", [0, 3])
 def test_triplefault_shuts_down(qemu: str, guests: Path, cpl: int) -> None:

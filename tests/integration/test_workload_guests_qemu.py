@@ -33,6 +33,7 @@ RESULT = re.compile(r"^work=(\w+) mode=(full|para)((?: \w+=\S+)*)(?: (ok|MISMATC
 
 # --- the guests' data, recomputed ----------------------------------------------------------------
 
+
 def sector_pattern(s: int) -> bytes:
     """Sector s as both guests write it (guests/lib/work.h): an LCG keyed by the sector number."""
     x = ((s + 1) * 0x9E3779B97F4A7C15) & MASK
@@ -68,10 +69,11 @@ def check_disk_image(image: Path, first: int, count: int) -> None:
         f.seek(first * 512)
         data = f.read(count * 512)
     for i in range(count):
-        assert data[i * 512:(i + 1) * 512] == sector_pattern(first + i), f"sector {first + i} on the image"
+        assert data[i * 512 : (i + 1) * 512] == sector_pattern(first + i), f"sector {first + i} on the image"
 
 
 # --- running QEMU --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Run:
@@ -97,12 +99,24 @@ def status(value: int) -> int:
 
 
 def qemu_base(qemu: str) -> list[str]:
-    return [qemu, "-accel", "kvm", "-M", "microvm", "-m", "128M", "-no-reboot", "-nodefaults",
-            "-no-user-config", "-nographic", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    return [
+        qemu,
+        "-accel",
+        "kvm",
+        "-M",
+        "microvm",
+        "-m",
+        "128M",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
 
 
-def boot(qemu: str, kernel: Path, append: str, devices: tuple[str, ...] = (), *,
-         timeout: float = 30.0) -> Run:
+def boot(qemu: str, kernel: Path, append: str, devices: tuple[str, ...] = (), *, timeout: float = 30.0) -> Run:
     cmd = [*qemu_base(qemu), "-serial", "stdio", *devices, "-kernel", str(kernel), "-append", append]
     p = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     stdout = p.stdout.decode(errors="replace").replace("\r\n", "\n")
@@ -111,8 +125,14 @@ def boot(qemu: str, kernel: Path, append: str, devices: tuple[str, ...] = (), *,
 
 def ide_disk(image: Path) -> tuple[str, ...]:
     """An ATA disk as the master of an ISA IDE channel at 0x1F0/0x3F6, IRQ 14."""
-    return ("-device", "isa-ide,id=ide0", "-drive", f"id=hd,file={image},format=raw,if=none",
-            "-device", "ide-hd,drive=hd,bus=ide0.0")
+    return (
+        "-device",
+        "isa-ide,id=ide0",
+        "-drive",
+        f"id=hd,file={image},format=raw,if=none",
+        "-device",
+        "ide-hd,drive=hd,bus=ide0.0",
+    )
 
 
 def virtio_blk(image: Path) -> tuple[str, ...]:
@@ -120,8 +140,14 @@ def virtio_blk(image: Path) -> tuple[str, ...]:
 
 
 def virtio_console(out: Path) -> tuple[str, ...]:
-    return ("-device", "virtio-serial-device", "-chardev", f"file,id=vc,path={out}",
-            "-device", "virtconsole,chardev=vc")
+    return (
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"file,id=vc,path={out}",
+        "-device",
+        "virtconsole,chardev=vc",
+    )
 
 
 @cache
@@ -171,8 +197,11 @@ def sparse_image(path: Path, size: int) -> Path:
 
 # --- cpuid ---------------------------------------------------------------------------------------
 
-CPUID_LINE = re.compile(r"^cpuid hypervisor_bit=([01]) leaf40000000=(\S+) max=(0x[0-9a-f]+|0) "
-                        r"features=(0x[0-9a-f]+|0)$", re.M)
+CPUID_LINE = re.compile(
+    r"^cpuid hypervisor_bit=([01]) leaf40000000=(\S+) max=(0x[0-9a-f]+|0) "
+    r"features=(0x[0-9a-f]+|0)$",
+    re.M,
+)
 
 
 def test_cpuid_sees_qemus_kvm_leaves(qemu: str, work_guests: Path) -> None:
@@ -192,6 +221,7 @@ def test_cpuid_says_none_without_hypervisor_leaves(qemu: str, work_guests: Path)
 
 
 # --- fullwork: ATA PIO, UART, port 0x80, CPU loop ------------------------------------------------
+
 
 def test_fullwork_disk_roundtrip_over_ata_pio(qemu: str, work_guests: Path, tmp_path: Path) -> None:
     image = sparse_image(tmp_path / "disk.img", 1 << 20)
@@ -253,15 +283,21 @@ def test_fullwork_without_work_says_how(qemu: str, work_guests: Path) -> None:
 
 # --- parawork: virtio-blk and virtio-console on virtio-mmio v2 -----------------------------------
 
+
 @pytest.mark.parametrize("params", ["sectors=2048", "sectors=300 req=64 seg=4096", "sectors=17 req=5 seg=512"])
 def test_parawork_virtio_blk_roundtrip(qemu: str, work_guests: Path, tmp_path: Path, params: str) -> None:
     image = sparse_image(tmp_path / "disk.img", 2 << 20)
     count = int(re.search(r"sectors=(\d+)", params)[1])  # type: ignore[index]
-    r = boot(qemu, work_guests / "parawork.elf", f"work=disk lba=1 {params} {virtio_words(qemu, 1)}",
-             (*VIRTIO_BASE_ARGS, *virtio_blk(image)))
+    r = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=disk lba=1 {params} {virtio_words(qemu, 1)}",
+        (*VIRTIO_BASE_ARGS, *virtio_blk(image)),
+    )
     assert r.status == status(0), r
-    assert re.search(r"^parawork: virtio-mmio 0x[0-9a-f]+ irq \d+: block \(device id 2\) version 2$",
-                     r.stdout, re.M), r.stdout
+    assert re.search(r"^parawork: virtio-mmio 0x[0-9a-f]+ irq \d+: block \(device id 2\) version 2$", r.stdout, re.M), (
+        r.stdout
+    )
     disk = r.results()["disk"]
     want = f"{disk_checksum(1, count):016x}"
     assert disk["via"] == "virtio" and disk["bytes"] == str(count * 512), disk
@@ -274,8 +310,12 @@ def test_parawork_virtio_console(qemu: str, work_guests: Path, tmp_path: Path, p
     # seg=512: 391 buffers, more than the 256 a queue holds: two batches of notifications
     out = tmp_path / "console.out"
     n = int(re.search(r"bytes=(\d+)", params)[1])  # type: ignore[index]
-    r = boot(qemu, work_guests / "parawork.elf", f"work=console {params} {virtio_words(qemu, 1)}",
-             (*VIRTIO_BASE_ARGS, *virtio_console(out)))
+    r = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=console {params} {virtio_words(qemu, 1)}",
+        (*VIRTIO_BASE_ARGS, *virtio_console(out)),
+    )
     assert r.status == status(0), r
     con = r.results()["console"]
     assert con["via"] == "virtio" and con["bytes"] == str(n), con
@@ -287,9 +327,12 @@ def test_parawork_virtio_console(qemu: str, work_guests: Path, tmp_path: Path, p
 def test_parawork_finds_devices_by_id_in_any_order(qemu: str, work_guests: Path, tmp_path: Path) -> None:
     # blk plugged first, console second; the command line names the console first
     image, out = sparse_image(tmp_path / "disk.img", 1 << 20), tmp_path / "console.out"
-    r = boot(qemu, work_guests / "parawork.elf",
-             f"work=console,disk,null,cpu bytes=640 sectors=64 n=50 loop=1000 {virtio_words(qemu, 2, order=(1, 0))}",
-             (*VIRTIO_BASE_ARGS, *virtio_blk(image), *virtio_console(out)))
+    r = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=console,disk,null,cpu bytes=640 sectors=64 n=50 loop=1000 {virtio_words(qemu, 2, order=(1, 0))}",
+        (*VIRTIO_BASE_ARGS, *virtio_blk(image), *virtio_console(out)),
+    )
     res = r.results()
     # null defaults to hypercalls, which QEMU does not have: that one fails, the rest must not
     assert r.status == status(1), r
@@ -301,8 +344,12 @@ def test_parawork_finds_devices_by_id_in_any_order(qemu: str, work_guests: Path,
 
 
 def test_parawork_null_via_virtio_kicks(qemu: str, work_guests: Path, tmp_path: Path) -> None:
-    r = boot(qemu, work_guests / "parawork.elf", f"work=null via=virtio n=200 {virtio_words(qemu, 1)}",
-             (*VIRTIO_BASE_ARGS, *virtio_console(tmp_path / "console.out")))
+    r = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=null via=virtio n=200 {virtio_words(qemu, 1)}",
+        (*VIRTIO_BASE_ARGS, *virtio_console(tmp_path / "console.out")),
+    )
     assert r.status == status(0), r
     null = r.results()["null"]
     assert null["via"] == "virtio" and null["n"] == "200" and int(null["tsc"]) > 0
@@ -322,12 +369,15 @@ def test_parawork_virtio_errors(qemu: str, work_guests: Path, tmp_path: Path) ->
     assert r.status == status(1) and r.results()["disk"]["error"] == "no-device", r
     assert "no virtio-mmio device at 0xd0000000" in r.stdout
     # QEMU's default virtio-mmio transport is the legacy version 1, which the driver refuses
-    r = boot(qemu, work_guests / "parawork.elf", f"work=disk sectors=8 {virtio_words(qemu, 1)}",
-             virtio_blk(image))
+    r = boot(qemu, work_guests / "parawork.elf", f"work=disk sectors=8 {virtio_words(qemu, 1)}", virtio_blk(image))
     assert r.status == status(1) and r.results()["disk"]["error"] == "legacy-device", r
     # a disk too small for the request
-    r = boot(qemu, work_guests / "parawork.elf", f"work=disk sectors=4096 {virtio_words(qemu, 1)}",
-             (*VIRTIO_BASE_ARGS, *virtio_blk(image)))
+    r = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=disk sectors=4096 {virtio_words(qemu, 1)}",
+        (*VIRTIO_BASE_ARGS, *virtio_blk(image)),
+    )
     assert r.status == status(1) and r.results()["disk"]["error"] == "disk-too-small", r
 
 
@@ -335,8 +385,12 @@ def test_full_and_para_write_the_same_data(qemu: str, work_guests: Path, tmp_pat
     full_img = sparse_image(tmp_path / "full.img", 1 << 20)
     para_img = sparse_image(tmp_path / "para.img", 1 << 20)
     full = boot(qemu, work_guests / "fullwork.elf", "work=disk sectors=32", ide_disk(full_img))
-    para = boot(qemu, work_guests / "parawork.elf", f"work=disk sectors=32 {virtio_words(qemu, 1)}",
-                (*VIRTIO_BASE_ARGS, *virtio_blk(para_img)))
+    para = boot(
+        qemu,
+        work_guests / "parawork.elf",
+        f"work=disk sectors=32 {virtio_words(qemu, 1)}",
+        (*VIRTIO_BASE_ARGS, *virtio_blk(para_img)),
+    )
     assert full.status == para.status == status(0), (full, para)
     assert full.results()["disk"]["wsum"] == para.results()["disk"]["wsum"]
     assert full_img.read_bytes() == para_img.read_bytes()

@@ -16,8 +16,13 @@ def leaf(function: int, **regs: int) -> S.kvm_cpuid_entry2:
     return e
 
 
-HOST = [leaf(0, eax=0xD), leaf(1, ebx=0x00_02_08_00, ecx=P.ECX_HYPERVISOR | 0x1234, edx=0x100),
-        leaf(0xB, edx=7), leaf(0x4000_0000, eax=0x4000_0001, ebx=0x4B4D564B), leaf(0x4000_0001, eax=0xFF)]
+HOST = [
+    leaf(0, eax=0xD),
+    leaf(1, ebx=0x00_02_08_00, ecx=P.ECX_HYPERVISOR | 0x1234, edx=0x100),
+    leaf(0xB, edx=7),
+    leaf(0x4000_0000, eax=0x4000_0001, ebx=0x4B4D564B),
+    leaf(0x4000_0001, eax=0xFF),
+]
 
 
 def by_function(entries: list[S.kvm_cpuid_entry2]) -> dict[int, S.kvm_cpuid_entry2]:
@@ -32,8 +37,11 @@ def test_full_virtualization_hides_the_hypervisor() -> None:
 
 
 def test_paravirt_announces_virtkit() -> None:
-    out = by_function(P.build_cpuid(HOST, vcpu_id=0, vcpu_count=1, paravirt=True,
-                                    paravirt_features=3, hypercall_abi=1, hypercall_port=0xC40))
+    out = by_function(
+        P.build_cpuid(
+            HOST, vcpu_id=0, vcpu_count=1, paravirt=True, paravirt_features=3, hypercall_abi=1, hypercall_port=0xC40
+        )
+    )
     assert out[1].ecx & P.ECX_HYPERVISOR
     sig = b"".join(getattr(out[0x4000_0000], r).to_bytes(4, "little") for r in ("ebx", "ecx", "edx"))
     assert sig == P.VIRTKIT_SIGNATURE

@@ -33,16 +33,19 @@ def test_view_is_zero_copy(mem: GuestMemory) -> None:
     assert mem.read(0x3000, 4) == b"abcd"
 
 
-@pytest.mark.parametrize("gpa,length", [
-    (4 * MiB, 1),              # just past the first region
-    (4 * MiB - 2, 4),          # straddles the end of a region
-    (6 * MiB, 1),              # in the hole between regions
-    (9 * MiB, 1),              # past the end of RAM
-    (-1, 1),                   # negative address
-    (0, -1),                   # negative length
-    (0x1000, 1 << 64),         # absurd length
-    ((1 << 64) - 1, 2),        # address arithmetic that would wrap in C
-])
+@pytest.mark.parametrize(
+    "gpa,length",
+    [
+        (4 * MiB, 1),  # just past the first region
+        (4 * MiB - 2, 4),  # straddles the end of a region
+        (6 * MiB, 1),  # in the hole between regions
+        (9 * MiB, 1),  # past the end of RAM
+        (-1, 1),  # negative address
+        (0, -1),  # negative length
+        (0x1000, 1 << 64),  # absurd length
+        ((1 << 64) - 1, 2),  # address arithmetic that would wrap in C
+    ],
+)
 def test_out_of_bounds_is_refused(mem: GuestMemory, gpa: int, length: int) -> None:
     with pytest.raises(GuestMemoryError):
         mem.read(gpa, length)
@@ -73,8 +76,7 @@ def test_unaligned_region_is_refused() -> None:
 def test_ram_ranges_split_around_the_mmio_hole() -> None:
     assert layout.ram_ranges(64 * MiB) == [(0, 64 * MiB)]
     big = 4 << 30
-    assert layout.ram_ranges(big) == [(0, layout.MMIO_HOLE_START),
-                                      (layout.MMIO_HOLE_END, big - layout.MMIO_HOLE_START)]
+    assert layout.ram_ranges(big) == [(0, layout.MMIO_HOLE_START), (layout.MMIO_HOLE_END, big - layout.MMIO_HOLE_START)]
 
 
 def test_host_writes_are_tracked_for_migration(mem: GuestMemory) -> None:

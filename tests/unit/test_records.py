@@ -41,31 +41,46 @@ class Outer:
 
 
 def test_a_valid_object_becomes_a_record() -> None:
-    rec = parse(Outer, {"name": "vm", "count": 3, "ratio": 2, "on": True, "color": "blue", "mode": "para",
-                        "regions": [{"gpa": 0, "size": 4096}], "tags": {"a": 1}}, what="def")
+    rec = parse(
+        Outer,
+        {
+            "name": "vm",
+            "count": 3,
+            "ratio": 2,
+            "on": True,
+            "color": "blue",
+            "mode": "para",
+            "regions": [{"gpa": 0, "size": 4096}],
+            "tags": {"a": 1},
+        },
+        what="def",
+    )
     assert rec == Outer("vm", 3, 2.0, True, Color.BLUE, "para", None, (Inner(0, 4096),), {"a": 1}, None)
     assert to_json(rec)["color"] == "blue"
     assert to_json(rec)["regions"] == [{"gpa": 0, "size": 4096}]
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ({"count": 1}, "def.name is missing"),
-    ({"name": "vm", "count": 1, "evil": 1}, "unknown field 'evil'"),
-    ({"name": "vm", "count": True}, "def.count must be an integer, not a boolean"),
-    ({"name": "vm", "count": 11}, "def.count is 11, more than 10"),
-    ({"name": "vm", "count": -1}, "less than 0"),
-    ({"name": "toolongname", "count": 1}, "def.name is longer than 8"),
-    ({"name": "VM", "count": 1}, "does not match"),
-    ({"name": "vm", "count": 1, "color": "green"}, "def.color must be one of"),
-    ({"name": "vm", "count": 1, "mode": "other"}, "def.mode must be one of"),
-    ({"name": "vm", "count": 1, "regions": [{"gpa": -1, "size": 1}]}, "def.regions[0].gpa is -1"),
-    ({"name": "vm", "count": 1, "regions": {}}, "def.regions must be an array"),
-    ({"name": "vm", "count": 1, "tags": {"a": "x"}}, "def.tags.a must be an integer"),
-    ({"name": "vm", "count": 1, "pair": [4, "x"]}, "def.pair[0] is 4, more than 3"),
-    ({"name": "vm", "count": 1, "pair": [1]}, "def.pair must have 2 elements"),
-    ([1, 2], "def must be an object, not a array"),
-    ("text", "def must be an object"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"count": 1}, "def.name is missing"),
+        ({"name": "vm", "count": 1, "evil": 1}, "unknown field 'evil'"),
+        ({"name": "vm", "count": True}, "def.count must be an integer, not a boolean"),
+        ({"name": "vm", "count": 11}, "def.count is 11, more than 10"),
+        ({"name": "vm", "count": -1}, "less than 0"),
+        ({"name": "toolongname", "count": 1}, "def.name is longer than 8"),
+        ({"name": "VM", "count": 1}, "does not match"),
+        ({"name": "vm", "count": 1, "color": "green"}, "def.color must be one of"),
+        ({"name": "vm", "count": 1, "mode": "other"}, "def.mode must be one of"),
+        ({"name": "vm", "count": 1, "regions": [{"gpa": -1, "size": 1}]}, "def.regions[0].gpa is -1"),
+        ({"name": "vm", "count": 1, "regions": {}}, "def.regions must be an array"),
+        ({"name": "vm", "count": 1, "tags": {"a": "x"}}, "def.tags.a must be an integer"),
+        ({"name": "vm", "count": 1, "pair": [4, "x"]}, "def.pair[0] is 4, more than 3"),
+        ({"name": "vm", "count": 1, "pair": [1]}, "def.pair must have 2 elements"),
+        ([1, 2], "def must be an object, not a array"),
+        ("text", "def must be an object"),
+    ],
+)
 def test_what_does_not_fit_is_refused_with_the_field_named(value: object, message: str) -> None:
     with pytest.raises(UntrustedInput, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         parse(Outer, value, what="def")
@@ -88,16 +103,19 @@ def test_nesting_within_the_limit_and_brackets_in_strings_pass() -> None:
     assert load_object(text, what="x", max_bytes=1 << 20)["s"].startswith("[[[[")
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"x" * 101, "is 101 bytes, more than the 100 allowed"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b"{", "not valid JSON"),
-    (b"NaN", "not valid JSON"),
-    (b"[Infinity]", "not valid JSON"),
-    (b"1" * 5000, "not valid JSON"),  # more digits than int() converts
-    (b"1e999", "not valid JSON"),  # overflows to inf: Infinity by another spelling
-    (b"[-1e400]", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"x" * 101, "is 101 bytes, more than the 100 allowed"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"{", "not valid JSON"),
+        (b"NaN", "not valid JSON"),
+        (b"[Infinity]", "not valid JSON"),
+        (b"1" * 5000, "not valid JSON"),  # more digits than int() converts
+        (b"1e999", "not valid JSON"),  # overflows to inf: Infinity by another spelling
+        (b"[-1e400]", "not valid JSON"),
+    ],
+)
 def test_malformed_input_is_one_line(data: bytes, message: str) -> None:
     with pytest.raises(UntrustedInput, match=message) as e:
         load_json(data, what="reply", max_bytes=100 if len(data) > 100 and message.startswith("is") else 10_000)
@@ -109,7 +127,7 @@ def test_an_object_is_required_where_asked() -> None:
         load_object(b"[]", what="report", max_bytes=10)
 
 
-@pytest.mark.parametrize("big", [10 ** 400, -(10 ** 400)], ids=["positive", "negative"])
+@pytest.mark.parametrize("big", [10**400, -(10**400)], ids=["positive", "negative"])
 def test_an_integer_beyond_float_range_in_a_float_field_is_refused(big: int) -> None:
     # valid JSON (400 digits is under int()'s limit), and float() of it raised OverflowError
     with pytest.raises(UntrustedInput, match="fuzz.ratio"):
@@ -122,10 +140,18 @@ def test_any_bytes_give_a_value_or_untrusted_input(data: bytes) -> None:
         load_json(data, what="fuzz", max_bytes=200)
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.integers(-(10 ** 400), 10 ** 400)
-                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.integers(-(10**400), 10**400)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3),
+        max_leaves=20,
+    )
+)
 def test_any_json_value_gives_a_record_or_untrusted_input(value: object) -> None:
     with contextlib.suppress(UntrustedInput):
         parse(Outer, value, what="fuzz")

@@ -42,8 +42,14 @@ def _copy(e: S.kvm_cpuid_entry2) -> S.kvm_cpuid_entry2:
 
 
 def build_cpuid(
-    supported: list[S.kvm_cpuid_entry2], *, vcpu_id: int, vcpu_count: int, paravirt: bool,
-    paravirt_features: int = 0, hypercall_abi: int = 0, hypercall_port: int = 0,
+    supported: list[S.kvm_cpuid_entry2],
+    *,
+    vcpu_id: int,
+    vcpu_count: int,
+    paravirt: bool,
+    paravirt_features: int = 0,
+    hypercall_abi: int = 0,
+    hypercall_port: int = 0,
 ) -> list[S.kvm_cpuid_entry2]:
     entries: list[S.kvm_cpuid_entry2] = []
     for src in supported:

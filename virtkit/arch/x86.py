@@ -38,18 +38,21 @@ def gdt_entry(flags: int, base: int, limit: int) -> int:
     """Encode a code/data segment descriptor. ``flags`` holds the access byte in bits 0-7 and
     the G/DB/L/AVL nibble in bits 12-15 (SDM vol. 3A figure 3-8)."""
     return (
-        ((base & 0xFF000000) << 32) | ((flags & 0xF0FF) << 40) | ((limit & 0xF0000) << 32)
-        | ((base & 0x00FFFFFF) << 16) | (limit & 0x0000FFFF)
+        ((base & 0xFF000000) << 32)
+        | ((flags & 0xF0FF) << 40)
+        | ((limit & 0xF0000) << 32)
+        | ((base & 0x00FFFFFF) << 16)
+        | (limit & 0x0000FFFF)
     )
 
 
 #: The boot GDT (selectors in layout.GDT_*). Access 0x9B = present, DPL0, code, execute/read, accessed;
 #: 0x93 = present, DPL0, data, read/write, accessed. 0xA0__ = G + L (64-bit code); 0xC0__ = G + DB.
 BOOT_GDT: Final = (
-    0,                                    # 0x00 null
-    gdt_entry(0xA09B, 0, 0xFFFFF),        # 0x08 64-bit code
-    gdt_entry(0xC093, 0, 0xFFFFF),        # 0x10 data (flat 4 GiB)
-    gdt_entry(0xC09B, 0, 0xFFFFF),        # 0x18 32-bit code (flat 4 GiB)
+    0,  # 0x00 null
+    gdt_entry(0xA09B, 0, 0xFFFFF),  # 0x08 64-bit code
+    gdt_entry(0xC093, 0, 0xFFFFF),  # 0x10 data (flat 4 GiB)
+    gdt_entry(0xC09B, 0, 0xFFFFF),  # 0x18 32-bit code (flat 4 GiB)
 )
 
 
@@ -81,12 +84,10 @@ def identity_page_tables() -> list[tuple[int, bytes]]:
     Returned as (guest-physical address, bytes) pairs to write into guest memory.
     """
     pml4 = struct.pack("<Q", layout.PDPT_ADDR | PTE_PRESENT | PTE_WRITE).ljust(4096, b"\0")
-    pdpt = b"".join(
-        struct.pack("<Q", (layout.PD_ADDR + i * 4096) | PTE_PRESENT | PTE_WRITE) for i in range(4)
-    ).ljust(4096, b"\0")
-    pds = struct.pack(
-        "<2048Q", *(((i << 21) | PTE_PRESENT | PTE_WRITE | PTE_PS) for i in range(2048))
+    pdpt = b"".join(struct.pack("<Q", (layout.PD_ADDR + i * 4096) | PTE_PRESENT | PTE_WRITE) for i in range(4)).ljust(
+        4096, b"\0"
     )
+    pds = struct.pack("<2048Q", *(((i << 21) | PTE_PRESENT | PTE_WRITE | PTE_PS) for i in range(2048)))
     return [(layout.PML4_ADDR, pml4), (layout.PDPT_ADDR, pdpt), (layout.PD_ADDR, pds)]
 
 
@@ -95,8 +96,7 @@ class EntryState:
 
     __slots__ = ("mode", "rip", "rax", "rbx", "rsp")
 
-    def __init__(self, mode: str, rip: int, rax: int = MULTIBOOT_BOOTLOADER_MAGIC, rbx: int = 0,
-                 rsp: int = 0) -> None:
+    def __init__(self, mode: str, rip: int, rax: int = MULTIBOOT_BOOTLOADER_MAGIC, rbx: int = 0, rsp: int = 0) -> None:
         self.mode = mode  # "protected32" (Multiboot) or "long64" (direct 64-bit entry)
         self.rip, self.rax, self.rbx, self.rsp = rip, rax, rbx, rsp
 

@@ -54,19 +54,22 @@ def parse_elf(data: bytes, name: str) -> ElfImage:
         raise BootError(f"{name} is a big-endian ELF file: x86 kernels are little-endian")
     if cls == ELFCLASS32:
         (e_type, e_machine, _v, e_entry, e_phoff, _sh, _fl, _ehs, e_phentsize, e_phnum) = struct.unpack_from(
-            "<HHIIIIIHHH", data, 16)
+            "<HHIIIIIHHH", data, 16
+        )
         ph_fmt, bits = "<IIIIIIII", 32
     elif cls == ELFCLASS64:
         if len(data) < 64:
             raise BootError(f"{name} is truncated: too short for an ELF64 header")
         (e_type, e_machine, _v, e_entry, e_phoff, _sh, _fl, _ehs, e_phentsize, e_phnum) = struct.unpack_from(
-            "<HHIQQQIHHH", data, 16)
+            "<HHIQQQIHHH", data, 16
+        )
         ph_fmt, bits = "<IIQQQQQQ", 64
     else:
         raise BootError(f"{name} has an unknown ELF class {cls}")
     if e_type != ET_EXEC:
-        raise BootError(f"{name} is not an executable ELF file (e_type {e_type}): link it with -static "
-                        "and without -pie")
+        raise BootError(
+            f"{name} is not an executable ELF file (e_type {e_type}): link it with -static and without -pie"
+        )
     if e_machine not in (EM_386, EM_X86_64):
         raise BootError(f"{name} is not an x86 kernel (ELF machine {e_machine})")
     ph_size = struct.calcsize(ph_fmt)

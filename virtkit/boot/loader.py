@@ -37,8 +37,7 @@ def read_image(path: str, what: str, limit: int) -> bytes:
         if os.path.isdir(path):
             raise BootError(f"{what} {path} is a directory, not a file")
         if size > limit:
-            raise BootError(f"{what} {path} is {size} bytes, larger than guest memory: give the VM "
-                            "more --memory")
+            raise BootError(f"{what} {path} is {size} bytes, larger than guest memory: give the VM more --memory")
         with open(path, "rb") as f:
             # st_size says nothing for a character device (/dev/zero reads without end): read at
             # most one byte past the limit, whatever the file claims
@@ -60,12 +59,16 @@ def read_image(path: str, what: str, limit: int) -> bytes:
 
 def _check_range(mem: GuestMemory, start: int, size: int, what: str) -> None:
     if start < layout.LOADER_RESERVED_END:
-        raise BootError(f"{what} at {start:#x} overlaps virtkit's boot structures "
-                        f"(0x0-{layout.LOADER_RESERVED_END - 1:#x}); link it at or above "
-                        f"{layout.KERNEL_MIN_ADDR:#x}")
+        raise BootError(
+            f"{what} at {start:#x} overlaps virtkit's boot structures "
+            f"(0x0-{layout.LOADER_RESERVED_END - 1:#x}); link it at or above "
+            f"{layout.KERNEL_MIN_ADDR:#x}"
+        )
     if not mem.contains(start, size):
-        raise BootError(f"{what} at {start:#x}-{start + size - 1:#x} does not fit in guest memory "
-                        f"({mem.size >> 20} MiB): give the VM more --memory or link it lower")
+        raise BootError(
+            f"{what} at {start:#x}-{start + size - 1:#x} does not fit in guest memory "
+            f"({mem.size >> 20} MiB): give the VM more --memory or link it lower"
+        )
 
 
 def _load_elf(mem: GuestMemory, data: bytes, elf: ElfImage, name: str) -> int:
@@ -73,7 +76,7 @@ def _load_elf(mem: GuestMemory, data: bytes, elf: ElfImage, name: str) -> int:
     top = 0
     for i, seg in enumerate(elf.segments):
         _check_range(mem, seg.paddr, seg.memsz, f"{name} segment {i}")
-        mem.write(seg.paddr, data[seg.offset:seg.offset + seg.filesz])
+        mem.write(seg.paddr, data[seg.offset : seg.offset + seg.filesz])
         if seg.memsz > seg.filesz:  # .bss; fresh guest RAM is zero, but a reload may not be
             mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
         top = max(top, seg.paddr + seg.memsz)
@@ -104,7 +107,7 @@ def _load_aout_kludge(mem: GuestMemory, data: bytes, hdr: multiboot.MultibootHea
         raise BootError(f"{name}: Multiboot load range extends past the end of the file")
     end = max(hdr.bss_end_addr, hdr.load_addr + length)
     _check_range(mem, hdr.load_addr, end - hdr.load_addr, name)
-    mem.write(hdr.load_addr, data[file_off:file_off + length])
+    mem.write(hdr.load_addr, data[file_off : file_off + length])
     if end > hdr.load_addr + length:
         mem.fill(hdr.load_addr + length, end - hdr.load_addr - length)
     if not hdr.load_addr <= hdr.entry_addr < end:
@@ -112,8 +115,9 @@ def _load_aout_kludge(mem: GuestMemory, data: bytes, hdr: multiboot.MultibootHea
     return hdr.entry_addr, end
 
 
-def load_kernel(mem: GuestMemory, path: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None,
-                protocol: str = "auto") -> x86.EntryState:
+def load_kernel(
+    mem: GuestMemory, path: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None, protocol: str = "auto"
+) -> x86.EntryState:
     if protocol not in PROTOCOLS:
         raise BootError(f"unknown boot protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     name = os.path.basename(path)
@@ -125,16 +129,21 @@ def load_kernel(mem: GuestMemory, path: str, *, cmdline: str = "", modules: list
         elif is_elf(data) and data[4] == 2:
             protocol = "direct64"
         elif is_elf(data):
-            raise BootError(f"{name} is an ELF32 file without a Multiboot header: virtkit boots Multiboot "
-                            "kernels, or ELF64 kernels with --boot direct64")
+            raise BootError(
+                f"{name} is an ELF32 file without a Multiboot header: virtkit boots Multiboot "
+                "kernels, or ELF64 kernels with --boot direct64"
+            )
         else:
-            raise BootError(f"{name} is not an ELF file and has no Multiboot header: give a Multiboot "
-                            "kernel or an ELF64 kernel")
+            raise BootError(
+                f"{name} is not an ELF file and has no Multiboot header: give a Multiboot kernel or an ELF64 kernel"
+            )
 
     if protocol == "multiboot":
         if header is None:
-            raise BootError(f"{name} has no Multiboot header in its first 8 KiB: add one, or boot an "
-                            "ELF64 kernel with --boot direct64")
+            raise BootError(
+                f"{name} has no Multiboot header in its first 8 KiB: add one, or boot an "
+                "ELF64 kernel with --boot direct64"
+            )
         multiboot.check_required_flags(header, name)
         if header.has_address_fields:
             entry, top = _load_aout_kludge(mem, data, header, name)
@@ -144,8 +153,9 @@ def load_kernel(mem: GuestMemory, path: str, *, cmdline: str = "", modules: list
             entry = elf.entry
             _entry_inside(elf, entry, name)
             if entry >= 1 << 32:
-                raise BootError(f"{name}: Multiboot entry point {entry:#x} is above 4 GiB; Multiboot "
-                                "enters in 32-bit mode")
+                raise BootError(
+                    f"{name}: Multiboot entry point {entry:#x} is above 4 GiB; Multiboot enters in 32-bit mode"
+                )
     else:
         elf = parse_elf(data, name)
         if elf.bits != 64:
@@ -154,8 +164,10 @@ def load_kernel(mem: GuestMemory, path: str, *, cmdline: str = "", modules: list
         entry = elf.entry
         _entry_inside(elf, entry, name)
         if entry >= layout.IDENTITY_MAP_BYTES:
-            raise BootError(f"{name}: entry point {entry:#x} is outside the identity map (first 4 GiB) "
-                            "that the direct 64-bit entry sets up")
+            raise BootError(
+                f"{name}: entry point {entry:#x} is outside the identity map (first 4 GiB) "
+                "that the direct 64-bit entry sets up"
+            )
 
     loaded = _load_modules(mem, modules or [], top)
     mbi = multiboot.build_mbi(layout.ram_ranges(mem.size), cmdline, loaded)
@@ -178,8 +190,10 @@ def _load_modules(mem: GuestMemory, specs: list[ModuleSpec], top: int) -> list[m
         if addr + len(data) > 1 << 32:
             # the MBI's mod_start/mod_end are 32-bit (§3.3); a kernel with a segment above the MMIO
             # hole puts its modules there, and packing the MBI raised struct.error
-            raise BootError(f"module {spec.path} would be loaded at {addr:#x}, above 4 GiB, where Multiboot "
-                            "cannot describe it: link the kernel below 4 GiB")
+            raise BootError(
+                f"module {spec.path} would be loaded at {addr:#x}, above 4 GiB, where Multiboot "
+                "cannot describe it: link the kernel below 4 GiB"
+            )
         _check_range(mem, addr, len(data), f"module {spec.path}")
         mem.write(addr, data)
         loaded.append(multiboot.Module(addr, addr + len(data), spec.string or spec.path))

@@ -43,8 +43,16 @@ class MultibootHeader:
 
     __slots__ = ("offset", "flags", "header_addr", "load_addr", "load_end_addr", "bss_end_addr", "entry_addr")
 
-    def __init__(self, offset: int, flags: int, header_addr: int = 0, load_addr: int = 0, load_end_addr: int = 0,
-                 bss_end_addr: int = 0, entry_addr: int = 0) -> None:
+    def __init__(
+        self,
+        offset: int,
+        flags: int,
+        header_addr: int = 0,
+        load_addr: int = 0,
+        load_end_addr: int = 0,
+        bss_end_addr: int = 0,
+        entry_addr: int = 0,
+    ) -> None:
         self.offset, self.flags = offset, flags
         self.header_addr, self.load_addr, self.load_end_addr = header_addr, load_addr, load_end_addr
         self.bss_end_addr, self.entry_addr = bss_end_addr, entry_addr
@@ -95,10 +103,10 @@ def memory_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         end = base + size
         if base == 0:
             entries.append((0, layout.LOADER_RESERVED_END, MMAP_RESERVED))
-            entries.append((layout.LOADER_RESERVED_END,
-                            layout.LOW_MEMORY_END - layout.LOADER_RESERVED_END, MMAP_AVAILABLE))
-            entries.append((layout.LOW_MEMORY_END, layout.LEGACY_HOLE_END - layout.LOW_MEMORY_END,
-                            MMAP_RESERVED))
+            entries.append(
+                (layout.LOADER_RESERVED_END, layout.LOW_MEMORY_END - layout.LOADER_RESERVED_END, MMAP_AVAILABLE)
+            )
+            entries.append((layout.LOW_MEMORY_END, layout.LEGACY_HOLE_END - layout.LOW_MEMORY_END, MMAP_RESERVED))
             if end > layout.LEGACY_HOLE_END:
                 entries.append((layout.LEGACY_HOLE_END, end - layout.LEGACY_HOLE_END, MMAP_AVAILABLE))
         else:
@@ -129,11 +137,14 @@ def build_mbi(ram: list[tuple[int, int]], cmdline: str, modules: list[Module]) -
     mem_lower = layout.LOW_MEMORY_END >> 10
     mem_upper = max(low_ram - layout.LEGACY_HOLE_END, 0) >> 10
     flags = MBI_MEM | MBI_CMDLINE | MBI_MMAP | MBI_LOADER_NAME | (MBI_MODS if modules else 0)
-    struct.pack_into("<IIIIIII", blob, 0, flags, mem_lower, mem_upper, 0xFFFFFFFF, cmdline_addr,
-                     len(modules), mods_addr)
+    struct.pack_into(
+        "<IIIIIII", blob, 0, flags, mem_lower, mem_upper, 0xFFFFFFFF, cmdline_addr, len(modules), mods_addr
+    )
     struct.pack_into("<II", blob, 44, len(mmap), mmap_addr)
     struct.pack_into("<I", blob, 64, name_addr)
     if layout.MBI_ADDR + len(blob) > layout.MBI_LIMIT:
-        raise BootError("the command line and module strings are too long for the boot information area "
-                        f"({layout.MBI_LIMIT - layout.MBI_ADDR} bytes)")
+        raise BootError(
+            "the command line and module strings are too long for the boot information area "
+            f"({layout.MBI_LIMIT - layout.MBI_ADDR} bytes)"
+        )
     return bytes(blob)

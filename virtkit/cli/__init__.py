@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trailing: list[str] = []
     if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
         cut = argv.index("--")
-        argv, trailing = argv[:cut], argv[cut + 1:]
+        argv, trailing = argv[:cut], argv[cut + 1 :]
     fast = _FAST_COMMANDS.get(argv[0]) if argv and not ({"-h", "--help"} & set(argv[:1])) else None
     parser = build_parser(fast)
     args = parser.parse_args(argv)

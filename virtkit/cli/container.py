@@ -41,8 +41,11 @@ def _logged(handler: Handler) -> Handler:
                 import datetime
 
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat()  # noqa: UP017
-                line = (json.dumps({"level": "error", "msg": str(err), "time": now})
-                        if getattr(args, "log_format", "text") == "json" else f"{now} error: {err}")
+                line = (
+                    json.dumps({"level": "error", "msg": str(err), "time": now})
+                    if getattr(args, "log_format", "text") == "json"
+                    else f"{now} error: {err}"
+                )
                 try:
                     with open(args.log, "a") as f:
                         f.write(line + "\n")
@@ -87,11 +90,19 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p.add_argument("id")
     p.add_argument("--bundle", "-b", default=".", help="bundle directory with config.json (default .)")
     p.add_argument("--pid-file", default=None, help="write the container's init pid here")
-    p.add_argument("--console-socket", default=None, metavar="SOCKET",
-                   help="with process.terminal: a unix socket to send the terminal's master side to")
+    p.add_argument(
+        "--console-socket",
+        default=None,
+        metavar="SOCKET",
+        help="with process.terminal: a unix socket to send the terminal's master side to",
+    )
     p.add_argument("--capture", action="store_true", help="keep the container's output for 'virtkit logs'")
-    p.add_argument("--net", choices=("none", "bridge"), default="none",
-                   help="bridge: a veth pair on the virtkit0 bridge, with an address (default: loopback only)")
+    p.add_argument(
+        "--net",
+        choices=("none", "bridge"),
+        default="none",
+        help="bridge: a veth pair on the virtkit0 bridge, with an address (default: loopback only)",
+    )
     p.add_argument("--no-pivot", action="store_true", help=argparse.SUPPRESS)
 
     if with_run:
@@ -101,8 +112,12 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
         p.add_argument("--pid-file", default=None)
         p.add_argument("--detach", "-d", action="store_true", help="do not wait (output goes to 'virtkit logs')")
         p.add_argument("--rm", action="store_true", help="delete the container when it exits")
-        p.add_argument("--console-socket", default=None, metavar="SOCKET",
-                       help="with process.terminal and --detach: where to send the terminal")
+        p.add_argument(
+            "--console-socket",
+            default=None,
+            metavar="SOCKET",
+            help="with process.terminal and --detach: where to send the terminal",
+        )
         p.add_argument("--net", choices=("none", "bridge"), default="none")
 
     p = cmd("start", cmd_start, "start a created container (runs its process)")
@@ -190,8 +205,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     oci_only = program and _command_word(sys.argv[1:]) == "oci"
     if not oci_only:
         _register_top_level(sub)
-    oci = sub.add_parser("oci", help="the OCI runtime CLI (runc-compatible verbs, including run)",
-                         description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.")
+    oci = sub.add_parser(
+        "oci",
+        help="the OCI runtime CLI (runc-compatible verbs, including run)",
+        description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.",
+    )
     _global_flags(oci)
     oci_sub = oci.add_subparsers(dest="oci_command", metavar="VERB")
     # the verbs under 'oci' are only built when the command line uses them
@@ -244,16 +262,31 @@ def _register_top_level(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def cmd_create(args: argparse.Namespace) -> int:
     _seal()
-    _runtime(args).create(args.id, args.bundle, pid_file=args.pid_file, capture=args.capture,
-                          net=None if args.net == "none" else args.net, console_socket=args.console_socket)
+    _runtime(args).create(
+        args.id,
+        args.bundle,
+        pid_file=args.pid_file,
+        capture=args.capture,
+        net=None if args.net == "none" else args.net,
+        console_socket=args.console_socket,
+    )
     return 0
 
 
 def cmd_oci_run(args: argparse.Namespace) -> int:
     _seal()
     extra = {"console_socket": args.console_socket} if args.console_socket else {}
-    return int(_runtime(args).run(args.id, args.bundle, detach=args.detach, remove=args.rm, pid_file=args.pid_file,
-                                  net=None if args.net == "none" else args.net, **extra))
+    return int(
+        _runtime(args).run(
+            args.id,
+            args.bundle,
+            detach=args.detach,
+            remove=args.rm,
+            pid_file=args.pid_file,
+            net=None if args.net == "none" else args.net,
+            **extra,
+        )
+    )
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -295,23 +328,21 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
         try:
             with open(args.process, "rb") as f:
-                base = load_object(f.read(MAX_CONFIG_BYTES + 1), what=f"process file {args.process}",
-                                   max_bytes=MAX_CONFIG_BYTES)
+                base = load_object(
+                    f.read(MAX_CONFIG_BYTES + 1), what=f"process file {args.process}", max_bytes=MAX_CONFIG_BYTES
+                )
         except OSError as err:
             raise ConfigError(f"cannot read process file {args.process}: {err.strerror}") from None
         except UntrustedInput as err:
             raise ConfigError(str(err)) from None
-    process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base,
-                              tty=args.tty)
+    process = rt.exec_process(args.id, command, env=args.env, cwd=args.cwd, user=args.user, base=base, tty=args.tty)
     _seal()
-    return int(rt.exec(args.id, process, detach=args.detach, pid_file=args.pid_file,
-                       preserve_fds=args.preserve_fds))
+    return int(rt.exec(args.id, process, detach=args.detach, pid_file=args.pid_file, preserve_fds=args.preserve_fds))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -348,8 +379,16 @@ def cmd_ps(args: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - a table row must not fail the listing
                 mem = ""
         rows.append([st["id"], "container", st["status"], str(st["pid"] or ""), mem, st["created"][:19]])
-        out.append({"id": st["id"], "kind": "container", "status": st["status"], "pid": st["pid"],
-                    "memory": mem, "created": st["created"]})
+        out.append(
+            {
+                "id": st["id"],
+                "kind": "container",
+                "status": st["status"],
+                "pid": st["pid"],
+                "memory": mem,
+                "created": st["created"],
+            }
+        )
     from virtkit.service.client import ps_entries  # VMs run by virtkitd, when it is running
 
     for e in ps_entries():
@@ -419,13 +458,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     pids = st.get("pids", {})
     limit = mem.get("limit", -1)
     rows = [
-        ["memory", format_size(mem.get("usage", 0)), "max " + format_size(mem.get("max", 0)),
-         "limit " + (format_size(limit) if limit and limit > 0 else "none")],
+        [
+            "memory",
+            format_size(mem.get("usage", 0)),
+            "max " + format_size(mem.get("max", 0)),
+            "limit " + (format_size(limit) if limit and limit > 0 else "none"),
+        ],
         ["oom kills", str(st.get("memory", {}).get("oomKills", 0)), "", ""],
-        ["cpu", f"{cpu.get('usage', {}).get('total', 0) / 1e9:.3f} s",
-         f"throttled {cpu.get('throttling', {}).get('throttledPeriods', 0)} periods", ""],
-        ["pids", str(pids.get("current", 0)), "", "limit " + (str(pids["limit"]) if pids.get("limit", -1) >= 0
-                                                              else "none")],
+        [
+            "cpu",
+            f"{cpu.get('usage', {}).get('total', 0) / 1e9:.3f} s",
+            f"throttled {cpu.get('throttling', {}).get('throttledPeriods', 0)} periods",
+            "",
+        ],
+        [
+            "pids",
+            str(pids.get("current", 0)),
+            "",
+            "limit " + (str(pids["limit"]) if pids.get("limit", -1) >= 0 else "none"),
+        ],
     ]
     print(_table(rows, ["RESOURCE", "USAGE", "", "LIMIT"]))
     return 0
@@ -434,8 +485,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_images(args: argparse.Namespace) -> int:
     from virtkit.container.image import list_images
 
-    rows = [[m.get("name", "?"), (m.get("digest") or "built-in")[:19], m.get("source", "")]
-            for m in list_images(args.store)]
+    rows = [
+        [m.get("name", "?"), (m.get("digest") or "built-in")[:19], m.get("source", "")] for m in list_images(args.store)
+    ]
     print(_table(rows, ["NAME", "DIGEST", "SOURCE"]))
     return 0
 
@@ -500,5 +552,15 @@ def cmd_run_container(args: argparse.Namespace) -> int:
     raw["root"]["path"] = os.path.join(cdir, "rootfs")
     config = parse_config(raw)
     overlay = {"lower": lower, "upper": os.path.join(cdir, "upper"), "work": os.path.join(cdir, "work")}
-    return int(rt.run(cid, cdir, config=config, rootfs=raw["root"]["path"], raw_config=raw, overlay=overlay,
-                      remove=True, annotations={"org.virtkit.image": args.target}))
+    return int(
+        rt.run(
+            cid,
+            cdir,
+            config=config,
+            rootfs=raw["root"]["path"],
+            raw_config=raw,
+            overlay=overlay,
+            remove=True,
+            annotations={"org.virtkit.image": args.target},
+        )
+    )

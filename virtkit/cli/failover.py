@@ -44,19 +44,32 @@ def parse_duration(text: str, what: str) -> float:
 def _add_runtime_options(p: argparse.ArgumentParser, *, serial: bool = True) -> None:
     """What every foreground VM command takes, whether it boots, restores or receives the VM."""
     if serial:
-        p.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",
-                       help="where the UART's output goes (default stdout)")
-        p.add_argument("--timeout", type=float, default=None, metavar="S",
-                       help="stop the guest after S seconds (exit status 124)")
+        p.add_argument(
+            "--serial",
+            default="stdout",
+            metavar="stdout|FILE|none",
+            help="where the UART's output goes (default stdout)",
+        )
+        p.add_argument(
+            "--timeout", type=float, default=None, metavar="S", help="stop the guest after S seconds (exit status 124)"
+        )
         p.add_argument("--stats", action="store_true", help="print VM exit statistics at the end")
     _add_failover_options(p)
 
 
 def _add_failover_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--control", default=None, metavar="PATH",
-                   help="serve a control socket at PATH (JSON lines): snapshot, migrate, pause, resume, stop")
-    p.add_argument("--checkpoint-every", default=None, metavar="DURATION",
-                   help="snapshot the running VM every DURATION (e.g. 5s) into --checkpoint-dir")
+    p.add_argument(
+        "--control",
+        default=None,
+        metavar="PATH",
+        help="serve a control socket at PATH (JSON lines): snapshot, migrate, pause, resume, stop",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        default=None,
+        metavar="DURATION",
+        help="snapshot the running VM every DURATION (e.g. 5s) into --checkpoint-dir",
+    )
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="where checkpoints go")
     p.add_argument("--exit-report", default=None, help=argparse.SUPPRESS)  # the supervisor's channel
 
@@ -65,18 +78,24 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     """The failover options of ``virtkit run`` (virtkit.cli.vm calls this on its parser, so they
     exist even when only that module's commands are registered)."""
     _add_failover_options(run)
-    run.add_argument("--restart", default="no", choices=("no", "on-failure"),
-                     help="on-failure: supervise the VMM and, if it dies, resume the VM from its last "
-                          "checkpoint (with --checkpoint-every, default 5s)")
-    run.add_argument("--restart-limit", type=int, default=5, metavar="N",
-                     help="give up after N restarts (default 5)")
+    run.add_argument(
+        "--restart",
+        default="no",
+        choices=("no", "on-failure"),
+        help="on-failure: supervise the VMM and, if it dies, resume the VM from its last "
+        "checkpoint (with --checkpoint-every, default 5s)",
+    )
+    run.add_argument("--restart-limit", type=int, default=5, metavar="N", help="give up after N restarts (default 5)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
-    p = sub.add_parser("snapshot", help="snapshot a running VM through its control socket",
-                       description="Pause the VM served at --control, write its snapshot (state file and "
-                                   "memory file) into DIR, and resume it.")
+    p = sub.add_parser(
+        "snapshot",
+        help="snapshot a running VM through its control socket",
+        description="Pause the VM served at --control, write its snapshot (state file and "
+        "memory file) into DIR, and resume it.",
+    )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--control", required=True, metavar="PATH", help="the VM's control socket (virtkit run --control)")
     p.add_argument("--leave-paused", action="store_true", help="do not resume the VM afterwards")
@@ -88,86 +107,142 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("dir", metavar="DIR")
     p.set_defaults(handler=cmd_snapshot_info)
 
-    p = sub.add_parser("restore", help="resume a VM from a snapshot directory, in the foreground",
-                       description="Resume the VM saved in DIR where it was. Guest memory maps the snapshot's "
-                                   "memory file copy-on-write: the file is never modified, so DIR can be "
-                                   "restored again, or cloned.")
+    p = sub.add_parser(
+        "restore",
+        help="resume a VM from a snapshot directory, in the foreground",
+        description="Resume the VM saved in DIR where it was. Guest memory maps the snapshot's "
+        "memory file copy-on-write: the file is never modified, so DIR can be "
+        "restored again, or cloned.",
+    )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--verify", action="store_true", help="read the whole memory file and check its checksums first")
     _add_runtime_options(p)
     p.set_defaults(handler=cmd_restore)
 
-    p = sub.add_parser("clone", help="resume N VMs from one snapshot, sharing its memory copy-on-write",
-                       description="Each clone gets its own serial, its own copy-on-write overlay of every "
-                                   "writable disk (reflink, else a sparse copy) and an identity: name clone-I and "
-                                   "a 16-byte id, which the guest reads from CMOS bytes 0x40-0x4F (index: 0x50-0x51).")
+    p = sub.add_parser(
+        "clone",
+        help="resume N VMs from one snapshot, sharing its memory copy-on-write",
+        description="Each clone gets its own serial, its own copy-on-write overlay of every "
+        "writable disk (reflink, else a sparse copy) and an identity: name clone-I and "
+        "a 16-byte id, which the guest reads from CMOS bytes 0x40-0x4F (index: 0x50-0x51).",
+    )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--count", "-n", type=int, required=True, help="how many clones")
-    p.add_argument("--workdir", default=None, metavar="DIR",
-                   help="put clone i's disk overlays in DIR/clone-i/ (default: a new DIR/clones-* in the snapshot)")
-    p.add_argument("--serial-dir", default=None, metavar="DIR",
-                   help="write clone i's serial output to DIR/clone-i.log (default: discard)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        metavar="DIR",
+        help="put clone i's disk overlays in DIR/clone-i/ (default: a new DIR/clones-* in the snapshot)",
+    )
+    p.add_argument(
+        "--serial-dir",
+        default=None,
+        metavar="DIR",
+        help="write clone i's serial output to DIR/clone-i.log (default: discard)",
+    )
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop the clones after S seconds")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_clone)
 
-    p = sub.add_parser("migrate", help="move a running VM to another virtkit host, live",
-                       description="Pre-copy the VM's memory to a 'virtkit migrate-receive' at HOST:PORT while it "
-                                   "runs, then pause it, send the rest and its state, and let it resume there. "
-                                   "Both ends must hold the same pre-shared key (virtkit migrate-keygen); every "
-                                   "message is authenticated with it, guest memory is not encrypted. If anything "
-                                   "fails before the switch-over, the VM keeps running here.")
+    p = sub.add_parser(
+        "migrate",
+        help="move a running VM to another virtkit host, live",
+        description="Pre-copy the VM's memory to a 'virtkit migrate-receive' at HOST:PORT while it "
+        "runs, then pause it, send the rest and its state, and let it resume there. "
+        "Both ends must hold the same pre-shared key (virtkit migrate-keygen); every "
+        "message is authenticated with it, guest memory is not encrypted. If anything "
+        "fails before the switch-over, the VM keeps running here.",
+    )
     p.add_argument("--control", required=True, metavar="PATH", help="the VM's control socket (virtkit run --control)")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="where 'virtkit migrate-receive' listens")
-    p.add_argument("--key-file", required=True, metavar="FILE",
-                   help="the pre-shared key (mode 0600; the receiver's --key-file holds the same key)")
-    p.add_argument("--downtime-ms", type=float, default=50.0,
-                   help="stop pre-copying once the rest can be sent in this long (default 50)")
+    p.add_argument(
+        "--key-file",
+        required=True,
+        metavar="FILE",
+        help="the pre-shared key (mode 0600; the receiver's --key-file holds the same key)",
+    )
+    p.add_argument(
+        "--downtime-ms",
+        type=float,
+        default=50.0,
+        help="stop pre-copying once the rest can be sent in this long (default 50)",
+    )
     p.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds at most (default 30)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_migrate)
 
-    p = sub.add_parser("migrate-keygen", help="make a pre-shared key for live migration",
-                       description="Write 32 random bytes, in hex, to FILE (created with mode 0600; an existing "
-                                   "file is never overwritten). Copy it to the other host over a channel you trust "
-                                   "(e.g. scp) and give it to both 'migrate' and 'migrate-receive' with --key-file.")
+    p = sub.add_parser(
+        "migrate-keygen",
+        help="make a pre-shared key for live migration",
+        description="Write 32 random bytes, in hex, to FILE (created with mode 0600; an existing "
+        "file is never overwritten). Copy it to the other host over a channel you trust "
+        "(e.g. scp) and give it to both 'migrate' and 'migrate-receive' with --key-file.",
+    )
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_migrate_keygen)
 
     from virtkit.cli.options import add_machine_options
 
     p = sub.add_parser(
-        "migrate-receive", help="wait for one incoming live migration and run the VM here",
+        "migrate-receive",
+        help="wait for one incoming live migration and run the VM here",
         description="Build a VM from the machine options below (the same as 'virtkit run' takes), listen on "
-                    "[HOST:]PORT, accept one migration from 'virtkit migrate' authenticated with the key in "
-                    "--key-file, and run the VM in the foreground once it has switched over. The incoming VM "
-                    "must have the shape of this one (memory, vCPUs, mode, strict, the number, sizes and "
-                    "read-only flags of the disks, devices, CPU features): otherwise it is refused, naming the "
-                    "field, and nothing runs. Disk images are the ones named here, never paths from the "
-                    "sender. Once its machine and sockets are ready the receiver confines itself (namespaces, "
-                    "an empty root, an unprivileged uid, seccomp), before it reads a byte from the network.",
+        "[HOST:]PORT, accept one migration from 'virtkit migrate' authenticated with the key in "
+        "--key-file, and run the VM in the foreground once it has switched over. The incoming VM "
+        "must have the shape of this one (memory, vCPUs, mode, strict, the number, sizes and "
+        "read-only flags of the disks, devices, CPU features): otherwise it is refused, naming the "
+        "field, and nothing runs. Disk images are the ones named here, never paths from the "
+        "sender. Once its machine and sockets are ready the receiver confines itself (namespaces, "
+        "an empty root, an unprivileged uid, seccomp), before it reads a byte from the network.",
         epilog="Listening on another address than loopback: the key protects the integrity and authenticity "
-               "of the stream (nobody without it can send a VM here, alter or replay one), not its "
-               "confidentiality (guest memory crosses the network unencrypted) nor its availability (anyone "
-               "who can connect or cut the connection can make this migration fail). So the network must be "
-               "trusted with what the guest's memory holds (or the port tunnelled: ssh, WireGuard), and "
-               "for availability.")
-    p.add_argument("--listen", default="127.0.0.1:7000", metavar="[HOST:]PORT",
-                   help="address to listen on (default 127.0.0.1:7000; port 0: any free port; no host: loopback, "
-                        "never all interfaces unless asked, e.g. 0.0.0.0:7000)")
-    p.add_argument("--key-file", required=True, metavar="FILE",
-                   help="the pre-shared key (mode 0600; the sender's --key-file holds the same key)")
-    p.add_argument("--port-file", default=None, metavar="FILE",
-                   help="write the port listened on to FILE once ready to accept")
-    p.add_argument("--accept-timeout", type=float, default=None, metavar="S",
-                   help="give up if no migration arrives within S seconds")
-    p.add_argument("--no-jail", action="store_true",
-                   help="do not confine the receiver (it stays root, with the host's files and network); "
-                        "needed for --checkpoint-every and the control socket's snapshot/migrate")
-    p.add_argument("--jail-uid", type=int, default=None, metavar="UID",
-                   help="uid and gid of the confined receiver (default: 2000000000 + its pid)")
-    p.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS,
-                   choices=("refuse", "drop-during-memory", "die-before-switchover"))
+        "of the stream (nobody without it can send a VM here, alter or replay one), not its "
+        "confidentiality (guest memory crosses the network unencrypted) nor its availability (anyone "
+        "who can connect or cut the connection can make this migration fail). So the network must be "
+        "trusted with what the guest's memory holds (or the port tunnelled: ssh, WireGuard), and "
+        "for availability.",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:7000",
+        metavar="[HOST:]PORT",
+        help="address to listen on (default 127.0.0.1:7000; port 0: any free port; no host: loopback, "
+        "never all interfaces unless asked, e.g. 0.0.0.0:7000)",
+    )
+    p.add_argument(
+        "--key-file",
+        required=True,
+        metavar="FILE",
+        help="the pre-shared key (mode 0600; the sender's --key-file holds the same key)",
+    )
+    p.add_argument(
+        "--port-file", default=None, metavar="FILE", help="write the port listened on to FILE once ready to accept"
+    )
+    p.add_argument(
+        "--accept-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up if no migration arrives within S seconds",
+    )
+    p.add_argument(
+        "--no-jail",
+        action="store_true",
+        help="do not confine the receiver (it stays root, with the host's files and network); "
+        "needed for --checkpoint-every and the control socket's snapshot/migrate",
+    )
+    p.add_argument(
+        "--jail-uid",
+        type=int,
+        default=None,
+        metavar="UID",
+        help="uid and gid of the confined receiver (default: 2000000000 + its pid)",
+    )
+    p.add_argument(
+        "--inject-fault",
+        default=None,
+        help=argparse.SUPPRESS,
+        choices=("refuse", "drop-during-memory", "die-before-switchover"),
+    )
     p.add_argument("--no-seccomp", action="store_true", help=argparse.SUPPRESS)  # measuring the allow-list
     add_machine_options(p)
     _add_runtime_options(p)
@@ -181,8 +256,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 class FailoverHooks:
     """What ``--control``, ``--checkpoint-every`` and ``--exit-report`` add to a foreground VM."""
 
-    def __init__(self, args: argparse.Namespace, vm: VM, *, control_listener: socket.socket | None = None,
-                 confined: bool = False) -> None:
+    def __init__(
+        self, args: argparse.Namespace, vm: VM, *, control_listener: socket.socket | None = None, confined: bool = False
+    ) -> None:
         """``control_listener``: the --control socket, bound before the process confined itself
         (``confined``: no host files, no network; see virtkit.cli.migrate_receive)."""
         import threading
@@ -214,14 +290,20 @@ class FailoverHooks:
         if getattr(args, "control", None):
             from virtkit.migration.control import ControlServer
 
-            self._server = ControlServer(args.control, self.vm.machine, on_migrated=self._migrated,
-                                         listener=self.control_listener, confined=self.confined)
+            self._server = ControlServer(
+                args.control,
+                self.vm.machine,
+                on_migrated=self._migrated,
+                listener=self.control_listener,
+                confined=self.confined,
+            )
             self.control_listener = None  # the server owns (and closes) it now
         if every is not None:
             import threading
 
-            self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(period,),
-                                                  name="vm-checkpoint", daemon=True)
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, args=(period,), name="vm-checkpoint", daemon=True
+            )
             self._checkpointer.start()
         return self
 
@@ -262,8 +344,15 @@ class FailoverHooks:
 
             try:
                 with open(report, "w") as f:
-                    json.dump({"pid": os.getpid(), "reason": result.reason.value, "exit_code": code,
-                               "migrated": self.migrated_to is not None}, f)
+                    json.dump(
+                        {
+                            "pid": os.getpid(),
+                            "reason": result.reason.value,
+                            "exit_code": code,
+                            "migrated": self.migrated_to is not None,
+                        },
+                        f,
+                    )
             except OSError:
                 pass
         return code
@@ -281,8 +370,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
-def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False,
-               control_listener: socket.socket | None = None, confined: bool = False) -> int:
+def foreground(
+    vm: VM,
+    args: argparse.Namespace,
+    *,
+    started: bool = False,
+    control_listener: socket.socket | None = None,
+    confined: bool = False,
+) -> int:
     """Run ``vm`` (already opened) until it stops, as ``virtkit run`` does. ``control_listener``
     and ``confined``: see :class:`FailoverHooks`."""
     import signal
@@ -298,8 +393,7 @@ def foreground(vm: VM, args: argparse.Namespace, *, started: bool = False,
                     vm.start()
                 result = vm.wait(timeout=args.timeout)
             except (KeyboardInterrupt, _Terminated) as e:
-                print("virtkit: stopped by " + ("SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"),
-                      file=sys.stderr)
+                print("virtkit: stopped by " + ("SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"), file=sys.stderr)
                 return EXIT_STOPPED if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -326,14 +420,19 @@ def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from virtkit.migration.control import request
 
-    reply = request(args.control, "snapshot", dir=os.path.abspath(args.dir), resume=not args.leave_paused,
-                    sync=args.sync)
+    reply = request(
+        args.control, "snapshot", dir=os.path.abspath(args.dir), resume=not args.leave_paused, sync=args.sync
+    )
     reply.pop("ok", None)
     from virtkit.units import format_size
 
-    _print(reply, args.json, f"snapshot written to {reply['dir']}: state {format_size(reply['state_bytes'])}, "
-           f"memory {format_size(reply['memory_bytes'])} ({format_size(reply['memory_written'])} stored); "
-           f"guest paused {reply['paused_ms']:.1f} ms")
+    _print(
+        reply,
+        args.json,
+        f"snapshot written to {reply['dir']}: state {format_size(reply['state_bytes'])}, "
+        f"memory {format_size(reply['memory_bytes'])} ({format_size(reply['memory_written'])} stored); "
+        f"guest paused {reply['paused_ms']:.1f} ms",
+    )
     return 0
 
 
@@ -385,13 +484,21 @@ def cmd_clone(args: argparse.Namespace) -> int:
         for vm in vms:
             vm.close()
     clones = [vm.identity.to_json() for vm in vms if vm.identity is not None]
-    out = {"count": args.count, "start_s": started, "clones_per_s": args.count / started if started else 0.0,
-           "exit_codes": [r.exit_code for r in results], "clones": clones}
+    out = {
+        "count": args.count,
+        "start_s": started,
+        "clones_per_s": args.count / started if started else 0.0,
+        "exit_codes": [r.exit_code for r in results],
+        "clones": clones,
+    }
     methods = sorted({d["method"] for c in clones for d in c["disks"]})
-    overlays = f"; disk overlays by {'/'.join(methods)} in {os.path.dirname(clones[0]['directory'])}" \
-        if methods else ""
-    _print(out, args.json, f"{args.count} clones started in {started * 1e3:.1f} ms "
-           f"({out['clones_per_s']:.0f}/s); exit statuses {out['exit_codes']}{overlays}")
+    overlays = f"; disk overlays by {'/'.join(methods)} in {os.path.dirname(clones[0]['directory'])}" if methods else ""
+    _print(
+        out,
+        args.json,
+        f"{args.count} clones started in {started * 1e3:.1f} ms "
+        f"({out['clones_per_s']:.0f}/s); exit statuses {out['exit_codes']}{overlays}",
+    )
     return max((r.exit_code for r in results), default=0)
 
 
@@ -402,12 +509,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     key = load(args.key_file)
     # The key goes to the VMM over its control socket (mode 0600, root's), so that a confined VMM,
     # which cannot open files, can migrate too; it is never echoed back.
-    reply = request(args.control, "migrate", to=args.to, key=key.hex(), downtime_ms=args.downtime_ms,
-                    max_rounds=args.max_rounds)
+    reply = request(
+        args.control, "migrate", to=args.to, key=key.hex(), downtime_ms=args.downtime_ms, max_rounds=args.max_rounds
+    )
     reply.pop("ok", None)
-    _print(reply, args.json, f"migrated to {args.to}: {reply['rounds']} pre-copy rounds, "
-           f"{reply['pages_sent']} pages sent, total {reply['total_ms']:.0f} ms, "
-           f"downtime {reply['downtime_ms']:.1f} ms")
+    _print(
+        reply,
+        args.json,
+        f"migrated to {args.to}: {reply['rounds']} pre-copy rounds, "
+        f"{reply['pages_sent']} pages sent, total {reply['total_ms']:.0f} ms, "
+        f"downtime {reply['downtime_ms']:.1f} ms",
+    )
     return 0
 
 
@@ -415,8 +527,10 @@ def cmd_migrate_keygen(args: argparse.Namespace) -> int:
     from virtkit.migration.keys import generate
 
     generate(args.file)
-    print(f"wrote a new migration key to {args.file} (mode 0600): copy it to the other host and pass it "
-          "to both sides with --key-file")
+    print(
+        f"wrote a new migration key to {args.file} (mode 0600): copy it to the other host and pass it "
+        "to both sides with --key-file"
+    )
     return 0
 
 

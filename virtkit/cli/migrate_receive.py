@@ -69,12 +69,20 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
     key = keys.load(args.key_file)
     jailed = not args.no_jail
     if jailed and args.checkpoint_every is not None:
-        raise ConfigError("--checkpoint-every writes into a host directory, which a confined receiver cannot "
-                          "reach: leave it out (snapshot the VM after migrating it on), or add --no-jail")
+        raise ConfigError(
+            "--checkpoint-every writes into a host directory, which a confined receiver cannot "
+            "reach: leave it out (snapshot the VM after migrating it on), or add --no-jail"
+        )
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
-    vm = IncomingVM(memory=args.memory or "64M", vcpus=args.vcpus, mode=args.mode, strict=args.strict,
-                    disks=args.disk, serial=args.serial)  # parses the options, opens --serial
+    vm = IncomingVM(
+        memory=args.memory or "64M",
+        vcpus=args.vcpus,
+        mode=args.mode,
+        strict=args.strict,
+        disks=args.disk,
+        serial=args.serial,
+    )  # parses the options, opens --serial
     listener = control = None
     try:
         listener = listen(args.listen)
@@ -89,8 +97,11 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
         vm.close()
         raise
     if not jailed:
-        print("virtkit: warning: --no-jail: this receiver runs unconfined (as root, with the host's files "
-              "and network): a guest that takes over its VMM takes over the host", file=sys.stderr)
+        print(
+            "virtkit: warning: --no-jail: this receiver runs unconfined (as root, with the host's files "
+            "and network): a guest that takes over its VMM takes over the host",
+            file=sys.stderr,
+        )
         try:
             return _receive_and_run(vm, listener, control, key, args, foreground, uid=None)
         finally:
@@ -114,8 +125,9 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
             if s is not None:
                 s.close()
         vm.close()
-        raise ConfigError(f"cannot confine the receiver ({e.strerror or e}): run it as root, or add "
-                          "--no-jail") from None
+        raise ConfigError(
+            f"cannot confine the receiver ({e.strerror or e}): run it as root, or add --no-jail"
+        ) from None
     if pid == 0:
         os.close(alive_w)
         os._exit(_child(vm, listener, control, key, args, foreground, uid, alive_r))
@@ -144,14 +156,21 @@ def _wait(pid: int) -> int:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         why = " (its seccomp filter stopped a system call the allow-list lacks)" if sig == signal.SIGSYS else ""
-        print(f"virtkit: error: the confined receiver was killed by {signal.Signals(sig).name}{why}",
-              file=sys.stderr)
+        print(f"virtkit: error: the confined receiver was killed by {signal.Signals(sig).name}{why}", file=sys.stderr)
         return 128 + sig
     return os.WEXITSTATUS(status)
 
 
-def _child(vm: IncomingVM, listener: socket.socket, control: socket.socket | None, key: bytes,
-           args: argparse.Namespace, foreground: Foreground, uid: int, parent_alive: int) -> int:
+def _child(
+    vm: IncomingVM,
+    listener: socket.socket,
+    control: socket.socket | None,
+    key: bytes,
+    args: argparse.Namespace,
+    foreground: Foreground,
+    uid: int,
+    parent_alive: int,
+) -> int:
     """PID 1 of the receiver's namespaces: returns the process exit status, never raises."""
     try:
         # The VM lives and dies with the foreground process: a launcher killed with SIGKILL must
@@ -165,13 +184,13 @@ def _child(vm: IncomingVM, listener: socket.socket, control: socket.socket | Non
         try:  # still one thread: mount, network, IPC, UTS and cgroup namespaces of its own
             libc.unshare(NAMESPACE_FLAGS & ~libc.CLONE_NEWPID)
         except OSError as e:
-            raise ConfigError(f"cannot confine the receiver ({e.strerror or e}): run it as root, or add "
-                              "--no-jail") from None
+            raise ConfigError(
+                f"cannot confine the receiver ({e.strerror or e}): run it as root, or add --no-jail"
+            ) from None
         # PID 1 gets only the signals it handles: without this, the parent's SIGTERM would be lost
         signal.signal(signal.SIGTERM, _terminate)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it once
-        return _receive_and_run(vm, listener, control, key, args, foreground, uid=uid,
-                                parent_alive=parent_alive)
+        return _receive_and_run(vm, listener, control, key, args, foreground, uid=uid, parent_alive=parent_alive)
     except VirtkitError as e:
         print(f"virtkit: error: {e}", file=sys.stderr)
         return e.exit_status
@@ -200,9 +219,17 @@ def _exit_if_orphaned(parent_alive: int) -> None:
         pass  # still there
 
 
-def _receive_and_run(vm: IncomingVM, listener: socket.socket, control: socket.socket | None, key: bytes,
-                     args: argparse.Namespace, foreground: Foreground, *, uid: int | None,
-                     parent_alive: int = -1) -> int:
+def _receive_and_run(
+    vm: IncomingVM,
+    listener: socket.socket,
+    control: socket.socket | None,
+    key: bytes,
+    args: argparse.Namespace,
+    foreground: Foreground,
+    *,
+    uid: int | None,
+    parent_alive: int = -1,
+) -> int:
     with vm, contextlib.ExitStack() as owned:
         owned.callback(listener.close)
         if control is not None:
@@ -243,10 +270,17 @@ def _confine(uid: int, threads: int, seccomp: bool = True) -> None:
 
     program = receiver_filter()
     # no file-size limit: --serial FILE is the user's choice, as with `virtkit run`
-    spec = JailSpec(uid=uid, gid=uid, threads=threads, max_file_size=resource.RLIM_INFINITY, seccomp=seccomp,
-                    parent_death_signal=signal.SIGKILL)
+    spec = JailSpec(
+        uid=uid,
+        gid=uid,
+        threads=threads,
+        max_file_size=resource.RLIM_INFINITY,
+        seccomp=seccomp,
+        parent_death_signal=signal.SIGKILL,
+    )
     try:
         confine(spec, program)
     except OSError as e:
-        raise ConfigError(f"cannot confine the receiver ({e.strerror or e}): run it as root, or add "
-                          "--no-jail") from None
+        raise ConfigError(
+            f"cannot confine the receiver ({e.strerror or e}): run it as root, or add --no-jail"
+        ) from None

@@ -5,14 +5,22 @@ from __future__ import annotations
 import argparse
 
 
-def add_machine_options(p: argparse.ArgumentParser, *, modes: tuple[str, ...] = ("full", "para"),
-                        mode_help: str = "full virtualization (default) or paravirtualized guest") -> None:
+def add_machine_options(
+    p: argparse.ArgumentParser,
+    *,
+    modes: tuple[str, ...] = ("full", "para"),
+    mode_help: str = "full virtualization (default) or paravirtualized guest",
+) -> None:
     """What a VM is made of, parsed by :class:`virtkit.api.VM`: ``run`` boots such a machine,
     ``migrate-receive`` builds one and takes an incoming VM into it only if the VM has this shape."""
     p.add_argument("--mode", default="full", choices=modes, help=mode_help)
     p.add_argument("--memory", "-m", default=None, help="memory size, e.g. 64M, 1G (VM default 64M)")
     p.add_argument("--vcpus", type=str, default="1", help="number of vCPUs (default 1)")
-    p.add_argument("--disk", action="append", default=[], metavar="IMAGE[,ro]",
-                   help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode")
-    p.add_argument("--strict", action="store_true",
-                   help="treat accesses to unknown ports and MMIO addresses as errors")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="IMAGE[,ro]",
+        help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode",
+    )
+    p.add_argument("--strict", action="store_true", help="treat accesses to unknown ports and MMIO addresses as errors")

@@ -35,8 +35,7 @@ def _forward_stdin(vm: VM) -> None:
 
 def run_vm(args: argparse.Namespace) -> int:
     if args.command:
-        raise ConfigError("a command after `--` is only for --mode container; pass guest arguments "
-                          "with --cmdline")
+        raise ConfigError("a command after `--` is only for --mode container; pass guest arguments with --cmdline")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     if args.cpus is not None or args.pids_limit is not None:

@@ -21,10 +21,14 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vm = sub.add_parser("vm", help="manage VMs run by virtkitd (create, list, start, stop, stats...)",
-                        description="VMs run by the virtkitd service, each in its own confined VMM process.")
-    vm.add_argument("--socket", default=None, help="virtkitd's API socket (default $VIRTKITD_SOCKET or "
-                    "/run/virtkitd/api.sock)")
+    vm = sub.add_parser(
+        "vm",
+        help="manage VMs run by virtkitd (create, list, start, stop, stats...)",
+        description="VMs run by the virtkitd service, each in its own confined VMM process.",
+    )
+    vm.add_argument(
+        "--socket", default=None, help="virtkitd's API socket (default $VIRTKITD_SOCKET or /run/virtkitd/api.sock)"
+    )
     vsub = vm.add_subparsers(dest="vm_command", metavar="ACTION")
     add_parser = vsub.add_parser
 
@@ -58,8 +62,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = vsub.add_parser("list", help="VMs, their state, resources and pids")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_list)
-    for action, text in (("start", "start a VM"), ("stop", "stop a VM (its guest is told; SIGKILL after 10 s)"),
-                         ("kill", "SIGKILL a VM's VMM")):
+    for action, text in (
+        ("start", "start a VM"),
+        ("stop", "stop a VM (its guest is told; SIGKILL after 10 s)"),
+        ("kill", "SIGKILL a VM's VMM"),
+    ):
         p = vsub.add_parser(action, help=text)
         p.add_argument("names", nargs="+", metavar="NAME")
         p.set_defaults(handler=cmd_action, action=action)
@@ -75,8 +82,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
     p.set_defaults(handler=cmd_logs)
-    p = vsub.add_parser("console", help="attach to the serial console (lines you type go to the guest; "
-                        "Ctrl-C detaches)")
+    p = vsub.add_parser(
+        "console", help="attach to the serial console (lines you type go to the guest; Ctrl-C detaches)"
+    )
     p.add_argument("name")
     p.set_defaults(handler=cmd_console)
     p = vsub.add_parser("events", help="the VM's events (created, started, failed, restarted...)")
@@ -92,8 +100,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.set_defaults(handler=cmd_top)
-    p = sub.add_parser("vmm", help="run one VM from DIR/definition.json in a confined process (what "
-                       "virtkitd starts)", add_help=False)
+    p = sub.add_parser(
+        "vmm", help="run one VM from DIR/definition.json in a confined process (what virtkitd starts)", add_help=False
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(handler=cmd_vmm)
 
@@ -102,10 +111,17 @@ def cmd_create(args: argparse.Namespace) -> int:
     from virtkit.units import parse_size
 
     memory = parse_size(args.memory, what="--memory", default_unit="M")
-    body: dict[str, Any] = {"name": args.name, "kernel": os.path.abspath(args.kernel),
-                            "memory_mib": max(memory >> 20, 1), "vcpus": args.vcpus, "cmdline": args.cmdline,
-                            "mode": args.mode, "cpu_weight": args.cpu_weight, "restart": args.restart,
-                            "start": args.start}
+    body: dict[str, Any] = {
+        "name": args.name,
+        "kernel": os.path.abspath(args.kernel),
+        "memory_mib": max(memory >> 20, 1),
+        "vcpus": args.vcpus,
+        "cmdline": args.cmdline,
+        "mode": args.mode,
+        "cpu_weight": args.cpu_weight,
+        "restart": args.restart,
+        "start": args.start,
+    }
     if args.cpu_quota is not None:
         body["cpu_quota_pct"] = args.cpu_quota
     if args.cpus:
@@ -117,8 +133,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [header, *rows])
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
 
 
 def _limits(d: dict[str, Any]) -> str:
@@ -139,9 +156,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     for v in vms:
         d = v["definition"]
         last = v.get("last_exit") or {}
-        rows.append([v["name"], v["state"], str(v["pid"] or ""), str(d["vcpus"]), f"{d['memory_mib']}M",
-                     _limits(d), d["restart"], os.path.basename(d["kernel"]),
-                     (last.get("reason") or "") if v["state"] != "running" else ""])
+        rows.append(
+            [
+                v["name"],
+                v["state"],
+                str(v["pid"] or ""),
+                str(d["vcpus"]),
+                f"{d['memory_mib']}M",
+                _limits(d),
+                d["restart"],
+                os.path.basename(d["kernel"]),
+                (last.get("reason") or "") if v["state"] != "running" else "",
+            ]
+        )
     print(_table(rows, ["NAME", "STATE", "PID", "VCPUS", "MEMORY", "CPU", "RESTART", "KERNEL", "LAST EXIT"]))
     return 0
 
@@ -150,8 +177,10 @@ def cmd_action(args: argparse.Namespace) -> int:
     c = _client(args)
     for name in args.names:
         rec = c.call("POST", c.vm_url(name, args.action))
-        print(f"{name}: {rec['state']}" + (f" ({rec['last_exit']['reason']})" if rec["state"] != "running"
-                                           and rec.get("last_exit") else ""))
+        print(
+            f"{name}: {rec['state']}"
+            + (f" ({rec['last_exit']['reason']})" if rec["state"] != "running" and rec.get("last_exit") else "")
+        )
     return 0
 
 
@@ -170,18 +199,23 @@ def format_stats(st: dict[str, Any]) -> str:
     if "cpu_seconds" in st:
         lines.append(f"  CPU time        {st['cpu_seconds']:.3f} s (throttled {st.get('throttled_seconds', 0):.3f} s)")
     if "rss_bytes" in st:
-        lines.append(f"  memory          guest {format_size(st['memory_bytes'])}; "
-                     f"VMM RSS {format_size(st['rss_bytes'])}; cgroup {format_size(st.get('memory_cgroup_bytes', 0))}")
+        lines.append(
+            f"  memory          guest {format_size(st['memory_bytes'])}; "
+            f"VMM RSS {format_size(st['rss_bytes'])}; cgroup {format_size(st.get('memory_cgroup_bytes', 0))}"
+        )
     vmm = st.get("vmm") or {}
     if vmm:
         exits = ", ".join(f"{k} {v:,}" for k, v in sorted(vmm.get("exits", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"  exits           {vmm.get('total_exits', 0):,} ({exits or 'none'}); "
-                     f"{vmm.get('exits_per_second', 0):,.0f}/s")
+        lines.append(
+            f"  exits           {vmm.get('total_exits', 0):,} ({exits or 'none'}); "
+            f"{vmm.get('exits_per_second', 0):,.0f}/s"
+        )
         dev = ", ".join(f"{k} {v:,}" for k, v in sorted(vmm.get("device_exits", {}).items(), key=lambda kv: -kv[1]))
         lines.append(f"  device I/O      {dev or 'none'}; serial out {vmm.get('serial_bytes', 0):,} bytes")
         if vmm.get("first_output_s") is not None:
-            lines.append(f"  first output    {vmm['first_output_s'] * 1e3:.1f} ms after start; "
-                         f"up {vmm.get('uptime_s', 0):.1f} s")
+            lines.append(
+                f"  first output    {vmm['first_output_s'] * 1e3:.1f} ms after start; up {vmm.get('uptime_s', 0):.1f} s"
+            )
     return "\n".join(lines)
 
 
@@ -258,11 +292,15 @@ def cmd_host(args: argparse.Namespace) -> int:
         print(json.dumps(h, indent=2))
         return 0
     print(f"cores      {h['cores']} (overcommit {h['overcommit']:g}: up to {h['vcpu_capacity']} vCPUs)")
-    print(f"vCPUs      {h['vcpus_used']} of {h['vcpu_capacity']} in use "
-          f"({100 * h['vcpus_used'] / max(h['vcpu_capacity'], 1):.0f}%)")
-    print(f"memory     {format_size(h['memory_used'])} of {format_size(h['memory_capacity'])} for VMs in use "
-          f"({100 * h['memory_used'] / max(h['memory_capacity'], 1):.0f}%); {format_size(h['memory_free'])} free; "
-          f"{format_size(h['memory_reserved_for_host'])} kept for the host")
+    print(
+        f"vCPUs      {h['vcpus_used']} of {h['vcpu_capacity']} in use "
+        f"({100 * h['vcpus_used'] / max(h['vcpu_capacity'], 1):.0f}%)"
+    )
+    print(
+        f"memory     {format_size(h['memory_used'])} of {format_size(h['memory_capacity'])} for VMs in use "
+        f"({100 * h['memory_used'] / max(h['memory_capacity'], 1):.0f}%); {format_size(h['memory_free'])} free; "
+        f"{format_size(h['memory_reserved_for_host'])} kept for the host"
+    )
     print(f"load       {' '.join(f'{x:.2f}' for x in h['load_average'])}")
     print(f"cgroups    {h['cgroups']}")
     print(f"VMs        {', '.join(f'{n} {k}' for k, n in sorted(h['vms'].items())) or 'none'}")
@@ -282,8 +320,10 @@ def cmd_top(args: argparse.Namespace) -> int:
     def frame() -> Table:
         now = time.monotonic()
         h = c.call("GET", "/v1/host")
-        table = Table(title=f"virtkitd: {h['vcpus_used']}/{h['vcpu_capacity']} vCPUs, "
-                            f"{format_size(h['memory_used'])}/{format_size(h['memory_capacity'])} memory in use")
+        table = Table(
+            title=f"virtkitd: {h['vcpus_used']}/{h['vcpu_capacity']} vCPUs, "
+            f"{format_size(h['memory_used'])}/{format_size(h['memory_capacity'])} memory in use"
+        )
         for col in ("NAME", "STATE", "CPU%", "CPU s", "RSS", "CGROUP MEM", "EXITS/s", "TOP EXIT", "LIMITS"):
             table.add_column(col, justify="right" if col not in ("NAME", "STATE", "TOP EXIT", "LIMITS") else "left")
         for v in c.call("GET", "/v1/vms"):
@@ -303,8 +343,17 @@ def cmd_top(args: argparse.Namespace) -> int:
                 pct, rate = 100 * (cpu - prev[1]) / dt, (exits - prev[2]) / dt
             last[name] = (now, cpu, exits)
             top = max((st.get("vmm") or {}).get("exits", {}).items(), key=lambda kv: kv[1], default=("", 0))[0]
-            table.add_row(name, v["state"], f"{pct:.0f}", f"{cpu:.1f}", format_size(st.get("rss_bytes", 0)),
-                          format_size(st.get("memory_cgroup_bytes", 0)), f"{rate:,.0f}", top, _limits(v["definition"]))
+            table.add_row(
+                name,
+                v["state"],
+                f"{pct:.0f}",
+                f"{cpu:.1f}",
+                format_size(st.get("rss_bytes", 0)),
+                format_size(st.get("memory_cgroup_bytes", 0)),
+                f"{rate:,.0f}",
+                top,
+                _limits(v["definition"]),
+            )
         return table
 
     if args.once:
@@ -325,4 +374,3 @@ def cmd_vmm(args: argparse.Namespace) -> int:
     from virtkit.service.vmm import main
 
     return main(args.rest)
-

@@ -23,17 +23,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
     from virtkit.cli.options import add_machine_options
 
-    add_machine_options(run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, "
-                        "or container")
+    add_machine_options(
+        run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, or container"
+    )
     run.add_argument("--cmdline", default="", help="kernel command line")
-    run.add_argument("--module", action="append", default=[], metavar="FILE[,STRING]",
-                     help="Multiboot module, optionally with its string (repeatable)")
-    run.add_argument("--boot", default="auto", choices=("auto", "multiboot", "direct64"),
-                     help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)")
-    run.add_argument("--serial", default="stdout", metavar="stdout|FILE|none",
-                     help="where the UART's output goes (default stdout)")
-    run.add_argument("--timeout", type=float, default=None, metavar="S",
-                     help="stop the guest after S seconds (exit status 124)")
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE[,STRING]",
+        help="Multiboot module, optionally with its string (repeatable)",
+    )
+    run.add_argument(
+        "--boot",
+        default="auto",
+        choices=("auto", "multiboot", "direct64"),
+        help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)",
+    )
+    run.add_argument(
+        "--serial", default="stdout", metavar="stdout|FILE|none", help="where the UART's output goes (default stdout)"
+    )
+    run.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="stop the guest after S seconds (exit status 124)"
+    )
     run.add_argument("--stats", action="store_true", help="print VM exit statistics at the end")
     # container mode
     run.add_argument("--cpus", default=None, help="container mode: CPU limit, e.g. 0.5")
@@ -44,8 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     add_run_options(run)  # --control, --checkpoint-every, --restart on-failure
 
-    doctor = sub.add_parser("doctor", help="probe this host: is /dev/kvm usable, which KVM flavor, "
-                            "what guests can expect")
+    doctor = sub.add_parser(
+        "doctor", help="probe this host: is /dev/kvm usable, which KVM flavor, what guests can expect"
+    )
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(handler=cmd_doctor)
 

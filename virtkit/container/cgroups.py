@@ -32,9 +32,17 @@ V2_CONTROLLERS = ("memory", "pids", "cpu", "cpuset")
 
 #: devices every container may use: the ones virtkit creates in /dev (runc's AllowedDevices)
 DEFAULT_DEVICE_RULES = (
-    "c *:* m", "b *:* m",
-    "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",  # null zero full random urandom
-    "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm",  # tty console ptmx pts
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",  # null zero full random urandom
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",  # tty console ptmx pts
     "c 10:200 rwm",  # net/tun
 )
 
@@ -232,8 +240,10 @@ class Cgroup:
             cur = d
             while not os.path.isdir(cur) and cur not in out:
                 if os.path.lexists(cur):
-                    raise ContainerError(f"cgroup path {self.path} runs into {cur}, which is a control file, not a "
-                                         "cgroup: pick another linux.cgroupsPath")
+                    raise ContainerError(
+                        f"cgroup path {self.path} runs into {cur}, which is a control file, not a "
+                        "cgroup: pick another linux.cgroupsPath"
+                    )
                 missing.append(cur)
                 cur = os.path.dirname(cur)
             out.extend(reversed(missing))
@@ -278,8 +288,9 @@ class Cgroup:
                 try:
                     write_value(os.path.join(cur, "cgroup.subtree_control"), enable)
                 except OSError as err:
-                    raise ContainerError(f"cannot enable cgroup v2 controllers in {cur}: {err.strerror} "
-                                         "(is a process in that cgroup?)") from None
+                    raise ContainerError(
+                        f"cannot enable cgroup v2 controllers in {cur}: {err.strerror} (is a process in that cgroup?)"
+                    ) from None
             cur = os.path.join(cur, part)
             if not os.path.isdir(cur):
                 os.mkdir(cur)
@@ -317,20 +328,28 @@ class Cgroup:
     def _check(res: Resources) -> None:
         cpu, mem = res.cpu, res.memory
         if cpu.period is not None and not CPU_QUOTA_MIN_US <= cpu.period <= CPU_PERIOD_MAX_US:
-            raise ContainerError(f"cpu period {cpu.period}us is outside what the kernel accepts "
-                                 f"({CPU_QUOTA_MIN_US}..{CPU_PERIOD_MAX_US}us)")
+            raise ContainerError(
+                f"cpu period {cpu.period}us is outside what the kernel accepts "
+                f"({CPU_QUOTA_MIN_US}..{CPU_PERIOD_MAX_US}us)"
+            )
         if cpu.quota is not None and cpu.quota != -1 and cpu.quota < CPU_QUOTA_MIN_US:
-            raise ContainerError(f"cpu quota {cpu.quota}us is below the kernel's minimum of "
-                                 f"{CPU_QUOTA_MIN_US}us: use at least {CPU_QUOTA_MIN_US} (or -1 for no limit)")
+            raise ContainerError(
+                f"cpu quota {cpu.quota}us is below the kernel's minimum of "
+                f"{CPU_QUOTA_MIN_US}us: use at least {CPU_QUOTA_MIN_US} (or -1 for no limit)"
+            )
         if cpu.shares is not None and cpu.shares < 2 and cpu.shares != 0:
             raise ContainerError(f"cpu shares {cpu.shares} is below the kernel's minimum of 2")
-        for name, v in (("memory limit", mem.limit), ("memory+swap limit", mem.swap),
-                        ("memory reservation", mem.reservation)):
+        for name, v in (
+            ("memory limit", mem.limit),
+            ("memory+swap limit", mem.swap),
+            ("memory reservation", mem.reservation),
+        ):
             if v is not None and v < -1:
                 raise ContainerError(f"{name} {v} is negative: give bytes, or -1 for no limit")
             if v is not None and 0 <= v < 4096 and name != "memory reservation":
-                raise ContainerError(f"{name} {v} bytes is below one page, which the kernel cannot "
-                                     "enforce: use at least a few MiB")
+                raise ContainerError(
+                    f"{name} {v} bytes is below one page, which the kernel cannot enforce: use at least a few MiB"
+                )
         if res.pids_limit is not None and res.pids_limit < -1:
             raise ContainerError(f"pids limit {res.pids_limit} is negative: give a count, or -1 for no limit")
 
@@ -364,8 +383,9 @@ class Cgroup:
         if cpu.quota is not None:
             self._set("cpu", "cpu.cfs_quota_us", str(cpu.quota), f"cpu quota {cpu.quota}")
         if cpu.cpus or cpu.mems:
-            raise ContainerError("linux.resources.cpu.cpus/mems (cpusets) are not supported on cgroup v1 "
-                                 "by virtkit yet; remove them")
+            raise ContainerError(
+                "linux.resources.cpu.cpus/mems (cpusets) are not supported on cgroup v1 by virtkit yet; remove them"
+            )
         if res.pids_limit:
             value = "max" if res.pids_limit < 0 else str(res.pids_limit)
             self._set("pids", "pids.max", value, f"pids limit {res.pids_limit}")
@@ -377,9 +397,14 @@ class Cgroup:
             return
         for rule in device_rules(res):
             fname = "devices.allow" if rule.allow else "devices.deny"
-            text = "a" if rule.type == "a" and rule.major is None and rule.minor is None else (
-                f"{rule.type} {'*' if rule.major is None else rule.major}:"
-                f"{'*' if rule.minor is None else rule.minor} {rule.access}")
+            text = (
+                "a"
+                if rule.type == "a" and rule.major is None and rule.minor is None
+                else (
+                    f"{rule.type} {'*' if rule.major is None else rule.major}:"
+                    f"{'*' if rule.minor is None else rule.minor} {rule.access}"
+                )
+            )
             try:
                 write_value(os.path.join(d, fname), text)
             except OSError as err:
@@ -422,8 +447,9 @@ class Cgroup:
         if cpu.mems:
             self._set("cpuset", "cpuset.mems", cpu.mems, f"memory nodes {cpu.mems}")
         if res.pids_limit:
-            self._set("pids", "pids.max", "max" if res.pids_limit < 0 else str(res.pids_limit),
-                      f"pids limit {res.pids_limit}")
+            self._set(
+                "pids", "pids.max", "max" if res.pids_limit < 0 else str(res.pids_limit), f"pids limit {res.pids_limit}"
+            )
         for key, value in res.unified:
             if "/" in key or key.startswith("cgroup."):
                 raise ContainerError(f"linux.resources.unified key {key!r} is not a controller file")
@@ -457,18 +483,31 @@ class Cgroup:
             cst = _kv(os.path.join(d, "cpu.stat"))
             mem_events = _kv(os.path.join(d, "memory.events"))
             return {
-                "cpu": {"usage": {"total": cst.get("usage_usec", 0) * 1000, "user": cst.get("user_usec", 0) * 1000,
-                                  "kernel": cst.get("system_usec", 0) * 1000},
-                        "throttling": {"periods": cst.get("nr_periods", 0),
-                                       "throttledPeriods": cst.get("nr_throttled", 0),
-                                       "throttledTime": cst.get("throttled_usec", 0) * 1000}},
-                "memory": {"usage": {"usage": _read_int(os.path.join(d, "memory.current")) or 0,
-                                     "max": _read_int(os.path.join(d, "memory.peak")) or 0,
-                                     "limit": _read_int(os.path.join(d, "memory.max")) or -1,
-                                     "failcnt": mem_events.get("max", 0)},
-                           "oomKills": mem_events.get("oom_kill", 0)},
-                "pids": {"current": _read_int(os.path.join(d, "pids.current")) or 0,
-                         "limit": _read_int(os.path.join(d, "pids.max")) or -1},
+                "cpu": {
+                    "usage": {
+                        "total": cst.get("usage_usec", 0) * 1000,
+                        "user": cst.get("user_usec", 0) * 1000,
+                        "kernel": cst.get("system_usec", 0) * 1000,
+                    },
+                    "throttling": {
+                        "periods": cst.get("nr_periods", 0),
+                        "throttledPeriods": cst.get("nr_throttled", 0),
+                        "throttledTime": cst.get("throttled_usec", 0) * 1000,
+                    },
+                },
+                "memory": {
+                    "usage": {
+                        "usage": _read_int(os.path.join(d, "memory.current")) or 0,
+                        "max": _read_int(os.path.join(d, "memory.peak")) or 0,
+                        "limit": _read_int(os.path.join(d, "memory.max")) or -1,
+                        "failcnt": mem_events.get("max", 0),
+                    },
+                    "oomKills": mem_events.get("oom_kill", 0),
+                },
+                "pids": {
+                    "current": _read_int(os.path.join(d, "pids.current")) or 0,
+                    "limit": _read_int(os.path.join(d, "pids.max")) or -1,
+                },
             }
         mem_d, cpu_d = self.dirs.get("memory"), self.dirs.get("cpu")
         acct_d, pids_d = self.dirs.get("cpuacct"), self.dirs.get("pids")
@@ -477,26 +516,35 @@ class Cgroup:
         if acct_d:
             ticks = os.sysconf("SC_CLK_TCK")
             st = _kv(os.path.join(acct_d, "cpuacct.stat"))
-            cpu["usage"] = {"total": _read_int(os.path.join(acct_d, "cpuacct.usage")) or 0,
-                            "user": st.get("user", 0) * 1_000_000_000 // ticks,
-                            "kernel": st.get("system", 0) * 1_000_000_000 // ticks}
+            cpu["usage"] = {
+                "total": _read_int(os.path.join(acct_d, "cpuacct.usage")) or 0,
+                "user": st.get("user", 0) * 1_000_000_000 // ticks,
+                "kernel": st.get("system", 0) * 1_000_000_000 // ticks,
+            }
         if cpu_d:
             st = _kv(os.path.join(cpu_d, "cpu.stat"))
-            cpu["throttling"] = {"periods": st.get("nr_periods", 0), "throttledPeriods": st.get("nr_throttled", 0),
-                                 "throttledTime": st.get("throttled_time", 0)}
+            cpu["throttling"] = {
+                "periods": st.get("nr_periods", 0),
+                "throttledPeriods": st.get("nr_throttled", 0),
+                "throttledTime": st.get("throttled_time", 0),
+            }
         out["cpu"] = cpu
         if mem_d:
             limit = _read_int(os.path.join(mem_d, "memory.limit_in_bytes"))
             out["memory"] = {
-                "usage": {"usage": _read_int(os.path.join(mem_d, "memory.usage_in_bytes")) or 0,
-                          "max": _read_int(os.path.join(mem_d, "memory.max_usage_in_bytes")) or 0,
-                          "limit": -1 if limit is None or limit >= 2**62 else limit,
-                          "failcnt": _read_int(os.path.join(mem_d, "memory.failcnt")) or 0},
+                "usage": {
+                    "usage": _read_int(os.path.join(mem_d, "memory.usage_in_bytes")) or 0,
+                    "max": _read_int(os.path.join(mem_d, "memory.max_usage_in_bytes")) or 0,
+                    "limit": -1 if limit is None or limit >= 2**62 else limit,
+                    "failcnt": _read_int(os.path.join(mem_d, "memory.failcnt")) or 0,
+                },
                 "oomKills": self.oom_kills(),
             }
         if pids_d:
-            out["pids"] = {"current": _read_int(os.path.join(pids_d, "pids.current")) or 0,
-                           "limit": _read_int(os.path.join(pids_d, "pids.max")) or -1}
+            out["pids"] = {
+                "current": _read_int(os.path.join(pids_d, "pids.current")) or 0,
+                "limit": _read_int(os.path.join(pids_d, "pids.max")) or -1,
+            }
         return out
 
     # --- signals -----------------------------------------------------------------------------

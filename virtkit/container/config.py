@@ -35,8 +35,18 @@ HOST_NAME_MAX = 64
 #: sysctls that belong to a namespace (everything else is global to the host), as runc's validator
 #: has them: the IPC namespace's message queues, semaphores and shared memory, POSIX message queues
 #: (``fs.mqueue.*``), the network namespace's ``net.*``, and the UTS namespace's names
-IPC_SYSCTLS = frozenset({"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
-                         "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced"})
+IPC_SYSCTLS = frozenset(
+    {
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    }
+)
 UTS_SYSCTLS = frozenset({"kernel.hostname", "kernel.domainname"})
 _SYSCTL_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_@:+-]+)+")
 _CPU_LIST = re.compile(r"[0-9,\- ]*")
@@ -54,9 +64,24 @@ def sysctl_namespace(key: str) -> str | None:
     return None
 
 
-RLIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
-           "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
-           "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+RLIMITS = (
+    "RLIMIT_AS",
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_DATA",
+    "RLIMIT_FSIZE",
+    "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_NOFILE",
+    "RLIMIT_NPROC",
+    "RLIMIT_RSS",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_STACK",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,11 +401,18 @@ def _parse_process(raw: dict[str, Any]) -> Process:
         for key in ("height", "width"):
             _req(cs, key, int, cp)
         console_size = (_int(cs, "height", cp, 0, 65535) or 0, _int(cs, "width", cp, 0, 65535) or 0)
-    return Process(args=args, cwd=cwd, env=env, terminal=bool(_opt(raw, "terminal", bool, p)),
-                   console_size=console_size, user=user, capabilities=caps,
-                   rlimits=tuple(rlimits),
-                   no_new_privileges=bool(_opt(raw, "noNewPrivileges", bool, p)),
-                   oom_score_adj=_int(raw, "oomScoreAdj", p, -1000, 1000))
+    return Process(
+        args=args,
+        cwd=cwd,
+        env=env,
+        terminal=bool(_opt(raw, "terminal", bool, p)),
+        console_size=console_size,
+        user=user,
+        capabilities=caps,
+        rlimits=tuple(rlimits),
+        no_new_privileges=bool(_opt(raw, "noNewPrivileges", bool, p)),
+        oom_score_adj=_int(raw, "oomScoreAdj", p, -1000, 1000),
+    )
 
 
 def _parse_mappings(raw: dict[str, Any], key: str) -> tuple[IdMapping, ...]:
@@ -406,19 +438,26 @@ def _parse_resources(raw: dict[str, Any]) -> Resources:
     memory, cpu = Memory(), Cpu()
     if (m := _opt(raw, "memory", dict, rp)) is not None:
         mp = rp + ".memory"
-        memory = Memory(limit=_int(m, "limit", mp, -(2**63), I64_MAX),
-                        reservation=_int(m, "reservation", mp, -(2**63), I64_MAX),
-                        swap=_int(m, "swap", mp, -(2**63), I64_MAX), swappiness=_opt(m, "swappiness", int, mp),
-                        disable_oom_killer=bool(_opt(m, "disableOOMKiller", bool, mp)))
+        memory = Memory(
+            limit=_int(m, "limit", mp, -(2**63), I64_MAX),
+            reservation=_int(m, "reservation", mp, -(2**63), I64_MAX),
+            swap=_int(m, "swap", mp, -(2**63), I64_MAX),
+            swappiness=_opt(m, "swappiness", int, mp),
+            disable_oom_killer=bool(_opt(m, "disableOOMKiller", bool, mp)),
+        )
         if memory.swappiness is not None and not 0 <= memory.swappiness <= 100:
             raise _fail(mp + ".swappiness", "must be between 0 and 100", memory.swappiness)
         if memory.limit is not None and memory.swap is not None and 0 < memory.swap < memory.limit:
             raise _fail(mp + ".swap", "(memory+swap) must be at least memory.limit", memory.swap)
     if (c := _opt(raw, "cpu", dict, rp)) is not None:
         cp = rp + ".cpu"
-        cpu = Cpu(shares=_int(c, "shares", cp, 0, U64_MAX), quota=_int(c, "quota", cp, -(2**63), I64_MAX),
-                  period=_int(c, "period", cp, 0, U64_MAX), cpus=_opt(c, "cpus", str, cp),
-                  mems=_opt(c, "mems", str, cp))
+        cpu = Cpu(
+            shares=_int(c, "shares", cp, 0, U64_MAX),
+            quota=_int(c, "quota", cp, -(2**63), I64_MAX),
+            period=_int(c, "period", cp, 0, U64_MAX),
+            cpus=_opt(c, "cpus", str, cp),
+            mems=_opt(c, "mems", str, cp),
+        )
         for name, v in (("cpus", cpu.cpus), ("mems", cpu.mems)):
             if v is not None and (len(v) > 1024 or not _CPU_LIST.fullmatch(v)):
                 raise _fail(f"{cp}.{name}", "must be a list like 0-3,6", v)
@@ -437,8 +476,11 @@ def _parse_resources(raw: dict[str, Any]) -> Resources:
         if not access or set(access) - set("rwm"):
             raise _fail(f"{dp}.access", "must be letters from rwm", access)
         _req(d, "allow", bool, dp)
-        rules.append(DeviceRule(bool(d["allow"]), kind, _int(d, "major", dp, -1, U32_MAX),
-                                _int(d, "minor", dp, -1, U32_MAX), access))
+        rules.append(
+            DeviceRule(
+                bool(d["allow"]), kind, _int(d, "major", dp, -1, U32_MAX), _int(d, "minor", dp, -1, U32_MAX), access
+            )
+        )
     unified = _opt(raw, "unified", dict, rp) or {}
     for k, v in unified.items():
         if not isinstance(v, str):
@@ -461,17 +503,24 @@ def _parse_devices(raw: dict[str, Any]) -> tuple[Device, ...]:
         # device nodes are only ever made in the tmpfs the runtime mounts at /dev, never elsewhere
         # in the rootfs (the bundle's, or the image store's, files on the host's disk)
         if not path.startswith("/dev/"):
-            raise _fail(f"{dp}.path", "must be under /dev/ (virtkit makes device nodes only in its own /dev)",
-                        path)
+            raise _fail(f"{dp}.path", "must be under /dev/ (virtkit makes device nodes only in its own /dev)", path)
         if path in seen:
             raise _fail(f"{dp}.path", "appears twice", path)
         seen.add(path)
         if kind != "p":
             _req(d, "major", int, dp)
             _req(d, "minor", int, dp)
-        devices.append(Device(path, kind, _int(d, "major", dp, 0, 4095) or 0,  # MAJORBITS 12, MINORBITS 20
-                              _int(d, "minor", dp, 0, 2**20 - 1) or 0, _int(d, "fileMode", dp, 0, 0o777),
-                              _int(d, "uid", dp, 0, U32_MAX - 1), _int(d, "gid", dp, 0, U32_MAX - 1)))
+        devices.append(
+            Device(
+                path,
+                kind,
+                _int(d, "major", dp, 0, 4095) or 0,  # MAJORBITS 12, MINORBITS 20
+                _int(d, "minor", dp, 0, 2**20 - 1) or 0,
+                _int(d, "fileMode", dp, 0, 0o777),
+                _int(d, "uid", dp, 0, U32_MAX - 1),
+                _int(d, "gid", dp, 0, U32_MAX - 1),
+            )
+        )
     return tuple(devices)
 
 
@@ -483,8 +532,11 @@ def _parse_cgroups_path(value: str | None) -> str | None:
     if "\0" in value:
         raise _fail(what, "contains a NUL byte", value)
     if ":" in value:
-        raise _fail(what, "is a systemd slice (slice:prefix:name), which virtkit does not support; "
-                    "give a path like /virtkit/web", value)
+        raise _fail(
+            what,
+            "is a systemd slice (slice:prefix:name), which virtkit does not support; give a path like /virtkit/web",
+            value,
+        )
     parts = value.split("/")
     if ".." in parts or "." in parts:
         raise _fail(what, "must be a path without '.' or '..'", value)
@@ -510,13 +562,19 @@ def _parse_sysctls(raw: dict[str, Any], namespaces: set[str]) -> tuple[tuple[str
             raise _fail(where, "is not a valid sysctl name (dotted, like net.ipv4.ip_forward)")
         ns = sysctl_namespace(k)
         if ns is None:
-            raise _fail(where, "is not a namespaced sysctl and would change the host: only kernel.msg*, sem, "
-                        "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.hostname/domainname (uts) "
-                        "can be set; remove it")
+            raise _fail(
+                where,
+                "is not a namespaced sysctl and would change the host: only kernel.msg*, sem, "
+                "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.hostname/domainname (uts) "
+                "can be set; remove it",
+            )
         if ns not in namespaces:
-            raise _fail(where, f"belongs to the {ns} namespace, which the container does not have: setting it "
-                        f"would change the host's value; add {{\"type\": \"{ns}\"}} to linux.namespaces or "
-                        "remove it")
+            raise _fail(
+                where,
+                f"belongs to the {ns} namespace, which the container does not have: setting it "
+                f'would change the host\'s value; add {{"type": "{ns}"}} to linux.namespaces or '
+                "remove it",
+            )
     return tuple(sorted(sysctl.items()))
 
 
@@ -534,8 +592,12 @@ def _parse_linux(raw: dict[str, Any]) -> Linux:
         seen.add(kind)
         path = _opt(n, "path", str, np_)
         if path and kind == "mount":
-            raise _fail(f"{np_}.path", "cannot join a mount namespace: virtkit builds the container's root "
-                        "filesystem in a new one; remove the path", path)
+            raise _fail(
+                f"{np_}.path",
+                "cannot join a mount namespace: virtkit builds the container's root "
+                "filesystem in a new one; remove the path",
+                path,
+            )
         namespaces.append(Namespace(kind, _path(path, f"{np_}.path") if path else None))
     uid_maps, gid_maps = _parse_mappings(raw, "uidMappings"), _parse_mappings(raw, "gidMappings")
     if "user" in seen and not any(n.path for n in namespaces if n.type == "user"):
@@ -557,14 +619,25 @@ def _parse_linux(raw: dict[str, Any]) -> Linux:
     if prop is not None and prop not in PROPAGATION_MODES:
         raise _fail("linux.rootfsPropagation", "is not a propagation mode", prop)
     if prop in ("shared", "rshared"):
-        raise _fail("linux.rootfsPropagation", "shared would make the container's mounts appear on the host; "
-                    "use slave or private", prop)
+        raise _fail(
+            "linux.rootfsPropagation",
+            "shared would make the container's mounts appear on the host; use slave or private",
+            prop,
+        )
     cgroups_path = _parse_cgroups_path(_opt(raw, "cgroupsPath", str, "linux"))
-    return Linux(tuple(namespaces), uid_maps, gid_maps, devices, cgroups_path, resources,
-                 sysctl, seccomp, prop,
-                 tuple(_path(p, f"linux.maskedPaths[{i}]") for i, p in enumerate(_strs(raw, "maskedPaths", "linux"))),
-                 tuple(_path(p, f"linux.readonlyPaths[{i}]")
-                       for i, p in enumerate(_strs(raw, "readonlyPaths", "linux"))))
+    return Linux(
+        tuple(namespaces),
+        uid_maps,
+        gid_maps,
+        devices,
+        cgroups_path,
+        resources,
+        sysctl,
+        seccomp,
+        prop,
+        tuple(_path(p, f"linux.maskedPaths[{i}]") for i, p in enumerate(_strs(raw, "maskedPaths", "linux"))),
+        tuple(_path(p, f"linux.readonlyPaths[{i}]") for i, p in enumerate(_strs(raw, "readonlyPaths", "linux"))),
+    )
 
 
 PROPAGATION_MODES = ("private", "rprivate", "slave", "rslave", "shared", "rshared", "unbindable", "runbindable")
@@ -579,20 +652,31 @@ def _parse_mounts(raw: dict[str, Any]) -> tuple[Mount, ...]:
         kind = _opt(m, "type", str, mp)
         options = _strs(m, "options", mp)
         if kind == "devtmpfs":
-            raise _fail(f"{mp}.type", "devtmpfs is the host's own /dev (one instance for the whole machine); "
-                        "use tmpfs (virtkit makes the container's device nodes in it)", kind)
+            raise _fail(
+                f"{mp}.type",
+                "devtmpfs is the host's own /dev (one instance for the whole machine); "
+                "use tmpfs (virtkit makes the container's device nodes in it)",
+                kind,
+            )
         for j, opt in enumerate(options):
             if opt in ("shared", "rshared"):
-                raise _fail(f"{mp}.options[{j}]", "would make mounts made in the container appear on the host; "
-                            "use slave or private", opt)
+                raise _fail(
+                    f"{mp}.options[{j}]",
+                    "would make mounts made in the container appear on the host; use slave or private",
+                    opt,
+                )
         mounts.append(Mount(dest, kind, _opt(m, "source", str, mp), options))
     return tuple(mounts)
 
 
 def _parse_hooks(raw: dict[str, Any]) -> Hooks:
     out: dict[str, tuple[Hook, ...]] = {}
-    for key, attr in (("prestart", "prestart"), ("createRuntime", "create_runtime"),
-                      ("poststart", "poststart"), ("poststop", "poststop")):
+    for key, attr in (
+        ("prestart", "prestart"),
+        ("createRuntime", "create_runtime"),
+        ("poststart", "poststart"),
+        ("poststop", "poststop"),
+    ):
         hooks = []
         for i, h in enumerate(_opt(raw, key, list, "hooks") or []):
             hp = f"hooks.{key}[{i}]"
@@ -645,11 +729,24 @@ def parse_config(raw: Any) -> Config:
         if len(value.encode()) > HOST_NAME_MAX:
             raise _fail(key, f"is longer than {HOST_NAME_MAX} bytes", value[:80])
     if linux.devices and not _dev_is_tmpfs(mounts):
-        raise _fail("linux.devices", "needs a tmpfs mounted at /dev (virtkit makes device nodes only in a /dev "
-                    "it mounted itself, never in the rootfs or in a /dev from the host); add the default "
-                    "/dev mount or remove linux.devices")
-    return Config(version, root_path, bool(_opt(root, "readonly", bool, "root")), process, hostname,
-                  domainname, mounts, linux, hooks, tuple(sorted(annotations.items())))
+        raise _fail(
+            "linux.devices",
+            "needs a tmpfs mounted at /dev (virtkit makes device nodes only in a /dev "
+            "it mounted itself, never in the rootfs or in a /dev from the host); add the default "
+            "/dev mount or remove linux.devices",
+        )
+    return Config(
+        version,
+        root_path,
+        bool(_opt(root, "readonly", bool, "root")),
+        process,
+        hostname,
+        domainname,
+        mounts,
+        linux,
+        hooks,
+        tuple(sorted(annotations.items())),
+    )
 
 
 def _dev_is_tmpfs(mounts: tuple[Mount, ...]) -> bool:
@@ -687,9 +784,12 @@ def load_bundle_raw(bundle: str) -> tuple[Config, dict[str, Any], str]:
     config = parse_config(raw)
     rootfs = config.root_path if os.path.isabs(config.root_path) else os.path.join(bundle, config.root_path)
     if not os.path.isdir(rootfs):
-        raise ConfigError(f"root.path {config.root_path!r}: rootfs directory {rootfs} does not exist; "
-                          "create it or fix root.path in config.json")
+        raise ConfigError(
+            f"root.path {config.root_path!r}: rootfs directory {rootfs} does not exist; "
+            "create it or fix root.path in config.json"
+        )
     if os.path.realpath(rootfs) == "/":
-        raise ConfigError(f"root.path {config.root_path!r} is the host's / : a container needs a rootfs "
-                          "directory of its own")
+        raise ConfigError(
+            f"root.path {config.root_path!r} is the host's / : a container needs a rootfs directory of its own"
+        )
     return config, raw, rootfs

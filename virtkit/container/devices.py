@@ -126,10 +126,21 @@ def attach(cgroup_dir: str, rules: list[Rule]) -> None:
     def load(log: ctypes.Array[ctypes.c_char] | None) -> int:
         # union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size,
         # log_buf, kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-        attr = struct.pack("<IIQQIIQII16sII", BPF_PROG_TYPE_CGROUP_DEVICE, len(program) // 8,
-                           ctypes.addressof(code), ctypes.addressof(license_), 1 if log else 0,
-                           len(log) if log else 0, ctypes.addressof(log) if log else 0, 0, 0, b"virtkit_dev",
-                           0, BPF_CGROUP_DEVICE).ljust(128, b"\0")
+        attr = struct.pack(
+            "<IIQQIIQII16sII",
+            BPF_PROG_TYPE_CGROUP_DEVICE,
+            len(program) // 8,
+            ctypes.addressof(code),
+            ctypes.addressof(license_),
+            1 if log else 0,
+            len(log) if log else 0,
+            ctypes.addressof(log) if log else 0,
+            0,
+            0,
+            b"virtkit_dev",
+            0,
+            BPF_CGROUP_DEVICE,
+        ).ljust(128, b"\0")
         return _bpf(BPF_PROG_LOAD, attr)
 
     try:
@@ -140,13 +151,14 @@ def attach(cgroup_dir: str, rules: list[Rule]) -> None:
         with contextlib.suppress(OSError):
             load(log)
         detail = " / ".join(log.value.decode(errors="replace").strip().splitlines()[-2:])
-        raise ContainerError(f"the kernel refused the device filter program: {err.strerror} {detail}".strip()) \
-            from None
+        raise ContainerError(f"the kernel refused the device filter program: {err.strerror} {detail}".strip()) from None
     try:
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _bpf(BPF_PROG_ATTACH, struct.pack("<IIIII", fd, prog, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, 0)
-                 .ljust(128, b"\0"))
+            _bpf(
+                BPF_PROG_ATTACH,
+                struct.pack("<IIIII", fd, prog, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, 0).ljust(128, b"\0"),
+            )
         except OSError as err:
             raise ContainerError(f"cannot attach the device filter to {cgroup_dir}: {err.strerror}") from None
         finally:
@@ -157,8 +169,9 @@ def attach(cgroup_dir: str, rules: list[Rule]) -> None:
 
 def run_program(program: bytes, kind: str, major: int, minor: int, access: str) -> int:
     """A reference interpreter for the few instructions build_program emits (for unit tests)."""
-    ctx = struct.pack("<III", (DEV_BLOCK if kind == "b" else DEV_CHAR) | (sum(ACC[c] for c in access) << 16),
-                      major, minor)
+    ctx = struct.pack(
+        "<III", (DEV_BLOCK if kind == "b" else DEV_CHAR) | (sum(ACC[c] for c in access) << 16), major, minor
+    )
     regs = [0] * 11
     pc = 0
     insns = [struct.unpack_from("<BBhi", program, i) for i in range(0, len(program), 8)]

@@ -56,11 +56,9 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 MEDIA_LAYER_TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
-MEDIA_LAYER_GZIP = ("application/vnd.oci.image.layer.v1.tar+gzip",
-                    "application/vnd.docker.image.rootfs.diff.tar.gzip")
+MEDIA_LAYER_GZIP = ("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip")
 MEDIA_LAYER_ZSTD = ("application/vnd.oci.image.layer.v1.tar+zstd",)
-MEDIA_INDEX = ("application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json")
+MEDIA_INDEX = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 
 #: inflated bytes an import may write, over all its layers (``VIRTKIT_IMAGE_MAX_BYTES`` overrides)
 DEFAULT_MAX_BYTES = 8 << 30
@@ -152,8 +150,9 @@ class ContainerConfig:
     User: Annotated[str, Bounds(max_len=256)] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if v is not None}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items() if v is not None
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +222,21 @@ def build_busybox(rootfs: str, binary: str = BUSYBOX_BINARY) -> None:
         raise ContainerError(f"{binary} is missing: install Debian's busybox-static ('make deps' does)")
     tmp = rootfs + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "var/tmp",
-              "home", "run"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "var/tmp",
+        "home",
+        "run",
+    ):
         os.makedirs(os.path.join(tmp, d), exist_ok=True)
     os.chmod(tmp, 0o755)
     os.chmod(os.path.join(tmp, "tmp"), 0o1777)
@@ -255,9 +267,16 @@ def ensure_busybox(store: str | None = None) -> str:
     if not os.path.isfile(os.path.join(root, "image.json")):
         os.makedirs(root, mode=0o700, exist_ok=True)
         build_busybox(os.path.join(root, "rootfs"))
-        meta = {"name": "busybox", "digest": None, "source": BUSYBOX_BINARY,
-                "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                           "Cmd": ["sh"], "WorkingDir": "/"}}
+        meta = {
+            "name": "busybox",
+            "digest": None,
+            "source": BUSYBOX_BINARY,
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["sh"],
+                "WorkingDir": "/",
+            },
+        }
         _write_json(os.path.join(root, "image.json"), meta)
     return root
 
@@ -297,8 +316,10 @@ class _Counted:
             data = self.source.read(min(want, self.limit - self.count + 1))
         self.count += len(data)
         if self.count > self.limit:
-            raise ImageError(f"{self.what} is larger than {self.limit} bytes; refusing the image "
-                             "(VIRTKIT_IMAGE_MAX_BYTES sets the limit for inflated layers)")
+            raise ImageError(
+                f"{self.what} is larger than {self.limit} bytes; refusing the image "
+                "(VIRTKIT_IMAGE_MAX_BYTES sets the limit for inflated layers)"
+            )
         self.sha.update(data)
         return data
 
@@ -328,10 +349,12 @@ def _decompressor(raw: _Counted, media_type: str | None, what: str) -> _Readable
         try:
             import zstandard
         except ImportError:
-            raise ImageError(f"{what} is zstd-compressed and the 'zstandard' module is not installed "
-                             "(pip install zstandard)") from None
-        reader: _Readable = zstandard.ZstdDecompressor().stream_reader(typing.cast(IO[bytes], raw_stream),
-                                                                       read_across_frames=True)
+            raise ImageError(
+                f"{what} is zstd-compressed and the 'zstandard' module is not installed (pip install zstandard)"
+            ) from None
+        reader: _Readable = zstandard.ZstdDecompressor().stream_reader(
+            typing.cast(IO[bytes], raw_stream), read_across_frames=True
+        )
         return reader
     return raw_stream
 
@@ -344,8 +367,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
     """tarfile reads a pax or GNU long-name header whole into memory: bound it first."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                         tarfile.GNUTYPE_LONGLINK) and self.size > MAX_TAR_HEADER:
+        if (
+            self.type
+            in (
+                tarfile.XHDTYPE,
+                tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE,
+                tarfile.GNUTYPE_LONGNAME,
+                tarfile.GNUTYPE_LONGLINK,
+            )
+            and self.size > MAX_TAR_HEADER
+        ):
             raise ImageError(f"a tar header of {self.size} bytes (more than {MAX_TAR_HEADER}); refusing the image")
         return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
 
@@ -372,8 +404,9 @@ def _split(name: str, what: str, kind: str = "entry") -> list[str]:
     if ".." in parts or (kind == "entry" and name.startswith("/")):
         raise ImageError(f"{what}: {kind} {name[:80]!r} would escape the rootfs; refusing the image")
     if len(name.encode()) > MAX_PATH or any(len(p.encode()) > MAX_NAME for p in parts) or len(parts) > MAX_DEPTH:
-        raise ImageError(f"{what}: {kind} {name[:80]!r} is longer or deeper than a filesystem allows; "
-                         "refusing the image")
+        raise ImageError(
+            f"{what}: {kind} {name[:80]!r} is longer or deeper than a filesystem allows; refusing the image"
+        )
     return parts
 
 
@@ -406,8 +439,9 @@ def _open_dir(root_fd: int, parts: list[str], what: str, name: str, create: bool
                 nxt = libc.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
             except OSError as err:
                 if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
-                    raise ImageError(f"{what}: {name[:80]!r} goes through the symlink or file {p!r}; refusing "
-                                     "the image") from None
+                    raise ImageError(
+                        f"{what}: {name[:80]!r} goes through the symlink or file {p!r}; refusing the image"
+                    ) from None
                 raise
             os.close(cur)
             cur = nxt
@@ -438,11 +472,12 @@ def _copy(src: IO[bytes], fd: int, size: int, what: str) -> None:
         left -= len(data)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
 
-def _apply_entry(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: str, budget: Budget,
-                 skipped: set[str]) -> None:
+def _apply_entry(
+    tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: str, budget: Budget, skipped: set[str]
+) -> None:
     parts = _split(m.name, what)
     if not parts:
         return  # the rootfs itself ("./"): it keeps the store's mode
@@ -457,7 +492,7 @@ def _apply_entry(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: s
                 for child in _list(parent):
                     _remove_at(parent, child)
             elif not name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):  # .wh..wh.* is aufs metadata
-                target = name[len(WHITEOUT_PREFIX):]
+                target = name[len(WHITEOUT_PREFIX) :]
                 if target in ("", ".", ".."):
                     raise ImageError(f"{what}: whiteout {m.name[:80]!r} names no file; refusing the image")
                 _remove_at(parent, target)
@@ -470,8 +505,7 @@ def _apply_entry(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: s
         skipped.add("/".join(parts))
         return
     if m.issparse():
-        raise ImageError(f"{what}: {m.name[:80]!r} is a sparse file, which virtkit does not import; "
-                         "refusing the image")
+        raise ImageError(f"{what}: {m.name[:80]!r} is a sparse file, which virtkit does not import; refusing the image")
     if not (m.isdir() or m.isreg() or m.issym() or m.islnk() or m.isfifo()):
         return  # tar's own metadata (volume labels...): nothing to create
     parent = _open_dir(root_fd, parent_parts, what, m.name, create=True)
@@ -485,8 +519,9 @@ def _apply_entry(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, what: s
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 os.mkdir(name, 0o700, dir_fd=parent)
         elif m.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=parent)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
             try:
                 src = tar.extractfile(m)
                 if src is None:  # pragma: no cover - isreg() members always have a reader
@@ -542,8 +577,14 @@ class LayerResult:
     diff_id: str  # sha256 of the layer as inflated
 
 
-def apply_layer(fileobj: _Readable, rootfs: str, what: str = "layer", media_type: str | None = None,
-                budget: Budget | None = None, compressed_limit: int = 2**62) -> LayerResult:
+def apply_layer(
+    fileobj: _Readable,
+    rootfs: str,
+    what: str = "layer",
+    media_type: str | None = None,
+    budget: Budget | None = None,
+    compressed_limit: int = 2**62,
+) -> LayerResult:
     """Stream one layer tar (plain, gzip or zstd) onto ``rootfs``, applying whiteouts; return the
     digests of what was read (the caller checks them against the image's)."""
     budget = budget if budget is not None else Budget()
@@ -731,8 +772,10 @@ class _Layer:
 def _diff_ids(config: ImageConfig, count: int) -> tuple[str, ...]:
     ids = config.rootfs.diff_ids
     if len(ids) != count:
-        raise ImageError(f"the image config lists {len(ids)} rootfs.diff_ids for {count} layers: every layer must "
-                         "have one (it is how its content is verified); refusing the image")
+        raise ImageError(
+            f"the image config lists {len(ids)} rootfs.diff_ids for {count} layers: every layer must "
+            "have one (it is how its content is verified); refusing the image"
+        )
     for d in ids:
         if not _DIGEST_RE.fullmatch(d):
             raise ImageError(f"rootfs.diff_ids holds {d[:80]!r}, not a sha256 digest; refusing the image")
@@ -768,8 +811,10 @@ def _layers_oci(src: _Source, ref: str | None) -> tuple[list[_Layer], ImageConfi
         raise ImageError("the manifest names no image config; refusing the image")
     config = _record(ImageConfig, _verified(src, manifest.config, "image config"), "image config")
     ids = _diff_ids(config, len(manifest.layers))
-    layers = [_Layer(_blob_name(d.digest), d.mediaType, f"layer {i} ({d.digest[:19]})", d.digest, d.size, ids[i])
-              for i, d in enumerate(manifest.layers)]
+    layers = [
+        _Layer(_blob_name(d.digest), d.mediaType, f"layer {i} ({d.digest[:19]})", d.digest, d.size, ids[i])
+        for i, d in enumerate(manifest.layers)
+    ]
     return layers, config, chosen.digest
 
 
@@ -805,8 +850,9 @@ def _check_blob(src: _Source, layer: _Layer) -> None:
     if blob.count != size:
         raise ImageError(f"{layer.what} is truncated")
     if blob.digest() != layer.digest:
-        raise ImageError(f"{layer.what} digest mismatch: expected {layer.digest}, got {blob.digest()}; "
-                         "the image is corrupt")
+        raise ImageError(
+            f"{layer.what} digest mismatch: expected {layer.digest}, got {blob.digest()}; the image is corrupt"
+        )
 
 
 def import_image(path: str, name: str | None = None, store: str | None = None, ref: str | None = None) -> str:
@@ -826,8 +872,9 @@ def _import(src: _Source, path: str, name: str | None, store: str | None, ref: s
     elif src.exists("manifest.json"):
         layers, config, digest = _layers_docker(src)
     else:
-        raise ImageError(f"{path} is neither an OCI image layout nor a docker-save archive "
-                         "(no index.json or manifest.json)")
+        raise ImageError(
+            f"{path} is neither an OCI image layout nor a docker-save archive (no index.json or manifest.json)"
+        )
     name = name or os.path.basename(path.rstrip("/")).split(".")[0] or digest[7:19]
     from virtkit.container.state import remove_tree, validate_id
 
@@ -850,21 +897,29 @@ def _import(src: _Source, path: str, name: str | None, store: str | None, ref: s
             f, size = src.open(layer.name)
             with f:
                 if layer.size is not None and size != layer.size:
-                    raise ImageError(f"{layer.what} is {size} bytes, its descriptor says {layer.size}; "
-                                     "the image is corrupt")
-                got = apply_layer(f, os.path.join(tmp, "rootfs"), layer.what, layer.media_type, budget,
-                                  compressed_limit=size)
+                    raise ImageError(
+                        f"{layer.what} is {size} bytes, its descriptor says {layer.size}; the image is corrupt"
+                    )
+                got = apply_layer(
+                    f, os.path.join(tmp, "rootfs"), layer.what, layer.media_type, budget, compressed_limit=size
+                )
             if got.compressed_size != size:
                 raise ImageError(f"{layer.what} is truncated")
             if layer.digest is not None and got.compressed_digest != layer.digest:
-                raise ImageError(f"{layer.what} digest mismatch: expected {layer.digest}, got "
-                                 f"{got.compressed_digest}; the image is corrupt")
+                raise ImageError(
+                    f"{layer.what} digest mismatch: expected {layer.digest}, got "
+                    f"{got.compressed_digest}; the image is corrupt"
+                )
             if got.diff_id != layer.diff_id:
-                raise ImageError(f"{layer.what} digest mismatch: its content is {got.diff_id}, the image config "
-                                 f"says {layer.diff_id}; the image is corrupt")
+                raise ImageError(
+                    f"{layer.what} digest mismatch: its content is {got.diff_id}, the image config "
+                    f"says {layer.diff_id}; the image is corrupt"
+                )
         meta = StoreMeta(name, digest, os.path.abspath(path), config.config, len(budget.skipped_devices))
-        _write_json(os.path.join(tmp, "image.json"), {**dataclasses.asdict(meta), "config": (
-            config.config.as_dict() if config.config else {})})
+        _write_json(
+            os.path.join(tmp, "image.json"),
+            {**dataclasses.asdict(meta), "config": (config.config.as_dict() if config.config else {})},
+        )
         remove_tree(root)
         os.rename(tmp, root)
     except BaseException:
@@ -874,8 +929,11 @@ def _import(src: _Source, path: str, name: str | None, store: str | None, ref: s
         import sys
 
         shown = ", ".join(budget.skipped_devices[:5]) + (" ..." if len(budget.skipped_devices) > 5 else "")
-        print(f"virtkit: warning: image {name}: skipped {len(budget.skipped_devices)} device node(s) "
-              f"({shown}); images never bring device nodes", file=sys.stderr)
+        print(
+            f"virtkit: warning: image {name}: skipped {len(budget.skipped_devices)} device node(s) "
+            f"({shown}); images never bring device nodes",
+            file=sys.stderr,
+        )
     return root
 
 
@@ -884,11 +942,14 @@ def _meta(root: str) -> StoreMeta:
 
     try:
         data = read_small(os.path.join(root, "image.json"), MAX_JSON)
-        return parse(StoreMeta, load_object(data, what=f"{root}/image.json", max_bytes=MAX_JSON),
-                     what="image.json", unknown="ignore")
+        return parse(
+            StoreMeta,
+            load_object(data, what=f"{root}/image.json", max_bytes=MAX_JSON),
+            what="image.json",
+            unknown="ignore",
+        )
     except (OSError, UntrustedInput) as err:
-        raise ImageError(f"image {os.path.basename(root)} in the store is damaged ({err}); import it again") \
-            from None
+        raise ImageError(f"image {os.path.basename(root)} in the store is damaged ({err}); import it again") from None
 
 
 def resolve(image: str, store: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -899,13 +960,18 @@ def resolve(image: str, store: str | None = None) -> tuple[str, dict[str, Any]]:
     elif "/" not in image and image not in (".", "..") and os.path.isdir(os.path.join(store_dir(store), image)):
         root = os.path.join(store_dir(store), image)
     elif os.path.exists(image):
-        if os.path.isdir(image) and not os.path.exists(os.path.join(image, "index.json")) and \
-                not os.path.exists(os.path.join(image, "manifest.json")):
+        if (
+            os.path.isdir(image)
+            and not os.path.exists(os.path.join(image, "index.json"))
+            and not os.path.exists(os.path.join(image, "manifest.json"))
+        ):
             return os.path.abspath(image), {}
         root = import_image(image, store=store)
     else:
-        raise ConfigError(f"unknown image {image!r}: use 'busybox', an image name from 'virtkit images', "
-                          "or a path to an OCI layout, a docker-save archive or a rootfs directory")
+        raise ConfigError(
+            f"unknown image {image!r}: use 'busybox', an image name from 'virtkit images', "
+            "or a path to an OCI layout, a docker-save archive or a rootfs directory"
+        )
     meta = _meta(root)
     return os.path.join(root, "rootfs"), meta.config.as_dict() if meta.config else {}
 
@@ -923,5 +989,9 @@ def list_images(store: str | None = None) -> Iterator[dict[str, Any]]:
             meta = _meta(os.path.join(base, n))
         except ImageError:
             continue
-        yield {"name": meta.name, "digest": meta.digest, "source": meta.source or "",
-               "skipped_devices": meta.skipped_devices}
+        yield {
+            "name": meta.name,
+            "digest": meta.digest,
+            "source": meta.source or "",
+            "skipped_devices": meta.skipped_devices,
+        }

@@ -168,8 +168,7 @@ def setns(fd: int, nstype: int = 0) -> None:
     _check(_syscall(SYS_setns, ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     ret = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
     _check(ret, f"mount {fstype or ''} {source or ''} on {target}".replace("  ", " "), target)
 
@@ -193,8 +192,9 @@ def setdomainname(name: str) -> None:
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    ret = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                      ctypes.c_ulong(arg4), ctypes.c_ulong(arg5))
+    ret = _libc.prctl(
+        ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)
+    )
     return _check(ret, f"prctl({option})")
 
 
@@ -203,8 +203,7 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def capget(pid: int = 0) -> tuple[int, int, int]:
@@ -212,8 +211,9 @@ def capget(pid: int = 0) -> tuple[int, int, int]:
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
     data = (_CapData * 2)()
     _check(_syscall(SYS_capget, ctypes.byref(hdr), ctypes.byref(data)), "capget")
-    eff, prm, inh = (int(getattr(data[0], f)) | (int(getattr(data[1], f)) << 32)
-                     for f in ("effective", "permitted", "inheritable"))
+    eff, prm, inh = (
+        int(getattr(data[0], f)) | (int(getattr(data[1], f)) << 32) for f in ("effective", "permitted", "inheritable")
+    )
     return eff, prm, inh
 
 
@@ -233,19 +233,22 @@ def seccomp_set_filter(program: bytes, flags: int = 0) -> None:
     buf = ctypes.create_string_buffer(program, len(program))
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; } (padded to 16 bytes)
     fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", count, ctypes.addressof(buf)), 16)
-    _check(_syscall(SYS_seccomp, ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags),
-                    fprog), "seccomp")
+    _check(_syscall(SYS_seccomp, ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), fprog), "seccomp")
 
 
 def close_range_cloexec(first: int) -> None:
     """Mark every fd >= first close-on-exec (kernel 5.11+)."""
-    _check(_syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF),
-                    ctypes.c_uint(CLOSE_RANGE_CLOEXEC)), "close_range")
+    _check(
+        _syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC)),
+        "close_range",
+    )
 
 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:
-    _check(_syscall(SYS_pidfd_send_signal, ctypes.c_int(pidfd), ctypes.c_int(sig), None,
-                    ctypes.c_uint(0)), "pidfd_send_signal")
+    _check(
+        _syscall(SYS_pidfd_send_signal, ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0)),
+        "pidfd_send_signal",
+    )
 
 
 # --- paths resolved by the kernel, and mounts made on file descriptors --------------------------
@@ -276,8 +279,17 @@ def mount_id(fd: int) -> int:
     """The id of the mount ``fd`` is on (statx STATX_MNT_ID; the same number /proc/PID/mountinfo
     and fdinfo show), read without going through /proc."""
     buf = ctypes.create_string_buffer(256)
-    _check(_syscall(SYS_statx, ctypes.c_int(fd), b"", ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
-                    ctypes.c_uint(STATX_MNT_ID), buf), "statx")
+    _check(
+        _syscall(
+            SYS_statx,
+            ctypes.c_int(fd),
+            b"",
+            ctypes.c_int(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+            ctypes.c_uint(STATX_MNT_ID),
+            buf,
+        ),
+        "statx",
+    )
     mask = struct.unpack_from("<I", buf.raw, 0)[0]
     if not mask & STATX_MNT_ID:
         raise OSError(errno.ENOSYS, "statx: this kernel does not report mount ids")
@@ -299,8 +311,17 @@ def open_tree(fd: int, recursive: bool) -> int:
 
 def move_mount(mount_fd: int, target_fd: int) -> None:
     """Attach the mount ``mount_fd`` on top of what ``target_fd`` is (no path is walked)."""
-    _check(_syscall(SYS_move_mount, ctypes.c_int(mount_fd), b"", ctypes.c_int(target_fd), b"",
-                    ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)), "move_mount")
+    _check(
+        _syscall(
+            SYS_move_mount,
+            ctypes.c_int(mount_fd),
+            b"",
+            ctypes.c_int(target_fd),
+            b"",
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        ),
+        "move_mount",
+    )
 
 
 def _fs_error(fs_fd: int, what: str) -> OSError:
@@ -328,12 +349,20 @@ def fs_mount(fstype: str, source: str | None, options: list[str], attrs: int) ->
             params.append((name, text if eq else None))
         for key, value in params:
             cmd = FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING
-            ret = _syscall(SYS_fsconfig, ctypes.c_int(fs_fd), ctypes.c_uint(cmd), os.fsencode(key),
-                           None if value is None else os.fsencode(value), ctypes.c_int(0))
+            ret = _syscall(
+                SYS_fsconfig,
+                ctypes.c_int(fs_fd),
+                ctypes.c_uint(cmd),
+                os.fsencode(key),
+                None if value is None else os.fsencode(value),
+                ctypes.c_int(0),
+            )
             if ret < 0:
                 raise _fs_error(fs_fd, f"{fstype} option {key}")
-        if _syscall(SYS_fsconfig, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None,
-                    ctypes.c_int(0)) < 0:
+        if (
+            _syscall(SYS_fsconfig, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+            < 0
+        ):
             raise _fs_error(fs_fd, f"mount {fstype}")
         ret = _syscall(SYS_fsmount, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
         if ret < 0:
@@ -347,5 +376,7 @@ def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, propagation: int = 
     """Change the flags (MOUNT_ATTR_*) or propagation (MS_SHARED...) of the mount ``fd`` is the root of."""
     attr = ctypes.create_string_buffer(struct.pack("<QQQQ", attr_set, attr_clr, propagation, 0), 32)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    _check(_syscall(SYS_mount_setattr, ctypes.c_int(fd), b"", ctypes.c_uint(flags), attr, ctypes.c_size_t(32)),
-           "mount_setattr")
+    _check(
+        _syscall(SYS_mount_setattr, ctypes.c_int(fd), b"", ctypes.c_uint(flags), attr, ctypes.c_size_t(32)),
+        "mount_setattr",
+    )

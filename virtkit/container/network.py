@@ -86,8 +86,15 @@ def plan(root: str, cid: str) -> dict[str, Any]:
             continue
         os.write(fd, host_if.encode())
         os.close(fd)
-        return {"host_if": host_if, "peer_if": peer_if, "ifname": "eth0", "address": str(addr),
-                "prefix": SUBNET.prefixlen, "gateway": GATEWAY, "lease": path}
+        return {
+            "host_if": host_if,
+            "peer_if": peer_if,
+            "ifname": "eth0",
+            "address": str(addr),
+            "prefix": SUBNET.prefixlen,
+            "gateway": GATEWAY,
+            "lease": path,
+        }
     raise ContainerError(f"no free address left in {SUBNET} for --net bridge")
 
 

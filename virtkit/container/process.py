@@ -287,6 +287,7 @@ def rename_link(old: str, new: str) -> None:
 
 def configure_interface(name: str, address: str, prefix: int, gateway: str | None) -> None:
     """Address, netmask, up and default route with plain ioctls (netlink libraries may import lazily)."""
+
     def sockaddr(ip: str) -> bytes:
         return struct.pack("<H2s4s8x", socket.AF_INET, b"\0\0", socket.inet_aton(ip))
 
@@ -297,8 +298,17 @@ def configure_interface(name: str, address: str, prefix: int, gateway: str | Non
         link_up(name)
         if gateway:
             # struct rtentry: pad, dst, gateway, genmask, flags (RTF_UP|RTF_GATEWAY), ...
-            rt = (struct.pack("<Q", 0) + sockaddr("0.0.0.0") + sockaddr(gateway) + sockaddr("0.0.0.0")
-                  + struct.pack("<H", 0x3) + b"\0" * 6 + b"\0" * 8 * 2 + b"\0" * 8 + b"\0" * 8 * 3)
+            rt = (
+                struct.pack("<Q", 0)
+                + sockaddr("0.0.0.0")
+                + sockaddr(gateway)
+                + sockaddr("0.0.0.0")
+                + struct.pack("<H", 0x3)
+                + b"\0" * 6
+                + b"\0" * 8 * 2
+                + b"\0" * 8
+                + b"\0" * 8 * 3
+            )
             rt = rt.ljust(120, b"\0")
             fcntl.ioctl(s.fileno(), _SIOCADDRT, rt)
 
@@ -349,8 +359,11 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
             os._exit(0)
         code = os.waitstatus_to_exitcode(status)
         oom = (spec.cgroup.oom_kills() if spec.cgroup else 0) > oom_before
-        info = {"exitStatus": code if code >= 0 else 128 - code,
-                "signal": -code if code < 0 else None, "oomKilled": oom}
+        info = {
+            "exitStatus": code if code >= 0 else 128 - code,
+            "signal": -code if code < 0 else None,
+            "oomKilled": oom,
+        }
         data = json.dumps(info).encode()
         try:
             fd = os.open(".exit.json.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
@@ -427,8 +440,13 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
             reply = chan.recv(timeout=None)
             if not reply or not reply.get("go"):
                 os._exit(1)  # R reports the hook's failure
-        builder = RootfsBuilder(cfg, spec.rootfs, spec.new_userns, spec.cgroup.dirs if spec.cgroup else None,
-                                spec.cgroup.layout.mode if spec.cgroup else None)
+        builder = RootfsBuilder(
+            cfg,
+            spec.rootfs,
+            spec.new_userns,
+            spec.cgroup.dirs if spec.cgroup else None,
+            spec.cgroup.layout.mode if spec.cgroup else None,
+        )
         builder.prepare()
         builder.set_sysctls()
         builder.protect()

@@ -41,10 +41,14 @@ _M = libc
 
 #: options that set or clear a per-mount attribute: option -> (MOUNT_ATTR_* to set, to clear)
 ATTR_OPTIONS: dict[str, tuple[int, int]] = {
-    "ro": (_M.MOUNT_ATTR_RDONLY, 0), "rw": (0, _M.MOUNT_ATTR_RDONLY),
-    "nosuid": (_M.MOUNT_ATTR_NOSUID, 0), "suid": (0, _M.MOUNT_ATTR_NOSUID),
-    "nodev": (_M.MOUNT_ATTR_NODEV, 0), "dev": (0, _M.MOUNT_ATTR_NODEV),
-    "noexec": (_M.MOUNT_ATTR_NOEXEC, 0), "exec": (0, _M.MOUNT_ATTR_NOEXEC),
+    "ro": (_M.MOUNT_ATTR_RDONLY, 0),
+    "rw": (0, _M.MOUNT_ATTR_RDONLY),
+    "nosuid": (_M.MOUNT_ATTR_NOSUID, 0),
+    "suid": (0, _M.MOUNT_ATTR_NOSUID),
+    "nodev": (_M.MOUNT_ATTR_NODEV, 0),
+    "dev": (0, _M.MOUNT_ATTR_NODEV),
+    "noexec": (_M.MOUNT_ATTR_NOEXEC, 0),
+    "exec": (0, _M.MOUNT_ATTR_NOEXEC),
     "noatime": (_M.MOUNT_ATTR_NOATIME, _M.MOUNT_ATTR__ATIME),
     "strictatime": (_M.MOUNT_ATTR_STRICTATIME, _M.MOUNT_ATTR__ATIME),
     "relatime": (_M.MOUNT_ATTR_RELATIME, _M.MOUNT_ATTR__ATIME),
@@ -52,29 +56,44 @@ ATTR_OPTIONS: dict[str, tuple[int, int]] = {
     "atime": (_M.MOUNT_ATTR_RELATIME, _M.MOUNT_ATTR__ATIME),
     "norelatime": (_M.MOUNT_ATTR_RELATIME, _M.MOUNT_ATTR__ATIME),
     "nostrictatime": (_M.MOUNT_ATTR_RELATIME, _M.MOUNT_ATTR__ATIME),
-    "nodiratime": (_M.MOUNT_ATTR_NODIRATIME, 0), "diratime": (0, _M.MOUNT_ATTR_NODIRATIME),
-    "nosymfollow": (_M.MOUNT_ATTR_NOSYMFOLLOW, 0), "symfollow": (0, _M.MOUNT_ATTR_NOSYMFOLLOW),
+    "nodiratime": (_M.MOUNT_ATTR_NODIRATIME, 0),
+    "diratime": (0, _M.MOUNT_ATTR_NODIRATIME),
+    "nosymfollow": (_M.MOUNT_ATTR_NOSYMFOLLOW, 0),
+    "symfollow": (0, _M.MOUNT_ATTR_NOSYMFOLLOW),
 }
 #: superblock flags: passed to a new filesystem (fsconfig), ignored for bind mounts as mount(2) does
 SB_OPTIONS = ("sync", "async", "dirsync", "lazytime", "nolazytime", "mand", "nomand")
 PROPAGATION: dict[str, tuple[int, bool]] = {
-    "private": (_M.MS_PRIVATE, False), "rprivate": (_M.MS_PRIVATE, True),
-    "slave": (_M.MS_SLAVE, False), "rslave": (_M.MS_SLAVE, True),
-    "unbindable": (_M.MS_UNBINDABLE, False), "runbindable": (_M.MS_UNBINDABLE, True),
+    "private": (_M.MS_PRIVATE, False),
+    "rprivate": (_M.MS_PRIVATE, True),
+    "slave": (_M.MS_SLAVE, False),
+    "rslave": (_M.MS_SLAVE, True),
+    "unbindable": (_M.MS_UNBINDABLE, False),
+    "runbindable": (_M.MS_UNBINDABLE, True),
     # config.py refuses these two: a shared mount would show the container's mounts on the host
-    "shared": (_M.MS_SHARED, False), "rshared": (_M.MS_SHARED, True),
+    "shared": (_M.MS_SHARED, False),
+    "rshared": (_M.MS_SHARED, True),
 }
 #: options runtimes accept and ignore (runc: "tmpcopyup" is a runc extension, others are fs hints)
 IGNORED_OPTIONS = ("tmpcopyup", "defaults")
 
 #: the minimal /dev (runtime-spec config-linux.md "Default Devices")
 DEFAULT_DEVICES: tuple[Device, ...] = (
-    Device("/dev/null", "c", 1, 3, 0o666, 0, 0), Device("/dev/zero", "c", 1, 5, 0o666, 0, 0),
-    Device("/dev/full", "c", 1, 7, 0o666, 0, 0), Device("/dev/random", "c", 1, 8, 0o666, 0, 0),
-    Device("/dev/urandom", "c", 1, 9, 0o666, 0, 0), Device("/dev/tty", "c", 5, 0, 0o666, 0, 0),
+    Device("/dev/null", "c", 1, 3, 0o666, 0, 0),
+    Device("/dev/zero", "c", 1, 5, 0o666, 0, 0),
+    Device("/dev/full", "c", 1, 7, 0o666, 0, 0),
+    Device("/dev/random", "c", 1, 8, 0o666, 0, 0),
+    Device("/dev/urandom", "c", 1, 9, 0o666, 0, 0),
+    Device("/dev/tty", "c", 5, 0, 0o666, 0, 0),
 )
-DEV_SYMLINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
-                ("/proc/self/fd/2", "stderr"), ("pts/ptmx", "ptmx"), ("/proc/kcore", "core"))
+DEV_SYMLINKS = (
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+    ("pts/ptmx", "ptmx"),
+    ("/proc/kcore", "core"),
+)
 DEV_DIRS = ("pts", "shm")
 
 #: resolve as if the rootfs were /, and never through /proc/PID/fd-style magic links
@@ -164,16 +183,24 @@ def make_target(root_fd: int, path: str, *, directory: bool, writable: set[int])
         raise ContainerError(f"cannot resolve {path} in the rootfs")
     try:
         if libc.mount_id(parent) not in writable:
-            raise ContainerError(f"{path} does not exist, and its parent is on a mount the runtime did not make "
-                                 "(a bind mount, or a filesystem of the host): create it there, or mount "
-                                 "elsewhere")
+            raise ContainerError(
+                f"{path} does not exist, and its parent is on a mount the runtime did not make "
+                "(a bind mount, or a filesystem of the host): create it there, or mount "
+                "elsewhere"
+            )
         missing = parts[depth:]
         for i, name in enumerate(missing):
             last = i == len(missing) - 1
             with contextlib.suppress(FileExistsError):  # made by a racing writer: checked by the open below
                 if last and not directory:
-                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                     0o644, dir_fd=parent))
+                    os.close(
+                        os.open(
+                            name,
+                            os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            0o644,
+                            dir_fd=parent,
+                        )
+                    )
                 else:
                     os.mkdir(name, 0o755, dir_fd=parent)
             flags = os.O_PATH | (os.O_DIRECTORY if directory or not last else 0)
@@ -197,8 +224,10 @@ def _open_host_device(path: str, kind: str, major: int, minor: int) -> int:
     want = stat.S_ISBLK if kind == "b" else stat.S_ISCHR
     if not want(st.st_mode) or st.st_rdev != os.makedev(major, minor):
         os.close(fd)
-        raise ContainerError(f"{path} on the host is not the {'block' if kind == 'b' else 'character'} device "
-                             f"{major}:{minor} the config names")
+        raise ContainerError(
+            f"{path} on the host is not the {'block' if kind == 'b' else 'character'} device "
+            f"{major}:{minor} the config names"
+        )
     return fd
 
 
@@ -208,8 +237,14 @@ class RootfsBuilder:
     ``cgroup_dirs`` are the container's own cgroup directories on the host (controller, or
     ``unified``, -> directory): a ``cgroup`` mount shows exactly those, nothing above them."""
 
-    def __init__(self, config: Config, rootfs: str, userns: bool, cgroup_dirs: dict[str, str] | None = None,
-                 layout_mode: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rootfs: str,
+        userns: bool,
+        cgroup_dirs: dict[str, str] | None = None,
+        layout_mode: str | None = None,
+    ) -> None:
         self.config = config
         self.rootfs = rootfs
         self.userns = userns
@@ -234,14 +269,17 @@ class RootfsBuilder:
         except PermissionError:
             if not self.userns:
                 raise
-            raise ContainerError(f"the container's root user cannot reach the rootfs {self.rootfs}: in a user "
-                                 "namespace every parent directory must be searchable by the mapped ids "
-                                 "(chmod o+x)") from None
+            raise ContainerError(
+                f"the container's root user cannot reach the rootfs {self.rootfs}: in a user "
+                "namespace every parent directory must be searchable by the mapped ids "
+                "(chmod o+x)"
+            ) from None
         try:
             st, host_root = os.fstat(src), os.stat("/")
             if (st.st_dev, st.st_ino) == (host_root.st_dev, host_root.st_ino):
-                raise ContainerError(f"the rootfs {self.rootfs} is the host's / : a container needs a rootfs "
-                                     "directory of its own")
+                raise ContainerError(
+                    f"the rootfs {self.rootfs} is the host's / : a container needs a rootfs directory of its own"
+                )
             tree = libc.open_tree(src, recursive=True)
             try:
                 libc.move_mount(tree, src)
@@ -283,8 +321,9 @@ class RootfsBuilder:
             finally:
                 os.close(mnt)
         except OSError as err:
-            raise ContainerError(f"cannot mount {kind or ''} on {m.destination} ({where}): "
-                                 f"{err.strerror or err}") from None
+            raise ContainerError(
+                f"cannot mount {kind or ''} on {m.destination} ({where}): {err.strerror or err}"
+            ) from None
         except ContainerError as err:
             msg = str(err)
             raise ContainerError(msg if m.destination in msg else f"{where}: {msg}") from None
@@ -401,9 +440,11 @@ class RootfsBuilder:
         dev = self._dev_fd()
         if dev is None:
             if self.config.linux.devices:  # config.py refuses this; the mount table is what counts
-                raise ContainerError("linux.devices needs a tmpfs mounted at /dev: the container's /dev is "
-                                     "something else (a bind mount, or nothing), and virtkit never makes device "
-                                     "nodes there")
+                raise ContainerError(
+                    "linux.devices needs a tmpfs mounted at /dev: the container's /dev is "
+                    "something else (a bind mount, or nothing), and virtkit never makes device "
+                    "nodes there"
+                )
             return  # /dev is not ours (the host's, or the image's): leave it as it is
         old = os.umask(0)
         try:
@@ -422,7 +463,7 @@ class RootfsBuilder:
             os.close(dev)
 
     def _make_device(self, dev: int, d: Device, explicit: bool) -> None:
-        parts = d.path[len("/dev/"):].split("/")
+        parts = d.path[len("/dev/") :].split("/")
         parent = os.dup(dev)
         try:
             for name in parts[:-1]:
@@ -437,15 +478,22 @@ class RootfsBuilder:
             try:
                 if self.userns and d.type != "p":
                     # mknod is refused in a user namespace: bind the host's node instead (runc does the same)
-                    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                     0o600, dir_fd=parent))
+                    os.close(
+                        os.open(
+                            name,
+                            os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            0o600,
+                            dir_fd=parent,
+                        )
+                    )
                 else:
                     os.mknod(name, kinds[d.type] | mode, os.makedev(d.major, d.minor), dir_fd=parent)
             except FileExistsError:
                 # a mount the config made there (never unlink it); an explicit device cannot be honoured
                 if explicit:
-                    raise ContainerError(f"linux.devices: {d.path} is already taken in the container's /dev "
-                                         "(by a mount in the config)") from None
+                    raise ContainerError(
+                        f"linux.devices: {d.path} is already taken in the container's /dev (by a mount in the config)"
+                    ) from None
                 return
             if self.userns and d.type != "p":
                 src = _open_host_device(d.path, "b" if d.type == "b" else "c", d.major, d.minor)

@@ -126,9 +126,11 @@ def open_namespaces(config: Config) -> dict[str, int]:
                     with contextlib.suppress(OSError):
                         o = os.stat(own)
                         if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
-                            raise ConfigError(f"{where} is the host's {ns.type} namespace, and the config sets "
-                                              "sysctls or names in it, which would change the host's; join another "
-                                              "namespace or drop them")
+                            raise ConfigError(
+                                f"{where} is the host's {ns.type} namespace, and the config sets "
+                                "sysctls or names in it, which would change the host's; join another "
+                                "namespace or drop them"
+                            )
     except BaseException:
         for fd in out.values():
             os.close(fd)
@@ -183,7 +185,7 @@ def proxy_terminal(master: int, done: int) -> None:
             data = b""
         view = memoryview(data)
         while view:
-            view = view[os.write(1, view):]
+            view = view[os.write(1, view) :]
         return bool(data)
 
     try:
@@ -241,11 +243,22 @@ class Runtime:
     # ------------------------------------------------------------------------------------------
     # create
 
-    def create(self, cid: str, bundle: str, *, pid_file: str | None = None, capture: bool = False,
-               config: Config | None = None, rootfs: str | None = None, raw_config: dict[str, Any] | None = None,
-               overlay: dict[str, str] | None = None, net: str | None = None,
-               annotations: dict[str, str] | None = None, console_socket: str | None = None,
-               console_proxy: bool = False) -> Record:
+    def create(
+        self,
+        cid: str,
+        bundle: str,
+        *,
+        pid_file: str | None = None,
+        capture: bool = False,
+        config: Config | None = None,
+        rootfs: str | None = None,
+        raw_config: dict[str, Any] | None = None,
+        overlay: dict[str, str] | None = None,
+        net: str | None = None,
+        annotations: dict[str, str] | None = None,
+        console_socket: str | None = None,
+        console_proxy: bool = False,
+    ) -> Record:
         """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
 
         ``overlay`` = {"lower": dir, "upper": dir, "work": dir} mounts a copy-on-write rootfs at
@@ -258,11 +271,15 @@ class Runtime:
         assert rootfs is not None and raw_config is not None
         linux = config.linux
         if config.process.terminal and not console_socket and not console_proxy:
-            raise ConfigError("process.terminal is true: pass --console-socket SOCKET (the runtime sends the "
-                              "terminal's master there), or run it in the foreground with 'virtkit oci run'")
+            raise ConfigError(
+                "process.terminal is true: pass --console-socket SOCKET (the runtime sends the "
+                "terminal's master there), or run it in the foreground with 'virtkit oci run'"
+            )
         if linux.namespace("mount") is None:
-            raise ConfigError("config.json: linux.namespaces must include a mount namespace "
-                              "(virtkit builds the rootfs with pivot_root in it)")
+            raise ConfigError(
+                "config.json: linux.namespaces must include a mount namespace "
+                "(virtkit builds the rootfs with pivot_root in it)"
+            )
         seccomp = None
         if linux.seccomp is not None:
             from virtkit.container.seccomp import compile_profile
@@ -273,36 +290,77 @@ class Runtime:
             raise ConfigError("--net bridge needs a new network namespace in config.json")
         ns_fds = open_namespaces(config)  # before anything exists: a bad path is only an error
         try:
-            return self._create(cid, bundle, config, rootfs, raw_config, ns_fds, seccomp, pid_file=pid_file,
-                                capture=capture, overlay=overlay, net=net, annotations=annotations,
-                                console_socket=console_socket)
+            return self._create(
+                cid,
+                bundle,
+                config,
+                rootfs,
+                raw_config,
+                ns_fds,
+                seccomp,
+                pid_file=pid_file,
+                capture=capture,
+                overlay=overlay,
+                net=net,
+                annotations=annotations,
+                console_socket=console_socket,
+            )
         finally:
             for fd in ns_fds.values():
                 os.close(fd)
 
-    def _create(self, cid: str, bundle: str, config: Config, rootfs: str, raw_config: dict[str, Any],
-                ns_fds: dict[str, int], seccomp: bytes | None, *, pid_file: str | None, capture: bool,
-                overlay: dict[str, str] | None, net: str | None, annotations: dict[str, str] | None,
-                console_socket: str | None) -> Record:
+    def _create(
+        self,
+        cid: str,
+        bundle: str,
+        config: Config,
+        rootfs: str,
+        raw_config: dict[str, Any],
+        ns_fds: dict[str, int],
+        seccomp: bytes | None,
+        *,
+        pid_file: str | None,
+        capture: bool,
+        overlay: dict[str, str] | None,
+        net: str | None,
+        annotations: dict[str, str] | None,
+        console_socket: str | None,
+    ) -> Record:
         linux = config.linux
         rootless = os.geteuid() != 0
         cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
         if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
-            raise ContainerError("resource limits need cgroups, which an unprivileged runtime cannot write: "
-                                 "run as root or drop linux.resources")
-        rec = Record(id=cid, bundle=bundle, status="creating", created=_now(), owner=_owner(),
-                     annotations=dict(config.annotations) | (annotations or {}),
-                     creator_pid=os.getpid(), creator_start=proc_start_time(os.getpid()), rootfs=rootfs,
-                     cgroup_path=cgroup.path if cgroup else "", cgroup_dirs=cgroup.directories() if cgroup else [],
-                     mounts=[rootfs] if overlay else [], netdevs=[], capture=capture)
+            raise ContainerError(
+                "resource limits need cgroups, which an unprivileged runtime cannot write: "
+                "run as root or drop linux.resources"
+            )
+        rec = Record(
+            id=cid,
+            bundle=bundle,
+            status="creating",
+            created=_now(),
+            owner=_owner(),
+            annotations=dict(config.annotations) | (annotations or {}),
+            creator_pid=os.getpid(),
+            creator_start=proc_start_time(os.getpid()),
+            rootfs=rootfs,
+            cgroup_path=cgroup.path if cgroup else "",
+            cgroup_dirs=cgroup.directories() if cgroup else [],
+            mounts=[rootfs] if overlay else [],
+            netdevs=[],
+            capture=capture,
+        )
         if self.dirs.exists(cid):  # checked again, atomically, when the state directory is made
-            raise ContainerError(f"container id {cid!r} is already in use: pick another id or "
-                                 f"'virtkit delete {cid}' first")
+            raise ContainerError(
+                f"container id {cid!r} is already in use: pick another id or 'virtkit delete {cid}' first"
+            )
         # intent log: every cgroup directory this create may make is on record before it exists
         planned = cgroup.plan() if cgroup else []
         if cgroup is not None and any(d not in planned for d in cgroup.directories()):
-            raise ContainerError(f"cgroup {cgroup.path} already exists: another container (or a crashed one) "
-                                 "uses it; delete that container or set linux.cgroupsPath")
+            raise ContainerError(
+                f"cgroup {cgroup.path} already exists: another container (or a crashed one) "
+                "uses it; delete that container or set linux.cgroupsPath"
+            )
         rec.cgroup_made = planned
         cdir = self.dirs.create(rec, {CONFIG_COPY: json.dumps(raw_config).encode()})
         made: list[str] = list(planned)
@@ -336,11 +394,20 @@ class Runtime:
                 rec.netdevs = [net_spec["host_if"]]
                 rec.lease, rec.address = net_spec["lease"], net_spec["address"]
                 self.dirs.save(rec)
-            spec = InitSpec(config=config, rootfs=rootfs, state_dir=cdir, fifo=os.path.join(cdir, FIFO),
-                            cgroup=cgroup, seccomp=seccomp,
-                            log_path=os.path.join(cdir, LOG_FILE) if capture else None,
-                            new_ns=new_ns, join_ns=join_ns, new_userns=new_user, net=net_spec,
-                            runtime_hooks=bool(config.hooks.prestart or config.hooks.create_runtime))
+            spec = InitSpec(
+                config=config,
+                rootfs=rootfs,
+                state_dir=cdir,
+                fifo=os.path.join(cdir, FIFO),
+                cgroup=cgroup,
+                seccomp=seccomp,
+                log_path=os.path.join(cdir, LOG_FILE) if capture else None,
+                new_ns=new_ns,
+                join_ns=join_ns,
+                new_userns=new_user,
+                net=net_spec,
+                runtime_hooks=bool(config.hooks.prestart or config.hooks.create_runtime),
+            )
             r_chan, c_chan = Channel.pair()
             exit_r, exit_w = os.pipe()
             dir_fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY)
@@ -377,8 +444,14 @@ class Runtime:
             self.dirs.remove(cid)
             raise
 
-    def _handshake(self, rec: Record, chan: Channel, config: Config, net_spec: dict[str, Any] | None,
-                   console_socket: str | None = None) -> None:
+    def _handshake(
+        self,
+        rec: Record,
+        chan: Channel,
+        config: Config,
+        net_spec: dict[str, Any] | None,
+        console_socket: str | None = None,
+    ) -> None:
         """Serve the children until the init's pid is known *and* the init is ready.
 
         The two come from different processes (setup reports the pid after its fork; the init,
@@ -444,8 +517,10 @@ class Runtime:
             with open(f"/proc/{pid}/gid_map", "w") as f:
                 f.write(fmt(config.linux.gid_mappings))
         except OSError as err:
-            raise ContainerError(f"the kernel refused the user namespace id maps: {err.strerror} "
-                                 "(an unprivileged runtime can only map its own uid and gid)") from None
+            raise ContainerError(
+                f"the kernel refused the user namespace id maps: {err.strerror} "
+                "(an unprivileged runtime can only map its own uid and gid)"
+            ) from None
 
     # ------------------------------------------------------------------------------------------
     # start / kill / state
@@ -461,14 +536,16 @@ class Runtime:
                     why = f", its init was killed by signal {info['signal']} before start"
                 elif info:
                     why = f", its init exited with status {info.get('exitStatus')} before start"
-                raise ContainerError(f"cannot start container {cid}: it is {status}{why} (only a created "
-                                     "container can be started)")
+                raise ContainerError(
+                    f"cannot start container {cid}: it is {status}{why} (only a created container can be started)"
+                )
             fifo = self.dirs.path(cid, FIFO)
             try:
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
-                raise ContainerError(f"cannot start container {cid}: its init is not waiting any more; "
-                                     f"'virtkit delete {cid}'") from None
+                raise ContainerError(
+                    f"cannot start container {cid}: its init is not waiting any more; 'virtkit delete {cid}'"
+                ) from None
             try:
                 os.write(fd, b"0")
             finally:
@@ -504,9 +581,14 @@ class Runtime:
         rec = self.dirs.load(cid)
         status = current_status(rec)
         out: dict[str, Any] = {
-            "ociVersion": OCI_VERSION, "id": rec.id, "status": status,
-            "pid": rec.pid if status in ("created", "running") else 0, "bundle": rec.bundle,
-            "rootfs": rec.rootfs, "created": rec.created, "owner": rec.owner,
+            "ociVersion": OCI_VERSION,
+            "id": rec.id,
+            "status": status,
+            "pid": rec.pid if status in ("created", "running") else 0,
+            "bundle": rec.bundle,
+            "rootfs": rec.rootfs,
+            "created": rec.created,
+            "owner": rec.owner,
         }
         if rec.annotations:
             out["annotations"] = rec.annotations
@@ -580,8 +662,16 @@ class Runtime:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(mon, 0)
 
-    def run(self, cid: str, bundle: str, *, detach: bool = False, remove: bool = False,
-            forward_signals: bool = True, **create_args: Any) -> int:
+    def run(
+        self,
+        cid: str,
+        bundle: str,
+        *,
+        detach: bool = False,
+        remove: bool = False,
+        forward_signals: bool = True,
+        **create_args: Any,
+    ) -> int:
         """create + start (+ wait, forwarding signals, + delete if ``remove``); the exit status."""
         if detach:
             create_args.setdefault("capture", True)
@@ -589,8 +679,15 @@ class Runtime:
             create_args.setdefault("console_proxy", True)
         rec = self.create(cid, bundle, **create_args)
         master = self._consoles.pop(cid, None)
-        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                     signal.SIGUSR2, signal.SIGWINCH)
+        forwarded = (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGWINCH,
+        )
         old: dict[int, Any] = {}
         import threading
 
@@ -640,8 +737,10 @@ class Runtime:
                 return
             status = current_status(rec)
             if status == "running" and not force:
-                raise ContainerError(f"cannot delete container {cid}: it is running; stop it "
-                                     f"('virtkit kill {cid} KILL') or use 'delete --force'")
+                raise ContainerError(
+                    f"cannot delete container {cid}: it is running; stop it "
+                    f"('virtkit kill {cid} KILL') or use 'delete --force'"
+                )
             if status == "creating" and not force:
                 raise ContainerError(f"cannot delete container {cid}: it is being created; retry, or use --force")
             cgroup = self._cgroup(rec) if rec.cgroup_path else None
@@ -674,8 +773,11 @@ class Runtime:
         below its directory, its bridge device and lease), then remove the directory."""
         found: list[str] = []
         config = self._config(cid)
-        path = config.linux.cgroups_path if config is not None and config.linux.cgroups_path else \
-            self.default_cgroup_path(cid)
+        path = (
+            config.linux.cgroups_path
+            if config is not None and config.linux.cgroups_path
+            else self.default_cgroup_path(cid)
+        )
         if os.geteuid() == 0:
             with contextlib.suppress(ContainerError, OSError):
                 cgroup = Cgroup(self.layout, path)
@@ -692,8 +794,9 @@ class Runtime:
                 network.remove_link(host_if, lease)
         self.dirs.remove(cid)  # unmounts what is mounted below it first
         self._configs.pop(cid, None)
-        self.warnings.append(f"state of container {cid} was corrupt; removed it"
-                             + (f" and released {', '.join(found)}" if found else ""))
+        self.warnings.append(
+            f"state of container {cid} was corrupt; removed it" + (f" and released {', '.join(found)}" if found else "")
+        )
 
     def _teardown(self, rec: Record, cgroup: Cgroup | None, made: list[str], kill: bool) -> None:
         """Release everything a container holds; safe to repeat, safe on half-made containers."""
@@ -751,8 +854,9 @@ class Runtime:
     # ------------------------------------------------------------------------------------------
     # exec / ps / stats / events
 
-    def exec(self, cid: str, process: Process, *, detach: bool = False, pid_file: str | None = None,
-             preserve_fds: int = 0) -> int:
+    def exec(
+        self, cid: str, process: Process, *, detach: bool = False, pid_file: str | None = None, preserve_fds: int = 0
+    ) -> int:
         """Run ``process`` in the running container; return its exit status (0 when detached)."""
         rec = self.dirs.load(cid)
         status = current_status(rec)
@@ -783,9 +887,14 @@ class Runtime:
                 namespaces.append((flag, fd))
             if proc_start_time(rec.pid) != rec.pid_start:
                 raise ContainerError(f"cannot exec in container {cid}: it has stopped")
-            spec = ExecSpec(process=process, init_pid=rec.pid, namespaces=namespaces,
-                            cgroup=self._cgroup(rec) if rec.cgroup_path else None, seccomp=seccomp,
-                            preserve_fds=preserve_fds)
+            spec = ExecSpec(
+                process=process,
+                init_pid=rec.pid,
+                namespaces=namespaces,
+                cgroup=self._cgroup(rec) if rec.cgroup_path else None,
+                seccomp=seccomp,
+                preserve_fds=preserve_fds,
+            )
             r_chan, c_chan = Channel.pair()
             child = os.fork()
             if child == 0:  # pragma: no cover - runs in the child
@@ -840,8 +949,17 @@ class Runtime:
         code = os.waitstatus_to_exitcode(st)
         return code if code >= 0 else 128 - code
 
-    def exec_process(self, cid: str, args: list[str], *, env: list[str] | None = None, cwd: str | None = None,
-                     user: str | None = None, base: dict[str, Any] | None = None, tty: bool = False) -> Process:
+    def exec_process(
+        self,
+        cid: str,
+        args: list[str],
+        *,
+        env: list[str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        base: dict[str, Any] | None = None,
+        tty: bool = False,
+    ) -> Process:
         """The process ``exec`` runs: the container's own (capabilities, rlimits, user) with overrides."""
         self.dirs.load(cid)  # an unknown id is reported as such
         config = self._config(cid)
@@ -865,8 +983,16 @@ class Runtime:
             new_env = [x for x in new_env if not x.startswith(key)] + [e]
         if not args:
             raise ConfigError("exec needs a command: virtkit exec ID -- CMD ARGS...")
-        return Process(args=tuple(args), cwd=cwd or p.cwd, env=tuple(new_env), user=u, terminal=tty,
-                       capabilities=p.capabilities, rlimits=p.rlimits, no_new_privileges=p.no_new_privileges)
+        return Process(
+            args=tuple(args),
+            cwd=cwd or p.cwd,
+            env=tuple(new_env),
+            user=u,
+            terminal=tty,
+            capabilities=p.capabilities,
+            rlimits=p.rlimits,
+            no_new_privileges=p.no_new_privileges,
+        )
 
     def processes(self, cid: str) -> list[int]:
         rec = self.dirs.load(cid)
@@ -907,8 +1033,10 @@ class Runtime:
     def logs(self, cid: str) -> str:
         rec = self.dirs.load(cid)
         if not rec.capture:
-            raise ContainerError(f"container {cid} writes to the terminal that created it, not to a log: "
-                                 "create it with --capture (or 'virtkit oci run --detach') to keep its output")
+            raise ContainerError(
+                f"container {cid} writes to the terminal that created it, not to a log: "
+                "create it with --capture (or 'virtkit oci run --detach') to keep its output"
+            )
         try:
             with open(self.dirs.path(cid, LOG_FILE), errors="replace") as f:
                 return f.read()
@@ -938,16 +1066,32 @@ class Runtime:
             return
         import subprocess
 
-        state = json.dumps({"ociVersion": OCI_VERSION, "id": rec.id, "status": current_status(rec),
-                            "pid": rec.pid, "bundle": rec.bundle, "annotations": rec.annotations or {}})
+        state = json.dumps(
+            {
+                "ociVersion": OCI_VERSION,
+                "id": rec.id,
+                "status": current_status(rec),
+                "pid": rec.pid,
+                "bundle": rec.bundle,
+                "annotations": rec.annotations or {},
+            }
+        )
         for h in hooks:
             try:
-                subprocess.run(list(h.args) or [h.path], input=state.encode(),
-                               env=dict(e.split("=", 1) for e in h.env), timeout=h.timeout, check=True,
-                               executable=h.path, capture_output=True)
+                subprocess.run(
+                    list(h.args) or [h.path],
+                    input=state.encode(),
+                    env=dict(e.split("=", 1) for e in h.env),
+                    timeout=h.timeout,
+                    check=True,
+                    executable=h.path,
+                    capture_output=True,
+                )
             except subprocess.CalledProcessError as err:
-                raise ContainerError(f"hook {h.path} failed with status {err.returncode}: "
-                                     f"{err.stderr.decode(errors='replace').strip()[:200]}") from None
+                raise ContainerError(
+                    f"hook {h.path} failed with status {err.returncode}: "
+                    f"{err.stderr.decode(errors='replace').strip()[:200]}"
+                ) from None
             except subprocess.TimeoutExpired:
                 raise ContainerError(f"hook {h.path} did not finish within {h.timeout}s") from None
             except OSError as err:

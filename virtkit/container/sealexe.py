@@ -43,8 +43,9 @@ def ensure_sealed() -> None:
         os.environ.pop(_ENV, None)
         return
     if os.environ.get(_ENV) == "1":
-        raise ContainerError("re-executing the runtime from a sealed interpreter copy failed; "
-                             "set VIRTKIT_UNSEALED=1 to run unprotected")
+        raise ContainerError(
+            "re-executing the runtime from a sealed interpreter copy failed; set VIRTKIT_UNSEALED=1 to run unprotected"
+        )
     fd = os.memfd_create(MEMFD_NAME, os.MFD_ALLOW_SEALING)
     with open("/proc/self/exe", "rb") as src:
         data = src.read()
@@ -52,8 +53,7 @@ def ensure_sealed() -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
     env = dict(os.environ)
     env[_ENV] = "1"
     # argv[0] stays the interpreter's path: Python finds its prefix (and a venv's pyvenv.cfg) from it

@@ -19,7 +19,7 @@ def parse_signal(text: str) -> int:
         name = "SIG" + name
     for base, value in (("SIGRTMIN", signal.SIGRTMIN), ("SIGRTMAX", signal.SIGRTMAX)):
         if name.startswith(base) and name != base:
-            offset = name[len(base):]
+            offset = name[len(base) :]
             if offset[:1] in "+-" and offset[1:].isdigit():
                 num = value + int(offset)
                 if signal.SIGRTMIN <= num <= signal.SIGRTMAX:

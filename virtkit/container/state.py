@@ -64,8 +64,10 @@ class CorruptState(ContainerError):
 
 def validate_id(cid: str) -> str:
     if not _ID_RE.match(cid or "") or cid in (".", ".."):
-        raise ContainerError(f"invalid container id {cid!r}: use letters, digits and _ . + - "
-                             "(starting with a letter or digit, at most 1024 characters)")
+        raise ContainerError(
+            f"invalid container id {cid!r}: use letters, digits and _ . + - "
+            "(starting with a letter or digit, at most 1024 characters)"
+        )
     return cid
 
 
@@ -91,7 +93,7 @@ def proc_start_time(pid: int) -> int | None:
     except OSError:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'
-    rest = data[data.rindex(b")") + 2:].split()
+    rest = data[data.rindex(b")") + 2 :].split()
     if rest[0] == b"Z":  # a zombie has exited
         return None
     return int(rest[19])
@@ -147,6 +149,7 @@ class Record:
         """What this runtime could have written for container ``cid`` under ``root``, and nothing
         else: delete acts on these fields (kills a cgroup, unmounts, removes a device and a file),
         so a value outside that is refused rather than acted on."""
+
         def bad(field: str, value: object) -> UntrustedInput:
             return UntrustedInput(f"{field} {str(value)[:80]!r} is not something virtkit makes for container {cid}")
 
@@ -280,13 +283,16 @@ class StateDir:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             st = os.lstat(self.root)
             if not stat.S_ISDIR(st.st_mode):
-                raise ContainerError(f"the state directory {self.root} is not a directory; remove it or pick "
-                                     "another with --root")
+                raise ContainerError(
+                    f"the state directory {self.root} is not a directory; remove it or pick another with --root"
+                )
             if stat.S_IMODE(st.st_mode) != 0o700 and st.st_uid == os.geteuid():
                 os.chmod(self.root, 0o700)
         except OSError as err:
-            raise ContainerError(f"cannot create the state directory {self.root}: {err.strerror}; "
-                                 "run as root or pick another with --root") from None
+            raise ContainerError(
+                f"cannot create the state directory {self.root}: {err.strerror}; "
+                "run as root or pick another with --root"
+            ) from None
 
     def path(self, cid: str, *parts: str) -> str:
         return os.path.join(self.root, validate_id(cid), *parts)
@@ -302,8 +308,9 @@ class StateDir:
         extra_files = extra_files or {}
         final = self.path(record.id)
         if os.path.lexists(final):
-            raise ContainerError(f"container id {record.id!r} is already in use: pick another id or "
-                                 f"'virtkit delete {record.id}' first")
+            raise ContainerError(
+                f"container id {record.id!r} is already in use: pick another id or 'virtkit delete {record.id}' first"
+            )
         tmp = os.path.join(self.root, f".new-{record.id[:64]}-{os.getpid()}-{time.monotonic_ns()}")
         os.mkdir(tmp, 0o700)
         try:
@@ -361,8 +368,7 @@ class StateDir:
             why = "it has no state.json (a create that never finished?)"
         except (UntrustedInput, OSError) as err:
             why = str(err) if isinstance(err, UntrustedInput) else (err.strerror or str(err))
-        raise CorruptState(f"state of container {cid!r} is corrupt ({why}): 'virtkit delete --force {cid}' "
-                           "removes it")
+        raise CorruptState(f"state of container {cid!r} is corrupt ({why}): 'virtkit delete --force {cid}' removes it")
 
     def save(self, record: Record) -> None:
         atomic_write(self.path(record.id, STATE_FILE), record.to_json())
@@ -393,8 +399,12 @@ class StateDir:
     def exit_info(self, cid: str) -> dict[str, Any] | None:
         try:
             data = read_small(self.path(cid, EXIT_FILE), MAX_RECORD_BYTES)
-            return parse(ExitInfo, load_object(data, what="exit.json", max_bytes=MAX_RECORD_BYTES),
-                         what="exit.json", unknown="ignore").as_dict()
+            return parse(
+                ExitInfo,
+                load_object(data, what="exit.json", max_bytes=MAX_RECORD_BYTES),
+                what="exit.json",
+                unknown="ignore",
+            ).as_dict()
         except (OSError, UntrustedInput):
             return None
 

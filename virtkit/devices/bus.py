@@ -18,8 +18,7 @@ class UnknownAccess(Exception):
     """Raised by a bus in strict mode; the vCPU loop turns it into a machine stop."""
 
     def __init__(self, space: str, addr: int, size: int, is_write: bool) -> None:
-        super().__init__(f"guest {'wrote' if is_write else 'read'} {size} byte(s) at unknown "
-                         f"{space} {addr:#x}")
+        super().__init__(f"guest {'wrote' if is_write else 'read'} {size} byte(s) at unknown {space} {addr:#x}")
         self.space, self.addr, self.size, self.is_write = space, addr, size, is_write
 
 
@@ -69,8 +68,10 @@ class IoBus:
             raise DeviceError(f"{name}: port range {base:#x}+{length} is outside the I/O space")
         for r in self._ranges:
             if base < r.base + r.length and r.base < base + length:
-                raise DeviceError(f"{name}: ports {base:#x}-{base + length - 1:#x} collide with "
-                                  f"{r.name} at {r.base:#x}-{r.base + r.length - 1:#x}")
+                raise DeviceError(
+                    f"{name}: ports {base:#x}-{base + length - 1:#x} collide with "
+                    f"{r.name} at {r.base:#x}-{r.base + r.length - 1:#x}"
+                )
         self._ranges.append(_Range(base, length, name))
         for port in range(base, base + length):
             self._ports[port] = (device, base - offset)
@@ -106,7 +107,7 @@ class IoBus:
             entry[0].pio_write_string(port - entry[1], size, data)
             return
         for i in range(0, len(data), size):
-            self.write(port, size, int.from_bytes(data[i:i + size], "little"))
+            self.write(port, size, int.from_bytes(data[i : i + size], "little"))
 
     def _unknown(self, port: int, size: int, is_write: bool) -> int:
         _count_unknown(self.unknown, port, is_write)
@@ -131,8 +132,9 @@ class MmioBus:
             raise DeviceError(f"{name}: invalid MMIO range {base:#x}+{length}")
         for r in self._ranges:
             if base < r.base + r.length and r.base < base + length:
-                raise DeviceError(f"{name}: MMIO {base:#x}+{length:#x} collides with {r.name} at "
-                                  f"{r.base:#x}+{r.length:#x}")
+                raise DeviceError(
+                    f"{name}: MMIO {base:#x}+{length:#x} collides with {r.name} at {r.base:#x}+{r.length:#x}"
+                )
         i = bisect.bisect(self._bases, base)
         self._bases.insert(i, base)
         self._ranges.insert(i, _MmioRange(base, length, device, name))

@@ -59,10 +59,15 @@ class RawImage:
         except IsADirectoryError:
             raise DeviceError(f"disk image {self.path} is a directory, not an image file") from None
         except OSError as e:
-            if not self.read_only and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) \
-                    and os.access(self.path, os.R_OK):
-                raise DeviceError(f"disk image {self.path} is read-only ({os.strerror(e.errno)}); "
-                                  f"attach it read-only or make it writable") from None
+            if (
+                not self.read_only
+                and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                and os.access(self.path, os.R_OK)
+            ):
+                raise DeviceError(
+                    f"disk image {self.path} is read-only ({os.strerror(e.errno)}); "
+                    f"attach it read-only or make it writable"
+                ) from None
             raise DeviceError(f"cannot open disk image {self.path}: {e.strerror}") from None
 
     def _measure(self) -> int:
@@ -71,8 +76,10 @@ class RawImage:
             raise DeviceError(f"disk image {self.path} is not a regular file or block device")
         size = os.lseek(self._fd, 0, os.SEEK_END)  # also right for block devices, whose st_size is 0
         if size % SECTOR_SIZE:
-            raise DeviceError(f"disk image {self.path} is {size} bytes, not a multiple of {SECTOR_SIZE}: "
-                              f"resize it (e.g. truncate -s {(size // SECTOR_SIZE + 1) * SECTOR_SIZE})")
+            raise DeviceError(
+                f"disk image {self.path} is {size} bytes, not a multiple of {SECTOR_SIZE}: "
+                f"resize it (e.g. truncate -s {(size // SECTOR_SIZE + 1) * SECTOR_SIZE})"
+            )
         return size
 
     def _lock(self) -> None:
@@ -137,14 +144,14 @@ class RawImage:
         pos = offset
         while pos < end:
             piece_end = min(end, (pos // HOLE_CHUNK + 1) * HOLE_CHUNK)
-            piece = data[pos - offset:piece_end - offset]
+            piece = data[pos - offset : piece_end - offset]
             if _is_zero(piece) and self._is_hole(pos, piece_end):
                 if run_start < pos:
-                    _transfer(os.pwritev, self._fd, [data[run_start - offset:pos - offset]], run_start)
+                    _transfer(os.pwritev, self._fd, [data[run_start - offset : pos - offset]], run_start)
                 run_start = piece_end
             pos = piece_end
         if run_start < end:
-            _transfer(os.pwritev, self._fd, [data[run_start - offset:]], run_start)
+            _transfer(os.pwritev, self._fd, [data[run_start - offset :]], run_start)
 
     def _next_hole(self, offset: int) -> int:
         try:
@@ -165,8 +172,9 @@ def _is_zero(piece: memoryview) -> bool:
     return bytes(piece) == bytes(len(piece))
 
 
-def _transfer(call: Callable[[int, list[memoryview], int], int], fd: int, views: Sequence[memoryview],
-              offset: int) -> None:
+def _transfer(
+    call: Callable[[int, list[memoryview], int], int], fd: int, views: Sequence[memoryview], offset: int
+) -> None:
     """Run ``os.preadv`` or ``os.pwritev`` until every byte of ``views`` moved; EOF is an error."""
     pending = [v for v in views if len(v)]
     while pending:

@@ -46,34 +46,40 @@ _RESULT = struct.Struct("<qQ")
 
 
 class Hypercall(enum.IntEnum):
-    QUERY = 0            # -> value: bitmap of supported hypercalls (bit n = number n)
-    CONSOLE_WRITE = 1    # (gpa, len) -> value: bytes written
-    BLOCK_INFO = 2       # () -> value: capacity in sectors; args[0] ignored; ret -ENODEV if no disk
-    BLOCK_READ = 3       # (sector, gpa, count) -> value: sectors read
-    BLOCK_WRITE = 4      # (sector, gpa, count) -> value: sectors written
-    BLOCK_FLUSH = 5      # ()
-    TIME_WALLCLOCK = 6   # -> value: nanoseconds since the Unix epoch (host clock)
-    TIME_MONOTONIC = 7   # -> value: nanoseconds of a monotonic clock
-    YIELD = 8            # give the host CPU away once
-    POWER_OFF = 9        # (status) -> does not return: the VM ends, exit status = status & 0xFF
-    NULL = 10            # does nothing: the cost of the round trip itself
+    QUERY = 0  # -> value: bitmap of supported hypercalls (bit n = number n)
+    CONSOLE_WRITE = 1  # (gpa, len) -> value: bytes written
+    BLOCK_INFO = 2  # () -> value: capacity in sectors; args[0] ignored; ret -ENODEV if no disk
+    BLOCK_READ = 3  # (sector, gpa, count) -> value: sectors read
+    BLOCK_WRITE = 4  # (sector, gpa, count) -> value: sectors written
+    BLOCK_FLUSH = 5  # ()
+    TIME_WALLCLOCK = 6  # -> value: nanoseconds since the Unix epoch (host clock)
+    TIME_MONOTONIC = 7  # -> value: nanoseconds of a monotonic clock
+    YIELD = 8  # give the host CPU away once
+    POWER_OFF = 9  # (status) -> does not return: the VM ends, exit status = status & 0xFF
+    NULL = 10  # does nothing: the cost of the round trip itself
 
 
 class HcError(enum.IntEnum):
-    EINVAL = -1   # bad argument
-    EFAULT = -2   # guest range outside guest RAM
-    ENOSYS = -3   # unknown hypercall number or ABI version
-    EIO = -4      # host I/O error
-    EROFS = -5    # write to a read-only disk
-    E2BIG = -6    # length above the per-call bound
-    ENODEV = -7   # no such device
+    EINVAL = -1  # bad argument
+    EFAULT = -2  # guest range outside guest RAM
+    ENOSYS = -3  # unknown hypercall number or ABI version
+    EIO = -4  # host I/O error
+    EROFS = -5  # write to a read-only disk
+    E2BIG = -6  # length above the per-call bound
+    ENODEV = -7  # no such device
 
 
 class HypercallDevice(PioDevice, Persistent):
     """Sits on the I/O bus at ``layout.HYPERCALL_PORT``."""
 
-    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], *, disk: RawImage | None = None,
-                 power_off: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        console: Callable[[bytes], None],
+        *,
+        disk: RawImage | None = None,
+        power_off: Callable[[int], None],
+    ) -> None:
         self.memory = memory
         self.console = console
         self.disk = disk
@@ -82,12 +88,16 @@ class HypercallDevice(PioDevice, Persistent):
         self.errors = 0
         self.bad_blocks = 0
         self._handlers: dict[int, Callable[[tuple[int, ...]], tuple[int, int]]] = {
-            Hypercall.QUERY: self._query, Hypercall.CONSOLE_WRITE: self._console_write,
-            Hypercall.BLOCK_INFO: self._block_info, Hypercall.BLOCK_READ: self._block_read,
-            Hypercall.BLOCK_WRITE: self._block_write, Hypercall.BLOCK_FLUSH: self._block_flush,
+            Hypercall.QUERY: self._query,
+            Hypercall.CONSOLE_WRITE: self._console_write,
+            Hypercall.BLOCK_INFO: self._block_info,
+            Hypercall.BLOCK_READ: self._block_read,
+            Hypercall.BLOCK_WRITE: self._block_write,
+            Hypercall.BLOCK_FLUSH: self._block_flush,
             Hypercall.TIME_WALLCLOCK: lambda a: (0, time.time_ns()),
             Hypercall.TIME_MONOTONIC: lambda a: (0, time.monotonic_ns()),
-            Hypercall.YIELD: self._yield, Hypercall.POWER_OFF: self._power_off,
+            Hypercall.YIELD: self._yield,
+            Hypercall.POWER_OFF: self._power_off,
             Hypercall.NULL: lambda a: (0, 0),
         }
 
@@ -192,7 +202,10 @@ class HypercallDevice(PioDevice, Persistent):
     def restore(self, state: object) -> None:
         # one counter per call number, each a count: a short list would raise IndexError on the
         # vCPU thread at the next call (seen with a crafted snapshot)
-        if not isinstance(state, self.state_type()) or len(state.calls) != len(Hypercall) \
-                or any(c < 0 for c in state.calls):
+        if (
+            not isinstance(state, self.state_type())
+            or len(state.calls) != len(Hypercall)
+            or any(c < 0 for c in state.calls)
+        ):
             raise DeviceError(f"hypercall state is not {len(Hypercall)} call counters")
         self.calls, self.errors, self.bad_blocks = list(state.calls), state.errors, state.bad_blocks

@@ -44,8 +44,10 @@ def virtio_kernel_cmdline_arg(base: int, irq: int, size: int = layout.VIRTIO_MMI
 def virtio_mmio_slot(index: int) -> tuple[int, int]:
     """(base GPA, GSI) of virtio-mmio slot ``index`` in the address map."""
     if not 0 <= index < layout.VIRTIO_MMIO_MAX_DEVICES:
-        raise DeviceError(f"virtio-mmio slot {index} does not exist: a machine has "
-                          f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})")
+        raise DeviceError(
+            f"virtio-mmio slot {index} does not exist: a machine has "
+            f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})"
+        )
     return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index
 
 
@@ -79,15 +81,17 @@ class DeviceManager:
             raise DeviceError(f"two devices are named {name!r}")
         self.persistent[name] = device
 
-    def add_port_device(self, name: str, base: int, length: int, device: PioDevice, *, offset: int = 0,
-                        state_name: str | None = None) -> None:
+    def add_port_device(
+        self, name: str, base: int, length: int, device: PioDevice, *, offset: int = 0, state_name: str | None = None
+    ) -> None:
         """Ports ``base``..``base+length-1`` to ``device`` (see :meth:`IoBus.register`);
         ``state_name``: the name its state is saved under, if it has any."""
         self.io_bus.register(base, length, device, name, offset=offset)
         self._persist(state_name, device)
 
-    def add_mmio_device(self, name: str, base: int, length: int, device: MmioDevice, *,
-                        state_name: str | None = None) -> None:
+    def add_mmio_device(
+        self, name: str, base: int, length: int, device: MmioDevice, *, state_name: str | None = None
+    ) -> None:
         self.mmio_bus.register(base, length, device, name)
         self._persist(state_name, device)
 
@@ -102,15 +106,24 @@ class DeviceManager:
         self._next_virtio_slot += 1
         return slot
 
-    def configure_virtio(self, *, vm: VmFd, new_eventfd: Callable[[Callable[[], None]], int],
-                         use_ioeventfd: bool, use_irqfd: bool, irqchip: bool) -> None:
+    def configure_virtio(
+        self,
+        *,
+        vm: VmFd,
+        new_eventfd: Callable[[Callable[[], None]], int],
+        use_ioeventfd: bool,
+        use_irqfd: bool,
+        irqchip: bool,
+    ) -> None:
         """How virtio devices will be wired on this host: queue notifications by ioeventfd
         (served on the I/O thread ``new_eventfd`` belongs to) or by MMIO exit; interrupts by irqfd
         or by KVM_IRQ_LINE (or nowhere, without an in-kernel irqchip)."""
         self._vm, self._new_eventfd = vm, new_eventfd
         self._use_ioeventfd, self._use_irqfd = use_ioeventfd, use_irqfd
-        self.virtio_paths = {"notify": "ioeventfd" if use_ioeventfd else "mmio-exit",
-                             "interrupt": "irqfd" if use_irqfd else ("irq-line" if irqchip else "none")}
+        self.virtio_paths = {
+            "notify": "ioeventfd" if use_ioeventfd else "mmio-exit",
+            "interrupt": "irqfd" if use_irqfd else ("irq-line" if irqchip else "none"),
+        }
 
     def add_virtio(self, name: str, device: VirtioDevice, memory: GuestMemory) -> VirtioMmioTransport:
         """Put ``device`` behind a virtio-mmio transport in the next free slot, wire its

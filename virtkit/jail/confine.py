@@ -26,8 +26,14 @@ from virtkit.container import libc
 
 #: namespaces a confined VMM gets (user namespaces are not used: the VMM starts as real root to
 #: open /dev/kvm and join cgroups, and ends as an unprivileged uid in the host's user namespace)
-NAMESPACE_FLAGS = (libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWNET | libc.CLONE_NEWIPC
-                   | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP)
+NAMESPACE_FLAGS = (
+    libc.CLONE_NEWNS
+    | libc.CLONE_NEWPID
+    | libc.CLONE_NEWNET
+    | libc.CLONE_NEWIPC
+    | libc.CLONE_NEWUTS
+    | libc.CLONE_NEWCGROUP
+)
 
 #: where the empty root is mounted before pivot_root; any directory works, the mount is private
 #: to the VMM's mount namespace and the host's directory is never written
@@ -60,8 +66,15 @@ class JailSpec:
 
     __slots__ = ("uid", "gid", "threads", "max_file_size", "seccomp", "parent_death_signal")
 
-    def __init__(self, uid: int, gid: int, threads: int, max_file_size: int = 64 << 20,
-                 seccomp: bool = True, parent_death_signal: int = 0) -> None:
+    def __init__(
+        self,
+        uid: int,
+        gid: int,
+        threads: int,
+        max_file_size: int = 64 << 20,
+        seccomp: bool = True,
+        parent_death_signal: int = 0,
+    ) -> None:
         self.uid, self.gid, self.threads = uid, gid, threads
         self.max_file_size, self.seccomp = max_file_size, seccomp
         self.parent_death_signal = parent_death_signal
@@ -76,8 +89,13 @@ def empty_root() -> None:
     """Make the root of this mount namespace an empty, read-only tmpfs with no way back."""
     # MS_PRIVATE first: otherwise the mounts below would propagate to the host's namespace
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    libc.mount("virtkit-jail", JAIL_MOUNTPOINT, "tmpfs", libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
-               "size=4k,nr_inodes=4,mode=0555")
+    libc.mount(
+        "virtkit-jail",
+        JAIL_MOUNTPOINT,
+        "tmpfs",
+        libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+        "size=4k,nr_inodes=4,mode=0555",
+    )
     os.mkdir(os.path.join(JAIL_MOUNTPOINT, "old"), 0o000)
     os.chdir(JAIL_MOUNTPOINT)
     libc.pivot_root(".", "old")
@@ -85,8 +103,12 @@ def empty_root() -> None:
     # lazily detach the whole host tree: nothing under it is reachable by path any more
     libc.umount2("/old", libc.MNT_DETACH)
     os.rmdir("/old")
-    libc.mount(None, "/", None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID
-               | libc.MS_NODEV | libc.MS_NOEXEC)
+    libc.mount(
+        None,
+        "/",
+        None,
+        libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+    )
 
 
 def set_rlimits(spec: JailSpec, highest_fd: int) -> None:

@@ -37,10 +37,16 @@ CASES: tuple[tuple[str, str, str, int, str, int, bool], ...] = (
     ("full-hammer", "hammer.elf", "full", 1, "n=2000", 0, False),
     ("full-trapcost-timer", "trapcost.elf", "full", 1, "phases=pio,mmio,timer n=1000 ticks=20", 0, False),
     ("full-hltcli-stop", "hltcli.elf", "full", 1, "", 0, True),
-    ("full-fullwork-ata-disk", "fullwork.elf", "full", 1, "work=console,disk,null bytes=4096 sectors=64 n=100",
-     1, False),
-    ("para-console-virtio", "parawork.elf", "para", 1, "work=console,null,cpu bytes=65536 n=1000 loop=1000", 0,
-     False),
+    (
+        "full-fullwork-ata-disk",
+        "fullwork.elf",
+        "full",
+        1,
+        "work=console,disk,null bytes=4096 sectors=64 n=100",
+        1,
+        False,
+    ),
+    ("para-console-virtio", "parawork.elf", "para", 1, "work=console,null,cpu bytes=65536 n=1000 loop=1000", 0, False),
     ("para-console-hcall", "parawork.elf", "para", 1, "work=console,null via=hcall bytes=65536 n=1000", 0, False),
     ("para-disk-virtio", "parawork.elf", "para", 1, "work=disk sectors=64", 1, False),
     ("para-disk-virtio-irq", "parawork.elf", "para", 1, "work=disk sectors=64 irq=1", 1, False),
@@ -69,9 +75,16 @@ def _drive(path: str) -> None:
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
-    reqs: tuple[dict[str, object], ...] = ({"op": "status"}, {"op": "stats"}, {"op": "console-read", "offset": 0},
-                {"op": "console-write", "data": base64.b64encode(b"x").decode()}, {"op": "pause"},
-                {"op": "stats"}, {"op": "resume"}, {"op": "stop"})
+    reqs: tuple[dict[str, object], ...] = (
+        {"op": "status"},
+        {"op": "stats"},
+        {"op": "console-read", "offset": 0},
+        {"op": "console-write", "data": base64.b64encode(b"x").decode()},
+        {"op": "pause"},
+        {"op": "stats"},
+        {"op": "resume"},
+        {"op": "stop"},
+    )
     for req in reqs:
         try:
             _control(path, req)
@@ -91,15 +104,39 @@ def run_case(case: tuple[str, str, str, int, str, int, bool], guests: str, work:
         os.chmod(img, 0o666)  # the VMM opens it before it drops to its uid; this only eases inspection
         disks.append({"path": img})
     sock = os.path.join(vmdir, "c.sock")
-    definition = {"name": name, "instance": "0", "kernel": os.path.join(guests, guest), "memory": 64 << 20,
-                  "vcpus": vcpus, "mode": mode, "cmdline": cmdline, "disks": disks, "control_socket": sock,
-                  "jail": {"uid": 299990, "gid": 299990}}
+    definition = {
+        "name": name,
+        "instance": "0",
+        "kernel": os.path.join(guests, guest),
+        "memory": 64 << 20,
+        "vcpus": vcpus,
+        "mode": mode,
+        "cmdline": cmdline,
+        "disks": disks,
+        "control_socket": sock,
+        "jail": {"uid": 299990, "gid": 299990},
+    }
     with open(os.path.join(vmdir, "definition.json"), "w") as f:
         json.dump(definition, f)
     trace = os.path.join(vmdir, "strace.txt")
-    proc = subprocess.Popen(["strace", "-f", "-qq", "-o", trace, sys.executable, "-m", "virtkit.service.vmm",
-                             "--dir", vmdir, "--wait", "--no-seccomp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            trace,
+            sys.executable,
+            "-m",
+            "virtkit.service.vmm",
+            "--dir",
+            vmdir,
+            "--wait",
+            "--no-seccomp",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         if drive:
             _drive(sock)
@@ -109,8 +146,10 @@ def run_case(case: tuple[str, str, str, int, str, int, bool], guests: str, work:
             proc.kill()
             proc.wait()
     if proc.returncode >= 128 + 1 and proc.returncode != 130:
-        print(f"{name}: the VMM ended with status {proc.returncode}: {err.decode(errors='replace')[-300:]}",
-              file=sys.stderr)
+        print(
+            f"{name}: the VMM ended with status {proc.returncode}: {err.decode(errors='replace')[-300:]}",
+            file=sys.stderr,
+        )
     # the first pid of the trace is the launcher (it waits in the foreground); the VMM it forked
     # installs the filter right after PR_SET_NO_NEW_PRIVS, and every thread it makes afterwards
     # inherits it: every other pid's calls from then on count

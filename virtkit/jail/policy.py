@@ -53,10 +53,26 @@ exit exit_group
 """.split()  # noqa: SIM905 - a readable table of names
 
 #: calls answered with an error instead of death (see the module docstring)
-REFUSED: dict[str, int] = {name: errno.EACCES for name in (
-    "open", "openat", "openat2", "stat", "lstat", "newfstatat", "statx", "access", "faccessat",
-    "faccessat2", "readlink", "readlinkat", "getcwd", "getdents64", "getpeername",
-)}
+REFUSED: dict[str, int] = {
+    name: errno.EACCES
+    for name in (
+        "open",
+        "openat",
+        "openat2",
+        "stat",
+        "lstat",
+        "newfstatat",
+        "statx",
+        "access",
+        "faccessat",
+        "faccessat2",
+        "readlink",
+        "readlinkat",
+        "getcwd",
+        "getdents64",
+        "getpeername",
+    )
+}
 REFUSED["clone3"] = errno.ENOSYS
 
 KVMIO = 0xAE  # linux/kvm.h: _IO(KVMIO, nr) and friends; bits 8-15 of the request are the type
@@ -85,16 +101,29 @@ def profile() -> dict[str, Any]:
     rules: list[dict[str, Any]] = [{"names": sorted(ALLOWED), "action": "SCMP_ACT_ALLOW"}]
     for name, err in sorted(REFUSED.items()):
         rules.append({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": err})
-    rules.append({"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
-                  "args": [{"index": 1, "value": 0xFF00, "valueTwo": KVMIO << 8, "op": "SCMP_CMP_MASKED_EQ"}]})
-    rules.append({"names": ["clone"], "action": "SCMP_ACT_ALLOW",
-                  "args": [{"index": 0, "value": CLONE_THREAD, "valueTwo": CLONE_THREAD,
-                            "op": "SCMP_CMP_MASKED_EQ"}]})
+    rules.append(
+        {
+            "names": ["ioctl"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 1, "value": 0xFF00, "valueTwo": KVMIO << 8, "op": "SCMP_CMP_MASKED_EQ"}],
+        }
+    )
+    rules.append(
+        {
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 0, "value": CLONE_THREAD, "valueTwo": CLONE_THREAD, "op": "SCMP_CMP_MASKED_EQ"}],
+        }
+    )
     for name in ("mmap", "mprotect"):
-        rules.append({"names": [name], "action": "SCMP_ACT_ALLOW",
-                      "args": [{"index": 2, "value": PROT_EXEC, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]})
-    return {"defaultAction": "SCMP_ACT_KILL_PROCESS", "architectures": ["SCMP_ARCH_X86_64"],
-            "syscalls": rules}
+        rules.append(
+            {
+                "names": [name],
+                "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 2, "value": PROT_EXEC, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+            }
+        )
+    return {"defaultAction": "SCMP_ACT_KILL_PROCESS", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": rules}
 
 
 def vmm_filter() -> bytes:
@@ -138,8 +167,9 @@ def receiver_profile() -> dict[str, Any]:
     base = profile()
     extra = sorted(set(RECEIVER_ALLOWED) - set(ALLOWED))
     rules: list[dict[str, Any]] = [{"names": extra, "action": "SCMP_ACT_ALLOW"}, *base["syscalls"]]
-    rules.append({"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
-                  "args": [{"index": 1, "value": FIONBIO, "op": "SCMP_CMP_EQ"}]})
+    rules.append(
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 1, "value": FIONBIO, "op": "SCMP_CMP_EQ"}]}
+    )
     return {**base, "syscalls": rules}
 
 

@@ -76,18 +76,18 @@ class Kvm:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise KvmError(f"{path} does not exist: load the kvm module (modprobe kvm_intel, kvm_amd "
-                           "or kvm_pvm) or run on a host with virtualization enabled") from None
+            raise KvmError(
+                f"{path} does not exist: load the kvm module (modprobe kvm_intel, kvm_amd "
+                "or kvm_pvm) or run on a host with virtualization enabled"
+            ) from None
         except PermissionError:
-            raise KvmError(f"no permission to open {path}: add your user to the 'kvm' group or run "
-                           "as root") from None
+            raise KvmError(f"no permission to open {path}: add your user to the 'kvm' group or run as root") from None
         except OSError as e:
             raise KvmError(f"cannot open {path}: {e.strerror}") from None
         try:
             version = self.api_version()
             if version != K.KVM_API_VERSION:
-                raise KvmError(f"{path} speaks KVM API version {version}, virtkit needs "
-                               f"{K.KVM_API_VERSION}")
+                raise KvmError(f"{path} speaks KVM API version {version}, virtkit needs {K.KVM_API_VERSION}")
         except BaseException:
             os.close(self.fd)
             raise
@@ -150,8 +150,9 @@ class VmFd:
         except OSError:
             return 0
 
-    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, host_addr: int,
-                               flags: int = 0) -> None:
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
         region = S.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
         _ioctl_buf(self.fd, K.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
@@ -186,8 +187,16 @@ class VmFd:
         arg.flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         _ioctl_buf(self.fd, K.KVM_IRQFD, arg, "KVM_IRQFD")
 
-    def ioeventfd(self, eventfd: int, addr: int, length: int, *, pio: bool = False,
-                  datamatch: int | None = None, deassign: bool = False) -> None:
+    def ioeventfd(
+        self,
+        eventfd: int,
+        addr: int,
+        length: int,
+        *,
+        pio: bool = False,
+        datamatch: int | None = None,
+        deassign: bool = False,
+    ) -> None:
         arg = S.kvm_ioeventfd()
         arg.addr, arg.len, arg.fd = addr, length, eventfd
         flags = K.KVM_IOEVENTFD_FLAG_PIO if pio else 0

@@ -12,16 +12,46 @@ s32 = C.c_int32
 
 
 class kvm_regs(C.Structure):
-    _fields_ = [(n, u64) for n in (
-        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
+    _fields_ = [
+        (n, u64)
+        for n in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ]
 
 
 class kvm_segment(C.Structure):
     _fields_ = [
-        ("base", u64), ("limit", u32), ("selector", u16), ("type", u8), ("present", u8),
-        ("dpl", u8), ("db", u8), ("s", u8), ("l", u8), ("g", u8), ("avl", u8),
-        ("unusable", u8), ("padding", u8),
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
     ]
 
 
@@ -34,20 +64,40 @@ KVM_NR_INTERRUPTS = 256
 
 class kvm_sregs(C.Structure):
     _fields_ = [
-        ("cs", kvm_segment), ("ds", kvm_segment), ("es", kvm_segment), ("fs", kvm_segment),
-        ("gs", kvm_segment), ("ss", kvm_segment), ("tr", kvm_segment), ("ldt", kvm_segment),
-        ("gdt", kvm_dtable), ("idt", kvm_dtable),
-        ("cr0", u64), ("cr2", u64), ("cr3", u64), ("cr4", u64), ("cr8", u64),
-        ("efer", u64), ("apic_base", u64),
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", u64),
+        ("cr2", u64),
+        ("cr3", u64),
+        ("cr4", u64),
+        ("cr8", u64),
+        ("efer", u64),
+        ("apic_base", u64),
         ("interrupt_bitmap", u64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
     ]
 
 
 class kvm_fpu(C.Structure):
     _fields_ = [
-        ("fpr", (u8 * 16) * 8), ("fcw", u16), ("fsw", u16), ("ftwx", u8), ("pad1", u8),
-        ("last_opcode", u16), ("last_ip", u64), ("last_dp", u64), ("xmm", (u8 * 16) * 16),
-        ("mxcsr", u32), ("pad2", u32),
+        ("fpr", (u8 * 16) * 8),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", (u8 * 16) * 16),
+        ("mxcsr", u32),
+        ("pad2", u32),
     ]
 
 
@@ -73,8 +123,14 @@ def kvm_msr_list_of(n: int) -> type[C.Structure]:
 
 class kvm_cpuid_entry2(C.Structure):
     _fields_ = [
-        ("function", u32), ("index", u32), ("flags", u32),
-        ("eax", u32), ("ebx", u32), ("ecx", u32), ("edx", u32), ("padding", u32 * 3),
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
     ]
 
 
@@ -87,8 +143,11 @@ def kvm_cpuid2_of(n: int) -> type[C.Structure]:
 
 class kvm_userspace_memory_region(C.Structure):
     _fields_ = [
-        ("slot", u32), ("flags", u32), ("guest_phys_addr", u64),
-        ("memory_size", u64), ("userspace_addr", u64),
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
     ]
 
 
@@ -141,8 +200,7 @@ class kvm_xcrs(C.Structure):
 
 
 class kvm_clock_data(C.Structure):
-    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64),
-                ("host_tsc", u64), ("pad", u32 * 4)]
+    _fields_ = [("clock", u64), ("flags", u32), ("pad0", u32), ("realtime", u64), ("host_tsc", u64), ("pad", u32 * 4)]
 
 
 class kvm_irqfd(C.Structure):
@@ -150,8 +208,7 @@ class kvm_irqfd(C.Structure):
 
 
 class kvm_ioeventfd(C.Structure):
-    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32),
-                ("flags", u32), ("pad", u8 * 36)]
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", s32), ("flags", u32), ("pad", u8 * 36)]
 
 
 class kvm_enable_cap(C.Structure):
@@ -159,8 +216,14 @@ class kvm_enable_cap(C.Structure):
 
 
 class kvm_translation(C.Structure):
-    _fields_ = [("linear_address", u64), ("physical_address", u64), ("valid", u8),
-                ("writeable", u8), ("usermode", u8), ("pad", u8 * 5)]
+    _fields_ = [
+        ("linear_address", u64),
+        ("physical_address", u64),
+        ("valid", u8),
+        ("writeable", u8),
+        ("usermode", u8),
+        ("pad", u8 * 5),
+    ]
 
 
 # --- struct kvm_run: only the header and the exit-union offsets are needed, since the run loop

@@ -43,8 +43,15 @@ class ControlError(VirtkitError):
 class ControlServer:
     """Serves one machine's control socket from a daemon thread."""
 
-    def __init__(self, path: str, machine: Machine, *, on_migrated: Callable[[str], None] | None = None,
-                 listener: socket.socket | None = None, confined: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        machine: Machine,
+        *,
+        on_migrated: Callable[[str], None] | None = None,
+        listener: socket.socket | None = None,
+        confined: bool = False,
+    ) -> None:
         """``listener``: the socket, already bound at ``path`` (by :func:`bind`), for a VMM that
         confines itself before it serves. ``confined``: this process can no longer reach host
         files or the network, so 'snapshot' and 'migrate' are refused (saying why), and the socket
@@ -60,8 +67,12 @@ class ControlServer:
         self._threads: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
         self.handlers: dict[str, Handler] = {
-            "status": self._status, "pause": self._pause, "resume": self._resume,
-            "snapshot": self._snapshot, "migrate": self._migrate, "stop": self._stop,
+            "status": self._status,
+            "pause": self._pause,
+            "resume": self._resume,
+            "snapshot": self._snapshot,
+            "migrate": self._migrate,
+            "stop": self._stop,
         }
         if confined:
             self.handlers["snapshot"] = self.handlers["migrate"] = self._confined
@@ -89,20 +100,25 @@ class ControlServer:
 
         directory = req.get("dir")
         if not isinstance(directory, str) or not directory:
-            raise ConfigError("snapshot needs \"dir\": the directory to write")
+            raise ConfigError('snapshot needs "dir": the directory to write')
         with self._op_lock:
-            info = save(self.machine, directory, resume=bool(req.get("resume", True)),
-                        sync=bool(req.get("sync", False)))
-        return {"dir": os.path.abspath(info.directory), "state_bytes": info.state_bytes,
-                "memory_bytes": info.memory_bytes, "memory_written": info.memory_written,
-                "paused_ms": info.paused_ns / 1e6}
+            info = save(
+                self.machine, directory, resume=bool(req.get("resume", True)), sync=bool(req.get("sync", False))
+            )
+        return {
+            "dir": os.path.abspath(info.directory),
+            "state_bytes": info.state_bytes,
+            "memory_bytes": info.memory_bytes,
+            "memory_written": info.memory_written,
+            "paused_ms": info.paused_ns / 1e6,
+        }
 
     def _migrate(self, req: dict[str, Any]) -> dict[str, Any]:
         from virtkit.migration.source import MigrationOptions, migrate
 
         to = req.get("to")
         if not isinstance(to, str):
-            raise ConfigError("migrate needs \"to\": HOST:PORT of a virtkit migrate-receive")
+            raise ConfigError('migrate needs "to": HOST:PORT of a virtkit migrate-receive')
         opts = MigrationOptions.from_request(req)
         with self._op_lock:
             result = migrate(self.machine, to, opts)
@@ -111,9 +127,11 @@ class ControlServer:
         return result.to_json()
 
     def _confined(self, req: dict[str, Any]) -> dict[str, Any]:
-        raise ConfigError(f"{req.get('cmd')} needs host directories or a network connection, which this "
-                          "confined VMM (virtkit migrate-receive) cannot reach; start the receiver with "
-                          "--no-jail to snapshot or migrate the VM it receives")
+        raise ConfigError(
+            f"{req.get('cmd')} needs host directories or a network connection, which this "
+            "confined VMM (virtkit migrate-receive) cannot reach; start the receiver with "
+            "--no-jail to snapshot or migrate the VM it receives"
+        )
 
     def _stop(self, req: dict[str, Any]) -> dict[str, Any]:
         self.machine.request_stop(Stop(StopReason.STOPPED, detail="stopped through the control socket"))
@@ -227,8 +245,9 @@ def request(path: str, cmd: str, timeout: float | None = None, **fields: Any) ->
         try:
             sock.connect(path)
         except FileNotFoundError:
-            raise ControlError(f"no control socket at {path}: start the VM with `virtkit run --control "
-                               f"{path}`") from None
+            raise ControlError(
+                f"no control socket at {path}: start the VM with `virtkit run --control {path}`"
+            ) from None
         except OSError as e:
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
         try:

@@ -42,8 +42,9 @@ def generate(path: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        raise KeyFileError(f"{path} exists: remove it first or choose another file (a key is never "
-                        "overwritten)") from None
+        raise KeyFileError(
+            f"{path} exists: remove it first or choose another file (a key is never overwritten)"
+        ) from None
     except OSError as e:
         raise KeyFileError(f"cannot create key file {path}: {e.strerror}") from None
     try:
@@ -62,8 +63,10 @@ def load(path: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist: make one with `virtkit migrate-keygen "
-                        f"{path}` and copy it to the other host") from None
+        raise KeyFileError(
+            f"key file {path} does not exist: make one with `virtkit migrate-keygen "
+            f"{path}` and copy it to the other host"
+        ) from None
     except OSError as e:
         raise KeyFileError(f"cannot open key file {path}: {e.strerror}") from None
     try:
@@ -71,11 +74,15 @@ def load(path: str) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"key file {path} is not a regular file")
         if st.st_uid not in (os.geteuid(), 0):
-            raise KeyFileError(f"key file {path} belongs to uid {st.st_uid}, not to you: a key must be "
-                            "owned by the user who uses it (or root)")
+            raise KeyFileError(
+                f"key file {path} belongs to uid {st.st_uid}, not to you: a key must be "
+                "owned by the user who uses it (or root)"
+            )
         if st.st_mode & 0o077:
-            raise KeyFileError(f"key file {path} has permissions {stat.S_IMODE(st.st_mode):04o}: group and "
-                            f"others must have none; run `chmod 600 {path}`")
+            raise KeyFileError(
+                f"key file {path} has permissions {stat.S_IMODE(st.st_mode):04o}: group and "
+                f"others must have none; run `chmod 600 {path}`"
+            )
         data = os.read(fd, MAX_KEY_FILE + 1)
     except OSError as e:
         raise KeyFileError(f"cannot read key file {path}: {e.strerror}") from None
@@ -94,6 +101,8 @@ def parse(data: bytes, *, what: str) -> bytes:
     else:
         key = data
     if len(key) < MIN_KEY_BYTES:
-        raise KeyFileError(f"{what} holds a {len(key)}-byte key; at least {MIN_KEY_BYTES} random bytes are "
-                        "needed: make one with `virtkit migrate-keygen FILE`")
+        raise KeyFileError(
+            f"{what} holds a {len(key)}-byte key; at least {MIN_KEY_BYTES} random bytes are "
+            "needed: make one with `virtkit migrate-keygen FILE`"
+        )
     return key

@@ -266,8 +266,8 @@ class Channel:
         self._recv_mac: Any = None
         self._send_seq = 0
         self._recv_seq = 0
-        self._header = b""          # the header of the message being received
-        self._deadline = 0.0        # monotonic: the message being received must be complete by then
+        self._header = b""  # the header of the message being received
+        self._deadline = 0.0  # monotonic: the message being received must be complete by then
         self._page_buffer: bytearray | None = None
         sock.settimeout(read_timeout)
 
@@ -319,7 +319,7 @@ class Channel:
         offset = 0
         for gpa, view in runs:
             table += RUN.pack(gpa, len(view) // PAGE_SIZE, 0)
-            buf[offset:offset + len(view)] = view
+            buf[offset : offset + len(view)] = view
             offset += len(view)
         self._sendall(self._frame(MessageType.PAGES, [bytes(table), buf[:total]], len(table) + total))
 
@@ -342,8 +342,9 @@ class Channel:
             raise MigrationError(f"connection to {self.peer} failed while sending: {e.strerror or e}") from None
 
     # --- receiving -------------------------------------------------------------------------------
-    def recv_header(self, allowed: Mapping[MessageType, int], *, deadline: float | None = None) -> tuple[
-            MessageType, int]:
+    def recv_header(
+        self, allowed: Mapping[MessageType, int], *, deadline: float | None = None
+    ) -> tuple[MessageType, int]:
         """The next message's type and payload length. ``allowed`` maps every type acceptable at
         this point of the conversation to its size cap: anything else ends the migration before a
         byte of its payload is read. ``deadline`` (monotonic) bounds the whole message, which
@@ -355,15 +356,18 @@ class Channel:
         try:
             kind = MessageType(kind_raw)
         except ValueError:
-            raise MigrationError(f"{self.peer} sent an unknown message type {printable(repr(kind_raw), 20)} "
-                                 f"where {expected} was expected") from None
+            raise MigrationError(
+                f"{self.peer} sent an unknown message type {printable(repr(kind_raw), 20)} "
+                f"where {expected} was expected"
+            ) from None
         if kind not in allowed:
             raise MigrationError(f"{self.peer} sent {kind.label} where {expected} was expected")
         if flags != 0:
             raise MigrationError(f"{self.peer} sent a {kind.label} message with unknown flags {flags:#x}")
         if length > allowed[kind]:
-            raise MigrationError(f"{self.peer} sent a {length}-byte {kind.label} message; at most "
-                                 f"{allowed[kind]} bytes are allowed here")
+            raise MigrationError(
+                f"{self.peer} sent a {length}-byte {kind.label} message; at most {allowed[kind]} bytes are allowed here"
+            )
         self._header = raw
         return kind, int(length)
 
@@ -384,8 +388,10 @@ class Channel:
         expected = self._mac(self._recv_mac, self._recv_seq, [self._header, *parts])
         got = self._recv_exact(MAC_SIZE, what=f"the MAC of {kind.label}")
         if not hmac.compare_digest(expected, got):
-            raise AuthenticationError(f"{kind.label} message {self._recv_seq} from {self.peer} failed "
-                                      "authentication: the peer holds another key, or the stream was altered")
+            raise AuthenticationError(
+                f"{kind.label} message {self._recv_seq} from {self.peer} failed "
+                "authentication: the peer holds another key, or the stream was altered"
+            )
         self._recv_seq += 1
 
     def recv_body(self, kind: MessageType, length: int) -> bytes:
@@ -430,8 +436,9 @@ def source_handshake(ch: Channel, psk: bytes, shape: MachineShape) -> None:
     key) otherwise. Nothing about the VM is sent before the target has proved it holds the key."""
     nonce = secrets.token_bytes(NONCE_SIZE)
     ch.send(MessageType.HELLO, HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, nonce))
-    kind, length = ch.recv_header({MessageType.CHALLENGE: NONCE_SIZE, MessageType.REFUSE: MAX_SMALL,
-                                   MessageType.ABORT: MAX_SMALL})
+    kind, length = ch.recv_header(
+        {MessageType.CHALLENGE: NONCE_SIZE, MessageType.REFUSE: MAX_SMALL, MessageType.ABORT: MAX_SMALL}
+    )
     if kind is not MessageType.CHALLENGE:
         # before the keys: an older or newer virtkit, or something else; its words are unproven
         data = ch.recv_payload(length, kind.label)
@@ -439,8 +446,9 @@ def source_handshake(ch: Channel, psk: bytes, shape: MachineShape) -> None:
             text = parse_record(Failure, data, kind.label, MAX_SMALL).error
         except MigrationError:
             text = data.decode("utf-8", errors="replace")
-        raise MigrationError(f"{ch.peer} refused the migration before authenticating (unauthenticated "
-                             f"reply): {printable(text)}")
+        raise MigrationError(
+            f"{ch.peer} refused the migration before authenticating (unauthenticated reply): {printable(text)}"
+        )
     if length != NONCE_SIZE:
         raise MigrationError(f"{ch.peer} sent a {length}-byte challenge, expected {NONCE_SIZE}")
     nonce_target = ch.recv_payload(NONCE_SIZE, "the challenge")
@@ -449,11 +457,13 @@ def source_handshake(ch: Channel, psk: bytes, shape: MachineShape) -> None:
     try:
         ch.verify(MessageType.CHALLENGE, nonce_target)
     except AuthenticationError:
-        raise AuthenticationError(f"{ch.peer} did not prove it holds the migration key: give both sides "
-                                  "the same key file") from None
+        raise AuthenticationError(
+            f"{ch.peer} did not prove it holds the migration key: give both sides the same key file"
+        ) from None
     ch.send_record(MessageType.DESCRIBE, shape)
-    kind, length = ch.recv_header({MessageType.ACCEPT: MAX_SMALL, MessageType.REFUSE: MAX_SMALL,
-                                   MessageType.ABORT: MAX_SMALL})
+    kind, length = ch.recv_header(
+        {MessageType.ACCEPT: MAX_SMALL, MessageType.REFUSE: MAX_SMALL, MessageType.ABORT: MAX_SMALL}
+    )
     if kind is MessageType.ACCEPT:
         ch.recv_record(kind, length, Empty)
         return
@@ -469,28 +479,32 @@ def target_handshake(ch: Channel, psk: bytes, *, deadline: float) -> bytes:
     data = ch.recv_payload(length, "HELO")
     if length != HELLO.size or not data.startswith(HELLO_MAGIC):
         _refuse_unauthenticated(ch, f"this virtkit speaks migration protocol {PROTOCOL_VERSION} only")
-        raise MigrationError(f"{ch.peer} sent a HELO this virtkit cannot read (an older virtkit speaking "
-                             f"protocol 1, or not virtkit); it speaks protocol {PROTOCOL_VERSION} only")
+        raise MigrationError(
+            f"{ch.peer} sent a HELO this virtkit cannot read (an older virtkit speaking "
+            f"protocol 1, or not virtkit); it speaks protocol {PROTOCOL_VERSION} only"
+        )
     _, version, nonce_source = HELLO.unpack(data)
     if version != PROTOCOL_VERSION:
         _refuse_unauthenticated(ch, f"this virtkit speaks migration protocol {PROTOCOL_VERSION} only")
-        raise MigrationError(f"{ch.peer} speaks migration protocol {version}; this virtkit speaks "
-                             f"{PROTOCOL_VERSION} only")
+        raise MigrationError(
+            f"{ch.peer} speaks migration protocol {version}; this virtkit speaks {PROTOCOL_VERSION} only"
+        )
     nonce = secrets.token_bytes(NONCE_SIZE)
     to_target, to_source = session_keys(psk, nonce_source, nonce)
     ch.establish(send_key=to_source, recv_key=to_target)
     ch.send(MessageType.CHALLENGE, nonce)
     try:
-        kind, length = ch.recv_header({MessageType.DESCRIBE: MAX_DESC, MessageType.ABORT: MAX_SMALL},
-                                      deadline=deadline)
+        kind, length = ch.recv_header({MessageType.DESCRIBE: MAX_DESC, MessageType.ABORT: MAX_SMALL}, deadline=deadline)
         if kind is MessageType.ABORT:
             raise MigrationError(f"{ch.peer} aborted the migration: {ch.failure(kind, length)}")
         return ch.recv_body(kind, length)
     except ConnectionLost as e:
         raise ConnectionLost(f"{e} before authenticating (a source holding another key stops here)") from None
     except AuthenticationError:
-        raise AuthenticationError(f"{ch.peer} did not prove it holds the migration key (its first "
-                                  "message failed authentication): give both sides the same key file") from None
+        raise AuthenticationError(
+            f"{ch.peer} did not prove it holds the migration key (its first "
+            "message failed authentication): give both sides the same key file"
+        ) from None
 
 
 def parse_shape(data: bytes, peer: str) -> MachineShape:

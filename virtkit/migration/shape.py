@@ -20,7 +20,10 @@ def describe(machine: Machine) -> MachineShape:
 
     c = machine.config
     return MachineShape(
-        memory=c.memory, vcpus=c.vcpus, mode="para" if c.paravirt else "full", strict=c.strict,
+        memory=c.memory,
+        vcpus=c.vcpus,
+        mode="para" if c.paravirt else "full",
+        strict=c.strict,
         disks=tuple(DiskShape(read_only=d.read_only, size=d.size) for d in machine.disks),
         regions=tuple((r.gpa, r.size) for r in machine.memory.regions),
         devices=tuple(sorted(machine.devices)),
@@ -37,25 +40,32 @@ def compare(here: MachineShape, vm: MachineShape) -> str | None:
     """None if the VM described by ``vm`` can run in the machine ``here``; else the first field
     that differs, named, with both values, in one line."""
     if vm.memory != here.memory:
-        return (f"memory: the VM has {format_size(vm.memory)} of RAM, this receiver was started with "
-                f"--memory {format_size(here.memory)}")
+        return (
+            f"memory: the VM has {format_size(vm.memory)} of RAM, this receiver was started with "
+            f"--memory {format_size(here.memory)}"
+        )
     if vm.vcpus != here.vcpus:
         return f"vcpus: the VM has {vm.vcpus} vCPUs, this receiver was started with --vcpus {here.vcpus}"
     if vm.mode != here.mode:
         return f"mode: the VM runs in --mode {vm.mode}, this receiver was started with --mode {here.mode}"
     if vm.strict != here.strict:
-        return (f"strict: the VM runs {'with' if vm.strict else 'without'} --strict, this receiver "
-                f"{'with' if here.strict else 'without'}")
+        return (
+            f"strict: the VM runs {'with' if vm.strict else 'without'} --strict, this receiver "
+            f"{'with' if here.strict else 'without'}"
+        )
     if len(vm.disks) != len(here.disks):
-        return (f"disks: the VM has {_disks(len(vm.disks))}, this receiver was started with "
-                f"{_disks(len(here.disks))} (--disk)")
+        return (
+            f"disks: the VM has {_disks(len(vm.disks))}, this receiver was started with "
+            f"{_disks(len(here.disks))} (--disk)"
+        )
     for i, (theirs, mine) in enumerate(zip(vm.disks, here.disks, strict=True)):
         if theirs.read_only != mine.read_only:
-            return (f"disks[{i}].read_only: the VM's disk {i} is {'read-only' if theirs.read_only else 'writable'}, "
-                    f"this receiver's is {'read-only' if mine.read_only else 'writable'} (--disk IMG[,ro])")
+            return (
+                f"disks[{i}].read_only: the VM's disk {i} is {'read-only' if theirs.read_only else 'writable'}, "
+                f"this receiver's is {'read-only' if mine.read_only else 'writable'} (--disk IMG[,ro])"
+            )
         if theirs.size != mine.size:
-            return (f"disks[{i}].size: the VM's disk {i} is {theirs.size} bytes, this receiver's is "
-                    f"{mine.size} bytes")
+            return f"disks[{i}].size: the VM's disk {i} is {theirs.size} bytes, this receiver's is {mine.size} bytes"
     if vm.regions != here.regions:
         return f"regions: the VM's memory layout {list(vm.regions)} differs from this receiver's {list(here.regions)}"
     if vm.devices != here.devices:

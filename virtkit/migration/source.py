@@ -65,16 +65,16 @@ class MigrationOptions:
     def from_request(cls, req: dict[str, Any]) -> MigrationOptions:
         """From a control-socket ``migrate`` request (local, root-only, still parsed strictly)."""
         if not isinstance(req.get("key"), str):
-            raise MigrationError('migrate needs "key": the pre-shared key in hex (`virtkit migrate '
-                                 '--key-file FILE` reads it from FILE)')
+            raise MigrationError(
+                'migrate needs "key": the pre-shared key in hex (`virtkit migrate --key-file FILE` reads it from FILE)'
+            )
         try:
             r = records.parse(MigrateRequest, req, what="migrate request")
         except records.UntrustedInput as e:
             raise MigrationError(str(e)) from None
         from virtkit.migration.keys import parse
 
-        return cls(key=parse(r.key.encode(), what="the key given"), downtime_ms=r.downtime_ms,
-                   max_rounds=r.max_rounds)
+        return cls(key=parse(r.key.encode(), what="the key given"), downtime_ms=r.downtime_ms, max_rounds=r.max_rounds)
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,13 @@ class MigrationResult:
     pages_sent: int = 0
     bytes_sent: int = 0
     dirty_per_round: list[int] = field(default_factory=list)  # pages sent in round 0, 1, ...
-    dirty_seen: list[int] = field(default_factory=list)       # dirty-log size at each check after round 0
+    dirty_seen: list[int] = field(default_factory=list)  # dirty-log size at each check after round 0
     precopy_ms: float = 0.0
-    downtime_ms: float = 0.0          # source pause -> target's RUNG received here
-    target_downtime_ms: float = 0.0   # source pause -> target vCPUs started (same-host clocks)
+    downtime_ms: float = 0.0  # source pause -> target's RUNG received here
+    target_downtime_ms: float = 0.0  # source pause -> target vCPUs started (same-host clocks)
     total_ms: float = 0.0
     final_pages: int = 0
-    stop_reason: str = ""             # why pre-copy ended: budget, converged, max-rounds
+    stop_reason: str = ""  # why pre-copy ended: budget, converged, max-rounds
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -163,8 +163,9 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
     switch-over, it runs here as before and :class:`MigrationError` says why."""
     opts = opts or MigrationOptions()
     if not opts.key:
-        raise MigrationError("a migration needs the pre-shared key (virtkit migrate --key-file FILE); "
-                             "the VM keeps running here")
+        raise MigrationError(
+            "a migration needs the pre-shared key (virtkit migrate --key-file FILE); the VM keeps running here"
+        )
     if machine.stopping:
         raise MigrationError("the VM has stopped: nothing to migrate")
     if machine.paused:
@@ -250,9 +251,11 @@ def migrate(machine: Machine, to: str, opts: MigrationOptions | None = None) -> 
         reason = str(e) if isinstance(e, VirtkitError) else (e.strerror or str(e))
         if go_sent:
             # The target may or may not have started the VM: never risk two running copies.
-            raise MigrationError(f"migration to {to}: lost contact after the switch-over ({reason}); the VM "
-                                 "stays paused here: check the target, then resume or stop it here "
-                                 "(control socket 'resume'/'stop')") from None
+            raise MigrationError(
+                f"migration to {to}: lost contact after the switch-over ({reason}); the VM "
+                "stays paused here: check the target, then resume or stop it here "
+                "(control socket 'resume'/'stop')"
+            ) from None
         if ch.authenticated:  # before the keys, the peer is nobody we owe an explanation
             with contextlib.suppress(MigrationError):
                 ch.send_record(MessageType.ABORT, Failure(printable(reason, 900)))

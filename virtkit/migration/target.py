@@ -69,11 +69,19 @@ class IncomingVM(VM):
     """A :class:`virtkit.api.VM` built from this host's configuration, whose memory and state arrive
     over the network; it is running when :func:`receive` returns it."""
 
-    def __init__(self, *, memory: str | int = "64M", vcpus: int | str = 1, mode: str = "full",
-                 strict: bool = False, disks: Sequence[str | DiskSpec] = (),
-                 serial: str | BinaryIO | None = None) -> None:
-        super().__init__("(incoming migration)", memory=memory, vcpus=vcpus, mode=mode, strict=strict,
-                         serial=serial, disks=disks)
+    def __init__(
+        self,
+        *,
+        memory: str | int = "64M",
+        vcpus: int | str = 1,
+        mode: str = "full",
+        strict: bool = False,
+        disks: Sequence[str | DiskSpec] = (),
+        serial: str | BinaryIO | None = None,
+    ) -> None:
+        super().__init__(
+            "(incoming migration)", memory=memory, vcpus=vcpus, mode=mode, strict=strict, serial=serial, disks=disks
+        )
         self.source = ""
         self.stats: dict[str, Any] = {}
 
@@ -161,8 +169,9 @@ def parse_state(data: bytes, machine: Machine, peer: str) -> vmstate.MachineImag
     except SnapshotError as e:
         raise MigrationError(str(e)) from None
     if len(image.vcpus) != len(machine.vcpus):
-        raise MigrationError(f"{peer} sent the state of {len(image.vcpus)} vCPUs for a {len(machine.vcpus)}-vCPU "
-                             "machine")
+        raise MigrationError(
+            f"{peer} sent the state of {len(image.vcpus)} vCPUs for a {len(machine.vcpus)}-vCPU machine"
+        )
     host = effective_cpuid(machine)
     for v in image.vcpus:
         reason = cpucompat.check_compatible(v.cpuid, host)
@@ -216,7 +225,7 @@ def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None
     statistics once the VM runs. Raises :class:`MigrationError` otherwise, and then nothing was
     started and no state applied unless every message up to it verified."""
     authenticated = False  # the source proved it holds the key: it is owed an explanation
-    answered = False       # it was told why already (RFSE), or must not be (injected drop)
+    answered = False  # it was told why already (RFSE), or must not be (injected drop)
     try:
         try:
             description = target_handshake(ch, key, deadline=time.monotonic() + HANDSHAKE_TIMEOUT)
@@ -236,8 +245,12 @@ def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None
         # --- MEMORY -------------------------------------------------------------------------------
         pages = rounds = 0
         t_first = time.perf_counter()
-        memory_phase = {MessageType.PAGES: MAX_PAGE_MESSAGE, MessageType.ROUND: MAX_SMALL,
-                        MessageType.STATE: state_cap(landing.vcpus), MessageType.ABORT: MAX_SMALL}
+        memory_phase = {
+            MessageType.PAGES: MAX_PAGE_MESSAGE,
+            MessageType.ROUND: MAX_SMALL,
+            MessageType.STATE: state_cap(landing.vcpus),
+            MessageType.ABORT: MAX_SMALL,
+        }
         while True:
             kind, length = ch.recv_header(memory_phase)
             if kind is MessageType.PAGES:
@@ -284,8 +297,14 @@ def serve(ch: Channel, key: bytes, landing: Landing, *, fault: str | None = None
         raise
 
 
-def receive(listener: socket.socket, vm: IncomingVM, key: bytes, *, accept_timeout: float | None = None,
-            fault: str | None = None) -> IncomingVM:
+def receive(
+    listener: socket.socket,
+    vm: IncomingVM,
+    key: bytes,
+    *,
+    accept_timeout: float | None = None,
+    fault: str | None = None,
+) -> IncomingVM:
     """Accept one migration on ``listener`` into ``vm`` (opened: its machine built from this host's
     configuration) and return it running. Raises :class:`MigrationError` if the migration does
     not complete; the caller then closes ``vm``, which never ran. ``fault`` injects a failure for

@@ -153,8 +153,11 @@ class Handler(BaseHTTPRequestHandler):
                 raw += chunk
         except TimeoutError:
             self.close_connection = True
-            raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length): "
-                                f"nothing more came in {self.timeout:g} s") from None
+            raise ApiError(
+                400,
+                f"the body ended after {len(raw)} of its {length} bytes (Content-Length): "
+                f"nothing more came in {self.timeout:g} s",
+            ) from None
         if len(raw) < length:
             raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
         try:
@@ -313,8 +316,10 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
 
 
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Content-Length: %d\r\n\r\n%s")
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -353,8 +358,10 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 self._active -= 1
 
     def _busy(self, request: Any) -> None:
-        body = (json.dumps({"error": f"virtkitd is serving {self.max_connections} connections already: "
-                                     "retry shortly"}) + "\n").encode()
+        body = (
+            json.dumps({"error": f"virtkitd is serving {self.max_connections} connections already: retry shortly"})
+            + "\n"
+        ).encode()
         with contextlib.suppress(OSError):
             request.setblocking(False)
             with contextlib.suppress(OSError):  # what the client sent already, so the close is clean

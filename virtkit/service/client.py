@@ -42,8 +42,9 @@ class Client:
         self.path = path or default_socket()
         self.timeout = timeout
 
-    def request(self, method: str, url: str, body: Any = None, raw: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, url: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         conn = _UnixConnection(self.path, self.timeout)
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -54,8 +55,10 @@ class Client:
                 resp = conn.getresponse()
                 return resp.status, resp.read()
             except (FileNotFoundError, ConnectionRefusedError):
-                raise VirtkitError(f"virtkitd is not running (no API socket at {self.path}): start it with "
-                                   "`virtkitd`, or point VIRTKITD_SOCKET at its socket") from None
+                raise VirtkitError(
+                    f"virtkitd is not running (no API socket at {self.path}): start it with "
+                    "`virtkitd`, or point VIRTKITD_SOCKET at its socket"
+                ) from None
         finally:
             conn.close()
 
@@ -90,6 +93,14 @@ def ps_entries() -> list[dict[str, Any]]:
         vms = Client(timeout=5).call("GET", "/v1/vms")
     except (VirtkitError, OSError):
         return []
-    return [{"id": v["name"], "kind": "vm", "status": v["state"], "pid": v["pid"],
-             "memory": f"{v['definition']['memory_mib']} MiB",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created"]))} for v in vms]
+    return [
+        {
+            "id": v["name"],
+            "kind": "vm",
+            "status": v["state"],
+            "pid": v["pid"],
+            "memory": f"{v['definition']['memory_mib']} MiB",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(v["created"])),
+        }
+        for v in vms
+    ]

@@ -76,19 +76,28 @@ def _signal_name(sig: int) -> str:
         return str(sig)
 
 
-def describe_exit(report: vmmproto.ExitReport | None, wait_status: int | None,
-                  unreadable: str | None = None) -> dict[str, Any]:
+def describe_exit(
+    report: vmmproto.ExitReport | None, wait_status: int | None, unreadable: str | None = None
+) -> dict[str, Any]:
     """How a VMM ended, from its exit report and (when it was our child) its wait status. A report
     that could not be read (``unreadable``: the one-line reason) is a crash: the VMM misbehaved."""
     if unreadable is not None:
-        out: dict[str, Any] = {"reason": "bad-exit-report", "exit_status": None, "crash": True,
-                               "detail": f"the VMM wrote an unreadable exit report: {_one_line(unreadable)}"}
+        out: dict[str, Any] = {
+            "reason": "bad-exit-report",
+            "exit_status": None,
+            "crash": True,
+            "detail": f"the VMM wrote an unreadable exit report: {_one_line(unreadable)}",
+        }
         if wait_status is not None and os.WIFSIGNALED(wait_status):
             out["detail"] += f" (and was killed by {_signal_name(os.WTERMSIG(wait_status))})"
         return out
     if report:
-        return {"reason": report.reason, "exit_status": report.exit_status, "crash": report.crash,
-                "detail": _one_line(report.detail, 2000)}
+        return {
+            "reason": report.reason,
+            "exit_status": report.exit_status,
+            "crash": report.crash,
+            "detail": _one_line(report.detail, 2000),
+        }
     if wait_status is not None and os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
         detail = f"the VMM was killed by {_signal_name(sig)}"
@@ -96,16 +105,24 @@ def describe_exit(report: vmmproto.ExitReport | None, wait_status: int | None,
             detail += " (seccomp: it made a system call outside its allow-list)"
         return {"reason": "vmm-killed", "exit_status": 128 + sig, "crash": True, "detail": detail}
     if wait_status is not None:
-        return {"reason": "vmm-error", "exit_status": os.WEXITSTATUS(wait_status), "crash": True,
-                "detail": f"the VMM exited with status {os.WEXITSTATUS(wait_status)} without an exit report"}
-    return {"reason": "vmm-gone", "exit_status": None, "crash": True,
-            "detail": "the VMM ended without an exit report (killed while the service was not watching)"}
+        return {
+            "reason": "vmm-error",
+            "exit_status": os.WEXITSTATUS(wait_status),
+            "crash": True,
+            "detail": f"the VMM exited with status {os.WEXITSTATUS(wait_status)} without an exit report",
+        }
+    return {
+        "reason": "vmm-gone",
+        "exit_status": None,
+        "crash": True,
+        "detail": "the VMM ended without an exit report (killed while the service was not watching)",
+    }
 
 
 def _one_line(text: str, limit: int = 400) -> str:
     """Text from a VMM as one printable line of at most ``limit`` characters."""
-    line = " ".join("".join(c if c.isprintable() else " " for c in text[:limit * 2]).split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    line = " ".join("".join(c if c.isprintable() else " " for c in text[: limit * 2]).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def is_failure(exit_info: dict[str, Any]) -> bool:
@@ -123,10 +140,19 @@ class VmRuntime:
 
 
 class Service:
-    def __init__(self, state_dir: str = DEFAULT_STATE_DIR, run_dir: str = DEFAULT_RUN_DIR, *,
-                 overcommit: float = 4.0, reserve: int | None = None, cgroup_parent: str = "virtkitd",
-                 backoff_base: float = BACKOFF_BASE, use_cgroups: bool = True, python: str | None = None,
-                 vmm_module: str = "virtkit.service.vmm") -> None:
+    def __init__(
+        self,
+        state_dir: str = DEFAULT_STATE_DIR,
+        run_dir: str = DEFAULT_RUN_DIR,
+        *,
+        overcommit: float = 4.0,
+        reserve: int | None = None,
+        cgroup_parent: str = "virtkitd",
+        backoff_base: float = BACKOFF_BASE,
+        use_cgroups: bool = True,
+        python: str | None = None,
+        vmm_module: str = "virtkit.service.vmm",
+    ) -> None:
         self.state_dir, self.run_dir = os.path.abspath(state_dir), os.path.abspath(run_dir)
         for d in (self.state_dir, os.path.join(self.state_dir, "vms"), self.run_dir):
             _private_dir(d)
@@ -209,11 +235,15 @@ class Service:
             raise ConfigError(f"kernel {kernel} does not exist or is not a file")
         memory = definition["memory_mib"] * MIB
         if memory + VMM_OVERHEAD > self.account.memory_capacity:
-            raise InsufficientResources(f"{name}: asked {definition['memory_mib']} MiB, more than this host can "
-                                        f"give any VM ({self.account.memory_capacity // MIB} MiB)")
+            raise InsufficientResources(
+                f"{name}: asked {definition['memory_mib']} MiB, more than this host can "
+                f"give any VM ({self.account.memory_capacity // MIB} MiB)"
+            )
         if definition["vcpus"] > self.account.vcpu_capacity:
-            raise InsufficientResources(f"{name}: asked {definition['vcpus']} vCPUs, more than this host runs "
-                                        f"({self.account.vcpu_capacity} with overcommit)")
+            raise InsufficientResources(
+                f"{name}: asked {definition['vcpus']} vCPUs, more than this host runs "
+                f"({self.account.vcpu_capacity} with overcommit)"
+            )
         if definition.get("cpus"):
             validate_cpus(definition["cpus"], set(os.sched_getaffinity(0)))
         start = definition.pop("start", False)
@@ -280,13 +310,22 @@ class Service:
             if cg is not None:
                 cg.remove()  # a leftover of a VMM that died while the service was down
                 cg.create()
-                cg.apply(weight=d["cpu_weight"], quota_pct=d["cpu_quota_pct"], cpus=d["cpus"],
-                         memory_max=d["memory_mib"] * MIB + VMM_OVERHEAD)
+                cg.apply(
+                    weight=d["cpu_weight"],
+                    quota_pct=d["cpu_quota_pct"],
+                    cpus=d["cpus"],
+                    memory_max=d["memory_mib"] * MIB + VMM_OVERHEAD,
+                )
             instance = uuid.uuid4().hex
             vmdir = self.vm_dir(name)
             runtime_def = {
-                "name": name, "instance": instance, "kernel": d["kernel"], "memory": d["memory_mib"] * MIB,
-                "vcpus": d["vcpus"], "cmdline": d["cmdline"], "mode": d["mode"],
+                "name": name,
+                "instance": instance,
+                "kernel": d["kernel"],
+                "memory": d["memory_mib"] * MIB,
+                "vcpus": d["vcpus"],
+                "cmdline": d["cmdline"],
+                "mode": d["mode"],
                 "control_socket": self.control_path(rec),
                 "cgroups": [os.path.dirname(p) for p in cg.procs_files()] if cg else [],
                 "jail": {"uid": self.uid_for(rec["id"]), "gid": self.uid_for(rec["id"])},
@@ -318,8 +357,13 @@ class Service:
         try:
             launcher = subprocess.Popen(
                 [self.python, "-m", self.vmm_module, "--dir", vmdir],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-                close_fds=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            )
         finally:
             log.close()
         assert launcher.stdout is not None
@@ -369,8 +413,13 @@ class Service:
             path = self.control_path(rec)
         deadline = time.monotonic() + grace
         with contextlib.suppress(vmmproto.VmmUnresponsive):
-            vmmproto.request(path, {"op": "stop"}, vmmproto.OkReply, deadline=min(grace, vmmproto.REQUEST_DEADLINE),
-                             what=f"the VMM of {name}")
+            vmmproto.request(
+                path,
+                {"op": "stop"},
+                vmmproto.OkReply,
+                deadline=min(grace, vmmproto.REQUEST_DEADLINE),
+                what=f"the VMM of {name}",
+            )
         if not self._wait_gone(name, rt, max(0.0, deadline - time.monotonic())):
             with self.lock(name):
                 if self.runtimes.get(name) is rt:
@@ -466,9 +515,18 @@ class Service:
                 cg.kill()
                 cg.remove()
         with contextlib.suppress(Exception):
-            self.store.update(rt.name, state="stopped" if rt.user_stop else "failed", pid=None,
-                              last_exit={"reason": "service-error", "exit_status": None, "crash": True,
-                                         "detail": _one_line(detail), "at": time.time()})
+            self.store.update(
+                rt.name,
+                state="stopped" if rt.user_stop else "failed",
+                pid=None,
+                last_exit={
+                    "reason": "service-error",
+                    "exit_status": None,
+                    "crash": True,
+                    "detail": _one_line(detail),
+                    "at": time.time(),
+                },
+            )
             self.store.event(rt.name, "failed", _one_line(detail))
 
     def _exit_info(self, name: str, wait_status: int | None) -> dict[str, Any]:
@@ -513,7 +571,7 @@ class Service:
                 self.store.update(name, state="failed", pid=None, last_exit=info, restarts=restarts)
                 self.store.event(name, "restart-abandoned", f"{restarts} restarts in a row failed")
                 return
-            delay = min(self.backoff_base * (2 ** restarts), BACKOFF_MAX)
+            delay = min(self.backoff_base * (2**restarts), BACKOFF_MAX)
             self.store.update(name, state="restarting", pid=None, last_exit=info, restarts=restarts + 1)
             self.store.event(name, "restart-scheduled", f"in {delay:g} s (restart {restarts + 1})")
             timer = threading.Timer(delay, self._restart, args=(name,))
@@ -521,8 +579,13 @@ class Service:
             self.timers[name] = timer
             timer.start()
             return
-        self.store.update(name, state="failed" if failed else "stopped", pid=None, last_exit=info,
-                          restarts=0 if not failed else restarts)
+        self.store.update(
+            name,
+            state="failed" if failed else "stopped",
+            pid=None,
+            last_exit=info,
+            restarts=0 if not failed else restarts,
+        )
 
     def _restart(self, name: str) -> None:
         try:
@@ -554,9 +617,18 @@ class Service:
             except Exception as e:  # noqa: BLE001 - virtkitd must always start
                 _log(f"re-attaching {rec['name']} failed: {type(e).__name__}: {e}")
                 with contextlib.suppress(Exception):
-                    self.store.update(rec["name"], state="failed", pid=None, last_exit={
-                        "reason": "service-error", "exit_status": None, "crash": True, "at": time.time(),
-                        "detail": _one_line(f"re-attach failed: {type(e).__name__}: {e}")})
+                    self.store.update(
+                        rec["name"],
+                        state="failed",
+                        pid=None,
+                        last_exit={
+                            "reason": "service-error",
+                            "exit_status": None,
+                            "crash": True,
+                            "at": time.time(),
+                            "detail": _one_line(f"re-attach failed: {type(e).__name__}: {e}"),
+                        },
+                    )
 
     def _reattach_one(self, rec: dict[str, Any]) -> None:
         name = rec["name"]
@@ -573,8 +645,9 @@ class Service:
         ok = False
         pidfd = -1
         try:
-            reply, pid = vmmproto.request(path, {"op": "status"}, vmmproto.StatusReply, deadline=2.0,
-                                          what=f"the VMM of {name}")
+            reply, pid = vmmproto.request(
+                path, {"op": "status"}, vmmproto.StatusReply, deadline=2.0, what=f"the VMM of {name}"
+            )
             ok = reply.instance == rec["instance"] and pid > 0
         except vmmproto.VmmUnresponsive:
             ok = False
@@ -600,8 +673,9 @@ class Service:
 
     # --- queries ---------------------------------------------------------------------------------
     def public(self, rec: dict[str, Any]) -> dict[str, Any]:
-        return {k: rec[k] for k in ("name", "state", "pid", "definition", "restarts", "last_exit", "created",
-                                    "started")}
+        return {
+            k: rec[k] for k in ("name", "state", "pid", "definition", "restarts", "last_exit", "created", "started")
+        }
 
     def list(self) -> list[dict[str, Any]]:
         return [self.public(r) for r in self.store.all()]
@@ -618,8 +692,13 @@ class Service:
         if rt is not None:
             out["rss_bytes"] = _rss(rt.pid)
             try:
-                reply, _ = vmmproto.request(self.control_path(rec), {"op": "stats"}, vmmproto.StatsReply,
-                                            deadline=2.0, what=f"the VMM of {name}")
+                reply, _ = vmmproto.request(
+                    self.control_path(rec),
+                    {"op": "stats"},
+                    vmmproto.StatsReply,
+                    deadline=2.0,
+                    what=f"the VMM of {name}",
+                )
                 out["vmm"] = {k: v for k, v in to_json(reply.stats).items() if v is not None}
             except vmmproto.VmmUnresponsive as e:
                 out["vmm"] = {}
@@ -649,9 +728,12 @@ class Service:
         import base64
 
         try:
-            reply, _ = vmmproto.request(self.control_path(rec), {
-                "op": "console-write", "data": base64.b64encode(data.encode()).decode()}, vmmproto.OkReply,
-                what=f"{name}'s VMM")
+            reply, _ = vmmproto.request(
+                self.control_path(rec),
+                {"op": "console-write", "data": base64.b64encode(data.encode()).decode()},
+                vmmproto.OkReply,
+                what=f"{name}'s VMM",
+            )
         except vmmproto.VmmUnresponsive as e:
             raise Conflict(_one_line(str(e))) from None
         if not reply.ok:
@@ -719,7 +801,7 @@ def _read_line(fd: int, timeout: float, cap: int) -> bytes:
         if not chunk:
             break
         buf += chunk
-    return buf.split(b"\n", 1)[0][:cap + 1]
+    return buf.split(b"\n", 1)[0][: cap + 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -731,10 +813,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from virtkit.units import parse_size
 
-    p = argparse.ArgumentParser(prog="virtkitd", description="virtkit's hypervisor service: a REST API on a "
-                                "Unix socket; each VM in its own confined VMM process.")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                   help=f"database and VM files (default {DEFAULT_STATE_DIR})")
+    p = argparse.ArgumentParser(
+        prog="virtkitd",
+        description="virtkit's hypervisor service: a REST API on a "
+        "Unix socket; each VM in its own confined VMM process.",
+    )
+    p.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help=f"database and VM files (default {DEFAULT_STATE_DIR})"
+    )
     p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"sockets (default {DEFAULT_RUN_DIR})")
     p.add_argument("--socket", default=None, help="API socket (default RUN_DIR/api.sock)")
     p.add_argument("--overcommit", type=float, default=4.0, help="vCPUs per host core (default 4)")
@@ -748,8 +834,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reserve = parse_size(args.reserve_memory, what="--reserve-memory") if args.reserve_memory else None
-        service = Service(args.state_dir, args.run_dir, overcommit=args.overcommit, reserve=reserve,
-                          cgroup_parent=args.cgroup_parent, backoff_base=args.backoff, vmm_module=args.vmm_module)
+        service = Service(
+            args.state_dir,
+            args.run_dir,
+            overcommit=args.overcommit,
+            reserve=reserve,
+            cgroup_parent=args.cgroup_parent,
+            backoff_base=args.backoff,
+            vmm_module=args.vmm_module,
+        )
     except (VirtkitError, OSError) as e:
         print(f"virtkitd: error: {e}", file=sys.stderr)
         return 2

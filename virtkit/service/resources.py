@@ -80,13 +80,15 @@ class Account:
             if vcpus > free_v:
                 raise InsufficientResources(
                     f"cannot start {name}: asked {vcpus} vCPUs, {max(free_v, 0)} free of {self.vcpu_capacity} "
-                    f"({self.cores} cores x overcommit {self.overcommit:g})")
+                    f"({self.cores} cores x overcommit {self.overcommit:g})"
+                )
             available = _meminfo().get("MemAvailable", self.total_memory) - AVAILABLE_SLACK
             free_m = max(min(self.memory_capacity - used_m, available), 0)
             if need > free_m:
                 raise InsufficientResources(
                     f"cannot start {name}: asked {memory // MIB} MiB (+{VMM_OVERHEAD // MIB} MiB for the VMM), "
-                    f"{free_m // MIB} MiB free of {self.memory_capacity // MIB} MiB for VMs")
+                    f"{free_m // MIB} MiB free of {self.memory_capacity // MIB} MiB for VMs"
+                )
             self.held[name] = (vcpus, need)
 
     def release(self, name: str) -> None:
@@ -97,9 +99,16 @@ class Account:
         used_v, used_m = self.usage()
         info = _meminfo()
         return {
-            "cores": self.cores, "overcommit": self.overcommit, "vcpu_capacity": self.vcpu_capacity,
-            "vcpus_used": used_v, "memory_total": self.total_memory, "memory_reserved_for_host": self.reserve,
-            "memory_capacity": self.memory_capacity, "memory_used": used_m,
-            "memory_free": self.free_memory(), "memory_available_now": info.get("MemAvailable", 0),
-            "vmm_overhead_allowance": VMM_OVERHEAD, "load_average": list(os.getloadavg()),
+            "cores": self.cores,
+            "overcommit": self.overcommit,
+            "vcpu_capacity": self.vcpu_capacity,
+            "vcpus_used": used_v,
+            "memory_total": self.total_memory,
+            "memory_reserved_for_host": self.reserve,
+            "memory_capacity": self.memory_capacity,
+            "memory_used": used_m,
+            "memory_free": self.free_memory(),
+            "memory_available_now": info.get("MemAvailable", 0),
+            "vmm_overhead_allowance": VMM_OVERHEAD,
+            "load_average": list(os.getloadavg()),
         }

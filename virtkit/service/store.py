@@ -74,8 +74,10 @@ class Store:
     def insert(self, name: str, definition: dict[str, Any]) -> dict[str, Any]:
         """Raises sqlite3.IntegrityError if the name is taken."""
         with self.lock:
-            self.db.execute("INSERT INTO vms (name, definition, state, created) VALUES (?, ?, 'created', ?)",
-                            (name, json.dumps(definition), time.time()))
+            self.db.execute(
+                "INSERT INTO vms (name, definition, state, created) VALUES (?, ?, 'created', ?)",
+                (name, json.dumps(definition), time.time()),
+            )
         rec = self.get(name)
         assert rec is not None
         return rec
@@ -104,8 +106,9 @@ class Store:
 
     def event(self, vm: str, kind: str, detail: str = "") -> None:
         with self.lock:
-            self.db.execute("INSERT INTO events (ts, vm, kind, detail) VALUES (?, ?, ?, ?)",
-                            (time.time(), vm, kind, detail))
+            self.db.execute(
+                "INSERT INTO events (ts, vm, kind, detail) VALUES (?, ?, ?, ?)", (time.time(), vm, kind, detail)
+            )
 
     def events(self, vm: str | None = None, since: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         q = "SELECT id, ts, vm, kind, detail FROM events WHERE id > ?"

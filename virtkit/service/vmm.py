@@ -67,7 +67,7 @@ class SerialSink:
             self.ring += data
             self.total += len(data)
             if len(self.ring) > CONSOLE_RING:
-                del self.ring[:len(self.ring) - CONSOLE_RING]
+                del self.ring[: len(self.ring) - CONSOLE_RING]
         if self.log_fd >= 0:
             # EFBIG at RLIMIT_FSIZE: the log is full, the guest keeps running
             with contextlib.suppress(OSError):
@@ -79,7 +79,7 @@ class SerialSink:
         with self.lock:
             start = self.total - len(self.ring)
             offset = min(max(offset, start), self.total)
-            data = bytes(self.ring[offset - start:offset - start + limit])
+            data = bytes(self.ring[offset - start : offset - start + limit])
             return offset, data, offset + len(data)
 
 
@@ -90,15 +90,15 @@ class Vmm:
         self.dir = vmdir
         self.definition = definition
         d = definition
-        disks = tuple(DiskSpec(str(x["path"]), bool(x.get("read_only", False)))
-                      for x in d.get("disks", []))
-        config = MachineConfig(memory=int(d["memory"]), vcpus=int(d["vcpus"]),
-                               paravirt=d.get("mode") == "para", disks=disks)
-        log_fd = os.open(os.path.join(vmdir, SERIAL_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                         0o640)
+        disks = tuple(DiskSpec(str(x["path"]), bool(x.get("read_only", False))) for x in d.get("disks", []))
+        config = MachineConfig(
+            memory=int(d["memory"]), vcpus=int(d["vcpus"]), paravirt=d.get("mode") == "para", disks=disks
+        )
+        log_fd = os.open(os.path.join(vmdir, SERIAL_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self.serial = SerialSink(log_fd)
-        self.report_fd = os.open(os.path.join(vmdir, EXIT_REPORT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                                 | os.O_CLOEXEC, 0o640)
+        self.report_fd = os.open(
+            os.path.join(vmdir, EXIT_REPORT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
+        )
         self.machine = Machine(config, self.serial.write)
         self.machine.load(str(d["kernel"]), cmdline=str(d.get("cmdline", "")))
         path = str(d.get("control_socket") or os.path.join(vmdir, CONTROL_SOCKET))  # sun_path: 108 bytes
@@ -148,13 +148,21 @@ class Vmm:
         op = req.get("op")
         if op == "status":
             state = "stopping" if m.stopping else "paused" if m.paused else "running"
-            return {"ok": True, "name": self.definition.get("name"), "instance": self.definition.get("instance"),
-                    "state": state, "vcpus": len(m.vcpus), "memory": m.config.memory, "started": self.started}
+            return {
+                "ok": True,
+                "name": self.definition.get("name"),
+                "instance": self.definition.get("instance"),
+                "state": state,
+                "vcpus": len(m.vcpus),
+                "memory": m.config.memory,
+                "started": self.started,
+            }
         if op == "stats":
             return {"ok": True, "stats": self.stats()}
         if op == "console-read":
-            first, data, nxt = self.serial.read(int(req.get("offset", 0)),
-                                                min(int(req.get("limit", CONSOLE_RING)), CONSOLE_RING))
+            first, data, nxt = self.serial.read(
+                int(req.get("offset", 0)), min(int(req.get("limit", CONSOLE_RING)), CONSOLE_RING)
+            )
             return {"ok": True, "offset": first, "next": nxt, "data": base64.b64encode(data).decode()}
         if op == "console-write":
             m.uart.receive(base64.b64decode(str(req.get("data", ""))))
@@ -176,8 +184,12 @@ class Vmm:
         m = self.machine
         for _ in range(5):  # vCPU threads add keys while we read; retry a torn read
             try:
-                st = merge(m.vcpu_stats(), dict(m.io_bus.unknown), dict(m.mmio_bus.unknown),
-                           (m.ended_ns or time.perf_counter_ns()) - m.started_ns)
+                st = merge(
+                    m.vcpu_stats(),
+                    dict(m.io_bus.unknown),
+                    dict(m.mmio_bus.unknown),
+                    (m.ended_ns or time.perf_counter_ns()) - m.started_ns,
+                )
                 break
             except RuntimeError:
                 continue
@@ -192,8 +204,7 @@ class Vmm:
         out = st.to_dict()
         out["device_exits"] = devices
         out["serial_bytes"] = self.serial.total
-        out["first_output_s"] = (None if self.serial.first_ns is None
-                                 else (self.serial.first_ns - m.started_ns) / 1e9)
+        out["first_output_s"] = None if self.serial.first_ns is None else (self.serial.first_ns - m.started_ns) / 1e9
         out["uptime_s"] = time.time() - self.started
         return out
 
@@ -210,8 +221,13 @@ class Vmm:
             m.stop()
         stop = m.wait()
         status = exit_status_for(stop)
-        report = {"reason": stop.reason.value, "exit_status": status, "detail": stop.detail[:4000],
-                  "crash": stop.reason.is_crash, "ended": time.time()}
+        report = {
+            "reason": stop.reason.value,
+            "exit_status": status,
+            "detail": stop.detail[:4000],
+            "crash": stop.reason.is_crash,
+            "ended": time.time(),
+        }
         with contextlib.suppress(OSError):
             os.write(self.report_fd, json.dumps(report).encode())
         return status
@@ -220,6 +236,7 @@ class Vmm:
 def run_probe(action: str) -> None:
     """Test hook: try something a confined VMM must not be able to do, and say what happened on
     stderr. Under seccomp most of these end the process with SIGSYS instead."""
+
     def say(text: str) -> None:
         os.write(2, f"probe {action}: {text}\n".encode())
 
@@ -335,17 +352,24 @@ def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object
             from virtkit.jail.confine import JailSpec, confine, thread_limit
 
             j: dict[str, int] = definition.get("jail") or {}
-            spec = JailSpec(uid=int(j.get("uid", 65534)), gid=int(j.get("gid", 65534)),
-                            threads=thread_limit(int(definition["vcpus"]), definition.get("mode") == "para"),
-                            max_file_size=int(j.get("max_log", 64 << 20)),
-                            seccomp=not getattr(args, "no_seccomp", False))
+            spec = JailSpec(
+                uid=int(j.get("uid", 65534)),
+                gid=int(j.get("gid", 65534)),
+                threads=thread_limit(int(definition["vcpus"]), definition.get("mode") == "para"),
+                max_file_size=int(j.get("max_log", 64 << 20)),
+                seccomp=not getattr(args, "no_seccomp", False),
+            )
             confine(spec)
     except (VirtkitError, OSError) as e:
         os.write(2, f"virtkit vmm: error: {e}\n".encode())
         try:
             fd = os.open(os.path.join(vmdir, EXIT_REPORT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            os.write(fd, json.dumps({"reason": "error", "exit_status": 1, "detail": str(e)[:4000],
-                                     "crash": False, "ended": time.time()}).encode())
+            os.write(
+                fd,
+                json.dumps(
+                    {"reason": "error", "exit_status": 1, "detail": str(e)[:4000], "crash": False, "ended": time.time()}
+                ).encode(),
+            )
             os.close(fd)
         except OSError:
             pass

@@ -56,12 +56,25 @@ class VmmUnresponsive(VirtkitError):
 @dataclass(frozen=True, slots=True)
 class ExitReport:
     #: :class:`virtkit.vm.StopReason` values
-    reason: Literal["debug-exit", "reset", "power-off", "halted", "triple-fault", "internal-error", "fail-entry",
-                    "unknown-access", "timeout", "stopped", "error"]
+    reason: Literal[
+        "debug-exit",
+        "reset",
+        "power-off",
+        "halted",
+        "triple-fault",
+        "internal-error",
+        "fail-entry",
+        "unknown-access",
+        "timeout",
+        "stopped",
+        "error",
+    ]
     exit_status: Annotated[int, Bounds(lo=0, hi=255)]
     detail: Annotated[str, Bounds(max_len=4000)] = ""
     crash: bool = False
     ended: Annotated[float, Bounds(lo=0, hi=_BIG)] = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchReply:
     pid: Annotated[int, Bounds(lo=2, hi=2**22)]  # PID_MAX_LIMIT
@@ -71,6 +84,8 @@ class LaunchReply:
 class OkReply:
     ok: bool
     error: Annotated[str, Bounds(max_len=1000)] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class StatusReply:
     ok: Literal[True]
@@ -80,6 +95,8 @@ class StatusReply:
     vcpus: Annotated[int, Bounds(lo=0, hi=1024)] = 0
     memory: Annotated[int, Bounds(lo=0, hi=2**50)] = 0
     started: Annotated[float, Bounds(lo=0, hi=_BIG)] = 0.0
+
+
 #: port and MMIO addresses a stats reply may list per kind
 _COUNTS: Final = 4096
 
@@ -104,6 +121,7 @@ class VmmStats:
     device_exits: Annotated[dict[str, int], Bounds(max_len=64)] | None = None
     serial_bytes: Annotated[int, Bounds(lo=0, hi=2**63)] = 0
     uptime_s: Annotated[float, Bounds(lo=0, hi=_BIG)] = 0.0
+
     def __post_init__(self) -> None:
         import re
 
@@ -128,6 +146,8 @@ class ConsoleReadReply:
     offset: Annotated[int, Bounds(lo=0, hi=2**62)]
     next: Annotated[int, Bounds(lo=0, hi=2**62)]
     data: Annotated[str, Bounds(max_len=(MAX_REPLY // 4) * 3)]
+
+
 def parse_exit_report(data: bytes, what: str) -> ExitReport:
     return parse(ExitReport, load_object(data, what=what, max_bytes=MAX_REPORT), what=what)
 
@@ -186,8 +206,15 @@ def read_exit_report(path: str, what: str) -> ExitReport | None:
 # --- control requests ------------------------------------------------------------------------------
 
 
-def request(path: str, req: dict[str, object], reply: type[R], *, deadline: float = REQUEST_DEADLINE,
-            max_reply: int = MAX_REPLY, what: str = "the VMM") -> tuple[R, int]:
+def request(
+    path: str,
+    req: dict[str, object],
+    reply: type[R],
+    *,
+    deadline: float = REQUEST_DEADLINE,
+    max_reply: int = MAX_REPLY,
+    what: str = "the VMM",
+) -> tuple[R, int]:
     """One request on a VMM's control socket: (the reply as a ``reply`` record, the VMM's pid from
     SO_PEERCRED). Everything, connect included, within ``deadline`` seconds; at most
     ``max_reply`` bytes are read. Raises :class:`VmmUnresponsive` (one line) on any failure: no

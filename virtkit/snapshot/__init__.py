@@ -36,6 +36,20 @@ from virtkit.snapshot.snapshot import (
     save_paused,
 )
 
-__all__ = ["CMOS_CLONE_ID", "CMOS_CLONE_INDEX", "FORMAT_VERSION", "STATE_FILE", "CloneIdentity", "LoadedSnapshot",
-           "RestoredVM", "SnapshotError", "SnapshotInfo", "clone", "describe", "load", "restore", "save",
-           "save_paused"]
+__all__ = [
+    "CMOS_CLONE_ID",
+    "CMOS_CLONE_INDEX",
+    "FORMAT_VERSION",
+    "STATE_FILE",
+    "CloneIdentity",
+    "LoadedSnapshot",
+    "RestoredVM",
+    "SnapshotError",
+    "SnapshotInfo",
+    "clone",
+    "describe",
+    "load",
+    "restore",
+    "save",
+    "save_paused",
+]

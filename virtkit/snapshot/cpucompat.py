@@ -23,38 +23,88 @@ _REG: Final = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}
 #: by virtkit's policy or mirror a control register the guest sets; Intel SDM vol. 2A, CPUID)
 FEATURE_REGISTERS: Final[tuple[tuple[int, int, str, int], ...]] = (
     (0x1, 0, "ecx", ~((1 << 27) | (1 << 31))),  # 27 OSXSAVE mirrors CR4; 31 hypervisor is policy
-    (0x1, 0, "edx", ~(1 << 28)),                # 28 HTT is set by virtkit for SMP guests
+    (0x1, 0, "edx", ~(1 << 28)),  # 28 HTT is set by virtkit for SMP guests
     (0x7, 0, "ebx", ~0),
-    (0x7, 0, "ecx", ~(1 << 4)),                 # 4 OSPKE mirrors CR4.PKE
+    (0x7, 0, "ecx", ~(1 << 4)),  # 4 OSPKE mirrors CR4.PKE
     (0x7, 0, "edx", ~0),
     (0x7, 1, "eax", ~0),
-    (0xD, 0, "eax", ~0),                        # XCR0 components the guest may enable
+    (0xD, 0, "eax", ~0),  # XCR0 components the guest may enable
     (0xD, 0, "edx", ~0),
-    (0xD, 1, "eax", ~0),                        # XSAVEOPT, XSAVEC, XGETBV1, XSAVES
+    (0xD, 1, "eax", ~0),  # XSAVEOPT, XSAVEC, XGETBV1, XSAVES
     (0x8000_0001, 0, "ecx", ~0),
     (0x8000_0001, 0, "edx", ~0),
-    (0x8000_0007, 0, "edx", ~0),                # invariant TSC
+    (0x8000_0007, 0, "edx", ~0),  # invariant TSC
     (0x8000_0008, 0, "ebx", ~0),
 )
 
 #: names of the features a guest most often depends on, for readable refusals
 FEATURE_NAMES: Final[dict[tuple[int, int, str, int], str]] = {
-    **{(0x1, 0, "ecx", b): n for b, n in {
-        0: "sse3", 1: "pclmulqdq", 9: "ssse3", 12: "fma", 13: "cx16", 19: "sse4.1", 20: "sse4.2",
-        21: "x2apic", 22: "movbe", 23: "popcnt", 24: "tsc-deadline", 25: "aes", 26: "xsave",
-        28: "avx", 29: "f16c", 30: "rdrand"}.items()},
-    **{(0x1, 0, "edx", b): n for b, n in {
-        0: "fpu", 4: "tsc", 5: "msr", 6: "pae", 8: "cx8", 9: "apic", 11: "sep", 13: "pge",
-        15: "cmov", 16: "pat", 19: "clflush", 23: "mmx", 24: "fxsr", 25: "sse", 26: "sse2"}.items()},
-    **{(0x7, 0, "ebx", b): n for b, n in {
-        0: "fsgsbase", 3: "bmi1", 5: "avx2", 7: "smep", 8: "bmi2", 9: "erms", 10: "invpcid",
-        16: "avx512f", 18: "rdseed", 19: "adx", 20: "smap", 23: "clflushopt", 24: "clwb",
-        29: "sha"}.items()},
-    **{(0x7, 0, "ecx", b): n for b, n in {
-        2: "umip", 3: "pku", 9: "vaes", 10: "vpclmulqdq", 22: "rdpid"}.items()},
+    **{
+        (0x1, 0, "ecx", b): n
+        for b, n in {
+            0: "sse3",
+            1: "pclmulqdq",
+            9: "ssse3",
+            12: "fma",
+            13: "cx16",
+            19: "sse4.1",
+            20: "sse4.2",
+            21: "x2apic",
+            22: "movbe",
+            23: "popcnt",
+            24: "tsc-deadline",
+            25: "aes",
+            26: "xsave",
+            28: "avx",
+            29: "f16c",
+            30: "rdrand",
+        }.items()
+    },
+    **{
+        (0x1, 0, "edx", b): n
+        for b, n in {
+            0: "fpu",
+            4: "tsc",
+            5: "msr",
+            6: "pae",
+            8: "cx8",
+            9: "apic",
+            11: "sep",
+            13: "pge",
+            15: "cmov",
+            16: "pat",
+            19: "clflush",
+            23: "mmx",
+            24: "fxsr",
+            25: "sse",
+            26: "sse2",
+        }.items()
+    },
+    **{
+        (0x7, 0, "ebx", b): n
+        for b, n in {
+            0: "fsgsbase",
+            3: "bmi1",
+            5: "avx2",
+            7: "smep",
+            8: "bmi2",
+            9: "erms",
+            10: "invpcid",
+            16: "avx512f",
+            18: "rdseed",
+            19: "adx",
+            20: "smap",
+            23: "clflushopt",
+            24: "clwb",
+            29: "sha",
+        }.items()
+    },
+    **{(0x7, 0, "ecx", b): n for b, n in {2: "umip", 3: "pku", 9: "vaes", 10: "vpclmulqdq", 22: "rdpid"}.items()},
     **{(0x8000_0001, 0, "ecx", b): n for b, n in {0: "lahf_lm", 5: "abm", 8: "prefetchw"}.items()},
-    **{(0x8000_0001, 0, "edx", b): n for b, n in {
-        11: "syscall", 20: "nx", 26: "pdpe1gb", 27: "rdtscp", 29: "lm"}.items()},
+    **{
+        (0x8000_0001, 0, "edx", b): n
+        for b, n in {11: "syscall", 20: "nx", 26: "pdpe1gb", 27: "rdtscp", 29: "lm"}.items()
+    },
     (0xD, 1, "eax", 0): "xsaveopt",
     (0xD, 1, "eax", 1): "xsavec",
     (0xD, 1, "eax", 3): "xsaves",

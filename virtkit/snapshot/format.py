@@ -74,8 +74,7 @@ def pack(document: dict[str, Any]) -> bytes:
     """A complete state file: header + payload."""
     payload = encode_payload(document)
     if len(payload) > MAX_PAYLOAD:
-        raise SnapshotError(f"snapshot state is {len(payload)} bytes, more than the {MAX_PAYLOAD} "
-                            "this format allows")
+        raise SnapshotError(f"snapshot state is {len(payload)} bytes, more than the {MAX_PAYLOAD} this format allows")
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(payload), hashlib.sha256(payload).digest())
     return header + payload
 
@@ -88,16 +87,17 @@ def unpack(data: bytes, *, source: str = "snapshot") -> dict[str, Any]:
         raise SnapshotError(f"{source} is empty (truncated to 0 bytes)")
     if len(data) < len(MAGIC) and MAGIC.startswith(data):
         raise SnapshotError(f"{source} is truncated: {len(data)} bytes, shorter than the header")
-    if data[:len(MAGIC)] != MAGIC:
+    if data[: len(MAGIC)] != MAGIC:
         raise SnapshotError(f"{source} is not a virtkit snapshot state file (bad magic)")
     if len(data) >= 12:  # the version first: a snapshot from another virtkit is not "corrupted"
         (version,) = struct.unpack_from("<I", data, 8)
         if version != FORMAT_VERSION:
-            raise SnapshotError(f"{source} has snapshot format version {version}; this virtkit reads "
-                                f"version {FORMAT_VERSION} only: restore it with the virtkit that made it")
+            raise SnapshotError(
+                f"{source} has snapshot format version {version}; this virtkit reads "
+                f"version {FORMAT_VERSION} only: restore it with the virtkit that made it"
+            )
     if len(data) < HEADER_SIZE:
-        raise SnapshotError(f"{source} is truncated: {len(data)} bytes, shorter than the "
-                            f"{HEADER_SIZE}-byte header")
+        raise SnapshotError(f"{source} is truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
     _, _, flags, length, digest = _HEADER.unpack_from(data)
     if flags != 0:
         raise SnapshotError(f"{source} is corrupted: unknown header flags {flags:#x}")
@@ -179,8 +179,9 @@ class Fields:
         if not isinstance(v, bytes):
             raise SnapshotError(f"snapshot field {self.path}.{key} is not a byte string")
         if size is not None and len(v) != size:
-            raise SnapshotError(f"snapshot field {self.path}.{key} is {len(v)} bytes, expected {size} "
-                                "(a different KVM ABI?)")
+            raise SnapshotError(
+                f"snapshot field {self.path}.{key} is {len(v)} bytes, expected {size} (a different KVM ABI?)"
+            )
         return v
 
     def array(self, key: str) -> list[Any]:

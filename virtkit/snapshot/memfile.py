@@ -43,16 +43,22 @@ def _zero_crc(n: int) -> int:
 class MemoryImage:
     """What the state file says about the memory file."""
 
-    file: str                             # name inside the snapshot directory
-    size: int                             # bytes: the sum of the regions
+    file: str  # name inside the snapshot directory
+    size: int  # bytes: the sum of the regions
     regions: tuple[tuple[int, int], ...]  # (guest-physical address, size), in file order
     chunk: int
-    crc32: tuple[tuple[int, ...], ...]    # per region, per chunk
-    written: int = 0                      # bytes actually stored (the rest are holes)
+    crc32: tuple[tuple[int, ...], ...]  # per region, per chunk
+    written: int = 0  # bytes actually stored (the rest are holes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "size": self.size, "regions": [list(r) for r in self.regions],
-                "chunk": self.chunk, "crc32": [list(c) for c in self.crc32], "written": self.written}
+        return {
+            "file": self.file,
+            "size": self.size,
+            "regions": [list(r) for r in self.regions],
+            "chunk": self.chunk,
+            "crc32": [list(c) for c in self.crc32],
+            "written": self.written,
+        }
 
     @classmethod
     def from_json(cls, f: Fields) -> MemoryImage:
@@ -95,11 +101,11 @@ def write(memory: GuestMemory, fd: int, name: str) -> MemoryImage:
                     written += _pwrite_all(fd, r.view[run_start:start], offset + run_start)
                     run_start = -1
                 continue
-            region_crcs.append(zlib.crc32(r.view[start:start + n]))
+            region_crcs.append(zlib.crc32(r.view[start : start + n]))
             if run_start < 0:
                 run_start = start
         if run_start >= 0:
-            written += _pwrite_all(fd, r.view[run_start:r.size], offset + run_start)
+            written += _pwrite_all(fd, r.view[run_start : r.size], offset + run_start)
         regions.append((r.gpa, r.size))
         crcs.append(tuple(region_crcs))
         offset += r.size
@@ -135,9 +141,10 @@ def verify(fd: int, img: MemoryImage, source: str) -> None:
                 for i, want in enumerate(crcs):
                     start = offset + i * img.chunk
                     n = min(img.chunk, size - i * img.chunk)
-                    if zlib.crc32(view[start:start + n]) != want:
-                        raise SnapshotError(f"{source} is corrupted: checksum mismatch in guest memory at "
-                                            f"{gpa + i * img.chunk:#x}")
+                    if zlib.crc32(view[start : start + n]) != want:
+                        raise SnapshotError(
+                            f"{source} is corrupted: checksum mismatch in guest memory at {gpa + i * img.chunk:#x}"
+                        )
                 offset += size
         finally:
             view.release()

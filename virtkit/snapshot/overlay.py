@@ -27,8 +27,9 @@ from typing import Final, Literal
 
 #: _IOW(0x94, 9, int) from linux/fs.h
 FICLONE: Final = 0x40049409
-_NO_REFLINK: Final = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ENOTTY, errno.ENOSYS,
-                                errno.EPERM, errno.EBADF})
+_NO_REFLINK: Final = frozenset(
+    {errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ENOTTY, errno.ENOSYS, errno.EPERM, errno.EBADF}
+)
 CHUNK: Final = 8 << 20
 
 Method = Literal["reflink", "sparse"]

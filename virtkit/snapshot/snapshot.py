@@ -62,17 +62,18 @@ def machine_of(target: Machine | VM) -> Machine:
 class SnapshotInfo:
     directory: str
     state_bytes: int
-    memory_bytes: int          # guest RAM size (the memory file's length)
-    memory_written: int        # bytes actually stored (zero chunks are holes)
-    paused_ns: int             # how long the guest was paused for this snapshot
-    state_ns: int              # of which: reading KVM and device state
-    memory_ns: int             # of which: writing the memory file
+    memory_bytes: int  # guest RAM size (the memory file's length)
+    memory_written: int  # bytes actually stored (zero chunks are holes)
+    paused_ns: int  # how long the guest was paused for this snapshot
+    state_ns: int  # of which: reading KVM and device state
+    memory_ns: int  # of which: writing the memory file
     #: for each writable disk, its copy in the snapshot directory and how it was made
     disk_copies: tuple[tuple[str, str], ...] = ()
 
 
-def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any],
-             copies: dict[int, str] | None = None) -> dict[str, Any]:
+def document(
+    machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any], copies: dict[int, str] | None = None
+) -> dict[str, Any]:
     import platform
 
     from virtkit import __version__
@@ -82,15 +83,28 @@ def document(machine: Machine, memory: memfile.MemoryImage, state: dict[str, Any
     return {
         "virtkit": __version__,
         "created": time.time(),
-        "host": {"kernel": platform.release(), "kvm": kvm_flavor(),
-                 "cpu": cpucompat.vendor(effective_cpuid(machine)) if machine.vcpus else ""},
-        "machine": {"memory": c.memory, "vcpus": c.vcpus, "paravirt": c.paravirt, "strict": c.strict,
-                    # restore reattaches the image by path (shared storage, as for QEMU migration
-                    # without block copy); "copy" names the point-in-time copy clones start from
-                    "disks": [{"path": os.path.abspath(d.path), "read_only": d.read_only,
-                               "size": os.path.getsize(d.path),
-                               **({"copy": copies[i]} if copies and i in copies else {})}
-                              for i, d in enumerate(getattr(c, "disks", ()))]},
+        "host": {
+            "kernel": platform.release(),
+            "kvm": kvm_flavor(),
+            "cpu": cpucompat.vendor(effective_cpuid(machine)) if machine.vcpus else "",
+        },
+        "machine": {
+            "memory": c.memory,
+            "vcpus": c.vcpus,
+            "paravirt": c.paravirt,
+            "strict": c.strict,
+            # restore reattaches the image by path (shared storage, as for QEMU migration
+            # without block copy); "copy" names the point-in-time copy clones start from
+            "disks": [
+                {
+                    "path": os.path.abspath(d.path),
+                    "read_only": d.read_only,
+                    "size": os.path.getsize(d.path),
+                    **({"copy": copies[i]} if copies and i in copies else {}),
+                }
+                for i, d in enumerate(getattr(c, "disks", ()))
+            ],
+        },
         "memory": memory.to_json(),
         **state,
     }
@@ -101,15 +115,16 @@ def _write_file(path: str, data: bytes, sync: bool) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bool = False,
-                copy_disks: bool = True) -> SnapshotInfo:
+def save_paused(
+    machine: Machine, directory: str | os.PathLike[str], *, sync: bool = False, copy_disks: bool = True
+) -> SnapshotInfo:
     """Write a snapshot of ``machine``, whose vCPUs are all parked (or never started).
 
     A raw image is only referenced by the state file, so once the guest runs on and writes its
@@ -166,8 +181,11 @@ def save_paused(machine: Machine, directory: str | os.PathLike[str], *, sync: bo
     except BaseException as e:
         # Before the commit point nothing of this attempt may stay: the previous snapshot in the
         # directory is still the valid one.
-        undo = [tmp_mem, tmp_state] if committed else [tmp_mem, tmp_state, mem_path,
-                                                       *(os.path.join(d, n) for n in copies.values())]
+        undo = (
+            [tmp_mem, tmp_state]
+            if committed
+            else [tmp_mem, tmp_state, mem_path, *(os.path.join(d, n) for n in copies.values())]
+        )
         for path in undo:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -191,8 +209,14 @@ def _remove_unreferenced(directory: str, keep: set[str]) -> None:
                     os.unlink(p)
 
 
-def save(target: Machine | VM, directory: str | os.PathLike[str], *, resume: bool = True,
-         sync: bool = False, copy_disks: bool = True) -> SnapshotInfo:
+def save(
+    target: Machine | VM,
+    directory: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    sync: bool = False,
+    copy_disks: bool = True,
+) -> SnapshotInfo:
     """Pause ``target`` (if it runs), snapshot it into ``directory``, and resume it unless
     ``resume`` is False (then it stays paused: :meth:`Machine.resume` continues it)."""
     m = machine_of(target)
@@ -206,8 +230,16 @@ def save(target: Machine | VM, directory: str | os.PathLike[str], *, resume: boo
         paused_ns = time.perf_counter_ns() - t0
         if resume and not was_paused:
             m.resume()
-    return SnapshotInfo(info.directory, info.state_bytes, info.memory_bytes, info.memory_written,
-                        paused_ns, info.state_ns, info.memory_ns, info.disk_copies)
+    return SnapshotInfo(
+        info.directory,
+        info.state_bytes,
+        info.memory_bytes,
+        info.memory_written,
+        paused_ns,
+        info.state_ns,
+        info.memory_ns,
+        info.disk_copies,
+    )
 
 
 # --- load and check ----------------------------------------------------------------------------
@@ -247,8 +279,13 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
             raise SnapshotError(f"snapshot field state.machine.disks[{i}].copy is not a file name: {copy!r}")
         disk_copies.append(copy)
     kw: dict[str, Any] = {"disks": tuple(disks)} if disks else {}
-    config = MachineConfig(memory=m.integer("memory"), vcpus=m.integer("vcpus"), paravirt=m.boolean("paravirt"),
-                           strict=m.boolean("strict"), **kw)
+    config = MachineConfig(
+        memory=m.integer("memory"),
+        vcpus=m.integer("vcpus"),
+        paravirt=m.boolean("paravirt"),
+        strict=m.boolean("strict"),
+        **kw,
+    )
     if config.vcpus < 1:
         raise SnapshotError("snapshot field machine.vcpus must be at least 1")
     memory = memfile.MemoryImage.from_json(f.obj("memory"))
@@ -259,8 +296,9 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
         raise SnapshotError(f"snapshot memory file covers {memory.size} bytes of a {config.memory}-byte machine")
     created = f.number("created") if f.has("created") else 0.0
     host = f.raw("host") if f.has("host") else {}
-    return LoadedSnapshot(directory, config, memory, image, created, host if isinstance(host, dict) else {},
-                          disk_sizes, disk_copies)
+    return LoadedSnapshot(
+        directory, config, memory, image, created, host if isinstance(host, dict) else {}, disk_sizes, disk_copies
+    )
 
 
 def load(directory: str | os.PathLike[str]) -> LoadedSnapshot:
@@ -303,8 +341,9 @@ def open_member(path: str) -> int:
         raise
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise SnapshotError(f"{path} is a symbolic link: a snapshot's files must be regular files "
-                                "inside its directory") from None
+            raise SnapshotError(
+                f"{path} is a symbolic link: a snapshot's files must be regular files inside its directory"
+            ) from None
         raise SnapshotError(f"cannot open {path}: {e.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -330,8 +369,10 @@ def tsc_warnings(snap: LoadedSnapshot, machine: Machine) -> list[str]:
     here = machine.tsc_khz()
     # 250 ppm: TSC calibration differs that much between boots of the same machine
     if saved_khz and here and abs(here - saved_khz) * 4000 > saved_khz:
-        return [f"the guest's TSC ran at {saved_khz} kHz and runs at {here} kHz here; KVM cannot "
-                "scale it on this host, so guest time will run at a different rate"]
+        return [
+            f"the guest's TSC ran at {saved_khz} kHz and runs at {here} kHz here; KVM cannot "
+            "scale it on this host, so guest time will run at a different rate"
+        ]
     return []
 
 
@@ -352,8 +393,14 @@ def open_memory(snap: LoadedSnapshot, *, verify: bool = False) -> int:
     return fd
 
 
-def restore_machine(snap: LoadedSnapshot, serial_out: Callable[[bytes], None], *, verify: bool = False,
-                    memory_fd: int = -1, memory_shared: bool = False) -> Machine:
+def restore_machine(
+    snap: LoadedSnapshot,
+    serial_out: Callable[[bytes], None],
+    *,
+    verify: bool = False,
+    memory_fd: int = -1,
+    memory_shared: bool = False,
+) -> Machine:
     """A new, not yet started machine in exactly the snapshot's state. Guest RAM maps the memory
     file copy-on-write (or ``memory_fd`` if given: migration passes its own). On any failure
     nothing is left behind: no machine, no fd, no thread."""
@@ -380,8 +427,10 @@ def restore_machine(snap: LoadedSnapshot, serial_out: Callable[[bytes], None], *
         check_host(snap, effective_cpuid(m))
         regions = tuple((r.gpa, r.size) for r in m.memory.regions)
         if regions != snap.memory.regions:
-            raise SnapshotError(f"snapshot memory layout {snap.memory.regions} differs from this virtkit's "
-                                f"{regions} for {snap.config.memory} bytes")
+            raise SnapshotError(
+                f"snapshot memory layout {snap.memory.regions} differs from this virtkit's "
+                f"{regions} for {snap.config.memory} bytes"
+            )
         try:
             vmstate.apply(m, snap.image)
         except KvmError as e:
@@ -394,9 +443,9 @@ def restore_machine(snap: LoadedSnapshot, serial_out: Callable[[bytes], None], *
 
 @dataclass(frozen=True, slots=True)
 class CloneDisk:
-    base: str          # what the overlay was copied from (the snapshot's disk copy, or the image)
-    path: str          # the clone's own writable image
-    method: str        # overlay.copy_image's path: "reflink" or "sparse"
+    base: str  # what the overlay was copied from (the snapshot's disk copy, or the image)
+    path: str  # the clone's own writable image
+    method: str  # overlay.copy_image's path: "reflink" or "sparse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,8 +455,8 @@ class CloneIdentity:
 
     index: int
     name: str
-    id: bytes          # 16 bytes, a random (version 4) UUID
-    directory: str     # where the clone's disk overlays live
+    id: bytes  # 16 bytes, a random (version 4) UUID
+    directory: str  # where the clone's disk overlays live
     disks: tuple[CloneDisk, ...] = ()
 
     @property
@@ -415,16 +464,21 @@ class CloneIdentity:
         return str(uuid.UUID(bytes=self.id))
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "id": self.uuid, "directory": self.directory,
-                "disks": [{"base": d.base, "path": d.path, "method": d.method} for d in self.disks]}
+        return {
+            "index": self.index,
+            "name": self.name,
+            "id": self.uuid,
+            "directory": self.directory,
+            "disks": [{"base": d.base, "path": d.path, "method": d.method} for d in self.disks],
+        }
 
 
 def set_identity(machine: Machine, identity: CloneIdentity) -> None:
     """Write the clone's identity into CMOS NVRAM, after the snapshot's device state was applied
     (which restored the source's NVRAM: all zeros there unless the source was itself a clone)."""
     nvram = machine.rtc.nvram
-    nvram[CMOS_CLONE_ID:CMOS_CLONE_ID + 16] = identity.id
-    nvram[CMOS_CLONE_INDEX:CMOS_CLONE_INDEX + 2] = ((identity.index + 1) & 0xFFFF).to_bytes(2, "little")
+    nvram[CMOS_CLONE_ID : CMOS_CLONE_ID + 16] = identity.id
+    nvram[CMOS_CLONE_INDEX : CMOS_CLONE_INDEX + 2] = ((identity.index + 1) & 0xFFFF).to_bytes(2, "little")
 
 
 class RestoredVM(VM):
@@ -432,13 +486,24 @@ class RestoredVM(VM):
     resumes the guest where it was; everything else (wait, stop, serial, results) is as for VM.
     ``identity`` (set by :func:`clone`) is written into the guest's CMOS before it resumes."""
 
-    def __init__(self, snapshot: LoadedSnapshot | str | os.PathLike[str], *,
-                 serial: str | BinaryIO | None = None, verify: bool = False,
-                 identity: CloneIdentity | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: LoadedSnapshot | str | os.PathLike[str],
+        *,
+        serial: str | BinaryIO | None = None,
+        verify: bool = False,
+        identity: CloneIdentity | None = None,
+    ) -> None:
         snap = snapshot if isinstance(snapshot, LoadedSnapshot) else load(snapshot)
         c = snap.config
-        super().__init__(snap.directory, memory=c.memory, vcpus=c.vcpus, mode="para" if c.paravirt else "full",
-                         strict=c.strict, serial=serial)
+        super().__init__(
+            snap.directory,
+            memory=c.memory,
+            vcpus=c.vcpus,
+            mode="para" if c.paravirt else "full",
+            strict=c.strict,
+            serial=serial,
+        )
         self.config = c  # exactly the saved machine (disks included)
         self.snapshot = snap
         self.verify = verify
@@ -462,8 +527,9 @@ class RestoredVM(VM):
         self.restore_ready_ns = time.perf_counter_ns()
 
 
-def restore(directory: str | os.PathLike[str], *, serial: str | BinaryIO | None = None,
-            verify: bool = False, start: bool = True) -> RestoredVM:
+def restore(
+    directory: str | os.PathLike[str], *, serial: str | BinaryIO | None = None, verify: bool = False, start: bool = True
+) -> RestoredVM:
     """Restore the snapshot in ``directory`` and (by default) resume it. Use the result like a
     VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block)."""
     vm = RestoredVM(directory, serial=serial, verify=verify)
@@ -477,10 +543,18 @@ def restore(directory: str | os.PathLike[str], *, serial: str | BinaryIO | None 
 
 def _clone_snapshot(snap: LoadedSnapshot, disks: tuple[DiskSpec, ...]) -> LoadedSnapshot:
     c = snap.config
-    config = MachineConfig(memory=c.memory, vcpus=c.vcpus, paravirt=c.paravirt, strict=c.strict, disks=disks,
-                           irqchip=c.irqchip, eventfds=c.eventfds)
-    return LoadedSnapshot(snap.directory, config, snap.memory, snap.image, snap.created, snap.host,
-                          snap.disk_sizes, snap.disk_copies)
+    config = MachineConfig(
+        memory=c.memory,
+        vcpus=c.vcpus,
+        paravirt=c.paravirt,
+        strict=c.strict,
+        disks=disks,
+        irqchip=c.irqchip,
+        eventfds=c.eventfds,
+    )
+    return LoadedSnapshot(
+        snap.directory, config, snap.memory, snap.image, snap.created, snap.host, snap.disk_sizes, snap.disk_copies
+    )
 
 
 def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
@@ -503,9 +577,15 @@ def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
     return base
 
 
-def clone(directory: str | os.PathLike[str], count: int, *,
-          serial: Sequence[str | IO[bytes] | None] | None = None, start: bool = True,
-          workdir: str | os.PathLike[str] | None = None, reflink: bool = True) -> list[RestoredVM]:
+def clone(
+    directory: str | os.PathLike[str],
+    count: int,
+    *,
+    serial: Sequence[str | IO[bytes] | None] | None = None,
+    start: bool = True,
+    workdir: str | os.PathLike[str] | None = None,
+    reflink: bool = True,
+) -> list[RestoredVM]:
     """``count`` machines resumed from one snapshot. They share its memory file copy-on-write:
     each reads the common pages from the page cache and gets private copies of what it writes.
     ``serial[i]`` is clone i's serial output (a file name or stream; default captured only).
@@ -545,8 +625,10 @@ def clone(directory: str | os.PathLike[str], count: int, *,
                     for j, base in bases.items():
                         path = os.path.join(cdir, f"disk{j}.img")
                         if os.path.lexists(path):
-                            raise SnapshotError(f"cannot clone: {path} already exists (a clone from an "
-                                                "earlier run?): give another workdir")
+                            raise SnapshotError(
+                                f"cannot clone: {path} already exists (a clone from an "
+                                "earlier run?): give another workdir"
+                            )
                         in_snapshot = j < len(snap.disk_copies) and snap.disk_copies[j] is not None
                         method = overlay.copy_image(base, path, reflink=reflink, follow_symlinks=not in_snapshot)
                         cdisks.append(CloneDisk(base, path, method))
@@ -555,8 +637,7 @@ def clone(directory: str | os.PathLike[str], count: int, *,
                     raise SnapshotError(f"cannot make {name}'s disk overlay in {cdir}: {e.strerror or e}") from None
             identity = CloneIdentity(i, name, uuid.uuid4().bytes, cdir, tuple(cdisks))
             out = serial[i] if serial is not None else None
-            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap,
-                            serial=out, identity=identity)  # type: ignore[arg-type]
+            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap, serial=out, identity=identity)  # type: ignore[arg-type]
             vms.append(vm)
             vm.start() if start else vm.open()
     except BaseException:
@@ -583,8 +664,10 @@ def describe(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "memory_file": snap.memory.file,
         "memory_stored": snap.memory.written,
         "memory_on_disk": mem_disk,
-        "vcpus": [{"id": v.id, "rip": r.rip, "mp_state": v.mp_state, "msrs": len(v.msrs)}
-                  for v, r in zip(snap.image.vcpus, regs, strict=True)],
+        "vcpus": [
+            {"id": v.id, "rip": r.rip, "mp_state": v.mp_state, "msrs": len(v.msrs)}
+            for v, r in zip(snap.image.vcpus, regs, strict=True)
+        ],
         "devices": sorted(snap.image.devices),
         "state_file_bytes": os.path.getsize(os.path.join(snap.directory, STATE_FILE)),
     }

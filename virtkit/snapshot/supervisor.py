@@ -58,8 +58,16 @@ class Supervisor:
     # --- the child's command lines -----------------------------------------------------------------
     def _common(self) -> list[str]:
         a = self.args
-        out = ["--serial", "stdout" if a.serial != "none" else "none",
-               "--checkpoint-every", self.period, "--checkpoint-dir", self.dir, "--exit-report", self.report]
+        out = [
+            "--serial",
+            "stdout" if a.serial != "none" else "none",
+            "--checkpoint-every",
+            self.period,
+            "--checkpoint-dir",
+            self.dir,
+            "--exit-report",
+            self.report,
+        ]
         if a.timeout is not None:
             out += ["--timeout", str(a.timeout)]
         if a.control:
@@ -70,8 +78,21 @@ class Supervisor:
 
     def boot_command(self) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "virtkit", "run", a.target, "--mode", a.mode, "--vcpus", str(a.vcpus),
-               "--boot", a.boot, "--cmdline", a.cmdline]
+        cmd = [
+            sys.executable,
+            "-m",
+            "virtkit",
+            "run",
+            a.target,
+            "--mode",
+            a.mode,
+            "--vcpus",
+            str(a.vcpus),
+            "--boot",
+            a.boot,
+            "--cmdline",
+            a.cmdline,
+        ]
         if a.memory:
             cmd += ["--memory", a.memory]
         for m in a.module:
@@ -123,20 +144,31 @@ class Supervisor:
                 if report is not None and report.get("reason") != "error":
                     code = report.get("exit_code")
                     return code if isinstance(code, int) else status
-                why = (f"was killed by signal {-status} ({signal.Signals(-status).name})" if status < 0
-                       else f"failed ({report.get('reason') if report else f'exit status {status}, no report'})")
+                why = (
+                    f"was killed by signal {-status} ({signal.Signals(-status).name})"
+                    if status < 0
+                    else f"failed ({report.get('reason') if report else f'exit status {status}, no report'})"
+                )
                 if restarts >= a.restart_limit:
                     print(f"virtkit: VMM {why}; restart limit {a.restart_limit} reached, giving up", file=sys.stderr)
                     return 1
                 restarts += 1
                 if os.path.exists(os.path.join(self.dir, STATE_FILE)):
                     age = time.time() - os.path.getmtime(os.path.join(self.dir, STATE_FILE))
-                    print(f"virtkit: VMM {why}; resuming the VM from its checkpoint of {age:.1f} s ago "
-                          f"(restart {restarts}/{a.restart_limit})", file=sys.stderr, flush=True)
+                    print(
+                        f"virtkit: VMM {why}; resuming the VM from its checkpoint of {age:.1f} s ago "
+                        f"(restart {restarts}/{a.restart_limit})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     cmd = self.restore_command()
                 else:
-                    print(f"virtkit: VMM {why} before its first checkpoint; booting the VM again "
-                          f"(restart {restarts}/{a.restart_limit})", file=sys.stderr, flush=True)
+                    print(
+                        f"virtkit: VMM {why} before its first checkpoint; booting the VM again "
+                        f"(restart {restarts}/{a.restart_limit})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     cmd = self.boot_command()
         finally:
             for s, h in previous.items():

@@ -33,13 +33,21 @@ T = TypeVar("T", bound=C.Structure)
 KVM_IRQCHIP_PIC_MASTER: Final = 0
 KVM_IRQCHIP_PIC_SLAVE: Final = 1
 KVM_IRQCHIP_IOAPIC: Final = 2
-IRQCHIPS: Final = (("pic_master", KVM_IRQCHIP_PIC_MASTER), ("pic_slave", KVM_IRQCHIP_PIC_SLAVE),
-                   ("ioapic", KVM_IRQCHIP_IOAPIC))
+IRQCHIPS: Final = (
+    ("pic_master", KVM_IRQCHIP_PIC_MASTER),
+    ("pic_slave", KVM_IRQCHIP_PIC_SLAVE),
+    ("ioapic", KVM_IRQCHIP_IOAPIC),
+)
 
 #: raw-bytes KVM structures of one vCPU, with the type each must decode to
 VCPU_STRUCTS: Final[dict[str, type[C.Structure]]] = {
-    "regs": S.kvm_regs, "sregs": S.kvm_sregs, "fpu": S.kvm_fpu, "xsave": S.kvm_xsave,
-    "xcrs": S.kvm_xcrs, "lapic": S.kvm_lapic_state, "events": S.kvm_vcpu_events,
+    "regs": S.kvm_regs,
+    "sregs": S.kvm_sregs,
+    "fpu": S.kvm_fpu,
+    "xsave": S.kvm_xsave,
+    "xcrs": S.kvm_xcrs,
+    "lapic": S.kvm_lapic_state,
+    "events": S.kvm_vcpu_events,
     "debugregs": S.kvm_debugregs,
 }
 
@@ -65,8 +73,10 @@ def msr_index_list(kvm: Kvm) -> list[int]:
 def get_cpuid(fd: VcpuFd) -> list[CpuidEntry]:
     """The CPUID the vCPU was given (KVM_GET_CPUID2): what the guest saw, even for a machine
     that was itself restored with a CPUID older than this host's."""
-    return [(int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
-            for x in fd.get_cpuid2()]
+    return [
+        (int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
+        for x in fd.get_cpuid2()
+    ]
 
 
 def cpuid_structs(entries: list[CpuidEntry]) -> list[S.kvm_cpuid_entry2]:
@@ -86,7 +96,7 @@ def readable_msrs(fd: VcpuFd, indices: list[int]) -> dict[int, int]:
     while rest:
         got = fd.get_msrs(rest)
         values.update(got)
-        rest = rest[len(got) + 1:]
+        rest = rest[len(got) + 1 :]
     return values
 
 
@@ -187,6 +197,7 @@ def parse(doc: Fields) -> MachineImage:
         v = Fields(raw, f"vcpus[{i}]")
         if v.integer("id") != i:
             raise SnapshotError(f"snapshot field vcpus[{i}].id is {v.integer('id')}, expected {i}")
+
         def struct(name: str, t: type[T], v: Fields = v) -> T:
             return _from_raw(t, v.blob(name, C.sizeof(t)))
 
@@ -198,18 +209,35 @@ def parse(doc: Fields) -> MachineImage:
             cpuid.append((f, idx, fl, a, b, c, d))
         msrs: dict[int, int] = {}
         for j, e in enumerate(v.array("msrs")):
-            if not (isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) for x in e)
-                    and 0 <= e[0] <= 0xFFFF_FFFF and 0 <= e[1] < 1 << 64):
+            if not (
+                isinstance(e, list)
+                and len(e) == 2
+                and all(isinstance(x, int) for x in e)
+                and 0 <= e[0] <= 0xFFFF_FFFF
+                and 0 <= e[1] < 1 << 64
+            ):
                 raise SnapshotError(f"snapshot field vcpus[{i}].msrs[{j}] is not an MSR index/value pair")
             msrs[e[0]] = e[1]
         mp_state = v.integer("mp_state")
         if mp_state not in set(K.MpState):
             raise SnapshotError(f"snapshot field vcpus[{i}].mp_state {mp_state} is not an MP state")
-        vcpus.append(VcpuImage(
-            i, mp_state, regs=struct("regs", S.kvm_regs), sregs=struct("sregs", S.kvm_sregs),
-            fpu=struct("fpu", S.kvm_fpu), xsave=struct("xsave", S.kvm_xsave), xcrs=struct("xcrs", S.kvm_xcrs),
-            lapic=struct("lapic", S.kvm_lapic_state), events=struct("events", S.kvm_vcpu_events),
-            debugregs=struct("debugregs", S.kvm_debugregs), cpuid=cpuid, msrs=msrs, tsc_khz=v.integer("tsc_khz")))
+        vcpus.append(
+            VcpuImage(
+                i,
+                mp_state,
+                regs=struct("regs", S.kvm_regs),
+                sregs=struct("sregs", S.kvm_sregs),
+                fpu=struct("fpu", S.kvm_fpu),
+                xsave=struct("xsave", S.kvm_xsave),
+                xcrs=struct("xcrs", S.kvm_xcrs),
+                lapic=struct("lapic", S.kvm_lapic_state),
+                events=struct("events", S.kvm_vcpu_events),
+                debugregs=struct("debugregs", S.kvm_debugregs),
+                cpuid=cpuid,
+                msrs=msrs,
+                tsc_khz=v.integer("tsc_khz"),
+            )
+        )
     devices_obj = doc.obj("devices")
     devices = {name: devices_obj.obj(name).mapping() for name in devices_obj.mapping()}
     return MachineImage(chips, pit2, clock, vcpus, devices)
@@ -228,10 +256,12 @@ def _set_msrs(fd: VcpuFd, msrs: dict[int, int]) -> None:
         index, value = items[n]
         current = fd.get_msrs([index]).get(index)
         if current != value:
-            raise SnapshotError(f"KVM on this host refuses to set MSR {index:#x} to {value:#x} "
-                                f"(it holds {current if current is None else hex(current)}): the guest "
-                                "cannot resume here")
-        items = items[n + 1:]
+            raise SnapshotError(
+                f"KVM on this host refuses to set MSR {index:#x} to {value:#x} "
+                f"(it holds {current if current is None else hex(current)}): the guest "
+                "cannot resume here"
+            )
+        items = items[n + 1 :]
 
 
 def apply_vcpu(fd: VcpuFd, img: VcpuImage, *, has_xsave: bool) -> None:
@@ -273,8 +303,9 @@ def apply(machine: Machine, img: MachineImage) -> None:
     if set(img.devices) != set(machine.devices):
         missing = sorted(set(img.devices) - set(machine.devices))
         extra = sorted(set(machine.devices) - set(img.devices))
-        raise SnapshotError(f"snapshot devices do not match this virtkit's machine (not here: {missing}; "
-                            f"not in the snapshot: {extra})")
+        raise SnapshotError(
+            f"snapshot devices do not match this virtkit's machine (not here: {missing}; not in the snapshot: {extra})"
+        )
     # Every device's record is parsed (types and bounds, records.parse) before any is restored.
     parsed: dict[str, object] = {}
     for name, dev in machine.devices.items():

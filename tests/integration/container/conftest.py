@@ -58,7 +58,7 @@ def _contained_processes() -> set[int]:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
+            fields = stat[stat.rindex(b")") + 2 :].split()
             if fields[0] == b"Z":
                 continue
             if int(fields[1]) == me:
@@ -130,13 +130,19 @@ def rt(tmp_path: Path) -> Iterator[Any]:
         with contextlib.suppress(Exception):  # clean as much as possible, then report
             runtime.delete(cid, force=True)
     after = (_mounts(), _cgroups(), _netdevs(), _contained_processes())
-    leaked = {what: sorted(map(str, a - b)) for what, b, a in
-              zip(("mounts", "cgroups", "netdevs", "processes"), before, after, strict=True) if a - b}
+    leaked = {
+        what: sorted(map(str, a - b))
+        for what, b, a in zip(("mounts", "cgroups", "netdevs", "processes"), before, after, strict=True)
+        if a - b
+    }
     assert not left, f"containers left behind: {left}"
     assert not leaked, f"left behind: {leaked}"
     assert_host_dev_unchanged(dev_before)
-    assert not [n for n in os.listdir(runtime.dirs.root) if not n.startswith(".")] \
-        if os.path.isdir(runtime.dirs.root) else True
+    assert (
+        not [n for n in os.listdir(runtime.dirs.root) if not n.startswith(".")]
+        if os.path.isdir(runtime.dirs.root)
+        else True
+    )
 
 
 @pytest.fixture
@@ -150,8 +156,9 @@ def bundle(tmp_path: Path, busybox_rootfs: Path) -> Callable[..., Path]:
 
     counter = iter(range(1000))
 
-    def make(args: list[str], changes: dict[str, Any] | None = None,
-             edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    def make(
+        args: list[str], changes: dict[str, Any] | None = None, edit: Callable[[dict[str, Any]], None] | None = None
+    ) -> Path:
         b = tmp_path / f"bundle{next(counter)}"
         b.mkdir()
         shutil.copytree(busybox_rootfs, b / "rootfs", symlinks=True)

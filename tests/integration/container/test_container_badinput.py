@@ -91,15 +91,19 @@ def test_invalid_transitions(cli: Any, rt: Any, bundle: Any) -> None:
     _state_is_empty(rt)
 
 
-@pytest.mark.parametrize(("resources", "needle"), [
-    ({"cpu": {"quota": 500, "period": 100000}}, "below the kernel's minimum of 1000us"),
-    ({"cpu": {"period": 10}}, "outside what the kernel accepts"),
-    ({"memory": {"limit": 100}}, "below one page"),
-    ({"memory": {"limit": 64 << 20, "swap": 1 << 20}}, "must be at least memory.limit"),
-    ({"pids": {"limit": -5}}, "negative"),
-])
-def test_limits_below_what_the_kernel_accepts(cli: Any, rt: Any, bundle: Any, resources: dict[str, Any],
-                                              needle: str) -> None:
+@pytest.mark.parametrize(
+    ("resources", "needle"),
+    [
+        ({"cpu": {"quota": 500, "period": 100000}}, "below the kernel's minimum of 1000us"),
+        ({"cpu": {"period": 10}}, "outside what the kernel accepts"),
+        ({"memory": {"limit": 100}}, "below one page"),
+        ({"memory": {"limit": 64 << 20, "swap": 1 << 20}}, "must be at least memory.limit"),
+        ({"pids": {"limit": -5}}, "negative"),
+    ],
+)
+def test_limits_below_what_the_kernel_accepts(
+    cli: Any, rt: Any, bundle: Any, resources: dict[str, Any], needle: str
+) -> None:
     b = bundle(["true"], {"linux.resources": resources})
     _one_line_error(*cli("create", "lim", "--bundle", str(b)), needle)
     _state_is_empty(rt)
@@ -138,15 +142,21 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False, user: s
     diff_ids = ["sha256:" + hashlib.sha256(gzip.decompress(x)).hexdigest() for x in layers]
     image_config: dict[str, Any] = {"Cmd": ["sh"], **({"User": user} if user else {})}
     config = blob(json.dumps({"config": image_config, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
-    manifest = {"schemaVersion": 2, "config": config,
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "config": config,
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(x)} for x in layers],
+    }
     index = {"schemaVersion": 2, "manifests": [blob(json.dumps(manifest).encode())]}
     if corrupt:  # a layer whose content does not match its digest
         first = manifest["layers"][0]["digest"][7:]
         blobs[first] = blobs[first][:-1] + bytes([blobs[first][-1] ^ 1])
     with tarfile.open(path, "w") as tar:
-        members = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", json.dumps(index).encode()),
-                   *((f"blobs/sha256/{d}", b) for d, b in blobs.items())]
+        members = [
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", json.dumps(index).encode()),
+            *((f"blobs/sha256/{d}", b) for d, b in blobs.items()),
+        ]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -154,15 +164,26 @@ def _oci_archive(path: Path, layers: list[bytes], corrupt: bool = False, user: s
     return path
 
 
-@pytest.mark.parametrize(("layers", "corrupt", "truncate", "needle"), [
-    ([_layer("etc/ok")], True, False, "digest mismatch"),
-    ([_layer("etc/ok")], False, True, "truncated"),
-    ([_layer("../../../../tmp/virtkit-escape")], False, False, "escape the rootfs"),
-    ([_layer("link", kind=tarfile.SYMTYPE, link="/"), _layer("link/tmp/virtkit-escape")], False, False,
-     "symlink"),
-], ids=["digest", "truncated", "dotdot", "absolute-symlink"])
-def test_bad_images(cli: Any, rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: list[bytes],
-                    corrupt: bool, truncate: bool, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("layers", "corrupt", "truncate", "needle"),
+    [
+        ([_layer("etc/ok")], True, False, "digest mismatch"),
+        ([_layer("etc/ok")], False, True, "truncated"),
+        ([_layer("../../../../tmp/virtkit-escape")], False, False, "escape the rootfs"),
+        ([_layer("link", kind=tarfile.SYMTYPE, link="/"), _layer("link/tmp/virtkit-escape")], False, False, "symlink"),
+    ],
+    ids=["digest", "truncated", "dotdot", "absolute-symlink"],
+)
+def test_bad_images(
+    cli: Any,
+    rt: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layers: list[bytes],
+    corrupt: bool,
+    truncate: bool,
+    needle: str,
+) -> None:
     store = tmp_path / "store"
     monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
     archive = _oci_archive(tmp_path / "img.tar", layers, corrupt=corrupt)
@@ -177,8 +198,9 @@ def test_bad_images(cli: Any, rt: Any, tmp_path: Path, monkeypatch: pytest.Monke
     _state_is_empty(rt)
 
 
-def test_good_image_runs_with_limits(rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capfd: pytest.CaptureFixture[str]) -> None:
+def test_good_image_runs_with_limits(
+    rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """An imported image on top of busybox... here a one-layer image holding busybox itself."""
     store = tmp_path / "store"
     monkeypatch.setenv("VIRTKIT_IMAGES", str(store))
@@ -191,10 +213,27 @@ def test_good_image_runs_with_limits(rt: Any, tmp_path: Path, monkeypatch: pytes
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
     archive = _oci_archive(tmp_path / "bb.tar", [gzip.compress(buf.getvalue())])
-    status = main(["--root", rt.dirs.root, "run", "--mode", "container", "--memory", "48M", "--pids-limit", "9",
-                   "--cpus", "0.5", str(archive), "--", "sh", "-c",
-                   "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max "
-                   "/sys/fs/cgroup/cpu/cpu.cfs_quota_us; echo changed > /bin/file; exit 3"])
+    status = main(
+        [
+            "--root",
+            rt.dirs.root,
+            "run",
+            "--mode",
+            "container",
+            "--memory",
+            "48M",
+            "--pids-limit",
+            "9",
+            "--cpus",
+            "0.5",
+            str(archive),
+            "--",
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max "
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us; echo changed > /bin/file; exit 3",
+        ]
+    )
     out = capfd.readouterr().out
     assert status == 3, out
     assert out.split() == [str(48 << 20), "9", "50000"]
@@ -243,8 +282,7 @@ def _corruptions(good: bytes) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", list(_corruptions(b'{"id": "x"}')))
-def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: Any, kind: str,
-                                                    tmp_path: Path) -> None:
+def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: Any, kind: str, tmp_path: Path) -> None:
     b = bundle(["sleep", "300"])
     assert cli("create", "bad", "--bundle", str(b))[0] == 0
     assert cli("start", "bad")[0] == 0
@@ -276,9 +314,9 @@ def test_corrupt_state_never_makes_the_cli_unusable(cli: Any, rt: Any, bundle: A
     _state_is_empty(rt)
 
 
-def test_an_image_never_brings_devices_or_setuid_files(rt: Any, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        capfd: pytest.CaptureFixture[str]) -> None:
+def test_an_image_never_brings_devices_or_setuid_files(
+    rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The store handed out host devices: a layer's block device node was made with mknod in a
     world-traversable store, and an unprivileged user read the host's disk through it."""
     import stat
@@ -312,16 +350,29 @@ def test_an_image_never_brings_devices_or_setuid_files(rt: Any, tmp_path: Path,
     found = [p for p in store.rglob("*") if stat.S_ISBLK(p.lstat().st_mode) or stat.S_ISCHR(p.lstat().st_mode)]
     assert found == []
     assert os.stat(store / "devs" / "rootfs" / "bin" / "busybox").st_mode & 0o7777 == 0o755
-    status = main(["--root", rt.dirs.root, "run", "--mode", "container", "devs", "--", "sh", "-c",
-                   "head -c 1 /disk; head -c 1 /mem; stat -c %a /bin/busybox"])
+    status = main(
+        [
+            "--root",
+            rt.dirs.root,
+            "run",
+            "--mode",
+            "container",
+            "devs",
+            "--",
+            "sh",
+            "-c",
+            "head -c 1 /disk; head -c 1 /mem; stat -c %a /bin/busybox",
+        ]
+    )
     out = capfd.readouterr()
     assert status == 0, out.err
     assert out.out.split() == ["755"] and out.err.count("No such file") == 2, out
     _state_is_empty(rt)
 
 
-def test_an_image_user_other_than_root_can_use_the_rootfs(rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capfd: pytest.CaptureFixture[str]) -> None:
+def test_an_image_user_other_than_root_can_use_the_rootfs(
+    rt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The overlay's root takes the mode of its upper directory, which lives in the private state
     directory: it must be the image root's mode, not the state directory's 0700."""
     monkeypatch.setenv("VIRTKIT_IMAGES", str(tmp_path / "store"))
@@ -334,8 +385,20 @@ def test_an_image_user_other_than_root_can_use_the_rootfs(rt: Any, tmp_path: Pat
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
     archive = _oci_archive(tmp_path / "u.tar", [gzip.compress(buf.getvalue())], user="1000:1000")
-    status = main(["--root", rt.dirs.root, "run", "--mode", "container", str(archive), "--", "sh", "-c",
-                   "id -u; ls / >/dev/null && echo listed"])
+    status = main(
+        [
+            "--root",
+            rt.dirs.root,
+            "run",
+            "--mode",
+            "container",
+            str(archive),
+            "--",
+            "sh",
+            "-c",
+            "id -u; ls / >/dev/null && echo listed",
+        ]
+    )
     out = capfd.readouterr()
     assert status == 0, out.err
     assert out.out.split() == ["1000", "listed"]

@@ -18,9 +18,11 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 PIDS_LIMIT = 12
 # every way a process in the container could try to leave (or move its init out of) its cgroup
-ESCAPE = ("for f in /sys/fs/cgroup/*/cgroup.procs /sys/fs/cgroup/*/tasks; do "
-          "echo 1 > $f; echo $$ > $f; done 2>/dev/null; "
-          "echo 1 > /sys/fs/cgroup/pids/../cgroup.procs 2>/dev/null; ")
+ESCAPE = (
+    "for f in /sys/fs/cgroup/*/cgroup.procs /sys/fs/cgroup/*/tasks; do "
+    "echo 1 > $f; echo $$ > $f; done 2>/dev/null; "
+    "echo 1 > /sys/fs/cgroup/pids/../cgroup.procs 2>/dev/null; "
+)
 
 
 def _rw_cgroup_no_namespace(raw: dict[str, Any]) -> None:
@@ -37,8 +39,9 @@ def _in_own_cgroup(pid: int, cgroup_path: str) -> list[str]:
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, ctrls, path = line.rstrip("\n").split(":", 2)
-            mine = ctrls == "" or any(c in ("memory", "pids", "cpu", "cpuacct", "devices", "freezer")
-                                      for c in ctrls.split(","))
+            mine = ctrls == "" or any(
+                c in ("memory", "pids", "cpu", "cpuacct", "devices", "freezer") for c in ctrls.split(",")
+            )
             if mine and not (path == cgroup_path or path.startswith(cgroup_path + "/")):
                 bad.append(line.strip())
     return bad
@@ -65,8 +68,11 @@ def _fork_many(n: int) -> str:
 def test_writing_cgroup_procs_keeps_everything_in_the_container(rt: Any, bundle: Any, mode: str) -> None:
     """The crun-suite finding: ``echo 1 > /sys/fs/cgroup/pids/cgroup.procs`` from an exec'd process
     moved the init to the hierarchy's root, out of its pids limit."""
-    script = (ESCAPE + "echo escaped-tried; " + _fork_many(3 * PIDS_LIMIT) + "echo forked; exec sleep 300") \
-        if mode == "run" else "echo ready; exec sleep 300"
+    script = (
+        (ESCAPE + "echo escaped-tried; " + _fork_many(3 * PIDS_LIMIT) + "echo forked; exec sleep 300")
+        if mode == "run"
+        else "echo ready; exec sleep 300"
+    )
     b = bundle(["sh", "-c", script], edit=_rw_cgroup_no_namespace)
     rec = rt.create("cg", str(b), capture=True)
     rt.start("cg")
@@ -87,9 +93,15 @@ def test_writing_cgroup_procs_keeps_everything_in_the_container(rt: Any, bundle:
 
 
 def test_the_container_sees_only_its_own_cgroups(run_container: Any, bundle: Any) -> None:
-    b = bundle(["sh", "-c", "ls /sys/fs/cgroup; cat /sys/fs/cgroup/pids/pids.max; ls /sys/fs/cgroup/pids | "
-                            "grep -c '^cgroup.procs$'; echo 1 > /sys/fs/cgroup/pids/cgroup.procs; echo rc=$?"],
-               {"linux.resources": {"pids": {"limit": 33}, "devices": [{"allow": False, "access": "rwm"}]}})
+    b = bundle(
+        [
+            "sh",
+            "-c",
+            "ls /sys/fs/cgroup; cat /sys/fs/cgroup/pids/pids.max; ls /sys/fs/cgroup/pids | "
+            "grep -c '^cgroup.procs$'; echo 1 > /sys/fs/cgroup/pids/cgroup.procs; echo rc=$?",
+        ],
+        {"linux.resources": {"pids": {"limit": 33}, "devices": [{"allow": False, "access": "rwm"}]}},
+    )
     status, out = run_container("view", b)
     assert status == 0, out
     lines = out.split()
@@ -102,9 +114,11 @@ def test_the_container_sees_only_its_own_cgroups(run_container: Any, bundle: Any
 
 def test_delete_force_removes_child_cgroups(rt: Any, bundle: Any) -> None:
     """crun's suite: delete -f failed when the container had made cgroups of its own, and left them."""
-    make = ("for c in pids memory cpu freezer unified; do mkdir -p /sys/fs/cgroup/$c/child/grand; done; "
-            "echo $$ > /sys/fs/cgroup/pids/child/grand/cgroup.procs; "
-            "echo $$ > /sys/fs/cgroup/unified/child/cgroup.procs; sleep 300 & echo made; wait")
+    make = (
+        "for c in pids memory cpu freezer unified; do mkdir -p /sys/fs/cgroup/$c/child/grand; done; "
+        "echo $$ > /sys/fs/cgroup/pids/child/grand/cgroup.procs; "
+        "echo $$ > /sys/fs/cgroup/unified/child/cgroup.procs; sleep 300 & echo made; wait"
+    )
     b = bundle(["sh", "-c", make], edit=_rw_cgroup_no_namespace)
     rec = rt.create("kids", str(b), capture=True)
     rt.start("kids")

@@ -85,12 +85,36 @@ def test_pure_v2_lifecycle(rt: Any, bundle: Any, tmp_path: Path) -> None:
             if m["type"] == "cgroup":
                 m["options"] = [o for o in m["options"] if o != "ro"] + ["rw"]
 
-    e = bundle(["sh", "-c", "echo 1 > /sys/fs/cgroup/cgroup.procs; echo $$ > /sys/fs/cgroup/cgroup.procs; "
-                            "mkdir -p /sys/fs/cgroup/child/grand && echo $$ > /sys/fs/cgroup/child/grand/cgroup.procs; "
-                            "sleep 300 & echo made; wait"], edit=escape)
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT,
-                           rt.dirs.root, str(b), str(k), str(d), str(e)], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, VIRTKIT_UNSEALED="1"))
+    e = bundle(
+        [
+            "sh",
+            "-c",
+            "echo 1 > /sys/fs/cgroup/cgroup.procs; echo $$ > /sys/fs/cgroup/cgroup.procs; "
+            "mkdir -p /sys/fs/cgroup/child/grand && echo $$ > /sys/fs/cgroup/child/grand/cgroup.procs; "
+            "sleep 300 & echo made; wait",
+        ],
+        edit=escape,
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            SCRIPT,
+            rt.dirs.root,
+            str(b),
+            str(k),
+            str(d),
+            str(e),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, VIRTKIT_UNSEALED="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["mode"] == "v2"

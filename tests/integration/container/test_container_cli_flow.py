@@ -18,8 +18,14 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 def vk(rt: Any, *argv: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "VIRTKIT_UNSEALED"}
-    proc = subprocess.run([sys.executable, "-m", "virtkit", "--root", rt.dirs.root, *argv], capture_output=True,
-                          text=True, timeout=60, env=env, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "virtkit", "--root", rt.dirs.root, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        **kw,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"virtkit {' '.join(argv)} -> {proc.returncode}: {proc.stderr}")
     return proc
@@ -59,8 +65,13 @@ def test_runc_style_lifecycle(rt: Any, bundle: Any, tmp_path: Path) -> None:
 def test_oci_run_forwards_signals_and_returns_the_status(rt: Any, bundle: Any) -> None:
     b = bundle(["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"])
     env = {k: v for k, v in os.environ.items() if k != "VIRTKIT_UNSEALED"}
-    proc = subprocess.Popen([sys.executable, "-m", "virtkit", "--root", rt.dirs.root, "oci", "run", "fw", "--bundle",
-                             str(b), "--rm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtkit", "--root", rt.dirs.root, "oci", "run", "fw", "--bundle", str(b), "--rm"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -91,10 +102,33 @@ def test_oci_run_detached_and_logs(rt: Any, bundle: Any) -> None:
 def test_run_mode_container_busybox(rt: Any, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VIRTKIT_UNSEALED"}
     env["VIRTKIT_IMAGES"] = str(tmp_path / "images")
-    proc = subprocess.run([sys.executable, "-m", "virtkit", "--root", rt.dirs.root, "run", "--mode", "container",
-                           "--memory", "64M", "--pids-limit", "20", "--name", "bb", "busybox", "--", "sh", "-c",
-                           "hostname; cat /sys/fs/cgroup/pids/pids.max"], capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "virtkit",
+            "--root",
+            rt.dirs.root,
+            "run",
+            "--mode",
+            "container",
+            "--memory",
+            "64M",
+            "--pids-limit",
+            "20",
+            "--name",
+            "bb",
+            "busybox",
+            "--",
+            "sh",
+            "-c",
+            "hostname; cat /sys/fs/cgroup/pids/pids.max",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["bb", "20"]
     assert rt.dirs.ids() == []

@@ -55,16 +55,20 @@ def _no_namespace(kind: str) -> Any:
 # ---- sysctls ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("key", "value", "edit", "needle"), [
-    ("kernel.core_pattern", "|/tmp/virtkit-pwned %p", None, "not a namespaced sysctl"),
-    ("fs.lease-break-time", "7", None, "not a namespaced sysctl"),
-    ("kernel.shm_next_id", "7", None, "not a namespaced sysctl"),
-    ("fs.mqueue.queues_max", "77", _no_namespace("ipc"), "belongs to the ipc namespace"),
-    ("net.ipv4.ping_group_range", "0 0", _no_namespace("network"), "belongs to the network namespace"),
-    ("kernel.domainname", "pwned", _no_namespace("uts"), "belongs to the uts namespace"),
-])
-def test_sysctls_that_would_change_the_host_are_refused(cli: Any, rt: Any, bundle: Any, key: str, value: str,
-                                                        edit: Any, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "edit", "needle"),
+    [
+        ("kernel.core_pattern", "|/tmp/virtkit-pwned %p", None, "not a namespaced sysctl"),
+        ("fs.lease-break-time", "7", None, "not a namespaced sysctl"),
+        ("kernel.shm_next_id", "7", None, "not a namespaced sysctl"),
+        ("fs.mqueue.queues_max", "77", _no_namespace("ipc"), "belongs to the ipc namespace"),
+        ("net.ipv4.ping_group_range", "0 0", _no_namespace("network"), "belongs to the network namespace"),
+        ("kernel.domainname", "pwned", _no_namespace("uts"), "belongs to the uts namespace"),
+    ],
+)
+def test_sysctls_that_would_change_the_host_are_refused(
+    cli: Any, rt: Any, bundle: Any, key: str, value: str, edit: Any, needle: str
+) -> None:
     before = _sysctl(key)
 
     def change(raw: dict[str, Any]) -> None:
@@ -81,8 +85,10 @@ def test_sysctls_that_would_change_the_host_are_refused(cli: Any, rt: Any, bundl
 def test_namespaced_sysctls_change_only_the_container(run_container: Any, bundle: Any) -> None:
     keys = {"fs.mqueue.queues_max": "77", "net.ipv4.ping_group_range": "0\t0", "kernel.shmmni": "1234"}
     before = {k: _sysctl(k) for k in keys}
-    b = bundle(["sh", "-c", "cat /proc/sys/fs/mqueue/queues_max /proc/sys/net/ipv4/ping_group_range "
-                            "/proc/sys/kernel/shmmni"], {"linux.sysctl": keys})
+    b = bundle(
+        ["sh", "-c", "cat /proc/sys/fs/mqueue/queues_max /proc/sys/net/ipv4/ping_group_range /proc/sys/kernel/shmmni"],
+        {"linux.sysctl": keys},
+    )
     status, out = run_container("ns-sysctl", b)
     assert status == 0, out
     assert out.split() == ["77", "0", "0", "1234"]
@@ -112,6 +118,7 @@ def test_joined_namespaces_are_checked(cli: Any, rt: Any, bundle: Any, other_net
             raw["linux"]["namespaces"].append({"type": kind, "path": path})
             if sysctl:
                 raw["linux"]["sysctl"] = {"net.ipv4.ping_group_range": "0 0"}
+
         return edit
 
     before = _sysctl("net.ipv4.ping_group_range")
@@ -135,8 +142,12 @@ def test_joined_namespaces_are_checked(cli: Any, rt: Any, bundle: Any, other_net
     rt.delete("joined")
     assert _sysctl("net.ipv4.ping_group_range") == before
     # a net sysctl file acts on the namespace of whoever reads it: read it from inside that one
-    inside = subprocess.run(["nsenter", f"--net=/proc/{other_netns}/ns/net", "cat",
-                             "/proc/sys/net/ipv4/ping_group_range"], capture_output=True, text=True, check=True)
+    inside = subprocess.run(
+        ["nsenter", f"--net=/proc/{other_netns}/ns/net", "cat", "/proc/sys/net/ipv4/ping_group_range"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert inside.stdout.split() == ["0", "0"]
 
 
@@ -149,6 +160,7 @@ def _replace_dev(new: dict[str, Any] | None, keep_mqueue: bool = True) -> Any:
         if not keep_mqueue:
             mounts = [m for m in mounts if m["destination"] != "/dev/mqueue"]
         raw["mounts"] = ([new] if new else []) + mounts
+
     return edit
 
 
@@ -166,14 +178,18 @@ def test_a_bind_of_the_host_dev_is_left_alone(cli: Any, rt: Any, bundle: Any, ru
     if not os.path.exists("/dev/mqueue"):
         b = bundle(["true"], edit=_replace_dev(host_dev))
         _one_line_error(*cli("oci", "run", "m", "--bundle", str(b)), "/dev/mqueue", "did not make")
-    b = bundle(["sh", "-c", "ls -l /dev/null; echo x > /dev/null && echo ok"],
-               edit=_replace_dev(host_dev, keep_mqueue=False))
+    b = bundle(
+        ["sh", "-c", "ls -l /dev/null; echo x > /dev/null && echo ok"], edit=_replace_dev(host_dev, keep_mqueue=False)
+    )
     status, out = run_container("hostdev", b)
     assert status == 0, out
     assert "ok" in out.split()
     # and devices are not made there either
-    b = bundle(["true"], edit=_replace_dev(host_dev, keep_mqueue=False),
-               changes={"linux.devices": [{"path": "/dev/virtkit-test", "type": "c", "major": 1, "minor": 3}]})
+    b = bundle(
+        ["true"],
+        edit=_replace_dev(host_dev, keep_mqueue=False),
+        changes={"linux.devices": [{"path": "/dev/virtkit-test", "type": "c", "major": 1, "minor": 3}]},
+    )
     _one_line_error(*cli("oci", "run", "m", "--bundle", str(b)), "linux.devices needs a tmpfs mounted at /dev")
     assert not os.path.lexists("/dev/virtkit-test")
 
@@ -182,16 +198,25 @@ def test_devices_stay_in_the_runtimes_own_tmpfs(cli: Any, rt: Any, bundle: Any, 
     def edit(raw: dict[str, Any]) -> None:
         raw["mounts"].append({"destination": "/dev/host", "type": "bind", "source": "/dev", "options": ["rbind"]})
 
-    ok = bundle(["sh", "-c", "ls /dev/host/null >/dev/null && ls -l /dev/virtkit-null /dev/net/virtkit-null"],
-                edit=edit, changes={"linux.devices": [
-                    {"path": "/dev/virtkit-null", "type": "c", "major": 1, "minor": 3},
-                    {"path": "/dev/net/virtkit-null", "type": "c", "major": 1, "minor": 3}]})
+    ok = bundle(
+        ["sh", "-c", "ls /dev/host/null >/dev/null && ls -l /dev/virtkit-null /dev/net/virtkit-null"],
+        edit=edit,
+        changes={
+            "linux.devices": [
+                {"path": "/dev/virtkit-null", "type": "c", "major": 1, "minor": 3},
+                {"path": "/dev/net/virtkit-null", "type": "c", "major": 1, "minor": 3},
+            ]
+        },
+    )
     status, out = run_container("owndev", ok)
     assert status == 0, out
     assert out.count("1,   3") == 2
     # a device path that crosses into the bind of the host's /dev is refused, not made there
-    bad = bundle(["true"], edit=edit, changes={"linux.devices": [
-        {"path": "/dev/host/virtkit-null", "type": "c", "major": 1, "minor": 3}]})
+    bad = bundle(
+        ["true"],
+        edit=edit,
+        changes={"linux.devices": [{"path": "/dev/host/virtkit-null", "type": "c", "major": 1, "minor": 3}]},
+    )
     _one_line_error(*cli("oci", "run", "x", "--bundle", str(bad)), "Invalid cross-device link")
     assert not os.path.lexists("/dev/virtkit-null") and not os.path.lexists("/dev/virtkit-test")
 
@@ -211,8 +236,7 @@ def test_without_a_dev_mount_nothing_is_made_in_the_rootfs(bundle: Any, run_cont
     assert sorted(os.listdir(b / "rootfs" / "dev")) == before == []
 
 
-def test_a_dev_symlinked_out_of_the_rootfs_is_not_followed(cli: Any, rt: Any, bundle: Any,
-                                                           tmp_path: Path) -> None:
+def test_a_dev_symlinked_out_of_the_rootfs_is_not_followed(cli: Any, rt: Any, bundle: Any, tmp_path: Path) -> None:
     outside = tmp_path / "outside-dev"
     outside.mkdir()
     b = bundle(["true"])
@@ -234,8 +258,7 @@ def _exchange(a: str, b: str) -> None:
     _libc.renameat2(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), RENAME_EXCHANGE)
 
 
-def test_a_symlink_swapped_in_while_mounting_cannot_redirect_the_mount(rt: Any, bundle: Any,
-                                                                       tmp_path: Path) -> None:
+def test_a_symlink_swapped_in_while_mounting_cannot_redirect_the_mount(rt: Any, bundle: Any, tmp_path: Path) -> None:
     """CVE-2021-30465's race: a path flips between a directory and a symlink to a host directory
     while the runtime mounts a tmpfs there. A mount that followed the symlink would cover the host
     directory in the container's namespace; the bind of that directory made next would then show
@@ -284,8 +307,7 @@ def test_a_symlink_swapped_in_while_mounting_cannot_redirect_the_mount(rt: Any, 
     print("race outcomes:", outcomes)
 
 
-def test_static_symlinks_out_of_the_rootfs(cli: Any, rt: Any, bundle: Any, tmp_path: Path,
-                                           run_container: Any) -> None:
+def test_static_symlinks_out_of_the_rootfs(cli: Any, rt: Any, bundle: Any, tmp_path: Path, run_container: Any) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
 
@@ -300,8 +322,10 @@ def test_static_symlinks_out_of_the_rootfs(cli: Any, rt: Any, bundle: Any, tmp_p
     _one_line_error(*cli("oci", "run", "up", "--bundle", str(b)), "/abs/sub")
     assert os.listdir(outside) == []
     # masked and read-only paths through links that leave the rootfs are not followed out either
-    b = bundle(["sh", "-c", "cat /etc/hostname"], changes={"linux.maskedPaths": ["/etc/masked"],
-                                                           "linux.readonlyPaths": ["/etc/ro"]})
+    b = bundle(
+        ["sh", "-c", "cat /etc/hostname"],
+        changes={"linux.maskedPaths": ["/etc/masked"], "linux.readonlyPaths": ["/etc/ro"]},
+    )
     os.symlink(str(outside), b / "rootfs" / "etc" / "masked")
     os.symlink("../" * 12 + str(outside).lstrip("/"), b / "rootfs" / "etc" / "ro")
     status, out = run_container("masks", b)

@@ -12,10 +12,16 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 
 def test_hostname_env_cwd_user_rlimits(run_container: Any, bundle: Any) -> None:
-    b = bundle(["sh", "-c", "hostname; echo $GREETING; pwd; id -u; id -g; id -G; ulimit -n; umask"],
-               {"hostname": "box1", "process.cwd": "/tmp", "process.env": ["PATH=/bin:/usr/bin", "GREETING=hello"],
-                "process.user": {"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63},
-                "process.rlimits": [{"type": "RLIMIT_NOFILE", "soft": 321, "hard": 321}]})
+    b = bundle(
+        ["sh", "-c", "hostname; echo $GREETING; pwd; id -u; id -g; id -G; ulimit -n; umask"],
+        {
+            "hostname": "box1",
+            "process.cwd": "/tmp",
+            "process.env": ["PATH=/bin:/usr/bin", "GREETING=hello"],
+            "process.user": {"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63},
+            "process.rlimits": [{"type": "RLIMIT_NOFILE", "soft": 321, "hard": 321}],
+        },
+    )
     status, out = run_container("iso", b)
     assert status == 0, out
     assert out.split() == ["box1", "hello", "/tmp", "1000", "1001", "1001", "1002", "321", "0077"]
@@ -41,11 +47,32 @@ def test_rootfs_is_pivoted_not_chrooted(run_container: Any, bundle: Any) -> None
 
 
 def test_minimal_dev(run_container: Any, bundle: Any) -> None:
-    status, out = run_container("dev", bundle(["sh", "-c", "ls /dev; ls -l /dev/null /dev/zero /dev/ptmx; "
-                                                            "echo x > /dev/null && head -c 4 /dev/zero | wc -c"]))
+    status, out = run_container(
+        "dev",
+        bundle(
+            [
+                "sh",
+                "-c",
+                "ls /dev; ls -l /dev/null /dev/zero /dev/ptmx; echo x > /dev/null && head -c 4 /dev/zero | wc -c",
+            ]
+        ),
+    )
     assert status == 0, out
-    for node in ("null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "fd", "stdin",
-                 "stdout", "stderr"):
+    for node in (
+        "null",
+        "zero",
+        "full",
+        "random",
+        "urandom",
+        "tty",
+        "ptmx",
+        "pts",
+        "shm",
+        "fd",
+        "stdin",
+        "stdout",
+        "stderr",
+    ):
         assert node in out.split()
     assert "sda" not in out and "vda" not in out
     assert out.strip().endswith("4")
@@ -73,8 +100,10 @@ def test_bind_mounts_and_readonly_root(run_container: Any, bundle: Any, tmp_path
         raw["mounts"].extend(mounts_extra)
         raw["root"]["readonly"] = True
 
-    b = bundle(["sh", "-c", "cat /data/in.txt; touch /data/x 2>&1; touch /etc/x 2>&1; "
-                            "echo ok > /scratch/y && cat /scratch/y"], edit=edit)
+    b = bundle(
+        ["sh", "-c", "cat /data/in.txt; touch /data/x 2>&1; touch /etc/x 2>&1; echo ok > /scratch/y && cat /scratch/y"],
+        edit=edit,
+    )
     status, out = run_container("mnt", b)
     assert status == 0, out
     assert "from-host" in out

@@ -74,8 +74,9 @@ def test_id_taken(rt: Any, bundle: Any) -> None:
 def test_exec_joins_the_container(rt: Any, bundle: Any, capfd: pytest.CaptureFixture[str]) -> None:
     rt.create("e", str(bundle(["sleep", "30"], {"hostname": "exechost"})))
     rt.start("e")
-    p = rt.exec_process("e", ["sh", "-c", "hostname; echo $FOO; pwd; id -u; echo $$"],
-                        env=["FOO=bar"], cwd="/tmp", user="1000:1000")
+    p = rt.exec_process(
+        "e", ["sh", "-c", "hostname; echo $FOO; pwd; id -u; echo $$"], env=["FOO=bar"], cwd="/tmp", user="1000:1000"
+    )
     capfd.readouterr()
     assert rt.exec("e", p) == 0
     out = capfd.readouterr().out.split()
@@ -167,14 +168,22 @@ def test_hooks(rt: Any, bundle: Any, tmp_path: Path) -> None:
     """createRuntime runs once the namespaces exist, before pivot_root (here it finds the init's
     network namespace); poststart after start; poststop after delete; each gets the state on stdin.
     A failing hook fails create, cleanly."""
+
     def hook(name: str, extra: str = "") -> dict[str, Any]:
         out = tmp_path / f"{name}.json"
         return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {out}{extra}"]}
 
     def edit(raw: dict[str, Any]) -> None:
-        raw["hooks"] = {"createRuntime": [hook("create", "; test -e /proc/$(sed 's/.*\"pid\": *\\([0-9]*\\).*/\\1/' "
-                                                         f"{tmp_path}/create.json)/ns/net")],
-                        "poststart": [hook("poststart")], "poststop": [hook("poststop")]}
+        raw["hooks"] = {
+            "createRuntime": [
+                hook(
+                    "create",
+                    f"; test -e /proc/$(sed 's/.*\"pid\": *\\([0-9]*\\).*/\\1/' {tmp_path}/create.json)/ns/net",
+                )
+            ],
+            "poststart": [hook("poststart")],
+            "poststop": [hook("poststop")],
+        }
 
     rt.create("hooked", str(bundle(["sleep", "30"], edit=edit)))
     created = json.loads((tmp_path / "create.json").read_text())

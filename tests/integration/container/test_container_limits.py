@@ -15,8 +15,10 @@ MiB = 1 << 20
 
 def test_memory_hog_is_oom_killed_and_reported(rt: Any, bundle: Any) -> None:
     # dd's 256 MiB buffer, filled from /dev/zero, cannot fit in 32 MiB (no swap: memory+swap = memory)
-    b = bundle(["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
-               {"linux.resources": {"memory": {"limit": 32 * MiB, "swap": 32 * MiB}}})
+    b = bundle(
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"],
+        {"linux.resources": {"memory": {"limit": 32 * MiB, "swap": 32 * MiB}}},
+    )
     rt.create("hog", str(b), capture=True)
     rt.start("hog")
     info = rt.wait("hog", timeout=60)
@@ -31,8 +33,10 @@ def test_memory_hog_is_oom_killed_and_reported(rt: Any, bundle: Any) -> None:
 
 
 def test_oom_event(rt: Any, bundle: Any) -> None:
-    b = bundle(["sh", "-c", "sleep 0.3; dd if=/dev/zero of=/dev/null bs=256M count=1; sleep 30"],
-               {"linux.resources": {"memory": {"limit": 32 * MiB, "swap": 32 * MiB}}})
+    b = bundle(
+        ["sh", "-c", "sleep 0.3; dd if=/dev/zero of=/dev/null bs=256M count=1; sleep 30"],
+        {"linux.resources": {"memory": {"limit": 32 * MiB, "swap": 32 * MiB}}},
+    )
     rt.create("ev", str(b))
     rt.start("ev")
     kinds = []
@@ -67,8 +71,10 @@ def test_cpu_quota_holds_a_busy_loop_near_its_share(rt: Any, bundle: Any) -> Non
     (A ratio of two clocks, not an absolute time: it holds on a slow or busy machine.)"""
     import time
 
-    b = bundle(["sh", "-c", "while :; do :; done"],
-               {"linux.resources": {"cpu": {"quota": 20000, "period": 100000, "shares": 512}}})
+    b = bundle(
+        ["sh", "-c", "while :; do :; done"],
+        {"linux.resources": {"cpu": {"quota": 20000, "period": 100000, "shares": 512}}},
+    )
     rt.create("cpu", str(b))
     rt.start("cpu")
     t0 = time.monotonic()

@@ -35,10 +35,19 @@ def test_docker_default_capabilities_and_nnp(run_container: Any, bundle: Any) ->
 
 def test_custom_capabilities_and_non_root(run_container: Any, bundle: Any) -> None:
     caps = ["CAP_NET_BIND_SERVICE"]
-    b = bundle(["cat", "/proc/self/status"],
-               {"process.capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
-                                         "inheritable": caps, "ambient": caps},
-                "process.user": {"uid": 1000, "gid": 1000}})
+    b = bundle(
+        ["cat", "/proc/self/status"],
+        {
+            "process.capabilities": {
+                "bounding": caps,
+                "effective": caps,
+                "permitted": caps,
+                "inheritable": caps,
+                "ambient": caps,
+            },
+            "process.user": {"uid": 1000, "gid": 1000},
+        },
+    )
     status, out = run_container("caps2", b)
     assert status == 0
     bit = 1 << CAPABILITIES["CAP_NET_BIND_SERVICE"]
@@ -51,12 +60,15 @@ def test_dropped_capability_is_enforced(run_container: Any, bundle: Any) -> None
     assert "rc=0" not in out and ("not permitted" in out or "Operation not permitted" in out)
 
 
-@pytest.mark.parametrize("command", [
-    "unshare -U true",
-    "unshare -m true",
-    "mount -t tmpfs none /mnt",
-    "nsenter -t 1 -n true",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "unshare -U true",
+        "unshare -m true",
+        "mount -t tmpfs none /mnt",
+        "nsenter -t 1 -n true",
+    ],
+)
 def test_seccomp_blocks_namespace_and_mount_calls(run_container: Any, bundle: Any, command: str) -> None:
     # give CAP_SYS_ADMIN so that only seccomp stands in the way... minus the seccomp rules it unlocks
     from virtkit.container.seccomp import default_profile
@@ -75,6 +87,7 @@ def test_seccomp_blocks_namespace_and_mount_calls(run_container: Any, bundle: An
 
 def test_without_seccomp_the_same_call_succeeds(run_container: Any, bundle: Any) -> None:
     """The control for the test above: CAP_SYS_ADMIN and no filter lets unshare through."""
+
     def edit(raw: dict[str, Any]) -> None:
         caps = [*DOCKER_DEFAULT, "CAP_SYS_ADMIN"]
         raw["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
@@ -86,8 +99,10 @@ def test_without_seccomp_the_same_call_succeeds(run_container: Any, bundle: Any)
 
 def test_seccomp_errno_profile(run_container: Any, bundle: Any) -> None:
     def edit(raw: dict[str, Any]) -> None:
-        raw["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 28}]}
+        raw["linux"]["seccomp"] = {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 28}],
+        }
 
     status, out = run_container("errno", bundle(["sh", "-c", "mkdir /tmp/x 2>&1; echo rc=$?"], edit=edit))
     assert "No space left on device" in out
@@ -95,8 +110,10 @@ def test_seccomp_errno_profile(run_container: Any, bundle: Any) -> None:
 
 def test_seccomp_without_no_new_privs(run_container: Any, bundle: Any) -> None:
     """Without no_new_privs the filter goes in before capabilities are dropped (needs CAP_SYS_ADMIN)."""
-    status, out = run_container("nonnp", bundle(["sh", "-c", "grep -E 'NoNewPrivs|Seccomp:' /proc/self/status"],
-                                                {"process.noNewPrivileges": False}))
+    status, out = run_container(
+        "nonnp",
+        bundle(["sh", "-c", "grep -E 'NoNewPrivs|Seccomp:' /proc/self/status"], {"process.noNewPrivileges": False}),
+    )
     assert status == 0
     assert "NoNewPrivs:\t0" in out and "Seccomp:\t2" in out
 
@@ -108,8 +125,12 @@ def test_init_runs_from_a_sealed_interpreter_copy(tmp_path: Path, bundle: Any, r
     root = rt.dirs.root
     env = dict(os.environ)
     env.pop("VIRTKIT_UNSEALED", None)
-    subprocess.run([sys.executable, "-m", "virtkit", "--root", root, "create", "sealed", "--bundle", str(b)],
-                   check=True, env=env, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "virtkit", "--root", root, "create", "sealed", "--bundle", str(b)],
+        check=True,
+        env=env,
+        timeout=60,
+    )
     pid = rt.state("sealed")["pid"]
     assert os.readlink(f"/proc/{pid}/exe").startswith("/memfd:virtkit-python")
     with open(f"/proc/{pid}/status") as f:
@@ -156,8 +177,9 @@ def io_uring_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("with_seccomp", [True, False], ids=["default-profile", "no-filter-control"])
-def test_io_uring_is_denied_by_the_default_profile(run_container: Any, bundle: Any, io_uring_probe: Path,
-                                                   with_seccomp: bool) -> None:
+def test_io_uring_is_denied_by_the_default_profile(
+    run_container: Any, bundle: Any, io_uring_probe: Path, with_seccomp: bool
+) -> None:
     import shutil
 
     def edit(raw: dict[str, Any]) -> None:

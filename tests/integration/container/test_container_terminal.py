@@ -29,8 +29,13 @@ def _with_terminal(raw: dict[str, Any]) -> None:
 def test_oci_run_in_the_foreground_proxies_the_terminal(rt: Any, bundle: Any) -> None:
     b = bundle(["sh", "-c", SCRIPT], edit=_with_terminal)
     env = {k: v for k, v in os.environ.items() if k != "VIRTKIT_UNSEALED"}
-    proc = subprocess.run([sys.executable, "-m", "virtkit", "--root", rt.dirs.root, "oci", "run", "tty1", "--bundle",
-                           str(b), "--rm"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "virtkit", "--root", rt.dirs.root, "oci", "run", "tty1", "--bundle", str(b), "--rm"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     # a terminal turns \n into \r\n on output
     assert proc.stdout.decode().split("\r\n")[:4] == ["/dev/pts/0", "is-a-tty", "30 100", "done"]

@@ -31,10 +31,11 @@ def assert_seamless(before: bytes, after: bytes, *, first: int | None = None) ->
     values = counts(joined)
     assert values, joined[-200:]
     start = values[0] if first is None else first
-    assert values == list(range(start, start + len(values))), \
+    assert values == list(range(start, start + len(values))), (
         f"gap or repeat around the cut: ...{before[-40:]!r} | {after[:40]!r}..."
+    )
     # and nothing but counter lines (no half line repeated or lost at the cut)
-    complete = joined[:joined.rfind(b"\n") + 1]  # the last line may still be being printed
+    complete = joined[: joined.rfind(b"\n") + 1]  # the last line may still be being printed
     rest = _COUNT.sub(b"", _CLONE.sub(b"", _BANNER.sub(b"", complete)))
     assert rest == b"", rest[:200]
 
@@ -60,8 +61,7 @@ def virtkit(*args: str, timeout: float = 30, **kw: object) -> subprocess.Complet
 
 def spawn(*args: str, netns: str | None = None, **kw: object) -> subprocess.Popen[bytes]:
     prefix = ["ip", "netns", "exec", netns] if netns else []
-    return subprocess.Popen([*prefix, *VIRTKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            **kw)  # type: ignore[call-overload]
+    return subprocess.Popen([*prefix, *VIRTKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
 
 
 def one_line_error(p: subprocess.CompletedProcess[str], fragment: str) -> None:

@@ -75,10 +75,26 @@ def test_control_socket_errors(counter: Path, tmp_path: Path) -> None:
 def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Path) -> None:
     sock, ckpt, log = tmp_path / "vm.sock", tmp_path / "ckpt", tmp_path / "serial.log"
     sup = subprocess.Popen(
-        [*VIRTKIT, "run", str(counter), "--cmdline", "us=500", "--serial", str(log),
-         "--control", str(sock), "--checkpoint-every", "200ms", "--checkpoint-dir", str(ckpt),
-         "--restart", "on-failure"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            *VIRTKIT,
+            "run",
+            str(counter),
+            "--cmdline",
+            "us=500",
+            "--serial",
+            str(log),
+            "--control",
+            str(sock),
+            "--checkpoint-every",
+            "200ms",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--restart",
+            "on-failure",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for(lambda: (ckpt / "vm.state").exists() and sock.exists(), what="a first checkpoint")
         vmm_pid = request(str(sock), "status")["pid"]
@@ -102,9 +118,10 @@ def test_checkpoint_restart_after_the_vmm_is_killed(counter: Path, tmp_path: Pat
     cut = values.index(None) if None in values else -1
     candidates: list[list[int]] = [[v for v in values if v is not None]]  # the spliced line dropped (a repeat)...
     if cut > 0:  # ...or read as the line it replaced (no repeat)
-        candidates.append([*values[:cut], values[cut - 1] + 1, *values[cut + 1:]])  # type: ignore[operator]
-    assert any(_resumes_once(c) or any(_resumes_once(c[:j] + c[j + 1:]) for j in _wrong_numbers(c))
-               for c in candidates), values
+        candidates.append([*values[:cut], values[cut - 1] + 1, *values[cut + 1 :]])  # type: ignore[operator]
+    assert any(
+        _resumes_once(c) or any(_resumes_once(c[:j] + c[j + 1 :]) for j in _wrong_numbers(c)) for c in candidates
+    ), values
 
 
 def _spliced_counts(data: bytes) -> list[int | None]:
@@ -159,8 +176,17 @@ def test_clone_command(counter: Path, tmp_path: Path) -> None:
         wait_for(lambda: len(counts(vm.console.output)) >= 10)
         snapshot.save(vm, tmp_path / "snap", resume=False)
         before = vm.console.output
-    p = virtkit("clone", str(tmp_path / "snap"), "--count", "3", "--serial-dir", str(tmp_path / "logs"),
-                "--timeout", "0.5", "--json")
+    p = virtkit(
+        "clone",
+        str(tmp_path / "snap"),
+        "--count",
+        "3",
+        "--serial-dir",
+        str(tmp_path / "logs"),
+        "--timeout",
+        "0.5",
+        "--json",
+    )
     assert p.returncode == 124, p.stderr  # every clone ran until the timeout stopped it
     result = json.loads(p.stdout)
     assert result["count"] == 3 and result["exit_codes"] == [124, 124, 124]

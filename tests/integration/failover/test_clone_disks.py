@@ -18,8 +18,8 @@ from virtkit.snapshot import RestoredVM
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
-SECTORS = 256          # the disk: 128 KiB
-WORK = 64              # the guest writes (and reads back) sectors 0..63
+SECTORS = 256  # the disk: 128 KiB
+WORK = 64  # the guest writes (and reads back) sectors 0..63
 MARK = b"base-image-marker-data-" * 22 + b"!!!!!!"  # one 512-byte sector the guest never writes
 MASK = (1 << 64) - 1
 
@@ -50,8 +50,7 @@ def snap(parawork: Path, tmp_path: Path) -> tuple[Path, Path, VM]:
     holds a marker past the workload's sectors. The source VM is returned open and not started."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(512 * WORK) + MARK * (SECTORS - WORK))
-    vm = VM(parawork, mode="para", memory="32M", cmdline=f"work=disk sectors={WORK} req=8 via=hcall",
-            disks=[str(disk)])
+    vm = VM(parawork, mode="para", memory="32M", cmdline=f"work=disk sectors={WORK} req=8 via=hcall", disks=[str(disk)])
     vm.open()
     assert vm.machine is not None
     info = snapshot.save_paused(vm.machine, tmp_path / "snap")
@@ -92,7 +91,7 @@ def test_clones_write_only_their_own_overlay(snap: tuple[Path, Path, VM], tmp_pa
         _finish(source)  # type: ignore[arg-type]
     finally:
         source.close()
-    assert disk.read_bytes()[:len(WRITTEN)] == WRITTEN and _digest(disk) != base_before
+    assert disk.read_bytes()[: len(WRITTEN)] == WRITTEN and _digest(disk) != base_before
     source_after = _digest(disk)
 
     vms = snapshot.clone(directory, 2, start=False, workdir=tmp_path / "clones")
@@ -143,8 +142,10 @@ def test_a_running_clone_reads_its_own_number(counter: Path, tmp_path: Path) -> 
     vms = snapshot.clone(tmp_path / "snap", 2)
     try:
         for n, vm in enumerate(vms, start=1):
-            wait_for(lambda vm=vm, n=n: f"counter: clone {n}".encode() in vm.console.output,
-                     what=f"clone {n} to print its number")
+            wait_for(
+                lambda vm=vm, n=n: f"counter: clone {n}".encode() in vm.console.output,
+                what=f"clone {n} to print its number",
+            )
     finally:
         for vm in vms:
             vm.close()
@@ -161,11 +162,13 @@ def test_clone_cli_reports_identities_and_refuses_a_resized_base(snap: tuple[Pat
     assert out["clones"][0]["id"] != out["clones"][1]["id"]
     for c in out["clones"]:
         (d,) = c["disks"]
-        assert d["method"] in ("reflink", "sparse") and Path(d["path"]).read_bytes()[:len(WRITTEN)] == WRITTEN
+        assert d["method"] in ("reflink", "sparse") and Path(d["path"]).read_bytes()[: len(WRITTEN)] == WRITTEN
 
     (copy,) = directory.glob("disk0-*.img")
     os.chmod(copy, 0o600)
     os.truncate(copy, 512 * (SECTORS + 1))
-    one_line_error(virtkit("clone", str(directory), "-n", "2", "--workdir", str(tmp_path / "w2")),
-                   f"is {512 * (SECTORS + 1)} bytes, it was {512 * SECTORS} at the snapshot")
+    one_line_error(
+        virtkit("clone", str(directory), "-n", "2", "--workdir", str(tmp_path / "w2")),
+        f"is {512 * (SECTORS + 1)} bytes, it was {512 * SECTORS} at the snapshot",
+    )
     assert not (tmp_path / "w2").exists() or not any((tmp_path / "w2").iterdir())

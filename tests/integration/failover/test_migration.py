@@ -32,25 +32,67 @@ pytestmark = pytest.mark.usefixtures("kvm")
 class Pair:
     """A source VMM (virtkit run --control) and a target (virtkit migrate-receive)."""
 
-    def __init__(self, tmp: Path, counter: Path, *, cmdline: str = "us=500", fault: str | None = None,
-                 source_ns: str | None = None, target_ns: str | None = None, listen: str = "127.0.0.1:0",
-                 connect_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        counter: Path,
+        *,
+        cmdline: str = "us=500",
+        fault: str | None = None,
+        source_ns: str | None = None,
+        target_ns: str | None = None,
+        listen: str = "127.0.0.1:0",
+        connect_host: str = "127.0.0.1",
+    ) -> None:
         self.sock, self.src_log, self.dst_log = tmp / "src.sock", tmp / "src.log", tmp / "dst.log"
         self.key = make_key(tmp / "key")
         port_file = tmp / "port"
         extra = ["--inject-fault", fault] if fault else []
-        self.target = spawn("migrate-receive", "--listen", listen, "--port-file", str(port_file),
-                            "--key-file", str(self.key), "--serial", str(self.dst_log), "--accept-timeout", "30",
-                            *extra, netns=target_ns)
-        self.source = spawn("run", str(counter), "--cmdline", cmdline, "--control", str(self.sock),
-                            "--serial", str(self.src_log), netns=source_ns)
-        wait_for(lambda: port_file.exists() and self.sock.exists() and len(file_counts(self.src_log)) >= 20,
-                 what="source and target to be ready")
+        self.target = spawn(
+            "migrate-receive",
+            "--listen",
+            listen,
+            "--port-file",
+            str(port_file),
+            "--key-file",
+            str(self.key),
+            "--serial",
+            str(self.dst_log),
+            "--accept-timeout",
+            "30",
+            *extra,
+            netns=target_ns,
+        )
+        self.source = spawn(
+            "run",
+            str(counter),
+            "--cmdline",
+            cmdline,
+            "--control",
+            str(self.sock),
+            "--serial",
+            str(self.src_log),
+            netns=source_ns,
+        )
+        wait_for(
+            lambda: port_file.exists() and self.sock.exists() and len(file_counts(self.src_log)) >= 20,
+            what="source and target to be ready",
+        )
         self.to = f"{connect_host}:{port_file.read_text().strip()}"
 
     def migrate(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return virtkit("migrate", "--control", str(self.sock), "--to", self.to, "--key-file", str(self.key),
-                       "--json", *args, timeout=60)
+        return virtkit(
+            "migrate",
+            "--control",
+            str(self.sock),
+            "--to",
+            self.to,
+            "--key-file",
+            str(self.key),
+            "--json",
+            *args,
+            timeout=60,
+        )
 
     def close(self) -> None:
         stop_process(self.source)
@@ -121,13 +163,19 @@ def _source_survives(pair: Pair, p: subprocess.CompletedProcess[str], fragment: 
     assert values == list(range(1, len(values) + 1))  # nothing lost or repeated on the source
 
 
-@pytest.mark.parametrize("fault,fragment", [
-    ("refuse", "refused the migration: refused by fault injection"),
-    ("drop-during-memory", "failed"),
-    ("die-before-switchover", "failed"),
-])
-def test_source_keeps_running_when_the_target_fails(pair_factory, fault: str,  # type: ignore[no-untyped-def]
-                                                    fragment: str) -> None:
+@pytest.mark.parametrize(
+    "fault,fragment",
+    [
+        ("refuse", "refused the migration: refused by fault injection"),
+        ("drop-during-memory", "failed"),
+        ("die-before-switchover", "failed"),
+    ],
+)
+def test_source_keeps_running_when_the_target_fails(
+    pair_factory,
+    fault: str,  # type: ignore[no-untyped-def]
+    fragment: str,
+) -> None:
     pair = pair_factory(fault=fault)
     _source_survives(pair, pair.migrate(), fragment)
     pair.target.wait(timeout=10)
@@ -136,9 +184,25 @@ def test_source_keeps_running_when_the_target_fails(pair_factory, fault: str,  #
 
 def test_source_keeps_running_when_the_target_is_killed_mid_copy(pair_factory) -> None:  # type: ignore[no-untyped-def]
     pair = pair_factory(cmdline="us=200 dirty=256 buf=32")
-    migration = subprocess.Popen([*VIRTKIT, "migrate", "--key-file", str(pair.key),
-                                  "--control", str(pair.sock), "--to", pair.to, "--downtime-ms", "0.01",
-                                  "--max-rounds", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    migration = subprocess.Popen(
+        [
+            *VIRTKIT,
+            "migrate",
+            "--key-file",
+            str(pair.key),
+            "--control",
+            str(pair.sock),
+            "--to",
+            pair.to,
+            "--downtime-ms",
+            "0.01",
+            "--max-rounds",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # the source is connected to the target (which accepts at once: it built its machine and
     # confined itself before it wrote its port file), and pages are flowing
     wait_for(lambda: tcp_established(int(pair.to.rsplit(":", 1)[1])), what="the source to connect")
@@ -202,8 +266,19 @@ def test_a_failed_migration_can_be_retried(pair_factory, tmp_path: Path) -> None
     _source_survives(pair, pair.migrate(), "failed")
     pair.target.wait(timeout=10)
     port_file = tmp_path / "port2"
-    pair.target = spawn("migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
-                        "--key-file", str(pair.key), "--serial", str(pair.dst_log), "--accept-timeout", "30")
+    pair.target = spawn(
+        "migrate-receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-file",
+        str(port_file),
+        "--key-file",
+        str(pair.key),
+        "--serial",
+        str(pair.dst_log),
+        "--accept-timeout",
+        "30",
+    )
     wait_for(port_file.exists, what="the second target")
     pair.to = f"127.0.0.1:{port_file.read_text().strip()}"
     _assert_migrated(pair, pair.migrate(), lines=70)  # past the guest's next full-buffer check

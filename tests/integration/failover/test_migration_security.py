@@ -38,11 +38,23 @@ class Receiver:
     def __init__(self, tmp: Path, *options: str, key: Path | None = None, tag: str = "dst") -> None:
         self.key = key or make_key(tmp / "key")
         self.port_file, self.log, self.ctl = tmp / f"{tag}.port", tmp / f"{tag}.log", tmp / f"{tag}.sock"
-        self.proc = spawn("migrate-receive", "--listen", "127.0.0.1:0", "--port-file", str(self.port_file),
-                          "--key-file", str(self.key), "--serial", str(self.log), "--accept-timeout", "30",
-                          *options)
-        wait_for(lambda: self.port_file.exists() or self.proc.poll() is not None, timeout=20,
-                 what="the receiver to listen")
+        self.proc = spawn(
+            "migrate-receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(self.port_file),
+            "--key-file",
+            str(self.key),
+            "--serial",
+            str(self.log),
+            "--accept-timeout",
+            "30",
+            *options,
+        )
+        wait_for(
+            lambda: self.port_file.exists() or self.proc.poll() is not None, timeout=20, what="the receiver to listen"
+        )
         assert self.proc.poll() is None, self.proc.communicate()
         self.port = int(self.port_file.read_text())
 
@@ -71,8 +83,7 @@ class Source:
     def __init__(self, tmp: Path, kernel: Path, *options: str, lines: int = 10) -> None:
         self.sock, self.log = tmp / "src.sock", tmp / "src.log"
         self.proc = spawn("run", str(kernel), "--control", str(self.sock), "--serial", str(self.log), *options)
-        wait_for(lambda: self.sock.exists() and len(file_counts(self.log)) >= lines, timeout=20,
-                 what="the source VM")
+        wait_for(lambda: self.sock.exists() and len(file_counts(self.log)) >= lines, timeout=20, what="the source VM")
 
     def migrate(self, to: str, key: Path) -> subprocess.CompletedProcess[str]:
         return virtkit("migrate", "--control", str(self.sock), "--to", to, "--key-file", str(key), timeout=60)
@@ -106,8 +117,9 @@ def _one_line_error(err: str, fragment: str) -> str:
     return errors[0]
 
 
-def test_authenticated_migration_into_a_confined_receiver(tmp_path: Path, counter: Path,
-                                                          procs: list[subprocess.Popen[bytes]]) -> None:
+def test_authenticated_migration_into_a_confined_receiver(
+    tmp_path: Path, counter: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("the jail needs root")
     dst = Receiver(tmp_path, "--control", str(tmp_path / "dst.sock"))
@@ -141,8 +153,9 @@ def test_authenticated_migration_into_a_confined_receiver(tmp_path: Path, counte
     assert not dst.ctl.exists()  # the launcher removed the socket file the jail could not
 
 
-def test_a_sender_with_another_key_is_refused(tmp_path: Path, counter: Path,
-                                              procs: list[subprocess.Popen[bytes]]) -> None:
+def test_a_sender_with_another_key_is_refused(
+    tmp_path: Path, counter: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
     dst = Receiver(tmp_path)
     procs.append(dst.proc)
     src = Source(tmp_path, counter, "--cmdline", "us=500")
@@ -159,15 +172,19 @@ def test_a_sender_with_another_key_is_refused(tmp_path: Path, counter: Path,
     assert not dst.ran()
 
 
-@pytest.mark.parametrize("options,field", [
-    (["--memory", "128M"], "memory: the VM has 64 MiB of RAM, this receiver was started with --memory 128 MiB"),
-    (["--vcpus", "2"], "vcpus: the VM has 1 vCPUs, this receiver was started with --vcpus 2"),
-    (["--mode", "para"], "mode: the VM runs in --mode full, this receiver was started with --mode para"),
-    (["--strict"], "strict: the VM runs without --strict, this receiver with"),
-    (["--disk", "{disk}"], "disks: the VM has 0 disks, this receiver was started with 1 disk"),
-])
-def test_a_vm_of_another_shape_is_refused_and_nothing_runs(tmp_path: Path, counter: Path, options: list[str],
-                                                           field: str, procs: list[subprocess.Popen[bytes]]) -> None:
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        (["--memory", "128M"], "memory: the VM has 64 MiB of RAM, this receiver was started with --memory 128 MiB"),
+        (["--vcpus", "2"], "vcpus: the VM has 1 vCPUs, this receiver was started with --vcpus 2"),
+        (["--mode", "para"], "mode: the VM runs in --mode full, this receiver was started with --mode para"),
+        (["--strict"], "strict: the VM runs without --strict, this receiver with"),
+        (["--disk", "{disk}"], "disks: the VM has 0 disks, this receiver was started with 1 disk"),
+    ],
+)
+def test_a_vm_of_another_shape_is_refused_and_nothing_runs(
+    tmp_path: Path, counter: Path, options: list[str], field: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
     disk = tmp_path / "receiver.img"
     disk.write_bytes(b"receiver's own disk".ljust(1 << 20, b"\0"))
     dst = Receiver(tmp_path, *[o.format(disk=disk) for o in options])
@@ -216,8 +233,9 @@ def _shape_of(memory: int = 64 << 20) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("attack", ["old-protocol-hello", "path-in-description", "path-in-disk"])
-def test_a_disk_path_from_the_sender_is_never_opened(tmp_path: Path, attack: str,
-                                                     procs: list[subprocess.Popen[bytes]]) -> None:
+def test_a_disk_path_from_the_sender_is_never_opened(
+    tmp_path: Path, attack: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
     """The reported attack, and its variants with the key: the sender names a host file as the
     guest's disk. The receiver refuses, and the file is not opened, read or written by anyone."""
     canary = tmp_path / "canary"
@@ -227,8 +245,18 @@ def test_a_disk_path_from_the_sender_is_never_opened(tmp_path: Path, attack: str
     dst = Receiver(tmp_path)
     procs.append(dst.proc)
     if attack == "old-protocol-hello":  # no key at all: what the review sent
-        hello = json.dumps({"protocol": 1, "machine": {"memory": 64 << 20, "vcpus": 1, "paravirt": False,
-                            "strict": False, "disks": [{"path": str(canary), "read_only": False}]}}).encode()
+        hello = json.dumps(
+            {
+                "protocol": 1,
+                "machine": {
+                    "memory": 64 << 20,
+                    "vcpus": 1,
+                    "paravirt": False,
+                    "strict": False,
+                    "disks": [{"path": str(canary), "read_only": False}],
+                },
+            }
+        ).encode()
         with socket.create_connection(("127.0.0.1", dst.port), timeout=10) as s:
             s.sendall(protocol.HEADER.pack(b"HELO", 0, len(hello)) + hello)
             assert b"speaks migration protocol 2 only" in s.recv(4096)
@@ -253,13 +281,17 @@ def test_a_disk_path_from_the_sender_is_never_opened(tmp_path: Path, attack: str
     assert canary.read_bytes() == before
 
 
-@pytest.mark.parametrize("attack,fragment", [
-    ("go-before-state", "sent GO!! where PAGE or ROND or STAT or ABRT was expected"),
-    ("deeply-nested-description", "nested more than 32 levels"),
-    ("state-of-no-machine", "snapshot field state.vm is missing"),
-])
-def test_a_key_holder_out_of_protocol_starts_nothing(tmp_path: Path, attack: str, fragment: str,
-                                                     procs: list[subprocess.Popen[bytes]]) -> None:
+@pytest.mark.parametrize(
+    "attack,fragment",
+    [
+        ("go-before-state", "sent GO!! where PAGE or ROND or STAT or ABRT was expected"),
+        ("deeply-nested-description", "nested more than 32 levels"),
+        ("state-of-no-machine", "snapshot field state.vm is missing"),
+    ],
+)
+def test_a_key_holder_out_of_protocol_starts_nothing(
+    tmp_path: Path, attack: str, fragment: str, procs: list[subprocess.Popen[bytes]]
+) -> None:
     dst = Receiver(tmp_path)
     procs.append(dst.proc)
     ch = _handshake(dst.address, dst.key)
@@ -285,8 +317,9 @@ def test_a_key_holder_out_of_protocol_starts_nothing(tmp_path: Path, attack: str
     assert not dst.ran()
 
 
-def test_a_confined_receiver_runs_a_paravirtual_guest_doing_disk_io(tmp_path: Path, guests: Path,
-                                                                     procs: list[subprocess.Popen[bytes]]) -> None:
+def test_a_confined_receiver_runs_a_paravirtual_guest_doing_disk_io(
+    tmp_path: Path, guests: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
     """The seccomp allow-list covers what a para guest needs after the switch-over: the I/O thread
     (epoll, eventfds) and virtio-blk writes and reads on the receiver's own disk image."""
     if os.geteuid() != 0:
@@ -297,15 +330,33 @@ def test_a_confined_receiver_runs_a_paravirtual_guest_doing_disk_io(tmp_path: Pa
             f.truncate(size)
     dst = Receiver(tmp_path, "--mode", "para", "--memory", "32M", "--disk", str(tmp_path / "dst.img"))
     procs.append(dst.proc)
-    src = spawn("run", str(guests / "parawork.elf"), "--mode", "para", "--memory", "32M", "--disk",
-                str(tmp_path / "src.img"), "--cmdline", "work=disk mib=200 via=virtio req=64",
-                "--control", str(tmp_path / "src.sock"), "--serial", str(tmp_path / "src.log"))
+    src = spawn(
+        "run",
+        str(guests / "parawork.elf"),
+        "--mode",
+        "para",
+        "--memory",
+        "32M",
+        "--disk",
+        str(tmp_path / "src.img"),
+        "--cmdline",
+        "work=disk mib=200 via=virtio req=64",
+        "--control",
+        str(tmp_path / "src.sock"),
+        "--serial",
+        str(tmp_path / "src.log"),
+    )
     procs.append(src)
-    wait_for(lambda: b"virtio-blk capacity" in ((tmp_path / "src.log").read_bytes()
-                                                  if (tmp_path / "src.log").exists() else b""),
-             timeout=20, what="the guest to start its disk work")
-    p = virtkit("migrate", "--control", str(tmp_path / "src.sock"), "--to", dst.address, "--key-file",
-                str(dst.key), timeout=60)
+    wait_for(
+        lambda: (
+            b"virtio-blk capacity" in ((tmp_path / "src.log").read_bytes() if (tmp_path / "src.log").exists() else b"")
+        ),
+        timeout=20,
+        what="the guest to start its disk work",
+    )
+    p = virtkit(
+        "migrate", "--control", str(tmp_path / "src.sock"), "--to", dst.address, "--key-file", str(dst.key), timeout=60
+    )
     assert p.returncode == 0, p.stderr
     code, err = dst.finish(timeout=120)
     assert code != SIGSYS_STATUS, err
@@ -318,18 +369,31 @@ def test_a_confined_receiver_runs_a_paravirtual_guest_doing_disk_io(tmp_path: Pa
 def test_the_receiver_listens_on_loopback_by_default(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     key = make_key(tmp_path / "key")
     port_file = tmp_path / "port"
-    p = spawn("migrate-receive", "--listen", "0", "--port-file", str(port_file), "--key-file", str(key),
-              "--serial", "none", "--accept-timeout", "30")
+    p = spawn(
+        "migrate-receive",
+        "--listen",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--key-file",
+        str(key),
+        "--serial",
+        "none",
+        "--accept-timeout",
+        "30",
+    )
     procs.append(p)
     wait_for(port_file.exists, timeout=20, what="the receiver to listen")
     port = int(port_file.read_text())
-    listening = [row.split()[1] for row in Path("/proc/net/tcp").read_text().splitlines()[1:]
-                 if row.split()[3] == "0A" and int(row.split()[1].split(":")[1], 16) == port]
+    listening = [
+        row.split()[1]
+        for row in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if row.split()[3] == "0A" and int(row.split()[1].split(":")[1], 16) == port
+    ]
     assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1, not 0.0.0.0
 
 
-def test_killing_the_launcher_ends_the_confined_receiver(tmp_path: Path,
-                                                         procs: list[subprocess.Popen[bytes]]) -> None:
+def test_killing_the_launcher_ends_the_confined_receiver(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     if os.geteuid() != 0:
         pytest.skip("the jail needs root")
     dst = Receiver(tmp_path)
@@ -352,8 +416,10 @@ def test_unsafe_key_files_are_refused_in_one_line(tmp_path: Path, mode: int, fra
     key = tmp_path / "key"
     key.write_text("short" if mode == 0o600 else "ab" * 32)
     key.chmod(mode)
-    for args in (["migrate-receive", "--listen", "0", "--key-file", str(key)],
-                 ["migrate", "--control", str(tmp_path / "none.sock"), "--to", "127.0.0.1:1", "--key-file", str(key)]):
+    for args in (
+        ["migrate-receive", "--listen", "0", "--key-file", str(key)],
+        ["migrate", "--control", str(tmp_path / "none.sock"), "--to", "127.0.0.1:1", "--key-file", str(key)],
+    ):
         p = virtkit(*args)
         assert p.returncode == 2
         _one_line_error(p.stderr, fragment)
@@ -361,8 +427,17 @@ def test_unsafe_key_files_are_refused_in_one_line(tmp_path: Path, mode: int, fra
 
 def test_checkpoints_need_the_host_and_are_refused_with_the_jail(tmp_path: Path) -> None:
     key = make_key(tmp_path / "key")
-    p = virtkit("migrate-receive", "--listen", "0", "--key-file", str(key), "--checkpoint-every", "1s",
-                "--checkpoint-dir", str(tmp_path))
+    p = virtkit(
+        "migrate-receive",
+        "--listen",
+        "0",
+        "--key-file",
+        str(key),
+        "--checkpoint-every",
+        "1s",
+        "--checkpoint-dir",
+        str(tmp_path),
+    )
     assert p.returncode == 2
     _one_line_error(p.stderr, "--checkpoint-every writes into a host directory")
 
@@ -379,8 +454,18 @@ def test_migrate_keygen(tmp_path: Path) -> None:
 
 def test_no_jail_warns(tmp_path: Path) -> None:
     key = make_key(tmp_path / "key")
-    p = virtkit("migrate-receive", "--listen", "0", "--key-file", str(key), "--no-jail", "--accept-timeout", "0.2",
-                "--serial", "none")
+    p = virtkit(
+        "migrate-receive",
+        "--listen",
+        "0",
+        "--key-file",
+        str(key),
+        "--no-jail",
+        "--accept-timeout",
+        "0.2",
+        "--serial",
+        "none",
+    )
     assert p.returncode == 2
     assert "warning: --no-jail: this receiver runs unconfined" in p.stderr
     _one_line_error(p.stderr, "no migration arrived")

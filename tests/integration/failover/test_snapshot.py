@@ -144,14 +144,17 @@ def _lacking_feature(doc: dict) -> None:  # type: ignore[type-arg]
                 e[4] = 0xFFFF_FFFF
 
 
-@pytest.mark.parametrize("damage,fragment", [
-    ("truncate-state", "is truncated"),
-    ("corrupt-state", "corrupted: checksum mismatch"),
-    ("version", "format version 99; this virtkit reads version 1"),
-    ("truncate-memory", "is truncated"),
-    ("remove-memory", "is missing"),
-    ("cpuid", "lacks features the guest saw"),
-])
+@pytest.mark.parametrize(
+    "damage,fragment",
+    [
+        ("truncate-state", "is truncated"),
+        ("corrupt-state", "corrupted: checksum mismatch"),
+        ("version", "format version 99; this virtkit reads version 1"),
+        ("truncate-memory", "is truncated"),
+        ("remove-memory", "is missing"),
+        ("cpuid", "lacks features the guest saw"),
+    ],
+)
 def test_damaged_snapshots_are_refused(snap: tuple[Path, bytes], damage: str, fragment: str) -> None:
     directory, _ = snap
     state = directory / snapshot.STATE_FILE

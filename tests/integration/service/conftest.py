@@ -58,10 +58,22 @@ class Daemon:
         if os.path.exists(self.socket):
             os.unlink(self.socket)  # left by a service that was SIGKILLed
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtkit.service.daemon", "--state-dir", self.state_dir, "--run-dir",
-             self.run_dir, "--cgroup-parent", self.cgroup_parent, *self.extra],
-            stdin=subprocess.DEVNULL, stderr=open(os.path.join(self.run_dir, "virtkitd.log"), "ab"),  # noqa: SIM115
-            env=self.env)
+            [
+                sys.executable,
+                "-m",
+                "virtkit.service.daemon",
+                "--state-dir",
+                self.state_dir,
+                "--run-dir",
+                self.run_dir,
+                "--cgroup-parent",
+                self.cgroup_parent,
+                *self.extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.run_dir, "virtkitd.log"), "ab"),  # noqa: SIM115
+            env=self.env,
+        )
         deadline = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -40,8 +40,9 @@ REPORTS: dict[str, bytes] = {
     "report-deep": b"[" * 200_000,
     "report-huge": b'{"reason": "stopped", "detail": "' + b"x" * (8 << 20) + b'"}',
     "report-binary": bytes(range(256)) * 64,
-    "report-wrong-types": json.dumps({"reason": 5, "exit_status": "x", "detail": [], "crash": "yes",
-                                      "ended": None}).encode(),
+    "report-wrong-types": json.dumps(
+        {"reason": 5, "exit_status": "x", "detail": [], "crash": "yes", "ended": None}
+    ).encode(),
 }
 
 
@@ -88,8 +89,15 @@ class HostileVmm(real.Vmm):
             except ValueError:
                 op = None
             replies: dict[str, object] = {
-                "status": {"ok": True, "name": "x", "instance": "not-the-one", "state": "running", "vcpus": 1,
-                           "memory": 1, "started": 1.0},
+                "status": {
+                    "ok": True,
+                    "name": "x",
+                    "instance": "not-the-one",
+                    "state": "running",
+                    "vcpus": 1,
+                    "memory": 1,
+                    "started": 1.0,
+                },
                 "stats": {"ok": True, "stats": {"total_exits": 10**400, "exits": {"io": -5, 'x"}\n': 1}}},
                 "console-write": {"ok": "yes"},
                 "stop": {"ok": True},  # and does not stop

@@ -84,8 +84,9 @@ def test_concurrent_create_and_delete_of_one_name(d: Any, guests: Path) -> None:
     def worker(i: int) -> None:
         for _ in range(6):
             if i % 2:
-                code, data = d.client.request("POST", "/v1/vms", {"name": "contested", "kernel": kernel,
-                                                                  "start": i % 4 == 1})
+                code, data = d.client.request(
+                    "POST", "/v1/vms", {"name": "contested", "kernel": kernel, "start": i % 4 == 1}
+                )
             else:
                 code, data = d.client.request("DELETE", "/v1/vms/contested?force=true")
             with lock:
@@ -110,6 +111,7 @@ def test_concurrent_create_and_delete_of_one_name(d: Any, guests: Path) -> None:
 
 # --- the fuzzer: inputs generated from the OpenAPI document ----------------------------------------
 
+
 def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     kind = schema.get("type")
     if "enum" in schema:
@@ -117,26 +119,32 @@ def _from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     elif kind == "string":
         s = st.from_regex(schema["pattern"], fullmatch=True) if "pattern" in schema else st.text(max_size=50)
     elif kind == "integer":
-        s = st.integers(schema.get("minimum", -2**40), min(schema.get("maximum", 2**40), 4096))
+        s = st.integers(schema.get("minimum", -(2**40)), min(schema.get("maximum", 2**40), 4096))
     elif kind == "boolean":
         s = st.booleans()
     elif kind == "object":
         props = schema.get("properties", {})
-        s = st.fixed_dictionaries({k: _from_schema(v) for k, v in props.items() if k in schema.get("required", [])},
-                                  optional={k: _from_schema(v) for k, v in props.items()
-                                            if k not in schema.get("required", []) and k != "start"})
+        s = st.fixed_dictionaries(
+            {k: _from_schema(v) for k, v in props.items() if k in schema.get("required", [])},
+            optional={
+                k: _from_schema(v) for k, v in props.items() if k not in schema.get("required", []) and k != "start"
+            },
+        )
     else:
         s = st.none()
     return s | st.none() if schema.get("nullable") else s
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _mutated(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     """A valid object with one field replaced by any JSON value, or an extra field added."""
+
     def mutate(obj: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
         return {**obj, key: value}
 
@@ -144,8 +152,7 @@ def _mutated(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     return st.builds(mutate, _from_schema(schema), keys, JSON)
 
 
-OPERATIONS = [(path, method.upper(), op) for path, item in openapi.SPEC["paths"].items()
-              for method, op in item.items()]
+OPERATIONS = [(path, method.upper(), op) for path, item in openapi.SPEC["paths"].items() for method, op in item.items()]
 NAME = st.one_of(st.from_regex(openapi.NAME_PATTERN, fullmatch=True), st.text(max_size=70))
 
 
@@ -155,8 +162,11 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     from urllib.parse import quote
 
     url = path.replace("{name}", quote(draw(NAME), safe=""))
-    query = [f"{p['name']}={quote(str(draw(st.one_of(st.integers(-5, 2**63), st.text(max_size=10)))))}"
-             for p in op.get("parameters", []) if p["in"] == "query" and draw(st.booleans())]
+    query = [
+        f"{p['name']}={quote(str(draw(st.one_of(st.integers(-5, 2**63), st.text(max_size=10)))))}"
+        for p in op.get("parameters", [])
+        if p["in"] == "query" and draw(st.booleans())
+    ]
     if query:
         url += "?" + "&".join(query)
     body = None
@@ -189,6 +199,7 @@ def test_the_api_never_answers_5xx_to_generated_input(d: Any) -> None:
 
 # --- HTTP-level input: short bodies, garbage, slow senders, too many connections --------------------
 
+
 def _raw(d: Any, data: bytes, *, read_timeout: float = 20) -> tuple[int, dict[str, Any], float]:
     """Send ``data`` as is; (status, JSON body, seconds until the answer)."""
     import socket
@@ -220,34 +231,41 @@ def _raw(d: Any, data: bytes, *, read_timeout: float = 20) -> tuple[int, dict[st
 def test_a_body_shorter_than_its_content_length_is_a_400_not_a_500(d: Any) -> None:
     from virtkit.service.api import READ_TIMEOUT
 
-    status, body, elapsed = _raw(d, b"POST /v1/vms HTTP/1.0\r\nContent-Type: application/json\r\n"
-                                    b"Content-Length: 100\r\n\r\n{\"name\": \"x\"")
+    status, body, elapsed = _raw(
+        d, b'POST /v1/vms HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name": "x"'
+    )
     assert status == 400 and "ended after 12 of its 100 bytes" in body["error"], body
     assert elapsed < READ_TIMEOUT + 10  # within the read timeout (plus a busy machine's slack)
     _nothing_left(d)
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"\x00\xff\xfe garbage \x01\r\n\r\n", 400),
-    (b"GET /v1/vms HTTP/9.9\r\n\r\n", 400),
-    (b"GET /v1/vms HTTP/1.0 extra words\r\n\r\n", 400),
-    (b"BREW /v1/vms HTTP/1.0\r\n\r\n", 405),
-    (b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n", 414),
-    (b"GET /v1/vms HTTP/1.0\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
-    (b"GET /v1/vms HTTP/1.0\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
-])
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"\x00\xff\xfe garbage \x01\r\n\r\n", 400),
+        (b"GET /v1/vms HTTP/9.9\r\n\r\n", 400),
+        (b"GET /v1/vms HTTP/1.0 extra words\r\n\r\n", 400),
+        (b"BREW /v1/vms HTTP/1.0\r\n\r\n", 405),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.0\r\n\r\n", 414),
+        (b"GET /v1/vms HTTP/1.0\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
+        (b"GET /v1/vms HTTP/1.0\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+)
 def test_http_level_errors_are_json_4xx(d: Any, request_bytes: bytes, status: int) -> None:
     code, body, _ = _raw(d, request_bytes)
     assert code == status, (code, body)
     assert body["error"] and "\n" not in body["error"]
 
 
-@pytest.mark.parametrize(("path", "length", "status"), [
-    ("/v1/nothing", 60_000, 404),  # refused by its path: the body is read all the same
-    ("/v1/vms/bad%20name/start", 30_000, 400),
-    ("/v1/vms", openapi.MAX_BODY + 200_000, 413),  # over the limit, under the drain limit
-])
+@pytest.mark.parametrize(
+    ("path", "length", "status"),
+    [
+        ("/v1/nothing", 60_000, 404),  # refused by its path: the body is read all the same
+        ("/v1/vms/bad%20name/start", 30_000, 400),
+        ("/v1/vms", openapi.MAX_BODY + 200_000, 413),  # over the limit, under the drain limit
+    ],
+)
 def test_a_client_still_sending_its_body_reads_the_error(d: Any, path: str, length: int, status: int) -> None:
     """The answer comes after the body was read: a slow sender gets it instead of a broken pipe."""
     import socket
@@ -257,8 +275,9 @@ def test_a_client_still_sending_its_body_reads_the_error(d: Any, path: str, leng
     s.settimeout(20)
     s.connect(d.socket)
     try:
-        s.sendall(f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
-                  .encode())
+        s.sendall(
+            f"POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode()
+        )
         sent = 0
         while sent < length:  # in pieces, with pauses, as a client on a loaded machine would
             n = min(8192, length - sent)
@@ -299,7 +318,7 @@ def test_idle_connections_are_capped_with_a_json_503_and_timed_out(d: Any) -> No
         assert _threads(d.proc.pid) <= before + MAX_CONNECTIONS + 2  # not one thread per connection
         # the overflow is answered at once, in JSON
         busy = 0
-        for s in conns[MAX_CONNECTIONS + 8:]:
+        for s in conns[MAX_CONNECTIONS + 8 :]:
             s.settimeout(10)
             data = s.recv(65536)
             if data.startswith(b"HTTP/1.0 503"):
@@ -359,6 +378,7 @@ def test_http_level_fuzz_under_concurrent_load_never_answers_5xx(d: Any) -> None
     for t in loaders:
         t.start()
     try:
+
         @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(raw_requests())
         def run(raw: bytes) -> None:

@@ -61,8 +61,7 @@ def _one_line(text: str) -> None:
     assert text and "\n" not in text and len(text) <= 2000, text
 
 
-@pytest.mark.parametrize("mode", ["report-array", "report-deep", "report-huge", "report-binary",
-                                  "report-wrong-types"])
+@pytest.mark.parametrize("mode", ["report-array", "report-deep", "report-huge", "report-binary", "report-wrong-types"])
 def test_an_unreadable_exit_report_is_a_crash_and_the_monitor_goes_on(hd: Any, guests: Path, mode: str) -> None:
     d = hd
     _good_neighbour(d, guests)
@@ -161,8 +160,9 @@ def test_a_forced_delete_of_a_stalling_vmm_is_prompt(hd: Any, guests: Path, mode
     assert d.call("GET", "/v1/vms") == [] and vmm_pids(d.state_dir) == []
 
 
-@pytest.mark.parametrize("mode", ["report-deep-linger", "report-binary-linger", "reply-wrong", "reply-never",
-                                  "reply-endless"])
+@pytest.mark.parametrize(
+    "mode", ["report-deep-linger", "report-binary-linger", "reply-wrong", "reply-never", "reply-endless"]
+)
 def test_virtkitd_starts_whatever_a_vmm_left_behind(hd: Any, guests: Path, mode: str) -> None:
     """The service is down while a bad VMM writes its report (and dies) or while it answers the
     re-attach probe badly: the service starts, records the VM's end, and nothing is left running."""

@@ -33,15 +33,26 @@ def vmdir(tmp_path: Path, guests: Path, kvm: None) -> Path:
 
 
 def define(vmdir: Path, kernel: Path, **extra: object) -> None:
-    d = {"name": "jailtest", "instance": "0", "kernel": str(kernel), "memory": 64 << 20, "vcpus": 1,
-         "cmdline": "", "jail": {"uid": 299999, "gid": 299999}}
+    d = {
+        "name": "jailtest",
+        "instance": "0",
+        "kernel": str(kernel),
+        "memory": 64 << 20,
+        "vcpus": 1,
+        "cmdline": "",
+        "jail": {"uid": 299999, "gid": 299999},
+    }
     d.update(extra)
     (vmdir / "definition.json").write_text(json.dumps(d))
 
 
 def vmm(vmdir: Path, *flags: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "virtkit.service.vmm", "--dir", str(vmdir), "--wait", *flags],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "virtkit.service.vmm", "--dir", str(vmdir), "--wait", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_confined_vmm_runs_its_guest(vmdir: Path, guests: Path) -> None:
@@ -76,14 +87,17 @@ def test_host_files_cannot_be_opened(vmdir: Path, guests: Path) -> None:
     assert "probe open-host-file: denied: Permission denied" in r.stderr  # seccomp: EACCES
 
 
-@pytest.mark.parametrize(("probe", "outcome"), [
-    ("open-host-file", "denied: No such file or directory"),  # empty root: /etc/passwd is not there
-    ("exec", "denied: No such file or directory"),  # nor is /bin/true
-    ("socket-inet", "denied: Network is unreachable"),  # own network namespace: no interface up
-    ("fork", "denied: Resource temporarily unavailable"),  # RLIMIT_NPROC of the VM's own uid
-    ("host-processes", "can see 0 other processes"),  # own PID namespace: nothing else is visible
-    ("ptrace", "ptrace returned -1"),  # no CAP_SYS_PTRACE, and PID 1 is itself
-])
+@pytest.mark.parametrize(
+    ("probe", "outcome"),
+    [
+        ("open-host-file", "denied: No such file or directory"),  # empty root: /etc/passwd is not there
+        ("exec", "denied: No such file or directory"),  # nor is /bin/true
+        ("socket-inet", "denied: Network is unreachable"),  # own network namespace: no interface up
+        ("fork", "denied: Resource temporarily unavailable"),  # RLIMIT_NPROC of the VM's own uid
+        ("host-processes", "can see 0 other processes"),  # own PID namespace: nothing else is visible
+        ("ptrace", "ptrace returned -1"),  # no CAP_SYS_PTRACE, and PID 1 is itself
+    ],
+)
 def test_each_other_layer_stops_it_without_seccomp(vmdir: Path, guests: Path, probe: str, outcome: str) -> None:
     define(vmdir, guests / "counter.elf")
     r = vmm(vmdir, "--no-seccomp", "--probe", probe)
@@ -101,8 +115,12 @@ def _status(pid: int) -> dict[str, str]:
 
 def test_a_running_vmm_is_confined(vmdir: Path, guests: Path) -> None:
     define(vmdir, guests / "counter.elf")
-    launcher = subprocess.Popen([sys.executable, "-m", "virtkit.service.vmm", "--dir", str(vmdir), "--wait"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "virtkit.service.vmm", "--dir", str(vmdir), "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert launcher.stdout is not None
         pid = json.loads(launcher.stdout.readline())["pid"]
@@ -140,13 +158,17 @@ def test_a_para_vmm_runs_its_virtio_guest_under_the_filter(vmdir: Path, guests: 
     assert "work=console mode=para via=virtio" in (vmdir / "serial.log").read_text()
 
 
-@pytest.mark.parametrize(("guest", "mode", "cmdline", "line"), [
-    ("parawork.elf", "para", "work=disk sectors=64 irq=1", "work=disk mode=para via=virtio"),  # blk, irqfd
-    ("parawork.elf", "para", "work=disk via=hcall sectors=64", "work=disk mode=para via=hcall"),
-    ("fullwork.elf", "full", "work=disk sectors=64", "work=disk mode=full"),  # ATA PIO
-])
-def test_disk_guests_run_under_the_filter(vmdir: Path, guests: Path, guest: str, mode: str, cmdline: str,
-                                          line: str) -> None:
+@pytest.mark.parametrize(
+    ("guest", "mode", "cmdline", "line"),
+    [
+        ("parawork.elf", "para", "work=disk sectors=64 irq=1", "work=disk mode=para via=virtio"),  # blk, irqfd
+        ("parawork.elf", "para", "work=disk via=hcall sectors=64", "work=disk mode=para via=hcall"),
+        ("fullwork.elf", "full", "work=disk sectors=64", "work=disk mode=full"),  # ATA PIO
+    ],
+)
+def test_disk_guests_run_under_the_filter(
+    vmdir: Path, guests: Path, guest: str, mode: str, cmdline: str, line: str
+) -> None:
     """The service's API has no disks yet; its VMM has. Every disk path under the real filter."""
     disk = vmdir / "disk.img"
     with open(disk, "wb") as f:

@@ -21,8 +21,13 @@ pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
 
 def cli(d: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "virtkit", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "VIRTKITD_SOCKET": d.socket})
+    return subprocess.run(
+        [sys.executable, "-m", "virtkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "VIRTKITD_SOCKET": d.socket},
+    )
 
 
 def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
@@ -32,8 +37,7 @@ def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
     rec = d.wait_state("hello1", ("stopped",))
     assert rec["last_exit"]["reason"] == "debug-exit" and rec["pid"] is None
     assert "hello from virtkit guest" in cli(d, "vm", "logs", "hello1").stdout
-    r = cli(d, "vm", "create", "count1", "--kernel", str(guests / "counter.elf"), "--cpu-weight", "200",
-            "--start")
+    r = cli(d, "vm", "create", "count1", "--kernel", str(guests / "counter.elf"), "--cpu-weight", "200", "--start")
     assert r.returncode == 0, r.stderr
     d.wait_output("count1", "count 3")
     listing = cli(d, "vm", "list").stdout
@@ -45,8 +49,9 @@ def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
     top = cli(d, "top", "--once", "--interval", "0.2")
     assert top.returncode == 0 and "count1" in top.stdout, top.stderr
     ps = cli(d, "ps")
-    assert ps.returncode == 0 and any(line.split()[:3] == ["count1", "vm", "running"]
-                                      for line in ps.stdout.splitlines()), ps.stdout
+    assert ps.returncode == 0 and any(
+        line.split()[:3] == ["count1", "vm", "running"] for line in ps.stdout.splitlines()
+    ), ps.stdout
     r = cli(d, "vm", "delete", "count1")
     assert r.returncode == 2 and "stop it first" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert cli(d, "vm", "stop", "count1").returncode == 0
@@ -117,15 +122,17 @@ def test_a_crashing_guest_is_restarted_with_backoff_on_failure(daemon_factory: A
         time.sleep(0.05)
     kinds = [e["kind"] for e in d.call("GET", "/v1/vms/crash/events")]
     assert kinds.count("restarted") >= 2 and "restart-scheduled" in kinds
-    delays = [float(e["detail"].split()[1]) for e in d.call("GET", "/v1/vms/crash/events")
-              if e["kind"] == "restart-scheduled"]
+    delays = [
+        float(e["detail"].split()[1]) for e in d.call("GET", "/v1/vms/crash/events") if e["kind"] == "restart-scheduled"
+    ]
     assert delays[:3] == [0.05, 0.1, 0.2]  # exponential back-off
     d.call("POST", "/v1/vms/crash/kill")  # stops it whether it is running or waiting to restart
     assert d.wait_state("crash", ("stopped",))["state"] == "stopped"
 
 
-def _usage(d: Any, names: tuple[str, ...], cpu_needed: float = 1.5, throttled: tuple[str, ...] = (),
-           timeout: float = 90) -> tuple[dict[str, float], dict[str, float], float]:
+def _usage(
+    d: Any, names: tuple[str, ...], cpu_needed: float = 1.5, throttled: tuple[str, ...] = (), timeout: float = 90
+) -> tuple[dict[str, float], dict[str, float], float]:
     """CPU time and throttled time each VM's cgroup gained over one window, and the window's length
     (measured around the readings, so it is never shorter than the interval they span). The window
     ends once the VMs used ``cpu_needed`` CPU seconds together and each VM of ``throttled`` was
@@ -218,9 +225,14 @@ def test_metrics_endpoint_and_stats(daemon_factory: Any, guests: Path) -> None:
     d.create("m1", guests / "counter.elf", start=True)
     d.wait_output("m1", "count 2")
     text = d.call("GET", "/metrics")
-    for needle in ('virtkit_vm_cpu_seconds_total{vm="m1"}', 'virtkit_vm_exits_total{vm="m1",reason="io"}',
-                   'virtkit_vm_device_io_total{vm="m1",device="uart0"}', 'virtkit_vm_rss_bytes{vm="m1"}',
-                   'virtkit_vm_memory_cgroup_bytes{vm="m1"}', "virtkit_host_vcpus_used 1"):
+    for needle in (
+        'virtkit_vm_cpu_seconds_total{vm="m1"}',
+        'virtkit_vm_exits_total{vm="m1",reason="io"}',
+        'virtkit_vm_device_io_total{vm="m1",device="uart0"}',
+        'virtkit_vm_rss_bytes{vm="m1"}',
+        'virtkit_vm_memory_cgroup_bytes{vm="m1"}',
+        "virtkit_host_vcpus_used 1",
+    ):
         assert needle in text, needle
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split()) == 2, line

@@ -46,21 +46,24 @@ def test_serial_to_file(guests: Path, tmp_path: Path) -> None:
     assert "hello from virtkit guest" in out.read_text()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["/nonexistent/kernel"], "does not exist"),
-    (["/etc/hostname"], "not an ELF file"),
-    (["{hello}", "--memory", "0"], "must be positive"),
-    (["{hello}", "--memory", "-1"], "not a size"),
-    (["{hello}", "--memory", "12XB"], "not a size"),
-    (["{hello}", "--memory", "100T"], "more than this host has"),
-    (["{hello}", "--memory", "1M"], "too small"),
-    (["{hello}", "--vcpus", "0"], "at least 1"),
-    (["{hello}", "--vcpus", "100000"], "KVM on this host allows"),
-    (["{hello}", "--vcpus", "two"], "not a whole number"),
-    (["{hello}", "--timeout", "-3"], "--timeout must be positive"),
-    (["{hello}", "--serial", "/nonexistent/dir/log"], "cannot open serial output file"),
-    (["{hello}", "--module", "/nonexistent/mod"], "module /nonexistent/mod does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["/nonexistent/kernel"], "does not exist"),
+        (["/etc/hostname"], "not an ELF file"),
+        (["{hello}", "--memory", "0"], "must be positive"),
+        (["{hello}", "--memory", "-1"], "not a size"),
+        (["{hello}", "--memory", "12XB"], "not a size"),
+        (["{hello}", "--memory", "100T"], "more than this host has"),
+        (["{hello}", "--memory", "1M"], "too small"),
+        (["{hello}", "--vcpus", "0"], "at least 1"),
+        (["{hello}", "--vcpus", "100000"], "KVM on this host allows"),
+        (["{hello}", "--vcpus", "two"], "not a whole number"),
+        (["{hello}", "--timeout", "-3"], "--timeout must be positive"),
+        (["{hello}", "--serial", "/nonexistent/dir/log"], "cannot open serial output file"),
+        (["{hello}", "--module", "/nonexistent/mod"], "module /nonexistent/mod does not exist"),
+    ],
+)
 def test_bad_input_gets_one_line(guests: Path, args: list[str], fragment: str) -> None:
     args = [a.replace("{hello}", str(guests / "hello.elf")) for a in args]
     assert_one_line_error(virtkit("run", *args), fragment)
@@ -75,8 +78,12 @@ def test_elf_without_multiboot_header(guests: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_host_signals_stop_the_vm_cleanly(guests: Path, sig: int, status: int) -> None:
-    proc = subprocess.Popen([*VIRTKIT, "run", str(guests / "spin.elf"), "--cmdline", "cpl=3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*VIRTKIT, "run", str(guests / "spin.elf"), "--cmdline", "cpl=3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # let it boot (not an assertion on time: any delay works)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=20)
@@ -100,8 +107,11 @@ def test_doctor_names_the_flavor() -> None:
 def test_a_reader_that_goes_away_ends_the_vm_quietly(guests: Path, mode: str) -> None:
     """`virtkit run guest | head -2`: a closed stdout is not a guest crash. The VM ends at once
     with the status a shell shows for SIGPIPE, and nothing is said on stderr."""
-    p = subprocess.Popen([*VIRTKIT, "run", str(guests / "counter.elf"), "--mode", mode, "--timeout", "60"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [*VIRTKIT, "run", str(guests / "counter.elf"), "--mode", mode, "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert p.stdout is not None and p.stderr is not None
     first = p.stdout.readline()
     assert first.startswith(b"count"), first

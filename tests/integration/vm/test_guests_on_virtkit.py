@@ -148,5 +148,6 @@ def test_para_machine_announces_its_devices_and_cleans_up(guests: Path, tmp_path
     assert stop.exit_status == 1
     assert names == ["virtio-console", "virtio-blk", "virtio-rng"]
     assert b"virtio_mmio.device=4K@0xd0001000:6" in out  # the guest saw its device list
-    assert paths == ({"notify": "ioeventfd", "interrupt": "irqfd"} if eventfds else
-                     {"notify": "mmio-exit", "interrupt": "irq-line"})
+    assert paths == (
+        {"notify": "ioeventfd", "interrupt": "irqfd"} if eventfds else {"notify": "mmio-exit", "interrupt": "irq-line"}
+    )

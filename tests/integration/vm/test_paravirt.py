@@ -47,10 +47,13 @@ def run(kernel: Path, **kw: object) -> object:
         return vm.run(timeout=120)
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("full", "cpuid hypervisor_bit=0 leaf40000000=none"),
-    ("para", "cpuid hypervisor_bit=1 leaf40000000=virtkitvirtk max=0x40000001 features=0x3"),
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("full", "cpuid hypervisor_bit=0 leaf40000000=none"),
+        ("para", "cpuid hypervisor_bit=1 leaf40000000=virtkitvirtk max=0x40000001 features=0x3"),
+    ],
+)
 def test_cpuid_hides_or_announces_the_hypervisor(guests: Path, mode: str, expected: str) -> None:
     r = run(guests / "cpuid.elf", mode=mode)
     assert r.exit_code == 1
@@ -65,15 +68,16 @@ def test_disk_data_survives_the_round_trip(guests: Path, tmp_path: Path, how: st
     if how == "full":
         r = run(guests / "fullwork.elf", cmdline=f"work=disk sectors={sectors}", disks=[str(img)])
     else:
-        r = run(guests / "parawork.elf", mode="para", cmdline=f"work=disk sectors={sectors} via={how}",
-                disks=[str(img)])
+        r = run(
+            guests / "parawork.elf", mode="para", cmdline=f"work=disk sectors={sectors} via={how}", disks=[str(img)]
+        )
     f = work_line(r.serial_output)
     assert r.exit_code == 1 and f["_raw"].endswith(" ok"), r.serial_output[-500:]
     assert f["wsum"] == f["rsum"]
     data = img.read_bytes()
     for s in (0, 1, sectors // 2, sectors - 1):  # the host reads the image the guest wrote
-        assert data[s * 512:(s + 1) * 512] == disk_pattern(s), f"sector {s}"
-    assert data[sectors * 512:(sectors + 1) * 512] == bytes(512)  # nothing written past the end
+        assert data[s * 512 : (s + 1) * 512] == disk_pattern(s), f"sector {s}"
+    assert data[sectors * 512 : (sectors + 1) * 512] == bytes(512)  # nothing written past the end
 
 
 @pytest.mark.parametrize("how", ["full", "virtio", "hcall"])
@@ -107,8 +111,7 @@ def test_read_only_disk_refuses_guest_writes(guests: Path, tmp_path: Path) -> No
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
     for via in ("virtio", "hcall"):
-        r = run(guests / "parawork.elf", mode="para", cmdline=f"work=disk sectors=8 via={via}",
-                disks=[f"{img},ro"])
+        r = run(guests / "parawork.elf", mode="para", cmdline=f"work=disk sectors=8 via={via}", disks=[f"{img},ro"])
         assert r.exit_code == 3, r.serial_output  # the guest saw its write fail and said so
         assert "error=" in work_line(r.serial_output)["_raw"]
     assert img.read_bytes() == bytes(1 << 20)
@@ -124,17 +127,24 @@ def test_sparse_image_stays_sparse(guests: Path, tmp_path: Path) -> None:
     assert allocated <= 2 << 20, f"{allocated} bytes allocated for 1 MiB written to a 64 MiB image"
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--disk", "/nonexistent.img"], "does not exist"),
-    (["--disk", "{odd}"], "not a multiple of 512"),
-    (["--mode", "paravirt"], "invalid choice: 'paravirt'"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--disk", "/nonexistent.img"], "does not exist"),
+        (["--disk", "{odd}"], "not a multiple of 512"),
+        (["--mode", "paravirt"], "invalid choice: 'paravirt'"),
+    ],
+)
 def test_bad_disk_and_mode_input(guests: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
     args = [a.replace("{odd}", str(odd)) for a in args]
-    p = subprocess.run([sys.executable, "-m", "virtkit", "run", str(guests / "parawork.elf"), *args],
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        [sys.executable, "-m", "virtkit", "run", str(guests / "parawork.elf"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], p.stderr

@@ -11,8 +11,9 @@ def multiboot_header(flags: int = 0x3, extra: bytes = b"") -> bytes:
     return struct.pack("<III", MB_MAGIC, flags, (-(MB_MAGIC + flags)) & 0xFFFFFFFF) + extra
 
 
-def elf(bits: int, entry: int, segments: list[tuple[int, bytes, int]], *, machine: int | None = None,
-        etype: int = 2) -> bytes:
+def elf(
+    bits: int, entry: int, segments: list[tuple[int, bytes, int]], *, machine: int | None = None, etype: int = 2
+) -> bytes:
     """segments: (paddr, file bytes, memsz). Segment data follows the headers in order."""
     if bits == 32:
         eh, ph, phfmt = 52, 32, "<IIIIIIII"
@@ -31,9 +32,11 @@ def elf(bits: int, entry: int, segments: list[tuple[int, bytes, int]], *, machin
         blobs += blob
     ident = b"\x7fELF" + bytes([1 if bits == 32 else 2, 1, 1]) + bytes(9)
     if bits == 32:
-        hdr = ident + struct.pack("<HHIIIIIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, eh, ph,
-                                  len(segments), 0, 0, 0)
+        hdr = ident + struct.pack(
+            "<HHIIIIIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, eh, ph, len(segments), 0, 0, 0
+        )
     else:
-        hdr = ident + struct.pack("<HHIQQQIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, eh, ph,
-                                  len(segments), 0, 0, 0)
+        hdr = ident + struct.pack(
+            "<HHIQQQIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, eh, ph, len(segments), 0, 0, 0
+        )
     return hdr + headers + blobs

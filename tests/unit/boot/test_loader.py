@@ -70,19 +70,33 @@ def test_auto_picks_direct64_for_elf64_without_header(tmp_path: Path, mem: Guest
     assert load_kernel(mem, k).mode == "long64"
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "is empty"),
-    (b"MZ this is not elf" * 10, "not an ELF file and has no Multiboot header"),
-    (elf(32, 0x100000, [(0x100000, b"\xf4" * 4, 4)]), "ELF32 file without a Multiboot header"),
-    (elf(32, 0x100000, [(0x100000, CODE, len(CODE))])[:-4], "extends past the end of the file"),
-    (elf(32, 0x100000, [(0x1000, CODE, len(CODE))]), "overlaps virtkit's boot structures"),
-    (elf(32, 0x100000, [(0x100000, CODE, 64 * MiB)]), "does not fit in guest memory"),
-    (elf(32, 0x900000, [(0x100000, CODE, len(CODE))]), "entry point .* outside"),
-    (elf(32, 0x100000, [(0x100000, CODE, len(CODE))], machine=40), "not an x86 kernel"),
-    (elf(32, 0x100000, [(0x100000, CODE, len(CODE))], etype=1), "not an executable"),
-    (elf(32, 0x100000, [(0x100000, multiboot_header(flags=0x8) + b"\xf4", 64)]), "requires Multiboot features"),
-], ids=["empty", "not-elf", "elf32-no-header", "truncated", "low-overlap", "too-big", "bad-entry",
-        "wrong-machine", "relocatable", "unknown-flags"])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "is empty"),
+        (b"MZ this is not elf" * 10, "not an ELF file and has no Multiboot header"),
+        (elf(32, 0x100000, [(0x100000, b"\xf4" * 4, 4)]), "ELF32 file without a Multiboot header"),
+        (elf(32, 0x100000, [(0x100000, CODE, len(CODE))])[:-4], "extends past the end of the file"),
+        (elf(32, 0x100000, [(0x1000, CODE, len(CODE))]), "overlaps virtkit's boot structures"),
+        (elf(32, 0x100000, [(0x100000, CODE, 64 * MiB)]), "does not fit in guest memory"),
+        (elf(32, 0x900000, [(0x100000, CODE, len(CODE))]), "entry point .* outside"),
+        (elf(32, 0x100000, [(0x100000, CODE, len(CODE))], machine=40), "not an x86 kernel"),
+        (elf(32, 0x100000, [(0x100000, CODE, len(CODE))], etype=1), "not an executable"),
+        (elf(32, 0x100000, [(0x100000, multiboot_header(flags=0x8) + b"\xf4", 64)]), "requires Multiboot features"),
+    ],
+    ids=[
+        "empty",
+        "not-elf",
+        "elf32-no-header",
+        "truncated",
+        "low-overlap",
+        "too-big",
+        "bad-entry",
+        "wrong-machine",
+        "relocatable",
+        "unknown-flags",
+    ],
+)
 def test_bad_kernels_are_refused(tmp_path: Path, mem: GuestMemory, data: bytes, message: str) -> None:
     with pytest.raises(BootError, match=message):
         load_kernel(mem, write(tmp_path, data))

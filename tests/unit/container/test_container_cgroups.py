@@ -45,22 +45,29 @@ def test_shares_to_weight() -> None:
     assert shares_to_weight(262144) == 10000
 
 
-@pytest.mark.parametrize(("res", "msg"), [
-    (Resources(cpu=Cpu(quota=500)), "below the kernel's minimum of 1000us"),
-    (Resources(cpu=Cpu(period=100)), "outside what the kernel accepts"),
-    (Resources(cpu=Cpu(shares=1)), "below the kernel's minimum of 2"),
-    (Resources(memory=Memory(limit=100)), "below one page"),
-    (Resources(memory=Memory(limit=-5)), "negative"),
-    (Resources(pids_limit=-7), "negative"),
-])
+@pytest.mark.parametrize(
+    ("res", "msg"),
+    [
+        (Resources(cpu=Cpu(quota=500)), "below the kernel's minimum of 1000us"),
+        (Resources(cpu=Cpu(period=100)), "outside what the kernel accepts"),
+        (Resources(cpu=Cpu(shares=1)), "below the kernel's minimum of 2"),
+        (Resources(memory=Memory(limit=100)), "below one page"),
+        (Resources(memory=Memory(limit=-5)), "negative"),
+        (Resources(pids_limit=-7), "negative"),
+    ],
+)
 def test_limits_the_kernel_refuses(res: Resources, msg: str) -> None:
     with pytest.raises(ContainerError, match=msg):
         Cgroup(Layout("v2", {}, "/nonexistent"), "/x").apply(res)
 
 
-V1_FILES = {"memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
-            "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.shares"), "cpuacct": (),
-            "pids": ("pids.max",), "devices": ("devices.allow", "devices.deny")}
+V1_FILES = {
+    "memory": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"),
+    "cpu": ("cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.shares"),
+    "cpuacct": (),
+    "pids": ("pids.max",),
+    "devices": ("devices.allow", "devices.deny"),
+}
 
 
 def _fake_v1(tmp: Path) -> Layout:
@@ -78,8 +85,11 @@ def _fake_v1(tmp: Path) -> Layout:
 def test_v1_files(tmp_path: Path) -> None:
     cg = Cgroup(_fake_v1(tmp_path), "/virtkit/c")
     base = tmp_path
-    cg.apply(Resources(memory=Memory(limit=64 << 20, swap=64 << 20), cpu=Cpu(shares=512, quota=50000, period=100000),
-                       pids_limit=10))
+    cg.apply(
+        Resources(
+            memory=Memory(limit=64 << 20, swap=64 << 20), cpu=Cpu(shares=512, quota=50000, period=100000), pids_limit=10
+        )
+    )
     assert (base / "memory/virtkit/c/memory.limit_in_bytes").read_text() == str(64 << 20)
     assert (base / "memory/virtkit/c/memory.memsw.limit_in_bytes").read_text() == str(64 << 20)
     assert (base / "cpu/virtkit/c/cpu.cfs_quota_us").read_text() == "50000"

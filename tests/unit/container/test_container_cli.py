@@ -24,19 +24,21 @@ def test_spec_writes_a_parsable_config(tmp_path: Path) -> None:
     assert main(["spec", "--bundle", str(tmp_path)]) == 2  # does not overwrite
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["create", "bad/id", "--bundle", "."], "invalid container id"),
-    (["create", "ok", "--bundle", "/nonexistent-bundle"], "no config.json"),
-    (["start", "nope"], "does not exist"),
-    (["kill", "nope", "KILL"], "does not exist"),
-    (["kill", "nope", "BOGUS"], "unknown signal"),
-    (["delete", "nope"], "does not exist"),
-    (["state", "nope"], "does not exist"),
-    (["exec", "nope", "--", "true"], "does not exist"),
-    (["oci", "run", "x y", "--bundle", "."], "invalid container id"),
-])
-def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-                             message: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["create", "bad/id", "--bundle", "."], "invalid container id"),
+        (["create", "ok", "--bundle", "/nonexistent-bundle"], "no config.json"),
+        (["start", "nope"], "does not exist"),
+        (["kill", "nope", "KILL"], "does not exist"),
+        (["kill", "nope", "BOGUS"], "unknown signal"),
+        (["delete", "nope"], "does not exist"),
+        (["state", "nope"], "does not exist"),
+        (["exec", "nope", "--", "true"], "does not exist"),
+        (["oci", "run", "x y", "--bundle", "."], "invalid container id"),
+    ],
+)
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     status = main(["--root", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
     assert status != 0
@@ -62,8 +64,9 @@ def test_log_file_gets_the_error(tmp_path: Path) -> None:
     assert entry["level"] == "error" and "does not exist" in entry["msg"]
 
 
-def test_unexpected_system_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unexpected_system_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from virtkit.container.runtime import Runtime
 
     def denied(self: Runtime, warn: object = None) -> list[dict[str, str]]:

@@ -76,12 +76,21 @@ BAD_FIELDS = [
     ("linux.resources.devices", [{"allow": True, "access": "x"}], "linux.resources.devices[0].access"),
     ("linux.uidMappings", [{"containerID": 0, "hostID": 1000, "size": 1}], "linux.uidMappings"),
     ("linux.seccomp", {"defaultAction": "SCMP_ACT_NOPE"}, "linux.seccomp.defaultAction"),
-    ("linux.seccomp", {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": [], "action": "SCMP_ACT_ALLOW"}]},
-     "linux.seccomp.syscalls[0].names"),
-    ("linux.seccomp", {"defaultAction": "SCMP_ACT_ERRNO",
-                       "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
-                                     "args": [{"index": 9, "value": 0, "op": "SCMP_CMP_EQ"}]}]},
-     "linux.seccomp.syscalls[0].args[0].index"),
+    (
+        "linux.seccomp",
+        {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": [], "action": "SCMP_ACT_ALLOW"}]},
+        "linux.seccomp.syscalls[0].names",
+    ),
+    (
+        "linux.seccomp",
+        {
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["read"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 9, "value": 0, "op": "SCMP_CMP_EQ"}]}
+            ],
+        },
+        "linux.seccomp.syscalls[0].args[0].index",
+    ),
     ("linux.sysctl", {"../x": "1"}, "linux.sysctl"),
     ("linux.sysctl", {"net.ipv4.ip_forward": 1}, "linux.sysctl.net.ipv4.ip_forward"),
     ("linux.cgroupsPath", "../escape", "linux.cgroupsPath"),
@@ -105,15 +114,21 @@ BAD_FIELDS = [
     ("mounts.0.type", "devtmpfs", "mounts[0].type"),
     ("mounts.0.options", ["rbind", "rshared"], "mounts[0].options[1]"),
     ("linux.namespaces", [{"type": "mount", "path": "/proc/1/ns/mnt"}], "linux.namespaces[0].path"),
-    ("linux.namespaces", [{"type": "mount"}, {"type": "network", "path": "/run/netns/x\0"}],
-     "linux.namespaces[1].path"),
+    (
+        "linux.namespaces",
+        [{"type": "mount"}, {"type": "network", "path": "/run/netns/x\0"}],
+        "linux.namespaces[1].path",
+    ),
     ("linux.rootfsPropagation", "rshared", "linux.rootfsPropagation"),
     ("linux.devices", [{"path": "/etc/disk", "type": "b", "major": 8, "minor": 0}], "linux.devices[0].path"),
     ("linux.devices", [{"path": "/dev/../etc/disk", "type": "b", "major": 8, "minor": 0}], "linux.devices[0].path"),
     ("linux.devices", [{"path": "/dev/x", "type": "c", "major": 1}], "linux.devices[0].minor"),
     ("linux.devices", [{"path": "/dev/x", "type": "c", "major": 1, "minor": -1}], "linux.devices[0].minor"),
-    ("linux.devices", [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "fileMode": 0o4777}],
-     "linux.devices[0].fileMode"),
+    (
+        "linux.devices",
+        [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "fileMode": 0o4777}],
+        "linux.devices[0].fileMode",
+    ),
     ("linux.resources.unified", {"../cgroup.procs": "1"}, "linux.resources.unified"),
     ("linux.resources.unified", {"cgroup.procs": "1"}, "linux.resources.unified"),
     ("linux.resources.cpu", {"cpus": "0-1; rm"}, "linux.resources.cpu.cpus"),
@@ -163,13 +178,26 @@ def test_unknown_fields_are_ignored() -> None:
     assert parse_config(raw) == plain
 
 
-@pytest.mark.parametrize(("key", "namespace"), [
-    ("kernel.msgmax", "ipc"), ("kernel.msgmnb", "ipc"), ("kernel.msgmni", "ipc"), ("kernel.sem", "ipc"),
-    ("kernel.shmall", "ipc"), ("kernel.shmmax", "ipc"), ("kernel.shmmni", "ipc"), ("kernel.shm_rmid_forced", "ipc"),
-    ("fs.mqueue.queues_max", "ipc"), ("fs.mqueue.msg_max", "ipc"),
-    ("net.ipv4.ip_forward", "network"), ("net.ipv4.ping_group_range", "network"), ("net.core.somaxconn", "network"),
-    ("kernel.hostname", "uts"), ("kernel.domainname", "uts"),
-])
+@pytest.mark.parametrize(
+    ("key", "namespace"),
+    [
+        ("kernel.msgmax", "ipc"),
+        ("kernel.msgmnb", "ipc"),
+        ("kernel.msgmni", "ipc"),
+        ("kernel.sem", "ipc"),
+        ("kernel.shmall", "ipc"),
+        ("kernel.shmmax", "ipc"),
+        ("kernel.shmmni", "ipc"),
+        ("kernel.shm_rmid_forced", "ipc"),
+        ("fs.mqueue.queues_max", "ipc"),
+        ("fs.mqueue.msg_max", "ipc"),
+        ("net.ipv4.ip_forward", "network"),
+        ("net.ipv4.ping_group_range", "network"),
+        ("net.core.somaxconn", "network"),
+        ("kernel.hostname", "uts"),
+        ("kernel.domainname", "uts"),
+    ],
+)
 def test_namespaced_sysctl_needs_its_namespace(key: str, namespace: str) -> None:
     raw = default_spec()
     raw["linux"]["sysctl"] = {key: "1"}
@@ -185,12 +213,24 @@ def test_namespaced_sysctl_needs_its_namespace(key: str, namespace: str) -> None
     assert parse_config(raw).linux.sysctl == ((key, "1"),)
 
 
-@pytest.mark.parametrize("key", [
-    "kernel.core_pattern", "fs.lease-break-time", "kernel.modprobe", "vm.overcommit_memory", "kernel.panic",
-    "fs.protected_symlinks", "kernel.randomize_va_space", "user.max_user_namespaces", "kernel.sysrq",
-    "kernel.ostype", "fs.mqueue", "net",
-    "kernel.shm_next_id",  # IPC-namespaced in the kernel, but not on runc's list: refused, conservatively
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "kernel.core_pattern",
+        "fs.lease-break-time",
+        "kernel.modprobe",
+        "vm.overcommit_memory",
+        "kernel.panic",
+        "fs.protected_symlinks",
+        "kernel.randomize_va_space",
+        "user.max_user_namespaces",
+        "kernel.sysrq",
+        "kernel.ostype",
+        "fs.mqueue",
+        "net",
+        "kernel.shm_next_id",  # IPC-namespaced in the kernel, but not on runc's list: refused, conservatively
+    ],
+)
 def test_global_sysctls_are_refused(key: str) -> None:
     raw = default_spec()
     raw["linux"]["sysctl"] = {key: "1"}
@@ -215,8 +255,10 @@ def test_devices_need_a_tmpfs_dev() -> None:
     raw = default_spec()
     raw["linux"]["devices"] = [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]
     assert parse_config(raw).linux.devices[0].path == "/dev/fuse"
-    for dev_mount in ({"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
-                      {"destination": "/dev", "type": "tmpfs", "source": "/dev", "options": ["bind"]}):
+    for dev_mount in (
+        {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "/dev", "options": ["bind"]},
+    ):
         raw["mounts"] = [m for m in raw["mounts"] if m["destination"] != "/dev"] + [dev_mount]
         with pytest.raises(ConfigError, match="linux.devices needs a tmpfs mounted at /dev"):
             parse_config(raw)

@@ -45,11 +45,15 @@ def test_hooks_wait_for_the_pid(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) 
     assert seen == [7] and chan.sent == [{"go": True}]
 
 
-@pytest.mark.parametrize(("messages", "text"), [
-    ([{"error": "mount proc on /proc: Permission denied"}], "cannot create container c: mount proc"),
-    ([{"pid": 1}, None], "its init exited during setup"),
-])
+@pytest.mark.parametrize(
+    ("messages", "text"),
+    [
+        ([{"error": "mount proc on /proc: Permission denied"}], "cannot create container c: mount proc"),
+        ([{"pid": 1}, None], "its init exited during setup"),
+    ],
+)
 def test_errors_end_the_handshake(tmp_path: Any, messages: list[Any], text: str) -> None:
     with pytest.raises(ContainerError, match=text):
-        Runtime(str(tmp_path))._handshake(Record(id="c", bundle="/b", cgroup_path="/x"),
-                                          ScriptedChannel(messages), parse_config(default_spec()), None)  # type: ignore[arg-type]
+        Runtime(str(tmp_path))._handshake(
+            Record(id="c", bundle="/b", cgroup_path="/x"), ScriptedChannel(messages), parse_config(default_spec()), None
+        )  # type: ignore[arg-type]

@@ -41,12 +41,33 @@ def layer(*entries: tuple[str, str, Any]) -> bytes:
 def test_layers_and_whiteouts(tmp_path: Path) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
-    apply_layer(io.BytesIO(layer(("d", "etc", None), ("f", "etc/a", b"a"), ("f", "etc/b", b"b"),
-                                 ("d", "var/cache", None), ("f", "var/cache/x", b"x"), ("l", "bin", "usr/bin"))),
-                str(root))
-    apply_layer(io.BytesIO(gzip.compress(layer(("f", "etc/.wh.a", b""), ("f", "var/cache/.wh..wh..opq", b""),
-                                               ("f", "var/cache/y", b"y"), ("f", "etc/b", b"B"),
-                                               ("h", "etc/c", "etc/b")))), str(root))
+    apply_layer(
+        io.BytesIO(
+            layer(
+                ("d", "etc", None),
+                ("f", "etc/a", b"a"),
+                ("f", "etc/b", b"b"),
+                ("d", "var/cache", None),
+                ("f", "var/cache/x", b"x"),
+                ("l", "bin", "usr/bin"),
+            )
+        ),
+        str(root),
+    )
+    apply_layer(
+        io.BytesIO(
+            gzip.compress(
+                layer(
+                    ("f", "etc/.wh.a", b""),
+                    ("f", "var/cache/.wh..wh..opq", b""),
+                    ("f", "var/cache/y", b"y"),
+                    ("f", "etc/b", b"B"),
+                    ("h", "etc/c", "etc/b"),
+                )
+            )
+        ),
+        str(root),
+    )
     assert not (root / "etc/a").exists()
     assert (root / "etc/b").read_bytes() == b"B"
     assert sorted(os.listdir(root / "var/cache")) == ["y"]
@@ -54,14 +75,18 @@ def test_layers_and_whiteouts(tmp_path: Path) -> None:
     assert os.stat(root / "etc/c").st_ino == os.stat(root / "etc/b").st_ino
 
 
-@pytest.mark.parametrize("entries", [
-    [("f", "../evil", b"x")],
-    [("f", "/abs/evil", b"x")],
-    [("f", "a/../../evil", b"x")],
-    [("l", "link", "/etc"), ("f", "link/passwd", b"x")],  # through a symlink the layer made
-    [("h", "hl", "../../etc/passwd")],
-    [("l", "out", "/"), ("h", "hl", "out/etc/passwd")],
-], ids=["dotdot", "absolute", "nested-dotdot", "via-symlink", "hardlink-dotdot", "hardlink-via-symlink"])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("f", "../evil", b"x")],
+        [("f", "/abs/evil", b"x")],
+        [("f", "a/../../evil", b"x")],
+        [("l", "link", "/etc"), ("f", "link/passwd", b"x")],  # through a symlink the layer made
+        [("h", "hl", "../../etc/passwd")],
+        [("l", "out", "/"), ("h", "hl", "out/etc/passwd")],
+    ],
+    ids=["dotdot", "absolute", "nested-dotdot", "via-symlink", "hardlink-dotdot", "hardlink-via-symlink"],
+)
 def test_escapes_are_refused(tmp_path: Path, entries: list[tuple[str, str, Any]]) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
@@ -92,17 +117,31 @@ def make_oci_layout(path: Path) -> Path:
     (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     l1 = layer(("d", "bin", None), ("f", "bin/hello", b"#!/bin/sh\necho hi\n"), ("f", "etc/gone", b"x"))
     l2 = gzip.compress(layer(("f", "etc/.wh.gone", b""), ("f", "etc/motd", b"welcome")))
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/hello"], "WorkingDir": "/tmp"},
-              "rootfs": {"type": "layers", "diff_ids": [_sha(l1), _sha(gzip.decompress(l2))]}}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           **_blob(path, json.dumps(config).encode())},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **_blob(path, l1)},
-                           {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **_blob(path, l2)}]}
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **_blob(path, json.dumps(manifest).encode()),
-         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin", "A=1"], "Cmd": ["/bin/hello"], "WorkingDir": "/tmp"},
+        "rootfs": {"type": "layers", "diff_ids": [_sha(l1), _sha(gzip.decompress(l2))]},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **_blob(path, json.dumps(config).encode())},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", **_blob(path, l1)},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **_blob(path, l2)},
+        ],
+    }
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **_blob(path, json.dumps(manifest).encode()),
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }
+        ],
+    }
     (path / "index.json").write_text(json.dumps(index))
     return path
 
@@ -149,18 +188,23 @@ def test_truncated_archive(tmp_path: Path) -> None:
 def make_docker_save(path: Path, corrupt: bool = False) -> Path:
     l1 = layer(("f", "hello.txt", b"docker"))
     diff_id = "sha256:" + hashlib.sha256(l1 if not corrupt else b"other").hexdigest()
-    config = json.dumps({"config": {"Cmd": ["cat", "/hello.txt"]}, "rootfs": {"type": "layers",
-                                                                               "diff_ids": [diff_id]}}).encode()
+    config = json.dumps(
+        {"config": {"Cmd": ["cat", "/hello.txt"]}, "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
+    ).encode()
     config_name = hashlib.sha256(config).hexdigest() + ".json"
     with tarfile.open(path, "w") as tar:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
         add(config_name, config)
         add("abc/layer.tar", l1)
-        add("manifest.json", json.dumps([{"Config": config_name, "RepoTags": ["x:latest"],
-                                          "Layers": ["abc/layer.tar"]}]).encode())
+        add(
+            "manifest.json",
+            json.dumps([{"Config": config_name, "RepoTags": ["x:latest"], "Layers": ["abc/layer.tar"]}]).encode(),
+        )
     return path
 
 
@@ -221,16 +265,24 @@ def tar_of(*members: tuple[tarfile.TarInfo, bytes | None], fmt: int = tarfile.PA
     return buf.getvalue()
 
 
-def write_layout(path: Path, layers: list[bytes], *, diff_ids: list[str] | None = None,
-                 media: str = "application/vnd.oci.image.layer.v1.tar+gzip") -> Path:
+def write_layout(
+    path: Path,
+    layers: list[bytes],
+    *,
+    diff_ids: list[str] | None = None,
+    media: str = "application/vnd.oci.image.layer.v1.tar+gzip",
+) -> Path:
     """An OCI layout holding ``layers`` (as stored: compressed or not), diff_ids computed unless given."""
     path.mkdir(exist_ok=True)
     (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     if diff_ids is None:
         diff_ids = [_sha(gzip.decompress(x) if x[:2] == b"\x1f\x8b" else x) for x in layers]
     config = {"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-    manifest = {"schemaVersion": 2, "config": _blob(path, json.dumps(config).encode()),
-                "layers": [{"mediaType": media, **_blob(path, x)} for x in layers]}
+    manifest = {
+        "schemaVersion": 2,
+        "config": _blob(path, json.dumps(config).encode()),
+        "layers": [{"mediaType": media, **_blob(path, x)} for x in layers],
+    }
     index = {"schemaVersion": 2, "manifests": [_blob(path, json.dumps(manifest).encode())]}
     (path / "index.json").write_text(json.dumps(index))
     return path
@@ -240,15 +292,20 @@ def test_device_nodes_are_never_created(tmp_path: Path, capsys: pytest.CaptureFi
     import stat
 
     major, minor = os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev)
-    layer0 = tar_of((node("dev", tarfile.DIRTYPE, 0o755), None),
-                    (node("dev/disk", tarfile.BLKTYPE, 0o666, devmajor=major, devminor=minor), None),
-                    (node("dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3), None),
-                    (node("dev/mem", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=1), None),
-                    (node("disk-again", tarfile.LNKTYPE, linkname="dev/disk"), None),
-                    (node("fifo", tarfile.FIFOTYPE, 0o4666), None),
-                    (node("ok", tarfile.REGTYPE), b"ok"))
-    root = Path(import_image(str(write_layout(tmp_path / "img", [gzip.compress(layer0)])), name="devs",
-                             store=str(tmp_path / "store")))
+    layer0 = tar_of(
+        (node("dev", tarfile.DIRTYPE, 0o755), None),
+        (node("dev/disk", tarfile.BLKTYPE, 0o666, devmajor=major, devminor=minor), None),
+        (node("dev/null", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=3), None),
+        (node("dev/mem", tarfile.CHRTYPE, 0o666, devmajor=1, devminor=1), None),
+        (node("disk-again", tarfile.LNKTYPE, linkname="dev/disk"), None),
+        (node("fifo", tarfile.FIFOTYPE, 0o4666), None),
+        (node("ok", tarfile.REGTYPE), b"ok"),
+    )
+    root = Path(
+        import_image(
+            str(write_layout(tmp_path / "img", [gzip.compress(layer0)])), name="devs", store=str(tmp_path / "store")
+        )
+    )
     rootfs = root / "rootfs"
     found = [p for p in rootfs.rglob("*") if stat.S_ISBLK(p.lstat().st_mode) or stat.S_ISCHR(p.lstat().st_mode)]
     assert found == []
@@ -261,16 +318,19 @@ def test_device_nodes_are_never_created(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_setuid_setgid_are_cleared_on_purpose(tmp_path: Path) -> None:
-    layer0 = tar_of((node("su", tarfile.REGTYPE, 0o4755), b"x"), (node("sg", tarfile.REGTYPE, 0o2755), b"x"),
-                    (node("sticky-file", tarfile.REGTYPE, 0o1644), b"x"),
-                    (node("tmp", tarfile.DIRTYPE, 0o1777), None), (node("sgdir", tarfile.DIRTYPE, 0o2775), None),
-                    (node("link-to-su", tarfile.LNKTYPE, linkname="su"), None))
+    layer0 = tar_of(
+        (node("su", tarfile.REGTYPE, 0o4755), b"x"),
+        (node("sg", tarfile.REGTYPE, 0o2755), b"x"),
+        (node("sticky-file", tarfile.REGTYPE, 0o1644), b"x"),
+        (node("tmp", tarfile.DIRTYPE, 0o1777), None),
+        (node("sgdir", tarfile.DIRTYPE, 0o2775), None),
+        (node("link-to-su", tarfile.LNKTYPE, linkname="su"), None),
+    )
     root = tmp_path / "rootfs"
     root.mkdir()
     apply_layer(io.BytesIO(layer0), str(root))
     modes = {n: os.lstat(root / n).st_mode & 0o7777 for n in ("su", "sg", "sticky-file", "tmp", "sgdir", "link-to-su")}
-    assert modes == {"su": 0o755, "sg": 0o755, "sticky-file": 0o644, "tmp": 0o1777, "sgdir": 0o775,
-                     "link-to-su": 0o755}
+    assert modes == {"su": 0o755, "sg": 0o755, "sticky-file": 0o644, "tmp": 0o1777, "sgdir": 0o775, "link-to-su": 0o755}
     # owned by root as in the archive: the bits are dropped by safe_mode, not by chown(2) as a side effect
     assert os.lstat(root / "su").st_uid == 0
 
@@ -285,9 +345,11 @@ def _big_layer(path: Path, size: int, compression: str) -> str:
         else:
             out = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1)
         with out:
+
             def put(data: bytes) -> None:
                 sha.update(data)
                 out.write(data)
+
             info = tarfile.TarInfo("big")
             info.size = size
             put(info.tobuf())
@@ -301,8 +363,11 @@ def _big_layer(path: Path, size: int, compression: str) -> str:
 def _docker_save(path: Path, layer: bytes, diff_id: str) -> Path:
     config = json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
     with tarfile.open(path, "w") as tar:
-        for name, data in (("c.json", config), ("l/layer.tar", layer),
-                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
+        for name, data in (
+            ("c.json", config),
+            ("l/layer.tar", layer),
+            ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -323,9 +388,11 @@ print(json.dumps({"result": result, "peak_kib": hwm}))
 """
 
 
-@pytest.mark.parametrize(("fmt", "limit"), [("oci-gzip", None), ("oci-zstd", None), ("docker-gzip", None),
-                                            ("docker-gzip", "64M")],
-                         ids=["oci-gzip", "oci-zstd", "docker-gzip", "over-the-limit"])
+@pytest.mark.parametrize(
+    ("fmt", "limit"),
+    [("oci-gzip", None), ("oci-zstd", None), ("docker-gzip", None), ("docker-gzip", "64M")],
+    ids=["oci-gzip", "oci-zstd", "docker-gzip", "over-the-limit"],
+)
 def test_a_layer_that_inflates_to_hundreds_of_mib(tmp_path: Path, fmt: str, limit: str | None) -> None:
     """docker-save and zstd layers used to be inflated whole in memory (and the compressed copy kept):
     384 MiB of content took over 768 MiB of RSS. Now every layer streams through a capped reader."""
@@ -344,8 +411,14 @@ def test_a_layer_that_inflates_to_hundreds_of_mib(tmp_path: Path, fmt: str, limi
     env = dict(os.environ)
     if limit:
         env["VIRTKIT_IMAGE_MAX_BYTES"] = limit
-    out = subprocess.run([sys.executable, "-c", IMPORT_AND_REPORT, str(image), str(tmp_path / "store")],
-                         capture_output=True, text=True, env=env, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_AND_REPORT, str(image), str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     report = json.loads(out.stdout)
     assert report["peak_kib"] < 160 << 10, report  # the interpreter and its imports are some 40 MiB
     if limit:
@@ -361,8 +434,9 @@ def test_diff_ids_are_required_and_checked(tmp_path: Path, diff_ids: list[str] |
     layer0 = gzip.compress(tar_of((node("f", tarfile.REGTYPE), b"content")))
     ids = diff_ids if diff_ids is not None else ["md5:abc"]
     with pytest.raises(ImageError, match="diff_ids|digest mismatch|sha256 digest") as info:
-        import_image(str(write_layout(tmp_path / "img", [layer0], diff_ids=ids)), name="x",
-                     store=str(tmp_path / "store"))
+        import_image(
+            str(write_layout(tmp_path / "img", [layer0], diff_ids=ids)), name="x", store=str(tmp_path / "store")
+        )
     assert "\n" not in str(info.value)
     assert not (tmp_path / "store").exists() or os.listdir(tmp_path / "store") == []
 
@@ -372,8 +446,11 @@ def test_docker_save_without_diff_ids_is_refused(tmp_path: Path) -> None:
     config = json.dumps({"config": {"Cmd": ["sh"]}, "rootfs": {"type": "layers"}}).encode()
     path = tmp_path / "d.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in (("c.json", config), ("l/layer.tar", l1),
-                           ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode())):
+        for name, data in (
+            ("c.json", config),
+            ("l/layer.tar", l1),
+            ("manifest.json", json.dumps([{"Config": "c.json", "Layers": ["l/layer.tar"]}]).encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -393,17 +470,22 @@ def test_blob_size_must_match_its_descriptor(tmp_path: Path) -> None:
         import_image(str(layout), name="x", store=str(tmp_path / "store"))
 
 
-@pytest.mark.parametrize(("members", "needle"), [
-    ([(node("a" * 300, tarfile.REGTYPE), b"x")], "longer or deeper"),
-    ([(node("/".join(["d"] * 300), tarfile.REGTYPE), b"x")], "longer or deeper"),
-    ([(node("x" * 5000, tarfile.REGTYPE), b"x")], "longer or deeper"),
-    ([(node("s", tarfile.SYMTYPE, linkname="y" * 5000), None)], "impossible target"),
-    ([(node("d", tarfile.DIRTYPE), None), (node("h", tarfile.LNKTYPE, linkname="d"), None)], "directory"),
-    ([(node("d", tarfile.DIRTYPE), None), (node("d/.wh..", tarfile.REGTYPE), b"")], "names no file"),
-    ([(node("l", tarfile.SYMTYPE, linkname="/"), None), (node("l/.wh.etc", tarfile.REGTYPE), b"")], "symlink"),
-], ids=["long-name", "deep", "long-path", "long-link", "hardlink-to-dir", "whiteout-dotdot", "whiteout-via-link"])
-def test_limits_and_unsafe_entries(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]],
-                                   needle: str) -> None:
+@pytest.mark.parametrize(
+    ("members", "needle"),
+    [
+        ([(node("a" * 300, tarfile.REGTYPE), b"x")], "longer or deeper"),
+        ([(node("/".join(["d"] * 300), tarfile.REGTYPE), b"x")], "longer or deeper"),
+        ([(node("x" * 5000, tarfile.REGTYPE), b"x")], "longer or deeper"),
+        ([(node("s", tarfile.SYMTYPE, linkname="y" * 5000), None)], "impossible target"),
+        ([(node("d", tarfile.DIRTYPE), None), (node("h", tarfile.LNKTYPE, linkname="d"), None)], "directory"),
+        ([(node("d", tarfile.DIRTYPE), None), (node("d/.wh..", tarfile.REGTYPE), b"")], "names no file"),
+        ([(node("l", tarfile.SYMTYPE, linkname="/"), None), (node("l/.wh.etc", tarfile.REGTYPE), b"")], "symlink"),
+    ],
+    ids=["long-name", "deep", "long-path", "long-link", "hardlink-to-dir", "whiteout-dotdot", "whiteout-via-link"],
+)
+def test_limits_and_unsafe_entries(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], needle: str
+) -> None:
     root = tmp_path / "rootfs"
     root.mkdir()
     with pytest.raises(ImageError, match=needle):
@@ -454,10 +536,17 @@ def test_layout_blobs_must_be_regular_files(tmp_path: Path, kind: str) -> None:
         import_image(str(layout), name="x", store=str(tmp_path / "store"))
 
 
-@pytest.mark.parametrize("index", [b"[" * 10_000, b'{"manifests": "x"}', b'{"manifests": [{"digest": 5}]}',
-                                   b'{"manifests": [{"digest": "sha256:../../etc/passwd", "size": 1}]}',
-                                   b" " * (5 << 20)],
-                         ids=["deep", "wrong-type", "bad-digest-type", "digest-path", "huge"])
+@pytest.mark.parametrize(
+    "index",
+    [
+        b"[" * 10_000,
+        b'{"manifests": "x"}',
+        b'{"manifests": [{"digest": 5}]}',
+        b'{"manifests": [{"digest": "sha256:../../etc/passwd", "size": 1}]}',
+        b" " * (5 << 20),
+    ],
+    ids=["deep", "wrong-type", "bad-digest-type", "digest-path", "huge"],
+)
 def test_hostile_index_json(tmp_path: Path, index: bytes) -> None:
     layout = write_layout(tmp_path / "img", [gzip.compress(tar_of((node("f", tarfile.REGTYPE), b"x")))])
     (layout / "index.json").write_bytes(index)
@@ -470,8 +559,11 @@ def test_store_directories_are_private(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir(mode=0o755)
     os.chmod(store, 0o755)
-    import_image(str(write_layout(tmp_path / "img", [gzip.compress(tar_of((node("f", tarfile.REGTYPE), b"x")))])),
-                 name="x", store=str(store))
+    import_image(
+        str(write_layout(tmp_path / "img", [gzip.compress(tar_of((node("f", tarfile.REGTYPE), b"x")))])),
+        name="x",
+        store=str(store),
+    )
     assert os.stat(store).st_mode & 0o777 == 0o700
     assert os.stat(store / "x").st_mode & 0o777 == 0o700
 

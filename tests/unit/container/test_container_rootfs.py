@@ -80,8 +80,7 @@ def test_make_target_refuses_a_dangling_symlink_it_would_have_to_replace(root: t
     r, fd = root
     os.symlink("/nowhere", r / "dangling")
     (r / "nowhere").mkdir()
-    assert _where(make_target(fd, "/dangling/x", directory=True, writable={libc.mount_id(fd)})) == \
-        str(r / "nowhere/x")
+    assert _where(make_target(fd, "/dangling/x", directory=True, writable={libc.mount_id(fd)})) == str(r / "nowhere/x")
     os.rmdir(r / "nowhere/x")
     os.rmdir(r / "nowhere")
     # the link now points at nothing: the runtime does not replace it, nor follow it out

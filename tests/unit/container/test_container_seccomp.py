@@ -28,23 +28,60 @@ def run(prog: bytes, name: str, *args: int) -> int:
     return sc.run_filter(prog, SYSCALLS[name], args)
 
 
-@pytest.mark.parametrize("name", ["read", "write", "openat", "execve", "exit_group", "getpid", "futex",
-                                  "rt_sigreturn", "wait4", "capset", "prctl", "setresuid"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "read",
+        "write",
+        "openat",
+        "execve",
+        "exit_group",
+        "getpid",
+        "futex",
+        "rt_sigreturn",
+        "wait4",
+        "capset",
+        "prctl",
+        "setresuid",
+    ],
+)
 def test_default_allows_ordinary_calls(default_prog: bytes, name: str) -> None:
     assert run(default_prog, name) == ALLOW
 
 
-@pytest.mark.parametrize("name", [
-    "ptrace",  # Docker allows it since kernel 4.8, where a tracer can no longer skip the tracee's filter
-    "chroot",  # CAP_SYS_CHROOT is in Docker's default capability set, and the profile follows the caps
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ptrace",  # Docker allows it since kernel 4.8, where a tracer can no longer skip the tracee's filter
+        "chroot",  # CAP_SYS_CHROOT is in Docker's default capability set, and the profile follows the caps
+    ],
+)
 def test_default_allows_on_purpose(default_prog: bytes, name: str) -> None:
     assert run(default_prog, name) == ALLOW
 
 
-@pytest.mark.parametrize("name", ["mount", "umount2", "unshare", "setns", "bpf", "keyctl", "add_key", "reboot",
-                                  "init_module", "kexec_load", "open_by_handle_at", "pivot_root", "swapon",
-                                  "sethostname", "fsopen", "move_mount", "perf_event_open"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mount",
+        "umount2",
+        "unshare",
+        "setns",
+        "bpf",
+        "keyctl",
+        "add_key",
+        "reboot",
+        "init_module",
+        "kexec_load",
+        "open_by_handle_at",
+        "pivot_root",
+        "swapon",
+        "sethostname",
+        "fsopen",
+        "move_mount",
+        "perf_event_open",
+    ],
+)
 def test_default_denies_privileged_calls(default_prog: bytes, name: str) -> None:
     assert run(default_prog, name) == EPERM
 
@@ -105,8 +142,10 @@ def test_program_is_a_whole_number_of_instructions(default_prog: bytes) -> None:
 
 def test_far_jumps_are_expanded() -> None:
     """Hundreds of argument rules put targets more than 255 instructions away."""
-    rules = [{"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 1, "value": v, "op": "SCMP_CMP_EQ"}]}
-             for v in range(200)]
+    rules = [
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 1, "value": v, "op": "SCMP_CMP_EQ"}]}
+        for v in range(200)
+    ]
     rules.append({"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"})
     prog = sc.compile_profile({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules})
     assert len(prog) // 8 > 600
@@ -118,8 +157,10 @@ def test_far_jumps_are_expanded() -> None:
 
 
 def test_too_big_a_program_is_refused() -> None:
-    rules = [{"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 1, "value": v, "op": "SCMP_CMP_EQ"}]}
-             for v in range(1200)]
+    rules = [
+        {"names": ["ioctl"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 1, "value": v, "op": "SCMP_CMP_EQ"}]}
+        for v in range(1200)
+    ]
     with pytest.raises(ConfigError, match="BPF instructions"):
         sc.compile_profile({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules})
 
@@ -127,33 +168,50 @@ def test_too_big_a_program_is_refused() -> None:
 def test_actions_encode() -> None:
     assert sc.action_value("SCMP_ACT_ERRNO", 38) == sc.SECCOMP_RET_ERRNO | 38
     assert sc.action_value("SCMP_ACT_KILL_PROCESS", None) == sc.SECCOMP_RET_KILL_PROCESS
-    prog = sc.compile_profile({"defaultAction": "SCMP_ACT_ALLOW",
-                               "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_KILL"}]})
+    prog = sc.compile_profile(
+        {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["getpid"], "action": "SCMP_ACT_KILL"}]}
+    )
     assert run(prog, "getpid") == sc.SECCOMP_RET_KILL_THREAD
     assert run(prog, "read") == ALLOW
 
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 PY_OPS = {
-    "SCMP_CMP_EQ": lambda a, v, m: a == v, "SCMP_CMP_NE": lambda a, v, m: a != v,
-    "SCMP_CMP_LT": lambda a, v, m: a < v, "SCMP_CMP_LE": lambda a, v, m: a <= v,
-    "SCMP_CMP_GT": lambda a, v, m: a > v, "SCMP_CMP_GE": lambda a, v, m: a >= v,
+    "SCMP_CMP_EQ": lambda a, v, m: a == v,
+    "SCMP_CMP_NE": lambda a, v, m: a != v,
+    "SCMP_CMP_LT": lambda a, v, m: a < v,
+    "SCMP_CMP_LE": lambda a, v, m: a <= v,
+    "SCMP_CMP_GT": lambda a, v, m: a > v,
+    "SCMP_CMP_GE": lambda a, v, m: a >= v,
     "SCMP_CMP_MASKED_EQ": lambda a, v, m: a & v == m,
 }
 
 
 def _near(v: int) -> st.SearchStrategy[int]:
     # arguments that share the high or low word with the value are the interesting ones
-    return st.one_of(U64, st.just(v), st.integers(0, 2**32 - 1).map(lambda lo: (v & ~0xFFFFFFFF) | lo),
-                     st.integers(0, 2**32 - 1).map(lambda hi: (hi << 32) | (v & 0xFFFFFFFF)))
+    return st.one_of(
+        U64,
+        st.just(v),
+        st.integers(0, 2**32 - 1).map(lambda lo: (v & ~0xFFFFFFFF) | lo),
+        st.integers(0, 2**32 - 1).map(lambda hi: (hi << 32) | (v & 0xFFFFFFFF)),
+    )
 
 
 @given(op=st.sampled_from(sorted(PY_OPS)), value=U64, two=U64, data=st.data())
 def test_64bit_comparisons_match_python(op: str, value: int, two: int, data: st.DataObject) -> None:
     arg = data.draw(_near(value))
-    prog = sc.compile_profile({"defaultAction": "SCMP_ACT_ERRNO",
-                               "syscalls": [{"names": ["ioctl"], "action": "SCMP_ACT_ALLOW",
-                                             "args": [{"index": 2, "op": op, "value": value, "valueTwo": two}]}]})
+    prog = sc.compile_profile(
+        {
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {
+                    "names": ["ioctl"],
+                    "action": "SCMP_ACT_ALLOW",
+                    "args": [{"index": 2, "op": op, "value": value, "valueTwo": two}],
+                }
+            ],
+        }
+    )
     expect = ALLOW if PY_OPS[op](arg, value, two) else EPERM
     assert sc.run_filter(prog, SYSCALLS["ioctl"], (0, 0, arg)) == expect
 

@@ -8,10 +8,17 @@ from virtkit.container.signals import parse_signal, signal_name
 from virtkit.errors import ContainerError
 
 
-@pytest.mark.parametrize(("text", "num"), [
-    ("TERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL), ("hup", signal.SIGHUP), ("9", 9),
-    ("RTMIN+3", signal.SIGRTMIN + 3), ("SIGRTMAX-1", signal.SIGRTMAX - 1),
-])
+@pytest.mark.parametrize(
+    ("text", "num"),
+    [
+        ("TERM", signal.SIGTERM),
+        ("SIGKILL", signal.SIGKILL),
+        ("hup", signal.SIGHUP),
+        ("9", 9),
+        ("RTMIN+3", signal.SIGRTMIN + 3),
+        ("SIGRTMAX-1", signal.SIGRTMAX - 1),
+    ],
+)
 def test_parse(text: str, num: int) -> None:
     assert parse_signal(text) == num
 

@@ -52,14 +52,14 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
 
 def test_status_follows_the_processes() -> None:
     me, start = os.getpid(), proc_start_time(os.getpid())
-    assert current_status(Record(id="x", bundle="", status="creating", creator_pid=me, creator_start=start)) == \
-        "creating"
+    assert (
+        current_status(Record(id="x", bundle="", status="creating", creator_pid=me, creator_start=start)) == "creating"
+    )
     # a creator that died half-way: the container is listed as stopped, so it can be deleted
     assert current_status(Record(id="x", bundle="", status="creating", creator_pid=2**22 + 1)) == "stopped"
     assert current_status(Record(id="x", bundle="", status="running", pid=me, pid_start=start)) == "running"
     # the same pid with another start time is another process (pid reuse)
-    assert current_status(Record(id="x", bundle="", status="running", pid=me, pid_start=(start or 0) + 1)) == \
-        "stopped"
+    assert current_status(Record(id="x", bundle="", status="running", pid=me, pid_start=(start or 0) + 1)) == "stopped"
 
 
 def test_load_unknown_and_corrupt(tmp_path: Path) -> None:
@@ -86,30 +86,33 @@ def _good(cid: str = "c", **changes: object) -> bytes:
     return json.dumps(raw).encode()
 
 
-@pytest.mark.parametrize(("content", "why"), [
-    (b"", "not valid JSON"),
-    (b'{"id": "c", "bund', "not valid JSON"),  # a write cut short
-    (b"[1, 2]", "not an object"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b"[" * 100_000, "nested"),
-    (b" " * (2 << 20), "bytes"),  # larger than any record
-    (_good(pid="123"), "pid must be an integer"),
-    (_good(pid=-1), "pid is -1"),
-    (_good(pid=2**40), "pid is"),
-    (_good(status="zombie"), "status"),
-    (_good(id="other"), "id 'other'"),
-    (_good(id="../x"), "id"),
-    (_good(cgroup_path="/"), "cgroup_path"),
-    (_good(cgroup_path="/a/../../b"), "cgroup_path"),
-    (_good(cgroup_path="/virtkit/c\u0000"), "cgroup_path"),
-    (_good(mounts=["/"]), "mount"),
-    (_good(mounts=["/proc"]), "mount"),
-    (_good(netdevs=["eth0"]), "network device"),
-    (_good(lease="/etc/passwd"), "lease"),
-    (_good(lease="/run/virtkit-net/../../etc/passwd"), "lease"),
-    (_good(cgroup_made=["/sys/fs/cgroup/pids/../.."]), "cgroup directory"),
-    (_good(annotations={"a": 1}), "annotations"),
-])
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "not valid JSON"),
+        (b'{"id": "c", "bund', "not valid JSON"),  # a write cut short
+        (b"[1, 2]", "not an object"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 100_000, "nested"),
+        (b" " * (2 << 20), "bytes"),  # larger than any record
+        (_good(pid="123"), "pid must be an integer"),
+        (_good(pid=-1), "pid is -1"),
+        (_good(pid=2**40), "pid is"),
+        (_good(status="zombie"), "status"),
+        (_good(id="other"), "id 'other'"),
+        (_good(id="../x"), "id"),
+        (_good(cgroup_path="/"), "cgroup_path"),
+        (_good(cgroup_path="/a/../../b"), "cgroup_path"),
+        (_good(cgroup_path="/virtkit/c\u0000"), "cgroup_path"),
+        (_good(mounts=["/"]), "mount"),
+        (_good(mounts=["/proc"]), "mount"),
+        (_good(netdevs=["eth0"]), "network device"),
+        (_good(lease="/etc/passwd"), "lease"),
+        (_good(lease="/run/virtkit-net/../../etc/passwd"), "lease"),
+        (_good(cgroup_made=["/sys/fs/cgroup/pids/../.."]), "cgroup directory"),
+        (_good(annotations={"a": 1}), "annotations"),
+    ],
+)
 def test_corrupt_and_hostile_records_are_refused(tmp_path: Path, content: bytes, why: str) -> None:
     from virtkit.container.state import CorruptState
 
@@ -183,8 +186,9 @@ def test_state_root_is_private(tmp_path: Path) -> None:
     assert os.stat(root / "c").st_mode & 0o777 == 0o700
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b'{"exitStatus": "0"}', b'{"exitStatus": 999}', b"[]",
-                                     b'{"signal": -9}'])
+@pytest.mark.parametrize(
+    "content", [b"", b"{", b'{"exitStatus": "0"}', b'{"exitStatus": 999}', b"[]", b'{"signal": -9}']
+)
 def test_exit_info_that_cannot_be_trusted_is_none(tmp_path: Path, content: bytes) -> None:
     sd, _ = _record_dir(tmp_path)
     (tmp_path / "c" / "exit.json").write_bytes(content)

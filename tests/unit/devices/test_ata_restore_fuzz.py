@@ -18,20 +18,39 @@ from virtkit.errors import DeviceError
 
 SECTORS = 8
 _u8 = st.integers(0, 0xFF)
-_state = st.fixed_dictionaries({
-    "features": _u8, "count": _u8, "lba_low": _u8, "lba_mid": _u8, "lba_high": _u8,
-    "hob": st.lists(_u8, min_size=4, max_size=4), "device": _u8, "status": _u8, "error": _u8, "control": _u8,
-    "buffer": st.sampled_from([b"", bytes(SECTOR_SIZE), bytes(100)]), "pos": st.integers(0, 512),
-    "remaining": st.integers(0, 65536), "lba": st.integers(0, (1 << 48) - 1), "writing": st.booleans()})
-_ops = st.lists(st.tuples(st.booleans(), st.integers(0, 8), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1)),
-                max_size=40)
+_state = st.fixed_dictionaries(
+    {
+        "features": _u8,
+        "count": _u8,
+        "lba_low": _u8,
+        "lba_mid": _u8,
+        "lba_high": _u8,
+        "hob": st.lists(_u8, min_size=4, max_size=4),
+        "device": _u8,
+        "status": _u8,
+        "error": _u8,
+        "control": _u8,
+        "buffer": st.sampled_from([b"", bytes(SECTOR_SIZE), bytes(100)]),
+        "pos": st.integers(0, 512),
+        "remaining": st.integers(0, 65536),
+        "lba": st.integers(0, (1 << 48) - 1),
+        "writing": st.booleans(),
+    }
+)
+_ops = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 8), st.sampled_from([1, 2, 4]), st.integers(0, 2**32 - 1)), max_size=40
+)
 
 
 @settings(max_examples=300, suppress_health_check=list(HealthCheck), deadline=None)
 @given(state=_state, ops=_ops, string_bytes=st.integers(0, 1100), read_only=st.booleans())
-def test_crafted_state_then_any_traffic_stays_inside_the_image(tmp_path_factory: Any, state: dict[str, Any],
-                                                                ops: list[tuple[bool, int, int, int]],
-                                                                string_bytes: int, read_only: bool) -> None:
+def test_crafted_state_then_any_traffic_stays_inside_the_image(
+    tmp_path_factory: Any,
+    state: dict[str, Any],
+    ops: list[tuple[bool, int, int, int]],
+    string_bytes: int,
+    read_only: bool,
+) -> None:
     path = Path(tmp_path_factory.mktemp("ata")) / "disk.img"
     path.write_bytes(bytes(SECTORS * SECTOR_SIZE))
     disk = RawImage(path, read_only=read_only)

@@ -51,12 +51,15 @@ def test_console_write(env: Env) -> None:
     assert bytes(env.out) == b"para hello\n"
 
 
-@pytest.mark.parametrize("gpa,length,err", [
-    (2 * MiB - 4, 8, HcError.EFAULT),            # runs off the end of RAM
-    (1 << 63, 4, HcError.EFAULT),                # nowhere near RAM
-    (0x8000, (1 << 64) - 1, HcError.E2BIG),      # absurd length: refused before any allocation
-    (0x8000, 2 * MiB, HcError.E2BIG),            # above the per-call bound
-])
+@pytest.mark.parametrize(
+    "gpa,length,err",
+    [
+        (2 * MiB - 4, 8, HcError.EFAULT),  # runs off the end of RAM
+        (1 << 63, 4, HcError.EFAULT),  # nowhere near RAM
+        (0x8000, (1 << 64) - 1, HcError.E2BIG),  # absurd length: refused before any allocation
+        (0x8000, 2 * MiB, HcError.E2BIG),  # above the per-call bound
+    ],
+)
 def test_console_write_refuses_bad_ranges(env: Env, gpa: int, length: int, err: HcError) -> None:
     assert env.call(Hypercall.CONSOLE_WRITE, gpa, length) == (err, 0)
     assert env.out == b""
@@ -140,8 +143,12 @@ def test_a_block_at_the_end_of_ram_runs_only_if_it_fits_whole(tmp_path: Path, nr
     try:
         at = 2 * MiB - tail  # the block's last byte is at 2 MiB - tail + 63
         e.mem.write(0x8000, b"\xaa" * 512)
-        args = {Hypercall.CONSOLE_WRITE: (0x8000, 4), Hypercall.BLOCK_WRITE: (0, 0x8000, 1),
-                Hypercall.POWER_OFF: (3,), Hypercall.NULL: ()}[nr]
+        args = {
+            Hypercall.CONSOLE_WRITE: (0x8000, 4),
+            Hypercall.BLOCK_WRITE: (0, 0x8000, 1),
+            Hypercall.POWER_OFF: (3,),
+            Hypercall.NULL: (),
+        }[nr]
         words = [*args] + [0] * (5 - len(args))
         block = struct.pack("<II5Q", nr, ABI_VERSION, *words)
         fits = tail >= BLOCK_SIZE

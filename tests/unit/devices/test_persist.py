@@ -39,9 +39,14 @@ def disk(tmp_path: Path) -> RawImage:
 
 
 def devices(disk: RawImage, mem: GuestMemory) -> dict[str, Persistent]:
-    return {"uart0": uart.Uart16550(lambda b: None), "i8042": I8042(lambda: None), "rtc": CmosRtc(64 << 20),
-            "post": PostPort(), "ata0": AtaController(disk, lambda level: None),
-            "hypercall": HypercallDevice(mem, lambda b: None, power_off=lambda s: None)}
+    return {
+        "uart0": uart.Uart16550(lambda b: None),
+        "i8042": I8042(lambda: None),
+        "rtc": CmosRtc(64 << 20),
+        "post": PostPort(),
+        "ata0": AtaController(disk, lambda level: None),
+        "hypercall": HypercallDevice(mem, lambda b: None, power_off=lambda s: None),
+    }
 
 
 def through_snapshot_format(dev: Persistent) -> Any:
@@ -82,15 +87,19 @@ CRAFTED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("ata0", lambda d: d.update(disk=None), "unknown field 'disk'"),
     ("ata0", lambda d: d.update(_set_irq=1), "unknown field"),
     ("ata0", lambda d: d.update(hob=[0, 0, 0, 300]), "more than 255"),
-    ("ata0", lambda d: d.update(status=ST_DRQ, writing=True, buffer=b"\0" * 512, remaining=1, lba=1 << 40),
-     "outside the disk"),
+    (
+        "ata0",
+        lambda d: d.update(status=ST_DRQ, writing=True, buffer=b"\0" * 512, remaining=1, lba=1 << 40),
+        "outside the disk",
+    ),
     ("ata0", lambda d: d.update(buffer=b"\0" * 100, pos=50), "100-byte transfer buffer"),
 ]
 
 
 @pytest.mark.parametrize(("name", "tamper", "message"), CRAFTED, ids=[f"{c[0]}-{i}" for i, c in enumerate(CRAFTED)])
 def test_a_crafted_record_is_refused_in_one_line_and_changes_nothing(
-        disk: RawImage, name: str, tamper: Callable[[dict[str, Any]], None], message: str) -> None:
+    disk: RawImage, name: str, tamper: Callable[[dict[str, Any]], None], message: str
+) -> None:
     mem = GuestMemory([(0, 1 << 20)])
     try:
         dev = devices(disk, mem)[name]
@@ -136,8 +145,11 @@ def test_no_assert_or_type_ignore_in_any_restore_path() -> None:
     """Under python -O an assert is gone: a restore path must validate with real checks. And a
     type: ignore there means an unchecked value reached a device."""
     names = {"restore", "restore_device", "from_state", "parse", "apply", "apply_vcpu", "_record", "_value"}
-    files = [*sorted((ROOT / "virtkit" / "devices").rglob("*.py")), ROOT / "virtkit" / "snapshot" / "vmstate.py",
-             ROOT / "virtkit" / "records.py"]
+    files = [
+        *sorted((ROOT / "virtkit" / "devices").rglob("*.py")),
+        ROOT / "virtkit" / "snapshot" / "vmstate.py",
+        ROOT / "virtkit" / "records.py",
+    ]
     offenders = []
     for path in files:
         text = path.read_text()

@@ -8,18 +8,43 @@ from virtkit.jail import policy
 from virtkit.jail.confine import EXTRA_THREADS, thread_limit
 
 
-@pytest.mark.parametrize("call", [
-    "epoll_wait", "epoll_pwait", "read",  # the I/O thread: eventfd notifications (para mode)
-    "preadv2", "pwritev2", "fdatasync",  # disks
-    "getrandom",  # virtio-rng's host source
-    "accept4", "recvfrom", "sendto",  # the control server
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "epoll_wait",
+        "epoll_pwait",
+        "read",  # the I/O thread: eventfd notifications (para mode)
+        "preadv2",
+        "pwritev2",
+        "fdatasync",  # disks
+        "getrandom",  # virtio-rng's host source
+        "accept4",
+        "recvfrom",
+        "sendto",  # the control server
+    ],
+)
 def test_every_path_a_service_vmm_takes_is_allowed(call: str) -> None:
     assert policy.classify(call) == "allow"
 
 
-@pytest.mark.parametrize("call", ["execve", "socket", "fork", "vfork", "ptrace", "mount", "bpf", "kill",
-                                  "open_by_handle_at", "connect", "setuid", "unshare", "pidfd_open"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "execve",
+        "socket",
+        "fork",
+        "vfork",
+        "ptrace",
+        "mount",
+        "bpf",
+        "kill",
+        "open_by_handle_at",
+        "connect",
+        "setuid",
+        "unshare",
+        "pidfd_open",
+    ],
+)
 def test_what_a_vmm_never_needs_kills_it(call: str) -> None:
     assert policy.classify(call) == "kill"
 

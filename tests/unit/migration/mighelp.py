@@ -20,8 +20,16 @@ KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 #: a plausible vCPU 0 CPUID: vendor leaf and leaf 1 (what cpucompat reads)
 CPUID = ((0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65), (1, 0, 0, 0x800F12, 0, 0x1, 0x1))
-SHAPE = MachineShape(memory=2 * MiB, vcpus=1, mode="full", strict=False, disks=(DiskShape(False, 1 << 20),),
-                     regions=((0, 2 * MiB),), devices=("i8042", "post", "rtc", "uart0"), cpuid=CPUID)
+SHAPE = MachineShape(
+    memory=2 * MiB,
+    vcpus=1,
+    mode="full",
+    strict=False,
+    disks=(DiskShape(False, 1 << 20),),
+    regions=((0, 2 * MiB),),
+    devices=("i8042", "post", "rtc", "uart0"),
+    cpuid=CPUID,
+)
 TIMEOUT = 5.0
 
 
@@ -50,10 +58,12 @@ class Tap:
         self.source = Channel(s1, "target", read_timeout=TIMEOUT)
         self.target = Channel(t1, "source", read_timeout=TIMEOUT)
         self.edit = edit
-        self.sent = bytearray()     # source -> target
+        self.sent = bytearray()  # source -> target
         self.replied = bytearray()  # target -> source
-        self._threads = [threading.Thread(target=self._pump, args=(self._m1, self._m2, True), daemon=True),
-                         threading.Thread(target=self._pump, args=(self._m2, self._m1, False), daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self._m1, self._m2, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self._m2, self._m1, False), daemon=True),
+        ]
         for t in self._threads:
             t.start()
 

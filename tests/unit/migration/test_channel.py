@@ -42,11 +42,17 @@ def test_page_runs() -> None:
     assert protocol.page_runs([0, P, 2 * P, 5 * P, 6 * P, 9 * P]) == [(0, 3), (5 * P, 2), (9 * P, 1)]
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:9", ("::1", 9)), ("0.0.0.0:7000", ("0.0.0.0", 7000)),
-    # no host: loopback, never every interface
-    (":0", ("127.0.0.1", 0)), ("7000", ("127.0.0.1", 7000)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("[::1]:9", ("::1", 9)),
+        ("0.0.0.0:7000", ("0.0.0.0", 7000)),
+        # no host: loopback, never every interface
+        (":0", ("127.0.0.1", 0)),
+        ("7000", ("127.0.0.1", 7000)),
+    ],
+)
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     assert protocol.parse_address(text) == expected
 
@@ -83,7 +89,7 @@ def test_records_round_trip_and_are_typed() -> None:
 
 
 def _flip(data: bytes, at: int) -> bytes:
-    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
 def test_a_flipped_bit_anywhere_in_a_message_is_refused() -> None:
@@ -144,8 +150,12 @@ def test_reordered_dropped_repeated_or_spliced_messages_are_refused(reshuffle: s
         m[1] = raw_message(other_probe)
         other.close()
         other_probe.close()
-    stream = {"swap": [m[0], m[2], m[1]], "drop": [m[0], m[2]], "repeat": [m[0], m[0], m[1]],
-              "from-another-session": m}[reshuffle]
+    stream = {
+        "swap": [m[0], m[2], m[1]],
+        "drop": [m[0], m[2]],
+        "repeat": [m[0], m[0], m[1]],
+        "from-another-session": m,
+    }[reshuffle]
     sender, receiver = established_pair()
     sender.sock.sendall(b"".join(stream))
     kind, length = receiver.recv_header(SMALL)
@@ -211,13 +221,16 @@ def test_oversized_messages_are_refused_before_allocation() -> None:
     dst.close()
 
 
-@pytest.mark.parametrize("payload,match", [
-    (b"[" * 60_000, "nested more than"),  # was a RecursionError traceback before records
-    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than"),
-    (b'{"round": 0, "pages": NaN}', "not a JSON number|not valid JSON"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b'{"round": 0, "pages": 1, "path": "/dev/sda"}', "unknown field 'path'"),
-])
+@pytest.mark.parametrize(
+    "payload,match",
+    [
+        (b"[" * 60_000, "nested more than"),  # was a RecursionError traceback before records
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than"),
+        (b'{"round": 0, "pages": NaN}', "not a JSON number|not valid JSON"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b'{"round": 0, "pages": 1, "path": "/dev/sda"}', "unknown field 'path'"),
+    ],
+)
 def test_hostile_json_is_refused_in_one_line(payload: bytes, match: str) -> None:
     src, dst = established_pair()
     caps = {MessageType.ROUND: 1 << 20}
@@ -303,8 +316,9 @@ def test_pages_land_in_guest_memory(landing: FakeLanding) -> None:
     src, dst = established_pair()
     src_mem.memory.write(0x3000, b"A" * 4096 + b"B" * 4096)
     src_mem.memory.write(0x10000, b"C" * 4096)
-    t = _send_pages(src, [(0x3000, src_mem.memory.read_view(0x3000, 8192)),
-                          (0x10000, src_mem.memory.read_view(0x10000, 4096))])
+    t = _send_pages(
+        src, [(0x3000, src_mem.memory.read_view(0x3000, 8192)), (0x10000, src_mem.memory.read_view(0x10000, 4096))]
+    )
     kind, length = dst.recv_header({MessageType.PAGES: protocol.MAX_PAGE_MESSAGE})
     assert target.recv_pages(dst, landing.memory, length) == 3
     t.join()
@@ -352,8 +366,9 @@ def test_the_sender_authenticates_what_it_sends_not_what_the_guest_writes_meanwh
 
     writer = threading.Thread(target=guest)
     writer.start()
-    sender = threading.Thread(target=lambda: [src.send_pages([(0, src_mem.memory.read_view(0, size))])
-                                              for _ in range(100)])
+    sender = threading.Thread(
+        target=lambda: [src.send_pages([(0, src_mem.memory.read_view(0, size))]) for _ in range(100)]
+    )
     sender.start()
     try:
         for _ in range(100):
@@ -369,23 +384,26 @@ def test_the_sender_authenticates_what_it_sends_not_what_the_guest_writes_meanwh
 
 
 def _page_message(runs: list[tuple[int, int]], data_pages: int | None = None, reserved: int = 0) -> bytes:
-    table = protocol.RUN_TABLE_HEAD.pack(len(runs), 0) + b"".join(protocol.RUN.pack(g, n, reserved)
-                                                                    for g, n in runs)
+    table = protocol.RUN_TABLE_HEAD.pack(len(runs), 0) + b"".join(protocol.RUN.pack(g, n, reserved) for g, n in runs)
     pages = sum(n for _, n in runs) if data_pages is None else data_pages
     return table + b"P" * (pages * 4096)
 
 
-@pytest.mark.parametrize("runs,match", [
-    ([(2 * MiB, 1)], "outside guest RAM"),
-    ([(2 * MiB - 4096, 2)], "outside guest RAM"),
-    ([(0x123, 1)], "outside guest RAM"),
-    ([(0, 0)], "outside guest RAM"),
-    ([(1 << 63, 1)], "outside guest RAM"),
-    ([(0x2000, 1), (0x1000, 1)], "overlap or are out of order"),
-    ([(0x1000, 2), (0x2000, 1)], "overlap or are out of order"),
-])
-def test_page_runs_are_checked_before_any_data_lands(landing: FakeLanding, runs: list[tuple[int, int]],
-                                                     match: str) -> None:
+@pytest.mark.parametrize(
+    "runs,match",
+    [
+        ([(2 * MiB, 1)], "outside guest RAM"),
+        ([(2 * MiB - 4096, 2)], "outside guest RAM"),
+        ([(0x123, 1)], "outside guest RAM"),
+        ([(0, 0)], "outside guest RAM"),
+        ([(1 << 63, 1)], "outside guest RAM"),
+        ([(0x2000, 1), (0x1000, 1)], "overlap or are out of order"),
+        ([(0x1000, 2), (0x2000, 1)], "overlap or are out of order"),
+    ],
+)
+def test_page_runs_are_checked_before_any_data_lands(
+    landing: FakeLanding, runs: list[tuple[int, int]], match: str
+) -> None:
     src, dst = established_pair()
     body = _page_message(runs, data_pages=0)
     src.sock.sendall(HEADER.pack(b"PAGE", 0, len(body) + 4096) + body)

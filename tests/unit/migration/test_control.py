@@ -26,11 +26,14 @@ def server(tmp_path: Path) -> ControlServer:
     s.close()
 
 
-@pytest.mark.parametrize("line", [
-    b"[" * 60000 + b"\n",                      # RecursionError in json.loads, killed the client thread
-    b'{"cmd": "echo", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}\n",
-    b'{"cmd": "echo", "x": ' + b'{"a":' * 10000 + b"1" + b"}" * 10000 + b"}\n",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 60000 + b"\n",  # RecursionError in json.loads, killed the client thread
+        b'{"cmd": "echo", "x": ' + b"[" * 20000 + b"]" * 20000 + b"}\n",
+        b'{"cmd": "echo", "x": ' + b'{"a":' * 10000 + b"1" + b"}" * 10000 + b"}\n",
+    ],
+)
 def test_a_deeply_nested_request_gets_an_error_reply(server: ControlServer, line: bytes) -> None:
     reply = server.handle_line(line)
     assert reply["ok"] is False and "nested" in reply["error"]
@@ -72,11 +75,14 @@ def _fake_vmm(path: str, reply: bytes) -> threading.Thread:
     return t
 
 
-@pytest.mark.parametrize("reply", [
-    b"[" * 60000 + b"\n",
-    b'{"ok": true, "x": ' + b"[" * 20000 + b"]" * 20000 + b"}\n",
-    b"\xff\n",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"[" * 60000 + b"\n",
+        b'{"ok": true, "x": ' + b"[" * 20000 + b"]" * 20000 + b"}\n",
+        b"\xff\n",
+    ],
+)
 def test_a_hostile_reply_is_a_control_error(tmp_path: Path, reply: bytes) -> None:
     path = str(tmp_path / "ctl")
     t = _fake_vmm(path, reply)

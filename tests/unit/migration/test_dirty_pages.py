@@ -34,10 +34,10 @@ class _Machine:
 def test_a_device_write_that_lands_after_a_drain_is_sent_again() -> None:
     m = _Machine()
     buffer = m.memory.view(0x5000, 4096)  # a device takes a view: the page is marked now...
-    assert m.dirty() == [0x5000]          # ...a pre-copy round sends it, before the data is there
-    buffer[:4] = b"data"                  # the disk read lands
-    assert m.dirty() == [0x5000]          # the next round sends it again, with the data
-    assert m.dirty() == []                # and then it is clean
+    assert m.dirty() == [0x5000]  # ...a pre-copy round sends it, before the data is there
+    buffer[:4] = b"data"  # the disk read lands
+    assert m.dirty() == [0x5000]  # the next round sends it again, with the data
+    assert m.dirty() == []  # and then it is clean
     m.memory.close()
 
 

@@ -60,7 +60,7 @@ def test_both_sides_agree_and_the_target_gets_the_shape(tap: Tap) -> None:
     hello = HEADER.size + protocol.HELLO.size
     kind, _, length = HEADER.unpack_from(tap.sent, hello)
     assert kind == b"DESC"
-    desc = json.loads(tap.sent[hello + HEADER.size:hello + HEADER.size + length])
+    desc = json.loads(tap.sent[hello + HEADER.size : hello + HEADER.size + length])
     assert set(desc) == {"memory", "vcpus", "mode", "strict", "disks", "regions", "devices", "cpuid"}
     assert all(set(d) == {"read_only", "size"} for d in desc["disks"])
 
@@ -173,13 +173,16 @@ def test_a_refusal_after_authentication_is_reported_by_the_source(tap: Tap) -> N
     t.join()
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("cpuid", ((0, 0, 0, 1 << 40, 0, 0, 0),), "cpuid[0][3] is 1099511627776, more than"),
-    ("regions", ((0, 0),), "regions[0][1] is 0, less than 1"),
-    ("devices", ("",), "devices[0] '' does not match"),
-    ("devices", ("uart0\nvirtkit: error: forged",), "does not match"),
-    ("devices", ("\u00e9" * 64,), "does not match"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("cpuid", ((0, 0, 0, 1 << 40, 0, 0, 0),), "cpuid[0][3] is 1099511627776, more than"),
+        ("regions", ((0, 0),), "regions[0][1] is 0, less than 1"),
+        ("devices", ("",), "devices[0] '' does not match"),
+        ("devices", ("uart0\nvirtkit: error: forged",), "does not match"),
+        ("devices", ("\u00e9" * 64,), "does not match"),
+    ],
+)
 def test_a_description_out_of_bounds_is_refused(tap: Tap, field: str, value: object, match: str) -> None:
     t = Target(tap.target)
     bad = dataclasses.replace(SHAPE, **{field: value})
@@ -189,16 +192,20 @@ def test_a_description_out_of_bounds_is_refused(tap: Tap, field: str, value: obj
     assert isinstance(t.error, MigrationError) and match in str(t.error)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda d: {**d, "disks": [{"read_only": False, "size": 1 << 20, "path": "/dev/sda"}]}, "unknown field 'path'"),
-    (lambda d: {**d, "memory": 1 << 60}, "memory is 1152921504606846976, more than"),
-    (lambda d: {**d, "vcpus": 0}, "vcpus is 0, less than"),
-    (lambda d: {**d, "mode": "container"}, "mode must be one of"),
-    (lambda d: {k: v for k, v in d.items() if k != "memory"}, "memory is missing"),
-    (lambda d: {**d, "disks": [{"read_only": False, "size": 1}] * 17}, "disks is longer than 16"),
-])
-def test_a_hostile_description_from_a_key_holder_is_refused_naming_the_field(tap: Tap, edit: object,
-                                                                           match: str) -> None:
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: {**d, "disks": [{"read_only": False, "size": 1 << 20, "path": "/dev/sda"}]}, "unknown field 'path'"),
+        (lambda d: {**d, "memory": 1 << 60}, "memory is 1152921504606846976, more than"),
+        (lambda d: {**d, "vcpus": 0}, "vcpus is 0, less than"),
+        (lambda d: {**d, "mode": "container"}, "mode must be one of"),
+        (lambda d: {k: v for k, v in d.items() if k != "memory"}, "memory is missing"),
+        (lambda d: {**d, "disks": [{"read_only": False, "size": 1}] * 17}, "disks is longer than 16"),
+    ],
+)
+def test_a_hostile_description_from_a_key_holder_is_refused_naming_the_field(
+    tap: Tap, edit: object, match: str
+) -> None:
     import json
 
     from virtkit import records

@@ -41,8 +41,9 @@ def test_a_key_others_can_read_or_write_is_refused(tmp_path: Path, mode: int) ->
     path = tmp_path / "k"
     keys.generate(str(path))
     path.chmod(mode)
-    with pytest.raises(KeyFileError, match=f"has permissions {mode:04o}: group and others must have none; run "
-                                           f"`chmod 600 {path}`"):
+    with pytest.raises(
+        KeyFileError, match=f"has permissions {mode:04o}: group and others must have none; run `chmod 600 {path}`"
+    ):
         keys.load(str(path))
 
 
@@ -56,12 +57,15 @@ def test_a_key_of_another_user_is_refused(tmp_path: Path) -> None:
         keys.load(str(path))
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "holds a 0-byte key"),
-    (b"00" * 31 + b"\n", "holds a 31-byte key"),
-    (b"short raw key", "holds a 13-byte key"),
-    (b"x" * 5000, "larger than 4096 bytes"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "holds a 0-byte key"),
+        (b"00" * 31 + b"\n", "holds a 31-byte key"),
+        (b"short raw key", "holds a 13-byte key"),
+        (b"x" * 5000, "larger than 4096 bytes"),
+    ],
+)
 def test_short_or_oversized_keys_are_refused(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "k"
     path.write_bytes(content)

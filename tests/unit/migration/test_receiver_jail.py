@@ -34,9 +34,32 @@ def test_what_a_vmm_and_a_receiver_need_is_allowed(program: bytes, name: str) ->
     assert verdict(program, name) == SECCOMP_RET_ALLOW
 
 
-@pytest.mark.parametrize("name", ["socket", "connect", "bind", "listen", "execve", "execveat", "fork", "vfork",
-                                  "ptrace", "mount", "unshare", "setns", "kill", "unlink", "rename", "chmod",
-                                  "bpf", "open_by_handle_at", "pidfd_open", "process_vm_readv", "sendfile"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "socket",
+        "connect",
+        "bind",
+        "listen",
+        "execve",
+        "execveat",
+        "fork",
+        "vfork",
+        "ptrace",
+        "mount",
+        "unshare",
+        "setns",
+        "kill",
+        "unlink",
+        "rename",
+        "chmod",
+        "bpf",
+        "open_by_handle_at",
+        "pidfd_open",
+        "process_vm_readv",
+        "sendfile",
+    ],
+)
 def test_anything_that_reaches_out_kills_the_receiver(program: bytes, name: str) -> None:
     assert verdict(program, name) == SECCOMP_RET_KILL_PROCESS
 

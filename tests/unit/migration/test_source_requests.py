@@ -13,22 +13,26 @@ from virtkit.migration.source import MigrationOptions
 from virtkit.vm import Machine
 
 
-@pytest.mark.parametrize("req,match", [
-    ({"cmd": "migrate", "to": "h:1"}, 'migrate needs "key"'),
-    ({"cmd": "migrate", "to": "h:1", "key": "zz" * 32}, "does not match"),
-    ({"cmd": "migrate", "to": "h:1", "key": "00" * 8}, "8-byte key"),
-    ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "max_rounds": "many"}, "max_rounds must be an integer"),
-    ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "downtime_ms": -1}, "downtime_ms is -1"),
-    ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "keyfile": "/etc/shadow"}, "unknown field 'keyfile'"),
-])
+@pytest.mark.parametrize(
+    "req,match",
+    [
+        ({"cmd": "migrate", "to": "h:1"}, 'migrate needs "key"'),
+        ({"cmd": "migrate", "to": "h:1", "key": "zz" * 32}, "does not match"),
+        ({"cmd": "migrate", "to": "h:1", "key": "00" * 8}, "8-byte key"),
+        ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "max_rounds": "many"}, "max_rounds must be an integer"),
+        ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "downtime_ms": -1}, "downtime_ms is -1"),
+        ({"cmd": "migrate", "to": "h:1", "key": "00" * 32, "keyfile": "/etc/shadow"}, "unknown field 'keyfile'"),
+    ],
+)
 def test_migrate_requests_are_parsed_strictly(req: dict[str, Any], match: str) -> None:
     with pytest.raises(VirtkitError, match=match):
         MigrationOptions.from_request(req)
 
 
 def test_a_good_migrate_request() -> None:
-    opts = MigrationOptions.from_request({"cmd": "migrate", "to": "h:1", "key": "ab" * 32, "downtime_ms": 5,
-                                          "max_rounds": 3})
+    opts = MigrationOptions.from_request(
+        {"cmd": "migrate", "to": "h:1", "key": "ab" * 32, "downtime_ms": 5, "max_rounds": 3}
+    )
     assert opts.key == b"\xab" * 32 and opts.downtime_ms == 5.0 and opts.max_rounds == 3
 
 

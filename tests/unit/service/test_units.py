@@ -31,15 +31,37 @@ def program() -> bytes:
     return vmm_filter()
 
 
-@pytest.mark.parametrize("name", ["write", "futex", "accept4", "recvfrom", "sendto", "munmap", "exit_group",
-                                  "tgkill", "preadv", "pwritev"])
+@pytest.mark.parametrize(
+    "name", ["write", "futex", "accept4", "recvfrom", "sendto", "munmap", "exit_group", "tgkill", "preadv", "pwritev"]
+)
 def test_the_calls_a_vmm_makes_are_allowed(program: bytes, name: str) -> None:
     assert run_filter(program, SYSCALLS[name]) == SECCOMP_RET_ALLOW
 
 
-@pytest.mark.parametrize("name", ["execve", "execveat", "socket", "fork", "vfork", "ptrace", "mount", "kill",
-                                  "bpf", "open_by_handle_at", "setuid", "unshare", "setns", "pidfd_open",
-                                  "process_vm_writev", "connect", "bind", "init_module", "keyctl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "execve",
+        "execveat",
+        "socket",
+        "fork",
+        "vfork",
+        "ptrace",
+        "mount",
+        "kill",
+        "bpf",
+        "open_by_handle_at",
+        "setuid",
+        "unshare",
+        "setns",
+        "pidfd_open",
+        "process_vm_writev",
+        "connect",
+        "bind",
+        "init_module",
+        "keyctl",
+    ],
+)
 def test_everything_else_kills_the_process(program: bytes, name: str) -> None:
     assert run_filter(program, SYSCALLS[name]) == SECCOMP_RET_KILL_PROCESS
 
@@ -69,18 +91,21 @@ def test_the_checked_in_openapi_document_is_current() -> None:
     assert json.loads(openapi.document())["openapi"].startswith("3.0")
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ({"name": "a"}, "body.kernel is required"),
-    ({"name": "a", "kernel": "/k", "x": 1}, "unknown field 'x'"),
-    ({"name": "a", "kernel": "/k", "vcpus": 1.5}, "body.vcpus must be an integer"),
-    ({"name": "a", "kernel": "/k", "vcpus": False}, "body.vcpus must be an integer"),
-    ({"name": "a", "kernel": "/k", "vcpus": 0}, "body.vcpus must be at least 1"),
-    ({"name": "a/b", "kernel": "/k"}, "body.name 'a/b' must match"),
-    ({"name": "a", "kernel": "/k", "mode": "x"}, "body.mode must be one of full, para"),
-    ({"name": "a", "kernel": ""}, "body.kernel must not be empty"),
-    ({"name": "a", "kernel": "/k\0"}, "NUL"),
-    ({"name": "a", "kernel": "/k", "cpu_quota_pct": None, "cpus": None}, None),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"name": "a"}, "body.kernel is required"),
+        ({"name": "a", "kernel": "/k", "x": 1}, "unknown field 'x'"),
+        ({"name": "a", "kernel": "/k", "vcpus": 1.5}, "body.vcpus must be an integer"),
+        ({"name": "a", "kernel": "/k", "vcpus": False}, "body.vcpus must be an integer"),
+        ({"name": "a", "kernel": "/k", "vcpus": 0}, "body.vcpus must be at least 1"),
+        ({"name": "a/b", "kernel": "/k"}, "body.name 'a/b' must match"),
+        ({"name": "a", "kernel": "/k", "mode": "x"}, "body.mode must be one of full, para"),
+        ({"name": "a", "kernel": ""}, "body.kernel must not be empty"),
+        ({"name": "a", "kernel": "/k\0"}, "NUL"),
+        ({"name": "a", "kernel": "/k", "cpu_quota_pct": None, "cpus": None}, None),
+    ],
+)
 def test_validator(value: dict[str, object], message: str | None) -> None:
     if message is None:
         openapi.validate(openapi.VM_CREATE, value)
@@ -129,8 +154,9 @@ def test_exit_descriptions() -> None:
     assert gone["reason"] == "vmm-gone" and is_failure(gone)
     bad = describe_exit(None, 1 << 8, unreadable="the exit report of a is a JSON array, not an object\nx\x1b[2J")
     assert bad["reason"] == "bad-exit-report" and is_failure(bad)
-    assert bad["detail"] == ("the VMM wrote an unreadable exit report: the exit report of a is a JSON array, "
-                             "not an object x [2J")
+    assert bad["detail"] == (
+        "the VMM wrote an unreadable exit report: the exit report of a is a JSON array, not an object x [2J"
+    )
 
 
 def test_store_files_are_the_services_alone(tmp_path: Path) -> None:

@@ -31,25 +31,29 @@ GOOD = {"reason": "debug-exit", "exit_status": 1, "detail": "guest wrote 0x0", "
 
 
 def test_a_valid_report_is_a_record() -> None:
-    assert parse_exit_report(json.dumps(GOOD).encode(), "r") == ExitReport("debug-exit", 1, "guest wrote 0x0",
-                                                                           False, 1.0)
+    assert parse_exit_report(json.dumps(GOOD).encode(), "r") == ExitReport(
+        "debug-exit", 1, "guest wrote 0x0", False, 1.0
+    )
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"[1, 2]", "JSON array, not an object"),
-    (b"[" * 200_000, "more than the"),  # refused by its size before its depth is looked at
-    (b"[" * 10_000, "nested more than"),
-    (b"\xff\xfe\x00garbage", "not UTF-8"),
-    (b"x" * (vmmproto.MAX_REPORT + 1), "more than the"),
-    (b'{"reason": 5, "exit_status": 1}', "reason must be one of"),
-    (json.dumps({**GOOD, "reason": "made-up"}).encode(), "reason must be one of"),
-    (json.dumps({**GOOD, "exit_status": 10**400}).encode(), "exit_status is"),
-    (json.dumps({**GOOD, "exit_status": "1"}).encode(), "must be an integer"),
-    (json.dumps({**GOOD, "crash": 1}).encode(), "must be true or false"),
-    (json.dumps({**GOOD, "extra": 1}).encode(), "unknown field"),
-    (json.dumps({**GOOD, "detail": "x" * 5000}).encode(), "longer than 4000"),
-    (b'{"reason": "stopped", "exit_status": NaN}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"[1, 2]", "JSON array, not an object"),
+        (b"[" * 200_000, "more than the"),  # refused by its size before its depth is looked at
+        (b"[" * 10_000, "nested more than"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b"x" * (vmmproto.MAX_REPORT + 1), "more than the"),
+        (b'{"reason": 5, "exit_status": 1}', "reason must be one of"),
+        (json.dumps({**GOOD, "reason": "made-up"}).encode(), "reason must be one of"),
+        (json.dumps({**GOOD, "exit_status": 10**400}).encode(), "exit_status is"),
+        (json.dumps({**GOOD, "exit_status": "1"}).encode(), "must be an integer"),
+        (json.dumps({**GOOD, "crash": 1}).encode(), "must be true or false"),
+        (json.dumps({**GOOD, "extra": 1}).encode(), "unknown field"),
+        (json.dumps({**GOOD, "detail": "x" * 5000}).encode(), "longer than 4000"),
+        (b'{"reason": "stopped", "exit_status": NaN}', "not valid JSON"),
+    ],
+)
 def test_every_other_report_is_refused_in_one_line(data: bytes, message: str) -> None:
     with pytest.raises(UntrustedInput) as e:
         parse_exit_report(data, "the exit report of vm1")
@@ -164,23 +168,28 @@ def _close(conn: socket.socket) -> None:
 def _reply(value: object) -> Behaviour:
     def send(conn: socket.socket) -> None:
         conn.sendall(json.dumps(value).encode() + b"\n")
+
     return send
 
 
-@pytest.mark.parametrize(("behave", "message"), [
-    (_endless, "longer than"),
-    (_slow, "did not answer within"),
-    (_silent, "did not answer within"),
-    (_close, "closed the control connection"),
-    (_reply([1]), "not an object"),
-    (_reply({"ok": True, "stats": {"exits": {"io": "many"}}}), "must be an integer"),
-    (_reply({"ok": True, "stats": {"exits": {"a\"b\n": 1}}}), "not a plain name"),
-    (_reply({"ok": True, "stats": {"total_exits": 10**30}}), "total_exits is"),
-    (_reply({"ok": True, "stats": []}), "must be an object"),
-    (_reply({"ok": False, "error": "x" * 10_000}), "refused"),
-])
-def test_a_stats_request_ends_in_time_with_one_line(server: Callable[[Behaviour], str], behave: Behaviour,
-                                                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("behave", "message"),
+    [
+        (_endless, "longer than"),
+        (_slow, "did not answer within"),
+        (_silent, "did not answer within"),
+        (_close, "closed the control connection"),
+        (_reply([1]), "not an object"),
+        (_reply({"ok": True, "stats": {"exits": {"io": "many"}}}), "must be an integer"),
+        (_reply({"ok": True, "stats": {"exits": {'a"b\n': 1}}}), "not a plain name"),
+        (_reply({"ok": True, "stats": {"total_exits": 10**30}}), "total_exits is"),
+        (_reply({"ok": True, "stats": []}), "must be an object"),
+        (_reply({"ok": False, "error": "x" * 10_000}), "refused"),
+    ],
+)
+def test_a_stats_request_ends_in_time_with_one_line(
+    server: Callable[[Behaviour], str], behave: Behaviour, message: str
+) -> None:
     path = server(behave)
     t0 = time.monotonic()
     with pytest.raises(VmmUnresponsive) as e:
@@ -190,8 +199,19 @@ def test_a_stats_request_ends_in_time_with_one_line(server: Callable[[Behaviour]
 
 
 def test_a_good_reply_is_a_record_with_the_peer_pid(server: Callable[[Behaviour], str]) -> None:
-    path = server(_reply({"ok": True, "name": "a", "instance": "abc", "state": "running", "vcpus": 1,
-                          "memory": 1 << 26, "started": 1.0}))
+    path = server(
+        _reply(
+            {
+                "ok": True,
+                "name": "a",
+                "instance": "abc",
+                "state": "running",
+                "vcpus": 1,
+                "memory": 1 << 26,
+                "started": 1.0,
+            }
+        )
+    )
     reply, pid = request(path, {"op": "status"}, StatusReply)
     assert reply.instance == "abc" and pid == os.getpid()
     path = server(_reply({"ok": False, "error": "no"}))
@@ -205,6 +225,7 @@ def test_no_socket_is_one_line(tmp_path: Path) -> None:
 
 
 # --- the monitor survives any one VM's end ---------------------------------------------------------
+
 
 def _svc(tmp_path: Path) -> object:
     from virtkit.service.daemon import Service

@@ -29,15 +29,29 @@ def make_document(vcpus: int = 1) -> dict[str, Any]:
     cpus = []
     for i in range(vcpus):
         cpu: dict[str, Any] = {name: raw(t) for name, t in vmstate.VCPU_STRUCTS.items()}
-        cpu.update(id=i, mp_state=0, tsc_khz=2_000_000, msrs=[[0x10, 42], [0xC0000080, 0x500]],
-                   cpuid=[[0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65], [1, 0, 0, 0, 0, 1, 1]])
+        cpu.update(
+            id=i,
+            mp_state=0,
+            tsc_khz=2_000_000,
+            msrs=[[0x10, 42], [0xC0000080, 0x500]],
+            cpuid=[[0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65], [1, 0, 0, 0, 0, 1, 1]],
+        )
         cpus.append(cpu)
     return {
-        "virtkit": "test", "created": 1.0, "host": {"kvm": "test"},
+        "virtkit": "test",
+        "created": 1.0,
+        "host": {"kvm": "test"},
         "machine": {"memory": MEMORY, "vcpus": vcpus, "paravirt": False, "strict": False, "disks": []},
-        "memory": {"file": "memory-test.bin", "size": MEMORY, "regions": [[0, MEMORY]], "chunk": CHUNK,
-                   "crc32": [[0] * (MEMORY // CHUNK)], "written": 0},
-        "vm": vm, "vcpus": cpus,
+        "memory": {
+            "file": "memory-test.bin",
+            "size": MEMORY,
+            "regions": [[0, MEMORY]],
+            "chunk": CHUNK,
+            "crc32": [[0] * (MEMORY // CHUNK)],
+            "written": 0,
+        },
+        "vm": vm,
+        "vcpus": cpus,
         "devices": {"uart0": {"ier": 0, "rx": b"ab"}, "rtc": {"index": 0, "nvram": bytes(128)}},
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from virtkit.snapshot.cpucompat import check_compatible, missing_features, vendor
 
-AMD = (0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65)    # "AuthenticAMD"
+AMD = (0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65)  # "AuthenticAMD"
 INTEL = (0, 0, 0, 0xD, 0x756E6547, 0x6C65746E, 0x49656E69)  # "GenuineIntel"
 
 

@@ -46,23 +46,27 @@ def _broken(document: dict[str, Any], path: list[Any], value: Any) -> dict[str, 
     return doc
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (["machine"], KeyError, "state.machine is missing"),
-    (["machine", "vcpus"], "1", "not an integer"),
-    (["machine", "vcpus"], 2, "1 vCPU states for a 2-vCPU machine"),
-    (["machine", "memory"], MEMORY * 2, "covers"),
-    (["vcpus", 0, "regs"], b"\0" * 10, "is 10 bytes, expected 144"),
-    (["vcpus", 0, "lapic"], "AAAA", "not a byte string"),
-    (["vcpus", 0, "id"], 3, "vcpus[0].id is 3, expected 0"),
-    (["vcpus", 0, "mp_state"], 99, "not an MP state"),
-    (["vcpus", 0, "msrs"], [[1, -1]], "not an MSR index/value pair"),
-    (["vcpus", 0, "cpuid"], [[1, 2, 3]], "not a CPUID entry"),
-    (["vm", "ioapic"], KeyError, "vm.ioapic is missing"),
-    (["memory", "file"], "../x", "not a plain file name"),
-    (["devices"], [], "devices is not an object"),
-])
-def test_malformed_fields_are_refused_by_name(tmp_path: Path, document: dict[str, Any], path: list[Any],
-                                              value: Any, message: str) -> None:
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (["machine"], KeyError, "state.machine is missing"),
+        (["machine", "vcpus"], "1", "not an integer"),
+        (["machine", "vcpus"], 2, "1 vCPU states for a 2-vCPU machine"),
+        (["machine", "memory"], MEMORY * 2, "covers"),
+        (["vcpus", 0, "regs"], b"\0" * 10, "is 10 bytes, expected 144"),
+        (["vcpus", 0, "lapic"], "AAAA", "not a byte string"),
+        (["vcpus", 0, "id"], 3, "vcpus[0].id is 3, expected 0"),
+        (["vcpus", 0, "mp_state"], 99, "not an MP state"),
+        (["vcpus", 0, "msrs"], [[1, -1]], "not an MSR index/value pair"),
+        (["vcpus", 0, "cpuid"], [[1, 2, 3]], "not a CPUID entry"),
+        (["vm", "ioapic"], KeyError, "vm.ioapic is missing"),
+        (["memory", "file"], "../x", "not a plain file name"),
+        (["devices"], [], "devices is not an object"),
+    ],
+)
+def test_malformed_fields_are_refused_by_name(
+    tmp_path: Path, document: dict[str, Any], path: list[Any], value: Any, message: str
+) -> None:
     write_state(tmp_path / "s", _broken(document, path, value))
     with pytest.raises(SnapshotError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load(tmp_path / "s")

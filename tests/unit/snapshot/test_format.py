@@ -56,8 +56,10 @@ def test_checksum_mismatch_says_corrupted(document: dict[str, Any]) -> None:
 def test_other_version_is_refused_before_the_payload_is_read(document: dict[str, Any]) -> None:
     data = bytearray(format.pack(document))
     struct.pack_into("<I", data, 8, format.FORMAT_VERSION + 1)
-    with pytest.raises(SnapshotError, match=f"format version {format.FORMAT_VERSION + 1}; this virtkit reads "
-                                            f"version {format.FORMAT_VERSION}"):
+    with pytest.raises(
+        SnapshotError,
+        match=f"format version {format.FORMAT_VERSION + 1}; this virtkit reads version {format.FORMAT_VERSION}",
+    ):
         format.unpack(bytes(data[:40]))  # even cut short: the version is what matters
 
 
@@ -72,8 +74,10 @@ def test_valid_checksum_over_invalid_json_is_still_refused() -> None:
     import hashlib
 
     payload = b"[1, 2"
-    data = struct.pack("<8sIIQ32s", format.MAGIC, format.FORMAT_VERSION, 0, len(payload),
-                       hashlib.sha256(payload).digest()) + payload
+    data = (
+        struct.pack("<8sIIQ32s", format.MAGIC, format.FORMAT_VERSION, 0, len(payload), hashlib.sha256(payload).digest())
+        + payload
+    )
     with pytest.raises(SnapshotError, match="not valid JSON"):
         format.unpack(data)
 
@@ -85,9 +89,12 @@ def test_unstorable_values_are_a_type_error() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 63), 1 << 64) | st.text(max_size=20) | st.binary(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8).filter(lambda k: k != "$bytes"),
-                                                                inner, max_size=4),
-    max_leaves=20)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8).filter(lambda k: k != "$bytes"), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -102,8 +109,10 @@ def test_a_crafted_payload_with_a_valid_checksum_is_refused_in_one_line(payload:
     """The checksum proves only that the writer wrote this, not that the writer was virtkit."""
     import hashlib
 
-    data = format._HEADER.pack(format.MAGIC, format.FORMAT_VERSION, 0, len(payload),
-                               hashlib.sha256(payload).digest()) + payload
+    data = (
+        format._HEADER.pack(format.MAGIC, format.FORMAT_VERSION, 0, len(payload), hashlib.sha256(payload).digest())
+        + payload
+    )
     with pytest.raises(format.SnapshotError, match="is corrupted") as e:
         format.unpack(data, source="state")
     assert "\n" not in str(e.value)

@@ -64,15 +64,14 @@ def run_bounded(call: Callable[[], object], fifo: Path | None = None) -> BaseExc
 
 # --- values --------------------------------------------------------------------------------------
 def test_a_creation_time_too_large_for_a_float_is_refused(tmp_path: Path, document: dict[str, Any]) -> None:
-    document["created"] = 10 ** 400  # valid JSON; float() of it raised OverflowError in snapshot-info
+    document["created"] = 10**400  # valid JSON; float() of it raised OverflowError in snapshot-info
     write_state(tmp_path / "s", document)
     with pytest.raises(SnapshotError, match="created"):
         snapshot.describe(tmp_path / "s")
 
 
 @pytest.mark.parametrize("where", ["memory.file", "disk.path", "disk.copy"])
-def test_a_nul_byte_in_a_path_is_refused_when_loading(tmp_path: Path, document: dict[str, Any],
-                                                      where: str) -> None:
+def test_a_nul_byte_in_a_path_is_refused_when_loading(tmp_path: Path, document: dict[str, Any], where: str) -> None:
     # os functions raise ValueError ("embedded null byte") on these: a traceback in snapshot-info,
     # restore and clone, or in a migration target for the peer's disk path
     disk = {"path": str(tmp_path / "disk.img"), "read_only": False, "size": 512}
@@ -116,8 +115,9 @@ def _memory_kinds(tmp_path: Path) -> dict[str, Callable[[Path], None]]:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink to a host file", "symlink to a device", "directory"])
-def test_a_memory_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, document: dict[str, Any],
-                                                             kind: str) -> None:
+def test_a_memory_file_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, document: dict[str, Any], kind: str
+) -> None:
     # A symlink would map another host file (of the right size) into the guest as its RAM; a FIFO
     # made open() block forever.
     write_state(tmp_path / "s", document)
@@ -140,16 +140,16 @@ def test_a_regular_memory_file_still_opens(tmp_path: Path, document: dict[str, A
 
 
 @pytest.mark.parametrize("kind", ["symlink to a host file", "symlink to a block device", "fifo"])
-def test_a_disk_copy_that_is_not_a_regular_file_is_refused(tmp_path: Path, document: dict[str, Any],
-                                                           kind: str) -> None:
+def test_a_disk_copy_that_is_not_a_regular_file_is_refused(tmp_path: Path, document: dict[str, Any], kind: str) -> None:
     # clone copies the snapshot's disk copy into each clone's overlay: through a symlink it copied
     # any host file (a whole host disk, whose st_size is 0 like a recorded empty disk) to the guest
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
     secret = tmp_path / "host-file"
     secret.write_bytes(b"secret".ljust(4096, b"\0"))
-    document["machine"]["disks"] = [{"path": str(image), "read_only": False, "size": 4096 if kind != "fifo" else 0,
-                                     "copy": "disk0-x.img"}]
+    document["machine"]["disks"] = [
+        {"path": str(image), "read_only": False, "size": 4096 if kind != "fifo" else 0, "copy": "disk0-x.img"}
+    ]
     write_state(tmp_path / "s", document)
     copy = tmp_path / "s" / "disk0-x.img"
     if kind == "symlink to a host file":
@@ -165,8 +165,7 @@ def test_a_disk_copy_that_is_not_a_regular_file_is_refused(tmp_path: Path, docum
     else:
         os.mkfifo(copy)
     snap = load(tmp_path / "s")
-    err = run_bounded(lambda: snapshot._disk_base(snap, 0, snap.config.disks[0]),
-                      copy if kind == "fifo" else None)
+    err = run_bounded(lambda: snapshot._disk_base(snap, 0, snap.config.disks[0]), copy if kind == "fifo" else None)
     assert isinstance(err, SnapshotError), err
 
 

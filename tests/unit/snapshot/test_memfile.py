@@ -39,7 +39,7 @@ def test_file_is_regions_back_to_back_and_sparse(memory: GuestMemory, tmp_path: 
     assert img.regions == ((0, 2 * MiB), (4 * MiB, 3 * MiB))
     data = path.read_bytes()
     assert data[0x1000:0x1005] == b"hello"
-    assert data[2 * MiB + CROSS:2 * MiB + CROSS + 5000] == b"\xff" * 5000
+    assert data[2 * MiB + CROSS : 2 * MiB + CROSS + 5000] == b"\xff" * 5000
     assert img.written == 3 * memfile.CHUNK  # one chunk in region 1, two in region 2
     assert path.stat().st_blocks * 512 < 1 * MiB  # the rest are holes
 

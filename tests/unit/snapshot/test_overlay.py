@@ -58,8 +58,10 @@ def test_copy_refuses_an_existing_destination(tmp_path: Path) -> None:
 
 
 def test_document_disk_copy_field(document: dict[str, Any]) -> None:
-    document["machine"]["disks"] = [{"path": "/x/disk.img", "read_only": False, "size": 512, "copy": "disk0-ab.img"},
-                                    {"path": "/x/ro.img", "read_only": True, "size": 1024}]
+    document["machine"]["disks"] = [
+        {"path": "/x/disk.img", "read_only": False, "size": 512, "copy": "disk0-ab.img"},
+        {"path": "/x/ro.img", "read_only": True, "size": 1024},
+    ]
     snap = snapshot.parse_document(document, "/snap")
     assert snap.disk_copies == ["disk0-ab.img", None] and snap.disk_sizes == [512, 1024]
     document["machine"]["disks"][0]["copy"] = "../../etc/passwd"

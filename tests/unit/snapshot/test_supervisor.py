@@ -13,8 +13,21 @@ from virtkit.snapshot.supervisor import Supervisor
 
 
 def _args(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return build_parser().parse_args(["run", "guest.elf", "--memory", "32M", "--cmdline", "us=5 x=y",
-                                      "--checkpoint-dir", str(tmp_path), "--restart", "on-failure", *extra])
+    return build_parser().parse_args(
+        [
+            "run",
+            "guest.elf",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "us=5 x=y",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--restart",
+            "on-failure",
+            *extra,
+        ]
+    )
 
 
 def test_boot_and_restore_commands_keep_the_vm_and_its_checkpointing(tmp_path: Path) -> None:
@@ -22,8 +35,15 @@ def test_boot_and_restore_commands_keep_the_vm_and_its_checkpointing(tmp_path: P
     boot = sup.boot_command()
     assert boot[:5] == [sys.executable, "-m", "virtkit", "run", "guest.elf"]
     joined = " ".join(boot)
-    for part in ("--memory 32M", "--checkpoint-every 2s", f"--checkpoint-dir {tmp_path}", "--control /tmp/x.sock",
-                 "--strict", "--serial stdout", "--exit-report"):
+    for part in (
+        "--memory 32M",
+        "--checkpoint-every 2s",
+        f"--checkpoint-dir {tmp_path}",
+        "--control /tmp/x.sock",
+        "--strict",
+        "--serial stdout",
+        "--exit-report",
+    ):
         assert part in joined
     assert boot[boot.index("--cmdline") + 1] == "us=5 x=y"
     assert "--restart" not in boot  # the child must not supervise again

@@ -23,15 +23,24 @@ def disk(machine: Machine, path: Path, **kw: object) -> tuple[Rig, FakeQueue]:
     return rig, q
 
 
-def request(rig: Rig, q: FakeQueue, rtype: int, sector: int = 0, *, out: bytes = b"", in_len: int = 0,
-            split: int = 0, indirect: bool = False) -> tuple[int, bytes, int]:
+def request(
+    rig: Rig,
+    q: FakeQueue,
+    rtype: int,
+    sector: int = 0,
+    *,
+    out: bytes = b"",
+    in_len: int = 0,
+    split: int = 0,
+    indirect: bool = False,
+) -> tuple[int, bytes, int]:
     """Submit one request; returns (status, data read, used length). ``split`` cuts the data into
     pieces of that many bytes, to show the device does not care about the descriptor layout."""
     hdr = q.buffer(struct.pack("<IIQ", rtype, 0, sector))
     bufs: list[tuple[int, int, bool]] = [(hdr, 16, False)]
     step = split or max(len(out), in_len, 1)
     for i in range(0, len(out), step):
-        piece = out[i:i + step]
+        piece = out[i : i + step]
         bufs.append((q.buffer(piece), len(piece), False))
     data = []
     for i in range(0, in_len, step):
@@ -96,8 +105,9 @@ def test_flush(machine: Machine, image: Path, monkeypatch: pytest.MonkeyPatch) -
     assert len(syncs) == 1
 
 
-def test_writes_are_stable_when_flush_is_not_negotiated(machine: Machine, image: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writes_are_stable_when_flush_is_not_negotiated(
+    machine: Machine, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     syncs: list[int] = []
     monkeypatch.setattr(os, "fdatasync", syncs.append)
     rig = machine.attach(BlockDevice(image), slice_size=1 << 20)

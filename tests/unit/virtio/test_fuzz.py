@@ -34,8 +34,21 @@ DESC = struct.Struct("<QIHH")
 # addresses a buffer may have: in the data area, at region edges, in the hole, past RAM, near 2^64
 buffer_addr = st.one_of(
     st.integers(DATA, DATA + 0xFFFF),
-    st.sampled_from([0, 4 * MiB - 1, 4 * MiB - 512, 4 * MiB, HOLE, 8 * MiB, 9 * MiB - 1, 9 * MiB,
-                     (1 << 64) - 1, (1 << 64) - 512, 1 << 63]),
+    st.sampled_from(
+        [
+            0,
+            4 * MiB - 1,
+            4 * MiB - 512,
+            4 * MiB,
+            HOLE,
+            8 * MiB,
+            9 * MiB - 1,
+            9 * MiB,
+            (1 << 64) - 1,
+            (1 << 64) - 512,
+            1 << 63,
+        ]
+    ),
 )
 # an indirect descriptor points at one of the tables, or somewhere it must not (misaligned, outside)
 indirect_addr = st.sampled_from([*TABLES, TABLES[0] + 8, HOLE, (1 << 64) - 16])
@@ -48,23 +61,30 @@ nxt = st.integers(0, QSIZE + 2)
 def descriptor(draw: st.DrawFn) -> tuple[int, int, int, int]:
     f = draw(flags)
     addr = draw(indirect_addr if f & INDIRECT else buffer_addr)
-    return addr, draw(length) if not f & INDIRECT else draw(st.sampled_from([16, 32, 48, 24, 0, 16 * (QSIZE + 1)])), \
-        f, draw(nxt)
+    return (
+        addr,
+        draw(length) if not f & INDIRECT else draw(st.sampled_from([16, 32, 48, 24, 0, 16 * (QSIZE + 1)])),
+        f,
+        draw(nxt),
+    )
 
 
-rings = st.fixed_dictionaries({
-    "table": st.lists(descriptor(), min_size=QSIZE, max_size=QSIZE),
-    "indirect": st.lists(st.lists(descriptor(), max_size=QSIZE + 2), min_size=2, max_size=2),
-    # mostly valid heads and a consistent avail idx, so that many chains get as far as the device
-    "heads": st.lists(st.one_of(st.integers(0, QSIZE - 1), st.integers(0, QSIZE + 1)), min_size=1,
-                      max_size=QSIZE + 2),
-    "avail_idx": st.one_of(st.none(), st.just(None), st.integers(0, 0xFFFF)),
-    "features": st.sets(st.sampled_from([spec.F_EVENT_IDX, spec.F_INDIRECT_DESC])),
-    "used_event": st.integers(0, 0xFFFF),
-    "input": st.binary(max_size=64),
-    "sector": st.sampled_from([0, 1, 7, 8191, 8192, 1 << 40]),
-    "rtype": st.sampled_from([blk.T_IN, blk.T_OUT, blk.T_FLUSH, blk.T_GET_ID, 3]),
-})
+rings = st.fixed_dictionaries(
+    {
+        "table": st.lists(descriptor(), min_size=QSIZE, max_size=QSIZE),
+        "indirect": st.lists(st.lists(descriptor(), max_size=QSIZE + 2), min_size=2, max_size=2),
+        # mostly valid heads and a consistent avail idx, so that many chains get as far as the device
+        "heads": st.lists(
+            st.one_of(st.integers(0, QSIZE - 1), st.integers(0, QSIZE + 1)), min_size=1, max_size=QSIZE + 2
+        ),
+        "avail_idx": st.one_of(st.none(), st.just(None), st.integers(0, 0xFFFF)),
+        "features": st.sets(st.sampled_from([spec.F_EVENT_IDX, spec.F_INDIRECT_DESC])),
+        "used_event": st.integers(0, 0xFFFF),
+        "input": st.binary(max_size=64),
+        "sector": st.sampled_from([0, 1, 7, 8191, 8192, 1 << 40]),
+        "rtype": st.sampled_from([blk.T_IN, blk.T_OUT, blk.T_FLUSH, blk.T_GET_ID, 3]),
+    }
+)
 
 
 class RamWatch:
@@ -87,7 +107,7 @@ class RamWatch:
             if a == b:
                 continue
             for off in range(0, size, 4096):
-                if a[off:off + 4096] != b[off:off + 4096]:
+                if a[off : off + 4096] != b[off : off + 4096]:
                     out.extend(base + off + i for i in range(4096) if a[off + i] != b[off + i])
         return out
 
@@ -155,8 +175,7 @@ def fuzz_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["rng", "blk", "console"]), r=rings)
-def test_random_rings(ram: GuestMemory, watch: RamWatch, fuzz_image: Path, kind: str,
-                      r: dict) -> None:  # type: ignore[type-arg]
+def test_random_rings(ram: GuestMemory, watch: RamWatch, fuzz_image: Path, kind: str, r: dict) -> None:  # type: ignore[type-arg]
     machine = Machine(ram)
     try:
         rig = machine.attach(make_device(kind, fuzz_image))
@@ -165,8 +184,7 @@ def test_random_rings(ram: GuestMemory, watch: RamWatch, fuzz_image: Path, kind:
         machine.close()
 
 
-def run_random_rings(machine: Machine, rig: Rig, watch: RamWatch, kind: str,
-                     r: dict) -> None:  # type: ignore[type-arg]
+def run_random_rings(machine: Machine, rig: Rig, watch: RamWatch, kind: str, r: dict) -> None:  # type: ignore[type-arg]
     mem, drv = machine.mem, rig.driver
     accept = spec.F_VERSION_1 | sum(r["features"])
     queues = drv.init(accept=accept, size=QSIZE)
@@ -212,8 +230,15 @@ def run_random_rings(machine: Machine, rig: Rig, watch: RamWatch, kind: str,
 
 
 registers = st.sampled_from([int(r) for r in Reg] + [0x0F8, 0x03C, 0x100, 0x104, 0x108])
-accesses = st.lists(st.tuples(st.booleans(), registers, st.sampled_from([1, 2, 4, 8]),
-                              st.one_of(st.integers(0, 16), st.integers(0, 0xFFFF_FFFF))), max_size=60)
+accesses = st.lists(
+    st.tuples(
+        st.booleans(),
+        registers,
+        st.sampled_from([1, 2, 4, 8]),
+        st.one_of(st.integers(0, 16), st.integers(0, 0xFFFF_FFFF)),
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=100, deadline=None)

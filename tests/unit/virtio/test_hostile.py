@@ -85,8 +85,9 @@ def longer_than_queue(q: FakeQueue) -> None:
     q.publish(0)
 
 
-def indirect(length_entries: int = 2, *, addr_offset: int = 0, length_extra: int = 0, nested: bool = False,
-             flags: int = 0) -> Callable[[FakeQueue], None]:
+def indirect(
+    length_entries: int = 2, *, addr_offset: int = 0, length_extra: int = 0, nested: bool = False, flags: int = 0
+) -> Callable[[FakeQueue], None]:
     def build(q: FakeQueue) -> None:
         table = q.alloc.alloc(16 * 64, 16)
         q.write_desc(0, q.buffer(16), 16, NEXT, 1, table=table)
@@ -97,6 +98,7 @@ def indirect(length_entries: int = 2, *, addr_offset: int = 0, length_extra: int
         q.write_desc(0, table + addr_offset, 16 * length_entries + length_extra, INDIRECT | flags, 1)
         q.write_desc(1, q.buffer(1), 1, WRITE)
         q.publish(0)
+
     return build
 
 
@@ -113,21 +115,36 @@ def next_out_of_range(q: FakeQueue) -> None:
     q.publish(0)
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    (loop, "longer than the queue size"),
-    (longer_than_queue, "longer than the queue size"),
-    (indirect(17), "longer than the queue size"),                 # too long for a queue of 16
-    (indirect(nested=True), "inside an indirect table"),          # nested
-    (indirect(length_extra=8), "whole number"),                   # length not a multiple of 16
-    (indirect(addr_offset=8), "whole number"),                    # table not 16-byte aligned
-    (indirect(flags=NEXT), "NEXT set"),
-    (avail_idx_ahead, "ahead of the device"),
-    (head_out_of_range, "outside a table"),
-    (next_out_of_range, "outside a table"),
-], ids=["loop", "chain>size", "indirect-too-long", "indirect-nested", "indirect-len", "indirect-addr",
-        "indirect+next", "avail-idx", "head", "next"])
-def test_corrupt_ring_marks_the_device_broken(rigs: tuple[Rig, FakeQueue, Rig], corrupt: Callable[[FakeQueue], None],
-                                              match: str) -> None:
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (loop, "longer than the queue size"),
+        (longer_than_queue, "longer than the queue size"),
+        (indirect(17), "longer than the queue size"),  # too long for a queue of 16
+        (indirect(nested=True), "inside an indirect table"),  # nested
+        (indirect(length_extra=8), "whole number"),  # length not a multiple of 16
+        (indirect(addr_offset=8), "whole number"),  # table not 16-byte aligned
+        (indirect(flags=NEXT), "NEXT set"),
+        (avail_idx_ahead, "ahead of the device"),
+        (head_out_of_range, "outside a table"),
+        (next_out_of_range, "outside a table"),
+    ],
+    ids=[
+        "loop",
+        "chain>size",
+        "indirect-too-long",
+        "indirect-nested",
+        "indirect-len",
+        "indirect-addr",
+        "indirect+next",
+        "avail-idx",
+        "head",
+        "next",
+    ],
+)
+def test_corrupt_ring_marks_the_device_broken(
+    rigs: tuple[Rig, FakeQueue, Rig], corrupt: Callable[[FakeQueue], None], match: str
+) -> None:
     disk, q, rng = rigs
     assert blk_read(disk, q) == blk.S_OK
     corrupt(q)
@@ -222,14 +239,20 @@ def blk_chain(q: FakeQueue, bufs: list[tuple[int, int, bool]]) -> int:
     return status
 
 
-@pytest.mark.parametrize("case", ["data-in-hole", "data-past-ram", "data-straddles-region",
-                                  "header-in-hole", "overflow", "huge-len"])
+@pytest.mark.parametrize(
+    "case", ["data-in-hole", "data-past-ram", "data-straddles-region", "header-in-hole", "overflow", "huge-len"]
+)
 def test_buffers_outside_ram_fail_the_request(rigs: tuple[Rig, FakeQueue, Rig], case: str) -> None:
     disk, q, rng = rigs
     hdr = q.buffer(struct.pack("<IIQ", blk.T_IN, 0, 0))
-    data = {"data-in-hole": (HOLE, 512), "data-past-ram": (9 * MiB - 256, 512),
-            "data-straddles-region": (4 * MiB - 256, 512), "header-in-hole": (q.buffer(512), 512),
-            "overflow": ((1 << 64) - 256, 512), "huge-len": (q.buffer(512), 0xFFFF_FFFF)}[case]
+    data = {
+        "data-in-hole": (HOLE, 512),
+        "data-past-ram": (9 * MiB - 256, 512),
+        "data-straddles-region": (4 * MiB - 256, 512),
+        "header-in-hole": (q.buffer(512), 512),
+        "overflow": ((1 << 64) - 256, 512),
+        "huge-len": (q.buffer(512), 0xFFFF_FFFF),
+    }[case]
     first = (HOLE, 16, False) if case == "header-in-hole" else (hdr, 16, False)
     status = blk_chain(q, [first, (*data, True)])
     disk.driver.kick(0)

@@ -172,7 +172,10 @@ def test_64_bit_ring_addresses(machine: Machine) -> None:
     d.setup_queue(0, 16, desc=8 * MiB, avail=8 * MiB + 0x1000, used=8 * MiB + 0x2000)  # the second region
     queue = rig.device.queues[0]
     assert queue is not None and (queue.desc_table, queue.avail_ring, queue.used_ring) == (
-        8 * MiB, 8 * MiB + 0x1000, 8 * MiB + 0x2000)
+        8 * MiB,
+        8 * MiB + 0x1000,
+        8 * MiB + 0x2000,
+    )
     d.wr(Reg.QUEUE_SEL, 0)
     d.wr(Reg.QUEUE_READY, 0)
     d.wr(Reg.QUEUE_DESC_HIGH, 1)  # 4 GiB + 8 MiB is not RAM here

@@ -43,22 +43,28 @@ def test_largest_queue_is_accepted(mem: GuestMemory) -> None:
     assert q.pop_chain() is None
 
 
-@pytest.mark.parametrize("desc,avail,used,what", [
-    (0x10008, 0x20000, 0x30000, "descriptor table"),  # 16-byte alignment
-    (0x10000, 0x20001, 0x30000, "available ring"),    # 2
-    (0x10000, 0x20000, 0x30002, "used ring"),         # 4
-])
+@pytest.mark.parametrize(
+    "desc,avail,used,what",
+    [
+        (0x10008, 0x20000, 0x30000, "descriptor table"),  # 16-byte alignment
+        (0x10000, 0x20001, 0x30000, "available ring"),  # 2
+        (0x10000, 0x20000, 0x30002, "used ring"),  # 4
+    ],
+)
 def test_misaligned_rings_are_refused(mem: GuestMemory, desc: int, avail: int, used: int, what: str) -> None:
     with pytest.raises(QueueConfigError, match=f"{what}.*aligned"):
         VirtQueue(mem, 16, desc, avail, used)
 
 
-@pytest.mark.parametrize("desc,avail,used", [
-    (HOLE, 0x20000, 0x30000),                  # in the hole between the RAM regions
-    (0x10000, 4 * MiB - 8, 0x30000),           # straddles the end of the first region
-    (0x10000, 0x20000, 9 * MiB - 16),          # runs off the end of RAM
-    (0x10000, 0x20000, (1 << 64) - 64),        # near the top of the address space
-])
+@pytest.mark.parametrize(
+    "desc,avail,used",
+    [
+        (HOLE, 0x20000, 0x30000),  # in the hole between the RAM regions
+        (0x10000, 4 * MiB - 8, 0x30000),  # straddles the end of the first region
+        (0x10000, 0x20000, 9 * MiB - 16),  # runs off the end of RAM
+        (0x10000, 0x20000, (1 << 64) - 64),  # near the top of the address space
+    ],
+)
 def test_rings_outside_guest_ram_are_refused(mem: GuestMemory, desc: int, avail: int, used: int) -> None:
     with pytest.raises(QueueConfigError, match="not inside guest RAM"):
         VirtQueue(mem, 16, desc, avail, used)
@@ -306,16 +312,19 @@ def test_avail_idx_too_far_ahead(mem: GuestMemory, ahead: int) -> None:
     corrupt(q, "ahead of the device")
 
 
-@pytest.mark.parametrize("setup,match", [
-    ("nested", "inside an indirect table"),
-    ("next", "NEXT set"),
-    ("len24", "whole number"),
-    ("len0", "whole number"),
-    ("addr8", "whole number"),
-    ("too_long", "longer than the queue size"),
-    ("outside", "outside guest RAM"),
-    ("overflow", "outside guest RAM"),
-])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        ("nested", "inside an indirect table"),
+        ("next", "NEXT set"),
+        ("len24", "whole number"),
+        ("len0", "whole number"),
+        ("addr8", "whole number"),
+        ("too_long", "longer than the queue size"),
+        ("outside", "outside guest RAM"),
+        ("overflow", "outside guest RAM"),
+    ],
+)
 def test_bad_indirect_tables(mem: GuestMemory, setup: str, match: str) -> None:
     q, drv = make(mem, indirect=True)
     table = drv.alloc.alloc(16 * 64, 16)
@@ -350,14 +359,18 @@ def test_indirect_without_the_feature(mem: GuestMemory) -> None:
     corrupt(q, "without VIRTIO_F_INDIRECT_DESC")
 
 
-@pytest.mark.parametrize("addr,length,match", [
-    (HOLE, 16, "outside guest RAM"),
-    (4 * MiB - 8, 16, "outside guest RAM"),           # straddles the end of a region
-    ((1 << 64) - 8, 16, "wraps past 2\\^64"),
-    ((1 << 64) - 1, 0xFFFF_FFFF, "wraps past 2\\^64"),
-])
-def test_buffers_outside_guest_ram_fault_the_chain_not_the_queue(mem: GuestMemory, addr: int, length: int,
-                                                                 match: str) -> None:
+@pytest.mark.parametrize(
+    "addr,length,match",
+    [
+        (HOLE, 16, "outside guest RAM"),
+        (4 * MiB - 8, 16, "outside guest RAM"),  # straddles the end of a region
+        ((1 << 64) - 8, 16, "wraps past 2\\^64"),
+        ((1 << 64) - 1, 0xFFFF_FFFF, "wraps past 2\\^64"),
+    ],
+)
+def test_buffers_outside_guest_ram_fault_the_chain_not_the_queue(
+    mem: GuestMemory, addr: int, length: int, match: str
+) -> None:
     q, drv = make(mem)
     status = drv.buffer(1)
     drv.add([(addr, length, False), (status, 1, True)])

@@ -15,8 +15,21 @@ from virtkit.devices.virtio.device import VirtioDevice
 from virtkit.devices.virtio.mmio import CONFIG_OFFSET, Reg, VirtioMmioTransport
 from virtkit.memory import GuestMemory
 
-__all__ = ["HOLE", "INDIRECT", "NEXT", "RAM", "WRITE", "Allocator", "FakeDriver", "FakeQueue", "Machine", "MiB",
-           "RecordingInterrupt", "Rig", "make_memory"]
+__all__ = [
+    "HOLE",
+    "INDIRECT",
+    "NEXT",
+    "RAM",
+    "WRITE",
+    "Allocator",
+    "FakeDriver",
+    "FakeQueue",
+    "Machine",
+    "MiB",
+    "RecordingInterrupt",
+    "Rig",
+    "make_memory",
+]
 
 S = spec.DeviceStatus
 
@@ -83,8 +96,15 @@ class FakeDriver:
         self.set_status(S.FEATURES_OK)
         return bool(self.status & S.FEATURES_OK)
 
-    def setup_queue(self, index: int, size: int | None = None, *, desc: int | None = None,
-                    avail: int | None = None, used: int | None = None) -> FakeQueue:
+    def setup_queue(
+        self,
+        index: int,
+        size: int | None = None,
+        *,
+        desc: int | None = None,
+        avail: int | None = None,
+        used: int | None = None,
+    ) -> FakeQueue:
         """§4.2.3.2: select, check, size, addresses, QueueReady."""
         self.wr(Reg.QUEUE_SEL, index)
         assert self.rd(Reg.QUEUE_READY) == 0
@@ -162,8 +182,9 @@ class Machine:
         assert self._next_slice <= 4 * MiB
         irq = RecordingInterrupt()
         transport = VirtioMmioTransport(device, self.mem, irq)
-        rig = Rig(device, transport, FakeDriver(transport, self.mem, Allocator(self.mem, start, start + slice_size)),
-                  irq)
+        rig = Rig(
+            device, transport, FakeDriver(transport, self.mem, Allocator(self.mem, start, start + slice_size)), irq
+        )
         self.rigs.append(rig)
         return rig
 

@@ -42,8 +42,9 @@ Buf = tuple[int, int, bool]  # (gpa, len, device-writable)
 class FakeQueue:
     """The driver's side of one split virtqueue (§2.7.13, §2.7.14)."""
 
-    def __init__(self, mem: GuestMemory, alloc: Allocator, index: int, size: int, desc: int, avail: int,
-                 used: int) -> None:
+    def __init__(
+        self, mem: GuestMemory, alloc: Allocator, index: int, size: int, desc: int, avail: int, used: int
+    ) -> None:
         self.mem, self.alloc, self.index, self.size = mem, alloc, index, size
         self.desc, self.avail, self.used = desc, avail, used
         self.free = list(range(size))
@@ -52,8 +53,9 @@ class FakeQueue:
         self.last_used = 0
 
     # --- raw ring access (for hostile tests) -------------------------------------------------------
-    def write_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, *,
-                   table: int | None = None) -> None:
+    def write_desc(
+        self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, *, table: int | None = None
+    ) -> None:
         base = self.desc if table is None else table
         self.mem.write(base + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
 
@@ -117,8 +119,9 @@ class FakeQueue:
             idxs = [self.free.pop(0) for _ in bufs]
             for n, (i, (gpa, length, writable)) in enumerate(zip(idxs, bufs, strict=True)):
                 last = n == len(bufs) - 1
-                self.write_desc(i, gpa, length, (WRITE if writable else 0) | (0 if last else NEXT),
-                                0 if last else idxs[n + 1])
+                self.write_desc(
+                    i, gpa, length, (WRITE if writable else 0) | (0 if last else NEXT), 0 if last else idxs[n + 1]
+                )
             head = idxs[0]
             self.chains[head] = idxs
         if publish:

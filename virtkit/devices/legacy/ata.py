@@ -84,8 +84,14 @@ class AtaController(StringPio, Persistent):
                 return self._status()
             if not self._present():
                 return 0
-            return {ERROR_FEATURES: self.error, SECTOR_COUNT: self.count, LBA_LOW: self.lba_low,
-                    LBA_MID: self.lba_mid, LBA_HIGH: self.lba_high, DEVICE: self.device}.get(offset, 0xFF)
+            return {
+                ERROR_FEATURES: self.error,
+                SECTOR_COUNT: self.count,
+                LBA_LOW: self.lba_low,
+                LBA_MID: self.lba_mid,
+                LBA_HIGH: self.lba_high,
+                DEVICE: self.device,
+            }.get(offset, 0xFF)
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
@@ -199,8 +205,14 @@ class AtaController(StringPio, Persistent):
             return
         if ext:
             count = (self.hob[0] << 8 | self.count) or 65536
-            lba = (self.hob[3] << 40 | self.hob[2] << 32 | self.hob[1] << 24 | self.lba_high << 16
-                   | self.lba_mid << 8 | self.lba_low)
+            lba = (
+                self.hob[3] << 40
+                | self.hob[2] << 32
+                | self.hob[1] << 24
+                | self.lba_high << 16
+                | self.lba_mid << 8
+                | self.lba_low
+            )
         else:
             count = self.count or 256
             lba = (self.device & 0x0F) << 24 | self.lba_high << 16 | self.lba_mid << 8 | self.lba_low
@@ -236,7 +248,7 @@ class AtaController(StringPio, Persistent):
         """Data-in: up to ``n`` bytes of the current buffer; refills between sectors."""
         if not self.status & ST_DRQ or self.writing:
             return b""
-        chunk = bytes(self.buffer[self.pos:self.pos + n])
+        chunk = bytes(self.buffer[self.pos : self.pos + n])
         self.pos += len(chunk)
         if self.pos >= len(self.buffer):
             if self.remaining > 0:
@@ -251,7 +263,7 @@ class AtaController(StringPio, Persistent):
             return 0
         assert self.disk is not None
         n = min(len(data), SECTOR_SIZE - self.pos)
-        self.buffer[self.pos:self.pos + n] = data[:n]
+        self.buffer[self.pos : self.pos + n] = data[:n]
         self.pos += n
         if self.pos == SECTOR_SIZE:
             try:
@@ -301,11 +313,22 @@ class AtaController(StringPio, Persistent):
     def save(self) -> AtaState:
         with self._lock:
             return self.state_type()(
-                features=self.features, count=self.count, lba_low=self.lba_low, lba_mid=self.lba_mid,
-                lba_high=self.lba_high, hob=(self.hob[0], self.hob[1], self.hob[2], self.hob[3]),
-                device=self.device, status=self.status, error=self.error, control=self.control,
-                buffer=bytes(self.buffer), pos=self.pos, remaining=self.remaining, lba=self.lba,
-                writing=self.writing)
+                features=self.features,
+                count=self.count,
+                lba_low=self.lba_low,
+                lba_mid=self.lba_mid,
+                lba_high=self.lba_high,
+                hob=(self.hob[0], self.hob[1], self.hob[2], self.hob[3]),
+                device=self.device,
+                status=self.status,
+                error=self.error,
+                control=self.control,
+                buffer=bytes(self.buffer),
+                pos=self.pos,
+                remaining=self.remaining,
+                lba=self.lba,
+                writing=self.writing,
+            )
 
     def restore(self, state: object) -> None:
         if not isinstance(state, self.state_type()):
@@ -320,8 +343,7 @@ class AtaController(StringPio, Persistent):
         if state.status & ST_DRQ and state.buffer:
             pending = state.remaining  # from state.lba on, the buffered sector included when writing
             if self.disk is None or not self.disk.contains(state.lba, pending):
-                raise DeviceError(f"ATA state: a transfer of {pending} sectors at LBA {state.lba} is "
-                                  "outside the disk")
+                raise DeviceError(f"ATA state: a transfer of {pending} sectors at LBA {state.lba} is outside the disk")
             if state.writing and self.disk.read_only:
                 raise DeviceError("ATA state: a write in progress to a read-only disk")
         with self._lock:

@@ -74,9 +74,14 @@ class CmosRtc(PioDevice, Persistent):
         binary = bool(self.nvram[REG_B] & 0x04)
         conv = (lambda v: v) if binary else _bcd
         table = {
-            REG_SECONDS: t.tm_sec, REG_MINUTES: t.tm_min, REG_HOURS: t.tm_hour,
-            REG_WEEKDAY: (t.tm_wday + 1) % 7 + 1, REG_DAY: t.tm_mday, REG_MONTH: t.tm_mon,
-            REG_YEAR: t.tm_year % 100, REG_CENTURY: t.tm_year // 100,
+            REG_SECONDS: t.tm_sec,
+            REG_MINUTES: t.tm_min,
+            REG_HOURS: t.tm_hour,
+            REG_WEEKDAY: (t.tm_wday + 1) % 7 + 1,
+            REG_DAY: t.tm_mday,
+            REG_MONTH: t.tm_mon,
+            REG_YEAR: t.tm_year % 100,
+            REG_CENTURY: t.tm_year // 100,
         }
         value = table.get(reg)
         return conv(value) if value is not None else self.nvram[reg]

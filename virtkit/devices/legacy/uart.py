@@ -122,8 +122,7 @@ class Uart16550(PioDevice, Persistent):
             if self.mcr & MCR_LOOP:
                 # loopback: DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD (PC16550D §8.6.3)
                 m = self.mcr
-                return ((m & MCR_DTR) << 5) | ((m & MCR_RTS) << 3) | ((m & MCR_OUT1) << 4) \
-                    | ((m & MCR_OUT2) << 4)
+                return ((m & MCR_DTR) << 5) | ((m & MCR_RTS) << 3) | ((m & MCR_OUT1) << 4) | ((m & MCR_OUT2) << 4)
             return self.msr
         return self.scr
 
@@ -192,8 +191,18 @@ class Uart16550(PioDevice, Persistent):
     def save(self) -> UartState:
         with self._lock:
             return self.state_type()(
-                ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=self.lsr, msr=self.msr, scr=self.scr,
-                dll=self.dll, dlm=self.dlm, fcr=self.fcr, thr_interrupt=self.thr_interrupt, rx=bytes(self._rx))
+                ier=self.ier,
+                lcr=self.lcr,
+                mcr=self.mcr,
+                lsr=self.lsr,
+                msr=self.msr,
+                scr=self.scr,
+                dll=self.dll,
+                dlm=self.dlm,
+                fcr=self.fcr,
+                thr_interrupt=self.thr_interrupt,
+                rx=bytes(self._rx),
+            )
 
     def restore(self, state: object) -> None:
         if not isinstance(state, self.state_type()) or len(state.rx) > RX_FIFO_LIMIT:

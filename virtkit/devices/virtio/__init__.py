@@ -23,6 +23,15 @@ from virtkit.devices.virtio.queue import DescriptorChain, VirtQueue
 from virtkit.devices.virtio.rng import RngDevice
 
 __all__ = [
-    "BlockDevice", "ConsoleDevice", "DescriptorChain", "Interrupt", "IrqFdInterrupt", "IrqLineInterrupt",
-    "NotifyRegistration", "RngDevice", "VirtQueue", "VirtioDevice", "VirtioMmioTransport",
+    "BlockDevice",
+    "ConsoleDevice",
+    "DescriptorChain",
+    "Interrupt",
+    "IrqFdInterrupt",
+    "IrqLineInterrupt",
+    "NotifyRegistration",
+    "RngDevice",
+    "VirtQueue",
+    "VirtioDevice",
+    "VirtioMmioTransport",
 ]

@@ -51,8 +51,14 @@ class ConsoleDevice(VirtioDevice):
 
     device_type = spec.DeviceType.CONSOLE
 
-    def __init__(self, output: Callable[[bytes], None], *, size: tuple[int, int] | None = None,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, input_limit: int = INPUT_LIMIT) -> None:
+    def __init__(
+        self,
+        output: Callable[[bytes], None],
+        *,
+        size: tuple[int, int] | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        input_limit: int = INPUT_LIMIT,
+    ) -> None:
         """``output`` receives what the guest writes; ``size`` is (columns, rows) if known."""
         super().__init__([queue_size, queue_size], F_EMERG_WRITE | (F_SIZE if size is not None else 0))
         self._output = output
@@ -137,7 +143,8 @@ class ConsoleDevice(VirtioDevice):
         if not isinstance(state, ConsoleState):
             raise DeviceError(f"saved console state is a {type(state).__name__}, not a console's")
         if len(state.input) > self.input_limit:
-            raise DeviceError(f"saved console input is {len(state.input)} bytes, more than the "
-                              f"{self.input_limit} this console holds")
+            raise DeviceError(
+                f"saved console input is {len(state.input)} bytes, more than the {self.input_limit} this console holds"
+            )
         self._size = (state.cols, state.rows)
         self._input = bytearray(state.input)

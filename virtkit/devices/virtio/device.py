@@ -82,8 +82,7 @@ class VirtioDevice(abc.ABC):
     def __init__(self, queue_sizes: Sequence[int], features: int = 0) -> None:
         for size in queue_sizes:
             if not 0 < size <= spec.MAX_QUEUE_SIZE or size & (size - 1):
-                raise DeviceError(f"virtqueue size {size} is not a power of two between 1 and "
-                                  f"{spec.MAX_QUEUE_SIZE}")
+                raise DeviceError(f"virtqueue size {size} is not a power of two between 1 and {spec.MAX_QUEUE_SIZE}")
         #: guards everything below; the transport takes it too, so vCPU threads (MMIO), I/O threads
         #: (ioeventfd) and host input threads never interleave inside one device
         self.lock = threading.RLock()
@@ -160,8 +159,14 @@ class VirtioDevice(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release host resources (files, ...)."""
 
-    def drain(self, index: int, queue: VirtQueue, handle: Callable[[DescriptorChain], int],
-              *, more: Callable[[], bool] | None = None) -> None:
+    def drain(
+        self,
+        index: int,
+        queue: VirtQueue,
+        handle: Callable[[DescriptorChain], int],
+        *,
+        more: Callable[[], bool] | None = None,
+    ) -> None:
         """Take chains off ``queue`` and give each to ``handle``, which returns the number of bytes it
         wrote into the chain's writable part. ``more`` (optional) says whether the device still has
         something to do (console input), so that buffers are not taken while there is no data."""
@@ -204,9 +209,13 @@ class VirtioDevice(abc.ABC):
         from virtkit.devices.virtio.persist import DeviceState
 
         with self.lock:
-            return DeviceState(type=int(self.device_type), acked_features=self.acked_features, active=self.active,
-                               queues=tuple(q.save() if q is not None else None for q in self.queues),
-                               specific=self.save_device())
+            return DeviceState(
+                type=int(self.device_type),
+                acked_features=self.acked_features,
+                active=self.active,
+                queues=tuple(q.save() if q is not None else None for q in self.queues),
+                specific=self.save_device(),
+            )
 
     def restore(self, state: DeviceState) -> None:
         """Load what :meth:`save` produced. Guest memory must already be restored and the device
@@ -217,19 +226,24 @@ class VirtioDevice(abc.ABC):
         if len(state.queues) != self.num_queues:
             raise DeviceError(f"saved {name} state has {len(state.queues)} queues, the device {self.num_queues}")
         if state.acked_features & ~self.offered_features:
-            raise DeviceError(f"saved {name} state acknowledges features {state.acked_features:#x} the device "
-                              f"does not offer ({self.offered_features:#x})")
+            raise DeviceError(
+                f"saved {name} state acknowledges features {state.acked_features:#x} the device "
+                f"does not offer ({self.offered_features:#x})"
+            )
         with self.lock:
             if self.memory is None:
                 raise DeviceError("restore a virtio device only after attaching it to its transport")
             restored: list[VirtQueue | None] = []
             for index, qstate in enumerate(state.queues):
                 if qstate is not None and qstate.max_size != self.queue_max_sizes[index]:
-                    raise DeviceError(f"saved {name} queue {index} was offered {qstate.max_size} entries, "
-                                      f"this device offers {self.queue_max_sizes[index]}")
+                    raise DeviceError(
+                        f"saved {name} queue {index} was offered {qstate.max_size} entries, "
+                        f"this device offers {self.queue_max_sizes[index]}"
+                    )
                 try:
-                    restored.append(None if qstate is None else
-                                    VirtQueue.from_state(self.memory, qstate, self.max_request_bytes))
+                    restored.append(
+                        None if qstate is None else VirtQueue.from_state(self.memory, qstate, self.max_request_bytes)
+                    )
                 except QueueConfigError as e:
                     raise DeviceError(f"saved {name} queue {index} is not usable: {e}") from None
             self.restore_device(state.specific)  # checks and raises before the queues change

@@ -99,9 +99,12 @@ class Reg(enum.IntEnum):
 
 
 _ADDRESS_REGS: Final = {
-    Reg.QUEUE_DESC_LOW: ("desc", 0), Reg.QUEUE_DESC_HIGH: ("desc", 32),
-    Reg.QUEUE_DRIVER_LOW: ("driver", 0), Reg.QUEUE_DRIVER_HIGH: ("driver", 32),
-    Reg.QUEUE_DEVICE_LOW: ("device", 0), Reg.QUEUE_DEVICE_HIGH: ("device", 32),
+    Reg.QUEUE_DESC_LOW: ("desc", 0),
+    Reg.QUEUE_DESC_HIGH: ("desc", 32),
+    Reg.QUEUE_DRIVER_LOW: ("driver", 0),
+    Reg.QUEUE_DRIVER_HIGH: ("driver", 32),
+    Reg.QUEUE_DEVICE_LOW: ("device", 0),
+    Reg.QUEUE_DEVICE_HIGH: ("device", 32),
 }
 
 
@@ -132,8 +135,9 @@ class _QueueRegs:
 class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
     """The register window of one virtio device; an MMIO bus device (``mmio_read``/``mmio_write``)."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Interrupt,
-                 *, vendor_id: int = VENDOR_ID) -> None:
+    def __init__(
+        self, device: VirtioDevice, memory: GuestMemory, interrupt: Interrupt, *, vendor_id: int = VENDOR_ID
+    ) -> None:
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
@@ -162,8 +166,10 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
     # --- the fast path and the machine -----------------------------------------------------------
     def notify_registrations(self, base: int) -> list[NotifyRegistration]:
         """The ioeventfds to register, one per queue, for a window at ``base``."""
-        return [NotifyRegistration(queue=i, addr=base + Reg.QUEUE_NOTIFY, length=4, datamatch=i)
-                for i in range(self.device.num_queues)]
+        return [
+            NotifyRegistration(queue=i, addr=base + Reg.QUEUE_NOTIFY, length=4, datamatch=i)
+            for i in range(self.device.num_queues)
+        ]
 
     def notify(self, queue_index: int) -> None:
         """An available buffer notification for ``queue_index`` (from QueueNotify or an ioeventfd).
@@ -201,8 +207,11 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
 
     def internal_error(self, error: BaseException) -> None:
         self.internal_errors += 1
-        log.error("virtio-%s: internal error", self.device.device_type.name.lower(),
-                  exc_info=(type(error), error, error.__traceback__))
+        log.error(
+            "virtio-%s: internal error",
+            self.device.device_type.name.lower(),
+            exc_info=(type(error), error, error.__traceback__),
+        )
         self.needs_reset(f"internal error: {error!r}")
 
     def _raise_interrupt(self, reason: spec.InterruptReason) -> None:
@@ -320,12 +329,17 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
     def _features_acceptable(self) -> bool:
         unoffered = self.driver_features & ~self.device.offered_features
         if unoffered or self.unknown_features_written:
-            log.info("virtio-%s: driver accepted features not offered: %s",
-                     self.device.device_type.name.lower(), spec.feature_bits(unoffered) or "beyond bit 127")
+            log.info(
+                "virtio-%s: driver accepted features not offered: %s",
+                self.device.device_type.name.lower(),
+                spec.feature_bits(unoffered) or "beyond bit 127",
+            )
             return False
         if not self.driver_features & spec.F_VERSION_1:
-            log.info("virtio-%s: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)",
-                     self.device.device_type.name.lower())
+            log.info(
+                "virtio-%s: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)",
+                self.device.device_type.name.lower(),
+            )
             return False
         return True
 
@@ -401,11 +415,17 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
             self.ignored_accesses += 1
             return
         try:
-            queue = VirtQueue(self.memory, q.num, q.desc, q.driver, q.device,
-                              event_idx=self.device.has_feature(spec.F_EVENT_IDX),
-                              indirect=self.device.has_feature(spec.F_INDIRECT_DESC),
-                              max_size=self.device.queue_max_sizes[index],
-                              max_chain_bytes=self.device.max_request_bytes)
+            queue = VirtQueue(
+                self.memory,
+                q.num,
+                q.desc,
+                q.driver,
+                q.device,
+                event_idx=self.device.has_feature(spec.F_EVENT_IDX),
+                indirect=self.device.has_feature(spec.F_INDIRECT_DESC),
+                max_size=self.device.queue_max_sizes[index],
+                max_chain_bytes=self.device.max_request_bytes,
+            )
         except QueueConfigError as e:
             self.needs_reset(f"queue {index}: {e}")
             return
@@ -420,7 +440,7 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
         if size not in (1, 2, 4, 8) or offset + size > len(config):
             self.ignored_accesses += 1
             return 0
-        return int.from_bytes(config[offset:offset + size], "little")
+        return int.from_bytes(config[offset : offset + size], "little")
 
     def _write_config(self, offset: int, size: int, value: int) -> None:
         if size not in (1, 2, 4, 8):
@@ -441,14 +461,22 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
 
         with self.lock:
             return self.state_type()(
-                status=self.status, device_features_sel=self.device_features_sel,
-                driver_features_sel=self.driver_features_sel, driver_features=self.driver_features,
-                unknown_features_written=self.unknown_features_written, queue_sel=self.queue_sel,
-                shm_sel=self.shm_sel, interrupt_status=self.interrupt_status,
-                config_generation=self.config_generation, needs_reset_reason=self.needs_reset_reason,
-                queues=tuple(QueueRegsState(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
-                             for q in self.queue_regs),
-                device=self.device.save())
+                status=self.status,
+                device_features_sel=self.device_features_sel,
+                driver_features_sel=self.driver_features_sel,
+                driver_features=self.driver_features,
+                unknown_features_written=self.unknown_features_written,
+                queue_sel=self.queue_sel,
+                shm_sel=self.shm_sel,
+                interrupt_status=self.interrupt_status,
+                config_generation=self.config_generation,
+                needs_reset_reason=self.needs_reset_reason,
+                queues=tuple(
+                    QueueRegsState(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
+                    for q in self.queue_regs
+                ),
+                device=self.device.save(),
+            )
 
     def restore(self, state: object) -> None:
         """Load what :meth:`save` produced, into a transport built with the same device
@@ -458,12 +486,15 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
         if not isinstance(state, self.state_type()):
             raise DeviceError("virtio-mmio state is not a TransportState")
         if len(state.queues) != len(self.queue_regs):
-            raise DeviceError(f"saved virtio-mmio state has {len(state.queues)} queues, the device "
-                              f"{len(self.queue_regs)}")
+            raise DeviceError(
+                f"saved virtio-mmio state has {len(state.queues)} queues, the device {len(self.queue_regs)}"
+            )
         for index, q in enumerate(state.queues):
             if q.num > self.device.queue_max_sizes[index]:
-                raise DeviceError(f"saved virtio-mmio queue {index} has {q.num} entries, more than the "
-                                  f"{self.device.queue_max_sizes[index]} the device offers")
+                raise DeviceError(
+                    f"saved virtio-mmio queue {index} has {q.num} entries, more than the "
+                    f"{self.device.queue_max_sizes[index]} the device offers"
+                )
         with self.lock:
             self.device.restore(state.device)  # raises before anything here changes
             self.status, self.device_features_sel = state.status, state.device_features_sel
@@ -472,8 +503,10 @@ class VirtioMmioTransport(MmioDevice, Persistent, QueueReplay):
             self.queue_sel, self.shm_sel = state.queue_sel, state.shm_sel
             self.interrupt_status, self.config_generation = state.interrupt_status, state.config_generation
             self.needs_reset_reason = state.needs_reset_reason
-            self.queue_regs = [_QueueRegs(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
-                               for q in state.queues]
+            self.queue_regs = [
+                _QueueRegs(num=q.num, desc=q.desc, driver=q.driver, device=q.device, ready=q.ready)
+                for q in state.queues
+            ]
             self.interrupt.set_level(bool(self.interrupt_status))
 
     def replay_notifications(self) -> None:

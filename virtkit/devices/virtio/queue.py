@@ -125,8 +125,9 @@ class DescriptorChain:
 
     __slots__ = ("memory", "head", "readable", "writable", "fault")
 
-    def __init__(self, memory: GuestMemory, head: int, readable: list[Buffer], writable: list[Buffer],
-                 fault: str | None = None) -> None:
+    def __init__(
+        self, memory: GuestMemory, head: int, readable: list[Buffer], writable: list[Buffer], fault: str | None = None
+    ) -> None:
         self.memory = memory
         self.head = head
         self.readable = readable
@@ -134,8 +135,10 @@ class DescriptorChain:
         self.fault = fault
 
     def __repr__(self) -> str:
-        return (f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable}, "
-                f"fault={self.fault!r})")
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable}, "
+            f"fault={self.fault!r})"
+        )
 
     @property
     def readable_len(self) -> int:
@@ -174,7 +177,7 @@ class DescriptorChain:
         """The readable part in copies of at most ``chunk`` bytes, for streaming to a host sink."""
         for view in self.readable_views():
             for start in range(0, len(view), chunk):
-                yield bytes(view[start:start + chunk])
+                yield bytes(view[start : start + chunk])
 
     # --- device-writable part ------------------------------------------------------------------
     def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
@@ -189,7 +192,7 @@ class DescriptorChain:
         Nothing is ever written into a device-readable buffer (§2.7.5.1)."""
         pos = 0
         for view in self.writable_views(offset, len(data)):
-            view[:] = data[pos:pos + len(view)]
+            view[:] = data[pos : pos + len(view)]
             pos += len(view)
         return pos
 
@@ -206,14 +209,18 @@ class DescriptorChain:
         return True
 
 
-def _check_config(memory: GuestMemory, size: int, max_size: int, desc_table: int, avail_ring: int,
-                  used_ring: int) -> None:
+def _check_config(
+    memory: GuestMemory, size: int, max_size: int, desc_table: int, avail_ring: int, used_ring: int
+) -> None:
     if not 0 < size <= min(max_size, spec.MAX_QUEUE_SIZE) or size & (size - 1):
-        raise QueueConfigError(f"queue size {size} is not a power of two between 1 and "
-                               f"{min(max_size, spec.MAX_QUEUE_SIZE)} (§2.7)")
-    parts = (("descriptor table", desc_table, spec.DESC_TABLE_ALIGN, spec.desc_table_size(size)),
-             ("available ring", avail_ring, spec.AVAIL_RING_ALIGN, spec.avail_ring_size(size)),
-             ("used ring", used_ring, spec.USED_RING_ALIGN, spec.used_ring_size(size)))
+        raise QueueConfigError(
+            f"queue size {size} is not a power of two between 1 and {min(max_size, spec.MAX_QUEUE_SIZE)} (§2.7)"
+        )
+    parts = (
+        ("descriptor table", desc_table, spec.DESC_TABLE_ALIGN, spec.desc_table_size(size)),
+        ("available ring", avail_ring, spec.AVAIL_RING_ALIGN, spec.avail_ring_size(size)),
+        ("used ring", used_ring, spec.USED_RING_ALIGN, spec.used_ring_size(size)),
+    )
     for name, gpa, align, length in parts:
         if gpa % align:
             raise QueueConfigError(f"{name} at {gpa:#x} is not {align}-byte aligned (§2.7)")
@@ -224,9 +231,19 @@ def _check_config(memory: GuestMemory, size: int, max_size: int, desc_table: int
 class VirtQueue:
     """The device's side of one split virtqueue (§2.7)."""
 
-    def __init__(self, memory: GuestMemory, size: int, desc_table: int, avail_ring: int, used_ring: int,
-                 *, event_idx: bool = False, indirect: bool = False,
-                 max_size: int = spec.MAX_QUEUE_SIZE, max_chain_bytes: int = spec.MAX_CHAIN_BYTES) -> None:
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_table: int,
+        avail_ring: int,
+        used_ring: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        max_size: int = spec.MAX_QUEUE_SIZE,
+        max_chain_bytes: int = spec.MAX_CHAIN_BYTES,
+    ) -> None:
         """Validate the configuration (QueueConfigError) and start with both indices at 0.
 
         ``event_idx`` and ``indirect`` are whether VIRTIO_F_EVENT_IDX and VIRTIO_F_INDIRECT_DESC
@@ -295,8 +312,9 @@ class VirtQueue:
             # The driver can only have Queue Size chains outstanding: anything else means avail.idx
             # was scribbled on (or moved backwards, §2.7.6.1), and the entries are not to be trusted.
             if pending > self.size:
-                raise self._corrupt(f"avail idx is {pending} entries ahead of the device, more than the "
-                                    f"queue size {self.size} (§2.7.6)")
+                raise self._corrupt(
+                    f"avail idx is {pending} entries ahead of the device, more than the queue size {self.size} (§2.7.6)"
+                )
             slot = self.next_avail % self.size
             head = self.memory.read_u16(self.avail_ring + 4 + 2 * slot)
             chain = self._walk(head)
@@ -320,15 +338,16 @@ class VirtQueue:
         # `next` loop into an error instead of an endless walk.
         budget = self.size
         while True:
-            addr, length, flags, nxt = _DESC.unpack(self.memory.read(table + spec.DESC_SIZE * index,
-                                                                     spec.DESC_SIZE))
+            addr, length, flags, nxt = _DESC.unpack(self.memory.read(table + spec.DESC_SIZE * index, spec.DESC_SIZE))
             if flags & spec.DescFlag.INDIRECT:
                 table, table_len = self._enter_indirect(addr, length, flags, in_indirect)
                 index, in_indirect = 0, True
                 continue
             if budget == 0:
-                raise self._corrupt(f"descriptor chain from head {head} is longer than the queue size "
-                                    f"{self.size} (a loop?) (§2.7.5.3.1)")
+                raise self._corrupt(
+                    f"descriptor chain from head {head} is longer than the queue size "
+                    f"{self.size} (a loop?) (§2.7.5.3.1)"
+                )
             budget -= 1
             if length:
                 problem = None
@@ -340,9 +359,12 @@ class VirtQueue:
                     problem = "a device-readable buffer follows a device-writable one (§2.7.4.2)"
                 total += length
                 if problem is None and total > self.max_chain_bytes:
-                    problem = (f"the chain describes more than {self.max_chain_bytes} bytes, the most this "
-                               "device takes in one request" if self.max_chain_bytes < spec.MAX_CHAIN_BYTES
-                               else "the chain describes more than 2^32 bytes (§2.7.5.2)")
+                    problem = (
+                        f"the chain describes more than {self.max_chain_bytes} bytes, the most this "
+                        "device takes in one request"
+                        if self.max_chain_bytes < spec.MAX_CHAIN_BYTES
+                        else "the chain describes more than 2^32 bytes (§2.7.5.2)"
+                    )
                 if problem is not None and fault is None:
                     fault = problem
                 (writable if flags & spec.DescFlag.WRITE else readable).append((addr, length))
@@ -362,12 +384,14 @@ class VirtQueue:
         if flags & spec.DescFlag.NEXT:
             raise self._corrupt("indirect descriptor with NEXT set (§2.7.5.3.1)")
         if length == 0 or length % spec.DESC_SIZE or addr % spec.DESC_TABLE_ALIGN:
-            raise self._corrupt(f"indirect table {addr:#x}+{length:#x} is not a whole number of "
-                                f"16-byte-aligned descriptors")
+            raise self._corrupt(
+                f"indirect table {addr:#x}+{length:#x} is not a whole number of 16-byte-aligned descriptors"
+            )
         entries = length // spec.DESC_SIZE
         if entries > self.size:
-            raise self._corrupt(f"indirect table of {entries} descriptors is longer than the queue size "
-                                f"{self.size} (§2.7.5.3.1)")
+            raise self._corrupt(
+                f"indirect table of {entries} descriptors is longer than the queue size {self.size} (§2.7.5.3.1)"
+            )
         if addr + length > _U64_LIMIT or not self.memory.contains(addr, length):
             raise self._corrupt(f"indirect table {addr:#x}+{length:#x} is outside guest RAM")
         return addr, entries
@@ -432,20 +456,38 @@ class VirtQueue:
         from virtkit.devices.virtio.persist import QueueState
 
         return QueueState(
-            size=self.size, max_size=self.max_size, desc_table=self.desc_table, avail_ring=self.avail_ring,
-            used_ring=self.used_ring, event_idx=self.event_idx, indirect=self.indirect,
-            next_avail=self.next_avail, next_used=self.next_used, last_signalled=self.last_signalled,
-            unsignalled=self.unsignalled, broken=self.broken)
+            size=self.size,
+            max_size=self.max_size,
+            desc_table=self.desc_table,
+            avail_ring=self.avail_ring,
+            used_ring=self.used_ring,
+            event_idx=self.event_idx,
+            indirect=self.indirect,
+            next_avail=self.next_avail,
+            next_used=self.next_used,
+            last_signalled=self.last_signalled,
+            unsignalled=self.unsignalled,
+            broken=self.broken,
+        )
 
     @classmethod
-    def from_state(cls, memory: GuestMemory, state: QueueState,
-                   max_chain_bytes: int = spec.MAX_CHAIN_BYTES) -> VirtQueue:
+    def from_state(
+        cls, memory: GuestMemory, state: QueueState, max_chain_bytes: int = spec.MAX_CHAIN_BYTES
+    ) -> VirtQueue:
         """Rebuild a queue saved by :meth:`save` (guest memory must already hold the rings).
         QueueConfigError if the saved configuration is not valid for this memory (the same checks
         as when the driver enables a queue). The request bound is the device's, not the record's."""
-        q = cls(memory, state.size, state.desc_table, state.avail_ring, state.used_ring,
-                event_idx=state.event_idx, indirect=state.indirect, max_size=state.max_size,
-                max_chain_bytes=max_chain_bytes)
+        q = cls(
+            memory,
+            state.size,
+            state.desc_table,
+            state.avail_ring,
+            state.used_ring,
+            event_idx=state.event_idx,
+            indirect=state.indirect,
+            max_size=state.max_size,
+            max_chain_bytes=max_chain_bytes,
+        )
         q.next_avail, q.next_used, q.last_signalled = state.next_avail, state.next_used, state.last_signalled
         q.unsignalled = state.unsignalled
         q.broken = state.broken

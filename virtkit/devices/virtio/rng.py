@@ -32,8 +32,13 @@ class RngDevice(VirtioDevice):
     #: any buffer size is fine: the device fills at most ``max_request`` bytes of it
     max_request_bytes = spec.MAX_CHAIN_BYTES
 
-    def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE, max_request: int = MAX_REQUEST,
-                 source: Callable[[int], bytes] = os.urandom) -> None:
+    def __init__(
+        self,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_request: int = MAX_REQUEST,
+        source: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         super().__init__([queue_size])
         self.max_request = max_request
         self._source = source

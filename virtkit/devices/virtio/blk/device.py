@@ -64,8 +64,14 @@ class BlockDevice(VirtioDevice):
 
     device_type = spec.DeviceType.BLOCK
 
-    def __init__(self, path: str | os.PathLike[str] | RawImage, *, read_only: bool = False,
-                 serial: str | None = None, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | RawImage,
+        *,
+        read_only: bool = False,
+        serial: str | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+    ) -> None:
         """``path`` is an image file to open, or an already open :class:`RawImage` shared with
         other front ends (the machine's block hypercalls): the device then does not own it, and
         ``read_only`` follows the image. ``serial`` is what VIRTIO_BLK_T_GET_ID returns
@@ -153,8 +159,9 @@ class BlockDevice(VirtioDevice):
             return None
         offset = sector * SECTOR_SIZE
         if offset + length > self.image.size:
-            self.request_failed(f"sectors {sector}+{length // SECTOR_SIZE} are past the end of the disk "
-                                f"({self.image.sectors} sectors)")
+            self.request_failed(
+                f"sectors {sector}+{length // SECTOR_SIZE} are past the end of the disk ({self.image.sectors} sectors)"
+            )
             return None
         return offset
 
@@ -205,8 +212,12 @@ class BlockDevice(VirtioDevice):
         # the image's contents are the image; what is saved lets restore check it is the same disk
         from virtkit.devices.virtio.persist import BlockState
 
-        return BlockState(path=str(self.image.path), sectors=self.image.sectors, read_only=self.read_only,
-                          serial=self.serial.decode("ascii"))
+        return BlockState(
+            path=str(self.image.path),
+            sectors=self.image.sectors,
+            read_only=self.read_only,
+            serial=self.serial.decode("ascii"),
+        )
 
     def restore_device(self, state: object) -> None:
         from virtkit.devices.virtio.persist import BlockState
@@ -214,5 +225,7 @@ class BlockDevice(VirtioDevice):
         if not isinstance(state, BlockState):
             raise DeviceError(f"saved virtio-blk state is a {type(state).__name__}, not a disk's")
         if state.sectors != self.image.sectors or state.read_only != self.read_only:
-            raise DeviceError(f"disk image {self.image.path} does not match the saved disk "
-                              f"({state.sectors} sectors, read_only={state.read_only})")
+            raise DeviceError(
+                f"disk image {self.image.path} does not match the saved disk "
+                f"({state.sectors} sectors, read_only={state.read_only})"
+            )
