@@ -125,7 +125,11 @@ def test_a_running_vmm_is_confined(vmdir: Path, guests: Path) -> None:
         assert launcher.stdout is not None
         pid = json.loads(launcher.stdout.readline())["pid"]
         deadline = time.monotonic() + 20
-        while _status(pid).get("Seccomp") != "2" and time.monotonic() < deadline:
+        # the filter goes on in the main thread first, the guest's threads start after it: wait for
+        # both (on a busy machine the threads may lag the filter by a while)
+        while (
+            _status(pid).get("Seccomp") != "2" or int(_status(pid).get("Threads", "0")) < 3
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         st = _status(pid)
         assert st["Seccomp"] == "2"  # filter mode
@@ -135,7 +139,10 @@ def test_a_running_vmm_is_confined(vmdir: Path, guests: Path) -> None:
         assert st["NSpid"].split()[-1] == "1"  # PID 1 of its own PID namespace
         for ns in ("mnt", "pid", "net", "ipc", "uts"):
             assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
-        assert int(st["Threads"]) >= 3  # vCPU, watchdog, control: threads were made after the filter
+        assert int(st["Threads"]) >= 3  # vCPU, watchdog, control
+        for task in os.listdir(f"/proc/{pid}/task"):  # each of them runs under the filter too
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                assert "Seccomp:\t2" in f.read(), task
     finally:
         launcher.send_signal(signal.SIGTERM)  # forwarded: the VMM stops its guest and exits
         assert launcher.wait(timeout=20) == STOPPED_STATUS
