@@ -191,3 +191,17 @@ def run_container(rt: Any) -> Callable[..., tuple[int, str]]:
             rt.delete(cid, force=True)
 
     return go
+
+
+@pytest.fixture
+def cli(rt: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """The virtkit CLI called in-process against ``rt``'s state root: (status, stderr)."""
+    from virtkit.cli import main
+
+    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")  # in-process: do not re-exec pytest
+
+    def call(*argv: str) -> tuple[int, str]:
+        status = main(["--root", rt.dirs.root, *argv])
+        return status, capsys.readouterr().err
+
+    return call

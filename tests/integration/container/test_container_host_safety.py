@@ -15,20 +15,7 @@ from typing import Any
 
 import pytest
 
-from virtkit.cli import main
-
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, cgroups")]
-
-
-@pytest.fixture
-def cli(rt: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
-    monkeypatch.setenv("VIRTKIT_UNSEALED", "1")  # in-process: do not re-exec pytest
-
-    def call(*argv: str) -> tuple[int, str]:
-        status = main(["--root", rt.dirs.root, *argv])
-        return status, capsys.readouterr().err
-
-    return call
 
 
 def _one_line_error(status: int, err: str, *needles: str) -> None:
