@@ -1,4 +1,4 @@
-"""Parsing of user-given sizes and counts, with errors that say what was wrong."""
+"""Parsing of user-given sizes, counts and durations, with errors that say what was wrong."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ def format_size(n: int) -> str:
             value = n / factor
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n} B"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``5s``, ``500ms``, ``2m``, ``1h`` or plain seconds, as seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"{what} {text!r} is not a duration: use e.g. 5s, 500ms, 2m")
+    value = float(m.group(1)) * _SECONDS[m.group(2)]
+    if value <= 0:
+        raise ConfigError(f"{what} must be positive, got {text!r}")
+    return value

@@ -33,11 +33,8 @@ LAYERS: list[set[str]] = [
 
 #: what is left to untangle (issue 10, sections 2 and 3), each an edge "importer -> imported".
 #: The test fails when one of these disappears, so the list only ever shrinks.
-KNOWN_UPWARD: set[str] = {
-    "virtkit.snapshot.supervisor -> virtkit.cli.failover",  # rebuilds `virtkit run` flags (§3)
-}
+KNOWN_UPWARD: set[str] = set()
 KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"virtkit.cli.failover", "virtkit.snapshot.supervisor"}),
     frozenset({"virtkit.service.api", "virtkit.service.daemon", "virtkit.service.metrics"}),
 }
 
@@ -158,6 +155,4 @@ def test_no_import_cycle_between_packages() -> None:
             if pa != pb and not pa.startswith(pb + ".") and not pb.startswith(pa + "."):
                 g[pa].add(pb)
     cycles = {frozenset(c) for c in strongly_connected(g)}
-    known = {frozenset({"virtkit.cli", "virtkit.migration", "virtkit.snapshot"})}
-    assert cycles - known == set()
-    assert known - cycles == set(), "fixed: remove it from the known package cycles"
+    assert cycles == set()

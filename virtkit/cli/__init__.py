@@ -5,8 +5,7 @@ handlers import the heavy parts of virtkit only when they run, so ``virtkit run`
 Errors derived from :class:`virtkit.errors.VirtkitError` are printed on one line and turned
 into a non-zero exit status; a traceback is never shown unless ``--debug`` is given.
 
-The top layer: may import anything in virtkit; nothing imports it (the restart supervisor,
-still in ``virtkit.snapshot``, is the one exception left, see tests/unit/test_layers.py).
+The top layer: may import anything in virtkit; nothing in virtkit imports it.
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from typing import Final
 
+from virtkit.cli.foreground import foreground
 from virtkit.errors import ConfigError, VirtkitError
 from virtkit.migration import keys
 from virtkit.migration.target import IncomingVM, listen, receive, write_port_file
@@ -60,12 +60,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-#: virtkit.cli.failover.foreground, handed in (that module registers this command: importing it
-#: back would be a cycle)
-Foreground = Callable[..., int]
-
-
-def run(args: argparse.Namespace, foreground: Foreground) -> int:
+def run(args: argparse.Namespace) -> int:
     key = keys.load(args.key_file)
     jailed = not args.no_jail
     if jailed and args.checkpoint_every is not None:
@@ -103,7 +98,7 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
             file=sys.stderr,
         )
         try:
-            return _receive_and_run(vm, listener, control, key, args, foreground, uid=None)
+            return _receive_and_run(vm, listener, control, key, args, uid=None)
         finally:
             if args.control:  # bound here; the control server removes it too, if it got that far
                 with contextlib.suppress(OSError):
@@ -130,7 +125,7 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
         ) from None
     if pid == 0:
         os.close(alive_w)
-        os._exit(_child(vm, listener, control, key, args, foreground, uid, alive_r))
+        os._exit(_child(vm, listener, control, key, args, uid, alive_r))
     # the parent: everything it opened now belongs to the child
     os.close(alive_r)  # alive_w stays open until this process ends, however it ends
     listener.close()
@@ -167,7 +162,6 @@ def _child(
     control: socket.socket | None,
     key: bytes,
     args: argparse.Namespace,
-    foreground: Foreground,
     uid: int,
     parent_alive: int,
 ) -> int:
@@ -190,7 +184,7 @@ def _child(
         # PID 1 gets only the signals it handles: without this, the parent's SIGTERM would be lost
         signal.signal(signal.SIGTERM, _terminate)
         os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which forwards it once
-        return _receive_and_run(vm, listener, control, key, args, foreground, uid=uid, parent_alive=parent_alive)
+        return _receive_and_run(vm, listener, control, key, args, uid=uid, parent_alive=parent_alive)
     except VirtkitError as e:
         print(f"virtkit: error: {e}", file=sys.stderr)
         return e.exit_status
@@ -225,7 +219,6 @@ def _receive_and_run(
     control: socket.socket | None,
     key: bytes,
     args: argparse.Namespace,
-    foreground: Foreground,
     *,
     uid: int | None,
     parent_alive: int = -1,

@@ -40,10 +40,12 @@ def run_vm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
     if args.cpus is not None or args.pids_limit is not None:
         raise ConfigError("--cpus and --pids-limit apply to --mode container; VMs take --vcpus and --memory")
-    from virtkit.cli.failover import foreground, supervise
-
     if args.restart != "no":
+        from virtkit.cli.supervisor import supervise
+
         return supervise(args)  # this process becomes the supervisor of a child VMM
+    from virtkit.cli.foreground import foreground
+
     vm = VM(
         args.target,
         memory=args.memory or "64M",

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--pids-limit", default=None, help="container mode: maximum number of processes")
     run.add_argument("--name", default=None, help="container mode: container id (default generated)")
     run.set_defaults(handler=cmd_run)
-    from virtkit.cli.failover import add_run_options
+    from virtkit.cli.foreground import add_run_options
 
     add_run_options(run)  # --control, --checkpoint-every, --restart on-failure
 
