@@ -314,7 +314,8 @@ def receive(
     if not key:
         raise MigrationError("receiving a migration needs the pre-shared key (--key-file FILE)")
     machine = vm.machine
-    assert machine is not None, "open() the IncomingVM first"
+    if machine is None:
+        raise MigrationError("open() the IncomingVM before receiving into it")
     name = "{}:{}".format(*listener.getsockname()[:2])
     listener.settimeout(accept_timeout)
     try:

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from virtkit.api import VM
 from virtkit.errors import KvmError
@@ -581,7 +581,7 @@ def clone(
     directory: str | os.PathLike[str],
     count: int,
     *,
-    serial: Sequence[str | IO[bytes] | None] | None = None,
+    serial: Sequence[str | BinaryIO | None] | None = None,
     start: bool = True,
     workdir: str | os.PathLike[str] | None = None,
     reflink: bool = True,
@@ -637,7 +637,7 @@ def clone(
                     raise SnapshotError(f"cannot make {name}'s disk overlay in {cdir}: {e.strerror or e}") from None
             identity = CloneIdentity(i, name, uuid.uuid4().bytes, cdir, tuple(cdisks))
             out = serial[i] if serial is not None else None
-            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap, serial=out, identity=identity)  # type: ignore[arg-type]
+            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap, serial=out, identity=identity)
             vms.append(vm)
             vm.start() if start else vm.open()
     except BaseException:
