@@ -48,6 +48,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--verify", action="store_true", help="read the whole memory file and check its checksums first")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="the VM's disk image, once per disk of the snapshot, in order (a snapshot's recorded "
+        "paths are never opened on its word; 'virtkit snapshot-info DIR' lists them)",
+    )
     add_runtime_options(p)
     p.set_defaults(handler=cmd_restore)
 
@@ -60,6 +68,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--count", "-n", type=int, required=True, help="how many clones")
+    p.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="base image of each disk the snapshot did not copy into DIR (read-only disks), once "
+        "per disk of the snapshot, in order; disks copied into DIR need none",
+    )
     p.add_argument(
         "--workdir",
         default=None,
@@ -220,9 +236,10 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from virtkit.api import parse_disk
     from virtkit.snapshot import RestoredVM
 
-    vm = RestoredVM(args.dir, serial=args.serial, verify=args.verify)
+    vm = RestoredVM(args.dir, serial=args.serial, verify=args.verify, disks=[parse_disk(d) for d in args.disk])
     with vm:
         for w in vm.warnings:
             print(f"virtkit: warning: {w}", file=sys.stderr)
@@ -242,7 +259,10 @@ def cmd_clone(args: argparse.Namespace) -> int:
         os.makedirs(args.serial_dir, exist_ok=True)
         serial = [os.path.join(args.serial_dir, f"clone-{i}.log") for i in range(args.count)]
     t0 = time.perf_counter()
-    vms = clone(args.dir, args.count, serial=serial, workdir=args.workdir)
+    from virtkit.api import parse_disk
+
+    disks = [parse_disk(d) for d in args.disk]
+    vms = clone(args.dir, args.count, serial=serial, workdir=args.workdir, disks=disks)
     started = time.perf_counter() - t0
     try:
         results = []

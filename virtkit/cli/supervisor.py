@@ -123,6 +123,7 @@ class Supervision:
     timeout: float | None
     control: str | None
     stats: bool
+    disks: tuple[str, ...]  # the run's --disk values: a restore names the same images
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Supervision:
@@ -139,6 +140,7 @@ class Supervision:
             timeout=args.timeout,
             control=args.control,
             stats=args.stats,
+            disks=tuple(args.disk),
         )
 
 
@@ -178,7 +180,8 @@ class Supervisor:
         return [sys.executable, "-m", "virtkit", "run", *self.spec.run_flags, *self._common()]
 
     def restore_command(self) -> list[str]:
-        return [sys.executable, "-m", "virtkit", "restore", self.dir, *self._common()]
+        disks = [token for d in self.spec.disks for token in ("--disk", d)]
+        return [sys.executable, "-m", "virtkit", "restore", self.dir, *disks, *self._common()]
 
     # --- running -----------------------------------------------------------------------------------
     def _forward(self, signum: int, frame: FrameType | None) -> None:

@@ -493,8 +493,14 @@ class RestoredVM(VM):
         serial: str | BinaryIO | None = None,
         verify: bool = False,
         identity: CloneIdentity | None = None,
+        disks: Sequence[DiskSpec] | None = None,
     ) -> None:
-        snap = snapshot if isinstance(snapshot, LoadedSnapshot) else load(snapshot)
+        """``disks``: the VM's disk images, one per disk of the snapshot (see :func:`attach_disks`);
+        a :class:`LoadedSnapshot` passed in is taken as its disks are (clone attached them)."""
+        if isinstance(snapshot, LoadedSnapshot):
+            snap = snapshot if disks is None else attach_disks(snapshot, disks)
+        else:
+            snap = attach_disks(load(snapshot), disks)
         c = snap.config
         super().__init__(
             snap.directory,
@@ -528,11 +534,17 @@ class RestoredVM(VM):
 
 
 def restore(
-    directory: str | os.PathLike[str], *, serial: str | BinaryIO | None = None, verify: bool = False, start: bool = True
+    directory: str | os.PathLike[str],
+    *,
+    serial: str | BinaryIO | None = None,
+    verify: bool = False,
+    start: bool = True,
+    disks: Sequence[DiskSpec] | None = None,
 ) -> RestoredVM:
     """Restore the snapshot in ``directory`` and (by default) resume it. Use the result like a
-    VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block)."""
-    vm = RestoredVM(directory, serial=serial, verify=verify)
+    VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block). ``disks``: its disk images,
+    named by the caller (:func:`attach_disks`)."""
+    vm = RestoredVM(directory, serial=serial, verify=verify, disks=disks)
     try:
         vm.start() if start else vm.open()
     except BaseException:
@@ -555,6 +567,44 @@ def _clone_snapshot(snap: LoadedSnapshot, disks: tuple[DiskSpec, ...]) -> Loaded
     return LoadedSnapshot(
         snap.directory, config, snap.memory, snap.image, snap.created, snap.host, snap.disk_sizes, snap.disk_copies
     )
+
+
+def attach_disks(snap: LoadedSnapshot, disks: Sequence[DiskSpec] | None, *, clone: bool = False) -> LoadedSnapshot:
+    """``snap`` with the disk images the caller named, in the snapshot's order.
+
+    A snapshot records the paths its VM's disks had, but a snapshot directory is input (it may
+    have been copied from another host, or written by someone else): its paths are never opened
+    on its word, or a crafted ``vm.state`` could attach ``/etc/shadow`` or a host block device to
+    a guest, read-write. So every disk is named by the caller (``--disk``), as migrate-receive
+    does, and must have the recorded size and the recorded read-only flag (a ``,ro`` the caller
+    adds to a writable disk is refused: the guest's state expects to write). For a clone, a disk
+    the snapshot copied into its own directory needs no name: that copy is the clone's base."""
+    recorded = tuple(snap.config.disks)
+    given = tuple(disks or ())
+    in_dir = [clone and i < len(snap.disk_copies) and snap.disk_copies[i] is not None for i in range(len(recorded))]
+    if not given:
+        missing = [i for i in range(len(recorded)) if not in_dir[i]]
+        if not missing:
+            return snap
+        listing = "; ".join(
+            f"disk {i}: {'read-only' if recorded[i].read_only else 'writable'}, "
+            f"{snap.disk_sizes[i] if i < len(snap.disk_sizes) else '?'} bytes, was {recorded[i].path!r}"
+            for i in missing
+        )
+        raise SnapshotError(
+            f"the snapshot has {len(recorded)} disk(s) ({listing}): name each image with --disk IMAGE, in "
+            "order (a snapshot's recorded paths are not opened on its word)"
+        )
+    if len(given) != len(recorded):
+        raise SnapshotError(
+            f"the snapshot has {len(recorded)} disk(s), {len(given)} given with --disk: name each, in order"
+        )
+    specs = []
+    for i, (want, spec) in enumerate(zip(recorded, given, strict=True)):
+        if spec.read_only and not want.read_only:
+            raise SnapshotError(f"disk {i} ({spec.path}) is writable in the snapshot: leave out ,ro")
+        specs.append(DiskSpec(spec.path, read_only=want.read_only))
+    return _clone_snapshot(snap, tuple(specs))
 
 
 def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
@@ -585,6 +635,7 @@ def clone(
     start: bool = True,
     workdir: str | os.PathLike[str] | None = None,
     reflink: bool = True,
+    disks: Sequence[DiskSpec] | None = None,
 ) -> list[RestoredVM]:
     """``count`` machines resumed from one snapshot. They share its memory file copy-on-write:
     each reads the common pages from the page cache and gets private copies of what it writes.
@@ -601,8 +652,8 @@ def clone(
         raise SnapshotError(f"clone count must be at least 1, got {count}")
     if serial is not None and len(serial) != count:
         raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
-    snap = load(directory)
-    specs: tuple[DiskSpec, ...] = tuple(getattr(snap.config, "disks", ()))
+    snap = attach_disks(load(directory), disks, clone=True)
+    specs: tuple[DiskSpec, ...] = tuple(snap.config.disks)
     bases = {i: _disk_base(snap, i, spec) for i, spec in enumerate(specs) if not spec.read_only}
     try:
         if workdir is None:

@@ -15,6 +15,7 @@ from virtkit import VM, snapshot
 from virtkit.snapshot import format
 from virtkit.snapshot.format import SnapshotError
 from virtkit.stop import StopReason
+from virtkit.vm import DiskSpec
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -199,7 +200,7 @@ def test_verify_finds_a_corrupted_memory_file(snap: tuple[Path, bytes]) -> None:
 
 def test_paravirtual_guest_resumes_mid_disk_io(guests: Path, tmp_path: Path) -> None:
     """A paravirtualized guest saved in the middle of its block hypercalls: the hypercall device's
-    state and the disk image (attached again by path) carry it to a correct end."""
+    state and the disk image (named again by the caller) carry it to a correct end."""
     kernel = guests / "parawork.elf"
     if not kernel.exists():
         pytest.skip(f"{kernel} is not built")
@@ -213,7 +214,7 @@ def test_paravirtual_guest_resumes_mid_disk_io(guests: Path, tmp_path: Path) -> 
         snapshot.save(vm, tmp_path / "snap", resume=False)
     finally:
         vm.close()
-    vm2 = snapshot.restore(tmp_path / "snap")
+    vm2 = snapshot.restore(tmp_path / "snap", disks=[DiskSpec(str(disk))])
     try:
         result = vm2.wait(60)
     finally:

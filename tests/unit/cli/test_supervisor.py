@@ -56,6 +56,13 @@ def test_boot_and_restore_commands_keep_the_vm_and_its_checkpointing(tmp_path: P
     assert restore[3:5] == ["restore", str(tmp_path)] and "--checkpoint-every" in restore
 
 
+def test_a_restart_names_the_runs_disks(tmp_path: Path) -> None:
+    """The snapshot's recorded disk paths are not trusted: the restore names the run's images."""
+    sup = _supervisor(tmp_path, "--disk", "a.img", "--disk", "b.img,ro")
+    restore = sup.restore_command()
+    assert " --disk a.img --disk b.img,ro " in " ".join(restore) + " "
+
+
 def test_default_period_and_bad_values(tmp_path: Path) -> None:
     assert _supervisor(tmp_path).period == "5s"
     with pytest.raises(ConfigError, match="not a duration"):

@@ -16,6 +16,8 @@ from virtkit.devices.disk import RawImage
 from virtkit.errors import DeviceError, VirtkitError
 from virtkit.snapshot import format, load, overlay, snapshot
 from virtkit.snapshot.format import SnapshotError
+from virtkit.snapshot.snapshot import LoadedSnapshot
+from virtkit.vm import DiskSpec
 
 MEMORY = 4 << 20  # as in conftest.make_document
 #: how long a call may take before it counts as hung (a deadline on a wait, not a timing claim)
@@ -199,3 +201,56 @@ def test_a_disk_image_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path,
 
 def test_every_error_above_is_a_virtkit_error() -> None:
     assert issubclass(SnapshotError, VirtkitError) and issubclass(DeviceError, VirtkitError)
+
+
+# --- disk paths recorded in the snapshot ---------------------------------------------------------
+def _with_disks(tmp_path: Path, document: dict[str, Any], *disks: dict[str, Any]) -> LoadedSnapshot:
+    document["machine"]["disks"] = list(disks)
+    write_state(tmp_path / "s", document)
+    return load(tmp_path / "s")
+
+
+def test_a_recorded_disk_path_is_never_attached_on_the_snapshots_word(tmp_path: Path, document: dict[str, Any]) -> None:
+    # a crafted vm.state naming a host file as the VM's writable disk: restore named it and opened
+    # it read-write for the guest; now the caller names every image and the refusal says which
+    snap = _with_disks(tmp_path, document, {"path": "/etc/shadow", "read_only": False, "size": 4096})
+    with pytest.raises(SnapshotError, match=r"1 disk\(s\) \(disk 0: writable, 4096 bytes, was '/etc/shadow'\).*--disk"):
+        snapshot.attach_disks(snap, None)
+    with pytest.raises(SnapshotError, match="--disk"):
+        snapshot.RestoredVM(tmp_path / "s")  # before any machine or file is opened
+    mine = tmp_path / "mine.img"
+    attached = snapshot.attach_disks(snap, [DiskSpec(str(mine))])
+    assert [(d.path, d.read_only) for d in attached.config.disks] == [(str(mine), False)]
+
+
+def test_the_caller_names_every_disk_with_the_recorded_flags(tmp_path: Path, document: dict[str, Any]) -> None:
+    snap = _with_disks(
+        tmp_path,
+        document,
+        {"path": "/a", "read_only": False, "size": 4096},
+        {"path": "/b", "read_only": True, "size": 4096},
+    )
+    with pytest.raises(SnapshotError, match="2 disk\\(s\\), 1 given"):
+        snapshot.attach_disks(snap, [DiskSpec("x")])
+    with pytest.raises(SnapshotError, match="disk 0 .* is writable in the snapshot"):
+        snapshot.attach_disks(snap, [DiskSpec("x", read_only=True), DiskSpec("y")])
+    attached = snapshot.attach_disks(snap, [DiskSpec("x"), DiskSpec("y")])
+    assert [(d.path, d.read_only) for d in attached.config.disks] == [("x", False), ("y", True)]
+
+
+def test_a_clone_needs_no_name_for_a_disk_the_snapshot_copied(tmp_path: Path, document: dict[str, Any]) -> None:
+    snap = _with_disks(
+        tmp_path,
+        document,
+        {"path": "/a", "read_only": False, "size": 4096, "copy": "disk0-x.img"},
+        {"path": "/etc/passwd", "read_only": True, "size": 4096},
+    )
+    with pytest.raises(SnapshotError, match="disk 1: read-only") as err:
+        snapshot.attach_disks(snap, None, clone=True)
+    assert "disk 0" not in str(err.value)  # copied into the directory: that copy is the base
+    only_copies = _with_disks(
+        tmp_path, document, {"path": "/a", "read_only": False, "size": 4096, "copy": "disk0-x.img"}
+    )
+    assert snapshot.attach_disks(only_copies, None, clone=True) is only_copies
+    with pytest.raises(SnapshotError, match="--disk"):
+        snapshot.attach_disks(only_copies, None)  # a restore resumes the VM on its own image
