@@ -38,7 +38,6 @@ KNOWN_UPWARD: set[str] = {
 }
 KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"virtkit.cli.failover", "virtkit.snapshot.supervisor"}),
-    frozenset({"virtkit.service.api", "virtkit.service.daemon", "virtkit.service.metrics"}),
 }
 
 
