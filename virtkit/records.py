@@ -208,6 +208,14 @@ def _record(cls: type, value: object, path: str, unknown: str) -> object:
     return cls(**kwargs)
 
 
+def _short_number(x: float) -> str:
+    """``x`` for a message: whole numbers in full up to 20 digits, the rest as ``%g``."""
+    if isinstance(x, int) or (x.is_integer() and abs(x) < 1e20):
+        text = str(int(x))
+        return text if len(text) <= 20 else f"{text[:3]}... ({len(text)} digits)"
+    return f"{x:g}"
+
+
 def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
     if not meta:
         return
@@ -215,9 +223,9 @@ def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
     max_len, min_len = meta.get("max_len"), meta.get("min_len")
     if isinstance(v, int | float) and not isinstance(v, bool):
         if lo is not None and v < lo:
-            raise UntrustedInput(f"{path} is {v}, less than {lo:g}")
+            raise UntrustedInput(f"{path} is {_short_number(v)}, less than {_short_number(lo)}")
         if hi is not None and v > hi:
-            raise UntrustedInput(f"{path} is {v}, more than {hi:g}")
+            raise UntrustedInput(f"{path} is {_short_number(v)}, more than {_short_number(hi)}")
     if isinstance(v, str | bytes | list | tuple | dict):
         if max_len is not None and len(v) > max_len:
             raise UntrustedInput(f"{path} is longer than {max_len}")
@@ -386,9 +394,12 @@ def _type_schema(tp: Any, bounds: Bounds | None) -> dict[str, Any]:
     if origin in (list, tuple):
         out = {"type": "array"}
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(set(args)) != 1:
-                raise TypeError(f"a tuple of mixed types {args!r} has no OpenAPI 3.0 schema")
-            out.update(items=_type_schema(args[0], None), minItems=len(args), maxItems=len(args))
+            items = []
+            for a in args:  # OpenAPI 3.0 has no per-position items: each is one of these
+                sub = _type_schema(a, None)
+                if sub not in items:
+                    items.append(sub)
+            out.update(items=items[0] if len(items) == 1 else {"anyOf": items}, minItems=len(args), maxItems=len(args))
         else:
             out["items"] = _type_schema(args[0], None) if args else {}
         out.update(_bounds_schema("array", bounds) if bounds else {})
