@@ -14,6 +14,9 @@ image's config. Two steps, each bounded before any work is done:
    ``Annotated[int, Bounds(lo=0, hi=255)]``, unknown fields refused (or ignored, where a peer may be newer) and
    missing ones filled from defaults or reported.
 
+And :func:`json_schema` states what :func:`parse` enforces as an OpenAPI 3.0 schema, so a document
+published for a record is that record's.
+
 The record is what flows inward; nothing past the edge sees a raw ``dict``.
 """
 
