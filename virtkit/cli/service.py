@@ -114,8 +114,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=cmd_vmm)
 
 
+#: the flag of `vm create` each field of the request comes from
+_FLAGS = {
+    "name": "NAME",
+    "kernel": "--kernel",
+    "memory_mib": "--memory (MiB)",
+    "vcpus": "--vcpus",
+    "cmdline": "--cmdline",
+    "cpu_weight": "--cpu-weight",
+    "cpu_quota_pct": "--cpu-quota",
+    "cpus": "--cpus",
+}
+
+
 def cmd_create(args: argparse.Namespace) -> int:
-    from virtkit.records import parse
+    from virtkit.errors import ConfigError
+    from virtkit.records import UntrustedInput, parse
     from virtkit.service.model import VmCreate
     from virtkit.units import parse_size
 
@@ -133,7 +147,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         "cpu_quota_pct": args.cpu_quota,
         "cpus": args.cpus or None,
     }
-    rec = _client(args).create(parse(VmCreate, body, what="the VM"))
+    try:
+        request = parse(VmCreate, body, what="create")
+    except UntrustedInput as e:  # "create.vcpus is 0, less than 1" -> "--vcpus is 0, less than 1"
+        field, _, rest = str(e).removeprefix("create.").partition(" ")
+        raise ConfigError(f"{_FLAGS.get(field, field)} {rest}") from None
+    rec = _client(args).create(request)
     print(f"{rec.name}: {rec.state}" + (f" (pid {rec.pid})" if rec.pid else ""))
     return 0
 

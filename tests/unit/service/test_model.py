@@ -401,3 +401,21 @@ def test_the_client_ignores_fields_a_newer_daemon_adds() -> None:
         t.join()
         os.unlink(path)
         os.rmdir(os.path.dirname(path))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--vcpus", "0"], "virtkit: error: --vcpus is 0, less than 1\n"),
+        (["--cpu-quota", "9999"], "virtkit: error: --cpu-quota is 9999, more than 6400\n"),
+        (["--cpus", "0;x"], "virtkit: error: --cpus '0;x' does not match"),
+    ],
+)
+def test_vm_create_refuses_a_bad_flag_before_it_calls_the_daemon(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virtkit.cli import main
+
+    monkeypatch.setenv("VIRTKITD_SOCKET", "/nonexistent/api.sock")  # were it called, the error would say so
+    assert main(["vm", "create", "x", "--kernel", "/k", *flags]) == 2
+    assert capsys.readouterr().err.startswith(message)
