@@ -62,7 +62,7 @@ class Service:
             [
                 sys.executable,
                 "-m",
-                "virtkit.service.daemon",
+                "virtkit.service",
                 "--state-dir",
                 f"{self.tmp}/state",
                 "--run-dir",

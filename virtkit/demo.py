@@ -310,7 +310,7 @@ def _service_section(console: Console, gdir: Path) -> int:
             [
                 sys.executable,
                 "-m",
-                "virtkit.service.daemon",
+                "virtkit.service",
                 "--state-dir",
                 os.path.join(tmp, "state"),
                 "--run-dir",

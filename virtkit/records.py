@@ -14,6 +14,9 @@ image's config. Two steps, each bounded before any work is done:
    ``Annotated[int, Bounds(lo=0, hi=255)]``, unknown fields refused (or ignored, where a peer may be newer) and
    missing ones filled from defaults or reported.
 
+And :func:`json_schema` states what :func:`parse` enforces as an OpenAPI 3.0 schema, so a document
+published for a record is that record's.
+
 The record is what flows inward; nothing past the edge sees a raw ``dict``.
 """
 
@@ -208,6 +211,14 @@ def _record(cls: type, value: object, path: str, unknown: str) -> object:
     return cls(**kwargs)
 
 
+def _short_number(x: float) -> str:
+    """``x`` for a message: whole numbers in full up to 20 digits, the rest as ``%g``."""
+    if isinstance(x, int) or (x.is_integer() and abs(x) < 1e20):
+        text = str(int(x))
+        return text if len(text) <= 20 else f"{text[:3]}... ({len(text)} digits)"
+    return f"{x:g}"
+
+
 def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
     if not meta:
         return
@@ -215,9 +226,9 @@ def _check_bounds(v: object, path: str, meta: Mapping[str, Any]) -> None:
     max_len, min_len = meta.get("max_len"), meta.get("min_len")
     if isinstance(v, int | float) and not isinstance(v, bool):
         if lo is not None and v < lo:
-            raise UntrustedInput(f"{path} is {v}, less than {lo:g}")
+            raise UntrustedInput(f"{path} is {_short_number(v)}, less than {_short_number(lo)}")
         if hi is not None and v > hi:
-            raise UntrustedInput(f"{path} is {v}, more than {hi:g}")
+            raise UntrustedInput(f"{path} is {_short_number(v)}, more than {_short_number(hi)}")
     if isinstance(v, str | bytes | list | tuple | dict):
         if max_len is not None and len(v) > max_len:
             raise UntrustedInput(f"{path} is longer than {max_len}")
@@ -307,18 +318,143 @@ def _value(tp: Any, v: object, path: str, meta: Mapping[str, Any], unknown: str)
     raise TypeError(f"records cannot hold a {tp!r} ({path})")
 
 
+def _plain(v: object) -> object:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_json(record: object) -> dict[str, Any]:
     """A record back as a JSON-ready dict (enums by value, tuples as lists)."""
+    return typing.cast(dict[str, Any], _plain(record))
 
-    def conv(v: object) -> object:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, enum.Enum):
-            return v.value
-        if isinstance(v, list | tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
 
-    return typing.cast(dict[str, Any], conv(record))
+# --- 3. record -> schema ---------------------------------------------------------------------------
+
+#: the key of a field's ``dataclasses.field(metadata=...)`` whose text becomes its schema description
+DESCRIPTION: Final = "description"
+
+
+def _anchored(pattern: str) -> str:
+    """``pattern`` as :func:`parse` applies it (a full match), written for a search (JSON Schema's
+    ``pattern`` is an unanchored ECMA-262 regular expression)."""
+    if pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern
+    return f"^(?:{pattern})$"
+
+
+def _bounds_schema(kind: str, b: Bounds) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if kind in ("integer", "number"):
+        if b.lo is not None:
+            out["minimum"] = int(b.lo) if kind == "integer" and float(b.lo).is_integer() else b.lo
+        if b.hi is not None:
+            out["maximum"] = int(b.hi) if kind == "integer" and float(b.hi).is_integer() else b.hi
+    sizes = {"string": "Length", "array": "Items", "object": "Properties"}.get(kind)
+    if sizes is not None:
+        if b.min_len is not None:
+            out[f"min{sizes}"] = b.min_len
+        if b.max_len is not None:
+            out[f"max{sizes}"] = b.max_len
+    if kind == "string" and b.pattern is not None:
+        out["pattern"] = _anchored(b.pattern)
+    return out
+
+
+def _literal_kind(values: tuple[object, ...]) -> str:
+    kinds = {_json_kind(v) if not isinstance(v, int) or isinstance(v, bool) else "integer" for v in values}
+    if len(kinds) != 1:
+        raise TypeError(f"a Literal of mixed types {values!r} has no single schema type")
+    kind = kinds.pop()
+    return "boolean" if kind == "boolean" else kind
+
+
+def _type_schema(tp: Any, bounds: Bounds | None) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        found = [a for a in tp.__metadata__ if isinstance(a, Bounds)]
+        return _type_schema(args[0], found[0] if found else bounds)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"a union of {options!r} has no OpenAPI 3.0 schema here")
+        out = _type_schema(options[0], bounds)
+        if type(None) in args:
+            out["nullable"] = True
+        return out
+    if origin is Literal:
+        return {"type": _literal_kind(args), "enum": list(args)}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = tuple(m.value for m in tp)
+        return {"type": _literal_kind(values), "enum": list(values)}
+    if origin in (list, tuple):
+        out = {"type": "array"}
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            items = []
+            for a in args:  # OpenAPI 3.0 has no per-position items: each is one of these
+                sub = _type_schema(a, None)
+                if sub not in items:
+                    items.append(sub)
+            out.update(items=items[0] if len(items) == 1 else {"anyOf": items}, minItems=len(args), maxItems=len(args))
+        else:
+            out["items"] = _type_schema(args[0], None) if args else {}
+        out.update(_bounds_schema("array", bounds) if bounds else {})
+        return out
+    if origin is dict:
+        out = {"type": "object", "additionalProperties": _type_schema(args[1], None) if len(args) == 2 else {}}
+        out.update(_bounds_schema("object", bounds) if bounds else {})
+        return out
+    if tp is Any or tp is object:
+        return {}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return json_schema(tp)
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp)
+    if kind is None:
+        raise TypeError(f"records of {tp!r} have no JSON schema")
+    out = {"type": kind}
+    out.update(_bounds_schema(kind, bounds) if bounds else {})
+    return out
+
+
+def _default(f: dataclasses.Field[Any]) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def json_schema(cls: type, *, unknown: Literal["reject", "ignore"] = "reject") -> dict[str, Any]:
+    """The OpenAPI 3.0 schema (a subset of JSON Schema) of what :func:`parse` accepts as a ``cls``
+    record: types, bounds, enums, ``nullable`` for ``X | None``, defaults, the fields without a
+    default as ``required``, and (``unknown="reject"``) ``additionalProperties: false``. A field's
+    ``metadata={"description": ...}`` becomes its description."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = _hints(cls)
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):
+        prop = _type_schema(hints[f.name], None)
+        default = _default(f)
+        if default is dataclasses.MISSING:
+            required.append(f.name)
+        elif default is not None or prop.get("nullable"):
+            prop["default"] = _plain(default)
+        if f.metadata.get(DESCRIPTION):
+            prop["description"] = f.metadata[DESCRIPTION]
+        props[f.name] = prop
+    out: dict[str, Any] = {"type": "object"}
+    if required:
+        out["required"] = required
+    out["properties"] = props
+    if unknown == "reject":
+        out["additionalProperties"] = False
+    return out

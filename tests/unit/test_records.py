@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import pytest
@@ -155,3 +155,114 @@ def test_any_bytes_give_a_value_or_untrusted_input(data: bytes) -> None:
 def test_any_json_value_gives_a_record_or_untrusted_input(value: object) -> None:
     with contextlib.suppress(UntrustedInput):
         parse(Outer, value, what="fuzz")
+
+
+# --- json_schema: the schema of what parse accepts -------------------------------------------------
+
+
+def test_the_schema_of_a_record_states_what_parse_enforces() -> None:
+    from virtkit.records import json_schema
+
+    schema = json_schema(Outer)
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    assert schema["required"] == ["name", "count"]
+    props = schema["properties"]
+    assert props["name"] == {"type": "string", "maxLength": 8, "pattern": "^(?:[a-z]+)$"}
+    assert props["count"] == {"type": "integer", "minimum": 0, "maximum": 10}
+    assert props["ratio"] == {"type": "number", "default": 1.0}
+    assert props["color"] == {"type": "string", "enum": ["red", "blue"], "default": "red"}
+    assert props["mode"] == {"type": "string", "enum": ["full", "para"], "default": "full"}
+    assert props["note"] == {"type": "string", "nullable": True, "default": None}
+    assert props["regions"]["items"] == {
+        "type": "object",
+        "required": ["gpa", "size"],
+        "properties": {
+            "gpa": {"type": "integer", "minimum": 0, "maximum": 0xFFFF_FFFF_FFFF_FFFF},
+            "size": {"type": "integer", "minimum": 1},
+        },
+        "additionalProperties": False,
+    }
+    assert props["regions"]["default"] == []
+    assert props["tags"] == {
+        "type": "object",
+        "additionalProperties": {"type": "integer"},
+        "nullable": True,
+        "default": None,
+    }
+    assert json_schema(Inner, unknown="ignore").get("additionalProperties") is None
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    size: Annotated[list[int], Bounds(min_len=1, max_len=3)] = field(metadata={"description": "one to three"})
+    triple: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def test_descriptions_array_bounds_and_fixed_tuples_reach_the_schema() -> None:
+    from virtkit.records import json_schema
+
+    props = json_schema(Described)["properties"]
+    assert props["size"] == {
+        "type": "array",
+        "items": {"type": "integer"},
+        "minItems": 1,
+        "maxItems": 3,
+        "description": "one to three",
+    }
+    assert props["triple"] == {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": 3,
+        "maxItems": 3,
+        "default": [0.0, 0.0, 0.0],
+    }
+    with pytest.raises(UntrustedInput, match="shorter than 1"):
+        parse(Described, {"size": []}, what="d")
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "count", "ratio", "mode", "extra"]), st.integers(-3, 12) | st.text(max_size=3)
+    )
+)
+def test_parse_accepts_exactly_what_the_schema_describes(value: dict[str, object]) -> None:
+    """A small JSON Schema check of the generated schema against parse, on generated objects."""
+    import re
+
+    from virtkit.records import json_schema
+
+    schema = json_schema(Outer)
+
+    def fits(v: object, s: dict[str, object]) -> bool:
+        kind = s.get("type")
+        if v is None:
+            return bool(s.get("nullable"))
+        if kind == "integer" and not (isinstance(v, int) and not isinstance(v, bool)):
+            return False
+        if kind == "number" and not (isinstance(v, int | float) and not isinstance(v, bool)):
+            return False
+        if kind == "string" and not isinstance(v, str):
+            return False
+        if "enum" in s and v not in s["enum"]:  # type: ignore[operator]
+            return False
+        if isinstance(v, int) and ("minimum" in s and v < s["minimum"] or "maximum" in s and v > s["maximum"]):  # type: ignore[operator]
+            return False
+        if isinstance(v, str):
+            if "maxLength" in s and len(v) > s["maxLength"]:  # type: ignore[operator]
+                return False
+            if "pattern" in s and not re.search(str(s["pattern"]), v):
+                return False
+        return True
+
+    props: dict[str, dict[str, object]] = schema["properties"]
+    expected = (
+        all(k in value for k in schema["required"])
+        and all(k in props for k in value)
+        and all(fits(v, props[k]) for k, v in value.items() if k in props)
+    )
+    try:
+        parse(Outer, value, what="x")
+        accepted = True
+    except UntrustedInput:
+        accepted = False
+    assert accepted == expected, value

@@ -1,7 +1,10 @@
 """Commands that talk to virtkitd: ``vm create|list|start|stop|kill|delete|console|stats|logs``,
 ``host``, ``top``; and ``vmm``, the one-VM process virtkitd starts (also usable by hand).
 
-The socket is ``--socket``, else $VIRTKITD_SOCKET, else /run/virtkitd/api.sock.
+The socket is ``--socket``, else $VIRTKITD_SOCKET, else /run/virtkitd/api.sock. What the user
+types is parsed into the API's records here (``vm create`` builds a
+:class:`~virtkit.service.model.VmCreate`, so a bad value is refused before anything is sent), and
+the daemon's answers come back as records (:class:`~virtkit.service.client.Client`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from virtkit.service.client import Client
+    from virtkit.service.model import VmDefinition, VmStats
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> Client:
     from virtkit.service.client import Client
 
     return Client(getattr(args, "socket", None))
@@ -107,7 +114,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=cmd_vmm)
 
 
+#: the flag of `vm create` each field of the request comes from
+_FLAGS = {
+    "name": "NAME",
+    "kernel": "--kernel",
+    "memory_mib": "--memory (MiB)",
+    "vcpus": "--vcpus",
+    "cmdline": "--cmdline",
+    "cpu_weight": "--cpu-weight",
+    "cpu_quota_pct": "--cpu-quota",
+    "cpus": "--cpus",
+}
+
+
 def cmd_create(args: argparse.Namespace) -> int:
+    from virtkit.errors import ConfigError
+    from virtkit.records import UntrustedInput, parse
+    from virtkit.service.model import VmCreate
     from virtkit.units import parse_size
 
     memory = parse_size(args.memory, what="--memory", default_unit="M")
@@ -121,13 +144,16 @@ def cmd_create(args: argparse.Namespace) -> int:
         "cpu_weight": args.cpu_weight,
         "restart": args.restart,
         "start": args.start,
+        "cpu_quota_pct": args.cpu_quota,
+        "cpus": args.cpus or None,
     }
-    if args.cpu_quota is not None:
-        body["cpu_quota_pct"] = args.cpu_quota
-    if args.cpus:
-        body["cpus"] = args.cpus
-    rec = _client(args).call("POST", "/v1/vms", body)
-    print(f"{rec['name']}: {rec['state']}" + (f" (pid {rec['pid']})" if rec.get("pid") else ""))
+    try:
+        request = parse(VmCreate, body, what="create")
+    except UntrustedInput as e:  # "create.vcpus is 0, less than 1" -> "--vcpus is 0, less than 1"
+        field, _, rest = str(e).removeprefix("create.").partition(" ")
+        raise ConfigError(f"{_FLAGS.get(field, field)} {rest}") from None
+    rec = _client(args).create(request)
+    print(f"{rec.name}: {rec.state}" + (f" (pid {rec.pid})" if rec.pid else ""))
     return 0
 
 
@@ -138,35 +164,36 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     )
 
 
-def _limits(d: dict[str, Any]) -> str:
-    parts = [f"w{d['cpu_weight']}"]
-    if d.get("cpu_quota_pct"):
-        parts.append(f"{d['cpu_quota_pct']}%")
-    if d.get("cpus"):
-        parts.append(f"cpus {d['cpus']}")
+def _limits(d: VmDefinition) -> str:
+    parts = [f"w{d.cpu_weight}"]
+    if d.cpu_quota_pct:
+        parts.append(f"{d.cpu_quota_pct}%")
+    if d.cpus:
+        parts.append(f"cpus {d.cpus}")
     return " ".join(parts)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    vms = _client(args).call("GET", "/v1/vms")
+    from virtkit.records import to_json
+
+    vms = _client(args).vms()
     if args.json:
-        print(json.dumps(vms, indent=2))
+        print(json.dumps([to_json(v) for v in vms], indent=2))
         return 0
     rows = []
     for v in vms:
-        d = v["definition"]
-        last = v.get("last_exit") or {}
+        d = v.definition
         rows.append(
             [
-                v["name"],
-                v["state"],
-                str(v["pid"] or ""),
-                str(d["vcpus"]),
-                f"{d['memory_mib']}M",
+                v.name,
+                v.state,
+                str(v.pid or ""),
+                str(d.vcpus),
+                f"{d.memory_mib}M",
                 _limits(d),
-                d["restart"],
-                os.path.basename(d["kernel"]),
-                (last.get("reason") or "") if v["state"] != "running" else "",
+                d.restart,
+                os.path.basename(d.kernel),
+                v.last_exit.reason if v.last_exit and v.state != "running" else "",
             ]
         )
     print(_table(rows, ["NAME", "STATE", "PID", "VCPUS", "MEMORY", "CPU", "RESTART", "KERNEL", "LAST EXIT"]))
@@ -176,53 +203,49 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_action(args: argparse.Namespace) -> int:
     c = _client(args)
     for name in args.names:
-        rec = c.call("POST", c.vm_url(name, args.action))
-        print(
-            f"{name}: {rec['state']}"
-            + (f" ({rec['last_exit']['reason']})" if rec["state"] != "running" and rec.get("last_exit") else "")
-        )
+        rec = c.action(name, args.action)
+        ended = f" ({rec.last_exit.reason})" if rec.state != "running" and rec.last_exit else ""
+        print(f"{name}: {rec.state}{ended}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     c = _client(args)
     for name in args.names:
-        c.call("DELETE", c.vm_url(name) + ("?force=true" if args.force else ""))
+        c.delete(name, force=args.force)
         print(f"{name}: deleted")
     return 0
 
 
-def format_stats(st: dict[str, Any]) -> str:
+def format_stats(st: VmStats) -> str:
     from virtkit.units import format_size
 
-    lines = [f"{st['name']}: {st['state']}" + (f", VMM pid {st['pid']}" if st.get("pid") else "")]
-    if "cpu_seconds" in st:
-        lines.append(f"  CPU time        {st['cpu_seconds']:.3f} s (throttled {st.get('throttled_seconds', 0):.3f} s)")
-    if "rss_bytes" in st:
+    lines = [f"{st.name}: {st.state}" + (f", VMM pid {st.pid}" if st.pid else "")]
+    if st.cpu_seconds is not None:
+        lines.append(f"  CPU time        {st.cpu_seconds:.3f} s (throttled {st.throttled_seconds or 0:.3f} s)")
+    if st.rss_bytes is not None:
         lines.append(
-            f"  memory          guest {format_size(st['memory_bytes'])}; "
-            f"VMM RSS {format_size(st['rss_bytes'])}; cgroup {format_size(st.get('memory_cgroup_bytes', 0))}"
+            f"  memory          guest {format_size(st.memory_bytes)}; "
+            f"VMM RSS {format_size(st.rss_bytes)}; cgroup {format_size(st.memory_cgroup_bytes or 0)}"
         )
-    vmm = st.get("vmm") or {}
-    if vmm:
-        exits = ", ".join(f"{k} {v:,}" for k, v in sorted(vmm.get("exits", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(
-            f"  exits           {vmm.get('total_exits', 0):,} ({exits or 'none'}); "
-            f"{vmm.get('exits_per_second', 0):,.0f}/s"
-        )
-        dev = ", ".join(f"{k} {v:,}" for k, v in sorted(vmm.get("device_exits", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"  device I/O      {dev or 'none'}; serial out {vmm.get('serial_bytes', 0):,} bytes")
-        if vmm.get("first_output_s") is not None:
-            lines.append(
-                f"  first output    {vmm['first_output_s'] * 1e3:.1f} ms after start; up {vmm.get('uptime_s', 0):.1f} s"
-            )
+    vmm = st.vmm
+    if vmm is not None:
+        exits = ", ".join(f"{k} {v:,}" for k, v in sorted((vmm.exits or {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"  exits           {vmm.total_exits:,} ({exits or 'none'}); {vmm.exits_per_second:,.0f}/s")
+        dev = ", ".join(f"{k} {v:,}" for k, v in sorted((vmm.device_exits or {}).items(), key=lambda kv: -kv[1]))
+        lines.append(f"  device I/O      {dev or 'none'}; serial out {vmm.serial_bytes:,} bytes")
+        if vmm.first_output_s is not None:
+            lines.append(f"  first output    {vmm.first_output_s * 1e3:.1f} ms after start; up {vmm.uptime_s:.1f} s")
+    elif st.vmm_error:
+        lines.append(f"  VMM             {st.vmm_error}")
     return "\n".join(lines)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    c = _client(args)
-    st = c.call("GET", c.vm_url(args.name, "stats"))
-    print(json.dumps(st, indent=2) if args.json else format_stats(st))
+    from virtkit.records import to_json
+
+    st = _client(args).stats(args.name)
+    print(json.dumps(to_json(st), indent=2) if args.json else format_stats(st))
     return 0
 
 
@@ -230,13 +253,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     c = _client(args)
     offset = 0
     while True:
-        out = c.call("GET", c.vm_url(args.name, "logs") + f"?offset={offset}")
-        sys.stdout.write(out["data"])
+        out = c.logs(args.name, offset)
+        sys.stdout.write(out.data)
         sys.stdout.flush()
-        offset = out["next"]
+        offset = out.next
         if not args.follow:
             return 0
-        if not out["data"]:
+        if not out.data:
             time.sleep(0.2)
 
 
@@ -244,17 +267,17 @@ def cmd_console(args: argparse.Namespace) -> int:
     import threading
 
     c = _client(args)
-    rec = c.call("GET", c.vm_url(args.name))
-    if rec["state"] != "running":
+    rec = c.vm(args.name)
+    if rec.state != "running":
         from virtkit.errors import VirtkitError
 
-        raise VirtkitError(f"{args.name} is {rec['state']}: start it first (`virtkit vm start {args.name}`)")
+        raise VirtkitError(f"{args.name} is {rec.state}: start it first (`virtkit vm start {args.name}`)")
     print(f"[attached to {args.name}; lines you type go to the guest; Ctrl-C detaches]", file=sys.stderr)
 
     def pump_input() -> None:
         for line in sys.stdin:
             try:
-                c.call("POST", c.vm_url(args.name, "console"), {"data": line})
+                c.console(args.name, line)
             except Exception:  # noqa: BLE001 - the VM ended: the output loop notices
                 return
 
@@ -262,12 +285,12 @@ def cmd_console(args: argparse.Namespace) -> int:
     offset = 0
     try:
         while True:
-            out = c.call("GET", c.vm_url(args.name, "logs") + f"?offset={offset}")
-            sys.stdout.write(out["data"])
+            out = c.logs(args.name, offset)
+            sys.stdout.write(out.data)
             sys.stdout.flush()
-            offset = out["next"]
-            if not out["data"]:
-                if c.call("GET", c.vm_url(args.name))["state"] not in ("running", "starting", "restarting"):
+            offset = out.next
+            if not out.data:
+                if c.vm(args.name).state not in ("running", "starting", "restarting"):
                     print(f"\n[{args.name} is no longer running]", file=sys.stderr)
                     return 0
                 time.sleep(0.2)
@@ -277,33 +300,32 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    c = _client(args)
-    for e in c.call("GET", c.vm_url(args.name, "events")):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
-        print(f"{stamp}  {e['kind']:<18} {e['detail'][:200]}")
+    for e in _client(args).events(args.name):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ts))
+        print(f"{stamp}  {e.kind:<18} {e.detail[:200]}")
     return 0
 
 
 def cmd_host(args: argparse.Namespace) -> int:
+    from virtkit.records import to_json
     from virtkit.units import format_size
 
-    h = _client(args).call("GET", "/v1/host")
+    h = _client(args).host()
     if args.json:
-        print(json.dumps(h, indent=2))
+        print(json.dumps(to_json(h), indent=2))
         return 0
-    print(f"cores      {h['cores']} (overcommit {h['overcommit']:g}: up to {h['vcpu_capacity']} vCPUs)")
+    print(f"cores      {h.cores} (overcommit {h.overcommit:g}: up to {h.vcpu_capacity} vCPUs)")
     print(
-        f"vCPUs      {h['vcpus_used']} of {h['vcpu_capacity']} in use "
-        f"({100 * h['vcpus_used'] / max(h['vcpu_capacity'], 1):.0f}%)"
+        f"vCPUs      {h.vcpus_used} of {h.vcpu_capacity} in use ({100 * h.vcpus_used / max(h.vcpu_capacity, 1):.0f}%)"
     )
     print(
-        f"memory     {format_size(h['memory_used'])} of {format_size(h['memory_capacity'])} for VMs in use "
-        f"({100 * h['memory_used'] / max(h['memory_capacity'], 1):.0f}%); {format_size(h['memory_free'])} free; "
-        f"{format_size(h['memory_reserved_for_host'])} kept for the host"
+        f"memory     {format_size(h.memory_used)} of {format_size(h.memory_capacity)} for VMs in use "
+        f"({100 * h.memory_used / max(h.memory_capacity, 1):.0f}%); {format_size(h.memory_free)} free; "
+        f"{format_size(h.memory_reserved_for_host)} kept for the host"
     )
-    print(f"load       {' '.join(f'{x:.2f}' for x in h['load_average'])}")
-    print(f"cgroups    {h['cgroups']}")
-    print(f"VMs        {', '.join(f'{n} {k}' for k, n in sorted(h['vms'].items())) or 'none'}")
+    print(f"load       {' '.join(f'{x:.2f}' for x in h.load_average)}")
+    print(f"cgroups    {h.cgroups}")
+    print(f"VMs        {', '.join(f'{n} {k}' for k, n in sorted(h.vms.items())) or 'none'}")
     return 0
 
 
@@ -319,40 +341,42 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     def frame() -> Table:
         now = time.monotonic()
-        h = c.call("GET", "/v1/host")
+        h = c.host()
         table = Table(
-            title=f"virtkitd: {h['vcpus_used']}/{h['vcpu_capacity']} vCPUs, "
-            f"{format_size(h['memory_used'])}/{format_size(h['memory_capacity'])} memory in use"
+            title=f"virtkitd: {h.vcpus_used}/{h.vcpu_capacity} vCPUs, "
+            f"{format_size(h.memory_used)}/{format_size(h.memory_capacity)} memory in use"
         )
         for col in ("NAME", "STATE", "CPU%", "CPU s", "RSS", "CGROUP MEM", "EXITS/s", "TOP EXIT", "LIMITS"):
             table.add_column(col, justify="right" if col not in ("NAME", "STATE", "TOP EXIT", "LIMITS") else "left")
-        for v in c.call("GET", "/v1/vms"):
-            name = v["name"]
-            if v["state"] != "running":
-                table.add_row(name, v["state"], "", "", "", "", "", "", _limits(v["definition"]))
+        for v in c.vms():
+            name = v.name
+            if v.state != "running":
+                table.add_row(name, v.state, "", "", "", "", "", "", _limits(v.definition))
                 continue
             try:
-                st = c.call("GET", c.vm_url(name, "stats"))
+                st = c.stats(name)
             except Exception:  # noqa: BLE001 - it ended between the two calls
                 continue
-            cpu, exits = st.get("cpu_seconds", 0.0), (st.get("vmm") or {}).get("total_exits", 0)
+            cpu = st.cpu_seconds or 0.0
+            exits = st.vmm.total_exits if st.vmm else 0
             prev = last.get(name)
             pct = rate = 0.0
             if prev:
                 dt = max(now - prev[0], 1e-3)
                 pct, rate = 100 * (cpu - prev[1]) / dt, (exits - prev[2]) / dt
             last[name] = (now, cpu, exits)
-            top = max((st.get("vmm") or {}).get("exits", {}).items(), key=lambda kv: kv[1], default=("", 0))[0]
+            by_reason = (st.vmm.exits if st.vmm else None) or {}
+            top = max(by_reason.items(), key=lambda kv: kv[1], default=("", 0))[0]
             table.add_row(
                 name,
-                v["state"],
+                v.state,
                 f"{pct:.0f}",
                 f"{cpu:.1f}",
-                format_size(st.get("rss_bytes", 0)),
-                format_size(st.get("memory_cgroup_bytes", 0)),
+                format_size(st.rss_bytes or 0),
+                format_size(st.memory_cgroup_bytes or 0),
                 f"{rate:,.0f}",
                 top,
-                _limits(v["definition"]),
+                _limits(v.definition),
             )
         return table
 

@@ -10,6 +10,11 @@ At most :data:`MAX_CONNECTIONS` connections are served at once, each by its own 
 gets a JSON 503 at once and is closed. Every answer, HTTP-level errors included (a garbage request
 line, a header too long), is JSON, and comes after the request's body was read (up to
 :data:`DRAIN_LIMIT` bytes), so a client still sending it reads the answer instead of a broken pipe.
+
+A request body is parsed here, once: bounded (:data:`~virtkit.service.openapi.MAX_BODY` bytes,
+nesting depth) before it is decoded, then into its record (:mod:`virtkit.service.model`), which
+refuses unknown fields naming the known ones; the service gets the record and answers with
+records, written out here as JSON.
 """
 
 from __future__ import annotations
@@ -24,12 +29,18 @@ import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, TypeVar
 
 from virtkit.errors import VirtkitError
+from virtkit.records import UntrustedInput, load_object, parse, to_json
 from virtkit.service import openapi
 from virtkit.service.daemon import Conflict, NotFound, Service
+from virtkit.service.metrics import render
+from virtkit.service.model import ConsoleInput, VmCreate
 from virtkit.service.resources import InsufficientResources
+from virtkit.service.store import CorruptRow
+
+R = TypeVar("R")
 
 _NAME = re.compile(openapi.NAME_PATTERN)
 #: seconds a connection may take to send each part of its request (line, headers, body)
@@ -125,7 +136,12 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": _one_line(message)})
 
     # --- request parsing -------------------------------------------------------------------------
-    def _body(self) -> Any:
+    def _body(self, record: type[R]) -> R:
+        """The request's body as a ``record``: 400 with the field named if it does not fit."""
+        value = load_object(self._raw_body(), what="the body", max_bytes=openapi.MAX_BODY)
+        return parse(record, value, what="body")
+
+    def _raw_body(self) -> bytes:
         ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "chunked bodies are not accepted: send Content-Length")
@@ -160,14 +176,7 @@ class Handler(BaseHTTPRequestHandler):
             ) from None
         if len(raw) < length:
             raise ApiError(400, f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "the body is not UTF-8") from None
-        except RecursionError:
-            raise ApiError(400, "malformed JSON: nested too deeply") from None
-        except ValueError as e:
-            raise ApiError(400, f"malformed JSON: {e}") from None
+        return raw
 
     @staticmethod
     def _query_int(query: dict[str, list[str]], key: str, default: int, lo: int, hi: int) -> int:
@@ -219,6 +228,10 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e.status, str(e))
         except NotFound as e:
             self._error(404, str(e))
+        except CorruptRow as e:  # the service's own database: not the client's fault
+            self._error(500, f"virtkitd's database: {e}")
+        except UntrustedInput as e:
+            self._error(400, str(e))
         except (Conflict, InsufficientResources) as e:
             self._error(409, str(e))
         except VirtkitError as e:
@@ -251,30 +264,22 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, openapi.document().encode())
         if parts == ["metrics"]:
             allow("GET")
-            from virtkit.service.metrics import render
-
-            return self._send(200, render(svc).encode(), "text/plain; version=0.0.4")
+            return self._send(200, render(svc.metrics_snapshot()).encode(), "text/plain; version=0.0.4")
         if parts[:1] != ["v1"]:
             raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
         rest = parts[1:]
         if rest == ["host"]:
             allow("GET")
-            return self._json(200, svc.host())
+            return self._json(200, to_json(svc.host()))
         if rest == ["events"]:
             allow("GET")
             since = self._query_int(query, "offset", 0, 0, 2**62)
-            return self._json(200, svc.store.events(since=since))
+            return self._json(200, [to_json(e) for e in svc.events(since=since)])
         if rest == ["vms"]:
             allow("GET", "POST")
             if method == "GET":
-                return self._json(200, svc.list())
-            body = self._body()
-            try:
-                openapi.validate(openapi.VM_CREATE, body)
-            except openapi.SchemaError as e:
-                raise ApiError(400, str(e)) from None
-            rec = svc.create(openapi.with_defaults(openapi.VM_CREATE, body))
-            return self._json(201, svc.public(rec))
+                return self._json(200, [to_json(v) for v in svc.vms()])
+            return self._json(201, to_json(svc.create(self._body(VmCreate))))
         if len(rest) < 2 or rest[0] != "vms" or len(rest) > 3:
             raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
         name = rest[1]
@@ -284,34 +289,28 @@ class Handler(BaseHTTPRequestHandler):
         if action is None:
             allow("GET", "DELETE")
             if method == "GET":
-                return self._json(200, svc.public(svc.get(name)))
+                return self._json(200, to_json(svc.status(name)))
             svc.delete(name, force=self._query_bool(query, "force"))
             return self._send(204, b"")
         if action in ("start", "stop", "kill"):
             allow("POST")
-            rec = getattr(svc, action)(name)
-            return self._json(200, svc.public(rec))
+            actions = {"start": svc.start, "stop": svc.stop, "kill": svc.kill}
+            return self._json(200, to_json(actions[action](name)))
         if action == "stats":
             allow("GET")
-            return self._json(200, svc.stats(name))
+            return self._json(200, to_json(svc.stats(name)))
         if action == "logs":
             allow("GET")
             offset = self._query_int(query, "offset", 0, 0, 2**62)
             limit = self._query_int(query, "limit", 1 << 20, 1, 1 << 20)
-            return self._json(200, svc.logs(name, offset, limit))
+            return self._json(200, to_json(svc.logs(name, offset, limit)))
         if action == "events":
             allow("GET")
-            svc.get(name)
             since = self._query_int(query, "offset", 0, 0, 2**62)
-            return self._json(200, svc.store.events(vm=name, since=since))
+            return self._json(200, [to_json(e) for e in svc.events(vm=name, since=since)])
         if action == "console":
             allow("POST")
-            body = self._body()
-            try:
-                openapi.validate(openapi.CONSOLE_INPUT, body)
-            except openapi.SchemaError as e:
-                raise ApiError(400, str(e)) from None
-            svc.console_write(name, body["data"])
+            svc.console_write(name, self._body(ConsoleInput).data)
             return self._send(204, b"")
         raise ApiError(404, f"no such endpoint {url.path[:100]!r} (see /openapi.json)")
 

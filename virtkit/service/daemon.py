@@ -15,11 +15,17 @@ the VM is that VM's VMM (its pid comes from SO_PEERCRED, not from the database, 
 pid can never be mistaken for it); otherwise the VM ended while the service was down, and its
 exit report, if any, says how. A VM is started only from ``created``, ``stopped`` or ``failed``,
 under its lock, so no VM ever has two VMMs.
+
+The service's methods take and return records (:mod:`virtkit.service.model`): the API parses a
+body into one before calling, the store parses rows into :class:`~virtkit.service.model.VmRow`,
+and the VMM process gets a :class:`~virtkit.service.model.VmmDefinition`. The process that serves
+the API is :mod:`virtkit.service.server` (``virtkitd``); this module knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -30,15 +36,28 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any
 
 from virtkit.container import libc
 from virtkit.errors import ConfigError, VirtkitError
 from virtkit.records import UntrustedInput, to_json
 from virtkit.service import vmmproto
 from virtkit.service.cgroups import VmCgroup, validate_cpus
+from virtkit.service.model import (
+    Event,
+    ExitInfo,
+    HostInfo,
+    LogChunk,
+    MetricsSnapshot,
+    VmCreate,
+    VmmDefinition,
+    VmmJail,
+    VmRow,
+    VmSample,
+    VmStats,
+    VmStatus,
+)
 from virtkit.service.resources import VMM_OVERHEAD, Account, InsufficientResources
-from virtkit.service.store import Store
+from virtkit.service.store import CorruptRow, Store
 from virtkit.service.vmm import DEFINITION, EXIT_REPORT, SERIAL_LOG
 
 MIB = 1 << 20
@@ -78,45 +97,35 @@ def _signal_name(sig: int) -> str:
 
 def describe_exit(
     report: vmmproto.ExitReport | None, wait_status: int | None, unreadable: str | None = None
-) -> dict[str, Any]:
+) -> ExitInfo:
     """How a VMM ended, from its exit report and (when it was our child) its wait status. A report
     that could not be read (``unreadable``: the one-line reason) is a crash: the VMM misbehaved."""
     if unreadable is not None:
-        out: dict[str, Any] = {
-            "reason": "bad-exit-report",
-            "exit_status": None,
-            "crash": True,
-            "detail": f"the VMM wrote an unreadable exit report: {_one_line(unreadable)}",
-        }
+        detail = f"the VMM wrote an unreadable exit report: {_one_line(unreadable)}"
         if wait_status is not None and os.WIFSIGNALED(wait_status):
-            out["detail"] += f" (and was killed by {_signal_name(os.WTERMSIG(wait_status))})"
-        return out
+            detail += f" (and was killed by {_signal_name(os.WTERMSIG(wait_status))})"
+        return ExitInfo(reason="bad-exit-report", exit_status=None, crash=True, detail=detail)
     if report:
-        return {
-            "reason": report.reason,
-            "exit_status": report.exit_status,
-            "crash": report.crash,
-            "detail": _one_line(report.detail, 2000),
-        }
+        return ExitInfo.from_report(report, _one_line(report.detail, 2000))
     if wait_status is not None and os.WIFSIGNALED(wait_status):
         sig = os.WTERMSIG(wait_status)
         detail = f"the VMM was killed by {_signal_name(sig)}"
         if sig == signal.SIGSYS:
             detail += " (seccomp: it made a system call outside its allow-list)"
-        return {"reason": "vmm-killed", "exit_status": 128 + sig, "crash": True, "detail": detail}
+        return ExitInfo(reason="vmm-killed", exit_status=min(128 + sig, 255), crash=True, detail=detail)
     if wait_status is not None:
-        return {
-            "reason": "vmm-error",
-            "exit_status": os.WEXITSTATUS(wait_status),
-            "crash": True,
-            "detail": f"the VMM exited with status {os.WEXITSTATUS(wait_status)} without an exit report",
-        }
-    return {
-        "reason": "vmm-gone",
-        "exit_status": None,
-        "crash": True,
-        "detail": "the VMM ended without an exit report (killed while the service was not watching)",
-    }
+        return ExitInfo(
+            reason="vmm-error",
+            exit_status=os.WEXITSTATUS(wait_status),
+            crash=True,
+            detail=f"the VMM exited with status {os.WEXITSTATUS(wait_status)} without an exit report",
+        )
+    return ExitInfo(
+        reason="vmm-gone",
+        exit_status=None,
+        crash=True,
+        detail="the VMM ended without an exit report (killed while the service was not watching)",
+    )
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -125,8 +134,8 @@ def _one_line(text: str, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def is_failure(exit_info: dict[str, Any]) -> bool:
-    return bool(exit_info.get("crash"))
+def is_failure(exit_info: ExitInfo) -> bool:
+    return exit_info.crash
 
 
 class VmRuntime:
@@ -182,8 +191,8 @@ class Service:
     def vm_dir(self, name: str) -> str:
         return os.path.join(self.state_dir, "vms", name)
 
-    def control_path(self, rec: dict[str, Any]) -> str:
-        return os.path.join(self.run_dir, f"vm{rec['id']}.sock")
+    def control_path(self, rec: VmRow) -> str:
+        return os.path.join(self.run_dir, f"vm{rec.id}.sock")
 
     def uid_for(self, vm_id: int) -> int:
         import zlib
@@ -217,36 +226,39 @@ class Service:
         os.close(self._wake_w)
 
     # --- definitions -----------------------------------------------------------------------------
-    def get(self, name: str) -> dict[str, Any]:
+    def get(self, name: str) -> VmRow:
         rec = self.store.get(name)
         if rec is None:
             raise NotFound(f"no VM named {name!r}")
         return rec
 
-    def create(self, definition: dict[str, Any]) -> dict[str, Any]:
-        """``definition`` is validated against the OpenAPI schema, defaults filled in."""
+    def status(self, name: str) -> VmStatus:
+        return self.get(name).public()
+
+    def create(self, request: VmCreate) -> VmStatus:
+        """Define the VM ``request`` describes (parsed and bounded by the API) and, if it asks,
+        start it."""
         import sqlite3
 
-        name = definition["name"]
-        kernel = definition["kernel"]
+        definition = request.definition()
+        name, kernel = definition.name, definition.kernel
         if not os.path.isabs(kernel):
             raise ConfigError(f"kernel {kernel!r} must be an absolute path on the host")
         if not os.path.isfile(kernel):
             raise ConfigError(f"kernel {kernel} does not exist or is not a file")
-        memory = definition["memory_mib"] * MIB
+        memory = definition.memory_mib * MIB
         if memory + VMM_OVERHEAD > self.account.memory_capacity:
             raise InsufficientResources(
-                f"{name}: asked {definition['memory_mib']} MiB, more than this host can "
+                f"{name}: asked {definition.memory_mib} MiB, more than this host can "
                 f"give any VM ({self.account.memory_capacity // MIB} MiB)"
             )
-        if definition["vcpus"] > self.account.vcpu_capacity:
+        if definition.vcpus > self.account.vcpu_capacity:
             raise InsufficientResources(
-                f"{name}: asked {definition['vcpus']} vCPUs, more than this host runs "
+                f"{name}: asked {definition.vcpus} vCPUs, more than this host runs "
                 f"({self.account.vcpu_capacity} with overcommit)"
             )
-        if definition.get("cpus"):
-            validate_cpus(definition["cpus"], set(os.sched_getaffinity(0)))
-        start = definition.pop("start", False)
+        if definition.cpus:
+            validate_cpus(definition.cpus, set(os.sched_getaffinity(0)))
         with self.lock(name):
             try:
                 rec = self.store.insert(name, definition)
@@ -259,8 +271,8 @@ class Service:
             except OSError as e:
                 self.store.delete(name)
                 raise ConfigError(f"cannot create the VM's directory: {e.strerror}") from None
-            self.store.event(name, "created", json.dumps(definition))
-        if start:
+            self.store.event(name, "created", json.dumps(to_json(definition)))
+        if request.start:
             try:
                 return self.start(name)
             except VirtkitError:
@@ -268,14 +280,22 @@ class Service:
                 with contextlib.suppress(VirtkitError):
                     self.delete(name)
                 raise
-        return rec
+        return rec.public()
 
     def delete(self, name: str, force: bool = False) -> None:
         with self.lock(name):
-            rec = self.get(name)
-            if rec["state"] in ACTIVE or name in self.runtimes:
+            try:
+                rec: VmRow | None = self.get(name)
+            except CorruptRow:
+                # a row that does not parse can still be deleted (what its error message offers)
                 if not force:
-                    raise Conflict(f"{name} is {rec['state']}: stop it first, or delete with force=true")
+                    raise
+                rec = None
+            if rec is not None and (rec.state in ACTIVE or name in self.runtimes):
+                if not force:
+                    raise Conflict(f"{name} is {rec.state}: stop it first, or delete with force=true")
+                self._kill_locked(name)
+            elif name in self.runtimes:
                 self._kill_locked(name)
             timer = self.timers.pop(name, None)
             if timer:
@@ -283,55 +303,60 @@ class Service:
             self.store.delete(name)
             self.store.event(name, "deleted", "")
             shutil.rmtree(self.vm_dir(name), ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.unlink(self.control_path(rec))
+            if rec is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.control_path(rec))
             if self.use_cgroups:
                 self.cgroup(name).remove()
         # the name's lock is kept: a thread may be waiting on it, and a new Lock for the same name
         # would let two threads in at once
 
     # --- start / stop ----------------------------------------------------------------------------
-    def start(self, name: str) -> dict[str, Any]:
+    def start(self, name: str) -> VmStatus:
         with self.lock(name):
             rec = self.get(name)
-            if rec["state"] in ACTIVE:
-                raise Conflict(f"{name} is {rec['state']} already")
+            if rec.state in ACTIVE:
+                raise Conflict(f"{name} is {rec.state} already")
             timer = self.timers.pop(name, None)
             if timer:
                 timer.cancel()
             self._start_locked(rec)
-            return self.get(name)
+            return self.status(name)
 
-    def _start_locked(self, rec: dict[str, Any]) -> None:
-        name, d = rec["name"], rec["definition"]
-        self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
+    def vmm_definition(self, rec: VmRow, instance: str, cg: VmCgroup | None) -> VmmDefinition:
+        """What the VM's VMM process runs (its ``definition.json``)."""
+        d = rec.definition
+        return VmmDefinition(
+            name=rec.name,
+            instance=instance,
+            kernel=d.kernel,
+            memory=d.memory_mib * MIB,
+            vcpus=d.vcpus,
+            cmdline=d.cmdline,
+            mode=d.mode,
+            control_socket=self.control_path(rec),
+            cgroups=tuple(os.path.dirname(p) for p in cg.procs_files()) if cg else (),
+            jail=VmmJail(uid=self.uid_for(rec.id), gid=self.uid_for(rec.id)),
+        )
+
+    def _start_locked(self, rec: VmRow) -> None:
+        name, d = rec.name, rec.definition
+        self.account.reserve_for(name, d.vcpus, d.memory_mib * MIB)
         cg = self.cgroup(name) if self.use_cgroups else None
         try:
             if cg is not None:
                 cg.remove()  # a leftover of a VMM that died while the service was down
                 cg.create()
                 cg.apply(
-                    weight=d["cpu_weight"],
-                    quota_pct=d["cpu_quota_pct"],
-                    cpus=d["cpus"],
-                    memory_max=d["memory_mib"] * MIB + VMM_OVERHEAD,
+                    weight=d.cpu_weight,
+                    quota_pct=d.cpu_quota_pct,
+                    cpus=d.cpus,
+                    memory_max=d.memory_mib * MIB + VMM_OVERHEAD,
                 )
             instance = uuid.uuid4().hex
             vmdir = self.vm_dir(name)
-            runtime_def = {
-                "name": name,
-                "instance": instance,
-                "kernel": d["kernel"],
-                "memory": d["memory_mib"] * MIB,
-                "vcpus": d["vcpus"],
-                "cmdline": d["cmdline"],
-                "mode": d["mode"],
-                "control_socket": self.control_path(rec),
-                "cgroups": [os.path.dirname(p) for p in cg.procs_files()] if cg else [],
-                "jail": {"uid": self.uid_for(rec["id"]), "gid": self.uid_for(rec["id"])},
-            }
             with open(os.path.join(vmdir, DEFINITION), "w") as f:
-                json.dump(runtime_def, f)
+                json.dump(to_json(self.vmm_definition(rec, instance, cg)), f)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(vmdir, EXIT_REPORT))
             self.store.update(name, state="starting", instance=instance, pid=None)
@@ -395,7 +420,7 @@ class Service:
         lines = data.decode(errors="replace").strip().splitlines()
         return _one_line(lines[-1], 300) if lines else "no output"
 
-    def stop(self, name: str, grace: float = STOP_GRACE) -> dict[str, Any]:
+    def stop(self, name: str, grace: float = STOP_GRACE) -> VmStatus:
         # the VM's lock is held to read and mark its state, never while talking to its VMM: a VMM
         # that does not answer must not keep kill or delete from taking the lock
         with self.lock(name):
@@ -405,10 +430,10 @@ class Service:
                 timer.cancel()
                 self.store.update(name, state="stopped")
                 self.store.event(name, "restart-cancelled", "stopped by the user")
-                return self.get(name)
+                return self.status(name)
             rt = self.runtimes.get(name)
             if rt is None:
-                raise Conflict(f"{name} is {rec['state']}, not running")
+                raise Conflict(f"{name} is {rec.state}, not running")
             rt.user_stop = True
             path = self.control_path(rec)
         deadline = time.monotonic() + grace
@@ -424,20 +449,20 @@ class Service:
             with self.lock(name):
                 if self.runtimes.get(name) is rt:
                     self._kill_locked(name)
-        return self.get(name)
+        return self.status(name)
 
-    def kill(self, name: str) -> dict[str, Any]:
+    def kill(self, name: str) -> VmStatus:
         with self.lock(name):
             rec = self.get(name)
             timer = self.timers.pop(name, None)
             if timer:
                 timer.cancel()
                 self.store.update(name, state="stopped")
-                return self.get(name)
+                return self.status(name)
             if name not in self.runtimes:
-                raise Conflict(f"{name} is {rec['state']}, not running")
+                raise Conflict(f"{name} is {rec.state}, not running")
             self._kill_locked(name)
-        return self.get(name)
+        return self.status(name)
 
     def _kill_locked(self, name: str) -> None:
         """SIGKILL the VM's VMM through its pidfd and return once its end is recorded. Needs no
@@ -519,17 +544,11 @@ class Service:
                 rt.name,
                 state="stopped" if rt.user_stop else "failed",
                 pid=None,
-                last_exit={
-                    "reason": "service-error",
-                    "exit_status": None,
-                    "crash": True,
-                    "detail": _one_line(detail),
-                    "at": time.time(),
-                },
+                last_exit=ExitInfo(reason="service-error", crash=True, detail=_one_line(detail), at=time.time()),
             )
             self.store.event(rt.name, "failed", _one_line(detail))
 
-    def _exit_info(self, name: str, wait_status: int | None) -> dict[str, Any]:
+    def _exit_info(self, name: str, wait_status: int | None) -> ExitInfo:
         path = os.path.join(self.vm_dir(name), EXIT_REPORT)
         try:
             report = vmmproto.read_exit_report(path, what=f"the exit report of {name}")
@@ -543,8 +562,7 @@ class Service:
             with contextlib.suppress(ChildProcessError):
                 _, wait_status = os.waitpid(rt.pid, 0)
         try:
-            info = self._exit_info(rt.name, wait_status)
-            info["at"] = time.time()
+            info = dataclasses.replace(self._exit_info(rt.name, wait_status), at=time.time())
             self._record_end(rt.name, info, user_stop=rt.user_stop, ran=time.time() - rt.started)
         finally:
             with contextlib.suppress(OSError):
@@ -552,7 +570,7 @@ class Service:
             if self.runtimes.get(rt.name) is rt:
                 self.runtimes.pop(rt.name, None)
 
-    def _record_end(self, name: str, info: dict[str, Any], *, user_stop: bool, ran: float) -> None:
+    def _record_end(self, name: str, info: ExitInfo, *, user_stop: bool, ran: float) -> None:
         rec = self.store.get(name)
         self.account.release(name)
         if self.use_cgroups:
@@ -563,9 +581,9 @@ class Service:
             return
         failed = is_failure(info) and not user_stop
         kind = "stopped" if user_stop else ("failed" if failed else "exited")
-        self.store.event(name, kind, f"{info['reason']}: {info['detail']}".strip())
-        restarts = rec["restarts"] if ran < BACKOFF_STABLE else 0
-        policy = rec["definition"].get("restart", "never")
+        self.store.event(name, kind, f"{info.reason}: {info.detail}".strip())
+        restarts = rec.restarts if ran < BACKOFF_STABLE else 0
+        policy = rec.definition.restart
         if failed and policy == "on-failure" and not self._closing:
             if restarts >= MAX_RESTARTS:
                 self.store.update(name, state="failed", pid=None, last_exit=info, restarts=restarts)
@@ -593,12 +611,12 @@ class Service:
                 if self.timers.pop(name, None) is None or self._closing:
                     return  # cancelled meanwhile
                 rec = self.store.get(name)
-                if rec is None or rec["state"] != "restarting":
+                if rec is None or rec.state != "restarting":
                     return
                 try:
                     self._start_locked(rec)
-                    self.store.update(name, restarts=rec["restarts"])
-                    self.store.event(name, "restarted", f"restart {rec['restarts']}")
+                    self.store.update(name, restarts=rec.restarts)
+                    self.store.event(name, "restarted", f"restart {rec.restarts}")
                 except VirtkitError as e:
                     self.store.event(name, "restart-failed", str(e))
         except Exception as e:  # noqa: BLE001 - a timer thread dies silently otherwise, the VM stuck
@@ -611,34 +629,32 @@ class Service:
     def reattach(self) -> None:
         """Find every VM's VMM again (module docstring). Survives anything a VMM left behind:
         a VM whose record cannot be handled is marked failed with the reason, and the rest go on."""
-        for rec in self.store.all():
+        for rec in self.store.all(on_corrupt=lambda name, e: _log(f"not re-attaching {name[:64]!r}: {e}")):
             try:
                 self._reattach_one(rec)
             except Exception as e:  # noqa: BLE001 - virtkitd must always start
-                _log(f"re-attaching {rec['name']} failed: {type(e).__name__}: {e}")
+                _log(f"re-attaching {rec.name} failed: {type(e).__name__}: {e}")
                 with contextlib.suppress(Exception):
                     self.store.update(
-                        rec["name"],
+                        rec.name,
                         state="failed",
                         pid=None,
-                        last_exit={
-                            "reason": "service-error",
-                            "exit_status": None,
-                            "crash": True,
-                            "at": time.time(),
-                            "detail": _one_line(f"re-attach failed: {type(e).__name__}: {e}"),
-                        },
+                        last_exit=ExitInfo(
+                            reason="service-error",
+                            crash=True,
+                            at=time.time(),
+                            detail=_one_line(f"re-attach failed: {type(e).__name__}: {e}"),
+                        ),
                     )
 
-    def _reattach_one(self, rec: dict[str, Any]) -> None:
-        name = rec["name"]
-        if rec["state"] == "restarting":
+    def _reattach_one(self, rec: VmRow) -> None:
+        name = rec.name
+        if rec.state == "restarting":
             self.store.update(name, state="failed")
-            rec["state"] = "failed"
-            info = rec["last_exit"] or {"reason": "unknown", "detail": "", "crash": True}
-            self._record_end(name, dict(info), user_stop=False, ran=0.0)
+            info = rec.last_exit or ExitInfo(reason="unknown", crash=True)
+            self._record_end(name, info, user_stop=False, ran=0.0)
             return
-        if rec["state"] not in ACTIVE:
+        if rec.state not in ACTIVE:
             return
         path = self.control_path(rec)
         pid = 0
@@ -648,7 +664,7 @@ class Service:
             reply, pid = vmmproto.request(
                 path, {"op": "status"}, vmmproto.StatusReply, deadline=2.0, what=f"the VMM of {name}"
             )
-            ok = reply.instance == rec["instance"] and pid > 0
+            ok = reply.instance == rec.instance and pid > 0
         except vmmproto.VmmUnresponsive:
             ok = False
         if ok:
@@ -657,40 +673,55 @@ class Service:
             except OSError:
                 ok = False
         if ok:
-            d = rec["definition"]
+            d = rec.definition
             with contextlib.suppress(InsufficientResources):
-                self.account.reserve_for(name, d["vcpus"], d["memory_mib"] * MIB)
-            rt = VmRuntime(name, pid, pidfd, rec["instance"], child=False)
-            rt.started = rec["started"] or time.time()
+                self.account.reserve_for(name, d.vcpus, d.memory_mib * MIB)
+            rt = VmRuntime(name, pid, pidfd, rec.instance or "", child=False)
+            rt.started = rec.started or time.time()
             self.runtimes[name] = rt
             self.store.update(name, state="running", pid=pid)
             self.store.event(name, "reattached", f"VMM pid {pid}")
             return
         info = self._exit_info(name, None)
-        info["at"] = time.time()
-        info["detail"] = (info["detail"] + " (while the service was down)").strip()
+        info = dataclasses.replace(info, at=time.time(), detail=(info.detail + " (while the service was down)").strip())
         self._record_end(name, info, user_stop=False, ran=0.0)
 
     # --- queries ---------------------------------------------------------------------------------
-    def public(self, rec: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: rec[k] for k in ("name", "state", "pid", "definition", "restarts", "last_exit", "created", "started")
-        }
+    @staticmethod
+    def public(rec: VmRow) -> VmStatus:
+        return rec.public()
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self.public(r) for r in self.store.all()]
+    def vms(self) -> list[VmStatus]:
+        return [r.public() for r in self.store.all()]
 
-    def stats(self, name: str) -> dict[str, Any]:
-        rec = self.get(name)
-        out: dict[str, Any] = {"name": name, "state": rec["state"], "pid": rec["pid"]}
+    def events(self, vm: str | None = None, since: int = 0) -> list[Event]:
+        if vm is not None:
+            self.get(vm)
+        return self.store.events(vm=vm, since=since)
+
+    def stats(self, name: str) -> VmStats:
+        return self._stats(self.get(name))
+
+    def _stats(self, rec: VmRow) -> VmStats:
+        name = rec.name
+        out = VmStats(
+            name=name,
+            state=rec.state,
+            pid=rec.pid,
+            memory_bytes=rec.definition.memory_mib * MIB,
+            vcpus=rec.definition.vcpus,
+        )
         rt = self.runtimes.get(name)
         if self.use_cgroups and rt is not None:
             cg = self.cgroup(name)
-            out["cpu_seconds"] = cg.cpu_ns() / 1e9
-            out["throttled_seconds"] = cg.throttled_ns() / 1e9
-            out["memory_cgroup_bytes"] = cg.memory_bytes()
+            out = dataclasses.replace(
+                out,
+                cpu_seconds=cg.cpu_ns() / 1e9,
+                throttled_seconds=cg.throttled_ns() / 1e9,
+                memory_cgroup_bytes=cg.memory_bytes(),
+            )
         if rt is not None:
-            out["rss_bytes"] = _rss(rt.pid)
+            out = dataclasses.replace(out, rss_bytes=_rss(rt.pid))
             try:
                 reply, _ = vmmproto.request(
                     self.control_path(rec),
@@ -699,15 +730,12 @@ class Service:
                     deadline=2.0,
                     what=f"the VMM of {name}",
                 )
-                out["vmm"] = {k: v for k, v in to_json(reply.stats).items() if v is not None}
+                out = dataclasses.replace(out, vmm=reply.stats)
             except vmmproto.VmmUnresponsive as e:
-                out["vmm"] = {}
-                out["vmm_error"] = _one_line(str(e))
-        out["memory_bytes"] = rec["definition"]["memory_mib"] * MIB
-        out["vcpus"] = rec["definition"]["vcpus"]
+                out = dataclasses.replace(out, vmm_error=_one_line(str(e)))
         return out
 
-    def logs(self, name: str, offset: int, limit: int) -> dict[str, Any]:
+    def logs(self, name: str, offset: int, limit: int) -> LogChunk:
         """The serial log, which the VMM fills: read from a regular file only, at most ``limit``."""
         self.get(name)
         path = os.path.join(self.vm_dir(name), SERIAL_LOG)
@@ -719,12 +747,12 @@ class Service:
             raise Conflict(f"{name}'s serial log cannot be served: {e}") from None
         except OSError as e:
             raise Conflict(f"{name}'s serial log cannot be read: {e.strerror}") from None
-        return {"offset": offset, "next": offset + len(data), "data": data.decode("utf-8", errors="replace")}
+        return LogChunk(offset=offset, next=offset + len(data), data=data.decode("utf-8", errors="replace"))
 
     def console_write(self, name: str, data: str) -> None:
         rec = self.get(name)
         if name not in self.runtimes:
-            raise Conflict(f"{name} is {rec['state']}, not running")
+            raise Conflict(f"{name} is {rec.state}, not running")
         import base64
 
         try:
@@ -739,20 +767,54 @@ class Service:
         if not reply.ok:
             raise Conflict(f"{name}'s VMM refused the input: {_one_line(reply.error or 'no reason')}")
 
-    def host(self) -> dict[str, Any]:
+    def host(self) -> HostInfo:
         from virtkit.container.cgroups import detect
 
         states: dict[str, int] = {}
-        for r in self.store.all():
-            states[r["state"]] = states.get(r["state"], 0) + 1
-        info = self.account.describe()
+        for name in self.store.names():
+            try:
+                rec = self.store.get(name)
+            except CorruptRow:
+                states["corrupt"] = states.get("corrupt", 0) + 1
+                continue
+            if rec is not None:
+                states[rec.state] = states.get(rec.state, 0) + 1
         try:
-            info["cgroups"] = detect().describe()
+            cgroups = detect().describe()
         except VirtkitError as e:
-            info["cgroups"] = str(e)
-        info["vms"] = states
-        info["service_uptime_s"] = time.time() - self.started
-        return info
+            cgroups = str(e)
+        a = self.account.describe()
+        return HostInfo(
+            cores=a.cores,
+            overcommit=a.overcommit,
+            vcpu_capacity=a.vcpu_capacity,
+            vcpus_used=a.vcpus_used,
+            memory_total=a.memory_total,
+            memory_reserved_for_host=a.memory_reserved_for_host,
+            memory_capacity=a.memory_capacity,
+            memory_used=a.memory_used,
+            memory_free=a.memory_free,
+            memory_available_now=a.memory_available_now,
+            vmm_overhead_allowance=a.vmm_overhead_allowance,
+            load_average=a.load_average,
+            cgroups=_one_line(cgroups),
+            vms=states,
+            service_uptime_s=time.time() - self.started,
+        )
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """What ``/metrics`` renders: the host, and every VM with its stats if it is running (a VM
+        that ends during the scrape, or whose row does not parse, is left out of it)."""
+        samples = []
+        for rec in self.store.all(on_corrupt=lambda name, e: None):
+            if rec.state != "running":
+                samples.append(VmSample(rec.name, None))
+                continue
+            try:
+                samples.append(VmSample(rec.name, self._stats(rec)))
+            except Exception:  # noqa: BLE001, S112 - a VM that just ended is left out of this scrape
+                continue
+        return MetricsSnapshot(host=self.host(), vms=tuple(samples))
 
 
 def _rss(pid: int) -> int:
@@ -804,63 +866,8 @@ def _read_line(fd: int, timeout: float, cap: int) -> bytes:
     return buf.split(b"\n", 1)[0][: cap + 1]
 
 
-# ------------------------------------------------------------------------------------------------
-# the daemon
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from virtkit.units import parse_size
-
-    p = argparse.ArgumentParser(
-        prog="virtkitd",
-        description="virtkit's hypervisor service: a REST API on a "
-        "Unix socket; each VM in its own confined VMM process.",
-    )
-    p.add_argument(
-        "--state-dir", default=DEFAULT_STATE_DIR, help=f"database and VM files (default {DEFAULT_STATE_DIR})"
-    )
-    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"sockets (default {DEFAULT_RUN_DIR})")
-    p.add_argument("--socket", default=None, help="API socket (default RUN_DIR/api.sock)")
-    p.add_argument("--overcommit", type=float, default=4.0, help="vCPUs per host core (default 4)")
-    p.add_argument("--reserve-memory", default=None, help="memory kept for the host (default max(1G, 5%%))")
-    p.add_argument("--cgroup-parent", default="virtkitd", help="parent cgroup of the VMs (default virtkitd)")
-    p.add_argument("--backoff", type=float, default=BACKOFF_BASE, help="first restart delay in seconds")
-    p.add_argument("--vmm-module", default="virtkit.service.vmm", help=argparse.SUPPRESS)  # tests: a hostile VMM
-    args = p.parse_args(argv)
-    if args.overcommit <= 0:
-        print("virtkitd: error: --overcommit must be positive", file=sys.stderr)
-        return 2
-    try:
-        reserve = parse_size(args.reserve_memory, what="--reserve-memory") if args.reserve_memory else None
-        service = Service(
-            args.state_dir,
-            args.run_dir,
-            overcommit=args.overcommit,
-            reserve=reserve,
-            cgroup_parent=args.cgroup_parent,
-            backoff_base=args.backoff,
-            vmm_module=args.vmm_module,
-        )
-    except (VirtkitError, OSError) as e:
-        print(f"virtkitd: error: {e}", file=sys.stderr)
-        return 2
-    from virtkit.service.api import serve
-
-    path = args.socket or os.path.join(service.run_dir, API_SOCKET)
-    return serve(service, path)
-
-
-def run() -> None:
-    status = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 if __name__ == "__main__":
-    # run the imported module, not this __main__ copy: the API must see the same exception classes
-    from virtkit.service import daemon
-
-    daemon.run()
+    # `python -m virtkit.service.daemon`, the spelling older scripts use: virtkitd is
+    # virtkit.service.server, which sits above this module (it imports the API, which imports this
+    # module). Become it, rather than import it from below.
+    os.execv(sys.executable, [sys.executable, "-m", "virtkit.service", *sys.argv[1:]])

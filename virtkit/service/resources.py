@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 from virtkit.errors import VirtkitError
 
@@ -19,6 +20,24 @@ MIB = 1 << 20
 VMM_OVERHEAD = 64 * MIB
 #: memory left unclaimed in what the kernel says is available right now (page cache churn, slack)
 AVAILABLE_SLACK = 256 * MIB
+
+
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """What :meth:`Account.describe` reports (bytes, vCPUs)."""
+
+    cores: int
+    overcommit: float
+    vcpu_capacity: int
+    vcpus_used: int
+    memory_total: int
+    memory_reserved_for_host: int
+    memory_capacity: int
+    memory_used: int
+    memory_free: int
+    memory_available_now: int
+    vmm_overhead_allowance: int
+    load_average: tuple[float, float, float]
 
 
 class InsufficientResources(VirtkitError):
@@ -95,20 +114,20 @@ class Account:
         with self.lock:
             self.held.pop(name, None)
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> AccountInfo:
         used_v, used_m = self.usage()
         info = _meminfo()
-        return {
-            "cores": self.cores,
-            "overcommit": self.overcommit,
-            "vcpu_capacity": self.vcpu_capacity,
-            "vcpus_used": used_v,
-            "memory_total": self.total_memory,
-            "memory_reserved_for_host": self.reserve,
-            "memory_capacity": self.memory_capacity,
-            "memory_used": used_m,
-            "memory_free": self.free_memory(),
-            "memory_available_now": info.get("MemAvailable", 0),
-            "vmm_overhead_allowance": VMM_OVERHEAD,
-            "load_average": list(os.getloadavg()),
-        }
+        return AccountInfo(
+            cores=self.cores,
+            overcommit=self.overcommit,
+            vcpu_capacity=self.vcpu_capacity,
+            vcpus_used=used_v,
+            memory_total=self.total_memory,
+            memory_reserved_for_host=self.reserve,
+            memory_capacity=self.memory_capacity,
+            memory_used=used_m,
+            memory_free=self.free_memory(),
+            memory_available_now=info.get("MemAvailable", 0),
+            vmm_overhead_allowance=VMM_OVERHEAD,
+            load_average=os.getloadavg(),
+        )

@@ -3,7 +3,10 @@
     python -m virtkit.service.vmm --dir VMDIR [--wait] [--no-jail] [--no-seccomp] [--probe ACTION]
 
 ``VMDIR/definition.json`` says what to run (written by the service: kernel, memory in bytes,
-vCPUs, command line, mode, disks, cgroup directories to join, the jail's uid/gid). The process
+vCPUs, command line, mode, disks, cgroup directories to join, the jail's uid/gid), a
+:class:`~virtkit.service.model.VmmDefinition`: read bounded and parsed into that record before
+anything else happens (an unknown field, a wrong type or a value out of bounds is one line on
+stderr and exit status 2). The process
 
 1. joins the VM's cgroups (so guest memory is charged to the VM from its first page);
 2. unshares its namespaces and forks: the child is PID 1 of a new PID namespace and is the VMM;
@@ -31,12 +34,11 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 from virtkit.errors import VirtkitError
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
+from virtkit.records import UntrustedInput, load_object, parse
+from virtkit.service.model import MAX_DEFINITION, VmmDefinition
 
 CONTROL_SOCKET = "control.sock"
 SERIAL_LOG = "serial.log"
@@ -84,24 +86,21 @@ class SerialSink:
 
 
 class Vmm:
-    def __init__(self, vmdir: str, definition: dict[str, Any]) -> None:
+    def __init__(self, vmdir: str, definition: VmmDefinition) -> None:
         from virtkit.vm import DiskSpec, Machine, MachineConfig
 
         self.dir = vmdir
-        self.definition = definition
-        d = definition
-        disks = tuple(DiskSpec(str(x["path"]), bool(x.get("read_only", False))) for x in d.get("disks", []))
-        config = MachineConfig(
-            memory=int(d["memory"]), vcpus=int(d["vcpus"]), paravirt=d.get("mode") == "para", disks=disks
-        )
+        self.definition = d = definition
+        disks = tuple(DiskSpec(x.path, x.read_only) for x in d.disks)
+        config = MachineConfig(memory=d.memory, vcpus=d.vcpus, paravirt=d.mode == "para", disks=disks)
         log_fd = os.open(os.path.join(vmdir, SERIAL_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self.serial = SerialSink(log_fd)
         self.report_fd = os.open(
             os.path.join(vmdir, EXIT_REPORT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640
         )
         self.machine = Machine(config, self.serial.write)
-        self.machine.load(str(d["kernel"]), cmdline=str(d.get("cmdline", "")))
-        path = str(d.get("control_socket") or os.path.join(vmdir, CONTROL_SOCKET))  # sun_path: 108 bytes
+        self.machine.load(d.kernel, cmdline=d.cmdline)
+        path = d.control_socket or os.path.join(vmdir, CONTROL_SOCKET)  # sun_path: 108 bytes
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -150,8 +149,8 @@ class Vmm:
             state = "stopping" if m.stopping else "paused" if m.paused else "running"
             return {
                 "ok": True,
-                "name": self.definition.get("name"),
-                "instance": self.definition.get("instance"),
+                "name": self.definition.name,
+                "instance": self.definition.instance,
                 "state": state,
                 "vcpus": len(m.vcpus),
                 "memory": m.config.memory,
@@ -282,6 +281,22 @@ def run_probe(action: str) -> None:
 # process start-up
 
 
+def read_definition(vmdir: str) -> VmmDefinition:
+    """``VMDIR/definition.json`` as a record: at most :data:`MAX_DEFINITION` bytes, a regular
+    file, every field known and in bounds. Raises UntrustedInput (one line) or OSError."""
+    path = os.path.join(vmdir, DEFINITION)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UntrustedInput(f"{path} is not a regular file")
+        data = os.read(fd, MAX_DEFINITION + 1)
+    finally:
+        os.close(fd)
+    return parse(VmmDefinition, load_object(data, what=path, max_bytes=MAX_DEFINITION), what=DEFINITION)
+
+
 def _join_cgroups(dirs: list[str]) -> None:
     for d in dirs:
         fd = os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
@@ -309,11 +324,13 @@ def main(argv: list[str] | None = None, vmm_class: type[Vmm] | None = None) -> i
     p.add_argument("--probe", choices=PROBES, default=None, help=argparse.SUPPRESS)  # tests of the jail
     args = p.parse_args(argv)
     vmdir = os.path.abspath(args.dir)
-    with open(os.path.join(vmdir, DEFINITION)) as f:
-        definition = json.load(f)
-    jail = definition.get("jail") or {}
-    jailed = not args.no_jail and jail.get("enabled", True)
-    _join_cgroups(list(definition.get("cgroups") or []))
+    try:
+        definition = read_definition(vmdir)
+    except (UntrustedInput, OSError) as e:
+        os.write(2, f"virtkit vmm: error: {e}\n".encode())
+        return 2
+    jailed = not args.no_jail and definition.jail.enabled
+    _join_cgroups(list(definition.cgroups))
     if jailed:
         from virtkit.jail.confine import enter_namespaces
 
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None, vmm_class: type[Vmm] | None = None) -> i
     return _vmm_main(vmdir, definition, jailed, args, vmm_class or Vmm)
 
 
-def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object, vmm_class: type[Vmm]) -> int:
+def _vmm_main(vmdir: str, definition: VmmDefinition, jailed: bool, args: object, vmm_class: type[Vmm]) -> int:
     import virtkit.diagnose  # noqa: F401 - crash reports must not need an import after confinement
     import virtkit.stats  # noqa: F401
     from virtkit.api import exit_status_for  # noqa: F401
@@ -351,12 +368,12 @@ def _vmm_main(vmdir: str, definition: dict[str, Any], jailed: bool, args: object
         if jailed:
             from virtkit.jail.confine import JailSpec, confine, thread_limit
 
-            j: dict[str, int] = definition.get("jail") or {}
+            j = definition.jail
             spec = JailSpec(
-                uid=int(j.get("uid", 65534)),
-                gid=int(j.get("gid", 65534)),
-                threads=thread_limit(int(definition["vcpus"]), definition.get("mode") == "para"),
-                max_file_size=int(j.get("max_log", 64 << 20)),
+                uid=j.uid,
+                gid=j.gid,
+                threads=thread_limit(definition.vcpus, definition.mode == "para"),
+                max_file_size=j.max_log,
                 seccomp=not getattr(args, "no_seccomp", False),
             )
             confine(spec)

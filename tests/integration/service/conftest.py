@@ -61,7 +61,7 @@ class Daemon:
             [
                 sys.executable,
                 "-m",
-                "virtkit.service.daemon",
+                "virtkit.service",
                 "--state-dir",
                 self.state_dir,
                 "--run-dir",

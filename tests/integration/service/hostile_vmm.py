@@ -23,13 +23,13 @@ import json
 import os
 import socket
 import time
-from typing import Any
 
 from virtkit.service import vmm as real
+from virtkit.service.model import VmmDefinition
 
 
-def _mode(definition: dict[str, Any]) -> str:
-    for word in str(definition.get("cmdline", "")).split():
+def _mode(definition: VmmDefinition) -> str:
+    for word in definition.cmdline.split():
         if word.startswith("hostile="):
             return word.split("=", 1)[1]
     return ""
@@ -47,7 +47,7 @@ REPORTS: dict[str, bytes] = {
 
 
 class HostileVmm(real.Vmm):
-    def __init__(self, vmdir: str, definition: dict[str, Any]) -> None:
+    def __init__(self, vmdir: str, definition: VmmDefinition) -> None:
         super().__init__(vmdir, definition)
         self.mode = _mode(definition)
 

@@ -91,7 +91,7 @@ def test_a_running_vm_of_each_mode_answers_every_control_operation(
     d = daemon_factory()
     d.create("vm", guests / guest, mode=mode, cmdline=cmdline, start=True)
     deadline = time.monotonic() + 30
-    while not d.call("GET", "/v1/vms/vm/stats").get("vmm", {}).get("exits"):
+    while not (d.call("GET", "/v1/vms/vm/stats")["vmm"] or {}).get("exits"):
         assert time.monotonic() < deadline, d.call("GET", "/v1/vms/vm")
         time.sleep(0.05)
     d.call("POST", "/v1/vms/vm/console", {"data": "x"})

@@ -42,7 +42,7 @@ def _still_serves(d: Any) -> None:
     deadline = time.monotonic() + 20
     while True:
         st = d.call("GET", "/v1/vms/good/stats")
-        if st["vmm"].get("total_exits", 0) > 0:
+        if (st["vmm"] or {}).get("total_exits", 0) > 0:
             break
         assert time.monotonic() < deadline, st
         time.sleep(0.1)
@@ -118,7 +118,7 @@ def test_a_vmm_that_answers_badly_cannot_hang_or_bloat_the_service(hd: Any, gues
     d.create("bad", guests / "counter.elf", cmdline=f"hostile={mode}", start=True)
     d.wait_output("bad", "count 1")
     st = _timed(d.call, "GET", "/v1/vms/bad/stats")
-    assert st["vmm"] == {} and st["state"] == "running", st
+    assert st["vmm"] is None and st["state"] == "running", st
     _one_line(st["vmm_error"])
     with pytest.raises(ApiError) as e:
         _timed(d.call, "POST", "/v1/vms/bad/console", {"data": "x"})

@@ -14,6 +14,7 @@ import pytest
 
 from virtkit.records import UntrustedInput
 from virtkit.service import vmmproto
+from virtkit.service.model import VmDefinition
 from virtkit.service.vmmproto import (
     ExitReport,
     OkReply,
@@ -239,7 +240,7 @@ def _watch_child(svc: object, name: str, seconds: float) -> int:
     from virtkit.service.daemon import VmRuntime
 
     proc = subprocess.Popen(["sleep", str(seconds)])
-    svc.store.insert(name, {"restart": "never", "vcpus": 1, "memory_mib": 2})  # type: ignore[attr-defined]
+    svc.store.insert(name, VmDefinition(name=name, kernel="/k", memory_mib=2))  # type: ignore[attr-defined]
     svc.store.update(name, state="running", pid=proc.pid)  # type: ignore[attr-defined]
     svc.runtimes[name] = VmRuntime(name, proc.pid, os.pidfd_open(proc.pid), "i", child=True)  # type: ignore[attr-defined]
     os.write(svc._wake_w, b"x")  # type: ignore[attr-defined]
@@ -257,7 +258,7 @@ def test_a_vm_whose_end_cannot_be_recorded_is_failed_and_the_monitor_goes_on(tmp
     svc = _svc(tmp_path)
     real_record = svc._record_end  # type: ignore[attr-defined]
 
-    def record(name: str, info: dict[str, object], **kw: object) -> None:
+    def record(name: str, info: object, **kw: object) -> None:
         if name == "bad":
             raise RuntimeError("boom")
         real_record(name, info, **kw)
@@ -268,13 +269,13 @@ def test_a_vm_whose_end_cannot_be_recorded_is_failed_and_the_monitor_goes_on(tmp
         (tmp_path / "state" / "vms" / "bad").mkdir()
         (tmp_path / "state" / "vms" / "bad" / "exit.json").write_bytes(b"[" * 200_000)
         _watch_child(svc, "bad", 0)
-        _wait(lambda: svc.store.get("bad")["state"] == "failed")  # type: ignore[attr-defined]
-        assert "boom" in svc.store.get("bad")["last_exit"]["detail"]  # type: ignore[attr-defined]
+        _wait(lambda: svc.store.get("bad").state == "failed")  # type: ignore[attr-defined]
+        assert "boom" in svc.store.get("bad").last_exit.detail  # type: ignore[attr-defined]
         assert "bad" not in svc.runtimes  # type: ignore[attr-defined]
         (tmp_path / "state" / "vms" / "good").mkdir()
         _watch_child(svc, "good", 0.1)
-        _wait(lambda: svc.store.get("good")["state"] == "failed")  # type: ignore[attr-defined]
-        assert svc.store.get("good")["last_exit"]["reason"] == "vmm-error"  # type: ignore[attr-defined]
+        _wait(lambda: svc.store.get("good").state == "failed")  # type: ignore[attr-defined]
+        assert svc.store.get("good").last_exit.reason == "vmm-error"  # type: ignore[attr-defined]
         assert svc._monitor.is_alive()  # type: ignore[attr-defined]
     finally:
         svc.close()  # type: ignore[attr-defined]
@@ -285,14 +286,15 @@ def test_reattach_survives_any_exit_report(tmp_path: Path) -> None:
     try:
         for i, content in enumerate([b"[1]", b"[" * 200_000, bytes(range(256)), b"x" * (1 << 20)]):
             name = f"vm{i}"
-            svc.store.insert(name, {"restart": "on-failure", "vcpus": 1, "memory_mib": 2})  # type: ignore[attr-defined]
-            svc.store.update(name, state="running", instance="gone")  # type: ignore[attr-defined]
+            definition = VmDefinition(name=name, kernel="/k", memory_mib=2, restart="on-failure")
+            svc.store.insert(name, definition)  # type: ignore[attr-defined]
+            svc.store.update(name, state="running", instance="dead")  # type: ignore[attr-defined]
             (tmp_path / "state" / "vms" / name).mkdir()
             (tmp_path / "state" / "vms" / name / "exit.json").write_bytes(content)
         svc.reattach()  # type: ignore[attr-defined]
         for rec in svc.store.all():  # type: ignore[attr-defined]
-            assert rec["last_exit"]["reason"] == "bad-exit-report", rec
-            assert "(while the service was down)" in rec["last_exit"]["detail"]
+            assert rec.last_exit.reason == "bad-exit-report", rec
+            assert "(while the service was down)" in rec.last_exit.detail
     finally:
         for t in list(svc.timers.values()):  # type: ignore[attr-defined]
             t.cancel()
