@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, foreground: Foreground) -> int:
                 with contextlib.suppress(OSError):
                     os.unlink(args.control)
     uid = args.jail_uid if args.jail_uid is not None else JAIL_UID_BASE + os.getpid()
-    from virtkit.container import libc
+    from virtkit.host import libc
 
     try:
         # Only the PID namespace here (it applies to children only). The child unshares the rest
@@ -175,7 +175,7 @@ def _child(
     try:
         # The VM lives and dies with the foreground process: a launcher killed with SIGKILL must
         # not leave a receiver (and perhaps a running guest) behind, unseen in its PID namespace.
-        from virtkit.container import libc
+        from virtkit.host import libc
 
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _exit_if_orphaned(parent_alive)  # the parent may have died before the prctl

@@ -196,7 +196,7 @@ def _record(cls: type[Any], data: bytes, what: str) -> Any:
 
 
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
-    from virtkit.container import libc
+    from virtkit.host import libc
 
     for d in (work, target):
         os.makedirs(d, mode=0o700, exist_ok=True)
@@ -416,7 +416,7 @@ _STRICT = 0  # set at first use (libc import is lazy: the image module is used w
 def _strict() -> int:
     global _STRICT
     if not _STRICT:
-        from virtkit.container import libc
+        from virtkit.host import libc
 
         _STRICT = libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_MAGICLINKS | libc.RESOLVE_NO_XDEV
     return _STRICT
@@ -425,7 +425,7 @@ def _strict() -> int:
 def _open_dir(root_fd: int, parts: list[str], what: str, name: str, create: bool) -> int:
     """An O_PATH fd of the directory ``parts`` below the rootfs, made if missing (when ``create``);
     a symlink anywhere on the way refuses the image."""
-    from virtkit.container import libc
+    from virtkit.host import libc
 
     cur = os.dup(root_fd)
     try:
@@ -561,7 +561,7 @@ def _apply_entry(
 
 
 def _list(dir_fd: int) -> list[str]:
-    from virtkit.container import libc
+    from virtkit.host import libc
 
     fd = libc.openat2(dir_fd, ".", os.O_RDONLY | os.O_DIRECTORY, _strict())
     try:
@@ -667,7 +667,7 @@ class _DirSource(_Source):
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def open(self, name: str) -> tuple[IO[bytes], int]:
-        from virtkit.container import libc
+        from virtkit.host import libc
 
         try:
             # no symlink, no other filesystem: a blob that points at /dev/sda or a FIFO is refused

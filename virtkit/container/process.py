@@ -31,12 +31,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from virtkit.container import caps as capsmod
-from virtkit.container import libc
 from virtkit.container.cgroups import Cgroup
 from virtkit.container.config import Capabilities, Config, Process, User
 from virtkit.container.rootfs import RootfsBuilder
 from virtkit.errors import ContainerError
+from virtkit.host import caps as capsmod
+from virtkit.host import libc
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -33,9 +33,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from virtkit.container import libc
 from virtkit.container.config import Config, Device, Mount
 from virtkit.errors import ContainerError
+from virtkit.host import libc
 
 _M = libc
 

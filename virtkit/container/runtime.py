@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from virtkit.container import libc
 from virtkit.container.cgroups import Cgroup, Layout, detect
 from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
@@ -43,6 +42,7 @@ from virtkit.container.state import (
     validate_id,
 )
 from virtkit.errors import ConfigError, ContainerError
+from virtkit.host import libc
 
 OCI_VERSION = "1.0.2"
 CONFIG_COPY = "config.json"
@@ -282,7 +282,7 @@ class Runtime:
             )
         seccomp = None
         if linux.seccomp is not None:
-            from virtkit.container.seccomp import compile_profile
+            from virtkit.host.seccomp import compile_profile
 
             seccomp = compile_profile(linux.seccomp)
         netns = linux.namespace("network")
@@ -865,7 +865,7 @@ class Runtime:
         config = self._config(cid)
         seccomp = None
         if config is not None and config.linux.seccomp is not None:
-            from virtkit.container.seccomp import compile_profile
+            from virtkit.host.seccomp import compile_profile
 
             seccomp = compile_profile(config.linux.seccomp)
         # the init's namespaces are opened here, once, and checked to be the init's after the open

@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import resource
 
-from virtkit.container import caps as capsmod
-from virtkit.container import libc
+from virtkit.host import caps as capsmod
+from virtkit.host import libc
 
 #: namespaces a confined VMM gets (user namespaces are not used: the VMM starts as real root to
 #: open /dev/kvm and join cgroups, and ends as an unprivileged uid in the host's user namespace)

@@ -7,6 +7,6 @@ gives each VM a cgroup (:mod:`virtkit.service.cgroups`) and a confined VMM proce
 (:mod:`virtkit.service.api`, described by :mod:`virtkit.service.openapi`). The CLI talks to it
 through :mod:`virtkit.service.client`.
 
-May import: ``virtkit.jail``, ``virtkit.container`` (cgroup and libc calls), ``virtkit.api`` and
-everything below; never the CLI.
+May import: ``virtkit.jail``, ``virtkit.host`` (cgroup layout and files, libc calls), ``virtkit.api``
+and everything below; never the CLI.
 """

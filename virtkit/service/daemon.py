@@ -32,8 +32,8 @@ import time
 import uuid
 from typing import Any
 
-from virtkit.container import libc
 from virtkit.errors import ConfigError, VirtkitError
+from virtkit.host import libc
 from virtkit.records import UntrustedInput, to_json
 from virtkit.service import vmmproto
 from virtkit.service.cgroups import VmCgroup, validate_cpus

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from virtkit.container import libc
 from virtkit.container.rootfs import MountOptions, make_target, open_in_root, split_options
 from virtkit.errors import ContainerError
+from virtkit.host import libc
 
 
 @pytest.fixture
