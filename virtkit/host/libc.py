@@ -1,8 +1,14 @@
-"""The Linux system calls Python 3.11's ``os`` module lacks, through ctypes, and nothing else.
+"""The one ctypes handle on the C library: the Linux system calls Python 3.11's ``os`` module
+lacks, and the few libc functions the VMM calls through ctypes, and nothing else.
 
-Everything here is a thin typed wrapper that raises :class:`OSError` with the errno, like ``os``
-does; no policy. Numbers are x86-64 (``asm/unistd_64.h``) and the flag values come from the
-kernel UAPI headers named next to each group.
+The wrappers are thin and typed and raise :class:`OSError` with the errno, like ``os`` does; no
+policy. Numbers are x86-64 (``asm/unistd_64.h``) and the flag values come from the kernel UAPI
+headers named next to each group.
+
+The prototyped functions at the end (``c_ioctl``, ``c_mmap``, ``c_munmap``, ``c_memcmp``) are the
+raw ctypes function objects, errno kept (read it with :func:`ctypes.get_errno`): the vCPU loop,
+guest memory and the dirty-page scans call them per exit or per page, so their modules import
+them once at module level and call them with no wrapper in between.
 """
 
 from __future__ import annotations
@@ -15,6 +21,23 @@ import struct
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+
+# --- prototyped libc functions, called directly by hot paths (no wrapper: see the docstring) ---
+#: ioctl(2) whose argument is an unsigned long value wider than a C int (an address); returns -1
+#: with errno set on failure
+c_ioctl = _libc.ioctl
+c_ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+c_ioctl.restype = ctypes.c_int
+#: mmap(2): returns the address, or MAP_FAILED (``ctypes.c_void_p(-1).value``) with errno set
+c_mmap = _libc.mmap
+c_mmap.restype = ctypes.c_void_p
+c_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+c_munmap = _libc.munmap
+c_munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+#: memcmp(3) on two addresses (guest RAM against a zero buffer, without copying it into Python)
+c_memcmp = _libc.memcmp
+c_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+c_memcmp.restype = ctypes.c_int
 
 # --- linux/sched.h: namespace flags ---------------------------------------------------------
 CLONE_NEWTIME = 0x00000080
@@ -84,6 +107,7 @@ SYS_capset = 126
 SYS_pivot_root = 155
 SYS_setns = 308
 SYS_seccomp = 317
+SYS_bpf = 321
 SYS_statx = 332
 SYS_pidfd_send_signal = 424
 SYS_open_tree = 428
@@ -242,6 +266,23 @@ def close_range_cloexec(first: int) -> None:
         _syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(CLOSE_RANGE_CLOEXEC)),
         "close_range",
     )
+
+
+def bpf(cmd: int, attr: bytes) -> int:
+    """bpf(2) with ``attr`` (a packed ``union bpf_attr``, copied to a buffer of its own size);
+    returns what the kernel returned (an fd for BPF_PROG_LOAD, 0 for BPF_PROG_ATTACH)."""
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = _syscall(ctypes.c_long(SYS_bpf), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ret)
+
+
+def ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    """ptrace(2); returns the kernel's answer, or -1 with errno set: the caller decides (a probe
+    of what a confined process may do reports the -1 rather than raising)."""
+    return int(_libc.ptrace(ctypes.c_int(request), ctypes.c_int(pid), ctypes.c_void_p(addr), ctypes.c_void_p(data)))
 
 
 def pidfd_send_signal(pidfd: int, sig: int) -> None:

@@ -268,9 +268,9 @@ def run_probe(action: str) -> None:
                     pass
             say(f"can see {len(seen)} other processes")
         elif action == "ptrace":
-            import ctypes
+            from virtkit.host import libc
 
-            ret = ctypes.CDLL(None, use_errno=True).ptrace(16, 1, 0, 0)  # PTRACE_ATTACH
+            ret = libc.ptrace(16, 1)  # PTRACE_ATTACH
             say(f"ptrace returned {ret}")
         else:
             say("unknown probe")
