@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from virtkit.container.cgroups import Cgroup, Layout, detect
+from virtkit.container.cgroups import Cgroup
 from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
 from virtkit.container.signals import parse_signal
@@ -43,6 +43,7 @@ from virtkit.container.state import (
 )
 from virtkit.errors import ConfigError, ContainerError
 from virtkit.host import libc
+from virtkit.host.cgroups import CgroupError, Layout, detect
 
 OCI_VERSION = "1.0.2"
 CONFIG_COPY = "config.json"
@@ -237,7 +238,10 @@ class Runtime:
     @property
     def layout(self) -> Layout:
         if self._layout is None:
-            self._layout = detect()
+            try:
+                self._layout = detect()
+            except CgroupError as err:
+                raise ContainerError(str(err)) from None
         return self._layout
 
     # ------------------------------------------------------------------------------------------

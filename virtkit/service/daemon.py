@@ -740,7 +740,7 @@ class Service:
             raise Conflict(f"{name}'s VMM refused the input: {_one_line(reply.error or 'no reason')}")
 
     def host(self) -> dict[str, Any]:
-        from virtkit.container.cgroups import detect
+        from virtkit.host.cgroups import detect
 
         states: dict[str, int] = {}
         for r in self.store.all():

@@ -283,12 +283,10 @@ def run_probe(action: str) -> None:
 
 
 def _join_cgroups(dirs: list[str]) -> None:
+    from virtkit.host.cgroups import write_value
+
     for d in dirs:
-        fd = os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")  # 0: the writing process
-        finally:
-            os.close(fd)
+        write_value(os.path.join(d, "cgroup.procs"), "0")  # 0: the writing process
 
 
 def _status_of(wait_status: int) -> int:
