@@ -42,8 +42,9 @@ from virtkit.container.state import (
     validate_id,
 )
 from virtkit.errors import ConfigError, ContainerError
-from virtkit.host import libc
+from virtkit.host import mounts
 from virtkit.host.cgroups import CgroupError, Layout, detect
+from virtkit.host.ns import NAMESPACES
 
 OCI_VERSION = "1.0.2"
 CONFIG_COPY = "config.json"
@@ -107,14 +108,14 @@ def open_namespaces(config: Config) -> dict[str, int]:
             if not ns.path:
                 continue
             where = f"config.json: linux.namespaces[{i}].path {ns.path}"
-            flag, name = libc.NAMESPACES[ns.type]
+            flag, name = NAMESPACES[ns.type]
             try:
                 fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 raise ConfigError(f"{where}: cannot open it ({err.strerror})") from None
             out[ns.type] = fd
             try:
-                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if libc.fstatfs_type(fd) == NSFS_MAGIC else None
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if mounts.fstatfs_type(fd) == NSFS_MAGIC else None
             except OSError:
                 kind = None
             if kind is None:
@@ -383,7 +384,7 @@ class Runtime:
                 ns = linux.namespace(kind)
                 if ns is None:
                     continue
-                flag = libc.NAMESPACES[kind][0]
+                flag = NAMESPACES[kind][0]
                 if ns.path:
                     join_ns.append((flag, ns_fds[kind]))
                 elif kind == "user":
@@ -836,7 +837,7 @@ class Runtime:
             network.remove_link(dev, rec.lease)
         for target in rec.mounts or []:
             try:
-                libc.umount2(target, libc.MNT_DETACH)
+                mounts.umount2(target, mounts.MNT_DETACH)
             except OSError as err:
                 if err.errno not in (22, 2):  # EINVAL: not mounted (any more); ENOENT
                     problems.append(f"unmount {target}: {err.strerror}")
@@ -879,7 +880,7 @@ class Runtime:
             for kind in _JOIN_ORDER:
                 if config is not None and config.linux.namespace(kind) is None:
                     continue
-                flag, name = libc.NAMESPACES[kind]
+                flag, name = NAMESPACES[kind]
                 try:
                     fd = os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:

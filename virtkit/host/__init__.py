@@ -3,11 +3,12 @@
 What it owns (each module thin, typed, and without policy: it does what it is asked and says
 what the kernel answered):
 
-    libc             the one ctypes handle on the C library, and the system calls Python 3.11's
-                     ``os`` lacks as errno-checked wrappers: namespaces (unshare, setns), mounts
-                     (mount, umount2, pivot_root, the fd-based mount API, openat2), prctl,
-                     capget/capset, seccomp, close_range, pidfd_send_signal, bpf, ptrace, and
-                     the prototyped libc functions the VMM's hot paths call (ioctl, mmap, memcmp)
+    libc             the one ctypes handle on the C library; errno-checked wrappers of the
+                     system calls Python 3.11's ``os`` lacks (prctl, capget/capset, seccomp,
+                     close_range, pidfd_send_signal, bpf, ptrace), and the prototyped libc
+                     functions the VMM's hot paths call (ioctl, mmap, munmap, memcmp)
+    ns               namespaces: clone flags, unshare, setns, the UTS names
+    mounts           mount, umount2, pivot_root, the fd-based mount API, openat2, statfs types
     caps             capability names and numbers, bounding-set drop, setting the sets
     syscalls_x86_64  the x86-64 system call table (name -> number)
     seccomp          OCI ``linux.seccomp`` profiles compiled to classic BPF, and a BPF
