@@ -37,6 +37,8 @@ V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "free
 CFS_PERIOD_US = 100_000
 #: the largest control file read (cpu.stat, memory.events and the like are a few hundred bytes)
 MAX_CONTROL_FILE = 64 << 10
+#: cgroup.procs has a line per process: at most pid_max (4194304 on 64-bit) lines of 8 bytes
+MAX_PROCS_FILE = 32 << 20
 
 
 class CgroupError(VirtkitError):
@@ -115,10 +117,10 @@ def write_value(path: str, value: str) -> None:
         os.close(fd)
 
 
-def read_text(path: str) -> str:
-    """A control file's text (at most :data:`MAX_CONTROL_FILE` bytes)."""
+def read_text(path: str, limit: int = MAX_CONTROL_FILE) -> str:
+    """A control file's text (at most ``limit`` bytes)."""
     with open(path) as f:
-        return f.read(MAX_CONTROL_FILE)
+        return f.read(limit)
 
 
 def read_int(path: str) -> int | None:
@@ -357,7 +359,8 @@ class Group:
             found: set[int] = set()
             for sub in subtree(d):
                 with contextlib.suppress(OSError, ValueError):
-                    found.update(int(x) for x in read_text(os.path.join(sub, "cgroup.procs")).split())
+                    procs = read_text(os.path.join(sub, "cgroup.procs"), MAX_PROCS_FILE)
+                    found.update(int(x) for x in procs.split())
             return sorted(found)
         return []
 

@@ -337,3 +337,12 @@ def test_remove_parent_leaves_a_busy_parent(cgroupfs: Path) -> None:
         os.rmdir(tmp_path / h / "p" / "vm")
     remove_parent("p", layout, V1_VM)
     assert not any((tmp_path / h / "p").exists() for h in ("cpu,cpuacct", "cpuset", "memory", "pids"))
+
+
+def test_pids_reads_all_of_a_long_procs_file(cgroupfs: Path) -> None:
+    # every process must be found (kill_all signals them where cgroup.kill is missing): more
+    # than the 64 KiB a stat file is read up to
+    (cgroupfs / "c").mkdir()
+    pids = list(range(100_000, 120_000))
+    (cgroupfs / "c" / "cgroup.procs").write_text("".join(f"{p}\n" for p in pids))
+    assert Group(Layout("v2", {}, str(cgroupfs)), "/c", ()).pids() == pids
