@@ -14,12 +14,8 @@ import os
 import struct
 
 from virtkit.errors import VirtkitError
+from virtkit.host.libc import c_mmap, c_munmap
 
-_libc = C.CDLL(None, use_errno=True)
-_libc.mmap.restype = C.c_void_p
-_libc.mmap.argtypes = (C.c_void_p, C.c_size_t, C.c_int, C.c_int, C.c_int, C.c_long)
-_libc.munmap.argtypes = (C.c_void_p, C.c_size_t)
-_libc.madvise.argtypes = (C.c_void_p, C.c_size_t, C.c_int)
 _MAP_FAILED = C.c_void_p(-1).value
 MAP_NORESERVE = 0x4000
 MADV_DONTDUMP = 16
@@ -55,7 +51,7 @@ def _map(size: int, fd: int = -1, offset: int = 0, *, shared: bool = False) -> i
     flags = (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | MAP_NORESERVE
     if fd < 0:
         flags |= mmap.MAP_ANONYMOUS
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
+    addr = c_mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
     if addr in (None, _MAP_FAILED):
         err = C.get_errno()
         raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest memory: {os.strerror(err)}")
@@ -99,7 +95,7 @@ class GuestMemory:
         regions, self.regions = self.regions, []
         for r in regions:
             r.view.release()
-            _libc.munmap(r.host_addr, r.size)
+            c_munmap(r.host_addr, r.size)
 
     def track_host_writes(self, enabled: bool) -> None:
         self.host_dirty = set() if enabled else None

@@ -18,6 +18,7 @@ PACKAGE = ROOT / "virtkit"
 #: bottom first: a module may import modules of its own layer and of any layer below it
 LAYERS: list[set[str]] = [
     {"virtkit", "virtkit.errors", "virtkit.units", "virtkit.records"},
+    {"virtkit.host"},
     {"virtkit.kvm", "virtkit.memory", "virtkit.iothread", "virtkit.stop", "virtkit.console"},
     {"virtkit.arch"},
     {"virtkit.boot", "virtkit.devices"},

@@ -104,14 +104,14 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError):
                     os.unlink(args.control)
     uid = args.jail_uid if args.jail_uid is not None else JAIL_UID_BASE + os.getpid()
-    from virtkit.container import libc
+    from virtkit.host import ns
 
     try:
         # Only the PID namespace here (it applies to children only). The child unshares the rest
         # itself: a mount namespace shared with the parent would be the child's to pivot_root,
         # and the parent's root would go empty with it (pivot_root moves every process of the
         # namespace that had the old root), leaving it unable to remove the control socket.
-        libc.unshare(libc.CLONE_NEWPID)
+        ns.unshare(ns.CLONE_NEWPID)
         # the child learns from this pipe's end-of-file that the parent is gone (see _child)
         alive_r, alive_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
@@ -169,14 +169,14 @@ def _child(
     try:
         # The VM lives and dies with the foreground process: a launcher killed with SIGKILL must
         # not leave a receiver (and perhaps a running guest) behind, unseen in its PID namespace.
-        from virtkit.container import libc
+        from virtkit.host import libc, ns
 
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _exit_if_orphaned(parent_alive)  # the parent may have died before the prctl
         from virtkit.jail.confine import NAMESPACE_FLAGS
 
         try:  # still one thread: mount, network, IPC, UTS and cgroup namespaces of its own
-            libc.unshare(NAMESPACE_FLAGS & ~libc.CLONE_NEWPID)
+            ns.unshare(NAMESPACE_FLAGS & ~ns.CLONE_NEWPID)
         except OSError as e:
             raise ConfigError(
                 f"cannot confine the receiver ({e.strerror or e}): run it as root, or add --no-jail"

@@ -1,20 +1,22 @@
 """OCI containers: a runtime-spec 1.x runtime (namespaces, pivot_root, cgroups v1/hybrid/v2, Docker's
 security defaults), registry-free images, and bridge networking.
 
-Layers, each importing only downward::
+Layers, each importing only downward (the host kernel's calls, the syscall table, capabilities,
+the seccomp compiler and the cgroup files are :mod:`virtkit.host`'s)::
 
-    libc, syscalls_x86_64   the system calls Python lacks (ctypes), and the x86-64 syscall table
     config, spec            config.json parsing (errors name the field) and the default config
-    caps, seccomp           capability sets; the seccomp profile and its BPF compiler
+    seccomp                 the shape check of linux.seccomp; Docker's default profile
     devices                 the device allowlist as a cgroup2 eBPF program
-    cgroups, rootfs         limits/stats/OOM per cgroup layout; the container's mount namespace
+    cgroups, rootfs         OCI resources as cgroup limits, stats/OOM reports; the container's
+                            mount namespace
     state                   the state directory (crash-consistent records, locking)
     process                 the forked monitor/setup/init and exec processes
     network, image          --net bridge; busybox, OCI layouts, docker-save archives, overlayfs
     runtime                 the verbs: create, start, kill, delete, run, exec, ps, stats, events
     sealexe                 run from a sealed interpreter copy (CVE-2019-5736)
 
-Independent of the VM stack: may import ``virtkit.errors`` and ``virtkit.records`` only.
+Independent of the VM stack: may import ``virtkit.host``, ``virtkit.errors`` and
+``virtkit.records`` only.
 
 Library use (the warm path)::
 

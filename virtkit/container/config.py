@@ -371,7 +371,7 @@ def _parse_process(raw: dict[str, Any]) -> Process:
         user = User(uid or 0, gid or 0, umask, gids)
     caps = None
     if (c := _opt(raw, "capabilities", dict, p)) is not None:
-        from virtkit.container.caps import CAPABILITIES
+        from virtkit.host.caps import CAPABILITIES
 
         sets = {}
         for kind in ("bounding", "effective", "inheritable", "permitted", "ambient"):

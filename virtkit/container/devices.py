@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass
 
 from virtkit.errors import ContainerError
+from virtkit.host.libc import bpf
 
-SYS_bpf = 321
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
@@ -107,16 +107,6 @@ def build_program(rules: list[Rule]) -> bytes:
     return b"".join(head) + b"".join(blocks) + deny
 
 
-def _bpf(cmd: int, attr: bytes) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = libc.syscall(ctypes.c_long(SYS_bpf), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
-
-
 def attach(cgroup_dir: str, rules: list[Rule]) -> None:
     """Load the program and attach it to ``cgroup_dir`` (a cgroup2 directory)."""
     program = build_program(rules)
@@ -141,7 +131,7 @@ def attach(cgroup_dir: str, rules: list[Rule]) -> None:
             0,
             BPF_CGROUP_DEVICE,
         ).ljust(128, b"\0")
-        return _bpf(BPF_PROG_LOAD, attr)
+        return bpf(BPF_PROG_LOAD, attr)
 
     try:
         prog = load(None)
@@ -155,7 +145,7 @@ def attach(cgroup_dir: str, rules: list[Rule]) -> None:
     try:
         fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _bpf(
+            bpf(
                 BPF_PROG_ATTACH,
                 struct.pack("<IIIII", fd, prog, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, 0).ljust(128, b"\0"),
             )

@@ -196,7 +196,7 @@ def _record(cls: type[Any], data: bytes, what: str) -> Any:
 
 
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
-    from virtkit.container import libc
+    from virtkit.host import mounts
 
     for d in (work, target):
         os.makedirs(d, mode=0o700, exist_ok=True)
@@ -207,7 +207,7 @@ def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     os.chmod(upper, root_mode)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     try:
-        libc.mount("overlay", target, "overlay", 0, opts)
+        mounts.mount("overlay", target, "overlay", 0, opts)
     except OSError as err:
         raise ContainerError(f"cannot mount the overlay rootfs on {target}: {err.strerror}") from None
 
@@ -416,27 +416,29 @@ _STRICT = 0  # set at first use (libc import is lazy: the image module is used w
 def _strict() -> int:
     global _STRICT
     if not _STRICT:
-        from virtkit.container import libc
+        from virtkit.host import mounts
 
-        _STRICT = libc.RESOLVE_BENEATH | libc.RESOLVE_NO_SYMLINKS | libc.RESOLVE_NO_MAGICLINKS | libc.RESOLVE_NO_XDEV
+        _STRICT = (
+            mounts.RESOLVE_BENEATH | mounts.RESOLVE_NO_SYMLINKS | mounts.RESOLVE_NO_MAGICLINKS | mounts.RESOLVE_NO_XDEV
+        )
     return _STRICT
 
 
 def _open_dir(root_fd: int, parts: list[str], what: str, name: str, create: bool) -> int:
     """An O_PATH fd of the directory ``parts`` below the rootfs, made if missing (when ``create``);
     a symlink anywhere on the way refuses the image."""
-    from virtkit.container import libc
+    from virtkit.host import mounts
 
     cur = os.dup(root_fd)
     try:
         for p in parts:
             try:
-                nxt = libc.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
+                nxt = mounts.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
             except FileNotFoundError:
                 if not create:
                     raise
                 os.mkdir(p, 0o755, dir_fd=cur)
-                nxt = libc.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
+                nxt = mounts.openat2(cur, p, os.O_PATH | os.O_DIRECTORY, _strict())
             except OSError as err:
                 if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
                     raise ImageError(
@@ -561,9 +563,9 @@ def _apply_entry(
 
 
 def _list(dir_fd: int) -> list[str]:
-    from virtkit.container import libc
+    from virtkit.host import mounts
 
-    fd = libc.openat2(dir_fd, ".", os.O_RDONLY | os.O_DIRECTORY, _strict())
+    fd = mounts.openat2(dir_fd, ".", os.O_RDONLY | os.O_DIRECTORY, _strict())
     try:
         return os.listdir(fd)
     finally:
@@ -667,11 +669,11 @@ class _DirSource(_Source):
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def open(self, name: str) -> tuple[IO[bytes], int]:
-        from virtkit.container import libc
+        from virtkit.host import mounts
 
         try:
             # no symlink, no other filesystem: a blob that points at /dev/sda or a FIFO is refused
-            fd = libc.openat2(self.fd, "/".join(_member_parts(name)), os.O_RDONLY | os.O_NONBLOCK, _strict())
+            fd = mounts.openat2(self.fd, "/".join(_member_parts(name)), os.O_RDONLY | os.O_NONBLOCK, _strict())
         except FileNotFoundError:
             raise ImageError(f"image is missing {name} (truncated or not an image)") from None
         except OSError as err:

@@ -31,12 +31,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from virtkit.container import caps as capsmod
-from virtkit.container import libc
 from virtkit.container.cgroups import Cgroup
 from virtkit.container.config import Capabilities, Config, Process, User
 from virtkit.container.rootfs import RootfsBuilder
 from virtkit.errors import ContainerError
+from virtkit.host import caps as capsmod
+from virtkit.host import libc, ns
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -389,10 +389,10 @@ def setup_main(spec: InitSpec, chan: Channel) -> None:
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
         for flag, fd in spec.join_ns:  # the user namespace comes first in join_ns
-            libc.setns(fd, flag)
+            ns.setns(fd, flag)
             os.close(fd)
         if spec.new_userns:
-            libc.unshare(libc.CLONE_NEWUSER)
+            ns.unshare(ns.CLONE_NEWUSER)
             chan.send(userns=os.getpid())
             reply = chan.recv(timeout=30)
             if not reply or not reply.get("mapped"):
@@ -403,7 +403,7 @@ def setup_main(spec: InitSpec, chan: Channel) -> None:
             except OSError:
                 pass  # container root is not mapped: the process runs as the overflow id
         if spec.new_ns:
-            libc.unshare(spec.new_ns)
+            ns.unshare(spec.new_ns)
         pid = os.fork()
         if pid == 0:
             init_main(spec, chan, fifo, log)
@@ -425,7 +425,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
             os.dup2(log, 2)
             os.close(log)
             os.close(null)
-        if spec.new_ns & libc.CLONE_NEWNET:
+        if spec.new_ns & ns.CLONE_NEWNET:
             link_up("lo")
             if spec.net:
                 reply = chan.recv(timeout=30)  # R has moved our end of the veth pair in
@@ -452,9 +452,9 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
         builder.protect()
         builder.pivot()
         if cfg.hostname is not None:
-            libc.sethostname(cfg.hostname)
+            ns.sethostname(cfg.hostname)
         if cfg.domainname is not None:
-            libc.setdomainname(cfg.domainname)
+            ns.setdomainname(cfg.domainname)
         if cfg.process.terminal:
             master = open_terminal(cfg.process)
             chan.send(fds=[master], console=True)
@@ -493,7 +493,7 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
         if spec.cgroup is not None:
             spec.cgroup.join(os.getpid())
         for flag, fd in spec.namespaces:
-            libc.setns(fd, flag)
+            ns.setns(fd, flag)
             os.close(fd)
         pid = os.fork()
         if pid == 0:

@@ -33,11 +33,11 @@ import os
 import stat
 from dataclasses import dataclass
 
-from virtkit.container import libc
 from virtkit.container.config import Config, Device, Mount
 from virtkit.errors import ContainerError
+from virtkit.host import mounts
 
-_M = libc
+_M = mounts
 
 #: options that set or clear a per-mount attribute: option -> (MOUNT_ATTR_* to set, to clear)
 ATTR_OPTIONS: dict[str, tuple[int, int]] = {
@@ -158,7 +158,7 @@ def _rel(path: str) -> str:
 
 def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH) -> int:
     """An fd of ``path`` resolved inside ``root_fd`` (symlinks and ``..`` never leave it)."""
-    return libc.openat2(root_fd, _rel(path), flags, IN_ROOT)
+    return mounts.openat2(root_fd, _rel(path), flags, IN_ROOT)
 
 
 def make_target(root_fd: int, path: str, *, directory: bool, writable: set[int]) -> int:
@@ -182,7 +182,7 @@ def make_target(root_fd: int, path: str, *, directory: bool, writable: set[int])
     if parent < 0:  # pragma: no cover - the root itself always exists
         raise ContainerError(f"cannot resolve {path} in the rootfs")
     try:
-        if libc.mount_id(parent) not in writable:
+        if mounts.mount_id(parent) not in writable:
             raise ContainerError(
                 f"{path} does not exist, and its parent is on a mount the runtime did not make "
                 "(a bind mount, or a filesystem of the host): create it there, or mount "
@@ -204,7 +204,7 @@ def make_target(root_fd: int, path: str, *, directory: bool, writable: set[int])
                 else:
                     os.mkdir(name, 0o755, dir_fd=parent)
             flags = os.O_PATH | (os.O_DIRECTORY if directory or not last else 0)
-            nxt = libc.openat2(parent, name, flags, STRICT)
+            nxt = mounts.openat2(parent, name, flags, STRICT)
             os.close(parent)
             parent = nxt
         return parent
@@ -257,7 +257,7 @@ class RootfsBuilder:
     # 1-3 ------------------------------------------------------------------------------------
     def prepare(self) -> None:
         prop = PROPAGATION.get(self.config.linux.rootfs_propagation or "rslave", (_M.MS_SLAVE, True))[0]
-        libc.mount(None, "/", None, prop | _M.MS_REC)
+        mounts.mount(None, "/", None, prop | _M.MS_REC)
         self._bind_rootfs()
         for i, m in enumerate(self.config.mounts):
             self._mount(i, m)
@@ -280,16 +280,16 @@ class RootfsBuilder:
                 raise ContainerError(
                     f"the rootfs {self.rootfs} is the host's / : a container needs a rootfs directory of its own"
                 )
-            tree = libc.open_tree(src, recursive=True)
+            tree = mounts.open_tree(src, recursive=True)
             try:
-                libc.move_mount(tree, src)
+                mounts.move_mount(tree, src)
             except BaseException:
                 os.close(tree)
                 raise
         finally:
             os.close(src)
         self.root_fd = tree  # the fd of the new mount's root: pivot_root and every path start here
-        self.writable.add(libc.mount_id(tree))
+        self.writable.add(mounts.mount_id(tree))
 
     def _mount(self, index: int, m: Mount) -> None:
         opts = split_options(m.options)
@@ -309,13 +309,13 @@ class RootfsBuilder:
             try:
                 target = make_target(self.root_fd, m.destination, directory=_is_dir(mnt), writable=self.writable)
                 try:
-                    libc.move_mount(mnt, target)
+                    mounts.move_mount(mnt, target)
                 finally:
                     os.close(target)
                 if opts.propagation:
-                    libc.mount_setattr(mnt, 0, 0, opts.propagation, recursive=opts.propagation_recursive)
+                    mounts.mount_setattr(mnt, 0, 0, opts.propagation, recursive=opts.propagation_recursive)
                 if kind == "tmpfs" and not bind:
-                    mid = libc.mount_id(mnt)
+                    mid = mounts.mount_id(mnt)
                     self.writable.add(mid)
                     self.tmpfs_roots[mid] = os.fstat(mnt).st_ino
             finally:
@@ -331,7 +331,7 @@ class RootfsBuilder:
     def _new_fs(self, kind: str, m: Mount, opts: MountOptions) -> int:
         """A new instance of ``kind``, detached, with the config's options."""
         try:
-            return libc.fs_mount(kind, m.source or kind, [*opts.sb_flags, *opts.data], opts.attr_set)
+            return mounts.fs_mount(kind, m.source or kind, [*opts.sb_flags, *opts.data], opts.attr_set)
         except OSError as err:
             # in a user namespace that does not own the network (ipc) namespace, sysfs (mqueue)
             # cannot be mounted: bind the host's instead, read-only, as runc does
@@ -339,10 +339,10 @@ class RootfsBuilder:
                 raise
         src = os.open("/sys" if kind == "sysfs" else "/dev/mqueue", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            tree = libc.open_tree(src, recursive=True)
+            tree = mounts.open_tree(src, recursive=True)
         finally:
             os.close(src)
-        libc.mount_setattr(tree, opts.attr_set | _M.MOUNT_ATTR_RDONLY, 0, recursive=True)
+        mounts.mount_setattr(tree, opts.attr_set | _M.MOUNT_ATTR_RDONLY, 0, recursive=True)
         return tree
 
     def _bind_source(self, m: Mount, opts: MountOptions) -> int:
@@ -354,13 +354,13 @@ class RootfsBuilder:
         except OSError:
             raise ContainerError(f"bind mount source {source!r} for {m.destination} does not exist") from None
         try:
-            tree = libc.open_tree(src, recursive=opts.recursive)
+            tree = mounts.open_tree(src, recursive=opts.recursive)
         finally:
             os.close(src)
         try:
             if opts.attr_set or opts.attr_clr:
                 # on a bind mount every flag is per mount: set them on the copy before it is attached
-                libc.mount_setattr(tree, opts.attr_set, opts.attr_clr)
+                mounts.mount_setattr(tree, opts.attr_set, opts.attr_clr)
         except BaseException:
             os.close(tree)
             raise
@@ -377,30 +377,30 @@ class RootfsBuilder:
             try:
                 target = make_target(self.root_fd, dest, directory=True, writable=self.writable)
                 try:
-                    libc.move_mount(mnt, target)
+                    mounts.move_mount(mnt, target)
                 finally:
                     os.close(target)
             finally:
                 os.close(mnt)
             return
-        tmp = libc.fs_mount("tmpfs", "tmpfs", ["mode=755", "size=64k"], attrs & ~_M.MOUNT_ATTR_RDONLY)
+        tmp = mounts.fs_mount("tmpfs", "tmpfs", ["mode=755", "size=64k"], attrs & ~_M.MOUNT_ATTR_RDONLY)
         try:
             for name, d in sorted(self.cgroup_dirs.items()):
                 os.mkdir(name, 0o755, dir_fd=tmp)
-                sub = libc.openat2(tmp, name, os.O_PATH | os.O_DIRECTORY, STRICT)
+                sub = mounts.openat2(tmp, name, os.O_PATH | os.O_DIRECTORY, STRICT)
                 try:
                     mnt = self._bind_cgroup_dir(d, attrs, opts.attr_clr)
                     try:
-                        libc.move_mount(mnt, sub)
+                        mounts.move_mount(mnt, sub)
                     finally:
                         os.close(mnt)
                 finally:
                     os.close(sub)
             if attrs & _M.MOUNT_ATTR_RDONLY:
-                libc.mount_setattr(tmp, _M.MOUNT_ATTR_RDONLY)
+                mounts.mount_setattr(tmp, _M.MOUNT_ATTR_RDONLY)
             target = make_target(self.root_fd, dest, directory=True, writable=self.writable)
             try:
-                libc.move_mount(tmp, target)
+                mounts.move_mount(tmp, target)
             finally:
                 os.close(target)
         finally:
@@ -410,13 +410,13 @@ class RootfsBuilder:
     def _bind_cgroup_dir(path: str, attr_set: int, attr_clr: int) -> int:
         src = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if libc.fstatfs_type(src) not in (_M.CGROUP_SUPER_MAGIC, _M.CGROUP2_SUPER_MAGIC):
+            if mounts.fstatfs_type(src) not in (_M.CGROUP_SUPER_MAGIC, _M.CGROUP2_SUPER_MAGIC):
                 raise ContainerError(f"{path} is not a cgroup directory")
-            tree = libc.open_tree(src, recursive=False)
+            tree = mounts.open_tree(src, recursive=False)
         finally:
             os.close(src)
         try:
-            libc.mount_setattr(tree, attr_set, attr_clr)
+            mounts.mount_setattr(tree, attr_set, attr_clr)
         except BaseException:
             os.close(tree)
             raise
@@ -429,8 +429,8 @@ class RootfsBuilder:
             fd = open_in_root(self.root_fd, "/dev", os.O_PATH | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        mid = libc.mount_id(fd)
-        if self.tmpfs_roots.get(mid) == os.fstat(fd).st_ino and libc.fstatfs_type(fd) == _M.TMPFS_MAGIC:
+        mid = mounts.mount_id(fd)
+        if self.tmpfs_roots.get(mid) == os.fstat(fd).st_ino and mounts.fstatfs_type(fd) == _M.TMPFS_MAGIC:
             return fd
         os.close(fd)
         return None
@@ -469,7 +469,7 @@ class RootfsBuilder:
             for name in parts[:-1]:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o755, dir_fd=parent)
-                nxt = libc.openat2(parent, name, os.O_PATH | os.O_DIRECTORY, STRICT)
+                nxt = mounts.openat2(parent, name, os.O_PATH | os.O_DIRECTORY, STRICT)
                 os.close(parent)
                 parent = nxt
             name = parts[-1]
@@ -498,13 +498,13 @@ class RootfsBuilder:
             if self.userns and d.type != "p":
                 src = _open_host_device(d.path, "b" if d.type == "b" else "c", d.major, d.minor)
                 try:
-                    tree = libc.open_tree(src, recursive=False)
+                    tree = mounts.open_tree(src, recursive=False)
                 finally:
                     os.close(src)
                 try:
-                    target = libc.openat2(parent, name, os.O_PATH, STRICT)
+                    target = mounts.openat2(parent, name, os.O_PATH, STRICT)
                     try:
-                        libc.move_mount(tree, target)
+                        mounts.move_mount(tree, target)
                     finally:
                         os.close(target)
                 finally:
@@ -525,13 +525,13 @@ class RootfsBuilder:
             return
         proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if libc.fstatfs_type(proc) != _M.PROC_SUPER_MAGIC:
+            if mounts.fstatfs_type(proc) != _M.PROC_SUPER_MAGIC:
                 raise ContainerError("/proc of the runtime is not procfs: cannot set sysctls")
             for key, value in self.config.linux.sysctl:
                 try:
-                    fd = libc.openat2(proc, "sys/" + key.replace(".", "/"), os.O_WRONLY | os.O_NOFOLLOW, STRICT)
+                    fd = mounts.openat2(proc, "sys/" + key.replace(".", "/"), os.O_WRONLY | os.O_NOFOLLOW, STRICT)
                     try:
-                        if libc.fstatfs_type(fd) != _M.PROC_SUPER_MAGIC:
+                        if mounts.fstatfs_type(fd) != _M.PROC_SUPER_MAGIC:
                             raise OSError(errno.EINVAL, "not a sysctl file")
                         os.write(fd, value.encode())
                     finally:
@@ -548,7 +548,7 @@ class RootfsBuilder:
         for path in self.config.linux.masked_paths:
             self.mask(path)
         if self.config.root_readonly:
-            libc.mount_setattr(self.root_fd, _M.MOUNT_ATTR_RDONLY)
+            mounts.mount_setattr(self.root_fd, _M.MOUNT_ATTR_RDONLY)
 
     def _existing(self, path: str) -> int | None:
         try:
@@ -561,10 +561,10 @@ class RootfsBuilder:
         if fd is None:
             return
         try:
-            tree = libc.open_tree(fd, recursive=True)
+            tree = mounts.open_tree(fd, recursive=True)
             try:
-                libc.mount_setattr(tree, _M.MOUNT_ATTR_RDONLY, recursive=True)
-                libc.move_mount(tree, fd)
+                mounts.mount_setattr(tree, _M.MOUNT_ATTR_RDONLY, recursive=True)
+                mounts.move_mount(tree, fd)
             finally:
                 os.close(tree)
         except OSError as err:
@@ -578,15 +578,15 @@ class RootfsBuilder:
             return
         try:
             if _is_dir(fd):
-                cover = libc.fs_mount("tmpfs", "tmpfs", [], _M.MOUNT_ATTR_RDONLY)  # empty, read-only
+                cover = mounts.fs_mount("tmpfs", "tmpfs", [], _M.MOUNT_ATTR_RDONLY)  # empty, read-only
             else:
                 null = _open_host_device("/dev/null", "c", 1, 3)
                 try:
-                    cover = libc.open_tree(null, recursive=False)
+                    cover = mounts.open_tree(null, recursive=False)
                 finally:
                     os.close(null)
             try:
-                libc.move_mount(cover, fd)
+                mounts.move_mount(cover, fd)
             finally:
                 os.close(cover)
         except OSError as err:
@@ -597,10 +597,10 @@ class RootfsBuilder:
     # 5 --------------------------------------------------------------------------------------
     def pivot(self) -> None:
         os.fchdir(self.root_fd)
-        libc.pivot_root(".", ".")
+        mounts.pivot_root(".", ".")
         # the old root is now stacked under "."; make it a slave so the detach cannot propagate
-        libc.mount(None, ".", None, _M.MS_SLAVE | _M.MS_REC)
-        libc.umount2(".", _M.MNT_DETACH)
+        mounts.mount(None, ".", None, _M.MS_SLAVE | _M.MS_REC)
+        mounts.umount2(".", _M.MNT_DETACH)
         os.chdir("/")
         os.close(self.root_fd)
         self.root_fd = -1

@@ -25,8 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from virtkit.container import libc
-from virtkit.container.cgroups import Cgroup, Layout, detect
+from virtkit.container.cgroups import Cgroup
 from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
 from virtkit.container.signals import parse_signal
@@ -43,6 +42,9 @@ from virtkit.container.state import (
     validate_id,
 )
 from virtkit.errors import ConfigError, ContainerError
+from virtkit.host import mounts
+from virtkit.host.cgroups import CgroupError, Layout, detect
+from virtkit.host.ns import NAMESPACES
 
 OCI_VERSION = "1.0.2"
 CONFIG_COPY = "config.json"
@@ -106,14 +108,14 @@ def open_namespaces(config: Config) -> dict[str, int]:
             if not ns.path:
                 continue
             where = f"config.json: linux.namespaces[{i}].path {ns.path}"
-            flag, name = libc.NAMESPACES[ns.type]
+            flag, name = NAMESPACES[ns.type]
             try:
                 fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 raise ConfigError(f"{where}: cannot open it ({err.strerror})") from None
             out[ns.type] = fd
             try:
-                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if libc.fstatfs_type(fd) == NSFS_MAGIC else None
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE) if mounts.fstatfs_type(fd) == NSFS_MAGIC else None
             except OSError:
                 kind = None
             if kind is None:
@@ -237,7 +239,10 @@ class Runtime:
     @property
     def layout(self) -> Layout:
         if self._layout is None:
-            self._layout = detect()
+            try:
+                self._layout = detect()
+            except CgroupError as err:
+                raise ContainerError(str(err)) from None
         return self._layout
 
     # ------------------------------------------------------------------------------------------
@@ -282,7 +287,7 @@ class Runtime:
             )
         seccomp = None
         if linux.seccomp is not None:
-            from virtkit.container.seccomp import compile_profile
+            from virtkit.host.seccomp import compile_profile
 
             seccomp = compile_profile(linux.seccomp)
         netns = linux.namespace("network")
@@ -379,7 +384,7 @@ class Runtime:
                 ns = linux.namespace(kind)
                 if ns is None:
                     continue
-                flag = libc.NAMESPACES[kind][0]
+                flag = NAMESPACES[kind][0]
                 if ns.path:
                     join_ns.append((flag, ns_fds[kind]))
                 elif kind == "user":
@@ -832,7 +837,7 @@ class Runtime:
             network.remove_link(dev, rec.lease)
         for target in rec.mounts or []:
             try:
-                libc.umount2(target, libc.MNT_DETACH)
+                mounts.umount2(target, mounts.MNT_DETACH)
             except OSError as err:
                 if err.errno not in (22, 2):  # EINVAL: not mounted (any more); ENOENT
                     problems.append(f"unmount {target}: {err.strerror}")
@@ -865,7 +870,7 @@ class Runtime:
         config = self._config(cid)
         seccomp = None
         if config is not None and config.linux.seccomp is not None:
-            from virtkit.container.seccomp import compile_profile
+            from virtkit.host.seccomp import compile_profile
 
             seccomp = compile_profile(config.linux.seccomp)
         # the init's namespaces are opened here, once, and checked to be the init's after the open
@@ -875,7 +880,7 @@ class Runtime:
             for kind in _JOIN_ORDER:
                 if config is not None and config.linux.namespace(kind) is None:
                     continue
-                flag, name = libc.NAMESPACES[kind]
+                flag, name = NAMESPACES[kind]
                 try:
                     fd = os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:

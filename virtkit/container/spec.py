@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from virtkit.container.caps import DOCKER_DEFAULT
 from virtkit.container.seccomp import default_profile
+from virtkit.host.caps import DOCKER_DEFAULT
 
 DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm")
 

@@ -240,11 +240,11 @@ def remove_tree(path: str) -> None:
     """Delete a state directory: unmount whatever is mounted below it first (an overlay rootfs left
     by a crash), then delete its files without ever following a symlink or crossing into another
     filesystem (what could not be unmounted is left in place, not emptied)."""
-    from virtkit.container import libc
+    from virtkit.host import mounts
 
     for point in mounts_below(path):
         with contextlib.suppress(OSError):
-            libc.umount2(point, libc.MNT_DETACH)
+            mounts.umount2(point, mounts.MNT_DETACH)
     try:
         top = os.lstat(path)
     except FileNotFoundError:

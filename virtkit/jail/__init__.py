@@ -8,5 +8,6 @@ namespaces, an empty read-only root, rlimits, an unprivileged uid with no capabi
 ``no_new_privs`` and a seccomp allow-list (:mod:`virtkit.jail.policy`). ``docs/SECURITY.md``
 says what each layer stops.
 
-May import: the host-kernel calls of ``virtkit.container`` (libc, caps, seccomp), ``virtkit.errors``.
+May import: ``virtkit.host`` (libc calls, capabilities, the seccomp compiler) and ``virtkit.errors``;
+never ``virtkit.container``.
 """

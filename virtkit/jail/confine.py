@@ -21,18 +21,13 @@ from __future__ import annotations
 import os
 import resource
 
-from virtkit.container import caps as capsmod
-from virtkit.container import libc
+from virtkit.host import caps as capsmod
+from virtkit.host import libc, mounts, ns
 
 #: namespaces a confined VMM gets (user namespaces are not used: the VMM starts as real root to
 #: open /dev/kvm and join cgroups, and ends as an unprivileged uid in the host's user namespace)
 NAMESPACE_FLAGS = (
-    libc.CLONE_NEWNS
-    | libc.CLONE_NEWPID
-    | libc.CLONE_NEWNET
-    | libc.CLONE_NEWIPC
-    | libc.CLONE_NEWUTS
-    | libc.CLONE_NEWCGROUP
+    ns.CLONE_NEWNS | ns.CLONE_NEWPID | ns.CLONE_NEWNET | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS | ns.CLONE_NEWCGROUP
 )
 
 #: where the empty root is mounted before pivot_root; any directory works, the mount is private
@@ -82,32 +77,32 @@ class JailSpec:
 
 def enter_namespaces() -> None:
     """unshare the VMM's namespaces; the caller must fork next (see the module docstring)."""
-    libc.unshare(NAMESPACE_FLAGS)
+    ns.unshare(NAMESPACE_FLAGS)
 
 
 def empty_root() -> None:
     """Make the root of this mount namespace an empty, read-only tmpfs with no way back."""
     # MS_PRIVATE first: otherwise the mounts below would propagate to the host's namespace
-    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-    libc.mount(
+    mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
+    mounts.mount(
         "virtkit-jail",
         JAIL_MOUNTPOINT,
         "tmpfs",
-        libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+        mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
         "size=4k,nr_inodes=4,mode=0555",
     )
     os.mkdir(os.path.join(JAIL_MOUNTPOINT, "old"), 0o000)
     os.chdir(JAIL_MOUNTPOINT)
-    libc.pivot_root(".", "old")
+    mounts.pivot_root(".", "old")
     os.chdir("/")
     # lazily detach the whole host tree: nothing under it is reachable by path any more
-    libc.umount2("/old", libc.MNT_DETACH)
+    mounts.umount2("/old", mounts.MNT_DETACH)
     os.rmdir("/old")
-    libc.mount(
+    mounts.mount(
         None,
         "/",
         None,
-        libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC,
+        mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
     )
 
 

@@ -97,7 +97,7 @@ def classify(name: str) -> str:
 
 
 def profile() -> dict[str, Any]:
-    """The policy as an OCI ``linux.seccomp`` object, compiled by :mod:`virtkit.container.seccomp`."""
+    """The policy as an OCI ``linux.seccomp`` object, compiled by :mod:`virtkit.host.seccomp`."""
     rules: list[dict[str, Any]] = [{"names": sorted(ALLOWED), "action": "SCMP_ACT_ALLOW"}]
     for name, err in sorted(REFUSED.items()):
         rules.append({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": err})
@@ -127,7 +127,7 @@ def profile() -> dict[str, Any]:
 
 
 def vmm_filter() -> bytes:
-    from virtkit.container.seccomp import compile_profile
+    from virtkit.host.seccomp import compile_profile
 
     return compile_profile(profile())
 
@@ -174,6 +174,6 @@ def receiver_profile() -> dict[str, Any]:
 
 
 def receiver_filter() -> bytes:
-    from virtkit.container.seccomp import compile_profile
+    from virtkit.host.seccomp import compile_profile
 
     return compile_profile(receiver_profile())

@@ -13,6 +13,7 @@ import mmap
 import os
 
 from virtkit.errors import KvmError
+from virtkit.host.libc import c_ioctl
 from virtkit.kvm import constants as K
 from virtkit.kvm import structs as S
 
@@ -56,14 +57,9 @@ def _ioctl_int(fd: int, request: int, arg: int, name: str) -> int:
         raise KvmError(f"{name} failed: {os.strerror(e.errno or 0)}") from None
 
 
-_libc = C.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = (C.c_int, C.c_ulong, C.c_ulong)
-_libc.ioctl.restype = C.c_int
-
-
 def _ioctl_ulong(fd: int, request: int, arg: int, name: str) -> int:
     """For ioctls whose argument is an unsigned long value wider than a C int (an address)."""
-    ret = _libc.ioctl(fd, request, arg)
+    ret = c_ioctl(fd, request, arg)
     if ret < 0:
         raise KvmError(f"{name} failed: {os.strerror(C.get_errno())}")
     return int(ret)

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from virtkit import records
 from virtkit.errors import KvmError, VirtkitError
+from virtkit.host.libc import c_memcmp
 from virtkit.migration.protocol import (
     MAX_PAGE_BYTES,
     MAX_RUNS,
@@ -44,9 +45,6 @@ from virtkit.vm import Machine
 #: granularity of the zero check in the first round (pages left out are zero on the target too)
 ZERO_CHUNK: Final = 64 << 10
 _ZERO = C.create_string_buffer(ZERO_CHUNK)
-_libc = C.CDLL(None, use_errno=True)
-_libc.memcmp.argtypes = (C.c_void_p, C.c_void_p, C.c_size_t)
-_libc.memcmp.restype = C.c_int
 #: what pausing, sending the state and starting on the target cost beyond the page copy (seconds)
 SWITCHOVER_OVERHEAD: Final = 0.005
 
@@ -135,7 +133,7 @@ def _nonzero_runs(machine: Machine) -> list[tuple[int, int]]:
         start = -1
         for off in range(0, r.size, ZERO_CHUNK):
             n = min(ZERO_CHUNK, r.size - off)
-            zero = _libc.memcmp(r.host_addr + off, _ZERO, n) == 0
+            zero = c_memcmp(r.host_addr + off, _ZERO, n) == 0
             if zero and start >= 0:
                 runs.append((r.gpa + start, (off - start) // PAGE_SIZE))
                 start = -1

@@ -9,6 +9,6 @@ those edges is a typed record of :mod:`virtkit.service.model`. The process is
 :mod:`virtkit.service.server` (``virtkitd``, ``python -m virtkit.service``), above both the API
 and the service. The CLI talks to it through :mod:`virtkit.service.client`.
 
-May import: ``virtkit.jail``, ``virtkit.container`` (cgroup and libc calls), ``virtkit.api`` and
-everything below; never the CLI.
+May import: ``virtkit.jail``, ``virtkit.host`` (cgroup layout and files, libc calls), ``virtkit.api``
+and everything below; never the CLI.
 """

@@ -37,8 +37,8 @@ import threading
 import time
 import uuid
 
-from virtkit.container import libc
 from virtkit.errors import ConfigError, VirtkitError
+from virtkit.host import libc
 from virtkit.records import UntrustedInput, to_json
 from virtkit.service import vmmproto
 from virtkit.service.cgroups import VmCgroup, validate_cpus
@@ -768,7 +768,7 @@ class Service:
             raise Conflict(f"{name}'s VMM refused the input: {_one_line(reply.error or 'no reason')}")
 
     def host(self) -> HostInfo:
-        from virtkit.container.cgroups import detect
+        from virtkit.host.cgroups import detect
 
         states: dict[str, int] = {}
         for name in self.store.names():

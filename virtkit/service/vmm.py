@@ -267,9 +267,9 @@ def run_probe(action: str) -> None:
                     pass
             say(f"can see {len(seen)} other processes")
         elif action == "ptrace":
-            import ctypes
+            from virtkit.host import libc
 
-            ret = ctypes.CDLL(None, use_errno=True).ptrace(16, 1, 0, 0)  # PTRACE_ATTACH
+            ret = libc.ptrace(16, 1)  # PTRACE_ATTACH
             say(f"ptrace returned {ret}")
         else:
             say("unknown probe")
@@ -298,12 +298,10 @@ def read_definition(vmdir: str) -> VmmDefinition:
 
 
 def _join_cgroups(dirs: list[str]) -> None:
+    from virtkit.host.cgroups import write_value
+
     for d in dirs:
-        fd = os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")  # 0: the writing process
-        finally:
-            os.close(fd)
+        write_value(os.path.join(d, "cgroup.procs"), "0")  # 0: the writing process
 
 
 def _status_of(wait_status: int) -> int:

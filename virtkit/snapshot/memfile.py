@@ -22,15 +22,13 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
+from virtkit.host.libc import c_memcmp
 from virtkit.memory import GuestMemory
 from virtkit.snapshot.format import Fields, SnapshotError
 
 CHUNK: Final = 256 << 10
 _ZERO = C.create_string_buffer(CHUNK)
 _ZERO_CRC: dict[int, int] = {}
-_libc = C.CDLL(None, use_errno=True)
-_libc.memcmp.argtypes = (C.c_void_p, C.c_void_p, C.c_size_t)
-_libc.memcmp.restype = C.c_int
 
 
 def _zero_crc(n: int) -> int:
@@ -95,7 +93,7 @@ def write(memory: GuestMemory, fd: int, name: str) -> MemoryImage:
         run_start = -1  # start (within the region) of a run of non-zero chunks to write at once
         for start in range(0, r.size, CHUNK):
             n = min(CHUNK, r.size - start)
-            if _libc.memcmp(r.host_addr + start, _ZERO, n) == 0:
+            if c_memcmp(r.host_addr + start, _ZERO, n) == 0:
                 region_crcs.append(_zero_crc(n))
                 if run_start >= 0:
                     written += _pwrite_all(fd, r.view[run_start:start], offset + run_start)

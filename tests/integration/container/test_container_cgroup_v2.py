@@ -69,7 +69,7 @@ print(json.dumps(out))
 
 
 def test_pure_v2_lifecycle(rt: Any, bundle: Any, tmp_path: Path) -> None:
-    from virtkit.container.cgroups import detect
+    from virtkit.host.cgroups import detect
 
     if detect().unified is None:  # what the runtime itself finds, not a guess at the host's mounts
         pytest.skip("no cgroup2 hierarchy on this host")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from virtkit.container.caps import CAPABILITIES, DOCKER_DEFAULT
+from virtkit.host.caps import CAPABILITIES, DOCKER_DEFAULT
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces, cgroups")]
 

@@ -1,4 +1,5 @@
-"""cgroup layout detection and the limit files, on fake hierarchies in a temporary directory."""
+"""A container's cgroup: OCI resources to limit files, stats, child cgroups, on fake hierarchies in a
+temporary directory (layout detection and the files themselves: tests/unit/host/test_host_cgroups.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from virtkit.container.cgroups import Cgroup, Layout, detect, shares_to_weight
+from virtkit.container.cgroups import Cgroup, shares_to_weight
 from virtkit.container.config import Cpu, Memory, Resources
 from virtkit.errors import ContainerError
+from virtkit.host.cgroups import Layout, detect
 
 HYBRID = """\
 25 22 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
@@ -18,18 +20,6 @@ HYBRID = """\
 31 25 0:28 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,pids
 """
 V2 = "30 25 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
-V1 = "\n".join(line for line in HYBRID.splitlines() if "cgroup2" not in line) + "\n"
-
-
-def test_detect_layouts() -> None:
-    h = detect(HYBRID)
-    assert h.mode == "hybrid" and h.unified == "/sys/fs/cgroup/unified"
-    assert h.v1["cpu"] == h.v1["cpuacct"] == "/sys/fs/cgroup/cpu,cpuacct"
-    assert detect(V1).mode == "v1"
-    v2 = detect(V2)
-    assert v2.mode == "v2" and v2.unified == "/sys/fs/cgroup" and not v2.v1
-    with pytest.raises(ContainerError, match="no cgroup filesystem"):
-        detect("1 0 8:1 / / rw - ext4 /dev/sda rw\n")
 
 
 def test_co_mounted_controllers_share_a_directory() -> None:
@@ -137,29 +127,6 @@ def test_v2_stats_and_oom(tmp_path: Path) -> None:
     assert s["cpu"]["usage"]["total"] == 2_000_000
     assert s["cpu"]["throttling"]["throttledPeriods"] == 4
     assert s["pids"] == {"current": 3, "limit": 20}
-
-
-# other programs mount cgroup filesystems for themselves: a jail's private tree, a benchmark's v1 hugetlb
-FOREIGN = """\
-90 22 0:40 / /tmp/jail/sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-91 22 0:41 / /run/bench/hugetlb rw,relatime - cgroup cgroup rw,hugetlb
-92 22 0:42 / /tmp/other-cgroup2 rw,relatime - cgroup2 cgroup2 rw
-"""
-
-
-def test_detect_ignores_other_programs_mounts() -> None:
-    assert detect(V2 + FOREIGN) == detect(V2)
-    assert detect(FOREIGN + V2).mode == "v2"
-    assert detect(HYBRID + FOREIGN) == detect(HYBRID)
-    assert "hugetlb" not in detect(FOREIGN + HYBRID).v1
-    # a bind of a sub-cgroup is not a hierarchy either
-    sub = "93 25 0:28 /virtkit/x /sys/fs/cgroup/pids2 rw - cgroup cgroup rw,pids\n"
-    assert detect(V2 + sub) == detect(V2)
-
-
-def test_detect_falls_back_to_any_mount_when_nothing_is_at_sys_fs_cgroup() -> None:
-    only = "92 22 0:42 / /mnt/cg2 rw,relatime - cgroup2 cgroup2 rw\n"
-    assert detect(only) == Layout("v2", {}, "/mnt/cg2")
 
 
 def _tree(tmp_path: Path) -> Path:

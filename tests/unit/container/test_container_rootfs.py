@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from virtkit.container import libc
 from virtkit.container.rootfs import MountOptions, make_target, open_in_root, split_options
 from virtkit.errors import ContainerError
+from virtkit.host import mounts
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_magic_links_are_refused(root: tuple[Path, int]) -> None:
     with pytest.raises(FileNotFoundError):
         open_in_root(fd, "/procroot/etc")
     with pytest.raises(OSError):  # ...and a real /proc magic link is never followed
-        libc.openat2(os.open("/", os.O_PATH), "proc/self/root/etc", os.O_PATH, libc.RESOLVE_NO_MAGICLINKS)
+        mounts.openat2(os.open("/", os.O_PATH), "proc/self/root/etc", os.O_PATH, mounts.RESOLVE_NO_MAGICLINKS)
 
 
 def test_symlink_loop(root: tuple[Path, int]) -> None:
@@ -61,7 +61,7 @@ def test_symlink_loop(root: tuple[Path, int]) -> None:
 
 def test_make_target_creates_inside_and_through_symlinks(root: tuple[Path, int], tmp_path: Path) -> None:
     r, fd = root
-    writable = {libc.mount_id(fd)}
+    writable = {mounts.mount_id(fd)}
     os.symlink(str(tmp_path / "outside"), r / "abs")  # absolute: means root/<tmp_path>/outside
     assert _where(make_target(fd, "/new/dir", directory=True, writable=writable)) == str(r / "new/dir")
     assert _where(make_target(fd, "/etc/file", directory=False, writable=writable)) == str(r / "etc/file")
@@ -80,12 +80,14 @@ def test_make_target_refuses_a_dangling_symlink_it_would_have_to_replace(root: t
     r, fd = root
     os.symlink("/nowhere", r / "dangling")
     (r / "nowhere").mkdir()
-    assert _where(make_target(fd, "/dangling/x", directory=True, writable={libc.mount_id(fd)})) == str(r / "nowhere/x")
+    assert _where(make_target(fd, "/dangling/x", directory=True, writable={mounts.mount_id(fd)})) == str(
+        r / "nowhere/x"
+    )
     os.rmdir(r / "nowhere/x")
     os.rmdir(r / "nowhere")
     # the link now points at nothing: the runtime does not replace it, nor follow it out
     with pytest.raises(OSError):
-        make_target(fd, "/dangling", directory=True, writable={libc.mount_id(fd)})
+        make_target(fd, "/dangling", directory=True, writable={mounts.mount_id(fd)})
     assert os.path.islink(r / "dangling")
 
 
@@ -100,15 +102,15 @@ def test_make_target_creates_nothing_on_a_mount_it_did_not_make(root: tuple[Path
 
 def test_split_options() -> None:
     o = split_options(("nosuid", "ro", "mode=755", "rslave", "size=64k", "tmpcopyup", "sync"))
-    assert o.attr_set == libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_RDONLY
-    assert (o.propagation, o.propagation_recursive) == (libc.MS_SLAVE, True)
+    assert o.attr_set == mounts.MOUNT_ATTR_NOSUID | mounts.MOUNT_ATTR_RDONLY
+    assert (o.propagation, o.propagation_recursive) == (mounts.MS_SLAVE, True)
     assert o.data == ("mode=755", "size=64k") and o.sb_flags == ("sync",)
     assert not o.bind
     o = split_options(("ro", "rw", "rbind"))
     assert o.bind and o.recursive
-    assert o.attr_set == 0 and o.attr_clr == libc.MOUNT_ATTR_RDONLY  # the later option wins
+    assert o.attr_set == 0 and o.attr_clr == mounts.MOUNT_ATTR_RDONLY  # the later option wins
     o = split_options(("noatime", "strictatime"))
-    assert o.attr_set == libc.MOUNT_ATTR_STRICTATIME and o.attr_clr == libc.MOUNT_ATTR__ATIME
+    assert o.attr_set == mounts.MOUNT_ATTR_STRICTATIME and o.attr_clr == mounts.MOUNT_ATTR__ATIME
     assert split_options(()) == MountOptions()
     with pytest.raises(ContainerError, match="remount"):
         split_options(("remount", "ro"))

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtkit.container import seccomp as sc
-from virtkit.container.syscalls_x86_64 import SYSCALLS
+from virtkit.container import seccomp as profiles
 from virtkit.errors import ConfigError
+from virtkit.host import seccomp as sc
+from virtkit.host.syscalls_x86_64 import SYSCALLS
 
 ALLOW = sc.SECCOMP_RET_ALLOW
 EPERM = sc.SECCOMP_RET_ERRNO | errno.EPERM
@@ -19,9 +20,9 @@ EPERM = sc.SECCOMP_RET_ERRNO | errno.EPERM
 
 @pytest.fixture(scope="module")
 def default_prog() -> bytes:
-    from virtkit.container.caps import DOCKER_DEFAULT
+    from virtkit.host.caps import DOCKER_DEFAULT
 
-    return sc.compile_profile(sc.default_profile(DOCKER_DEFAULT))
+    return sc.compile_profile(profiles.default_profile(DOCKER_DEFAULT))
 
 
 def run(prog: bytes, name: str, *args: int) -> int:
@@ -88,11 +89,11 @@ def test_default_denies_privileged_calls(default_prog: bytes, name: str) -> None
 
 @pytest.mark.parametrize("name", ["io_uring_setup", "io_uring_enter", "io_uring_register"])
 def test_io_uring_is_denied_whatever_the_capabilities(name: str) -> None:
-    from virtkit.container.caps import CAPABILITIES
+    from virtkit.host.caps import CAPABILITIES
 
     assert SYSCALLS[name] in (425, 426, 427)  # the table must know them, or the rule would be skipped
     for caps in ((), tuple(CAPABILITIES)):
-        prog = sc.compile_profile(sc.default_profile(caps))
+        prog = sc.compile_profile(profiles.default_profile(caps))
         assert run(prog, name) == EPERM, caps
 
 
@@ -111,7 +112,7 @@ def test_clone_namespace_flags_denied(default_prog: bytes) -> None:
 
 def test_socket_and_personality_rules(default_prog: bytes) -> None:
     assert run(default_prog, "socket", 2) == ALLOW
-    assert run(default_prog, "socket", sc.AF_VSOCK) == EPERM
+    assert run(default_prog, "socket", profiles.AF_VSOCK) == EPERM
     assert run(default_prog, "personality", 0) == ALLOW
     assert run(default_prog, "personality", 0xFFFFFFFF) == ALLOW
     assert run(default_prog, "personality", 0x0040000) == EPERM  # ADDR_NO_RANDOMIZE
@@ -124,13 +125,13 @@ def test_foreign_architectures_and_x32_are_refused(default_prog: bytes) -> None:
 
 
 def test_sys_admin_opens_mount_and_clone(default_prog: bytes) -> None:
-    prog = sc.compile_profile(sc.default_profile(["CAP_SYS_ADMIN"]))
+    prog = sc.compile_profile(profiles.default_profile(["CAP_SYS_ADMIN"]))
     assert run(prog, "mount") == ALLOW
     assert run(prog, "clone", 0x10000000 | 0x11) == ALLOW
 
 
 def test_every_default_name_is_known() -> None:
-    profile = sc.default_profile()
+    profile = profiles.default_profile()
     missing = [n for rule in profile["syscalls"] for n in rule["names"] if n not in SYSCALLS]
     assert missing == []
 

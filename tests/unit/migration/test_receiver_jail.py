@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from virtkit.container.seccomp import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, run_filter
-from virtkit.container.syscalls_x86_64 import SYSCALLS
+from virtkit.host.seccomp import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, run_filter
+from virtkit.host.syscalls_x86_64 import SYSCALLS
 from virtkit.jail import policy
 from virtkit.migration.control import ControlServer
 from virtkit.vm import Machine

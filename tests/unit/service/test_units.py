@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from virtkit.container.seccomp import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, run_filter
-from virtkit.container.syscalls_x86_64 import SYSCALLS
+from virtkit.host.seccomp import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO, SECCOMP_RET_KILL_PROCESS, run_filter
+from virtkit.host.syscalls_x86_64 import SYSCALLS
 from virtkit.jail.policy import vmm_filter
 from virtkit.service import openapi
 from virtkit.service.daemon import describe_exit, is_failure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from virtkit.container import libc
+from virtkit.host import libc
 
 CAPABILITIES: dict[str, int] = {
     "CAP_CHOWN": 0,
