@@ -6,10 +6,14 @@ VENV       := .venv
 VPY        := $(VENV)/bin/python
 STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
-# busybox-static is the built-in container image; iproute2 makes test network namespaces.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2
+# busybox-static is the built-in container image; iproute2 makes test network namespaces;
+# acpica-tools (iasl) checks the AML of the DSDT virtkit generates for Linux guests.
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 acpica-tools
+# Debian's cloud kernel (a real bzImage for the Linux boot tests), cached outside the clone and
+# keyed by package version: tools/fetch-debian-kernel.sh only downloads when the version changes.
+KERNEL_CACHE ?= /var/cache/virtkit/kernels
 
-.PHONY: all setup deps venv guests pyc demo test test-unit test-integration bench lint typecheck clean help
+.PHONY: all setup deps venv guests kernels pyc demo test test-unit test-integration bench lint typecheck clean help
 
 all: setup
 
@@ -20,7 +24,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make clean  - remove build/ (keeps .venv)"
 
-setup: deps venv guests pyc
+setup: deps venv guests kernels pyc
 
 deps: $(STAMPS)/deb
 $(STAMPS)/deb: Makefile
@@ -44,6 +48,9 @@ $(STAMPS)/venv: pyproject.toml
 guests: deps
 	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
 	@$(MAKE) -s -C bench/native OUT=$(CURDIR)/build/native
+
+kernels: deps
+	@tools/fetch-debian-kernel.sh $(KERNEL_CACHE) >/dev/null
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.

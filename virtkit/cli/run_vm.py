@@ -43,6 +43,9 @@ def run_vm(args: argparse.Namespace) -> int:
     from virtkit.cli.failover import foreground, supervise
 
     if args.restart != "no":
+        if args.initrd is not None:
+            # the supervisor rebuilds the child's flags (snapshot/supervisor.py) and has no --initrd yet
+            raise ConfigError("--initrd cannot be combined with --restart yet: run without --restart")
         return supervise(args)  # this process becomes the supervisor of a child VMM
     vm = VM(
         args.target,
@@ -50,6 +53,7 @@ def run_vm(args: argparse.Namespace) -> int:
         vcpus=args.vcpus,
         cmdline=args.cmdline,
         modules=[_parse_module(m) for m in args.module],
+        initrd=args.initrd,
         boot=args.boot,
         mode=args.mode,
         strict=args.strict,
