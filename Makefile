@@ -49,8 +49,13 @@ guests: deps
 	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
 	@$(MAKE) -s -C bench/native OUT=$(CURDIR)/build/native
 
+# Fast when cached: the script (apt-cache takes seconds) runs again only when the kernel it last
+# printed is gone or the package lists changed (apt-get update) and so may name a newer version.
 kernels: deps
-	@tools/fetch-debian-kernel.sh $(KERNEL_CACHE) >/dev/null
+	@k=$$(cat $(STAMPS)/kernel 2>/dev/null); \
+	if [ -z "$$k" ] || [ ! -s "$$k" ] || [ /var/lib/apt/lists -nt $(STAMPS)/kernel ]; then \
+	  tools/fetch-debian-kernel.sh $(KERNEL_CACHE) > $(STAMPS)/kernel.tmp && mv $(STAMPS)/kernel.tmp $(STAMPS)/kernel; \
+	fi
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.
