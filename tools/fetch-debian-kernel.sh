@@ -5,7 +5,9 @@
 #
 #   tools/fetch-debian-kernel.sh [CACHE_DIR]    (default /var/cache/virtkit/kernels)
 #
-# Prints the path of the bzImage on success. Nothing but the registry's own client is used.
+# Prints the path of the bzImage on success; next to it, vmlinux is the uncompressed ELF kernel
+# taken out of the bzImage (Debian compresses it with LZ4: unlz4, Debian package lz4), for the
+# vmlinux and PVH boot tests. Nothing but the registry's own client is used.
 set -eu
 cache=${1:-${VIRTKIT_KERNEL_CACHE:-/var/cache/virtkit/kernels}}
 meta=linux-image-cloud-amd64
@@ -19,19 +21,31 @@ version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: *//p')
 case "$version" in ''|'(none)') echo "fetch-debian-kernel: no candidate version of $pkg" >&2; exit 1;; esac
 release=${pkg#linux-image-}
 dir="$cache/debian-cloud-$release-$version"
-if [ -s "$dir/vmlinuz" ]; then
+if [ -s "$dir/vmlinuz" ] && [ -s "$dir/vmlinux" ]; then
   echo "$dir/vmlinuz"
   exit 0
 fi
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/.fetch.XXXXXX")
-chmod 755 "$work"  # apt-get download hands the file to the _apt user
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download -q "$pkg=$version" >/dev/null)
+# as root, apt would hand the download to its _apt sandbox user, who cannot write here
+(cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$version" >/dev/null)
 dpkg-deb -x "$work"/*.deb "$work/root"
 mkdir -p "$work/out"
 cp "$work/root/boot/vmlinuz-$release" "$work/out/vmlinuz"
 cp "$work/root/boot/config-$release" "$work/out/config" 2>/dev/null || true
+# the compressed payload starts at the LZ4 legacy frame magic (02 21 4c 18); unlz4 stops at the
+# frame's end and complains about what follows it, so its status is not the check: readelf is
+offset=$(python3 -c 'import sys; print(open(sys.argv[1], "rb").read().find(b"\x02\x21\x4c\x18"))' "$work/out/vmlinuz")
+if [ "$offset" -lt 0 ]; then
+  echo "fetch-debian-kernel: $pkg's vmlinuz has no LZ4 payload: cannot extract vmlinux" >&2
+  exit 1
+fi
+tail -c +$((offset + 1)) "$work/out/vmlinuz" | unlz4 -c > "$work/out/vmlinux" 2>/dev/null || true
+if ! readelf -h "$work/out/vmlinux" >/dev/null 2>&1; then
+  echo "fetch-debian-kernel: could not extract vmlinux from $pkg's vmlinuz (is unlz4 installed?)" >&2
+  exit 1
+fi
 echo "$pkg $version" > "$work/out/PACKAGE"
 rm -rf "$dir"
 mv "$work/out" "$dir"
