@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from elfbuild import elf, multiboot_header  # type: ignore[import-not-found]
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from linuxbuild import bzimage, note, vmlinux  # type: ignore[import-not-found]
 
 from virtkit.arch import layout, x86
@@ -252,3 +254,20 @@ def test_device_args_reach_only_guests_without_acpi(tmp_path: Path, mem: GuestMe
 class _Note:
     def __init__(self, name: bytes, type_: int, desc: bytes) -> None:
         self.name, self.type, self.desc = name, type_, desc
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0x1F0, 0x270), st.integers(0, 255)), max_size=12), cut=st.integers(0, 4000))
+def test_hostile_setup_headers_only_ever_raise_boot_errors(
+    tmp_path: Path, mem: GuestMemory, edits: list[tuple[int, int]], cut: int
+) -> None:
+    image = bytearray(bzimage())
+    for offset, value in edits:
+        image[offset] = value
+    path = write(tmp_path, bytes(image[: len(image) - cut]) or b"x")
+    try:
+        entry = load_kernel(mem, path, cmdline="console=ttyS0")
+    except BootError as e:
+        assert "\n" not in str(e)
+    else:
+        assert entry.mode in ("linux64", "long64", "protected32")
