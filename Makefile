@@ -6,10 +6,15 @@ VENV       := .venv
 VPY        := $(VENV)/bin/python
 STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
-# busybox-static is the built-in container image; iproute2 makes test network namespaces.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2
+# busybox-static is the built-in container image; iproute2 makes test network namespaces;
+# acpica-tools (iasl) checks the AML of the DSDT virtkit generates for Linux guests; lz4 (unlz4)
+# takes the vmlinux out of Debian's bzImage.
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 acpica-tools lz4
+# Debian's cloud kernel (a real bzImage for the Linux boot tests), cached outside the clone and
+# keyed by package version: tools/fetch-debian-kernel.sh only downloads when the version changes.
+KERNEL_CACHE ?= /var/cache/virtkit/kernels
 
-.PHONY: all setup deps venv guests pyc demo test test-unit test-integration bench lint typecheck clean help
+.PHONY: all setup deps venv guests kernels pyc demo test test-unit test-integration bench lint typecheck clean help
 
 all: setup
 
@@ -20,7 +25,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make clean  - remove build/ (keeps .venv)"
 
-setup: deps venv guests pyc
+setup: deps venv guests kernels pyc
 
 deps: $(STAMPS)/deb
 $(STAMPS)/deb: Makefile
@@ -44,6 +49,14 @@ $(STAMPS)/venv: pyproject.toml
 guests: deps
 	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
 	@$(MAKE) -s -C bench/native OUT=$(CURDIR)/build/native
+
+# Fast when cached: the script (apt-cache takes seconds) runs again only when the kernel it last
+# printed is gone or the package lists changed (apt-get update) and so may name a newer version.
+kernels: deps
+	@k=$$(cat $(STAMPS)/kernel 2>/dev/null); \
+	if [ -z "$$k" ] || [ ! -s "$$k" ] || [ /var/lib/apt/lists -nt $(STAMPS)/kernel ]; then \
+	  tools/fetch-debian-kernel.sh $(KERNEL_CACHE) > $(STAMPS)/kernel.tmp && mv $(STAMPS)/kernel.tmp $(STAMPS)/kernel; \
+	fi
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.

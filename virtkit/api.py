@@ -91,6 +91,7 @@ class VM:
         vcpus: int | str = 1,
         cmdline: str = "",
         modules: Sequence[str | ModuleSpec] = (),
+        initrd: str | os.PathLike[str] | None = None,
         boot: str = "auto",
         mode: str = "full",
         strict: bool = False,
@@ -116,6 +117,7 @@ class VM:
         self.cmdline = cmdline
         self.modules = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]
         self.boot = boot
+        self.initrd = None if initrd is None else os.fspath(initrd)
         self._serial_file: BinaryIO | None = None
         tee: BinaryIO | None
         if serial is None or serial == "none":
@@ -153,7 +155,9 @@ class VM:
             return
         try:
             self.machine = Machine(self.config, self.console.write)
-            self.machine.load(self.kernel, cmdline=self.cmdline, modules=self.modules, protocol=self.boot)
+            self.machine.load(
+                self.kernel, cmdline=self.cmdline, modules=self.modules, protocol=self.boot, initrd=self.initrd
+            )
         except BaseException:
             self.close()
             raise
@@ -188,6 +192,7 @@ class VM:
         assert m is not None
         stats = merge(m.vcpu_stats(), m.io_bus.unknown, m.mmio_bus.unknown, (m.ended_ns or m.started_ns) - m.started_ns)
         stats.tsc_khz = m.tsc_khz()
+        stats.boot_protocol = m.boot_protocol
         if self.console.first_byte_ns is not None and m.started_ns:
             stats.first_output_s = (self.console.first_byte_ns - m.started_ns) / 1e9
         return RunResult(stop.reason, exit_status_for(stop), stop.detail, self.console.output, stats)

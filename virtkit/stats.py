@@ -40,6 +40,9 @@ class RunStats:
         self.kicks = 0
         self.tsc_khz = 0
         self.first_output_s: float | None = None
+        #: how the kernel was booted ("multiboot", "linux (bzImage, boot protocol 2.15)"...); shown
+        #: in the --stats table, not in to_dict (the service's stats record has no such field yet)
+        self.boot_protocol = ""
 
     @property
     def total_exits(self) -> int:
@@ -103,7 +106,10 @@ def merge(
 
 def format_table(stats: RunStats, top: int = 10) -> str:
     """The ``--stats`` report."""
-    lines = ["", "VM exits"]
+    lines = [""]
+    if stats.boot_protocol:
+        lines += [f"Boot protocol: {stats.boot_protocol}", ""]
+    lines.append("VM exits")
     total = stats.total_exits
     lines.append(f"  {'reason':<18}{'count':>12}{'share':>9}")
     for name, n in sorted(stats.exits.items(), key=lambda kv: -kv[1]):

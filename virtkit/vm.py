@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from virtkit.arch import cpuid, layout, x86
+from virtkit.arch import acpi, cpuid, layout, x86
 from virtkit.boot.loader import ModuleSpec, load_kernel
 from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
 from virtkit.devices.manager import DeviceManager
@@ -133,6 +133,8 @@ class Machine(VcpuHost):
         self._running = 0
         self._watchdog: threading.Thread | None = None
         self.started_ns = self.ended_ns = 0
+        #: the boot protocol the loader used ("multiboot", "linux (bzImage, boot protocol 2.15)"...)
+        self.boot_protocol = ""
         self.vcpus: list[Vcpu] = []
         with contextlib.ExitStack() as undo:
             self.kvm = Kvm()
@@ -218,7 +220,14 @@ class Machine(VcpuHost):
     def _create_devices(self, serial_out: Callable[[bytes], None]) -> None:
         dm = self.device_manager
         self.uart = uart.Uart16550(serial_out, self.irq_setter(uart.COM1_IRQ))
-        dm.add_port_device("uart0 (16550A)", uart.COM1_BASE, uart.PORT_COUNT, self.uart, state_name="uart0")
+        dm.add_port_device(
+            "uart0 (16550A)",
+            uart.COM1_BASE,
+            uart.PORT_COUNT,
+            self.uart,
+            state_name="uart0",
+            guest_info=acpi.serial_port("COM1", 0, uart.COM1_BASE, uart.COM1_IRQ),
+        )
         dm.add_port_device(
             "isa-debug-exit",
             debug_exit.DEBUG_EXIT_PORT,
@@ -226,7 +235,13 @@ class Machine(VcpuHost):
             debug_exit.DebugExit(self._on_debug_exit),
         )
         kbc = i8042.I8042(self._on_reset)
-        dm.add_port_device("i8042 data", i8042.DATA_PORT, 1, kbc)
+        dm.add_port_device(
+            "i8042 data",
+            i8042.DATA_PORT,
+            1,
+            kbc,
+            guest_info=acpi.ps2_controller(i8042.DATA_PORT, i8042.COMMAND_PORT, i8042.KEYBOARD_IRQ),
+        )
         dm.add_port_device("i8042 command", i8042.COMMAND_PORT, 1, kbc, offset=4, state_name="i8042")
         self.rtc = rtc.CmosRtc(self.config.memory)
         dm.add_port_device("cmos rtc", rtc.INDEX_PORT, 2, self.rtc, state_name="rtc")
@@ -296,16 +311,47 @@ class Machine(VcpuHost):
 
     # --- boot --------------------------------------------------------------------------------------
     def load(
-        self, kernel: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None, protocol: str = "auto"
+        self,
+        kernel: str,
+        *,
+        cmdline: str = "",
+        modules: list[ModuleSpec] | None = None,
+        protocol: str = "auto",
+        initrd: str | None = None,
     ) -> x86.EntryState:
-        cmdline = " ".join([cmdline, *self.kernel_cmdline_extra]).strip()
-        entry = load_kernel(self.memory, kernel, cmdline=cmdline, modules=modules, protocol=protocol)
+        entry = load_kernel(
+            self.memory,
+            kernel,
+            cmdline=cmdline,
+            modules=modules,
+            protocol=protocol,
+            initrd=initrd,
+            device_args=self.kernel_cmdline_extra,
+        )
+        self.boot_protocol = entry.protocol
+        if entry.is_linux:
+            self._prepare_linux_platform()
         boot = self.vcpus[0].fd
         regs, sregs = boot.get_regs(), boot.get_sregs()
         x86.apply_entry_state(regs, sregs, entry)
         boot.set_sregs(sregs)  # SREGS first: the mode they set decides how RIP/RSP are taken
         boot.set_regs(regs)
         return entry
+
+    def _prepare_linux_platform(self) -> None:
+        """What a PC's firmware leaves for a Linux kernel: the ACPI and MP tables describing this
+        machine's vCPUs and devices, and on every vCPU the boot MSRs, LINT0/LINT1 and FPU state."""
+        for gpa, blob in self.device_manager.platform_tables(len(self.vcpus)):
+            self.memory.write(gpa, blob)
+        msrs = x86.linux_boot_msrs()
+        for v in self.vcpus:
+            accepted = v.fd.set_msrs(msrs)
+            if accepted != len(msrs):
+                refused = list(msrs)[accepted]
+                raise KvmError(f"KVM refused MSR {refused:#x} that a Linux guest starts with (KVM_SET_MSRS)")
+            if self.irqchip:  # the LAPIC exists only with the in-kernel irqchip
+                v.fd.set_lapic(x86.lapic_with_lint(v.fd.get_lapic()))
+            v.fd.set_fpu(x86.fpu_init_state())
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:

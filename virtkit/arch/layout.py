@@ -12,6 +12,19 @@ map never overwrites them.
     0x0001_0000  Multiboot information, memory map, command line, module list
     0x0008_0000  end of what virtkit writes; 0x8_0000-0x9_FFFF left to the guest (conventional RAM)
     0x000A_0000  legacy VGA/BIOS hole           (reserved in the map; backed by RAM)
+
+Linux guests (boot/linux.py, boot/pvh.py) use the same GDT page and page tables, and also:
+
+    0x0000_0580  IDT (one null gate) and 0x600 the TSS that TR points at
+    0x0000_7000  zero page (struct boot_params) or PVH hvm_start_info, memory map, module list
+    0x0002_0000  kernel command line (up to LINUX_CMDLINE_MAX bytes)
+    0x0009_FC00  EBDA (reserved from here to 1 MiB in the e820 map)
+    0x000E_0000  ACPI: RSDP, then DSDT, FADT, MADT, XSDT (ACPI 6.5 §5.2.5.1: RSDP search area)
+    0x000F_0000  MP floating pointer and configuration table (Intel MP spec 1.4 §4: BIOS ROM area)
+    top of low RAM, below the kernel's initrd_addr_max: the initrd
+
+and report to the kernel (e820): RAM 0..EBDA, reserved EBDA..1 MiB, RAM 1 MiB..the MMIO hole,
+RAM above 4 GiB.
     0x0010_0000  kernel image (typical Multiboot link address)
     0xC000_0000  start of the 32-bit MMIO hole: nothing is RAM from here to 4 GiB
     0xD000_0000  virtio-mmio device window      (paravirtualized devices, one 4 KiB page each)
@@ -49,6 +62,40 @@ KERNEL_MIN_ADDR: Final = 0x10_0000
 LOADER_RESERVED_START: Final = 0x0
 LOADER_RESERVED_END: Final = MBI_LIMIT
 
+# --- Linux guests (Documentation/arch/x86/boot.rst, zero-page.rst; Xen start_info.h) -----------
+#: IDT loaded at entry for Linux: one all-zero gate (the kernel loads its own before it enables
+#: interrupts; until then an exception is a triple fault, which virtkit reports).
+LINUX_IDT_ADDR: Final = 0x580
+#: 64-bit TSS (Intel SDM vol. 3A §8.7) that TR holds at entry; 104 bytes, all zero.
+LINUX_TSS_ADDR: Final = 0x600
+LINUX_TSS_SIZE: Final = 0x68
+#: struct boot_params (the "zero page"), one page; RSI points here at the 64-bit entry.
+ZERO_PAGE_ADDR: Final = 0x7000
+#: PVH: struct hvm_start_info, then its memory map and module list, from the same page on.
+PVH_START_INFO_ADDR: Final = ZERO_PAGE_ADDR
+PVH_START_INFO_LIMIT: Final = 0x8000  # the boot stack (below BOOT_STACK_TOP) is above
+#: the kernel command line (boot.rst "cmd_line_ptr"); bounded by the kernel's cmdline_size too.
+LINUX_CMDLINE_ADDR: Final = 0x2_0000
+LINUX_CMDLINE_MAX: Final = 0x1_0000
+#: Extended BIOS Data Area: the last KiB of base memory. From here to 1 MiB the e820 map says
+#: reserved: the firmware area, where the ACPI and MP tables are.
+EBDA_START: Final = 0x9_FC00
+#: ACPI tables; the RSDP is also found by a scan of 0xE0000-0xFFFFF (ACPI 6.5 §5.2.5.1).
+ACPI_TABLES_ADDR: Final = 0xE_0000
+ACPI_RSDP_ADDR: Final = ACPI_TABLES_ADDR
+ACPI_TABLES_LIMIT: Final = 0xF_0000
+#: MP floating pointer, then the MP configuration table: in the BIOS ROM area 0xF0000-0xFFFFF,
+#: one of the places a kernel searches (Intel MP spec 1.4 §4; Linux smp_scan_config). The EBDA's
+#: single KiB would hold only a few dozen processor entries.
+MPTABLE_ADDR: Final = 0xF_0000
+MPTABLE_LIMIT: Final = 0x10_0000
+#: APIC IDs in the MADT's local APIC entries and the MP table are 8 bits, 0xFF is broadcast,
+#: and the IOAPIC takes the ID after the last vCPU.
+LINUX_MAX_VCPUS: Final = 254
+#: where the protected-mode part of a bzImage (or a vmlinux) loads: 1 MiB, the boot protocol's
+#: default for a bzImage (boot.rst "LOADING THE REST OF THE KERNEL").
+LINUX_LOAD_ADDR: Final = 0x10_0000
+
 # --- the legacy PC hole between 640 KiB and 1 MiB ----------------------------------------------
 LOW_MEMORY_END: Final = 0xA_0000  # "mem_lower" ends here: 640 KiB
 LEGACY_HOLE_END: Final = 0x10_0000
@@ -80,10 +127,24 @@ GDT_CODE64: Final = 0x08
 GDT_DATA: Final = 0x10
 GDT_CODE32: Final = 0x18
 GDT_TSS: Final = 0x20  # a 64-bit TSS descriptor takes two slots (0x20 and 0x28)
+#: the Linux 64-bit boot protocol's selectors (boot.rst "64-bit BOOT PROTOCOL": __BOOT_CS 0x10,
+#: __BOOT_DS 0x18) and the TSS after them
+LINUX_BOOT_CS: Final = 0x10
+LINUX_BOOT_DS: Final = 0x18
+LINUX_BOOT_TSS: Final = 0x20
+#: PVH entry (Xen docs/misc/pvh.pandoc): a flat 32-bit code and data segment and a 32-bit TSS
+PVH_BOOT_CS: Final = 0x08
+PVH_BOOT_DS: Final = 0x10
+PVH_BOOT_TSS: Final = 0x18
 
 # --- memory sizes ----------------------------------------------------------------------------
 MIN_MEMORY: Final = 2 * MiB  # room for low memory structures and a small kernel
 DEFAULT_MEMORY: Final = 64 * MiB
+
+
+def low_ram_end(memory_size: int) -> int:
+    """End of the RAM below the 32-bit MMIO hole."""
+    return min(memory_size, MMIO_HOLE_START)
 
 
 def ram_ranges(memory_size: int) -> list[tuple[int, int]]:

@@ -20,6 +20,10 @@ ELFDATA2LSB: Final = 1
 ET_EXEC: Final = 2
 EM_386, EM_X86_64 = 3, 62
 PT_LOAD: Final = 1
+PT_NOTE: Final = 4
+#: bounds on what note parsing reads (hostile images): notes per file, bytes per note segment
+MAX_NOTES: Final = 256
+MAX_NOTE_SEGMENT: Final = 1 << 20
 
 
 class Segment:
@@ -92,3 +96,47 @@ def parse_elf(data: bytes, name: str) -> ElfImage:
     if not segments:
         raise BootError(f"{name} has no loadable segment")
     return ElfImage(bits, e_entry, tuple(segments))
+
+
+class Note:
+    """One ELF note (gABI "Note Section"): owner name, type and descriptor bytes."""
+
+    __slots__ = ("name", "type", "desc")
+
+    def __init__(self, name: bytes, type_: int, desc: bytes) -> None:
+        self.name, self.type, self.desc = name, type_, desc
+
+
+def parse_notes(data: bytes, name: str) -> list[Note]:
+    """The notes in the PT_NOTE segments of an ELF file (already accepted by :func:`parse_elf`).
+    Bounded: at most MAX_NOTES notes, each segment at most MAX_NOTE_SEGMENT bytes, every size
+    checked against its segment."""
+    cls = data[4]
+    if cls == ELFCLASS64:
+        e_phoff, e_phentsize, e_phnum = struct.unpack_from("<Q", data, 32)[0], *struct.unpack_from("<HH", data, 54)
+    else:
+        e_phoff, e_phentsize, e_phnum = struct.unpack_from("<I", data, 28)[0], *struct.unpack_from("<HH", data, 42)
+    notes: list[Note] = []
+    for i in range(e_phnum):
+        at = e_phoff + i * e_phentsize
+        if cls == ELFCLASS64:
+            p_type, _f, p_offset, _v, _p, p_filesz = struct.unpack_from("<IIQQQQ", data, at)
+        else:
+            p_type, p_offset, _v, _p, p_filesz = struct.unpack_from("<IIIII", data, at)
+        if p_type != PT_NOTE:
+            continue
+        if p_filesz > MAX_NOTE_SEGMENT or p_offset + p_filesz > len(data):
+            raise BootError(f"{name}: note segment {i} is too large or extends past the end of the file")
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, n_type = struct.unpack_from("<III", data, pos)
+            name_at = pos + 12
+            desc_at = name_at + ((namesz + 3) & ~3)
+            nxt = desc_at + ((descsz + 3) & ~3)
+            if desc_at + descsz > end:
+                raise BootError(f"{name}: a note in segment {i} extends past its segment")
+            if len(notes) >= MAX_NOTES:
+                raise BootError(f"{name} has more than {MAX_NOTES} ELF notes")
+            notes.append(Note(data[name_at : name_at + namesz].rstrip(b"\0"), n_type, data[desc_at : desc_at + descsz]))
+            pos = nxt
+    return notes

@@ -6,20 +6,33 @@ Protocols:
   vCPU starts in 32-bit protected mode, paging off (Multiboot §3.2).
 * ``direct64``: an ELF64 entered straight in 64-bit long mode with virtkit's identity-mapped page
   tables and GDT, as Firecracker enters its kernels. EBX points at the same Multiboot information.
-* ``auto``: Multiboot if the image has a Multiboot header, else direct64 for an ELF64 image.
+* ``linux``: the Linux x86 64-bit boot protocol (``boot/linux.py``): a bzImage (setup header
+  "HdrS", protocol >= 2.12, XLF_KERNEL_64) loaded at 1 MiB and entered at load + 0x200, or an
+  uncompressed vmlinux (ELF64) entered at its ELF entry; RSI points at the zero page.
+* ``pvh``: a vmlinux with a ``XEN_ELFNOTE_PHYS32_ENTRY`` note, entered in 32-bit protected mode
+  with EBX pointing at ``hvm_start_info`` (``boot/pvh.py``).
+* ``auto``: Multiboot if the image has a Multiboot header; ``linux`` for a bzImage or an ELF64 with
+  a "Linux" or "Xen" note (a vmlinux); else direct64 for an ELF64 image.
+
+Linux guests find their devices in the ACPI and MP tables the machine writes (``arch/acpi.py``,
+``arch/mptable.py``); the others on the command line (``device_args``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from virtkit.arch import layout, x86
-from virtkit.boot import multiboot
-from virtkit.boot.elf import ElfImage, is_elf, parse_elf
+from virtkit.boot import linux, multiboot, pvh
+from virtkit.boot.elf import ElfImage, is_elf, parse_elf, parse_notes
 from virtkit.errors import BootError
 from virtkit.memory import GuestMemory
 
-PROTOCOLS = ("auto", "multiboot", "direct64")
+PROTOCOLS = ("auto", "multiboot", "direct64", "linux", "pvh")
+#: ELF note owners that mark an ELF64 file as a Linux vmlinux (include/linux/elfnote.h; Xen's
+#: notes, PVH among them, are only in kernels built for it)
+LINUX_NOTE_OWNERS = (b"Linux", b"Xen")
 
 
 class ModuleSpec:
@@ -115,28 +128,66 @@ def _load_aout_kludge(mem: GuestMemory, data: bytes, hdr: multiboot.MultibootHea
     return hdr.entry_addr, end
 
 
+def _is_vmlinux(data: bytes, name: str) -> bool:
+    return any(n.name in LINUX_NOTE_OWNERS for n in parse_notes(data, name))
+
+
+def detect_protocol(data: bytes, name: str) -> str:
+    """The boot protocol ``auto`` picks for an image (see the module docstring)."""
+    if multiboot.find_header(data) is not None:
+        return "multiboot"
+    if linux.is_bzimage(data):
+        return "linux"
+    if is_elf(data) and len(data) > 4 and data[4] == 2:
+        parse_elf(data, name)  # headers checked before the notes are read
+        return "linux" if _is_vmlinux(data, name) else "direct64"
+    if is_elf(data):
+        raise BootError(
+            f"{name} is an ELF32 file without a Multiboot header: virtkit boots Multiboot "
+            "kernels, Linux bzImage/vmlinux kernels, or ELF64 kernels with --boot direct64"
+        )
+    if linux.has_boot_sector_signature(data):
+        raise BootError(
+            f"{name} has a PC boot sector (0xAA55) but no Linux 'HdrS' setup header magic at 0x202: "
+            "not a Linux bzImage, or one older than boot protocol 2.00"
+        )
+    raise BootError(f"{name} is not an ELF file, a Linux bzImage or a Multiboot kernel: give one of those")
+
+
 def load_kernel(
-    mem: GuestMemory, path: str, *, cmdline: str = "", modules: list[ModuleSpec] | None = None, protocol: str = "auto"
+    mem: GuestMemory,
+    path: str,
+    *,
+    cmdline: str = "",
+    modules: list[ModuleSpec] | None = None,
+    protocol: str = "auto",
+    initrd: str | None = None,
+    device_args: Sequence[str] = (),
 ) -> x86.EntryState:
+    """Load ``path`` with ``protocol`` (or the one ``auto`` detects). ``device_args``: command-line
+    fragments announcing the devices, for guests that do not read ACPI: Multiboot and direct64
+    guests, and a Linux kernel given ``acpi=off``."""
     if protocol not in PROTOCOLS:
         raise BootError(f"unknown boot protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     name = os.path.basename(path)
     data = read_image(path, "kernel", mem.size)
-    header = multiboot.find_header(data)
     if protocol == "auto":
-        if header is not None:
-            protocol = "multiboot"
-        elif is_elf(data) and data[4] == 2:
-            protocol = "direct64"
-        elif is_elf(data):
+        protocol = detect_protocol(data, name)
+    if protocol in ("linux", "pvh"):
+        if modules:
             raise BootError(
-                f"{name} is an ELF32 file without a Multiboot header: virtkit boots Multiboot "
-                "kernels, or ELF64 kernels with --boot direct64"
+                f"{name} boots with the {protocol} protocol, which has no Multiboot modules: "
+                "give the initrd with --initrd"
             )
-        else:
-            raise BootError(
-                f"{name} is not an ELF file and has no Multiboot header: give a Multiboot kernel or an ELF64 kernel"
-            )
+        if "acpi=off" in cmdline.split():
+            cmdline = " ".join([cmdline, *device_args])
+        return _load_linux(mem, data, name, protocol, cmdline, initrd)
+    if initrd is not None:
+        raise BootError(
+            f"--initrd is for Linux kernels; {name} boots with the {protocol} protocol: give it modules with --module"
+        )
+    cmdline = " ".join([cmdline, *device_args]).strip()
+    header = multiboot.find_header(data)
 
     if protocol == "multiboot":
         if header is None:
@@ -176,8 +227,85 @@ def load_kernel(
     if protocol == "direct64":
         for gpa, table in x86.identity_page_tables():
             mem.write(gpa, table)
-        return x86.EntryState("long64", entry, rbx=layout.MBI_ADDR, rsp=layout.BOOT_STACK_TOP)
-    return x86.EntryState("protected32", entry, rbx=layout.MBI_ADDR)
+        return x86.EntryState("long64", entry, rbx=layout.MBI_ADDR, rsp=layout.BOOT_STACK_TOP, protocol="direct64")
+    return x86.EntryState("protected32", entry, rbx=layout.MBI_ADDR, protocol="multiboot")
+
+
+def _vmlinux_entry(elf: ElfImage, name: str) -> int:
+    """A vmlinux's e_entry is physical (vmlinux.lds: ENTRY(phys_startup_64)); a kernel linked
+    with a virtual one is translated through the segment that holds it."""
+    if _in_segments(elf, elf.entry):
+        return elf.entry
+    for seg in elf.segments:
+        if seg.vaddr <= elf.entry < seg.vaddr + seg.memsz:
+            return elf.entry - seg.vaddr + seg.paddr
+    raise BootError(f"{name} (vmlinux): entry point {elf.entry:#x} is outside its loadable segments")
+
+
+def _in_segments(elf: ElfImage, paddr: int) -> bool:
+    return any(seg.paddr <= paddr < seg.paddr + seg.memsz for seg in elf.segments)
+
+
+def _load_linux(
+    mem: GuestMemory, data: bytes, name: str, protocol: str, cmdline: str, initrd_path: str | None
+) -> x86.EntryState:
+    """Load a Linux kernel for the 64-bit boot protocol or PVH; write its zero page (or start
+    info), command line, initrd and entry structures. The ACPI and MP tables the zero page points
+    at are the machine's to write (they describe its devices)."""
+    if linux.is_bzimage(data):
+        if protocol == "pvh":
+            raise BootError(
+                f"{name} is a Linux bzImage: PVH needs an uncompressed vmlinux with a XEN_ELFNOTE_PHYS32_ENTRY "
+                "note; boot the bzImage with --boot linux"
+            )
+        kernel = linux.load_bzimage(mem, data, name)
+    elif is_elf(data) and len(data) > 4 and data[4] == 2:
+        elf = parse_elf(data, name)
+        pvh_entry = pvh.pvh_entry(parse_notes(data, name), name) if protocol == "pvh" else None
+        if protocol == "pvh" and pvh_entry is None:
+            raise BootError(
+                f"{name} has no XEN_ELFNOTE_PHYS32_ENTRY note (a kernel without CONFIG_PVH): boot it with --boot linux"
+            )
+        top = _load_elf(mem, data, elf, f"{name} (vmlinux)")
+        entry = pvh_entry if pvh_entry is not None else _vmlinux_entry(elf, name)
+        if entry >= layout.IDENTITY_MAP_BYTES or not _in_segments(elf, entry):
+            raise BootError(f"{name} (vmlinux): entry point {entry:#x} is outside its loadable segments")
+        kernel = linux.LoadedKernel(
+            entry=entry,
+            end=top,
+            header=b"",
+            cmdline_size=linux.DEFAULT_CMDLINE_SIZE - 1,
+            initrd_addr_max=linux.DEFAULT_INITRD_ADDR_MAX,
+            kind="vmlinux ELF64, PVH entry" if protocol == "pvh" else "vmlinux ELF64",
+        )
+    else:
+        raise BootError(f"{name} is neither a Linux bzImage nor an ELF64 vmlinux: --boot {protocol} needs one")
+    what = f"{protocol} ({kernel.kind})"
+    cmdline_addr, _ = linux.write_cmdline(mem, cmdline, kernel.cmdline_size, name)
+    initrd: tuple[int, int] | None = None
+    if initrd_path is not None:
+        blob = read_image(initrd_path, "initrd", mem.size)
+        initrd = (linux.place_initrd(mem, blob, kernel.end, kernel.initrd_addr_max, initrd_path), len(blob))
+    e820 = linux.e820_map(mem.size)
+    if protocol == "pvh":
+        rsdp = layout.ACPI_RSDP_ADDR
+        info = pvh.build_start_info(e820=e820, cmdline_addr=cmdline_addr, initrd=initrd, rsdp_addr=rsdp)
+        mem.write(layout.PVH_START_INFO_ADDR, info)
+        mem.write(layout.GDT_ADDR, x86.gdt_bytes(x86.PVH_GDT))
+        mem.fill(layout.LINUX_IDT_ADDR, 8)
+        return x86.EntryState("pvh32", kernel.entry, rax=0, rbx=layout.PVH_START_INFO_ADDR, protocol=what)
+    zero_page = linux.build_zero_page(
+        header=kernel.header, e820=e820, cmdline_addr=cmdline_addr, initrd=initrd, rsdp_addr=layout.ACPI_RSDP_ADDR
+    )
+    mem.write(layout.ZERO_PAGE_ADDR, zero_page)
+    mem.write(layout.GDT_ADDR, x86.gdt_bytes(x86.linux_gdt()))
+    mem.fill(layout.LINUX_IDT_ADDR, 8)
+    mem.fill(layout.LINUX_TSS_ADDR, layout.LINUX_TSS_SIZE)
+    for gpa, table in x86.identity_page_tables():
+        mem.write(gpa, table)
+    return x86.EntryState(
+        "linux64", kernel.entry, rax=0, rsi=layout.ZERO_PAGE_ADDR, rsp=layout.BOOT_STACK_TOP, protocol=what
+    )
 
 
 def _load_modules(mem: GuestMemory, specs: list[ModuleSpec], top: int) -> list[multiboot.Module]:

@@ -24,3 +24,10 @@ def add_machine_options(
         help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode",
     )
     p.add_argument("--strict", action="store_true", help="treat accesses to unknown ports and MMIO addresses as errors")
+
+
+def add_initrd_option(p: argparse.ArgumentParser) -> None:
+    """``--initrd FILE``: the initial ramdisk a Linux kernel (bzImage, vmlinux, PVH) is given."""
+    p.add_argument(
+        "--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel (bzImage or vmlinux)"
+    )

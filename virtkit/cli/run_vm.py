@@ -52,6 +52,7 @@ def run_vm(args: argparse.Namespace) -> int:
         vcpus=args.vcpus,
         cmdline=args.cmdline,
         modules=[_parse_module(m) for m in args.module],
+        initrd=args.initrd,
         boot=args.boot,
         mode=args.mode,
         strict=args.strict,

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="boot a kernel in a VM (or, with --mode container, run an image in a container)",
         usage="virtkit run [options] KERNEL  |  virtkit run --mode container [options] IMAGE -- CMD [ARG...]",
         description=(
-            "Boot KERNEL (a Multiboot ELF, or any ELF64 with --boot direct64) in a virtual machine on "
+            "Boot KERNEL (a Linux bzImage or vmlinux, a Multiboot ELF, or any ELF64 with --boot direct64) "
+            "in a virtual machine on "
             "/dev/kvm. The guest's debug-exit status (port 0xF4, as QEMU's isa-debug-exit) becomes "
             "this command's exit status: (value << 1) | 1. With --mode container, run IMAGE -- CMD "
             "in an OCI container instead."
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
     run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
-    from virtkit.cli.options import add_machine_options
+    from virtkit.cli.options import add_initrd_option, add_machine_options
 
     add_machine_options(
         run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, or container"
@@ -34,11 +35,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE[,STRING]",
         help="Multiboot module, optionally with its string (repeatable)",
     )
+    add_initrd_option(run)
     run.add_argument(
         "--boot",
         default="auto",
-        choices=("auto", "multiboot", "direct64"),
-        help="boot protocol: Multiboot v1, or direct 64-bit ELF entry (default: auto)",
+        choices=("auto", "multiboot", "direct64", "linux", "pvh"),
+        help="boot protocol: Multiboot v1, direct 64-bit ELF entry, the Linux 64-bit boot protocol "
+        "(bzImage or vmlinux), or Linux's PVH entry (default: auto, from the file)",
     )
     run.add_argument(
         "--serial", default="stdout", metavar="stdout|FILE|none", help="where the UART's output goes (default stdout)"

@@ -11,8 +11,9 @@ It owns
 * the teardown of what it wired, in reverse order.
 
 A new device is added through :meth:`add_port_device`, :meth:`add_mmio_device` or
-:meth:`add_virtio`; the platform tables a Linux guest reads (ACPI, MP table) will be generated
-from the same inventory.
+:meth:`add_virtio`; the platform tables a Linux guest reads (ACPI, MP table) are generated from
+the same inventory (:meth:`platform_tables`): a device registered with a ``guest_info``
+description, and every virtio-mmio device, appears in the DSDT.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from virtkit.arch import layout
+from virtkit.arch import acpi, layout, mptable
 from virtkit.devices.bus import IoBus, MmioBus
 from virtkit.devices.contract import MmioDevice, Persistent, PioDevice
 from virtkit.errors import DeviceError
@@ -70,6 +71,8 @@ class DeviceManager:
         self._vm: VmFd | None = None
         self._new_eventfd: Callable[[Callable[[], None]], int] | None = None
         self._use_ioeventfd = self._use_irqfd = False
+        #: the devices a guest's firmware tables describe, in the order they were added
+        self.guest_devices: list[acpi.DeviceInfo] = []
 
     # --- adding devices --------------------------------------------------------------------------
     def _persist(self, name: str | None, device: object) -> None:
@@ -82,12 +85,24 @@ class DeviceManager:
         self.persistent[name] = device
 
     def add_port_device(
-        self, name: str, base: int, length: int, device: PioDevice, *, offset: int = 0, state_name: str | None = None
+        self,
+        name: str,
+        base: int,
+        length: int,
+        device: PioDevice,
+        *,
+        offset: int = 0,
+        state_name: str | None = None,
+        guest_info: acpi.DeviceInfo | None = None,
     ) -> None:
         """Ports ``base``..``base+length-1`` to ``device`` (see :meth:`IoBus.register`);
-        ``state_name``: the name its state is saved under, if it has any."""
+        ``state_name``: the name its state is saved under, if it has any; ``guest_info``: how the
+        ACPI tables describe it to the guest (a device spread over several registrations gives it
+        once)."""
         self.io_bus.register(base, length, device, name, offset=offset)
         self._persist(state_name, device)
+        if guest_info is not None:
+            self.guest_devices.append(guest_info)
 
     def add_mmio_device(
         self, name: str, base: int, length: int, device: MmioDevice, *, state_name: str | None = None
@@ -150,7 +165,30 @@ class DeviceManager:
                 efd = self._new_eventfd(functools.partial(transport.notify, reg.queue))
                 self._vm.ioeventfd(efd, reg.addr, reg.length, datamatch=reg.datamatch)
         self.cmdline.append(virtio_kernel_cmdline_arg(base, gsi))
+        index = (base - layout.VIRTIO_MMIO_BASE) // layout.VIRTIO_MMIO_SIZE
+        self.guest_devices.append(acpi.virtio_mmio_device(index, base, layout.VIRTIO_MMIO_SIZE, gsi))
         return transport
+
+    # --- what the guest's firmware tables say ----------------------------------------------------
+    def platform(self, vcpus: int) -> acpi.Platform:
+        """The machine as ACPI and the MP table describe it: ``vcpus`` processors, the IOAPIC and
+        every device registered with a description."""
+        if not 1 <= vcpus <= layout.LINUX_MAX_VCPUS:
+            raise DeviceError(
+                f"{vcpus} vCPUs: the ACPI and MP tables of a Linux guest describe at most "
+                f"{layout.LINUX_MAX_VCPUS} (8-bit APIC IDs): give fewer --vcpus"
+            )
+        return acpi.Platform(vcpus=vcpus, devices=tuple(self.guest_devices))
+
+    def platform_tables(self, vcpus: int) -> list[tuple[int, bytes]]:
+        """The ACPI tables (RSDP at ``layout.ACPI_RSDP_ADDR``) and the MP table, as
+        (guest-physical address, bytes) pairs to write into the guest's firmware area."""
+        platform = self.platform(vcpus)
+        gsis = tuple(irq for d in platform.devices for irq in d.irqs)
+        try:
+            return acpi.build_tables(platform) + mptable.build_mptable(platform, gsis)
+        except ValueError as e:
+            raise DeviceError(f"the machine's firmware tables cannot be built: {e}") from None
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:

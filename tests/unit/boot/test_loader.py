@@ -74,7 +74,7 @@ def test_auto_picks_direct64_for_elf64_without_header(tmp_path: Path, mem: Guest
     "data,message",
     [
         (b"", "is empty"),
-        (b"MZ this is not elf" * 10, "not an ELF file and has no Multiboot header"),
+        (b"MZ this is not elf" * 10, "not an ELF file, a Linux bzImage or a Multiboot kernel"),
         (elf(32, 0x100000, [(0x100000, b"\xf4" * 4, 4)]), "ELF32 file without a Multiboot header"),
         (elf(32, 0x100000, [(0x100000, CODE, len(CODE))])[:-4], "extends past the end of the file"),
         (elf(32, 0x100000, [(0x1000, CODE, len(CODE))]), "overlaps virtkit's boot structures"),

@@ -129,3 +129,9 @@ def test_a_hostile_exit_report_is_not_trusted(tmp_path: Path) -> None:
     assert sup._read_report(7) is None  # oversized
     Path(sup.report).write_text("[" * 100 + "]" * 100)
     assert sup._read_report(7) is None  # not an object, too deep
+
+
+def test_a_linux_guest_keeps_its_initrd_and_boot_protocol_across_a_restart(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path, "--initrd", "initrd.img", "--boot", "linux")
+    boot = " ".join(sup.boot_command())
+    assert "--initrd initrd.img" in boot and "--boot linux" in boot

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 DATA_PORT: Final = 0x60
 COMMAND_PORT: Final = 0x64
+#: the keyboard interrupt line of a PC (ISA IRQ 1); this model never raises it (no keyboard)
+KEYBOARD_IRQ: Final = 1
 
 STATUS_OBF: Final = 0x01  # output buffer full
 STATUS_SYS: Final = 0x04  # system flag: POST passed
