@@ -106,9 +106,14 @@ MMIO_HOLE_END: Final = 0x1_0000_0000
 #: virtio-mmio devices: one 4 KiB window each, from here up (virtio 1.2 §4.2.2).
 VIRTIO_MMIO_BASE: Final = 0xD000_0000
 VIRTIO_MMIO_SIZE: Final = 0x1000
-VIRTIO_MMIO_MAX_DEVICES: Final = 32
-#: First IRQ line handed to virtio-mmio devices (IOAPIC pins 5..; ISA devices keep theirs).
-VIRTIO_IRQ_BASE: Final = 5
+#: Interrupt lines (IOAPIC pins = GSIs) handed to virtio-mmio devices, in slot order: every pin of
+#: KVM's 24-pin IOAPIC (KVM_IOAPIC_NUM_PINS) that no ISA device of the PC claims. Left out: 0 PIT,
+#: 1 keyboard, 2 cascade, 3 COM2, 4 COM1, 8 RTC, 12 PS/2 mouse, 14 and 15 the ATA channels: a Linux
+#: guest's drivers for those take their lines edge-triggered and unshared, so a virtio device
+#: there would fail to get its interrupt.
+VIRTIO_GSIS: Final = (5, 6, 7, 9, 10, 11, 13, 16, 17, 18, 19, 20, 21, 22, 23)
+#: one virtio-mmio slot per line
+VIRTIO_MMIO_MAX_DEVICES: Final = len(VIRTIO_GSIS)
 IOAPIC_ADDR: Final = 0xFEC0_0000
 LAPIC_ADDR: Final = 0xFEE0_0000
 #: KVM needs three pages for the real-mode TSS on VT-x (KVM_SET_TSS_ADDR); put them in the hole.

@@ -49,7 +49,7 @@ def virtio_mmio_slot(index: int) -> tuple[int, int]:
             f"virtio-mmio slot {index} does not exist: a machine has "
             f"{layout.VIRTIO_MMIO_MAX_DEVICES} (0..{layout.VIRTIO_MMIO_MAX_DEVICES - 1})"
         )
-    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + index
+    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_GSIS[index]
 
 
 class DeviceManager:

@@ -28,11 +28,22 @@ def test_virtio_slots_are_handed_out_in_order_with_their_own_lines() -> None:
     dm = manager()
     slots = [dm.allocate_virtio_slot() for _ in range(3)]
     assert slots == [
-        (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, layout.VIRTIO_IRQ_BASE + i) for i in range(3)
+        (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, 5 + i) for i in range(3)
     ]
     assert virtio_kernel_cmdline_arg(*slots[2]) == f"virtio_mmio.device=4K@{slots[2][0]:#x}:{slots[2][1]}"
-    with pytest.raises(DeviceError, match="slot 32"):
+    with pytest.raises(DeviceError, match=f"slot {layout.VIRTIO_MMIO_MAX_DEVICES}"):
         virtio_mmio_slot(layout.VIRTIO_MMIO_MAX_DEVICES)
+
+
+def test_virtio_lines_are_ioapic_pins_no_isa_device_claims() -> None:
+    # a 4th virtio device used to get IRQ 8 (the RTC's), and slots past 19 pins KVM's IOAPIC lacks
+    from virtkit.devices.legacy.ata import IRQ as ATA_IRQ
+    from virtkit.devices.legacy.i8042 import KEYBOARD_IRQ
+    from virtkit.devices.legacy.uart import COM1_IRQ
+
+    gsis = [virtio_mmio_slot(i)[1] for i in range(layout.VIRTIO_MMIO_MAX_DEVICES)]
+    assert len(set(gsis)) == len(gsis) and all(0 <= g < 24 for g in gsis)
+    assert not {0, 2, 8, 12, ATA_IRQ, ATA_IRQ + 1, KEYBOARD_IRQ, COM1_IRQ} & set(gsis)
 
 
 def test_only_devices_with_state_are_persisted_and_names_are_unique() -> None:
