@@ -24,3 +24,14 @@ def add_machine_options(
         help="raw disk image: ATA disk in full mode, block hypercalls/virtio-blk in para mode",
     )
     p.add_argument("--strict", action="store_true", help="treat accesses to unknown ports and MMIO addresses as errors")
+
+
+def add_net_option(p: argparse.ArgumentParser) -> None:
+    """``--net``: a virtio-net card on a TAP device made for the VM (paravirtualized VMs)."""
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,mac=MAC][,name=IF]",
+        help="virtio-net card on a new TAP device (removed when the VM ends), optionally on bridge BR (--mode para)",
+    )
