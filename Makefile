@@ -6,8 +6,9 @@ VENV       := .venv
 VPY        := $(VENV)/bin/python
 STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
-# busybox-static is the built-in container image; iproute2 makes test network namespaces.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2
+# busybox-static is the built-in container image; iproute2 makes test network namespaces; iputils-ping
+# pings the virtio-net guest.
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 iputils-ping
 
 .PHONY: all setup deps venv guests pyc demo test test-unit test-integration bench lint typecheck clean help
 
