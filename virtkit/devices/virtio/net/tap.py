@@ -60,9 +60,11 @@ class NetSpec:
         return f"NetSpec(bridge={self.bridge!r}, mac={mac!r}, name={self.name!r})"
 
 
-def _check_ifname(what: str, name: str) -> str:
+def _check_ifname(text: str, what: str, name: str) -> str:
     if not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise DeviceError(f"--net {what}={name!r}: an interface name is 1 to 15 letters, digits, '_', '.' or '-'")
+        raise DeviceError(
+            f"--net {text!r}: {what}= is not an interface name (1 to 15 letters, digits, '_', '.' or '-')"
+        )
     return name
 
 
@@ -83,8 +85,8 @@ def parse_net(text: str) -> NetSpec:
         mac = parse_mac(fields["mac"]) if "mac" in fields else None
     except DeviceError as e:
         raise DeviceError(f"--net {text!r}: {e}") from None
-    bridge = _check_ifname("bridge", fields["bridge"]) if "bridge" in fields else None
-    name = _check_ifname("name", fields["name"]) if "name" in fields else None
+    bridge = _check_ifname(text, "bridge", fields["bridge"]) if "bridge" in fields else None
+    name = _check_ifname(text, "name", fields["name"]) if "name" in fields else None
     return NetSpec(bridge=bridge, mac=mac, name=name)
 
 
