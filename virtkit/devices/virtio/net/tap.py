@@ -18,6 +18,7 @@ The default name is ``vk-tap<pid in hex>-<n>`` (IFNAMSIZ allows 15 characters); 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -118,7 +119,7 @@ class TapDevice:
         try:
             fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise DeviceError(f"--net tap: cannot open {TUN_DEVICE}: {e.strerror} (needs CAP_NET_ADMIN)") from None
+            raise DeviceError(f"--net tap: cannot open {TUN_DEVICE}: {e.strerror}") from None
         self.fd = fd
         self.name = name
         self.bridge = spec.bridge
@@ -126,7 +127,8 @@ class TapDevice:
             try:
                 ifr = fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI))
             except OSError as e:
-                raise DeviceError(f"--net tap: cannot create TAP {name}: {e.strerror}") from None
+                hint = " (needs CAP_NET_ADMIN: run as root)" if e.errno == errno.EPERM else ""
+                raise DeviceError(f"--net tap: cannot create TAP {name}: {e.strerror}{hint}") from None
             self.name = IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
             self._configure()
         except BaseException:
