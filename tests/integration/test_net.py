@@ -80,10 +80,8 @@ def tap_links(ns: str) -> list[str]:
 class Vmm:
     """One ``virtkit run`` under ``ip netns exec``, its output collected by a reader thread."""
 
-    def __init__(self, ns: str, kernel: Path, cmdline: str, *net_opts: str) -> None:
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "virtkit", "run", str(kernel), "--mode", "para"]
-        argv += [a for o in net_opts for a in ("--net", o)]
-        argv += ["--cmdline", cmdline, "--timeout", str(3 * DEADLINE)]
+    def __init__(self, ns: str, *args: str) -> None:
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "virtkit", *args, "--timeout", str(3 * DEADLINE)]
         # ip netns exec execs the command: this pid is the VMM's, so signals reach it directly
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
@@ -138,10 +136,21 @@ def vmms() -> Iterator[list[Vmm]]:
         vmm.kill()
 
 
-def start(vmms: list[Vmm], ns: str, kernel: Path, cmdline: str, *net_opts: str) -> Vmm:
-    vmm = Vmm(ns, kernel, cmdline, *net_opts)
+def start(vmms: list[Vmm], ns: str, kernel: Path, cmdline: str, *net_opts: str, extra: tuple[str, ...] = ()) -> Vmm:
+    net = [a for o in net_opts for a in ("--net", o)]
+    vmm = Vmm(ns, "run", str(kernel), "--mode", "para", *net, "--cmdline", cmdline, *extra)
     vmms.append(vmm)
     return vmm
+
+
+def ping(ns: str, count: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", "10", f"{SUBNET}.2"],
+        capture_output=True,
+        text=True,
+        timeout=3 * DEADLINE,
+        check=False,
+    )
 
 
 def test_host_pings_the_guest_and_sigterm_removes_the_tap(netns: str, netping: Path, vmms: list[Vmm]) -> None:
@@ -150,14 +159,8 @@ def test_host_pings_the_guest_and_sigterm_removes_the_tap(netns: str, netping: P
     (tap,) = tap_links(netns)
     assert f"master {BRIDGE}" in ip("-n", netns, "link", "show", tap).stdout
 
-    ping = subprocess.run(
-        ["ip", "netns", "exec", netns, "ping", "-c", "3", "-W", "10", f"{SUBNET}.2"],
-        capture_output=True,
-        text=True,
-        timeout=3 * DEADLINE,
-        check=False,
-    )
-    assert ping.returncode == 0 and "3 received" in ping.stdout, ping.stdout + ping.stderr + vmm.output
+    p = ping(netns, 3)
+    assert p.returncode == 0 and "3 received" in p.stdout, p.stdout + p.stderr + vmm.output
     vmm.wait_for(rf"^netping: arp who-has {SUBNET}\.2 tell {SUBNET}\.1: replied")
     replies = vmm.wait_for(rf"^netping: icmp echo request from {SUBNET}\.1 .*: replied", 3)
     assert [re.findall(r"seq=(\d+)", r) for r in replies] == [["1"], ["2"], ["3"]]
@@ -185,6 +188,61 @@ def test_two_guests_on_one_bridge_reach_each_other(netns: str, netping: Path, vm
 
     responder.proc.send_signal(signal.SIGTERM)
     responder.wait()
+    assert tap_links(netns) == []
+
+
+def test_snapshot_and_restore_keep_the_card_on_a_new_tap(
+    netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path
+) -> None:
+    control, snap = tmp_path / "ctl.sock", tmp_path / "snap"
+    mac = "02:76:6b:00:00:07"
+    vmm = start(
+        vmms, netns, netping, f"ip={SUBNET}.2", f"tap,bridge={BRIDGE},mac={mac}", extra=("--control", str(control))
+    )
+    vmm.wait_for(r"^netping: ready ")
+    assert ping(netns, 1).returncode == 0, vmm.output
+    saved = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "virtkit",
+            "snapshot",
+            str(snap),
+            "--control",
+            str(control),
+            "--leave-paused",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert saved.returncode == 0, saved.stderr
+    vmm.proc.send_signal(signal.SIGTERM)
+    vmm.wait()
+    assert tap_links(netns) == []
+
+    restored = Vmm(netns, "restore", str(snap))
+    vmms.append(restored)
+    # the TAP exists from TUNSETIFF on; it is on the bridge and up a moment later
+    end = time.monotonic() + DEADLINE
+    while not re.search(
+        rf"^\d+: vk-tap\S*: <[^>]*\bUP\b[^>]*>.* master {BRIDGE} ", ip("-n", netns, "-o", "link", "show").stdout, re.M
+    ):
+        assert time.monotonic() < end and restored.proc.poll() is None, restored.output
+        time.sleep(0.1)
+    assert len(tap_links(netns)) == 1
+    ip("-n", netns, "neigh", "flush", "all")  # the restored guest must answer ARP itself
+    p = ping(netns, 3)
+    assert p.returncode == 0 and "3 received" in p.stdout, p.stdout + p.stderr + restored.output
+    restored.wait_for(rf"^netping: icmp echo request from {SUBNET}\.1 .*: replied", 3)
+    assert mac in ip("-n", netns, "neigh", "show", f"{SUBNET}.2").stdout
+    restored.proc.send_signal(signal.SIGTERM)
+    restored.wait()
     assert tap_links(netns) == []
 
 

@@ -27,11 +27,15 @@ from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Final
 
 from virtkit.api import VM
-from virtkit.errors import KvmError
+from virtkit.errors import KvmError, VirtkitError
 from virtkit.snapshot import cpucompat, format, memfile, overlay, vmstate
 from virtkit.snapshot.cpucompat import CpuidEntry
 from virtkit.snapshot.format import Fields, SnapshotError
 from virtkit.vm import DiskSpec, Machine, MachineConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.net.tap import NetSpec
 
 STATE_FILE = "vm.state"
 #: CMOS NVRAM bytes where a clone finds its identity (docs/FAILOVER.md, "Clone"): a 16-byte id
@@ -104,6 +108,18 @@ def document(
                 }
                 for i, d in enumerate(getattr(c, "disks", ()))
             ],
+            # a network card's TAP is not saved: restore makes a new one on the same bridge, and
+            # the card keeps its MAC (its state is checked against it; docs/VIRTIO.md, virtio-net)
+            **(
+                {
+                    "nets": [
+                        {"mac": card.mac.hex(":"), **({"bridge": spec.bridge} if spec.bridge else {})}
+                        for spec, (_, card) in zip(c.nets, machine.nets, strict=True)
+                    ]
+                }
+                if c.nets
+                else {}
+            ),
         },
         "memory": memory.to_json(),
         **state,
@@ -266,6 +282,19 @@ class LoadedSnapshot:
         return self.image.vcpus[0].cpuid if self.image.vcpus else []
 
 
+def _parse_net(raw: Any, what: str) -> NetSpec:
+    """A saved network card: its MAC and bridge; the TAP itself is made anew (no name)."""
+    from virtkit.devices.virtio.net.tap import NetSpec, check_ifname, parse_mac
+
+    d = Fields(raw, what)
+    try:
+        mac = parse_mac(d.string("mac"))
+        bridge = check_ifname(d.string("bridge"), "bridge", d.string("bridge")) if d.has("bridge") else None
+    except VirtkitError as e:
+        raise SnapshotError(f"snapshot field {what}: {e}") from None
+    return NetSpec(bridge=bridge, mac=mac)
+
+
 def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
     f = Fields(doc, "state")
     m = f.obj("machine")
@@ -279,6 +308,8 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
             raise SnapshotError(f"snapshot field state.machine.disks[{i}].copy is not a file name: {copy!r}")
         disk_copies.append(copy)
     kw: dict[str, Any] = {"disks": tuple(disks)} if disks else {}
+    if m.has("nets"):
+        kw["nets"] = tuple(_parse_net(raw, f"state.machine.nets[{i}]") for i, raw in enumerate(m.array("nets")))
     config = MachineConfig(
         memory=m.integer("memory"),
         vcpus=m.integer("vcpus"),
@@ -602,6 +633,10 @@ def clone(
     if serial is not None and len(serial) != count:
         raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
     snap = load(directory)
+    if snap.config.nets:
+        raise SnapshotError(
+            "cloning a VM with a network card is not supported yet: the clones would share its MAC address"
+        )
     specs: tuple[DiskSpec, ...] = tuple(getattr(snap.config, "disks", ()))
     bases = {i: _disk_base(snap, i, spec) for i, spec in enumerate(specs) if not spec.read_only}
     try:

@@ -320,3 +320,21 @@ def test_default_names_fit_ifnamsiz_and_macs_are_local_unicast() -> None:
     assert name.startswith("vk-tap") and len(name) < IFNAMSIZ and name != default_name()
     mac = random_mac()
     assert mac[0] & 0b10 and not mac[0] & 1 and mac[:3] == bytes.fromhex("02766b")
+
+
+def test_a_snapshots_network_card_is_parsed_and_checked() -> None:
+    from virtkit.snapshot.format import SnapshotError
+    from virtkit.snapshot.snapshot import _parse_net
+
+    spec = _parse_net({"mac": "02:76:6b:00:00:01", "bridge": "br0"}, "state.machine.nets[0]")
+    assert (spec.mac, spec.bridge, spec.name) == (MAC, "br0", None)  # the TAP is made anew
+    assert _parse_net({"mac": "02:76:6b:00:00:01"}, "n").bridge is None
+    for raw, message in [
+        ({"mac": "01:00:00:00:00:01"}, "multicast"),
+        ({"mac": "02:76:6b:00:00:01", "bridge": "a,name=lo"}, "not an interface name"),
+        ({"mac": 5}, "mac"),
+        ({}, "mac"),
+    ]:
+        with pytest.raises(SnapshotError, match=message) as e:
+            _parse_net(raw, "state.machine.nets[0]")
+        assert "\n" not in str(e.value)

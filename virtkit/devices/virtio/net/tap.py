@@ -27,6 +27,8 @@ import struct
 from typing import Final
 
 from virtkit.devices.virtio.net.device import format_mac, parse_mac
+
+__all__ = ["NetSpec", "TapDevice", "check_ifname", "parse_mac", "parse_net"]
 from virtkit.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class NetSpec:
         return f"NetSpec(bridge={self.bridge!r}, mac={mac!r}, name={self.name!r})"
 
 
-def _check_ifname(text: str, what: str, name: str) -> str:
+def check_ifname(text: str, what: str, name: str) -> str:
     if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise DeviceError(
             f"--net {text!r}: {what}= is not an interface name (1 to 15 letters, digits, '_', '.' or '-')"
@@ -86,8 +88,8 @@ def parse_net(text: str) -> NetSpec:
         mac = parse_mac(fields["mac"]) if "mac" in fields else None
     except DeviceError as e:
         raise DeviceError(f"--net {text!r}: {e}") from None
-    bridge = _check_ifname(text, "bridge", fields["bridge"]) if "bridge" in fields else None
-    name = _check_ifname(text, "name", fields["name"]) if "name" in fields else None
+    bridge = check_ifname(text, "bridge", fields["bridge"]) if "bridge" in fields else None
+    name = check_ifname(text, "name", fields["name"]) if "name" in fields else None
     return NetSpec(bridge=bridge, mac=mac, name=name)
 
 
