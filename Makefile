@@ -7,9 +7,9 @@ VPY        := $(VENV)/bin/python
 STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
 # busybox-static is the built-in container image; iproute2 makes test network namespaces;
-# acpica-tools (iasl) checks the AML of the DSDT virtkit generates for Linux guests; lz4 (unlz4)
-# takes the vmlinux out of Debian's bzImage.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 acpica-tools lz4
+# iputils-ping pings the virtio-net guest; acpica-tools (iasl) checks the AML of the DSDT virtkit
+# generates for Linux guests; lz4 (unlz4) takes the vmlinux out of Debian's bzImage.
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 iputils-ping acpica-tools lz4
 # Debian's cloud kernel (a real bzImage for the Linux boot tests), cached outside the clone and
 # keyed by package version: tools/fetch-debian-kernel.sh only downloads when the version changes.
 KERNEL_CACHE ?= /var/cache/virtkit/kernels

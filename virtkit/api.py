@@ -23,6 +23,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import BinaryIO
 
+    from virtkit.devices.virtio.net.tap import NetSpec
+
 VM_MODES = ("full", "para")
 
 #: process exit statuses for stops that are not a debug-exit (documented in the README)
@@ -44,6 +46,14 @@ def parse_disk(text: str) -> DiskSpec:
     if opts not in ("", "ro", "rw"):
         raise ConfigError(f"--disk {text!r}: unknown option {opts!r} (use ,ro for read-only)")
     return DiskSpec(path, read_only=opts == "ro")
+
+
+def _parse_nets(nets: Sequence[str]) -> tuple[NetSpec, ...]:
+    if not nets:
+        return ()
+    from virtkit.devices.virtio.net.tap import parse_net
+
+    return tuple(parse_net(n) for n in nets)
 
 
 def exit_status_for(stop: Stop) -> int:
@@ -97,7 +107,9 @@ class VM:
         strict: bool = False,
         serial: str | BinaryIO | None = None,
         disks: Sequence[str | DiskSpec] = (),
+        nets: Sequence[str] = (),
     ) -> None:
+        """``nets``: ``--net`` option values (``tap[,bridge=BR][,mac=MAC][,name=IF]``)."""
         if mode not in VM_MODES:
             raise ConfigError(
                 f"--mode {mode!r} is not a VM mode: use one of {', '.join(VM_MODES)} (or 'container' from the CLI)"
@@ -113,6 +125,7 @@ class VM:
             paravirt=mode == "para",
             strict=strict,
             disks=tuple(d if isinstance(d, DiskSpec) else parse_disk(d) for d in disks),
+            nets=_parse_nets(nets),
         )
         self.cmdline = cmdline
         self.modules = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]

@@ -19,6 +19,8 @@ class IoThread:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._sel.register(self._wake, selectors.EVENT_READ, None)
         self._fds: list[int] = []
+        #: fds the thread watches but does not own (a TAP): their handler reads them itself
+        self._readers: set[int] = set()
         self._on_error = on_error
         self._name = name
         self._thread: threading.Thread | None = None
@@ -33,8 +35,15 @@ class IoThread:
         self._sel.register(fd, selectors.EVENT_READ, handler)
         return fd
 
+    def add_reader(self, fd: int, handler: Callable[[], None]) -> None:
+        """Run ``handler`` in the I/O thread whenever ``fd`` is readable (before start()). The
+        handler must read what is there (the selector is level-triggered); the caller keeps
+        ``fd`` open until after :meth:`stop`, and closes it."""
+        self._readers.add(fd)
+        self._sel.register(fd, selectors.EVENT_READ, handler)
+
     def start(self) -> None:
-        if self._fds and self._thread is None:
+        if (self._fds or self._readers) and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
 
@@ -44,10 +53,11 @@ class IoThread:
                 for key, _ in self._sel.select():
                     if key.data is None:
                         return  # stop() was called
-                    try:
-                        os.eventfd_read(key.fd)
-                    except BlockingIOError:
-                        continue
+                    if key.fd not in self._readers:
+                        try:
+                            os.eventfd_read(key.fd)
+                        except BlockingIOError:
+                            continue
                     self.events += 1
                     with self._busy:
                         key.data()
@@ -73,4 +83,5 @@ class IoThread:
         for fd in [*self._fds, self._wake]:
             os.close(fd)
         self._fds = []
+        self._readers = set()
         self._wake = -1

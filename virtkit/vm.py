@@ -37,6 +37,8 @@ from virtkit.vcpu import Vcpu, VcpuHost, VcpuStats, install_kick_handler
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from virtkit.devices.disk import RawImage
+    from virtkit.devices.virtio.net import NetDevice
+    from virtkit.devices.virtio.net.tap import NetSpec
 
 #: kept in step with virtkit.devices.hypercall.ABI_VERSION (a unit test checks), which is imported
 #: only by paravirtualized machines
@@ -57,7 +59,7 @@ class MachineConfig:
     """What a machine is made of. ``disks``: in full virtualization the first disk is the ATA
     primary master; paravirtualized, it backs the block hypercalls (and virtio-blk)."""
 
-    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip", "eventfds")
+    __slots__ = ("memory", "vcpus", "paravirt", "strict", "disks", "irqchip", "eventfds", "nets")
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class MachineConfig:
         disks: tuple[DiskSpec, ...] = (),
         irqchip: bool = True,
         eventfds: bool = True,
+        nets: tuple[NetSpec, ...] = (),
     ) -> None:
         self.memory, self.vcpus, self.paravirt, self.strict, self.disks = memory, vcpus, paravirt, strict, disks
         #: use KVM's in-kernel PIC/IOAPIC/LAPIC/PIT when the host has them (False: never)
@@ -75,6 +78,8 @@ class MachineConfig:
         #: virtio fast paths when the host has them: queue notifications by ioeventfd (no exit to
         #: the VMM) and interrupts by irqfd (no ioctl); False forces the exit/KVM_IRQ_LINE paths
         self.eventfds = eventfds
+        #: virtio-net cards, each with a TAP made for this machine (paravirtualized machines only)
+        self.nets = nets
 
 
 _supported_cpuid: list[S.kvm_cpuid_entry2] | None = None
@@ -153,6 +158,8 @@ class Machine(VcpuHost):
             undo.callback(self._close_vcpus)
             self._create_vcpus()
             self.disks: list[RawImage] = []  # opened in _create_devices
+            #: (TAP name, card) of each --net, in order
+            self.nets: list[tuple[str, NetDevice]] = []
             undo.callback(self._close_disks)
             self.device_manager = DeviceManager(strict=config.strict, irq_line=self.irq_setter)
             undo.callback(self.device_manager.close)
@@ -247,6 +254,8 @@ class Machine(VcpuHost):
         dm.add_port_device("cmos rtc", rtc.INDEX_PORT, 2, self.rtc, state_name="rtc")
         self.post = post.PostPort()
         dm.add_port_device("post code", post.POST_PORT, 1, self.post, state_name="post")
+        if self.config.nets and not self.config.paravirt:
+            raise ConfigError("--net needs --mode para: the network card is a virtio device")
         if not self.config.disks and not self.config.paravirt:
             return
         # imported here: a VM without disks or paravirtual devices never pays for them
@@ -288,6 +297,28 @@ class Machine(VcpuHost):
         if disk is not None:
             self.device_manager.add_virtio("virtio-blk", virtio.BlockDevice(disk), self.memory)
         self.device_manager.add_virtio("virtio-rng", virtio.RngDevice(), self.memory)
+        for i, net in enumerate(self.config.nets):
+            self._add_net(f"virtio-net{i}" if i else "virtio-net", net)
+
+    def _add_net(self, name: str, spec: NetSpec) -> None:
+        """A virtio-net card on a TAP made now; the I/O thread reads the TAP, the card's
+        close() (with the device manager's) removes it."""
+        from virtkit.devices.virtio.net import NetDevice
+        from virtkit.devices.virtio.net.tap import TapDevice, random_mac
+
+        tap = TapDevice(spec)
+        try:
+            card = NetDevice(tap, spec.mac or random_mac())
+        except BaseException:
+            tap.close()
+            raise
+        try:
+            self.device_manager.add_virtio(name, card, self.memory)
+        except BaseException:
+            card.close()
+            raise
+        self.iothread.add_reader(tap.fileno(), card.backend_readable)
+        self.nets.append((tap.name, card))
 
     def irq_setter(self, line: int) -> Callable[[int], None]:
         """A function that drives interrupt ``line`` (an ISA IRQ / IOAPIC pin) to a level."""

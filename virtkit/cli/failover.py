@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the VM's disk image, once per disk of the snapshot, in order (a snapshot's recorded "
         "paths are never opened on its word; 'virtkit snapshot-info DIR' lists them)",
     )
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,name=IF]",
+        help="the host side of each network card of the snapshot, in order: a new TAP, on bridge BR "
+        "(the card keeps the MAC the guest knows; a recorded bridge is never followed on its word)",
+    )
     add_runtime_options(p)
     p.set_defaults(handler=cmd_restore)
 
@@ -237,9 +245,16 @@ def cmd_snapshot_info(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from virtkit.api import parse_disk
+    from virtkit.devices.virtio.net.tap import parse_net
     from virtkit.snapshot import RestoredVM
 
-    vm = RestoredVM(args.dir, serial=args.serial, verify=args.verify, disks=[parse_disk(d) for d in args.disk])
+    vm = RestoredVM(
+        args.dir,
+        serial=args.serial,
+        verify=args.verify,
+        disks=[parse_disk(d) for d in args.disk],
+        nets=[parse_net(n) for n in args.net],
+    )
     with vm:
         for w in vm.warnings:
             print(f"virtkit: warning: {w}", file=sys.stderr)

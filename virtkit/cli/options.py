@@ -31,3 +31,14 @@ def add_initrd_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--initrd", default=None, metavar="FILE", help="initial ramdisk for a Linux kernel (bzImage or vmlinux)"
     )
+
+
+def add_net_option(p: argparse.ArgumentParser) -> None:
+    """``--net``: a virtio-net card on a TAP device made for the VM (paravirtualized VMs)."""
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,mac=MAC][,name=IF]",
+        help="virtio-net card on a new TAP device (removed when the VM ends), optionally on bridge BR (--mode para)",
+    )

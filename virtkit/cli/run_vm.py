@@ -33,6 +33,12 @@ def _forward_stdin(vm: VM) -> None:
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
+def _announce_nets(vm: VM) -> None:
+    if vm.machine is not None:
+        for name, card in vm.machine.nets:
+            print(f"virtkit: --net: TAP {name}, guest MAC {card.mac.hex(':')}", file=sys.stderr)
+
+
 def run_vm(args: argparse.Namespace) -> int:
     if args.command:
         raise ConfigError("a command after `--` is only for --mode container; pass guest arguments with --cmdline")
@@ -58,8 +64,10 @@ def run_vm(args: argparse.Namespace) -> int:
         strict=args.strict,
         serial=args.serial,
         disks=args.disk,
+        nets=args.net,
     )
     with vm:
+        _announce_nets(vm)
         if sys.stdin.isatty() and args.serial == "stdout":
             _forward_stdin(vm)
         return foreground(vm, args)  # signals, --control/--checkpoint-every, the end report

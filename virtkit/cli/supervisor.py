@@ -124,6 +124,7 @@ class Supervision:
     control: str | None
     stats: bool
     disks: tuple[str, ...]  # the run's --disk values: a restore names the same images
+    nets: tuple[str, ...]  # the run's --net values: a restore puts the cards on the same bridges
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Supervision:
@@ -141,6 +142,7 @@ class Supervision:
             control=args.control,
             stats=args.stats,
             disks=tuple(args.disk),
+            nets=tuple(getattr(args, "net", ())),
         )
 
 
@@ -181,7 +183,8 @@ class Supervisor:
 
     def restore_command(self) -> list[str]:
         disks = [token for d in self.spec.disks for token in ("--disk", d)]
-        return [sys.executable, "-m", "virtkit", "restore", self.dir, *disks, *self._common()]
+        nets = [token for n in self.spec.nets for token in ("--net", _without_name(n))]
+        return [sys.executable, "-m", "virtkit", "restore", self.dir, *disks, *nets, *self._common()]
 
     # --- running -----------------------------------------------------------------------------------
     def _forward(self, signum: int, frame: FrameType | None) -> None:
@@ -257,6 +260,13 @@ class Supervisor:
                 out.close()
             if self.own_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _without_name(net: str) -> str:
+    """A ``--net`` value for a restarted VMM: a TAP name the user chose may still be held by the
+    VMM that died (the kernel removes a TAP when its last fd closes), so the new one gets its own."""
+    kind, *opts = net.split(",")
+    return ",".join([kind, *(o for o in opts if not o.startswith("name="))])
 
 
 def supervise(args: argparse.Namespace) -> int:

@@ -22,11 +22,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.add_argument("target", metavar="KERNEL|IMAGE", help="guest kernel (VM modes) or image (container)")
     run.set_defaults(command=[])  # container mode: the command after `--` (split off in cli.main)
-    from virtkit.cli.options import add_initrd_option, add_machine_options
+    from virtkit.cli.options import add_initrd_option, add_machine_options, add_net_option
 
     add_machine_options(
         run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, or container"
     )
+    add_net_option(run)
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument(
         "--module",
@@ -72,6 +73,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.mode == "container":
+        if args.net:
+            from virtkit.errors import ConfigError
+
+            raise ConfigError("--net tap is for VMs: a container gets a network with 'virtkit oci run --net bridge'")
         from virtkit.cli.container import cmd_run_container
 
         return cmd_run_container(args)

@@ -17,6 +17,7 @@ memory file (which maps it copy-on-write, so it must never change under it) keep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import stat
@@ -27,11 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final
 
 from virtkit.api import VM
-from virtkit.errors import KvmError
+from virtkit.errors import KvmError, VirtkitError
 from virtkit.snapshot import cpucompat, format, memfile, overlay, vmstate
 from virtkit.snapshot.cpucompat import CpuidEntry
 from virtkit.snapshot.format import Fields, SnapshotError
 from virtkit.vm import DiskSpec, Machine, MachineConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.net.tap import NetSpec
 
 STATE_FILE = "vm.state"
 #: CMOS NVRAM bytes where a clone finds its identity (docs/FAILOVER.md, "Clone"): a 16-byte id
@@ -104,6 +109,18 @@ def document(
                 }
                 for i, d in enumerate(getattr(c, "disks", ()))
             ],
+            # a network card's TAP is not saved: restore makes a new one on the same bridge, and
+            # the card keeps its MAC (its state is checked against it; docs/VIRTIO.md, virtio-net)
+            **(
+                {
+                    "nets": [
+                        {"mac": card.mac.hex(":"), **({"bridge": spec.bridge} if spec.bridge else {})}
+                        for spec, (_, card) in zip(c.nets, machine.nets, strict=True)
+                    ]
+                }
+                if c.nets
+                else {}
+            ),
         },
         "memory": memory.to_json(),
         **state,
@@ -266,6 +283,19 @@ class LoadedSnapshot:
         return self.image.vcpus[0].cpuid if self.image.vcpus else []
 
 
+def _parse_net(raw: Any, what: str) -> NetSpec:
+    """A saved network card: its MAC and bridge; the TAP itself is made anew (no name)."""
+    from virtkit.devices.virtio.net.tap import NetSpec, check_ifname, parse_mac
+
+    d = Fields(raw, what)
+    try:
+        mac = parse_mac(d.string("mac"))
+        bridge = check_ifname(d.string("bridge"), "bridge", d.string("bridge")) if d.has("bridge") else None
+    except VirtkitError as e:
+        raise SnapshotError(f"snapshot field {what}: {e}") from None
+    return NetSpec(bridge=bridge, mac=mac)
+
+
 def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
     f = Fields(doc, "state")
     m = f.obj("machine")
@@ -279,6 +309,8 @@ def parse_document(doc: dict[str, Any], directory: str = "") -> LoadedSnapshot:
             raise SnapshotError(f"snapshot field state.machine.disks[{i}].copy is not a file name: {copy!r}")
         disk_copies.append(copy)
     kw: dict[str, Any] = {"disks": tuple(disks)} if disks else {}
+    if m.has("nets"):
+        kw["nets"] = tuple(_parse_net(raw, f"state.machine.nets[{i}]") for i, raw in enumerate(m.array("nets")))
     config = MachineConfig(
         memory=m.integer("memory"),
         vcpus=m.integer("vcpus"),
@@ -494,13 +526,17 @@ class RestoredVM(VM):
         verify: bool = False,
         identity: CloneIdentity | None = None,
         disks: Sequence[DiskSpec] | None = None,
+        nets: Sequence[NetSpec] | None = None,
     ) -> None:
         """``disks``: the VM's disk images, one per disk of the snapshot (see :func:`attach_disks`);
-        a :class:`LoadedSnapshot` passed in is taken as its disks are (clone attached them)."""
+        ``nets``: the host side of its network cards (:func:`attach_nets`). A
+        :class:`LoadedSnapshot` passed in is taken as it is where these are None (clone attached
+        its disks)."""
         if isinstance(snapshot, LoadedSnapshot):
             snap = snapshot if disks is None else attach_disks(snapshot, disks)
+            snap = snap if nets is None else attach_nets(snap, nets)
         else:
-            snap = attach_disks(load(snapshot), disks)
+            snap = attach_nets(attach_disks(load(snapshot), disks), nets)
         c = snap.config
         super().__init__(
             snap.directory,
@@ -540,11 +576,13 @@ def restore(
     verify: bool = False,
     start: bool = True,
     disks: Sequence[DiskSpec] | None = None,
+    nets: Sequence[NetSpec] | None = None,
 ) -> RestoredVM:
     """Restore the snapshot in ``directory`` and (by default) resume it. Use the result like a
-    VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block). ``disks``: its disk images,
-    named by the caller (:func:`attach_disks`)."""
-    vm = RestoredVM(directory, serial=serial, verify=verify, disks=disks)
+    VM: ``wait()``, ``stop()``, ``close()`` (or a ``with`` block). ``disks`` and ``nets``: its disk
+    images and the host side of its network cards, named by the caller (:func:`attach_disks`,
+    :func:`attach_nets`)."""
+    vm = RestoredVM(directory, serial=serial, verify=verify, disks=disks, nets=nets)
     try:
         vm.start() if start else vm.open()
     except BaseException:
@@ -554,19 +592,12 @@ def restore(
 
 
 def _clone_snapshot(snap: LoadedSnapshot, disks: tuple[DiskSpec, ...]) -> LoadedSnapshot:
+    """``snap`` with other disk images; every other part of the machine (network cards included)
+    as it was."""
     c = snap.config
-    config = MachineConfig(
-        memory=c.memory,
-        vcpus=c.vcpus,
-        paravirt=c.paravirt,
-        strict=c.strict,
-        disks=disks,
-        irqchip=c.irqchip,
-        eventfds=c.eventfds,
-    )
-    return LoadedSnapshot(
-        snap.directory, config, snap.memory, snap.image, snap.created, snap.host, snap.disk_sizes, snap.disk_copies
-    )
+    config = MachineConfig(**{name: getattr(c, name) for name in MachineConfig.__slots__})
+    config.disks = disks
+    return dataclasses.replace(snap, config=config)
 
 
 def attach_disks(snap: LoadedSnapshot, disks: Sequence[DiskSpec] | None, *, clone: bool = False) -> LoadedSnapshot:
@@ -605,6 +636,46 @@ def attach_disks(snap: LoadedSnapshot, disks: Sequence[DiskSpec] | None, *, clon
             raise SnapshotError(f"disk {i} ({spec.path}) is writable in the snapshot: leave out ,ro")
         specs.append(DiskSpec(spec.path, read_only=want.read_only))
     return _clone_snapshot(snap, tuple(specs))
+
+
+def attach_nets(snap: LoadedSnapshot, nets: Sequence[NetSpec] | None) -> LoadedSnapshot:
+    """``snap`` with the network cards' host side the caller named (``--net tap[,bridge=BR]``),
+    one per card of the snapshot, in order.
+
+    For the same reason as :func:`attach_disks`: a snapshot's recorded bridge is not followed on its
+    word (a crafted state file could put the guest on any bridge of the host). Each card keeps the
+    MAC the guest knows (recorded, and checked against the device state); a ``mac=`` the caller
+    gives must be that MAC."""
+    from virtkit.devices.virtio.net.device import format_mac
+    from virtkit.devices.virtio.net.tap import NetSpec
+
+    recorded = tuple(snap.config.nets)
+    given = tuple(nets or ())
+    if not recorded and not given:
+        return snap
+    if len(given) != len(recorded):
+        listing = "; ".join(
+            f"card {i}: MAC {format_mac(n.mac) if n.mac else '?'}, was on bridge {n.bridge or '(none)'!r}"
+            for i, n in enumerate(recorded)
+        )
+        raise SnapshotError(
+            f"the snapshot has {len(recorded)} network card(s)"
+            + (f" ({listing})" if listing else "")
+            + f", {len(given)} given: name each with --net tap[,bridge=BR], in order (a snapshot's "
+            "recorded bridges are not followed on its word)"
+        )
+    cards = []
+    for i, (want, spec) in enumerate(zip(recorded, given, strict=True)):
+        if spec.mac is not None and spec.mac != want.mac:
+            raise SnapshotError(
+                f"network card {i} has MAC {format_mac(want.mac) if want.mac else '?'} in the snapshot, "
+                f"not {format_mac(spec.mac)}: leave out mac="
+            )
+        cards.append(NetSpec(bridge=spec.bridge, mac=want.mac, name=spec.name))
+    c = snap.config
+    config = MachineConfig(**{name: getattr(c, name) for name in MachineConfig.__slots__})
+    config.nets = tuple(cards)
+    return dataclasses.replace(snap, config=config)
 
 
 def _disk_base(snap: LoadedSnapshot, i: int, spec: DiskSpec) -> str:
@@ -653,6 +724,10 @@ def clone(
     if serial is not None and len(serial) != count:
         raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
     snap = attach_disks(load(directory), disks, clone=True)
+    if snap.config.nets:
+        raise SnapshotError(
+            "cloning a VM with a network card is not supported yet: the clones would share its MAC address"
+        )
     specs: tuple[DiskSpec, ...] = tuple(snap.config.disks)
     bases = {i: _disk_base(snap, i, spec) for i, spec in enumerate(specs) if not spec.read_only}
     try:

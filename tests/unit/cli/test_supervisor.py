@@ -135,3 +135,11 @@ def test_a_linux_guest_keeps_its_initrd_and_boot_protocol_across_a_restart(tmp_p
     sup = _supervisor(tmp_path, "--initrd", "initrd.img", "--boot", "linux")
     boot = " ".join(sup.boot_command())
     assert "--initrd initrd.img" in boot and "--boot linux" in boot
+
+
+def test_a_restart_puts_the_network_cards_on_the_runs_bridges(tmp_path: Path) -> None:
+    sup = _supervisor(tmp_path, "--mode", "para", "--net", "tap,bridge=br0,name=vk0,mac=02:00:00:00:00:01")
+    boot = sup.boot_command()
+    assert boot[boot.index("--net") + 1] == "tap,bridge=br0,name=vk0,mac=02:00:00:00:00:01"
+    restore = sup.restore_command()
+    assert restore[restore.index("--net") + 1] == "tap,bridge=br0,mac=02:00:00:00:00:01"

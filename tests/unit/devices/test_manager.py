@@ -27,9 +27,7 @@ def manager() -> DeviceManager:
 def test_virtio_slots_are_handed_out_in_order_with_their_own_lines() -> None:
     dm = manager()
     slots = [dm.allocate_virtio_slot() for _ in range(3)]
-    assert slots == [
-        (layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, 5 + i) for i in range(3)
-    ]
+    assert slots == [(layout.VIRTIO_MMIO_BASE + i * layout.VIRTIO_MMIO_SIZE, 5 + i) for i in range(3)]
     assert virtio_kernel_cmdline_arg(*slots[2]) == f"virtio_mmio.device=4K@{slots[2][0]:#x}:{slots[2][1]}"
     with pytest.raises(DeviceError, match=f"slot {layout.VIRTIO_MMIO_MAX_DEVICES}"):
         virtio_mmio_slot(layout.VIRTIO_MMIO_MAX_DEVICES)

@@ -254,3 +254,28 @@ def test_a_clone_needs_no_name_for_a_disk_the_snapshot_copied(tmp_path: Path, do
     assert snapshot.attach_disks(only_copies, None, clone=True) is only_copies
     with pytest.raises(SnapshotError, match="--disk"):
         snapshot.attach_disks(only_copies, None)  # a restore resumes the VM on its own image
+
+
+def test_naming_the_disks_keeps_the_rest_of_the_machine(tmp_path: Path, document: dict[str, Any]) -> None:
+    snap = _with_disks(tmp_path, document, {"path": "/a", "read_only": False, "size": 4096})
+    attached = snapshot.attach_disks(snap, [DiskSpec("x")])
+    for name in type(snap.config).__slots__:
+        if name != "disks":
+            assert getattr(attached.config, name) == getattr(snap.config, name), name
+    assert (attached.memory, attached.image, attached.disk_sizes) == (snap.memory, snap.image, snap.disk_sizes)
+
+
+def test_a_recorded_bridge_is_never_followed_on_the_snapshots_word(tmp_path: Path, document: dict[str, Any]) -> None:
+    from virtkit.devices.virtio.net.tap import NetSpec
+
+    document["machine"]["nets"] = [{"mac": "02:76:6b:00:00:07", "bridge": "prod-br"}]
+    write_state(tmp_path / "s", document)
+    snap = load(tmp_path / "s")
+    with pytest.raises(
+        SnapshotError, match=r"1 network card\(s\) \(card 0: MAC 02:76:6b:00:00:07, was on bridge 'prod-br'\)"
+    ):
+        snapshot.attach_nets(snap, None)
+    with pytest.raises(SnapshotError, match="leave out mac="):
+        snapshot.attach_nets(snap, [NetSpec(bridge="br0", mac=bytes(6))])
+    (card,) = snapshot.attach_nets(snap, [NetSpec(bridge="test-br")]).config.nets
+    assert (card.bridge, card.mac) == ("test-br", bytes.fromhex("02766b000007"))  # the guest's MAC kept

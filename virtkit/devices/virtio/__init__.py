@@ -8,6 +8,7 @@
     blk/           virtio-blk over a raw image (§5.2)
     console.py     virtio-console, one port (§5.3)
     rng.py         virtio-rng (§5.4)
+    net/           virtio-net (§5.1) on a TAP device (imported only by machines with --net)
 
 docs/VIRTIO.md describes the whole and how the device manager wires a device in. State records
 are in ``persist.py``. May import: ``virtkit.devices.contract``, ``virtkit.devices.disk``,

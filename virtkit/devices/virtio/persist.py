@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+from virtkit.devices.virtio.net.persist import NetState
 from virtkit.records import U16, U32, U64, Bounds, Count
 
 #: 1 to spec.MAX_QUEUE_SIZE entries (§2.7); a unit test pins the two together
@@ -62,7 +63,7 @@ class RngState:
 
 
 #: the device types' own records; their shapes differ, so a parse can only fit one
-Specific = ConsoleState | BlockState | RngState
+Specific = ConsoleState | BlockState | RngState | NetState
 
 
 @dataclass(frozen=True, slots=True)
