@@ -7,9 +7,14 @@ VPY        := $(VENV)/bin/python
 STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
 # busybox-static is the built-in container image; iproute2 makes test network namespaces.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2
+# linux-source and the kernel build tools make the test Linux kernel (guests/linux/build.py).
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 \
+	      linux-source bc bison flex libelf-dev libssl-dev cpio xz-utils
+# The test kernel and initramfs are cached outside the clone (built once per machine, ~25 min
+# on 2 cores); build/linux.json points the tests at them.
+KERNEL_CACHE ?= $(or $(VIRTKIT_KERNEL_CACHE),/var/cache/virtkit/kernels)
 
-.PHONY: all setup deps venv guests pyc demo test test-unit test-integration bench lint typecheck clean help
+.PHONY: all setup deps venv guests linux pyc demo test test-unit test-integration bench lint typecheck clean help
 
 all: setup
 
@@ -20,7 +25,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make clean  - remove build/ (keeps .venv)"
 
-setup: deps venv guests pyc
+setup: deps venv guests linux pyc
 
 deps: $(STAMPS)/deb
 $(STAMPS)/deb: Makefile
@@ -44,6 +49,11 @@ $(STAMPS)/venv: pyproject.toml
 guests: deps
 	@$(MAKE) -s -C guests OUT=$(CURDIR)/build/guests
 	@$(MAKE) -s -C bench/native OUT=$(CURDIR)/build/native
+
+# Not a stamp: the script itself checks the cache (well under a second when warm) and rewrites
+# build/linux.json, so a new fragment or source version is picked up.
+linux: deps
+	@$(PYTHON) guests/linux/build.py --cache $(KERNEL_CACHE) --json build/linux.json
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.

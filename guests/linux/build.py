@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 FRAGMENT = HERE / "virtkit.config"
@@ -63,9 +64,7 @@ def sha256_files(*paths: Path) -> str:
 
 
 def dpkg_version(pkg: str) -> str:
-    r = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, check=False
-    )
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, check=False)
     if r.returncode != 0 or not r.stdout.strip():
         raise BuildError(f"Debian package {pkg} is not installed (make deps installs it)")
     return r.stdout.strip()
@@ -125,16 +124,22 @@ class Lock:
         os.close(self.fd)
 
 
-def run_logged(cmd: list[str], cwd: Path, logf: io.TextIOBase, what: str) -> None:
+def make_env() -> dict[str, str]:
+    """The environment for the kernel's make: without the calling make's MAKEFLAGS (a `make -s`
+    above would silence the build's progress lines, and its jobserver is not ours to use)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+
+def run_logged(cmd: list[str], cwd: Path, logf: TextIO, what: str) -> None:
     """Run cmd with its output in the build log; on failure show the log's tail."""
     logf.write(f"$ {' '.join(cmd)}\n")
     logf.flush()
-    r = subprocess.run(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, check=False)
+    r = subprocess.run(cmd, cwd=cwd, env=make_env(), stdout=logf, stderr=subprocess.STDOUT, check=False)
     if r.returncode != 0:
         raise BuildError(f"{what} failed (exit {r.returncode}); see {logf.name}")
 
 
-def make_with_progress(cmd: list[str], cwd: Path, logf: io.TextIOBase, total_hint: int) -> None:
+def make_with_progress(cmd: list[str], cwd: Path, logf: TextIO, total_hint: int) -> None:
     """Run the long `make`, printing a progress line each minute (objects built, elapsed)."""
     logf.write(f"$ {' '.join(cmd)}\n")
     logf.flush()
@@ -142,7 +147,7 @@ def make_with_progress(cmd: list[str], cwd: Path, logf: io.TextIOBase, total_hin
     last = start
     built = 0
     with subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=cwd, env=make_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -169,14 +174,25 @@ def build_kernel(cache: Path, jobs: int) -> Path:
     with Lock(cache):
         if all((final / f).is_file() for f in KERNEL_FILES):
             return final
+        remove_stale(cache)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
         try:
             _build_kernel_in(tmp, tarball, pkg, version, jobs)
-            out = tmp / "out"
-            os.rename(out, final)
-        finally:
+            os.rename(tmp / "out", final)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log("  removing the build tree")
+    shutil.rmtree(tmp, ignore_errors=True)  # ~1 GB of objects: outside the lock, others may go on
     return final
+
+
+def remove_stale(cache: Path) -> None:
+    """Remove what a killed build left (.tmp-* trees); called under the lock, so none is live."""
+    for stale in cache.glob(".tmp-*"):
+        if stale.is_dir():
+            log(f"  removing {stale.name}, left by an interrupted build")
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _build_kernel_in(tmp: Path, tarball: Path, pkg: str, version: str, jobs: int) -> None:
@@ -200,10 +216,7 @@ def _build_kernel_in(tmp: Path, tarball: Path, pkg: str, version: str, jobs: int
         config = (src / ".config").read_text()
         lost = lost_options(FRAGMENT.read_text(), config)
         if lost:
-            raise BuildError(
-                "config options did not survive olddefconfig (missing dependency?): "
-                + ", ".join(lost)
-            )
+            raise BuildError("config options did not survive olddefconfig (missing dependency?): " + ", ".join(lost))
         cmd = ["nice", "-n", "19", *mk, f"-j{jobs}", "bzImage", "vmlinux"]
         make_with_progress(cmd, src, logf, total_hint=1100)
     shutil.copyfile(src / "arch/x86/boot/bzImage", out / "bzImage")
@@ -211,15 +224,16 @@ def _build_kernel_in(tmp: Path, tarball: Path, pkg: str, version: str, jobs: int
     shutil.copyfile(src / ".config", out / "config")
     shutil.copyfile(logpath, out / "build.log")
     logpath.unlink()
-    info = {
+    seconds = round(time.monotonic() - t0, 1)
+    info: dict[str, object] = {
         "source": pkg,
         "version": version,
         "fragment_sha256": sha256_files(FRAGMENT),
-        "build_seconds": round(time.monotonic() - t0, 1),
+        "build_seconds": seconds,
         "jobs": jobs,
     }
     (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-    log(f"  done in {info['build_seconds'] / 60:.1f} min")
+    log(f"  done in {seconds / 60:.1f} min")
 
 
 def cpio_newc(entries: list[tuple[str, int, bytes, int]]) -> bytes:
