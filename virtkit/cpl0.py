@@ -34,8 +34,7 @@ read-modify-write cannot be made atomic from the VMM while other vCPUs run), any
 from __future__ import annotations
 
 import ctypes as C
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple
 
 from virtkit.arch.x86 import CR0_PE, EFER_LMA
 from virtkit.kvm import structs as S
@@ -82,31 +81,33 @@ for _i in range(8, 16):
     _GPR[f"r{_i}"], _GPR[f"r{_i}d"], _GPR[f"r{_i}w"] = (f"r{_i}", 8), (f"r{_i}", 4), (f"r{_i}", 2)
 
 
-class VcpuOps(Protocol):
-    """The vCPU calls completion needs (:class:`virtkit.kvm.ioctl.VcpuFd` has them all)."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the protocols are for the type checker only: no class creation at start-up
+    from typing import Protocol
 
-    def get_regs(self) -> S.kvm_regs: ...
-    def set_regs(self, regs: S.kvm_regs) -> None: ...
-    def get_sregs(self) -> S.kvm_sregs: ...
-    def get_vcpu_events(self) -> S.kvm_vcpu_events: ...
-    def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None: ...
-    def get_xcrs(self) -> S.kvm_xcrs: ...
-    def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]: ...
+    class VcpuOps(Protocol):
+        """The vCPU calls completion needs (:class:`virtkit.kvm.ioctl.VcpuFd` has them all)."""
 
+        def get_regs(self) -> S.kvm_regs: ...
+        def set_regs(self, regs: S.kvm_regs) -> None: ...
+        def get_sregs(self) -> S.kvm_sregs: ...
+        def get_vcpu_events(self) -> S.kvm_vcpu_events: ...
+        def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None: ...
+        def get_xcrs(self) -> S.kvm_xcrs: ...
+        def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]: ...
 
-class MemoryOps(Protocol):
-    """Bounds-checked guest-physical access (:class:`virtkit.memory.GuestMemory`)."""
+    class MemoryOps(Protocol):
+        """Bounds-checked guest-physical access (:class:`virtkit.memory.GuestMemory`)."""
 
-    def read(self, gpa: int, length: int) -> bytes: ...
-    def write(self, gpa: int, data: bytes) -> None: ...
+        def read(self, gpa: int, length: int) -> bytes: ...
+        def write(self, gpa: int, data: bytes) -> None: ...
 
 
 class NotExact(Exception):
     """The instruction's effect cannot be performed exactly; the message says why."""
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What :meth:`Completer.complete` did: ``kind`` names the completed instruction (with a
     ``#UD`` suffix when the exception was raised instead); ``kind`` is None and ``reason`` says
     why when nothing was done."""
@@ -115,14 +116,17 @@ class Outcome:
     reason: str = ""
 
 
-@dataclass
 class Completer:
-    """Completes rejected CPL0 instructions for one vCPU; caches the vCPU's CPUID."""
+    """Completes rejected CPL0 instructions for one vCPU; caches the vCPU's CPUID.
 
-    vcpu: VcpuOps
-    memory: MemoryOps
-    _cpuid: dict[tuple[int, int], S.kvm_cpuid_entry2] | None = field(default=None, repr=False)
-    _events_dirty: bool = field(default=False, repr=False)
+    Plain classes and named tuples in this module, no dataclasses: the vCPU module imports it
+    at start-up (a confined VMM cannot import later), and `virtkit run` keeps start-up short."""
+
+    def __init__(self, vcpu: VcpuOps, memory: MemoryOps) -> None:
+        self.vcpu = vcpu
+        self.memory = memory
+        self._cpuid: dict[tuple[int, int], S.kvm_cpuid_entry2] | None = None
+        self._events_dirty = False
 
     # --- entry point -----------------------------------------------------------------------------
     def complete(self, insn: bytes | None) -> Outcome:
@@ -271,8 +275,8 @@ class Completer:
             ea += regs.rip + d.size_bytes
         elif mem.base:
             ea += _reg_value(regs, mem.base)
-        if mem.index:
-            ea += _reg_value(regs, mem.index) * mem.scale
+        if mem.index_reg:
+            ea += _reg_value(regs, mem.index_reg) * mem.scale
         ea &= 0xFFFF_FFFF if 0x67 in d.prefixes else (1 << 64) - 1
         if mem.segment == "fs":
             ea += sregs.fs.base
@@ -333,17 +337,15 @@ class Completer:
 
 
 # --- decoding ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MemOperand:
+class MemOperand(NamedTuple):
     base: str | None
-    index: str | None
+    index_reg: str | None
     scale: int
     disp: int
     segment: str | None
 
 
-@dataclass(frozen=True)
-class Decoded:
+class Decoded(NamedTuple):
     mnemonic: str
     text: str
     size_bytes: int
@@ -356,21 +358,38 @@ class Decoded:
     store: bool = False  # movbe m, r
 
 
-RDPRU_BYTES = b"\x0f\x01\xfd"
 _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+
+
+#: prefix-free opcodes decoded without capstone: the frequent ones (a Linux kernel runs stac/clac
+#: around every user-memory access) stay cheap, and work in a confined VMM that cannot import
+#: capstone (SDM vol. 2: INT3 CC, XGETBV 0F 01 D0, CLAC 0F 01 CA, STAC 0F 01 CB; APM: RDPRU 0F 01 FD)
+_FIXED: dict[bytes, str] = {
+    b"\xcc": "int3",
+    b"\x0f\x01\xd0": "xgetbv",
+    b"\x0f\x01\xca": "clac",
+    b"\x0f\x01\xcb": "stac",
+    b"\x0f\x01\xfd": "rdpru",
+}
 
 
 def decode(code: bytes, address: int) -> Decoded:
     """The first instruction of ``code`` (64-bit mode), with what completion needs."""
-    import capstone
-    from capstone import x86 as cx
+    if code[:1] == b"\xcd" and len(code) >= 2:  # INT imm8
+        return Decoded(mnemonic="int", text=f"int {code[1]:#x}", size_bytes=2, prefixes=(), lock=False, imm=code[1])
+    for pattern, name in _FIXED.items():
+        if code.startswith(pattern):
+            return Decoded(mnemonic=name, text=name, size_bytes=len(pattern), prefixes=(), lock=False)
+    try:
+        import capstone
+        from capstone import x86 as cx
+    except ImportError:
+        raise NotExact("capstone cannot be imported, so the instruction cannot be decoded") from None
 
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.detail = True
     insn = next(md.disasm(code[:15], address), None)
     if insn is None:
-        if code[:3] == RDPRU_BYTES:  # capstone 5 does not know RDPRU (AMD APM vol. 3)
-            return Decoded(mnemonic="rdpru", text="rdpru", size_bytes=3, prefixes=(), lock=False)
         raise NotExact(f"bytes {code[:15].hex(' ')} do not decode")
     raw = bytes(insn.bytes)
     prefixes = []
@@ -393,7 +412,7 @@ def decode(code: bytes, address: int) -> Decoded:
             m = op.mem
             mem = MemOperand(
                 base=insn.reg_name(m.base) if m.base else None,
-                index=insn.reg_name(m.index) if m.index else None,
+                index_reg=insn.reg_name(m.index) if m.index else None,
                 scale=m.scale,
                 disp=m.disp,
                 segment=insn.reg_name(m.segment) if m.segment else None,
@@ -417,8 +436,7 @@ def decode(code: bytes, address: int) -> Decoded:
 
 
 # --- the guest's page tables -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Walked:
+class Walked(NamedTuple):
     """Rights and bits over the whole walk (SDM vol. 3A §4.6: every level must allow)."""
 
     writable: bool

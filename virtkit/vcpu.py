@@ -23,6 +23,7 @@ import threading
 import time
 
 from virtkit.arch.x86 import RFLAGS_IF
+from virtkit.cpl0 import Completer  # not lazily: a confined VMM can import nothing new
 from virtkit.devices.bus import UnknownAccess
 from virtkit.errors import KvmError
 from virtkit.kvm import exits as exits_layout
@@ -40,7 +41,6 @@ from virtkit.stop import Stop, StopReason
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from virtkit.cpl0 import Completer
     from virtkit.devices.bus import IoBus, MmioBus
     from virtkit.memory import GuestMemory
 
@@ -286,8 +286,6 @@ class Vcpu:
             if suberror == InternalError.EMULATION:
                 # an instruction KVM's emulator rejects (PVM runs CPL0 emulated): complete it here
                 # when its effect can be performed exactly (virtkit/cpl0.py)
-                from virtkit.cpl0 import Completer
-
                 if self.completer is None:
                     self.completer = Completer(self.fd, m.memory)
                 outcome = self.completer.complete(insn)

@@ -389,3 +389,18 @@ def test_decode_reports_prefixes_and_operands() -> None:
     d = decode(b"\x65\x66\x0f\x38\xf1\x04\x25\x10\x00\x00\x00", 0)  # movbe %ax, %gs:0x10
     assert d.mnemonic == "movbe" and d.store and d.size == 2
     assert d.prefixes == (0x65, 0x66) and d.mem is not None and d.mem.segment == "gs"
+
+
+@pytest.mark.parametrize("code", [b"\xcc", b"\xcd\x80", b"\x0f\x01\xd0", b"\x0f\x01\xca", b"\x0f\x01\xcb"])
+def test_the_capstone_free_decoder_agrees_with_capstone(code: bytes) -> None:
+    import capstone
+
+    ours = decode(code + b"\x90" * 8, 0)
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    theirs = next(md.disasm(code, 0))
+    assert (ours.mnemonic, ours.size_bytes) == (theirs.mnemonic, theirs.size)
+
+
+def test_prefixed_forms_are_left_to_capstone() -> None:
+    d = decode(b"\x66\x0f\x01\xcb", 0)  # not the plain STAC pattern: capstone decides
+    assert d.prefixes == (0x66,) or d.mnemonic != "stac"
