@@ -21,14 +21,20 @@ from linux_kernels import INIT_MARKER, test_kernel  # noqa: E402
 pytestmark = pytest.mark.qemu
 
 
+def line_done(buf: bytearray, marker: bytes) -> bool:
+    at = buf.find(marker)
+    return at >= 0 and buf.find(b"\n", at) >= 0
+
+
 def watch(cmd: list[str], until: str, timeout: float) -> str:
-    """Run cmd, return its output once ``until`` appears (or the deadline passes); always killed."""
+    """Run cmd, return its output once a whole line containing ``until`` arrived (or the deadline
+    passed); always killed."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert p.stdout is not None
     buf = bytearray()
     deadline = time.monotonic() + timeout
     try:
-        while p.poll() is None and time.monotonic() < deadline and until.encode() not in buf:
+        while p.poll() is None and time.monotonic() < deadline and not line_done(buf, until.encode()):
             ready, _, _ = select.select([p.stdout], [], [], 0.2)
             if ready:
                 buf += os.read(p.stdout.fileno(), 65536)
