@@ -8,13 +8,17 @@ STAMPS     := build/.stamps
 # Debian packages: gcc/binutils build the guests; QEMU, crun and runc are the peers we measure against;
 # busybox-static is the built-in container image; iproute2 makes test network namespaces;
 # iputils-ping pings the virtio-net guest; acpica-tools (iasl) checks the AML of the DSDT virtkit
-# generates for Linux guests; lz4 (unlz4) takes the vmlinux out of Debian's bzImage.
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 iputils-ping acpica-tools lz4
-# Debian's cloud kernel (a real bzImage for the Linux boot tests), cached outside the clone and
-# keyed by package version: tools/fetch-debian-kernel.sh only downloads when the version changes.
-KERNEL_CACHE ?= /var/cache/virtkit/kernels
+# generates for Linux guests; lz4 (unlz4) takes the vmlinux out of Debian's bzImage;
+# linux-source and the kernel build tools make the test Linux kernel (guests/linux/build.py).
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 iputils-ping acpica-tools lz4 \
+	      linux-source bc bison flex libelf-dev libssl-dev cpio xz-utils
+# Linux kernels for the tests, cached outside the clone: Debian's cloud kernel (keyed by package
+# version: tools/fetch-debian-kernel.sh downloads only when it changes) and the test kernel and
+# initramfs built from linux-source (built once per machine, ~16-25 min on 2 cores; keyed by source
+# version, config fragment and build script); build/linux.json points the tests at them.
+KERNEL_CACHE ?= $(or $(VIRTKIT_KERNEL_CACHE),/var/cache/virtkit/kernels)
 
-.PHONY: all setup deps venv guests kernels pyc demo test test-unit test-integration bench lint typecheck clean help
+.PHONY: all setup deps venv guests kernels linux pyc demo test test-unit test-integration bench lint typecheck clean help
 
 all: setup
 
@@ -25,7 +29,7 @@ help:
 	@echo "make lint   - ruff + mypy --strict"
 	@echo "make clean  - remove build/ (keeps .venv)"
 
-setup: deps venv guests kernels pyc
+setup: deps venv guests kernels linux pyc
 
 deps: $(STAMPS)/deb
 $(STAMPS)/deb: Makefile
@@ -57,6 +61,11 @@ kernels: deps
 	if [ -z "$$k" ] || [ ! -s "$$k" ] || [ /var/lib/apt/lists -nt $(STAMPS)/kernel ]; then \
 	  tools/fetch-debian-kernel.sh $(KERNEL_CACHE) > $(STAMPS)/kernel.tmp && mv $(STAMPS)/kernel.tmp $(STAMPS)/kernel; \
 	fi
+
+# Not a stamp: the script itself checks the cache (well under a second when warm) and rewrites
+# build/linux.json, so a new fragment or source version is picked up.
+linux: deps
+	@$(PYTHON) guests/linux/build.py --cache $(KERNEL_CACHE) --json build/linux.json
 
 # Byte-compile the package: with PYTHONDONTWRITEBYTECODE set (as on our machines) nothing else
 # would, and `virtkit run` would recompile every module at each start.

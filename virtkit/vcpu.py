@@ -23,6 +23,7 @@ import threading
 import time
 
 from virtkit.arch.x86 import RFLAGS_IF
+from virtkit.cpl0 import Completer  # not lazily: a confined VMM can import nothing new
 from virtkit.devices.bus import UnknownAccess
 from virtkit.errors import KvmError
 from virtkit.kvm import exits as exits_layout
@@ -81,7 +82,7 @@ class VcpuStats:
     """What one vCPU saw. Times are nanoseconds: inside KVM_RUN (guest + in-kernel handling)
     versus in the VMM's own Python code handling exits."""
 
-    __slots__ = ("exits", "pio", "mmio", "interrupted", "guest_ns", "vmm_ns")
+    __slots__ = ("exits", "pio", "mmio", "interrupted", "guest_ns", "vmm_ns", "completed")
 
     def __init__(self) -> None:
         self.exits = [0] * _NREASONS  # by exit reason
@@ -90,6 +91,7 @@ class VcpuStats:
         self.interrupted = 0  # KVM_RUN returns with EINTR (kicks)
         self.guest_ns = 0
         self.vmm_ns = 0
+        self.completed: dict[str, int] = {}  # CPL0 instructions the VMM completed (virtkit.cpl0), by kind
 
 
 class VcpuHost(abc.ABC):
@@ -135,6 +137,7 @@ class Vcpu:
         #: interrupts off, or an AP nobody started); compared with the current round, so stale
         #: findings never count
         self.idle_round = -1
+        self.completer: Completer | None = None  # created at the first emulation failure
 
     # --- control from other threads --------------------------------------------------------------
     def start(self) -> None:
@@ -279,11 +282,23 @@ class Vcpu:
             ):
                 size = min(page[u + 16], 15)
                 insn = bytes(page[u + 17 : u + 17 + size])
+            not_done = ""
+            if suberror == InternalError.EMULATION:
+                # an instruction KVM's emulator rejects (PVM runs CPL0 emulated): complete it here
+                # when its effect can be performed exactly (virtkit/cpl0.py)
+                if self.completer is None:
+                    self.completer = Completer(self.fd, m.memory)
+                outcome = self.completer.complete(insn)
+                if outcome.kind is not None:
+                    done = self.stats.completed
+                    done[outcome.kind] = done.get(outcome.kind, 0) + 1
+                    return True
+                not_done = f"\n  not completed by the VMM: {outcome.reason}"
             try:
                 what = InternalError(suberror).name.lower().replace("_", " ")
             except ValueError:
                 what = f"suberror {suberror}"
-            report = crash_report(f"KVM internal error ({what})", self.fd, m.memory, insn)
+            report = crash_report(f"KVM internal error ({what})", self.fd, m.memory, insn) + not_done
             m.request_stop(Stop(StopReason.INTERNAL_ERROR, vcpu=self.id, detail=report))
             return False
         if reason == ExitReason.FAIL_ENTRY:

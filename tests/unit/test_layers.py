@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"virtkit.kvm", "virtkit.memory", "virtkit.iothread", "virtkit.stop", "virtkit.console"},
     {"virtkit.arch"},
     {"virtkit.boot", "virtkit.devices"},
-    {"virtkit.diagnose"},
+    {"virtkit.diagnose", "virtkit.cpl0"},
     {"virtkit.vcpu"},
     {"virtkit.vm", "virtkit.stats"},
     {"virtkit.api", "virtkit.doctor", "virtkit.guests"},

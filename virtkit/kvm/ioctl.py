@@ -319,6 +319,13 @@ class VcpuFd:
     def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None:
         _ioctl_buf(self.fd, K.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
 
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG: e.g. hardware breakpoints (control ENABLE | USE_HW_BP, DR0-3, DR7)."""
+        arg = S.kvm_guest_debug(control=control)
+        for i, value in enumerate((debugreg or [])[:8]):
+            arg.debugreg[i] = value
+        _ioctl_buf(self.fd, K.KVM_SET_GUEST_DEBUG, arg, "KVM_SET_GUEST_DEBUG")
+
     def get_debugregs(self) -> S.kvm_debugregs:
         return _ioctl_buf(self.fd, K.KVM_GET_DEBUGREGS, S.kvm_debugregs(), "KVM_GET_DEBUGREGS")
 

@@ -215,6 +215,17 @@ class kvm_enable_cap(C.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
 
+class kvm_guest_debug(C.Structure):
+    """KVM_SET_GUEST_DEBUG: control flags, then (x86) DR0-DR7 in ``debugreg``."""
+
+    _fields_ = [("control", u32), ("pad", u32), ("debugreg", u64 * 8)]
+
+
+#: kvm_guest_debug.control bits (include/uapi/linux/kvm.h, asm-x86/kvm.h)
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+
+
 class kvm_translation(C.Structure):
     _fields_ = [
         ("linear_address", u64),

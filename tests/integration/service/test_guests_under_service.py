@@ -33,7 +33,7 @@ ENDING = [
         "work=null mode=full n=100",
     ),
     ("triplefault", "triplefault.elf", "full", 1, "", "triple-fault", "triplefault: loading a zero-limit IDT"),
-    ("badinsn", "badinsn.elf", "full", 1, "", "internal-error", "badinsn: executing xgetbv"),
+    ("badinsn", "badinsn.elf", "full", 1, "", "internal-error", "badinsn: executing lock cmpxchg16b"),
     (
         "para-virtio",
         "parawork.elf",

@@ -38,6 +38,7 @@ SIZES = {
     S.kvm_dirty_log: 16,
     S.kvm_enable_cap: 104,
     S.kvm_translation: 24,
+    S.kvm_guest_debug: 72,
 }
 
 
@@ -83,6 +84,7 @@ IOCTLS = {
     "KVM_GET_SREGS": 0x8138AE83,
     "KVM_SET_SREGS": 0x4138AE84,
     "KVM_TRANSLATE": 0xC018AE85,
+    "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
     "KVM_GET_MSRS": 0xC008AE88,
     "KVM_SET_MSRS": 0x4008AE89,
     "KVM_GET_FPU": 0x81A0AE8C,
