@@ -42,8 +42,23 @@ FLAVOR_MEANING = {
     "vmx": "hardware virtualization (Intel VT-x): guest kernel and user code run natively",
     "svm": "hardware virtualization (AMD-V): guest kernel and user code run natively",
     "pvm": "PVM, no hardware virtualization: guest CPL3 code runs natively, guest CPL0 code is "
-    "emulated instruction by instruction (~1000x slower); unmodified Linux cannot boot",
+    "emulated instruction by instruction (~1000x slower); a Linux kernel boots only partway",
     "unknown": "KVM vendor module not recognised",
+}
+
+
+#: what a Linux guest (``virtkit run bzImage --initrd ...``) does on each flavor (docs/LINUX.md)
+LINUX_GUESTS = {
+    "vmx": "boots as under Firecracker (bzImage, vmlinux or PVH, ACPI, virtio-mmio): kernel and user "
+    "space at native speed (not tested on such a host by virtkit's own suite: docs/PLATFORM.md)",
+    "svm": "boots as under Firecracker (bzImage, vmlinux or PVH, ACPI, virtio-mmio): kernel and user "
+    "space at native speed (not tested on such a host by virtkit's own suite: docs/PLATFORM.md)",
+    "pvm": "kernel code runs emulated (a bzImage's decompressor takes minutes, a vmlinux prints its "
+    "banner in seconds); virtkit completes the CPL0 "
+    "instructions the emulator rejects where it can (int3, xgetbv, stac/clac...), but /init's first "
+    "system call cannot reach the kernel: SYSCALL lands at its target still at CPL3 and the VMM "
+    "cannot intervene (docs/PLATFORM.md); real work here runs in virtkit's own guest kernels",
+    "unknown": "unknown: try a kernel with --stats",
 }
 
 
@@ -82,6 +97,7 @@ def probe() -> dict[str, Any]:
         "kvm_usable": False,
     }
     info["meaning"] = FLAVOR_MEANING[info["kvm_flavor"]]
+    info["linux_guests"] = LINUX_GUESTS[info["kvm_flavor"]]
     try:
         with Kvm() as kvm:
             info["kvm_usable"] = True
@@ -140,6 +156,7 @@ def print_report(as_json: bool = False) -> int:
         print(f"  capabilities    {have}")
         print(f"  missing         {missing}")
         print("  guests          " + _advice(info["kvm_flavor"]))
+        print("  Linux guests    " + info["linux_guests"])
     return 0 if info["kvm_usable"] else 1
 
 

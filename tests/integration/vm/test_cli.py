@@ -101,6 +101,10 @@ def test_doctor_names_the_flavor() -> None:
 
     info = json.loads(j.stdout)
     assert info["kvm_usable"] is True and info["kvm_flavor"] in ("pvm", "vmx", "svm", "unknown")
+    # what a Linux guest will do on this host, in the text and the JSON alike
+    assert info["linux_guests"] and f"Linux guests    {info['linux_guests']}" in p.stdout
+    if info["kvm_flavor"] == "pvm":
+        assert "SYSCALL" in info["linux_guests"]
 
 
 @pytest.mark.parametrize("mode", ["full", "para"])
