@@ -43,6 +43,9 @@ from virtkit.kvm import structs as S
 RFLAGS_TF = 1 << 8
 RFLAGS_RF = 1 << 16
 RFLAGS_AC = 1 << 18
+RFLAGS_ZF = 1 << 6
+#: CF PF AF ZF SF OF: the status flags an arithmetic instruction defines
+RFLAGS_ARITH = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800
 CR0_WP = 1 << 16
 CR4_LA57 = 1 << 12
 CR4_PCIDE = 1 << 17
@@ -62,6 +65,7 @@ KVM_VCPUEVENT_VALID_SHADOW = 0x4
 # --- CPUID feature bits: (leaf, subleaf, register, bit) ------------------------------------------
 CPUID_CLFSH = (1, 0, "edx", 19)
 CPUID_MOVBE = (1, 0, "ecx", 22)
+CPUID_POPCNT = (1, 0, "ecx", 23)
 CPUID_INVPCID = (7, 0, "ebx", 10)
 CPUID_SMAP = (7, 0, "ebx", 20)
 CPUID_CLFLUSHOPT = (7, 0, "ebx", 23)
@@ -70,7 +74,7 @@ CPUID_RDPRU = (0x8000_0008, 0, "ebx", 4)
 
 #: the mnemonics this module may complete (or answer with #UD)
 COMPLETED = frozenset(
-    {"int3", "int", "xgetbv", "clac", "stac", "clflush", "clflushopt", "clwb", "movbe", "invpcid", "rdpru"}
+    {"int3", "int", "xgetbv", "clac", "stac", "clflush", "clflushopt", "clwb", "movbe", "popcnt", "invpcid", "rdpru"}
 )
 
 #: 64-bit general registers as kvm_regs names, from any of their 64/32/16-bit capstone names
@@ -209,6 +213,10 @@ class Completer:
             if not self._has(CPUID_MOVBE):
                 return self._ud(events, m)
             return self._movbe(d, regs, sregs)
+        if m == "popcnt":
+            if not self._has(CPUID_POPCNT):
+                return self._ud(events, m)
+            return self._popcnt(d, regs, sregs)
         if m == "invpcid":
             if not self._has(CPUID_INVPCID):
                 return self._ud(events, m)
@@ -243,6 +251,29 @@ class Completer:
             setattr(regs, name, value)
         self._advance(regs, d)
         return "movbe"
+
+    def _popcnt(self, d: Decoded, regs: S.kvm_regs, sregs: S.kvm_sregs) -> str:
+        """POPCNT r, r/m (F3 [REX] 0F B8; SDM vol. 2B): the count of set bits of the source into
+        the destination; OF SF ZF AF CF PF cleared, then ZF set if the source is 0."""
+        if set(d.prefixes) - {0xF3, 0x66, 0x64, 0x65, 0x67} or not d.reg_ops:
+            raise NotExact(f"popcnt form not handled ({d.text})")
+        name, size = _GPR.get(d.reg_ops[0], ("", 0))
+        if not name or size != d.size:
+            raise NotExact(f"popcnt destination not handled ({d.text})")
+        if len(d.reg_ops) == 2:
+            source = _reg_value(regs, d.reg_ops[1])
+        elif d.mem is not None:
+            pieces = self._translate(self._address(d, regs, sregs), size, write=False, regs=regs, sregs=sregs, ram=True)
+            source = int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
+        else:
+            raise NotExact(f"popcnt form not handled ({d.text})")
+        count = bin(source).count("1")
+        old = int(getattr(regs, name))
+        # a 16-bit destination keeps bits 63:16; a 32-bit one zero-extends (SDM vol. 1 §3.4.1.1)
+        setattr(regs, name, (old & ~0xFFFF & ((1 << 64) - 1)) | count if size == 2 else count)
+        regs.rflags = regs.rflags & ~RFLAGS_ARITH | (RFLAGS_ZF if source == 0 else 0)
+        self._advance(regs, d)
+        return "popcnt"
 
     # --- helpers ---------------------------------------------------------------------------------
     def _advance(self, regs: S.kvm_regs, d: Decoded) -> None:
@@ -353,6 +384,7 @@ class Decoded(NamedTuple):
     lock: bool
     imm: int = 0
     reg: str | None = None  # the register operand (movbe)
+    reg_ops: tuple[str, ...] = ()  # every register operand, in order (popcnt: destination, source)
     mem: MemOperand | None = None
     size: int = 0  # operand size in bytes (movbe)
     store: bool = False  # movbe m, r
@@ -404,10 +436,12 @@ def decode(code: bytes, address: int) -> Decoded:
     imm = 0
     size = 0
     store = False
+    reg_ops: list[str] = []
     for i, op in enumerate(insn.operands):
         if op.type == cx.X86_OP_REG:
             reg = insn.reg_name(op.reg)
-            size = op.size
+            reg_ops.append(reg)
+            size = size or op.size
         elif op.type == cx.X86_OP_MEM:
             m = op.mem
             mem = MemOperand(
@@ -429,6 +463,7 @@ def decode(code: bytes, address: int) -> Decoded:
         lock=lock,
         imm=imm,
         reg=reg,
+        reg_ops=tuple(reg_ops),
         mem=mem,
         size=size,
         store=store,

@@ -404,3 +404,43 @@ def test_the_capstone_free_decoder_agrees_with_capstone(code: bytes) -> None:
 def test_prefixed_forms_are_left_to_capstone() -> None:
     d = decode(b"\x66\x0f\x01\xcb", 0)  # not the plain STAC pattern: capstone decides
     assert d.prefixes == (0x66,) or d.mnemonic != "stac"
+
+
+# --- popcnt (the test kernel's first rejected instruction after xsave, with noxsave) ----------------
+POPCNT_CPUID = {(1, 0): {"ecx": 1 << 23}}
+
+
+def test_popcnt_64_bit_register_counts_and_sets_only_zf_when_zero() -> None:
+    v = FakeVcpu(cpuid=POPCNT_CPUID)
+    v.regs.rdi, v.regs.rax, v.regs.rflags = 0xF0F0_0000_0000_0001, 0xDEAD, 0x2 | 0x8D5  # CF PF AF ZF SF OF set
+    assert run(v, b"\xf3\x48\x0f\xb8\xc7") == ("popcnt", "")  # popcnt %rdi, %rax
+    assert v.regs.rax == 9 and v.regs.rflags == 0x2 and v.regs.rip == KERNEL_RIP + 5
+    v = FakeVcpu(cpuid=POPCNT_CPUID)
+    v.regs.rdi, v.regs.rax = 0, 0xDEAD
+    assert run(v, b"\xf3\x48\x0f\xb8\xc7") == ("popcnt", "")
+    assert v.regs.rax == 0 and v.regs.rflags & 0x40
+
+
+def test_popcnt_32_bit_zero_extends_16_bit_keeps_the_upper_bits() -> None:
+    v = FakeVcpu(cpuid=POPCNT_CPUID)
+    v.regs.rcx, v.regs.rdx = 0xFFFF_FFFF_0000_00FF, 0xFFFF_FFFF_FFFF_FFFF
+    assert run(v, b"\xf3\x0f\xb8\xd1") == ("popcnt", "")  # popcnt %ecx, %edx
+    assert v.regs.rdx == 8
+    v = FakeVcpu(cpuid=POPCNT_CPUID)
+    v.regs.rcx, v.regs.rdx = 0x0003, 0xFFFF_FFFF_FFFF_FFFF
+    assert run(v, b"\x66\xf3\x0f\xb8\xd1") == ("popcnt", "")  # popcnt %cx, %dx
+    assert v.regs.rdx == 0xFFFF_FFFF_FFFF_0002
+
+
+def test_popcnt_from_memory_reads_through_the_page_tables() -> None:
+    v = FakeVcpu(cpuid=POPCNT_CPUID)
+    v.memory.write(DATA_PAGE + 0x10, (0x0101_0101).to_bytes(4, "little"))
+    v.regs.rcx = DATA
+    assert run(v, b"\xf3\x0f\xb8\x41\x10") == ("popcnt", "")  # popcnt 0x10(%rcx), %eax
+    assert v.regs.rax == 4
+
+
+def test_popcnt_without_its_cpuid_bit_is_ud() -> None:
+    v = FakeVcpu(cpuid={})
+    assert run(v, b"\xf3\x48\x0f\xb8\xc7") == ("popcnt(#UD)", "")
+    assert injected_exception(v) == (1, 6) and v.regs.rip == KERNEL_RIP
