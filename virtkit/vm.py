@@ -16,6 +16,7 @@ Build order matters to KVM and is kept here in one place:
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ from virtkit.memory import GuestMemory
 from virtkit.stop import Stop, StopReason
 from virtkit.units import format_size
 from virtkit.vcpu import Vcpu, VcpuHost, VcpuStats, install_kick_handler
+
+#: the signals a user stops a VM with (Ctrl-C, kill): held back while a machine starts
+HOST_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -386,13 +390,21 @@ class Machine(VcpuHost):
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self.started_ns = time.perf_counter_ns()
-        self._running = len(self.vcpus)
-        self.iothread.start()
-        for v in self.vcpus:
-            v.start()
-        self._watchdog = threading.Thread(target=self._watch, name="vm-watchdog", daemon=True)
-        self._watchdog.start()
+        """Start the I/O thread, one thread per vCPU and the watchdog, all or none as far as the
+        host's Ctrl-C and SIGTERM are concerned: they are held back until every thread runs (and
+        the threads started here never take them), so a signal cannot leave a machine half
+        started, with vCPUs running that nothing knows to stop."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HOST_STOP_SIGNALS)
+        try:
+            self.started_ns = time.perf_counter_ns()
+            self._running = len(self.vcpus)
+            self.iothread.start()
+            for v in self.vcpus:
+                v.start()
+            self._watchdog = threading.Thread(target=self._watch, name="vm-watchdog", daemon=True)
+            self._watchdog.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held signal is delivered now
 
     def wait(self, timeout: float | None = None) -> Stop:
         """Block until the machine stops (or ``timeout`` seconds pass: then it is stopped)."""

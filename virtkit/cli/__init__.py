@@ -95,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point. Every resource is released by the time main() returns, so
     the interpreter's own teardown (a few ms of garbage collection and module cleanup) is skipped."""
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # Ctrl-C before main() could catch it (while parsing, importing)
+        print("virtkit: interrupted", file=sys.stderr)
+        status = 130
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -84,9 +84,14 @@ def test_host_signals_stop_the_vm_cleanly(guests: Path, sig: int, status: int) -
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # let it boot (not an assertion on time: any delay works)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=20)
+    try:
+        time.sleep(1.0)  # let it boot (not an assertion on time: any delay works)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:  # a failure must not leave a VMM spinning for the rest of the run
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == status, err
     assert "Traceback" not in err
     assert "stopped by" in err
