@@ -83,6 +83,9 @@ def test_host_signals_stop_the_vm_cleanly(guests: Path, sig: int, status: int) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite started in the background (`make test &`) inherits SIGINT
+        # ignored, and an ignored signal stays ignored across exec
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         time.sleep(1.0)  # let it boot (not an assertion on time: any delay works)

@@ -30,6 +30,9 @@ def test_ctrl_c_while_the_vcpus_start_arrives_once_all_run_and_the_vm_stops(
             os.kill(os.getpid(), signal.SIGINT)  # between the first vCPU and the second
 
     monkeypatch.setattr(Vcpu, "start", start_and_interrupt)
+    # Ctrl-C as Python handles it by default, whatever this process inherited (a suite started in
+    # the background runs with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     vm = VM(guests / "spin.elf", cmdline="cpl=3", vcpus=2)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -37,6 +40,7 @@ def test_ctrl_c_while_the_vcpus_start_arrives_once_all_run_and_the_vm_stops(
         assert started == [0, 1]  # held back until every vCPU ran
         assert vm.machine is not None and vm.machine._watchdog is not None
     finally:
+        signal.signal(signal.SIGINT, previous)
         vm.close()  # must return: every vCPU thread is known and stopped
     assert not [t for t in threading.enumerate() if t.name.startswith("vcpu")]
 
