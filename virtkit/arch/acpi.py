@@ -15,7 +15,7 @@ _CRS of I/O ports, fixed memory windows and interrupts; nothing else is generate
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from virtkit.arch import layout
 
@@ -48,20 +48,17 @@ IOAPIC_PINS: Final = 24
 VIRTIO_MMIO_HID: Final = "LNRO0005"  # Linux drivers/virtio/virtio_mmio.c, virtio_mmio_acpi_match
 
 
-@dataclass(frozen=True, slots=True)
-class IoPorts:
+class IoPorts(NamedTuple):
     base: int
-    count: int
+    length: int  # how many ports (not `count`: a tuple has a method of that name)
 
 
-@dataclass(frozen=True, slots=True)
-class MmioWindow:
+class MmioWindow(NamedTuple):
     base: int
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
+class DeviceInfo(NamedTuple):
     """One device as the DSDT describes it. ``hid``: an EISA id ("PNP0501") or a string id
     ("LNRO0005"); ``name``: its 4-character ACPI name."""
 
@@ -74,8 +71,7 @@ class DeviceInfo:
     edge: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Platform:
+class Platform(NamedTuple):
     """What the tables describe: the vCPUs (APIC IDs 0..vcpus-1), the IOAPIC and the devices."""
 
     vcpus: int
@@ -274,7 +270,7 @@ def res_end() -> bytes:
 
 
 def resource_template(device: DeviceInfo) -> bytes:
-    data = b"".join(res_io(p.base, p.count) for p in device.ports)
+    data = b"".join(res_io(p.base, p.length) for p in device.ports)
     data += b"".join(res_memory32_fixed(m.base, m.size) for m in device.mmio)
     if device.irqs:
         data += res_interrupt(device.irqs, edge=device.edge)

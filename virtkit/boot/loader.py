@@ -24,7 +24,7 @@ import os
 from collections.abc import Sequence
 
 from virtkit.arch import layout, x86
-from virtkit.boot import linux, multiboot, pvh
+from virtkit.boot import multiboot
 from virtkit.boot.elf import ElfImage, is_elf, parse_elf, parse_notes
 from virtkit.errors import BootError
 from virtkit.memory import GuestMemory
@@ -136,8 +136,6 @@ def detect_protocol(data: bytes, name: str) -> str:
     """The boot protocol ``auto`` picks for an image (see the module docstring)."""
     if multiboot.find_header(data) is not None:
         return "multiboot"
-    if linux.is_bzimage(data):
-        return "linux"
     if is_elf(data) and len(data) > 4 and data[4] == 2:
         parse_elf(data, name)  # headers checked before the notes are read
         return "linux" if _is_vmlinux(data, name) else "direct64"
@@ -146,6 +144,12 @@ def detect_protocol(data: bytes, name: str) -> str:
             f"{name} is an ELF32 file without a Multiboot header: virtkit boots Multiboot "
             "kernels, Linux bzImage/vmlinux kernels, or ELF64 kernels with --boot direct64"
         )
+    # the Linux loader (and the dataclasses module its records need) is imported only for a
+    # kernel that is not one of virtkit's own kinds: `virtkit run` of those stays fast
+    from virtkit.boot import linux
+
+    if linux.is_bzimage(data):
+        return "linux"
     if linux.has_boot_sector_signature(data):
         raise BootError(
             f"{name} has a PC boot sector (0xAA55) but no Linux 'HdrS' setup header magic at 0x202: "
@@ -252,6 +256,8 @@ def _load_linux(
     """Load a Linux kernel for the 64-bit boot protocol or PVH; write its zero page (or start
     info), command line, initrd and entry structures. The ACPI and MP tables the zero page points
     at are the machine's to write (they describe its devices)."""
+    from virtkit.boot import linux, pvh
+
     if linux.is_bzimage(data):
         if protocol == "pvh":
             raise BootError(
