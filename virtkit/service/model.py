@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Final, Literal
 
 from virtkit.records import DESCRIPTION, Bounds, Count
-from virtkit.service.vmmproto import ExitReport, VmmStats
+from virtkit.service.vmmproto import ExitReport, StopReasonName, VmmStats
 
 #: VM names become directory, cgroup and socket names: no path characters, no leading dot or dash
 NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -43,18 +43,7 @@ Pid = Annotated[int, Bounds(lo=1, hi=2**22)]  # PID_MAX_LIMIT
 VmState = Literal["created", "starting", "running", "restarting", "stopped", "failed"]
 Mode = Literal["full", "para"]
 ExitReason = Literal[
-    # what a VMM's exit report says (virtkit.vm.StopReason values)
-    "debug-exit",
-    "reset",
-    "power-off",
-    "halted",
-    "triple-fault",
-    "internal-error",
-    "fail-entry",
-    "unknown-access",
-    "timeout",
-    "stopped",
-    "error",
+    StopReasonName,  # what a VMM's exit report says
     # what the service concludes without one
     "bad-exit-report",
     "vmm-killed",

@@ -53,22 +53,26 @@ class VmmUnresponsive(VirtkitError):
 # --- records ---------------------------------------------------------------------------------------
 
 
+#: the :class:`virtkit.stop.StopReason` values an exit report may carry (the service's
+#: ``model.ExitReason`` adds its own conclusions to these)
+StopReasonName = Literal[
+    "debug-exit",
+    "reset",
+    "power-off",
+    "halted",
+    "triple-fault",
+    "internal-error",
+    "fail-entry",
+    "unknown-access",
+    "timeout",
+    "stopped",
+    "error",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class ExitReport:
-    #: :class:`virtkit.vm.StopReason` values
-    reason: Literal[
-        "debug-exit",
-        "reset",
-        "power-off",
-        "halted",
-        "triple-fault",
-        "internal-error",
-        "fail-entry",
-        "unknown-access",
-        "timeout",
-        "stopped",
-        "error",
-    ]
+    reason: StopReasonName
     exit_status: Annotated[int, Bounds(lo=0, hi=255)]
     detail: Annotated[str, Bounds(max_len=4000)] = ""
     crash: bool = False
