@@ -20,6 +20,10 @@ Completed (Intel SDM vol. 2 for each instruction; AMD APM vol. 3 for RDPRU):
 - ``clflush``/``clflushopt``/``clwb``: guest RAM is ordinary coherent host memory, so the only
   architectural effects are the address checks, done here, and RIP.
 - ``movbe``: the byte-swapped load or store, through a walk of the guest's page tables.
+- ``popcnt``: the count of set bits, flags as the SDM defines them.
+- ``lsl`` with a GDT selector: the segment limit and ZF, as the SDM's type and privilege rules say.
+- ``wait``/``fwait``: #NM when CR0.MP and CR0.TS are set, otherwise nothing (refused when an x87
+  exception is pending: the VMM does not deliver #MF).
 - Any of these whose CPUID feature the guest was not given, or ``xgetbv`` with CR4.OSXSAVE clear:
   #UD is injected, as the CPU would raise it.
 
@@ -54,6 +58,11 @@ CR4_SMAP = 1 << 21
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 VEC_UD = 6
+VEC_NM = 7
+CR0_MP = 1 << 1
+CR0_TS = 1 << 3
+#: x87 FPU status word: exception summary, set while an unmasked exception is pending (SDM vol. 1 §8.1.3)
+FSW_ES = 1 << 7
 
 # --- struct kvm_vcpu_events byte offsets (include/uapi/asm-x86/kvm.h) ------------------------------
 EV_EXC_INJECTED, EV_EXC_NR, EV_EXC_HAS_ERR, EV_EXC_PENDING = 0, 1, 2, 3
@@ -74,7 +83,22 @@ CPUID_RDPRU = (0x8000_0008, 0, "ebx", 4)
 
 #: the mnemonics this module may complete (or answer with #UD)
 COMPLETED = frozenset(
-    {"int3", "int", "xgetbv", "clac", "stac", "clflush", "clflushopt", "clwb", "movbe", "popcnt", "invpcid", "rdpru"}
+    {
+        "int3",
+        "int",
+        "xgetbv",
+        "clac",
+        "stac",
+        "clflush",
+        "clflushopt",
+        "clwb",
+        "movbe",
+        "popcnt",
+        "wait",
+        "lsl",
+        "invpcid",
+        "rdpru",
+    }
 )
 
 #: 64-bit general registers as kvm_regs names, from any of their 64/32/16-bit capstone names
@@ -99,6 +123,7 @@ if TYPE_CHECKING:  # the protocols are for the type checker only: no class creat
         def set_vcpu_events(self, events: S.kvm_vcpu_events) -> None: ...
         def get_xcrs(self) -> S.kvm_xcrs: ...
         def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]: ...
+        def get_fpu(self) -> S.kvm_fpu: ...
 
     class MemoryOps(Protocol):
         """Bounds-checked guest-physical access (:class:`virtkit.memory.GuestMemory`)."""
@@ -193,6 +218,10 @@ class Completer:
             regs.rax, regs.rdx = values[0] & 0xFFFF_FFFF, values[0] >> 32
             self._advance(regs, d)
             return m
+        if m == "wait":
+            return self._wait(d, regs, sregs, events)
+        if m == "lsl":
+            return self._lsl(d, regs, sregs)
         if m in ("clac", "stac"):
             if d.prefixes:
                 raise NotExact(f"{m} with prefixes {d.prefixes}")
@@ -226,6 +255,71 @@ class Completer:
                 return self._ud(events, m)
             raise NotExact("rdpru: APERF/MPERF are not readable through KVM")
         raise NotExact(f"{m} is not an instruction the VMM completes")
+
+    def _wait(self, d: Decoded, regs: S.kvm_regs, sregs: S.kvm_sregs, events: S.kvm_vcpu_events) -> str:
+        """WAIT/FWAIT (9B; SDM vol. 2B): #NM when CR0.MP and CR0.TS are both set; otherwise it only
+        checks for a pending unmasked x87 exception, and does nothing when there is none. A pending
+        one (#MF, or FERR# with CR0.NE clear) is refused, not delivered: the VMM does not model the
+        x87 exception path. 9B before an x87 opcode (FINIT = 9B DB E3) is a WAIT of its own."""
+        if d.prefixes:
+            raise NotExact(f"wait with prefixes {d.prefixes}")
+        if sregs.cr0 & CR0_MP and sregs.cr0 & CR0_TS:
+            events.raw[EV_EXC_INJECTED], events.raw[EV_EXC_NR], events.raw[EV_EXC_HAS_ERR] = 1, VEC_NM, 0
+            self._events_dirty = True
+            return "wait(#NM)"
+        if self.vcpu.get_fpu().fsw & FSW_ES:
+            raise NotExact("wait with an unmasked x87 exception pending (#MF is not delivered by the VMM)")
+        self._advance(regs, d)
+        return "wait"
+
+    def _lsl(self, d: Decoded, regs: S.kvm_regs, sregs: S.kvm_sregs) -> str:
+        """LSL r, r (0F 03; SDM vol. 2A "LSL"): the byte-granular limit of the segment the source
+        selector names, if the descriptor is of a type LSL accepts (in IA-32e mode: any code or
+        data segment, an LDT, a 64-bit TSS) and visible at CPL0 and the selector's RPL; ZF says
+        whether it was loaded, no other flag changes. Linux's paranoid entry (NMI, #DB, #MC)
+        reads its CPU number this way, from the limit of the GDT's CPUNODE segment."""
+        if set(d.prefixes) - {0x66} or len(d.reg_ops) != 2:
+            raise NotExact(f"lsl form not handled ({d.text})")
+        name, size = _GPR.get(d.reg_ops[0], ("", 0))
+        if not name or size != d.size:
+            raise NotExact(f"lsl destination not handled ({d.text})")
+        selector = _reg_value(regs, d.reg_ops[1]) & 0xFFFF
+        if selector & 4:
+            raise NotExact(f"lsl of an LDT selector ({selector:#x})")
+        limit = self._segment_limit(selector, regs, sregs)
+        if limit is None:
+            regs.rflags &= ~RFLAGS_ZF
+        else:
+            old = int(getattr(regs, name))
+            # a 16-bit destination takes the low 16 bits and keeps bits 63:16; wider ones zero-extend
+            setattr(regs, name, (old & ~0xFFFF & ((1 << 64) - 1)) | (limit & 0xFFFF) if size == 2 else limit)
+            regs.rflags |= RFLAGS_ZF
+        self._advance(regs, d)
+        return "lsl"
+
+    def _segment_limit(self, selector: int, regs: S.kvm_regs, sregs: S.kvm_sregs) -> int | None:
+        """The limit LSL loads for a GDT selector at CPL0, or None where LSL clears ZF."""
+        index = selector & ~7
+        if index == 0 or index + 7 > sregs.gdt.limit:
+            return None  # the null selector, or beyond the table's limit
+        linear = sregs.gdt.base + index
+        if walk(self.memory, sregs, linear)[1].user or walk(self.memory, sregs, linear + 7)[1].user:
+            raise NotExact(f"the GDT at {sregs.gdt.base:#x} is on a user page (an implicit supervisor access)")
+        pieces = self._translate(linear, 8, write=False, regs=regs, sregs=sregs, ram=True)
+        raw = int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
+        kind, s_bit, dpl = (raw >> 40) & 0xF, (raw >> 44) & 1, (raw >> 45) & 3
+        if not s_bit:
+            if kind not in (0x2, 0x9, 0xB):  # LDT, 64-bit TSS available / busy (SDM vol. 3A §3.5)
+                return None
+            if index + 15 > sregs.gdt.limit:
+                raise NotExact(f"a system descriptor at {index:#x} crosses the GDT limit")
+        conforming = s_bit and kind & 0b1100 == 0b1100
+        if not conforming and (selector & 3) > dpl:
+            return None  # CPL is 0, so only the RPL can exceed the DPL
+        limit = (raw & 0xFFFF) | ((raw >> 32) & 0xF_0000)
+        if raw >> 55 & 1:  # G: 4 KiB granularity
+            limit = (limit << 12) | 0xFFF
+        return limit
 
     def _movbe(self, d: Decoded, regs: S.kvm_regs, sregs: S.kvm_sregs) -> str:
         if d.reg is None or d.mem is None or set(d.prefixes) - {0x66, 0x67, 0x64, 0x65}:
@@ -395,13 +489,14 @@ _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x6
 
 #: prefix-free opcodes decoded without capstone: the frequent ones (a Linux kernel runs stac/clac
 #: around every user-memory access) stay cheap, and work in a confined VMM that cannot import
-#: capstone (SDM vol. 2: INT3 CC, XGETBV 0F 01 D0, CLAC 0F 01 CA, STAC 0F 01 CB; APM: RDPRU 0F 01 FD)
+#: capstone (SDM vol. 2: INT3 CC, XGETBV 0F 01 D0, CLAC 0F 01 CA, STAC 0F 01 CB, WAIT 9B; APM: RDPRU 0F 01 FD)
 _FIXED: dict[bytes, str] = {
     b"\xcc": "int3",
     b"\x0f\x01\xd0": "xgetbv",
     b"\x0f\x01\xca": "clac",
     b"\x0f\x01\xcb": "stac",
     b"\x0f\x01\xfd": "rdpru",
+    b"\x9b": "wait",
 }
 
 

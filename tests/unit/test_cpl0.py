@@ -79,6 +79,7 @@ class FakeVcpu:
         self.events_set = 0
         self.regs_set = 0
         self.xcr0 = 0x2_0000_0007
+        self.fsw = 0
         self.cpuid = (
             cpuid
             if cpuid is not None
@@ -125,6 +126,9 @@ class FakeVcpu:
         x.nr_xcrs = 1
         x.xcrs[0].xcr, x.xcrs[0].value = 0, self.xcr0
         return x
+
+    def get_fpu(self) -> S.kvm_fpu:
+        return S.kvm_fpu(fsw=self.fsw)
 
     def get_cpuid2(self) -> list[S.kvm_cpuid_entry2]:
         out = []
@@ -444,3 +448,117 @@ def test_popcnt_without_its_cpuid_bit_is_ud() -> None:
     v = FakeVcpu(cpuid={})
     assert run(v, b"\xf3\x48\x0f\xb8\xc7") == ("popcnt(#UD)", "")
     assert injected_exception(v) == (1, 6) and v.regs.rip == KERNEL_RIP
+
+
+# --- wait / fwait ---------------------------------------------------------------------------------
+def test_wait_with_nothing_pending_only_moves_rip() -> None:
+    v = FakeVcpu()
+    assert run(v, b"\x9b\x65\x48\xc7\x05") == ("wait", "")  # 9B then an unrelated instruction
+    assert v.regs.rip == KERNEL_RIP + 1 and injected_exception(v) == (0, 0)
+
+
+def test_wait_before_an_x87_opcode_is_a_wait_of_its_own() -> None:
+    v = FakeVcpu()
+    assert run(v, b"\x9b\xdb\xe3") == ("wait", "")  # FINIT = WAIT + FNINIT
+    assert v.regs.rip == KERNEL_RIP + 1
+
+
+def test_wait_with_ts_and_mp_raises_nm_at_the_instruction() -> None:
+    v = FakeVcpu()
+    v.sregs.cr0 |= 0x8 | 0x2  # TS, MP
+    assert run(v, b"\x9b") == ("wait(#NM)", "")
+    assert v.regs.rip == KERNEL_RIP and injected_exception(v) == (1, 7)
+
+
+def test_wait_with_ts_but_not_mp_does_nothing_more() -> None:
+    v = FakeVcpu()
+    v.sregs.cr0 = (v.sregs.cr0 | 0x8) & ~0x2
+    assert run(v, b"\x9b") == ("wait", "")
+
+
+def test_wait_with_a_pending_x87_exception_is_refused() -> None:
+    v = FakeVcpu()
+    v.fsw = 0x80 | 0x1  # ES, IE
+    kind, reason = run(v, b"\x9b")
+    assert kind is None and "x87 exception pending" in reason
+    assert v.regs.rip == KERNEL_RIP and v.regs_set == 0
+
+
+# --- lsl ------------------------------------------------------------------------------------------
+def _descriptor(limit: int, *, kind: int, s: int = 1, dpl: int = 0, g: int = 0) -> int:
+    """An 8-byte segment descriptor (SDM vol. 3A §3.4.5), present, 64-bit code or data."""
+    return (limit & 0xFFFF) | (kind & 0xF) << 40 | s << 44 | dpl << 45 | 1 << 47 | ((limit >> 16) & 0xF) << 48 | g << 55
+
+
+def _gdt_vcpu(*entries: int) -> FakeVcpu:
+    v = FakeVcpu()
+    for i, e in enumerate(entries):
+        v.memory.u64(DATA_PAGE + 8 * i, e)
+    v.sregs.gdt.base, v.sregs.gdt.limit = DATA, 8 * len(entries) - 1
+    return v
+
+
+LSL_RAX_EAX = b"\x48\x0f\x03\xc0"  # lsl rax, eax: what Linux's paranoid entry runs
+
+
+def test_lsl_loads_the_byte_limit_and_sets_zf() -> None:
+    # Linux's CPUNODE segment: a DPL3 data segment whose limit encodes node << 12 | cpu
+    v = _gdt_vcpu(0, _descriptor(0x1003, kind=0x5, dpl=3))
+    v.regs.rax, v.regs.rflags = 0xFFFF_FFFF_0000_0000 | 0x0B, 0x2 | 0x1  # selector 8 | RPL 3; CF set
+    assert run(v, LSL_RAX_EAX) == ("lsl", "")
+    assert v.regs.rax == 0x1003  # 32-bit limit zero-extended
+    assert v.regs.rflags & 0x40 and v.regs.rflags & 0x1  # ZF set, CF untouched
+    assert v.regs.rip == KERNEL_RIP + 4
+
+
+def test_lsl_scales_a_page_granular_limit() -> None:
+    v = _gdt_vcpu(0, _descriptor(0xFFFFF, kind=0xB, g=1))  # flat code segment
+    v.regs.rax = 0x8
+    assert run(v, LSL_RAX_EAX) == ("lsl", "")
+    assert v.regs.rax == 0xFFFF_FFFF
+
+
+def test_lsl_16_bit_keeps_the_upper_bits() -> None:
+    v = _gdt_vcpu(0, _descriptor(0x12345, kind=0x3))
+    v.regs.rax = 0xAAAA_BBBB_CCCC_0008
+    assert run(v, b"\x66\x0f\x03\xc0") == ("lsl", "")  # lsl ax, ax
+    assert v.regs.rax == 0xAAAA_BBBB_CCCC_2345
+
+
+@pytest.mark.parametrize(
+    ("entries", "selector", "why"),
+    [
+        ((0, _descriptor(0x10, kind=0x3)), 0x0, "the null selector"),
+        ((0, _descriptor(0x10, kind=0x3)), 0x10, "beyond the GDT limit"),
+        ((0, _descriptor(0x10, kind=0x3, dpl=0)), 0xB, "RPL 3 above DPL 0"),
+        ((0, _descriptor(0x10, kind=0xE, s=0)), 0x8, "an interrupt gate is not a type LSL accepts"),
+    ],
+)
+def test_lsl_clears_zf_and_leaves_the_destination(entries: tuple[int, ...], selector: int, why: str) -> None:
+    v = _gdt_vcpu(*entries)
+    v.regs.rax, v.regs.rflags = selector, 0x2 | 0x40
+    assert run(v, LSL_RAX_EAX) == ("lsl", ""), why
+    assert v.regs.rax == selector and not v.regs.rflags & 0x40, why
+
+
+def test_lsl_of_a_conforming_code_segment_ignores_the_rpl() -> None:
+    v = _gdt_vcpu(0, _descriptor(0x77, kind=0xE, dpl=0))  # code, conforming, readable
+    v.regs.rax = 0xB
+    assert run(v, LSL_RAX_EAX) == ("lsl", "")
+    assert v.regs.rax == 0x77 and v.regs.rflags & 0x40
+
+
+def test_lsl_of_a_tss_reads_the_low_half_of_its_16_byte_descriptor() -> None:
+    v = _gdt_vcpu(0, _descriptor(0x67, kind=0x9, s=0), 0)
+    v.regs.rax = 0x8
+    assert run(v, LSL_RAX_EAX) == ("lsl", "")
+    assert v.regs.rax == 0x67
+
+
+def test_lsl_refuses_ldt_selectors_and_memory_sources() -> None:
+    v = _gdt_vcpu(0, _descriptor(0x10, kind=0x3))
+    v.regs.rax = 0xC  # TI = 1
+    assert run(v, LSL_RAX_EAX)[0] is None
+    v = _gdt_vcpu(0, _descriptor(0x10, kind=0x3))
+    kind, reason = run(v, b"\x48\x0f\x03\x00")  # lsl rax, word ptr [rax]
+    assert kind is None and "lsl form" in reason
