@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from virtkit.api import VM, RunResult
-from virtkit.doctor import FLAVOR_MEANING, kvm_flavor
+from virtkit.doctor import FLAVOR_MEANING
 from virtkit.guests import guests_dir
+from virtkit.kvm.flavor import kvm_flavor
 
 
 @dataclass

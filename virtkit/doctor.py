@@ -17,6 +17,7 @@ import platform
 from typing import Any
 
 from virtkit.kvm.constants import Cap
+from virtkit.kvm.flavor import kvm_flavor
 
 _CAPS_USED = (
     Cap.USER_MEMORY,
@@ -60,13 +61,6 @@ LINUX_GUESTS = {
     "cannot intervene (docs/PLATFORM.md); real work here runs in virtkit's own guest kernels",
     "unknown": "unknown: try a kernel with --stats",
 }
-
-
-def kvm_flavor() -> str:
-    for module, flavor in (("kvm_pvm", "pvm"), ("kvm_intel", "vmx"), ("kvm_amd", "svm")):
-        if os.path.isdir(f"/sys/module/{module}"):
-            return flavor
-    return "unknown"
 
 
 def _cpu_flags() -> set[str]:

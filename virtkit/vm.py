@@ -29,6 +29,7 @@ from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.iothread import IoThread
 from virtkit.kvm import structs as S
 from virtkit.kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, Cap
+from virtkit.kvm.flavor import cpl0_emulated
 from virtkit.kvm.ioctl import Kvm, VmFd
 from virtkit.memory import GuestMemory
 from virtkit.stop import Stop, StopReason
@@ -213,6 +214,7 @@ class Machine(VcpuHost):
                     vcpu_id=i,
                     vcpu_count=n,
                     paravirt=self.config.paravirt,
+                    cpl0_emulated=cpl0_emulated(),
                     paravirt_features=cpuid.PV_FEATURE_HYPERCALL | cpuid.PV_FEATURE_VIRTIO_MMIO,
                     hypercall_abi=HYPERCALL_ABI_VERSION,
                     hypercall_port=layout.HYPERCALL_PORT,

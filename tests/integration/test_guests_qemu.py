@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from virtkit.doctor import kvm_flavor
+from virtkit.kvm.flavor import kvm_flavor
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm, pytest.mark.usefixtures("kvm")]
 

@@ -82,7 +82,7 @@ def document(
     import platform
 
     from virtkit import __version__
-    from virtkit.doctor import kvm_flavor
+    from virtkit.kvm.flavor import kvm_flavor
 
     c = machine.config
     return {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from virtkit import VM
-from virtkit.doctor import kvm_flavor
+from virtkit.kvm.flavor import kvm_flavor
 from virtkit.stop import StopReason
 
 pytestmark = pytest.mark.usefixtures("kvm", "no_leaks")

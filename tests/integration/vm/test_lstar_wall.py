@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from virtkit import VM
-from virtkit.doctor import kvm_flavor
+from virtkit.kvm.flavor import kvm_flavor
 from virtkit.kvm.structs import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP
 from virtkit.stop import StopReason
 
