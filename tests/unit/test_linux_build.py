@@ -47,9 +47,10 @@ def test_the_repo_fragment_parses_and_asks_for_what_the_tests_need() -> None:
     frag = build.parse_config(build.FRAGMENT.read_text())
     for name in ("CONFIG_PVH", "CONFIG_SMP", "CONFIG_X86_MPPARSE", "CONFIG_ACPI", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
                  "CONFIG_VIRTIO_BLK", "CONFIG_VIRTIO_NET", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_BLK_DEV_INITRD",
-                 "CONFIG_KVM_GUEST", "CONFIG_BINFMT_SCRIPT"):  # fmt: skip
+                 "CONFIG_KVM_GUEST", "CONFIG_BINFMT_SCRIPT",
+                 "CONFIG_PCI",  # 6.1's ACPICA loads no DSDT without it (guests/linux/virtkit.config)
+                 "CONFIG_HZ_100", "CONFIG_NO_HZ_IDLE"):  # fmt: skip
         assert frag.get(name) == "y", name
-    assert "CONFIG_PCI" in frag and frag["CONFIG_PCI"] is None
 
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio (Debian package) is not installed")
