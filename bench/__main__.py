@@ -14,6 +14,7 @@ SUITES = {
     "containers_overhead": "bench.containers_overhead",
     "failover": "bench.failover",
     "service": "bench.service",
+    "linux": "bench.linux",
 }
 
 

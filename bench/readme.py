@@ -230,6 +230,32 @@ def service_rows(d: dict[str, Any]) -> list[Row]:
     ]
 
 
+def linux_rows(d: dict[str, Any]) -> list[Row]:
+    boots, milestones = d["boots"], d["milestones"]
+    vk, para, q = boots["virtkit full"], boots["virtkit para"], boots["qemu -M microvm"]
+
+    def far(b: dict[str, Any]) -> str:
+        reached = b["reached"]
+        last = reached[-1] if reached else "nothing"
+        return f"{len(reached)}/{len(milestones)} milestones, last: {last} ({_num(b['milestones_s'].get(last), ' s')})"
+
+    def at(b: dict[str, Any], m: str) -> str:
+        t = b["milestones_s"].get(m)
+        return "not reached" if t is None else f"{t:.1f} s"
+
+    return [
+        ("how far the test kernel gets (full / para)", f"{far(vk)} / {far(para)}", f"QEMU microvm: {far(q)}", ""),
+        ("process start to the first kernel line", at(vk, milestones[0]), at(q, milestones[0]), ""),
+        ("process start to both CPUs up", at(vk, "both CPUs up"), at(q, "both CPUs up"), ""),
+        (
+            "VMM peak RSS over the boot (guest pages included)",
+            f"{vk['peak_rss_mib']:.1f} MiB",
+            f"QEMU microvm {q['peak_rss_mib']:.1f} MiB",
+            "",
+        ),
+    ]
+
+
 SUITES: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]]]] = [
     ("vmm", "The VMM next to QEMU on the same guests", vmm_rows),
     ("paravirt", "Full virtualization vs paravirtualization, same work", paravirt_rows),
@@ -237,6 +263,7 @@ SUITES: list[tuple[str, str, Callable[[dict[str, Any]], list[Row]]]] = [
     ("containers_overhead", "Workload overhead: container and VM vs native", overhead_rows),
     ("failover", "Failover: snapshot, restore, clone, live migration", failover_rows),
     ("service", "The hypervisor as a service", service_rows),
+    ("linux", "Linux guests: the test kernel, same command line", linux_rows),
 ]
 
 
