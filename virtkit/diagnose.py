@@ -72,3 +72,23 @@ def crash_report(title: str, vcpu: VcpuFd, memory: GuestMemory, insn: bytes | No
         f"  cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} efer={sregs.efer:#x}",
     ]
     return "\n".join(lines)
+
+
+#: what a Linux kernel prints when its init process dies (kernel/exit.c), and when it starts one
+_INIT_KILLED = b"Attempted to kill init!"
+_INIT_STARTED = b"Run /init as init process"
+
+
+def linux_init_wall(serial: bytes, flavor: str) -> str | None:
+    """On a PVM host, a Linux guest's init dies at its first system call: ``syscall`` from guest
+    user mode reaches the kernel's entry still at CPL3 (docs/PLATFORM.md, "Privilege
+    transitions"). Said in one line when the console shows exactly that story, else None."""
+    if flavor != "pvm" or _INIT_STARTED not in serial:
+        return None
+    if _INIT_KILLED not in serial[serial.rindex(_INIT_STARTED) :]:
+        return None
+    return (
+        "the guest's init died at its first system call: on this PVM host `syscall` from guest user "
+        "mode enters the kernel still at CPL3, which no VMM can fix (docs/PLATFORM.md); "
+        "a VT-x/AMD-V host runs it"
+    )

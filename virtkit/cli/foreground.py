@@ -199,6 +199,8 @@ def foreground(
     import signal
 
     from virtkit.api import EXIT_STOPPED
+    from virtkit.diagnose import linux_init_wall  # imported before a confined VMM loses its files
+    from virtkit.kvm.flavor import kvm_flavor
     from virtkit.stop import StopReason
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -216,6 +218,9 @@ def foreground(
     if result.reason not in (StopReason.DEBUG_EXIT, StopReason.OUTPUT_CLOSED):
         label = "guest crashed" if result.crashed else result.reason.value
         print(f"virtkit: {label}: {result.detail}", file=sys.stderr)
+    wall = linux_init_wall(result.serial_bytes, kvm_flavor())
+    if wall:
+        print(f"virtkit: note: {wall}", file=sys.stderr)
     if getattr(args, "stats", False):
         from virtkit.stats import format_table
 
