@@ -24,6 +24,9 @@ KNOWN_PORTS = {
     0x70: "rtc",
     0x71: "rtc",
     0x80: "post",
+    0xC48: "acpi-power",
+    0xC49: "acpi-power",
+    0xC4A: "acpi-power",
 }
 
 
