@@ -218,6 +218,18 @@ class Machine(VcpuHost):
                     hypercall_port=layout.HYPERCALL_PORT,
                 )
             )
+        self.note_cpuid()
+
+    def note_cpuid(self) -> None:
+        """Remember vCPU 0's CPUID as KVM holds it (KVM_GET_CPUID2), read now, while no vCPU runs
+        (after creation, and after a snapshot or migration state replaced it). Read later from
+        another thread, the ioctl would wait on the vCPU mutex that KVM_RUN holds, and a guest
+        halted in the in-kernel irqchip may not return from KVM_RUN for a long time."""
+        #: (function, index, flags, eax, ebx, ecx, edx) of each leaf: what the guest sees
+        self.cpuid: list[tuple[int, int, int, int, int, int, int]] = [
+            (int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
+            for x in self.vcpus[0].fd.get_cpuid2()
+        ]
 
     @property
     def kernel_cmdline_extra(self) -> list[str]:
@@ -318,12 +330,12 @@ class Machine(VcpuHost):
             self._add_net(f"virtio-net{i}" if i else "virtio-net", net)
 
     def _add_net(self, name: str, spec: NetSpec) -> None:
-        """A virtio-net card on a TAP made now; the I/O thread reads the TAP, the card's
-        close() (with the device manager's) removes it."""
+        """A virtio-net card on a TAP made now (or the one ``spec`` brings); the I/O thread reads
+        the TAP, the card's close() (with the device manager's) removes it."""
         from virtkit.devices.virtio.net import NetDevice
         from virtkit.devices.virtio.net.tap import TapDevice, random_mac
 
-        tap = TapDevice(spec)
+        tap = spec.tap if spec.tap is not None else TapDevice(spec)
         try:
             card = NetDevice(tap, spec.mac or random_mac())
         except BaseException:

@@ -201,6 +201,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--no-seccomp", action="store_true", help=argparse.SUPPRESS)  # measuring the allow-list
     add_machine_options(p)
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,mac=MAC][,name=IF]",
+        help="the host side of each network card of the incoming VM, in order: a new TAP, on bridge BR, "
+        "made before the receiver leaves the host's network namespace and removed when it ends; the "
+        "card keeps the MAC the guest knows (a mac= given must be that one) (--mode para)",
+    )
     add_runtime_options(p)
     p.set_defaults(handler=cmd_migrate_receive)
 

@@ -50,8 +50,9 @@ def effective_cpuid(machine: Machine) -> list[CpuidEntry]:
     """What a guest booted on this host sees: vCPU 0's CPUID as KVM holds it (KVM_GET_CPUID2 after
     the machine set its policy from KVM_GET_SUPPORTED_CPUID). On PVM this is the reference, not
     KVM_GET_SUPPORTED_CPUID: guest CPL3 code runs natively and PVM merges the host CPU's own
-    features into the vCPU's CPUID, so the supported list under-reports (docs/PLATFORM.md)."""
-    return vmstate.get_cpuid(machine.vcpus[0].fd)
+    features into the vCPU's CPUID, so the supported list under-reports (docs/PLATFORM.md).
+    Read while no vCPU ran (:meth:`Machine.note_cpuid`): safe on a running machine too."""
+    return list(machine.cpuid)
 
 
 def machine_of(target: Machine | VM) -> Machine:
