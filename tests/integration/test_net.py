@@ -410,3 +410,56 @@ def test_migrate_receive_bad_net_options_fail_in_one_line_and_leave_nothing(
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert tap_links(netns) == []
+
+
+# --- clone --net: every clone gets TAPs of its own -------------------------------------------------
+
+
+def _snapshot_of_netping(netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path, mac: str) -> Path:
+    control, snap = tmp_path / "ctl.sock", tmp_path / "snap"
+    vmm = start(
+        vmms, netns, netping, f"ip={SUBNET}.2", f"tap,bridge={BRIDGE},mac={mac}", extra=("--control", str(control))
+    )
+    vmm.wait_for(r"^netping: ready ")
+    saved = _virtkit_in(netns, "snapshot", str(snap), "--control", str(control), "--leave-paused")
+    assert saved.returncode == 0, saved.stderr
+    vmm.proc.send_signal(signal.SIGTERM)
+    vmm.wait()
+    assert tap_links(netns) == []
+    return snap
+
+
+def test_clones_get_taps_of_their_own_and_never_share_a_bridge(
+    netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path
+) -> None:
+    mac = "02:76:6b:00:00:0c"
+    snap = _snapshot_of_netping(netns, netping, vmms, tmp_path, mac)
+    # the same MAC twice on one bridge: refused before anything is made
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2", "--net", f"tap,bridge={BRIDGE}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"clone-0 and clone-1 would both put card 0 (MAC {mac}) on bridge {BRIDGE}" in r.stderr, r.stderr
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2")
+    assert r.returncode == 2 and "once per card (1, the same for every clone)" in r.stderr, r.stderr
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2", "--net", "tap,name=vk-tap-same")
+    assert r.returncode == 2 and "would name every clone's TAP the same" in r.stderr, r.stderr
+    assert tap_links(netns) == []
+
+    # clone 0 on the bridge, clone 1 on a TAP of its own (once per card per clone)
+    logs = tmp_path / "logs"
+    clones = Vmm(netns, "clone", str(snap), "-n", "2", "--serial-dir", str(logs),
+                 "--net", f"tap,bridge={BRIDGE}", "--net", "tap,name=vk-tap-c1")  # fmt: skip
+    vmms.append(clones)
+    end = time.monotonic() + DEADLINE
+    while len(tap_links(netns)) < 2:
+        assert time.monotonic() < end and clones.proc.poll() is None, clones.output
+        time.sleep(0.1)
+    assert "master" not in ip("-n", netns, "link", "show", "vk-tap-c1").stdout
+    ip("-n", netns, "neigh", "flush", "all")
+    p = ping(netns, 2)
+    assert p.returncode == 0 and "2 received" in p.stdout, p.stdout + p.stderr + clones.output
+    assert mac in ip("-n", netns, "neigh", "show", f"{SUBNET}.2").stdout
+    assert "icmp echo request" in (logs / "clone-0.log").read_text()
+    assert "icmp echo request" not in (logs / "clone-1.log").read_text()
+    clones.proc.send_signal(signal.SIGINT)
+    assert clones.wait() == 130, clones.output
+    assert tap_links(netns) == []
