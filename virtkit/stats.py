@@ -24,6 +24,9 @@ KNOWN_PORTS = {
     0x70: "rtc",
     0x71: "rtc",
     0x80: "post",
+    0xC48: "acpi-power",
+    0xC49: "acpi-power",
+    0xC4A: "acpi-power",
 }
 
 
@@ -40,11 +43,9 @@ class RunStats:
         self.kicks = 0
         self.tsc_khz = 0
         self.first_output_s: float | None = None
-        #: how the kernel was booted ("multiboot", "linux (bzImage, boot protocol 2.15)"...); shown
-        #: in the --stats table, not in to_dict (the service's stats record has no such field yet)
+        #: how the kernel was booted ("multiboot", "linux (bzImage, boot protocol 2.15)"...)
         self.boot_protocol = ""
-        #: CPL0 instructions KVM's emulator rejected and the VMM completed (virtkit.cpl0), by kind;
-        #: not in to_dict() yet: the service's VmmStats record refuses fields it does not know
+        #: CPL0 instructions KVM's emulator rejected and the VMM completed (virtkit.cpl0), by kind
         self.completed: dict[str, int] = {}
 
     @property
@@ -73,6 +74,8 @@ class RunStats:
             "kicks": self.kicks,
             "tsc_khz": self.tsc_khz,
             "first_output_s": self.first_output_s,
+            "boot_protocol": self.boot_protocol,
+            "completed": dict(sorted(self.completed.items())),
         }
 
 

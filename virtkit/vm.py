@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from virtkit.arch import acpi, cpuid, layout, x86
 from virtkit.boot.loader import ModuleSpec, load_kernel
-from virtkit.devices.legacy import debug_exit, i8042, post, rtc, uart
+from virtkit.devices.legacy import acpi_power, debug_exit, i8042, post, rtc, uart
 from virtkit.devices.manager import DeviceManager
 from virtkit.errors import ConfigError, DeviceError, KvmError
 from virtkit.iothread import IoThread
@@ -220,6 +220,18 @@ class Machine(VcpuHost):
                     hypercall_port=layout.HYPERCALL_PORT,
                 )
             )
+        self.note_cpuid()
+
+    def note_cpuid(self) -> None:
+        """Remember vCPU 0's CPUID as KVM holds it (KVM_GET_CPUID2), read now, while no vCPU runs
+        (after creation, and after a snapshot or migration state replaced it). Read later from
+        another thread, the ioctl would wait on the vCPU mutex that KVM_RUN holds, and a guest
+        halted in the in-kernel irqchip may not return from KVM_RUN for a long time."""
+        #: (function, index, flags, eax, ebx, ecx, edx) of each leaf: what the guest sees
+        self.cpuid: list[tuple[int, int, int, int, int, int, int]] = [
+            (int(x.function), int(x.index), int(x.flags), int(x.eax), int(x.ebx), int(x.ecx), int(x.edx))
+            for x in self.vcpus[0].fd.get_cpuid2()
+        ]
 
     @property
     def kernel_cmdline_extra(self) -> list[str]:
@@ -256,6 +268,19 @@ class Machine(VcpuHost):
             guest_info=acpi.ps2_controller(i8042.DATA_PORT, i8042.COMMAND_PORT, i8042.KEYBOARD_IRQ),
         )
         dm.add_port_device("i8042 command", i8042.COMMAND_PORT, 1, kbc, offset=4, state_name="i8042")
+        dm.add_power_registers(
+            "acpi power",
+            layout.ACPI_POWER_PORT,
+            layout.ACPI_POWER_PORT_COUNT,
+            acpi_power.AcpiPowerRegisters(self._on_acpi_power_off, self._on_acpi_reset),
+            acpi.PowerRegisters(
+                sleep_control_port=layout.ACPI_SLEEP_CONTROL_PORT,
+                sleep_status_port=layout.ACPI_SLEEP_STATUS_PORT,
+                reset_port=layout.ACPI_RESET_PORT,
+                reset_value=acpi_power.RESET_VALUE,
+                s5_slp_typ=acpi_power.S5_SLP_TYP,
+            ),
+        )
         self.rtc = rtc.CmosRtc(self.config.memory)
         dm.add_port_device("cmos rtc", rtc.INDEX_PORT, 2, self.rtc, state_name="rtc")
         self.post = post.PostPort()
@@ -307,12 +332,12 @@ class Machine(VcpuHost):
             self._add_net(f"virtio-net{i}" if i else "virtio-net", net)
 
     def _add_net(self, name: str, spec: NetSpec) -> None:
-        """A virtio-net card on a TAP made now; the I/O thread reads the TAP, the card's
-        close() (with the device manager's) removes it."""
+        """A virtio-net card on a TAP made now (or the one ``spec`` brings); the I/O thread reads
+        the TAP, the card's close() (with the device manager's) removes it."""
         from virtkit.devices.virtio.net import NetDevice
         from virtkit.devices.virtio.net.tap import TapDevice, random_mac
 
-        tap = TapDevice(spec)
+        tap = spec.tap if spec.tap is not None else TapDevice(spec)
         try:
             card = NetDevice(tap, spec.mac or random_mac())
         except BaseException:
@@ -346,6 +371,14 @@ class Machine(VcpuHost):
     def _on_reset(self) -> None:
         self.request_stop(Stop(StopReason.RESET, detail="guest pulsed the i8042 reset line"))
 
+    def _on_acpi_power_off(self) -> None:
+        self.request_stop(
+            Stop(StopReason.POWER_OFF, detail="guest powered off (ACPI S5 through the sleep control register)")
+        )
+
+    def _on_acpi_reset(self) -> None:
+        self.request_stop(Stop(StopReason.RESET, detail="guest wrote the ACPI reset register"))
+
     # --- boot --------------------------------------------------------------------------------------
     def load(
         self,
@@ -366,6 +399,7 @@ class Machine(VcpuHost):
             device_args=self.kernel_cmdline_extra,
         )
         self.boot_protocol = entry.protocol
+        self._write_firmware_tables(linux=entry.is_linux)
         if entry.is_linux:
             self._prepare_linux_platform()
         boot = self.vcpus[0].fd
@@ -375,11 +409,20 @@ class Machine(VcpuHost):
         boot.set_regs(regs)
         return entry
 
-    def _prepare_linux_platform(self) -> None:
-        """What a PC's firmware leaves for a Linux kernel: the ACPI and MP tables describing this
-        machine's vCPUs and devices, and on every vCPU the boot MSRs, LINT0/LINT1 and FPU state."""
+    def _write_firmware_tables(self, *, linux: bool) -> None:
+        """What a PC's firmware leaves in its ROM area for every guest: the ACPI and MP tables
+        describing this machine's vCPUs and devices (an OS finds the RSDP by scanning
+        0xE0000-0xFFFFF, ACPI 6.5 §5.2.5.1; every boot protocol reports that area reserved, and
+        the loaders refuse images below 1 MiB). A machine with more vCPUs than the tables can
+        describe gets none unless it boots Linux, where that is an error."""
+        if len(self.vcpus) > layout.LINUX_MAX_VCPUS and not linux:
+            return
         for gpa, blob in self.device_manager.platform_tables(len(self.vcpus)):
             self.memory.write(gpa, blob)
+
+    def _prepare_linux_platform(self) -> None:
+        """What a PC's firmware leaves for a Linux kernel besides its tables: on every vCPU the
+        boot MSRs, LINT0/LINT1 and FPU state."""
         msrs = x86.linux_boot_msrs()
         for v in self.vcpus:
             accepted = v.fd.set_msrs(msrs)

@@ -288,3 +288,178 @@ def test_bad_net_options_fail_in_one_line_and_leave_nothing(
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert tap_links(netns) == []
+
+
+# --- migrate-receive --net: the TAP is made in the host's namespace, before the receiver leaves it -----
+
+
+def _key(tmp_path: Path) -> Path:
+    from virtkit.migration.keys import generate
+
+    key = tmp_path / "key"
+    generate(str(key))
+    return key
+
+
+def _virtkit_in(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "virtkit", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=3 * DEADLINE, check=False)
+
+
+def _receiver(vmms: list[Vmm], ns: str, tmp_path: Path, key: Path, *args: str) -> tuple[Vmm, Path]:
+    port_file = tmp_path / "port"
+    recv = Vmm(
+        ns,
+        "migrate-receive",
+        "--mode",
+        "para",
+        "--listen",
+        "127.0.0.1:0",
+        "--port-file",
+        str(port_file),
+        "--key-file",
+        str(key),
+        "--accept-timeout",
+        str(3 * DEADLINE),
+        *args,
+    )
+    vmms.append(recv)
+    end = time.monotonic() + DEADLINE
+    while not port_file.exists():
+        assert time.monotonic() < end and recv.proc.poll() is None, recv.output
+        time.sleep(0.05)
+    return recv, port_file
+
+
+def test_migrate_receive_puts_the_card_on_a_tap_made_in_the_host_namespace(
+    netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path
+) -> None:
+    """The receiver (confined: its own network namespace) makes its TAP before it unshares, on the
+    bridge its own --net names; the card keeps the MAC the guest knows; ping reaches the migrated
+    guest through the receiver's TAP; the TAP goes when the receiver ends."""
+    key, control, mac = _key(tmp_path), tmp_path / "ctl.sock", "02:76:6b:00:00:09"
+    source = start(
+        vmms, netns, netping, f"ip={SUBNET}.2", f"tap,bridge={BRIDGE},mac={mac}", extra=("--control", str(control))
+    )
+    source.wait_for(r"^netping: ready ")
+    assert ping(netns, 1).returncode == 0, source.output
+    recv, port_file = _receiver(vmms, netns, tmp_path, key, "--net", f"tap,bridge={BRIDGE},name=vk-tap-rx")
+    # made before the receiver left the namespace: visible here, on the bridge, while it waits
+    assert "vk-tap-rx" in tap_links(netns) and len(tap_links(netns)) == 2, tap_links(netns)
+    assert f"master {BRIDGE}" in ip("-n", netns, "link", "show", "vk-tap-rx").stdout
+
+    moved = _virtkit_in(
+        netns, "migrate", "--control", str(control), "--to", f"127.0.0.1:{port_file.read_text().strip()}",
+        "--key-file", str(key),
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stderr + recv.output
+    assert source.wait() == 0, source.output  # the VM lives on the receiver now
+    assert tap_links(netns) == ["vk-tap-rx"]  # the source's TAP went with it
+    ip("-n", netns, "neigh", "flush", "all")  # the guest must answer ARP through the new TAP
+    p = ping(netns, 3)
+    assert p.returncode == 0 and "3 received" in p.stdout, p.stdout + p.stderr + recv.output
+    recv.wait_for(rf"^netping: icmp echo request from {SUBNET}\.1 .*: replied", 3)
+    assert mac in ip("-n", netns, "neigh", "show", f"{SUBNET}.2").stdout
+
+    recv.proc.send_signal(signal.SIGTERM)
+    assert recv.wait() == 128 + signal.SIGTERM, recv.output
+    assert tap_links(netns) == []
+
+
+def test_migrate_receive_sigkill_leaks_no_tap(netns: str, vmms: list[Vmm], tmp_path: Path) -> None:
+    """SIGKILL to the receiver's foreground process: its confined child dies with it
+    (PR_SET_PDEATHSIG), the last fd of the TAP closes, the kernel removes it."""
+    recv, _ = _receiver(vmms, netns, tmp_path, _key(tmp_path), "--net", f"tap,bridge={BRIDGE}")
+    assert len(tap_links(netns)) == 1
+    recv.kill()
+    end = time.monotonic() + DEADLINE
+    while tap_links(netns) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert tap_links(netns) == []
+
+
+def test_migrate_receive_refuses_a_vm_with_another_number_of_cards(
+    netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path
+) -> None:
+    key, control = _key(tmp_path), tmp_path / "ctl.sock"
+    source = start(vmms, netns, netping, f"ip={SUBNET}.2", f"tap,bridge={BRIDGE}", extra=("--control", str(control)))
+    source.wait_for(r"^netping: ready ")
+    recv, port_file = _receiver(vmms, netns, tmp_path, key)  # no --net
+    moved = _virtkit_in(
+        netns, "migrate", "--control", str(control), "--to", f"127.0.0.1:{port_file.read_text().strip()}",
+        "--key-file", str(key),
+    )  # fmt: skip
+    assert moved.returncode != 0
+    assert "network cards: the VM has 1, this receiver was started with 0" in moved.stderr, moved.stderr
+    assert "Traceback" not in moved.stderr and source.proc.poll() is None  # the source keeps its VM
+    assert ping(netns, 1).returncode == 0, source.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--net", "tap", "--mode", "full"], "needs --mode para"),
+        (["--mode", "para", "--net", "tap,bridge=no-such-br"], "no bridge of that name"),
+        (["--mode", "para", "--net", "tap,name=lo"], "already exists"),
+    ],
+)
+def test_migrate_receive_bad_net_options_fail_in_one_line_and_leave_nothing(
+    netns: str, tmp_path: Path, args: list[str], message: str
+) -> None:
+    r = _virtkit_in(netns, "migrate-receive", "--key-file", str(_key(tmp_path)), "--listen", "127.0.0.1:0", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert tap_links(netns) == []
+
+
+# --- clone --net: every clone gets TAPs of its own -------------------------------------------------
+
+
+def _snapshot_of_netping(netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path, mac: str) -> Path:
+    control, snap = tmp_path / "ctl.sock", tmp_path / "snap"
+    vmm = start(
+        vmms, netns, netping, f"ip={SUBNET}.2", f"tap,bridge={BRIDGE},mac={mac}", extra=("--control", str(control))
+    )
+    vmm.wait_for(r"^netping: ready ")
+    saved = _virtkit_in(netns, "snapshot", str(snap), "--control", str(control), "--leave-paused")
+    assert saved.returncode == 0, saved.stderr
+    vmm.proc.send_signal(signal.SIGTERM)
+    vmm.wait()
+    assert tap_links(netns) == []
+    return snap
+
+
+def test_clones_get_taps_of_their_own_and_never_share_a_bridge(
+    netns: str, netping: Path, vmms: list[Vmm], tmp_path: Path
+) -> None:
+    mac = "02:76:6b:00:00:0c"
+    snap = _snapshot_of_netping(netns, netping, vmms, tmp_path, mac)
+    # the same MAC twice on one bridge: refused before anything is made
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2", "--net", f"tap,bridge={BRIDGE}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"clone-0 and clone-1 would both put card 0 (MAC {mac}) on bridge {BRIDGE}" in r.stderr, r.stderr
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2")
+    assert r.returncode == 2 and "once per card (1, the same for every clone)" in r.stderr, r.stderr
+    r = _virtkit_in(netns, "clone", str(snap), "-n", "2", "--net", "tap,name=vk-tap-same")
+    assert r.returncode == 2 and "would name every clone's TAP the same" in r.stderr, r.stderr
+    assert tap_links(netns) == []
+
+    # clone 0 on the bridge, clone 1 on a TAP of its own (once per card per clone)
+    logs = tmp_path / "logs"
+    clones = Vmm(netns, "clone", str(snap), "-n", "2", "--serial-dir", str(logs),
+                 "--net", f"tap,bridge={BRIDGE}", "--net", "tap,name=vk-tap-c1")  # fmt: skip
+    vmms.append(clones)
+    end = time.monotonic() + DEADLINE
+    while len(tap_links(netns)) < 2:
+        assert time.monotonic() < end and clones.proc.poll() is None, clones.output
+        time.sleep(0.1)
+    assert "master" not in ip("-n", netns, "link", "show", "vk-tap-c1").stdout
+    ip("-n", netns, "neigh", "flush", "all")
+    p = ping(netns, 2)
+    assert p.returncode == 0 and "2 received" in p.stdout, p.stdout + p.stderr + clones.output
+    assert mac in ip("-n", netns, "neigh", "show", f"{SUBNET}.2").stdout
+    assert "icmp echo request" in (logs / "clone-0.log").read_text()
+    assert "icmp echo request" not in (logs / "clone-1.log").read_text()
+    clones.proc.send_signal(signal.SIGINT)
+    assert clones.wait() == 130, clones.output
+    assert tap_links(netns) == []

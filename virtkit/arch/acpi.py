@@ -1,7 +1,9 @@
 """ACPI tables for Linux guests: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT.
 
 Spec: ACPI 6.5 — §5.2.5.3 (RSDP), §5.2.6 (system description table header), §5.2.8 (XSDT),
-§5.2.9 (FADT, table 5.9; flag HW_REDUCED_ACPI, table 5.10), §5.2.12 (MADT: processor local APIC
+§5.2.9 (FADT, table 5.9; flags HW_REDUCED_ACPI and RESET_REG_SUP, table 5.10; RESET_REG,
+SLEEP_CONTROL_REG and SLEEP_STATUS_REG as generic addresses, §5.2.3.2), §7.4.2 (the \\_S5 sleep
+package), §5.2.12 (MADT: processor local APIC
 §5.2.12.2, I/O APIC §5.2.12.3, local APIC NMI §5.2.12.7), §19/§20 (AML: §20.2.4 package length,
 §20.2.5 named objects), §6.4 (resource descriptors: I/O port §6.4.2.5, fixed memory 32
 §6.4.3.4, extended interrupt §6.4.3.6, end tag §6.4.2.9).
@@ -9,7 +11,8 @@ Spec: ACPI 6.5 — §5.2.5.3 (RSDP), §5.2.6 (system description table header), 
 The tables are built as bytes from a :class:`Platform`, the inventory the device manager hands
 over (so a device added to the machine is described to the guest without touching this file). The
 DSDT's AML is produced by the few encoders below, enough for devices with a _HID, a _UID and a
-_CRS of I/O ports, fixed memory windows and interrupts; nothing else is generated.
+_CRS of I/O ports, fixed memory windows and interrupts, and the \\_S5 package; nothing else is
+generated.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ FADT_SIZE: Final = 276
 FADT_REVISION: Final = 6
 FADT_MINOR: Final = 5
 FADT_HW_REDUCED_ACPI: Final = 1 << 20
+FADT_RESET_REG_SUP: Final = 1 << 10
+#: generic address structure (§5.2.3.2): address space ID of system I/O, byte access size
+GAS_SYSTEM_IO: Final = 1
+GAS_ACCESS_BYTE: Final = 1
 #: IA-PC boot architecture flags (table 5.11): LEGACY_DEVICES, 8042, VGA Not Present
 IAPC_LEGACY_DEVICES: Final = 1 << 0
 IAPC_8042: Final = 1 << 1
@@ -71,11 +78,25 @@ class DeviceInfo(NamedTuple):
     edge: bool = True
 
 
+class PowerRegisters(NamedTuple):
+    """The hardware-reduced power registers the FADT points at (byte-wide I/O ports) and the
+    values that go with them: RESET_VALUE, and the SLP_TYP of \\_S5 (soft off)."""
+
+    sleep_control_port: int
+    sleep_status_port: int
+    reset_port: int
+    reset_value: int
+    s5_slp_typ: int
+
+
 class Platform(NamedTuple):
-    """What the tables describe: the vCPUs (APIC IDs 0..vcpus-1), the IOAPIC and the devices."""
+    """What the tables describe: the vCPUs (APIC IDs 0..vcpus-1), the IOAPIC, the devices, and
+    the power registers if the machine has them (without, the guest finds no way to power off
+    or reset through ACPI)."""
 
     vcpus: int
     devices: tuple[DeviceInfo, ...]
+    power: PowerRegisters | None = None
 
     @property
     def ioapic_id(self) -> int:
@@ -125,19 +146,35 @@ def xsdt(tables: list[int]) -> bytes:
     return sdt(b"XSDT", 1, b"".join(struct.pack("<Q", a) for a in tables))
 
 
-def fadt(dsdt_addr: int) -> bytes:
-    """A hardware-reduced FADT (§5.2.9, §4.1): no PM blocks, no SCI, no FACS; the DSDT by X_DSDT."""
+def gas_io(port: int) -> bytes:
+    """A generic address structure (§5.2.3.2) for one byte-wide I/O port."""
+    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE, port)
+
+
+def fadt(dsdt_addr: int, power: PowerRegisters | None = None) -> bytes:
+    """A hardware-reduced FADT (§5.2.9, §4.1): no PM blocks, no SCI, no FACS; the DSDT by X_DSDT;
+    with ``power``, RESET_REG (flag RESET_REG_SUP) and the sleep control and status registers."""
     body = bytearray(FADT_SIZE - HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values: int) -> None:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
+    def put_bytes(offset: int, data: bytes) -> None:
+        body[offset - HEADER_SIZE : offset - HEADER_SIZE + len(data)] = data
+
+    flags = FADT_HW_REDUCED_ACPI
     put(40, "<I", dsdt_addr if dsdt_addr < 1 << 32 else 0)
     put(109, "<H", IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT)
-    put(112, "<I", FADT_HW_REDUCED_ACPI)
+    if power is not None:
+        flags |= FADT_RESET_REG_SUP
+        put_bytes(116, gas_io(power.reset_port))  # RESET_REG
+        put(128, "<B", power.reset_value)  # RESET_VALUE
+        put_bytes(244, gas_io(power.sleep_control_port))  # SLEEP_CONTROL_REG
+        put_bytes(256, gas_io(power.sleep_status_port))  # SLEEP_STATUS_REG
+    put(112, "<I", flags)
     put(131, "<B", FADT_MINOR)
     put(140, "<Q", dsdt_addr)
-    body[268 - HEADER_SIZE : 276 - HEADER_SIZE] = b"virtkit\0"  # Hypervisor Vendor Identity
+    put_bytes(268, b"virtkit\0")  # Hypervisor Vendor Identity
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
@@ -163,6 +200,7 @@ AML_STRING_PREFIX: Final = 0x0D
 AML_QWORD_PREFIX: Final = 0x0E
 AML_SCOPE_OP: Final = 0x10
 AML_BUFFER_OP: Final = 0x11
+AML_PACKAGE_OP: Final = 0x12
 AML_EXT_PREFIX: Final = 0x5B
 AML_DEVICE_OP: Final = 0x82
 AML_ROOT_CHAR: Final = 0x5C
@@ -248,6 +286,22 @@ def aml_buffer(data: bytes) -> bytes:
     return bytes([AML_BUFFER_OP]) + aml_pkg_length(len(inner)) + inner
 
 
+def aml_package(elements: list[bytes]) -> bytes:
+    """Package(n) { elements } (§20.2.5.4 DefPackage: PkgLength, NumElements as one byte)."""
+    if len(elements) > 0xFF:
+        raise ValueError("an AML package holds at most 255 elements")
+    inner = bytes([len(elements)]) + b"".join(elements)
+    return bytes([AML_PACKAGE_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def aml_sleep_package(slp_typ: int) -> bytes:
+    """The \\_S5 object (§7.4.2): Package { SLP_TYPa, SLP_TYPb, reserved, reserved }. On a
+    hardware-reduced platform OSPM writes SLP_TYPa to the sleep control register; b is unused."""
+    if not 0 <= slp_typ <= 7:
+        raise ValueError(f"SLP_TYP {slp_typ} does not fit the 3 bits of the sleep control register")
+    return aml_name("_S5", aml_package([aml_integer(slp_typ), aml_integer(slp_typ), aml_integer(0), aml_integer(0)]))
+
+
 def res_io(base: int, count: int) -> bytes:
     """I/O port descriptor (§6.4.2.5): 16-bit decode, fixed base, alignment 1."""
     return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, count)
@@ -287,9 +341,11 @@ def aml_for_device(device: DeviceInfo) -> bytes:
 
 
 def dsdt(platform: Platform) -> bytes:
-    """Every device of ``platform`` under \\_SB, as a DSDT of revision 2 (64-bit integers)."""
+    """Every device of ``platform`` under \\_SB, and \\_S5 if the platform can power off, as a
+    DSDT of revision 2 (64-bit integers)."""
     body = b"".join(aml_for_device(d) for d in platform.devices)
-    return sdt(b"DSDT", 2, aml_scope("_SB", body))
+    sleep = aml_sleep_package(platform.power.s5_slp_typ) if platform.power is not None else b""
+    return sdt(b"DSDT", 2, sleep + aml_scope("_SB", body))
 
 
 def build_tables(platform: Platform, base: int = layout.ACPI_TABLES_ADDR) -> list[tuple[int, bytes]]:
@@ -310,7 +366,7 @@ def build_tables(platform: Platform, base: int = layout.ACPI_TABLES_ADDR) -> lis
         return addr
 
     dsdt_addr = place(dsdt(platform))
-    fadt_addr = place(fadt(dsdt_addr))
+    fadt_addr = place(fadt(dsdt_addr, platform.power))
     madt_addr = place(madt(platform))
     xsdt_addr = place(xsdt([fadt_addr, madt_addr]))
     out.insert(0, (base, rsdp(xsdt_addr)))

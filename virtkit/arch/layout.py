@@ -126,6 +126,16 @@ KVM_IDENTITY_MAP_ADDR: Final = 0xFFFB_C000
 HYPERCALL_PORT: Final = 0x0C40
 HYPERCALL_PORT_COUNT: Final = 4
 
+# --- ACPI hardware-reduced power registers (devices/legacy/acpi_power.py) ---------------------
+#: three byte-wide I/O ports: the FADT's SLEEP_CONTROL_REG, SLEEP_STATUS_REG and RESET_REG
+#: (ACPI 6.5 §4.8.3.7, §4.8.3.6, table 5.9). Any free ports would do; these are next to no
+#: legacy PC device, and the FADT tells the guest where they are.
+ACPI_POWER_PORT: Final = 0x0C48
+ACPI_POWER_PORT_COUNT: Final = 3
+ACPI_SLEEP_CONTROL_PORT: Final = ACPI_POWER_PORT
+ACPI_SLEEP_STATUS_PORT: Final = ACPI_POWER_PORT + 1
+ACPI_RESET_PORT: Final = ACPI_POWER_PORT + 2
+
 # --- x86 segment selectors in the boot GDT ---------------------------------------------------
 GDT_NULL: Final = 0
 GDT_CODE64: Final = 0x08

@@ -181,7 +181,8 @@ class EntryState:
 
     @property
     def is_linux(self) -> bool:
-        """A Linux protocol: the guest gets ACPI and MP tables and the boot MSR/LAPIC/FPU state."""
+        """A Linux protocol: the guest gets the boot MSR/LAPIC/FPU state (every guest gets the
+        ACPI and MP tables)."""
         return self.mode in ("linux64", "pvh32")
 
 

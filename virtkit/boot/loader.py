@@ -45,29 +45,62 @@ class ModuleSpec:
 
 
 def read_image(path: str, what: str, limit: int) -> bytes:
+    """The whole of the regular file ``path`` (a kernel, initrd or module), at most ``limit``
+    bytes. Opened without blocking (a FIFO with no writer would hang a plain open) and checked
+    with fstat on that fd, so what is read is what was checked; anything but a regular file is a
+    one-line :class:`BootError`, as is a missing, unreadable, empty or too large one."""
+    import stat
+
     try:
-        size = os.stat(path).st_size
-        if os.path.isdir(path):
-            raise BootError(f"{what} {path} is a directory, not a file")
-        if size > limit:
-            raise BootError(f"{what} {path} is {size} bytes, larger than guest memory: give the VM more --memory")
-        with open(path, "rb") as f:
-            # st_size says nothing for a character device (/dev/zero reads without end): read at
-            # most one byte past the limit, whatever the file claims
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise BootError(f"{what} {path} is larger than guest memory ({limit} bytes)")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise BootError(f"{what} {path} does not exist") from None
     except PermissionError:
         raise BootError(f"{what} {path} is not readable (permission denied)") from None
+    except OSError as e:
+        raise BootError(f"cannot open {what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BootError(f"{what} {path} is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+            raise BootError(f"{what} {path} is {kind}, not a regular file: give the {what} as a file")
+        if st.st_size > limit:
+            raise BootError(f"{what} {path} is {st.st_size} bytes, larger than guest memory: give the VM more --memory")
+        # a file that grows while it is read is cut one byte past the limit, and refused
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, min(limit + 1 - total, 8 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise BootError(f"{what} {path} is larger than guest memory ({limit} bytes)")
     except IsADirectoryError:
         raise BootError(f"{what} {path} is a directory, not a file") from None
     except OSError as e:
         raise BootError(f"cannot read {what} {path}: {e.strerror}") from None
-    if not data:
+    finally:
+        os.close(fd)
+    if not total:
         raise BootError(f"{what} {path} is empty")
-    return data
+    return b"".join(chunks)
+
+
+def check_cmdline(cmdline: str, what: str = "the kernel command line") -> None:
+    """A command line that the loaders can write: UTF-8 text without NUL (argv bytes that are not
+    UTF-8 arrive as lone surrogates; an API client's JSON can carry them too)."""
+    try:
+        cmdline.encode()
+    except UnicodeEncodeError as e:
+        raise BootError(
+            f"{what} is not UTF-8 text (character {e.start + 1} cannot be encoded): give it as UTF-8"
+        ) from None
+    if "\0" in cmdline:
+        raise BootError(f"{what} contains a NUL byte")
 
 
 def _check_range(mem: GuestMemory, start: int, size: int, what: str) -> None:
@@ -174,6 +207,9 @@ def load_kernel(
     if protocol not in PROTOCOLS:
         raise BootError(f"unknown boot protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     name = os.path.basename(path)
+    check_cmdline(cmdline)
+    for spec in modules or ():
+        check_cmdline(spec.string, f"the string of module {spec.path}")
     data = read_image(path, "kernel", mem.size)
     if protocol == "auto":
         protocol = detect_protocol(data, name)

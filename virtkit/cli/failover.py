@@ -85,6 +85,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "per disk of the snapshot, in order; disks copied into DIR need none",
     )
     p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,name=IF]",
+        help="the host side of the snapshot's network cards: once per card (every clone gets its own "
+        "TAPs on those bridges) or once per card per clone (clone 0's first); every clone's card keeps "
+        "the MAC the guest knows, so two clones' cards may not share a bridge",
+    )
+    p.add_argument(
         "--workdir",
         default=None,
         metavar="DIR",
@@ -201,6 +210,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--no-seccomp", action="store_true", help=argparse.SUPPRESS)  # measuring the allow-list
     add_machine_options(p)
+    p.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="tap[,bridge=BR][,mac=MAC][,name=IF]",
+        help="the host side of each network card of the incoming VM, in order: a new TAP, on bridge BR, "
+        "made before the receiver leaves the host's network namespace and removed when it ends; the "
+        "card keeps the MAC the guest knows (a mac= given must be that one) (--mode para)",
+    )
     add_runtime_options(p)
     p.set_defaults(handler=cmd_migrate_receive)
 
@@ -275,9 +293,11 @@ def cmd_clone(args: argparse.Namespace) -> int:
         serial = [os.path.join(args.serial_dir, f"clone-{i}.log") for i in range(args.count)]
     t0 = time.perf_counter()
     from virtkit.api import parse_disk
+    from virtkit.devices.virtio.net.tap import parse_net
 
     disks = [parse_disk(d) for d in args.disk]
-    vms = clone(args.dir, args.count, serial=serial, workdir=args.workdir, disks=disks)
+    nets = [parse_net(n) for n in args.net]
+    vms = clone(args.dir, args.count, serial=serial, workdir=args.workdir, disks=disks, nets=nets)
     started = time.perf_counter() - t0
     try:
         results = []

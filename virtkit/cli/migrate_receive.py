@@ -44,6 +44,10 @@ from virtkit.errors import ConfigError, VirtkitError
 from virtkit.migration import keys
 from virtkit.migration.target import IncomingVM, listen, receive, write_port_file
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.net.tap import NetSpec, TapDevice
+
 #: uids of confined receivers: BASE + the parent's pid, unique while the parent waits (RLIMIT_NPROC
 #: counts per uid, and distinct uids cannot signal or ptrace one another); above the service's
 #: range (virtkit.service.daemon.UID_BASE...) and below 2^31
@@ -70,14 +74,61 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout:g}")
-    vm = IncomingVM(
-        memory=args.memory or "64M",
-        vcpus=args.vcpus,
-        mode=args.mode,
-        strict=args.strict,
-        disks=args.disk,
-        serial=args.serial,
-    )  # parses the options, opens --serial
+    from virtkit.devices.virtio.net.tap import NetSpec
+
+    nets = _parse_nets(args)
+    taps: list[TapDevice] = []
+    try:
+        # The TAPs are made here, in the host's network namespace, where the bridges are: the
+        # confined child leaves it, and a TAP's fd goes on working in any namespace. This process
+        # holds them until the VM's process has ended, then makes sure they are gone.
+        taps = _open_taps(nets)
+        vm = IncomingVM(
+            memory=args.memory or "64M",
+            vcpus=args.vcpus,
+            mode=args.mode,
+            strict=args.strict,
+            disks=args.disk,
+            serial=args.serial,
+            nets=[NetSpec(bridge=n.bridge, mac=n.mac, name=n.name, tap=t) for n, t in zip(nets, taps, strict=True)],
+        )  # parses the options, opens --serial
+    except BaseException:
+        _close_taps(taps)
+        raise
+    try:
+        return _listen_and_run(vm, key, args, jailed)
+    finally:
+        _close_taps(taps)
+
+
+def _parse_nets(args: argparse.Namespace) -> list[NetSpec]:
+    from virtkit.devices.virtio.net.tap import parse_net
+
+    nets = [parse_net(n) for n in args.net]
+    if nets and args.mode != "para":
+        raise ConfigError("--net needs --mode para: the network card is a virtio device")
+    return nets
+
+
+def _open_taps(nets: list[NetSpec]) -> list[TapDevice]:
+    from virtkit.devices.virtio.net.tap import TapDevice
+
+    taps: list[TapDevice] = []
+    try:
+        for spec in nets:
+            taps.append(TapDevice(spec))
+    except BaseException:
+        _close_taps(taps)
+        raise
+    return taps
+
+
+def _close_taps(taps: list[TapDevice]) -> None:
+    for tap in taps:
+        tap.close()
+
+
+def _listen_and_run(vm: IncomingVM, key: bytes, args: argparse.Namespace, jailed: bool) -> int:
     listener = control = None
     try:
         listener = listen(args.listen)

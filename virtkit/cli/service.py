@@ -236,6 +236,11 @@ def format_stats(st: VmStats) -> str:
         lines.append(f"  device I/O      {dev or 'none'}; serial out {vmm.serial_bytes:,} bytes")
         if vmm.first_output_s is not None:
             lines.append(f"  first output    {vmm.first_output_s * 1e3:.1f} ms after start; up {vmm.uptime_s:.1f} s")
+        if vmm.boot_protocol:
+            lines.append(f"  boot protocol   {vmm.boot_protocol}")
+        if vmm.completed:
+            done = ", ".join(f"{k} {v:,}" for k, v in sorted(vmm.completed.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"  CPL0 completed  {done} (rejected by KVM's emulator, done by the VMM)")
     elif st.vmm_error:
         lines.append(f"  VMM             {st.vmm_error}")
     return "\n".join(lines)

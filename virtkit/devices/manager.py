@@ -73,6 +73,8 @@ class DeviceManager:
         self._use_ioeventfd = self._use_irqfd = False
         #: the devices a guest's firmware tables describe, in the order they were added
         self.guest_devices: list[acpi.DeviceInfo] = []
+        #: the power registers the FADT points at, once a device offers them
+        self.power_registers: acpi.PowerRegisters | None = None
 
     # --- adding devices --------------------------------------------------------------------------
     def _persist(self, name: str | None, device: object) -> None:
@@ -103,6 +105,19 @@ class DeviceManager:
         self._persist(state_name, device)
         if guest_info is not None:
             self.guest_devices.append(guest_info)
+
+    def add_power_registers(
+        self, name: str, base: int, length: int, device: PioDevice, registers: acpi.PowerRegisters
+    ) -> None:
+        """Ports ``base``..``base+length-1`` to ``device``, the machine's ACPI power registers:
+        the FADT points its RESET_REG and sleep registers at them (one such device a machine)."""
+        if self.power_registers is not None:
+            raise DeviceError(f"{name}: the machine already has its ACPI power registers")
+        for port in (registers.sleep_control_port, registers.sleep_status_port, registers.reset_port):
+            if not base <= port < base + length:
+                raise DeviceError(f"{name}: ACPI register port {port:#x} is outside its ports {base:#x}+{length}")
+        self.io_bus.register(base, length, device, name)
+        self.power_registers = registers
 
     def add_mmio_device(
         self, name: str, base: int, length: int, device: MmioDevice, *, state_name: str | None = None
@@ -178,7 +193,7 @@ class DeviceManager:
                 f"{vcpus} vCPUs: the ACPI and MP tables of a Linux guest describe at most "
                 f"{layout.LINUX_MAX_VCPUS} (8-bit APIC IDs): give fewer --vcpus"
             )
-        return acpi.Platform(vcpus=vcpus, devices=tuple(self.guest_devices))
+        return acpi.Platform(vcpus=vcpus, devices=tuple(self.guest_devices), power=self.power_registers)
 
     def platform_tables(self, vcpus: int) -> list[tuple[int, bytes]]:
         """The ACPI tables (RSDP at ``layout.ACPI_RSDP_ADDR``) and the MP table, as

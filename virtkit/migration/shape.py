@@ -16,8 +16,6 @@ from virtkit.vm import Machine
 
 
 def describe(machine: Machine) -> MachineShape:
-    from virtkit.snapshot.vmstate import get_cpuid
-
     c = machine.config
     return MachineShape(
         memory=c.memory,
@@ -27,9 +25,19 @@ def describe(machine: Machine) -> MachineShape:
         disks=tuple(DiskShape(read_only=d.read_only, size=d.size) for d in machine.disks),
         regions=tuple((r.gpa, r.size) for r in machine.memory.regions),
         devices=tuple(sorted(machine.devices)),
-        # what the guest saw (KVM_GET_CPUID2), on the target what a guest booted here would see
-        cpuid=tuple(get_cpuid(machine.vcpus[0].fd)),
+        # what the guest saw (KVM_GET_CPUID2), on the target what a guest booted here would see;
+        # read while no vCPU ran: the source's vCPUs run now, and a vCPU ioctl would wait for
+        # KVM_RUN to return (never, for a guest halted with nothing to wake it)
+        cpuid=tuple(machine.cpuid),
     )
+
+
+def _network_cards(devices: tuple[str, ...]) -> int:
+    """virtio-net cards among a machine's persistent devices (named virtio-net, virtio-net1...:
+    Machine._create_virtio_devices)."""
+    import re
+
+    return sum(1 for d in devices if re.fullmatch(r"virtio-net[0-9]*", d))
 
 
 def _disks(n: int) -> str:
@@ -68,6 +76,12 @@ def compare(here: MachineShape, vm: MachineShape) -> str | None:
             return f"disks[{i}].size: the VM's disk {i} is {theirs.size} bytes, this receiver's is {mine.size} bytes"
     if vm.regions != here.regions:
         return f"regions: the VM's memory layout {list(vm.regions)} differs from this receiver's {list(here.regions)}"
+    theirs_cards, my_cards = _network_cards(vm.devices), _network_cards(here.devices)
+    if theirs_cards != my_cards:
+        return (
+            f"network cards: the VM has {theirs_cards}, this receiver was started with {my_cards} "
+            "(--net tap[,bridge=BR], once per card, in order)"
+        )
     if vm.devices != here.devices:
         return f"devices: the VM has {', '.join(vm.devices)}; this receiver has {', '.join(here.devices)}"
     reason = cpucompat.check_compatible(list(vm.cpuid), list(here.cpuid))

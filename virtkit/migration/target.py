@@ -60,6 +60,10 @@ from virtkit.snapshot import cpucompat, format, vmstate
 from virtkit.snapshot.format import Fields, SnapshotError
 from virtkit.vm import DiskSpec, Machine
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from virtkit.devices.virtio.net.tap import NetSpec
+
 #: how long the target waits for each read before it gives the migration up
 READ_TIMEOUT: Final = 60.0
 FAULTS: Final = ("refuse", "drop-during-memory", "die-before-switchover")
@@ -78,19 +82,27 @@ class IncomingVM(VM):
         strict: bool = False,
         disks: Sequence[str | DiskSpec] = (),
         serial: str | BinaryIO | None = None,
+        nets: Sequence[NetSpec] = (),
     ) -> None:
+        """``nets``: the host side of the VM's network cards, in order (``--net`` here: a peer never
+        chooses what the receiver attaches). A card with no ``mac=`` takes the MAC the guest knows
+        from the incoming state; one with ``mac=`` must have that MAC."""
         super().__init__(
             "(incoming migration)", memory=memory, vcpus=vcpus, mode=mode, strict=strict, serial=serial, disks=disks
         )
+        self.config.nets = tuple(nets)
         self.source = ""
         self.stats: dict[str, Any] = {}
 
     def open(self) -> None:
-        """Build the machine (memory, vCPUs, devices, the disks this host names): no kernel."""
+        """Build the machine (memory, vCPUs, devices, the disks this host names, the network
+        cards on the TAPs it names): no kernel."""
         if self.machine is not None:
             return
         try:
             self.machine = Machine(self.config, self.console.write)
+            for spec, (_, card) in zip(self.config.nets, self.machine.nets, strict=True):
+                card.adopt_saved_mac = spec.mac is None
         except BaseException:
             self.close()
             raise

@@ -200,6 +200,7 @@ class Vmm:
             devices[name] = devices.get(name, 0) + n
         if st.mmio:
             devices["mmio"] = sum(st.mmio.values())
+        st.boot_protocol = m.boot_protocol
         out = st.to_dict()
         out["device_exits"] = devices
         out["serial_bytes"] = self.serial.total

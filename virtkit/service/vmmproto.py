@@ -25,11 +25,11 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Final, Literal, TypeVar
 
 from virtkit.errors import VirtkitError
-from virtkit.records import Bounds, UntrustedInput, load_object, parse
+from virtkit.records import DESCRIPTION, Bounds, UntrustedInput, load_object, parse
 
 #: an exit report is a few hundred bytes (the detail is cut at 4000 characters)
 MAX_REPORT: Final = 16 << 10
@@ -41,6 +41,8 @@ REQUEST_DEADLINE: Final = 5.0
 MAX_LAUNCH_LINE: Final = 256
 
 _NAME = r"[A-Za-z0-9_.:-]{1,64}"
+#: a boot protocol's description (loader.EntryState.protocol): printable, no control characters
+_PROTOCOL = r"^[A-Za-z0-9 _.,:()+-]*$"
 _BIG = float(2**63)
 
 R = TypeVar("R")
@@ -66,8 +68,28 @@ StopReasonName = Literal[
     "unknown-access",
     "timeout",
     "stopped",
+    "output-closed",
     "error",
 ]
+
+
+def _same_as_stop_reasons() -> None:
+    """The list above is :class:`virtkit.stop.StopReason`'s values, written out because a type
+    checker needs a literal list: checked here at import, so the two cannot drift apart (a new
+    stop reason the service does not know fails every service test at once)."""
+    from typing import get_args
+
+    from virtkit.stop import StopReason
+
+    here, there = set(get_args(StopReasonName)), {r.value for r in StopReason}
+    if here != there:
+        raise ImportError(
+            f"vmmproto.StopReasonName and virtkit.stop.StopReason differ: "
+            f"{sorted(there - here)} missing here, {sorted(here - there)} unknown there"
+        )
+
+
+_same_as_stop_reasons()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,17 +147,24 @@ class VmmStats:
     device_exits: Annotated[dict[str, int], Bounds(max_len=64)] | None = None
     serial_bytes: Annotated[int, Bounds(lo=0, hi=2**63)] = 0
     uptime_s: Annotated[float, Bounds(lo=0, hi=_BIG)] = 0.0
+    boot_protocol: Annotated[str, Bounds(max_len=120, pattern=_PROTOCOL)] = field(
+        default="", metadata={DESCRIPTION: 'how the kernel was booted, e.g. "linux (bzImage, boot protocol 2.15)"'}
+    )
+    completed: Annotated[dict[str, int], Bounds(max_len=64)] | None = field(
+        default=None,
+        metadata={DESCRIPTION: "CPL0 instructions KVM's emulator rejected and the VMM completed, by kind (PVM hosts)"},
+    )
 
     def __post_init__(self) -> None:
         import re
 
         # names become metric labels and table rows: short, plain, counts never negative
-        for field in ("exits", "device_exits", "pio", "mmio", "unknown_pio", "unknown_mmio"):
-            for key, n in (getattr(self, field) or {}).items():
+        for name in ("exits", "device_exits", "pio", "mmio", "unknown_pio", "unknown_mmio", "completed"):
+            for key, n in (getattr(self, name) or {}).items():
                 if not re.fullmatch(_NAME, key):
-                    raise UntrustedInput(f"stats.{field} has a key {key[:40]!r} that is not a plain name")
+                    raise UntrustedInput(f"stats.{name} has a key {key[:40]!r} that is not a plain name")
                 if not 0 <= n < 2**63:
-                    raise UntrustedInput(f"stats.{field}.{key} is {n}, out of range")
+                    raise UntrustedInput(f"stats.{name}.{key} is {n}, out of range")
 
 
 @dataclass(frozen=True, slots=True)

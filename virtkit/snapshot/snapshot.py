@@ -50,8 +50,9 @@ def effective_cpuid(machine: Machine) -> list[CpuidEntry]:
     """What a guest booted on this host sees: vCPU 0's CPUID as KVM holds it (KVM_GET_CPUID2 after
     the machine set its policy from KVM_GET_SUPPORTED_CPUID). On PVM this is the reference, not
     KVM_GET_SUPPORTED_CPUID: guest CPL3 code runs natively and PVM merges the host CPU's own
-    features into the vCPU's CPUID, so the supported list under-reports (docs/PLATFORM.md)."""
-    return vmstate.get_cpuid(machine.vcpus[0].fd)
+    features into the vCPU's CPUID, so the supported list under-reports (docs/PLATFORM.md).
+    Read while no vCPU ran (:meth:`Machine.note_cpuid`): safe on a running machine too."""
+    return list(machine.cpuid)
 
 
 def machine_of(target: Machine | VM) -> Machine:
@@ -707,6 +708,7 @@ def clone(
     workdir: str | os.PathLike[str] | None = None,
     reflink: bool = True,
     disks: Sequence[DiskSpec] | None = None,
+    nets: Sequence[NetSpec] | None = None,
 ) -> list[RestoredVM]:
     """``count`` machines resumed from one snapshot. They share its memory file copy-on-write:
     each reads the common pages from the page cache and gets private copies of what it writes.
@@ -716,7 +718,10 @@ def clone(
     also in the guest's CMOS) and, for every writable disk, its own overlay: a reflink (or sparse)
     copy of the snapshot's disk in ``workdir``/clone-<i>/ (default: a new ``clones-*`` directory in
     the snapshot directory). Clones write only their overlay, never the base or each other's;
-    overlays stay after the clones end. Read-only disks are shared."""
+    overlays stay after the clones end. Read-only disks are shared.
+
+    ``nets``: the host side of the network cards (:func:`clone_nets`): each clone gets TAPs of
+    its own; every clone's card keeps the MAC the guest knows."""
     import tempfile
 
     if count < 1:
@@ -724,10 +729,7 @@ def clone(
     if serial is not None and len(serial) != count:
         raise SnapshotError(f"{count} clones need {count} serial outputs, got {len(serial)}")
     snap = attach_disks(load(directory), disks, clone=True)
-    if snap.config.nets:
-        raise SnapshotError(
-            "cloning a VM with a network card is not supported yet: the clones would share its MAC address"
-        )
+    per_clone = clone_nets(snap, nets, count)
     specs: tuple[DiskSpec, ...] = tuple(snap.config.disks)
     bases = {i: _disk_base(snap, i, spec) for i, spec in enumerate(specs) if not spec.read_only}
     try:
@@ -763,7 +765,9 @@ def clone(
                     raise SnapshotError(f"cannot make {name}'s disk overlay in {cdir}: {e.strerror or e}") from None
             identity = CloneIdentity(i, name, uuid.uuid4().bytes, cdir, tuple(cdisks))
             out = serial[i] if serial is not None else None
-            vm = RestoredVM(_clone_snapshot(snap, tuple(new_specs)) if bases else snap, serial=out, identity=identity)
+            csnap = _clone_snapshot(snap, tuple(new_specs)) if bases else snap
+            csnap = attach_nets(csnap, per_clone[i]) if snap.config.nets else csnap
+            vm = RestoredVM(csnap, serial=out, identity=identity)
             vms.append(vm)
             vm.start() if start else vm.open()
     except BaseException:
@@ -771,6 +775,50 @@ def clone(
             vm.close()
         raise
     return vms
+
+
+def clone_nets(snap: LoadedSnapshot, nets: Sequence[NetSpec] | None, count: int) -> list[tuple[NetSpec, ...]]:
+    """The ``--net`` options of each of ``count`` clones of ``snap``: given once per card of the
+    snapshot (every clone's cards on those bridges) or once per card per clone (clone 0's cards,
+    then clone 1's...). Every clone's card has the MAC of the snapshot's (the guest knows no other),
+    so two clones' same card on one bridge would put one address behind two ports: refused, as is
+    a TAP name= that every clone would share. The count itself is checked by :func:`attach_nets`."""
+    from virtkit.devices.virtio.net.device import format_mac
+
+    cards, given = len(snap.config.nets), tuple(nets or ())
+    if not cards:
+        return [given] * count  # attach_nets refuses any --net for a snapshot without cards
+    shared = len(given) == cards
+    if shared:
+        groups = [given] * count
+    elif len(given) == cards * count:
+        groups = [given[i * cards : (i + 1) * cards] for i in range(count)]
+    else:
+        raise SnapshotError(
+            f"the snapshot has {cards} network card(s) and {count} clones: give --net tap[,bridge=BR] "
+            f"once per card ({cards}, the same for every clone) or once per card per clone ({cards * count}, "
+            f"clone 0's first), got {len(given)}"
+        )
+    for j in range(cards):
+        seen: dict[str, int] = {}
+        for i, group in enumerate(groups):
+            spec = group[j]
+            if spec.name is not None and shared and count > 1:
+                raise SnapshotError(
+                    f"--net ...,name={spec.name} would name every clone's TAP the same: give --net once "
+                    "per card per clone, each with its own name=, or leave name= out"
+                )
+            if spec.bridge is None:
+                continue  # a TAP on no bridge: a link of its own, no other clone on it
+            if spec.bridge in seen:
+                mac = snap.config.nets[j].mac
+                raise SnapshotError(
+                    f"clone-{seen[spec.bridge]} and clone-{i} would both put card {j} (MAC "
+                    f"{format_mac(mac) if mac else '?'}) on bridge {spec.bridge}: one address behind two "
+                    "ports; give each clone its own bridge (--net once per card per clone)"
+                )
+            seen[spec.bridge] = i
+    return groups
 
 
 def describe(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -331,6 +331,7 @@ def apply(machine: Machine, img: MachineImage) -> None:
     has_xsave = bool(machine.kvm.check_extension(K.Cap.XSAVE))
     for v, vimg in zip(machine.vcpus, img.vcpus, strict=True):
         apply_vcpu(v.fd, vimg, has_xsave=has_xsave)
+    machine.note_cpuid()  # the CPUID is the saved one now (a migration source describes it)
     # kvmclock last, closest to the moment the vCPUs run. Flags cleared: KVM_CLOCK_REALTIME would
     # make KVM advance the clock by the wall time since the snapshot; virtkit resumes a guest as
     # after a pause, consistent with the TSC restored in step 7 (docs/FAILOVER.md, "Time").

@@ -44,6 +44,7 @@ def test_lifecycle_from_the_cli(daemon_factory: Any, guests: Path) -> None:
     assert "count1" in listing and "running" in listing and "hello1" in listing and "debug-exit" in listing
     stats = cli(d, "vm", "stats", "count1")
     assert stats.returncode == 0 and "exits" in stats.stdout and "uart0" in stats.stdout, stats.stdout
+    assert "boot protocol   multiboot" in stats.stdout, stats.stdout
     host = cli(d, "host")
     assert "1 of 8" in host.stdout or "vCPUs      1 of" in host.stdout, host.stdout
     top = cli(d, "top", "--once", "--interval", "0.2")

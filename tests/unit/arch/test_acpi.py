@@ -163,3 +163,70 @@ def test_device_manager_describes_what_is_registered() -> None:
     assert placed[layout.MPTABLE_ADDR][:4] == b"_MP_"
     with pytest.raises(Exception, match="describe at most 254"):
         dm.platform(255)
+
+
+POWER = acpi.PowerRegisters(
+    sleep_control_port=0xC48, sleep_status_port=0xC49, reset_port=0xC4A, reset_value=0x01, s5_slp_typ=5
+)
+
+
+def test_fadt_points_at_the_power_registers() -> None:
+    """RESET_REG_SUP, RESET_REG / RESET_VALUE and the sleep registers (ACPI 6.5 table 5.9) as
+    byte-wide system I/O generic addresses; none of them without power registers."""
+    fadt = walk(dict(acpi.build_tables(acpi.Platform(vcpus=1, devices=DEVICES, power=POWER))))[b"FACP"]
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert flags == acpi.FADT_HW_REDUCED_ACPI | acpi.FADT_RESET_REG_SUP
+    assert struct.unpack_from("<BBBBQ", fadt, 116) == (1, 8, 0, 1, 0xC4A)
+    assert fadt[128] == 0x01
+    assert struct.unpack_from("<BBBBQ", fadt, 244) == (1, 8, 0, 1, 0xC48)
+    assert struct.unpack_from("<BBBBQ", fadt, 256) == (1, 8, 0, 1, 0xC49)
+    bare = walk(tables())[b"FACP"]
+    assert struct.unpack_from("<I", bare, 112)[0] == acpi.FADT_HW_REDUCED_ACPI
+    assert bare[116:129] == bytes(13) and bare[244:268] == bytes(24)
+
+
+def test_s5_package_only_with_power_registers() -> None:
+    with_power = walk(dict(acpi.build_tables(acpi.Platform(vcpus=1, devices=DEVICES, power=POWER))))[b"DSDT"]
+    # Name(_S5_, Package(4){5, 5, 0, 0}): NameOp, name, PackageOp, PkgLength 8 (counts itself), 4 elements
+    assert bytes([0x08]) + b"_S5_" + bytes([0x12, 0x08, 0x04, 0x0A, 5, 0x0A, 5, 0, 0]) in with_power
+    assert b"_S5_" not in walk(tables())[b"DSDT"]
+    with pytest.raises(ValueError, match="3 bits"):
+        acpi.aml_sleep_package(8)
+
+
+def test_iasl_reads_the_fadt_power_registers_and_the_s5_package(tmp_path: Path) -> None:
+    iasl = shutil.which("iasl")
+    assert iasl is not None, "iasl (Debian acpica-tools) is missing: run `make setup`"
+    found = walk(dict(acpi.build_tables(acpi.Platform(vcpus=2, devices=DEVICES, power=POWER))))
+    (tmp_path / "facp.dat").write_bytes(found[b"FACP"])
+    (tmp_path / "dsdt.aml").write_bytes(found[b"DSDT"])
+    for name in ("facp.dat", "dsdt.aml"):
+        dis = subprocess.run([iasl, "-d", name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert dis.returncode == 0, dis.stdout + dis.stderr
+    facp = (tmp_path / "facp.dsl").read_text()
+    assert "Reset Register Supported (V2) : 1" in facp and "Hardware Reduced (V5) : 1" in facp
+    registers = (("Reset Register", "C4A"), ("Sleep Control Register", "C48"), ("Sleep Status Register", "C49"))
+    for register, port in registers:
+        block = facp[facp.index(f"{register} : [Generic Address Structure]") :]
+        assert "Space ID : 01 [SystemIO]" in block[:400], register
+        assert f"Address : 0000000000000{port}" in block[:400], register
+    assert "Value to cause reset : 01" in facp
+    dsl = (tmp_path / "dsdt.dsl").read_text()
+    assert "Name (_S5, Package (0x04)" in dsl
+    comp = subprocess.run([iasl, "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert comp.returncode == 0 and "0 Errors" in comp.stdout, comp.stdout + comp.stderr
+
+
+def test_the_device_manager_hands_the_power_registers_to_the_tables() -> None:
+    from virtkit.devices.contract import PioDevice
+
+    PioDevice.register(_Port)
+    dm = DeviceManager(strict=False, irq_line=lambda gsi: lambda level: None)
+    dm.add_power_registers("acpi power", 0xC48, 3, _Port(), POWER)  # type: ignore[arg-type]
+    fadt = walk(dict(dm.platform_tables(1)))[b"FACP"]
+    assert struct.unpack_from("<I", fadt, 112)[0] & acpi.FADT_RESET_REG_SUP
+    with pytest.raises(Exception, match="already has"):
+        dm.add_power_registers("again", 0xD00, 3, _Port(), POWER)  # type: ignore[arg-type]
+    other = DeviceManager(strict=False, irq_line=lambda gsi: lambda level: None)
+    with pytest.raises(Exception, match="outside its ports"):
+        other.add_power_registers("acpi power", 0xD00, 3, _Port(), POWER)  # type: ignore[arg-type]

@@ -271,3 +271,100 @@ def test_hostile_setup_headers_only_ever_raise_boot_errors(
         assert "\n" not in str(e)
     else:
         assert entry.mode in ("linux64", "long64", "protected32")
+
+
+#: the valid-looking setup header of linuxbuild.bzimage(): 0x1f1 up to the end of init_size
+HEADER = bzimage()[linux.OFF_SETUP_SECTS : linux.HEADER_MIN_LEN]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    boot_sector=st.binary(min_size=linux.OFF_SETUP_SECTS, max_size=linux.OFF_SETUP_SECTS),
+    header=st.one_of(st.just(HEADER), st.binary(min_size=len(HEADER), max_size=len(HEADER))),
+    rest=st.binary(max_size=6000),
+    cmdline=st.text(max_size=80),
+    initrd=st.one_of(st.none(), st.binary(min_size=1, max_size=3000)),
+    protocol=st.sampled_from(["auto", "linux", "pvh"]),
+)
+def test_random_bytes_behind_a_setup_header_only_ever_raise_boot_errors(
+    tmp_path: Path,
+    mem: GuestMemory,
+    boot_sector: bytes,
+    header: bytes,
+    rest: bytes,
+    cmdline: str,
+    initrd: bytes | None,
+    protocol: str,
+) -> None:
+    """A kernel made of random bytes around a setup header (the valid one, or random bytes with
+    the 'HdrS' magic and the boot flag planted, so the parser gets past its first checks), with
+    any command line text and any initrd: it loads, or fails with one line, never anything else."""
+    image = bytearray(boot_sector + header + rest)
+    image[linux.OFF_BOOT_FLAG : linux.OFF_BOOT_FLAG + 2] = b"\x55\xaa"
+    image[linux.OFF_HEADER : linux.OFF_HEADER + 4] = linux.HDRS_MAGIC
+    path = write(tmp_path, bytes(image))
+    initrd_path = write(tmp_path, initrd, "initrd") if initrd is not None else None
+    try:
+        entry = load_kernel(mem, path, cmdline=cmdline, protocol=protocol, initrd=initrd_path)
+    except BootError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        assert entry.mode == "linux64"
+        assert mem.read(layout.LINUX_CMDLINE_ADDR, len(cmdline.encode()) + 1) == cmdline.encode() + b"\0"
+
+
+@pytest.mark.parametrize(
+    "cmdline,fragment",
+    [("console=\udcff", r"not UTF-8 text \(character 9"), ("a\0b", "contains a NUL byte")],
+)
+def test_a_command_line_that_cannot_be_written_is_refused_before_loading(
+    tmp_path: Path, mem: GuestMemory, cmdline: str, fragment: str
+) -> None:
+    """Bytes that are not UTF-8 reach argv as lone surrogates (and JSON can carry them): a
+    one-line error, for Linux and Multiboot kernels alike, not an encoding traceback."""
+    mb = write(tmp_path, elf(32, 0x10_000C, [(0x10_0000, multiboot_header() + b"\xf4", 0x1000)]), "mb.elf")
+    for kernel in (write(tmp_path, bzimage()), mb):
+        with pytest.raises(BootError, match=fragment):
+            load_kernel(mem, kernel, cmdline=cmdline)
+    with pytest.raises(BootError, match="the string of module"):
+        load_kernel(mem, mb, modules=[ModuleSpec("/etc/hostname", "x\udcff")])
+
+
+def test_kernels_and_initrds_must_be_regular_files(tmp_path: Path, mem: GuestMemory) -> None:
+    """A FIFO would block a plain open() forever; a device reads without end or not at all."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    kernel = write(tmp_path, bzimage())
+    with pytest.raises(BootError, match="kernel .*fifo is a FIFO, not a regular file"):
+        load_kernel(mem, str(fifo))
+    with pytest.raises(BootError, match="initrd .*fifo is a FIFO, not a regular file"):
+        load_kernel(mem, kernel, initrd=str(fifo))
+    with pytest.raises(BootError, match="initrd /dev/zero is a device"):
+        load_kernel(mem, kernel, initrd="/dev/zero")
+    with pytest.raises(BootError, match="is a directory"):
+        load_kernel(mem, kernel, initrd=str(tmp_path))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(BootError, match="initrd .*empty is empty"):
+        load_kernel(mem, kernel, initrd=str(tmp_path / "empty"))
+
+
+def test_an_unreadable_initrd_is_one_line(tmp_path: Path, mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Permission denied (root reads anything, so the refusal is staged at the open)."""
+    import os
+
+    from virtkit.boot import loader
+
+    kernel = write(tmp_path, bzimage())
+    initrd = write(tmp_path, b"x" * 100, "initrd")
+    real_open = os.open
+
+    def refuse(path: str, flags: int, *args: int) -> int:
+        if path == initrd:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(loader.os, "open", refuse)
+    with pytest.raises(BootError, match=r"initrd .*initrd is not readable \(permission denied\)$"):
+        load_kernel(mem, kernel, initrd=initrd)

@@ -41,3 +41,30 @@ def test_rtc_memory_size_bytes() -> None:
     r = CmosRtc(64 << 20)
     ext_kib = r.nvram[0x17] | r.nvram[0x18] << 8
     assert ext_kib == (63 << 20) >> 10
+
+
+def test_acpi_power_registers() -> None:
+    """S5 with SLP_EN powers off, RESET_VALUE on the reset register resets; any other write
+    (SLP_EN clear, another sleep type, another reset value, the status register) does nothing."""
+    from virtkit.devices.legacy.acpi_power import (
+        RESET,
+        RESET_VALUE,
+        S5_SLP_TYP,
+        SLEEP_CONTROL,
+        SLEEP_STATUS,
+        SLP_EN,
+        AcpiPowerRegisters,
+    )
+
+    events: list[str] = []
+    dev = AcpiPowerRegisters(lambda: events.append("off"), lambda: events.append("reset"))
+    dev.pio_write(SLEEP_CONTROL, 1, S5_SLP_TYP << 2)  # SLP_EN clear
+    dev.pio_write(SLEEP_CONTROL, 1, (3 << 2) | SLP_EN)  # S3: not offered
+    dev.pio_write(SLEEP_STATUS, 1, 0x80)  # WAK_STS write-1-to-clear
+    dev.pio_write(RESET, 1, RESET_VALUE + 1)
+    assert events == [] and dev.ignored_writes == 2
+    assert dev.pio_read(SLEEP_STATUS, 1) == 0
+    dev.pio_write(SLEEP_CONTROL, 1, (S5_SLP_TYP << 2) | SLP_EN | 0x100)  # bits above the byte are not the register's
+    assert events == ["off"]
+    dev.pio_write(RESET, 1, RESET_VALUE)
+    assert events == ["off", "reset"]

@@ -35,6 +35,10 @@ def test_the_same_shape_fits() -> None:
         ),
         ({"regions": ((0, 1 << 20), (1 << 20, 1 << 20))}, "regions: the VM's memory layout"),
         ({"devices": ("ata0", "i8042", "post", "rtc", "uart0")}, "devices: the VM has ata0, i8042"),
+        (
+            {"devices": (*SHAPE.devices, "virtio-net")},
+            "network cards: the VM has 1, this receiver was started with 0 (--net tap[,bridge=BR]",
+        ),
         ({"cpuid": (CPUID[0], (1, 0, 0, 0x800F12, 0, 0x1 | 1 << 28, 0x1))}, "cpuid: "),
     ],
 )

@@ -299,3 +299,53 @@ def test_reattach_survives_any_exit_report(tmp_path: Path) -> None:
         for t in list(svc.timers.values()):  # type: ignore[attr-defined]
             t.cancel()
         svc.close()  # type: ignore[attr-defined]
+
+
+# --- the stats reply carries what `virtkit run --stats` prints ---------------------------------------
+
+
+def test_run_stats_cross_to_the_service_with_boot_protocol_and_completions() -> None:
+    """A VMM's stats (RunStats.to_dict, as Vmm.stats sends it) parse into VmmStats with the boot
+    protocol and the CPL0 completion counts, and `virtkit vm stats` prints both."""
+    from virtkit.cli.service import format_stats
+    from virtkit.records import load_object, parse
+    from virtkit.service.model import VmStats
+    from virtkit.stats import RunStats
+
+    run = RunStats(wall_s=2.0)
+    run.exits = {"io": 10}
+    run.boot_protocol = "linux (bzImage, boot protocol 2.15)"
+    run.completed = {"int3": 1, "stac": 40, "clac": 40}
+    wire = json.dumps({"ok": True, "stats": run.to_dict()}).encode()
+    reply = parse(StatsReply, load_object(wire, what="reply", max_bytes=1 << 20), what="reply")
+    assert reply.stats.boot_protocol == "linux (bzImage, boot protocol 2.15)"
+    assert reply.stats.completed == {"clac": 40, "int3": 1, "stac": 40}
+    text = format_stats(VmStats(name="vm", state="running", pid=7, memory_bytes=1 << 20, vmm=reply.stats))
+    assert "boot protocol   linux (bzImage, boot protocol 2.15)" in text
+    assert "CPL0 completed  clac 40, stac 40, int3 1" in text
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        {"boot_protocol": "linux\nforged line"},
+        {"boot_protocol": "x" * 121},
+        {"completed": {"int3": -1}},
+        {"completed": {'a"b': 1}},
+        {"completed": {f"k{i}": 1 for i in range(65)}},
+    ],
+)
+def test_hostile_boot_protocol_and_completions_are_refused(stats: dict[str, object]) -> None:
+    from virtkit.records import load_object, parse
+
+    wire = json.dumps({"ok": True, "stats": stats}).encode()
+    with pytest.raises(UntrustedInput):
+        parse(StatsReply, load_object(wire, what="reply", max_bytes=1 << 20), what="reply")
+
+
+def test_an_exit_report_may_carry_every_stop_reason() -> None:
+    """vmmproto's list of reasons is StopReason's values (checked at import): output-closed too."""
+    from virtkit.stop import StopReason
+
+    for reason in StopReason:
+        assert parse_exit_report(json.dumps({**GOOD, "reason": reason.value}).encode(), "r").reason == reason.value

@@ -273,6 +273,23 @@ def test_restore_refuses_another_mac_or_a_crafted_one(machine: Machine) -> None:
     assert rig.device.save() == state
 
 
+def test_a_card_whose_mac_nobody_chose_takes_the_saved_one(machine: Machine) -> None:
+    """A migration receiver's card (no mac= given) takes the MAC the guest knows; a crafted one
+    is still refused."""
+    rig, _ = card(machine)
+    rig.driver.init()
+    state = rig.device.save()
+    other = NetDevice(FakeBackend(), bytes.fromhex("02766b000002"))
+    other.adopt_saved_mac = True
+    machine.attach(other)
+    other.restore(state)
+    assert other.mac == MAC and other.config_space()[:6] == MAC
+    doc = records.to_json(state)
+    doc["specific"]["mac"] = "ff:ff:ff:ff:ff:ff"
+    with pytest.raises(DeviceError, match="multicast"):
+        other.restore(records.parse(type(state), doc, what="devices.virtio-net"))
+
+
 def test_restore_refuses_another_device_types_record(machine: Machine) -> None:
     rig, _ = card(machine)
     with pytest.raises(DeviceError, match="not a network card"):

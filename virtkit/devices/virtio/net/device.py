@@ -128,6 +128,9 @@ class NetDevice(VirtioDevice):
         self.rx_bytes = self.tx_bytes = 0
         #: frames from the host dropped: backlog full, device not live, or larger than MAX_FRAME
         self.rx_dropped = 0
+        #: take the MAC of a restored state instead of refusing a different one: for a card whose
+        #: MAC nobody chose (a migration receiver's, built before the VM arrives)
+        self.adopt_saved_mac = False
         #: frames from the guest the backend did not take (its queue full, host error)
         self.tx_dropped = 0
 
@@ -235,7 +238,9 @@ class NetDevice(VirtioDevice):
             mac = parse_mac(state.mac)
         except DeviceError as e:
             raise DeviceError(f"saved virtio-net state: {e}") from None
-        if mac != self.mac:
+        if mac != self.mac and self.adopt_saved_mac:
+            self.mac = mac
+        elif mac != self.mac:
             raise DeviceError(
                 f"saved network card has MAC {state.mac}, this one {format_mac(self.mac)}: "
                 "give the same mac= to --net when restoring"

@@ -51,12 +51,21 @@ _counter = 0
 
 
 class NetSpec:
-    """One ``--net`` option, parsed."""
+    """One ``--net`` option, parsed. ``tap``: a TAP already made for it (by a process that must
+    make it before it leaves the host's network namespace, as ``migrate-receive`` does), which the
+    machine then uses instead of making one; the machine's card owns and closes it."""
 
-    __slots__ = ("bridge", "mac", "name")
+    __slots__ = ("bridge", "mac", "name", "tap")
 
-    def __init__(self, *, bridge: str | None = None, mac: bytes | None = None, name: str | None = None) -> None:
-        self.bridge, self.mac, self.name = bridge, mac, name
+    def __init__(
+        self,
+        *,
+        bridge: str | None = None,
+        mac: bytes | None = None,
+        name: str | None = None,
+        tap: TapDevice | None = None,
+    ) -> None:
+        self.bridge, self.mac, self.name, self.tap = bridge, mac, name, tap
 
     def __repr__(self) -> str:
         mac = format_mac(self.mac) if self.mac else None
@@ -125,6 +134,7 @@ class TapDevice:
         self.fd = fd
         self.name = name
         self.bridge = spec.bridge
+        self._closed = False
         try:
             try:
                 ifr = fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI))
@@ -175,13 +185,21 @@ class TapDevice:
             log.debug("TAP %s: read failed: %s", self.name, e)
             return None
 
+    def release(self) -> None:
+        """Close this process's fd only: another process (a forked child) holds the TAP, which the
+        kernel deletes when the last fd closes. Idempotent; :meth:`close` afterwards still checks
+        that the TAP is gone."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         """Close the fd (the kernel deletes the non-persistent TAP) and make sure it is gone.
         Idempotent."""
-        if self.fd < 0:
+        self.release()
+        if self._closed:
             return
-        os.close(self.fd)
-        self.fd = -1
+        self._closed = True
         if not os.path.exists(f"/sys/class/net/{self.name}"):
             return
         from pyroute2 import IPRoute
