@@ -90,12 +90,7 @@ GDT: Final = (
 def gate(handler: int, dpl: int = 0) -> bytes:
     """A 64-bit interrupt gate to ``handler`` in the kernel code segment (SDM figure 6-8)."""
     attr = 0x8E | (dpl << 5)
-    low = (
-        (handler & 0xFFFF)
-        | (KERNEL_CS << 16)
-        | (attr << 40)
-        | (((handler >> 16) & 0xFFFF) << 48)
-    )
+    low = (handler & 0xFFFF) | (KERNEL_CS << 16) | (attr << 40) | (((handler >> 16) & 0xFFFF) << 48)
     return struct.pack("<QQ", low, handler >> 32)
 
 
@@ -171,10 +166,12 @@ def user_segments(sregs: S.kvm_sregs) -> None:
     sregs.es = data
 
 
-def init_vcpu(kvm: Kvm, vcpu: VcpuFd, kernel: Kernel, slot: int, cr3: int) -> None:
-    """Long mode at CPL3 with this slot's descriptor tables, SYSCALL enabled, SSE/AVX usable."""
+def init_vcpu(kvm: Kvm, vcpu: VcpuFd, kernel: Kernel, slot: int, cr3: int, *, fresh: bool = True) -> None:
+    """Long mode at CPL3 with this slot's descriptor tables, SYSCALL enabled, SSE/AVX usable.
+    ``fresh``: the vCPU never ran (KVM refuses a CPUID change after the first KVM_RUN)."""
     cpuid = kvm.supported_cpuid()
-    vcpu.set_cpuid2(cpuid)
+    if fresh:
+        vcpu.set_cpuid2(cpuid)
     xsave = any(e.function == 1 and e.ecx & (1 << 26) for e in cpuid)
     sregs = vcpu.get_sregs()
     base = kernel.slot_va(slot)

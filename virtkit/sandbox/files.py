@@ -14,6 +14,7 @@ against the root too, never against the directory as a new root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -51,10 +52,8 @@ class OpenFile:
             self.refs -= 1
             last = self.refs == 0
         if last:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
 
 
 class FdTable:
@@ -127,8 +126,10 @@ class FdTable:
 class Root:
     """A directory that is ``/`` for the program."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
+        #: refuse every change (EROFS): opens for writing, creating, removing, renaming
+        self.readonly = readonly
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -149,10 +150,14 @@ class Root:
     def open(self, guest_path: str, flags: int, mode: int = 0) -> int:
         """A host fd for ``guest_path`` (absolute guest path), resolved inside the root."""
         rel = guest_path.lstrip("/") or "."
+        if self.readonly and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+            raise OSError(errno.EROFS, "read-only sandbox root")
         return openat2(self.fd, rel, flags, RESOLVE, mode)
 
-    def parent(self, guest_path: str) -> tuple[int, str]:
+    def parent(self, guest_path: str, *, write: bool = True) -> tuple[int, str]:
         """(host fd of the parent directory, last component) for operations on a name."""
+        if write and self.readonly:
+            raise OSError(errno.EROFS, "read-only sandbox root")
         norm = self.join("/", guest_path)
         head, name = posixpath.split(norm)
         if not name:  # the root itself

@@ -22,7 +22,6 @@ from virtkit.sandbox.paging import (
     PROT_WRITE,
     PTE_P,
     PTE_U,
-    PTE_W,
     USER_TOP,
     AddressSpace,
     FrameAllocator,
@@ -151,9 +150,9 @@ class Memory:
             start = addr
         else:
             start = -1
-            if addr and not addr & 0xFFF and addr >= MMAP_BOTTOM and addr + length <= USER_TOP:
-                if self.is_free(addr, addr + length):
-                    start = addr
+            hint_ok = addr and not addr & 0xFFF and addr >= MMAP_BOTTOM and addr + length <= USER_TOP
+            if hint_ok and self.is_free(addr, addr + length):
+                start = addr
             if start < 0:
                 start = self._gap(length)
             if start < 0:

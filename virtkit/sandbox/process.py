@@ -26,11 +26,49 @@ from virtkit.sandbox.paging import USER_TOP, Fault
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
     from virtkit.kvm import structs as S
     from virtkit.kvm.ioctl import VcpuFd
-    from virtkit.sandbox.files import FdTable
+    from virtkit.sandbox.files import FdTable, Root
     from virtkit.sandbox.mm import Memory
-    from virtkit.sandbox.sandbox import Sandbox
+    from virtkit.sandbox.paging import FrameAllocator
+
+    class Tracing(Protocol):
+        def call(self, p: Process, nr: int, handler: Callable[..., object], regs: S.kvm_regs) -> object: ...
+
+    class Sandbox(Protocol):
+        """What a process and its system calls use of the sandbox that runs it
+        (virtkit.sandbox.sandbox.Sandbox; a Protocol so that this module does not import it)."""
+
+        lock: threading.Lock
+        changed: threading.Condition
+        procs: dict[int, Process]
+        root: Root
+        frames: FrameAllocator
+
+        @property
+        def table(self) -> list[Callable[..., object]]: ...
+        @property
+        def enosys(self) -> Callable[..., object]: ...
+        @property
+        def tracer(self) -> Tracing | None: ...
+
+        pvm_return: bool
+        verbose_faults: bool
+
+        def report(self, msg: str) -> None: ...
+        def kernel_read(self, va: int, n: int) -> bytes: ...
+        def stats_fault(self) -> None: ...
+        def reap_thread(self, proc: Process) -> None: ...
+        def kick(self, proc: Process) -> None: ...
+        def new_pid(self) -> int: ...
+        def start(self, proc: Process, regs: S.kvm_regs | None) -> None: ...
+        def load_program(
+            self, cwd: str, path: bytes, argv: list[bytes], envp: list[bytes]
+        ) -> tuple[Memory, int, int]: ...
+
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -119,14 +157,11 @@ class Process:
         table = sb.table
         get_regs, set_regs = vcpu.get_regs, vcpu.set_regs
         unpack_u32, unpack_u16 = _U32.unpack_from, _U16.unpack_from
-        space_of = self.mm
         syscall_port = cpu.SYSCALL_PORT
         ioctl = fcntl.ioctl
         tracer = sb.tracer
         while True:
             space = self.mm.space
-            if space is not space_of:
-                space_of = space
             if space.fresh:
                 space.fresh.clear()
             if self.kill_signal:
@@ -153,7 +188,7 @@ class Process:
                     ret = tracer.call(self, nr, handler, regs)
                 if ret is NO_RETURN:
                     continue
-                regs.rax = ret & _MASK64
+                regs.rax = ret & _MASK64  # type: ignore[operator]
                 if sb.pvm_return:
                     regs.rip = regs.rcx
                     regs.rflags = regs.r11
@@ -191,7 +226,9 @@ class Process:
         sig = SIGNALS_FOR_VECTOR.get(vector, 11)
         if sb.tracer is not None or sb.verbose_faults:
             what = f"cr2={cr2:#x} error={error_code:#x}" if vector == 14 else f"error={error_code:#x}"
-            sb.report(f"pid {self.pid}: exception {vector} at rip={rip:#x} rsp={user_rsp:#x} {what}: killed by signal {sig}")
+            sb.report(
+                f"pid {self.pid}: exception {vector} at rip={rip:#x} rsp={user_rsp:#x} {what}: killed by signal {sig}"
+            )
         self.status = sig
         raise Exited
 
@@ -229,7 +266,7 @@ class Process:
 
 
 def user_range_ok(va: int, n: int) -> bool:
-    return 0 <= va and 0 <= n and va + n <= USER_TOP
+    return va >= 0 and n >= 0 and va + n <= USER_TOP
 
 
 def now_ns() -> int:

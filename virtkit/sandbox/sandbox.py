@@ -48,12 +48,18 @@ class Sandbox:
         self,
         root: str,
         *,
+        readonly: bool = False,
         memory: int = DEFAULT_MEMORY,
         tracer: Tracer | None = None,
         env: list[bytes] | None = None,
         report: Callable[[str], None] | None = None,
     ) -> None:
-        self.root = Root(root)
+        try:
+            self.root = Root(root, readonly=readonly)
+        except OSError as e:
+            raise SandboxError(
+                f"cannot use {root} as the sandbox root: {e.strerror}: give an existing directory"
+            ) from None
         self.tracer = tracer
         self.env = env if env is not None else [b"PATH=/bin:/usr/bin:/sbin:/usr/sbin", b"HOME=/", b"TERM=dumb"]
         self._report = report or (lambda msg: print(f"virtkit sandbox: {msg}", file=sys.stderr))
@@ -128,17 +134,18 @@ class Sandbox:
             self.changed.notify_all()
 
     # --- vCPUs -------------------------------------------------------------------------------
-    def take_vcpu(self) -> tuple[VcpuFd, int]:
+    def take_vcpu(self) -> tuple[VcpuFd, int, bool]:
+        """An idle vCPU (and its slot), or a new one; True if new."""
         with self.lock:
             if self.idle:
-                return self.idle.pop()
+                return (*self.idle.pop(), False)
             slot = len(self.vcpus)
             if slot >= cpu.MAX_CPU_SLOTS:
                 raise OSError(11, "too many processes")
             vcpu = self.vm.create_vcpu(slot)
             self.vcpus.append(vcpu)
         self.kernel.build_slot(slot)
-        return vcpu, slot
+        return vcpu, slot, True
 
     # --- processes ---------------------------------------------------------------------------
     def new_pid(self) -> int:
@@ -149,9 +156,9 @@ class Sandbox:
 
     def start(self, proc: Process, regs: S.kvm_regs | None, sregs: S.kvm_sregs | None = None) -> None:
         """Give ``proc`` a vCPU in CPL3 state (``regs``), and a thread."""
-        vcpu, slot = self.take_vcpu()
+        vcpu, slot, fresh = self.take_vcpu()
         proc.vcpu, proc.slot = vcpu, slot
-        cpu.init_vcpu(self.kvm, vcpu, self.kernel, slot, proc.mm.space.pml4)
+        cpu.init_vcpu(self.kvm, vcpu, self.kernel, slot, proc.mm.space.pml4, fresh=fresh)
         proc.cr3 = proc.mm.space.pml4
         if proc.fs_base:
             proc.set_fs_base(proc.fs_base)
@@ -165,10 +172,8 @@ class Sandbox:
     def reap_thread(self, proc: Process) -> None:
         """The process's thread is ending: release what it held, make it a zombie."""
         proc.fds.close_all()
-        try:
+        with contextlib.suppress(Exception):  # a broken space must not keep the others running
             proc.mm.destroy()
-        except Exception:  # a broken space must not keep the others from running
-            pass
         if proc.vfork_done is not None:
             proc.vfork_done.set()
         with self.lock:
@@ -184,9 +189,8 @@ class Sandbox:
                     child.ppid = 1
                     if child.status is not None and child.pid != 1:
                         self.procs.pop(cpid, None)
-            if proc.ppid not in self.procs or proc.ppid == 0:
-                if proc.pid != 1:
-                    self.procs.pop(proc.pid, None)
+            if (proc.ppid not in self.procs or proc.ppid == 0) and proc.pid != 1:
+                self.procs.pop(proc.pid, None)
             self.changed.notify_all()
 
     # --- loading -------------------------------------------------------------------------------
@@ -195,14 +199,12 @@ class Sandbox:
         guest = Root.join(proc_cwd, os.fsdecode(path))
         fd = self.root.open(guest, os.O_RDONLY)
         st = os.fstat(fd)
-        if not (st.st_mode & 0o170000) == 0o100000 or not st.st_mode & 0o111:
+        if (st.st_mode & 0o170000) != 0o100000 or not st.st_mode & 0o111:
             os.close(fd)
             raise OSError(13, "not an executable file")
         return fd, guest
 
-    def load_program(
-        self, cwd: str, path: bytes, argv: list[bytes], envp: list[bytes]
-    ) -> tuple[Memory, int, int]:
+    def load_program(self, cwd: str, path: bytes, argv: list[bytes], envp: list[bytes]) -> tuple[Memory, int, int]:
         """A new memory image for ``path``: (memory, entry RIP, initial RSP). Raises OSError."""
         fd, guest = self.open_exec(cwd, path)
         try:
@@ -255,9 +257,7 @@ class Sandbox:
                     (elf.AT_CLKTCK, 100),
                     (elf.AT_SECURE, 0),
                 ]
-                rsp, blob = elf.build_stack(
-                    STACK_TOP, argv, envp, aux, execfn=path, random16=secrets.token_bytes(16)
-                )
+                rsp, blob = elf.build_stack(STACK_TOP, argv, envp, aux, execfn=path, random16=secrets.token_bytes(16))
                 if STACK_TOP - rsp > 256 * 1024:
                     raise OSError(7, "argument list too long")
                 mm.space.write(rsp, blob)
@@ -302,10 +302,16 @@ class Sandbox:
         regs.rip, regs.rsp, regs.rflags = entry, rsp, cpu.RFLAGS_USER
         self.start(proc, regs)
         with self.lock:
-            while proc.status is None or any(p.status is None for p in self.procs.values()):
+            while proc.status is None or proc.vcpu is not None:
                 self.changed.wait(1.0)
-                if proc.status is not None:
-                    break
+            rest = [p for p in self.procs.values() if p.status is None]
+        # the first process is gone: what it left running ends with it (SIGKILL)
+        for p in rest:
+            p.kill_signal = 9
+            self.kick(p)
+        for p in rest:
+            if p.thread is not None:
+                p.thread.join(5.0)
         assert proc.status is not None
         return proc.status
 

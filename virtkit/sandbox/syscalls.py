@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 
+from virtkit.arch.x86 import fpu_init_state
 from virtkit.host.syscalls_x86_64 import SYSCALLS
 from virtkit.sandbox import cpu, mm
 from virtkit.sandbox.files import AT_FDCWD, O_CLOEXEC, OpenFile, Root
@@ -145,7 +146,7 @@ def _stat_path(p: Process, path: str, follow: bool) -> os.stat_result:
             return os.fstat(fd)
         finally:
             os.close(fd)
-    pfd, name = root.parent(path)
+    pfd, name = root.parent(path, write=False)
     try:
         return os.stat(name, dir_fd=pfd, follow_symlinks=False)
     finally:
@@ -202,7 +203,6 @@ def sys_read(p: Process, fd: int, buf: int, count: int, *_: int) -> int:
     n = min(count, MAX_IO)
     if n == 0:
         return 0
-    p.mm.space.write(buf, bytes(1)) if False else None
     if not _writable(p, buf, n):
         return -errno.EFAULT
     data = os.read(f.fd, n)
@@ -350,7 +350,9 @@ def sys_statx(p: Process, dirfd: int, path: int, flags: int, mask: int, buf: int
         st.st_blocks,
         0,
     )
-    out += ts(st.st_atime, st.st_atime_ns) + ts(0, 0) + ts(st.st_ctime, st.st_ctime_ns) + ts(st.st_mtime, st.st_mtime_ns)
+    out += (
+        ts(st.st_atime, st.st_atime_ns) + ts(0, 0) + ts(st.st_ctime, st.st_ctime_ns) + ts(st.st_mtime, st.st_mtime_ns)
+    )
     out += struct.pack("<IIII", os.major(st.st_rdev), os.minor(st.st_rdev), os.major(st.st_dev), os.minor(st.st_dev))
     p.write(buf, out.ljust(256, b"\0"))
     return 0
@@ -371,7 +373,15 @@ def sys_getdents64(p: Process, fd: int, buf: int, count: int, *_: int) -> int:
                 if len(entries) > 100_000:
                     break
                 try:
-                    t = 4 if de.is_dir(follow_symlinks=False) else 10 if de.is_symlink() else 8 if de.is_file(follow_symlinks=False) else 0
+                    t = (
+                        4
+                        if de.is_dir(follow_symlinks=False)
+                        else 10
+                        if de.is_symlink()
+                        else 8
+                        if de.is_file(follow_symlinks=False)
+                        else 0
+                    )
                     ino = de.inode()
                 except OSError:
                     t, ino = 0, 0
@@ -410,7 +420,7 @@ def _readlink(p: Process, path: str, buf: int, size: int) -> int:
     if path == "/proc/self/exe":
         target = os.fsencode(p.exe)
     else:
-        pfd, name = p.sandbox.root.parent(path)
+        pfd, name = p.sandbox.root.parent(path, write=False)
         try:
             target = os.fsencode(os.readlink(name, dir_fd=pfd))
         finally:
@@ -527,6 +537,8 @@ def sys_renameat2(p: Process, ofd: int, old: int, nfd: int, new: int, flags: int
 
 @guarded("chmod")
 def sys_chmod(p: Process, path: int, mode: int, *_: int) -> int:
+    if p.sandbox.root.readonly:
+        return -errno.EROFS
     fd = p.sandbox.root.open(_path(p, AT_FDCWD, path), os.O_RDONLY)
     try:
         os.fchmod(fd, mode & 0o7777)
@@ -821,7 +833,22 @@ def _zero(p: Process, *_: int) -> int:
     return 0
 
 
-for _name in ("getuid", "geteuid", "getgid", "getegid", "setuid", "setgid", "setgroups", "sigaltstack", "set_robust_list", "sched_yield", "sync", "fadvise64", "flock", "fdatasync"):
+for _name in (
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "setuid",
+    "setgid",
+    "setgroups",
+    "sigaltstack",
+    "set_robust_list",
+    "sched_yield",
+    "sync",
+    "fadvise64",
+    "flock",
+    "fdatasync",
+):
     _table[SYSCALLS[_name]] = _zero
 
 
@@ -881,6 +908,10 @@ def sys_uname(p: Process, buf: int, *_: int) -> int:
 
 @guarded("prlimit64")
 def sys_prlimit64(p: Process, pid: int, resource: int, new: int, old: int, *_: int) -> int:
+    return _prlimit(p, resource, old)
+
+
+def _prlimit(p: Process, resource: int, old: int) -> int:
     if old:
         lim = {3: (8 << 20, 1 << 63), 7: (1024, 1024)}.get(resource, ((1 << 64) - 1, (1 << 64) - 1))
         p.write(old, struct.pack("<QQ", lim[0] & ((1 << 64) - 1), lim[1] & ((1 << 64) - 1)))
@@ -889,7 +920,7 @@ def sys_prlimit64(p: Process, pid: int, resource: int, new: int, old: int, *_: i
 
 @guarded("getrlimit")
 def sys_getrlimit(p: Process, resource: int, old: int, *_: int) -> int:
-    return sys_prlimit64(p, 0, resource, 0, old)
+    return _prlimit(p, resource, old)
 
 
 @guarded("getrusage")
@@ -903,7 +934,12 @@ def sys_sysinfo(p: Process, buf: int, *_: int) -> int:
     total = p.mm.frames.end
     free = total - p.mm.frames.in_use * 4096
     uptime = int(time.monotonic())
-    p.write(buf, struct.pack("<q3QQQQQQHH2xQQI", uptime, 0, 0, 0, total, max(free, 0), 0, 0, 0, 0, len(p.sandbox.procs), 0, 0, 0, 1).ljust(112, b"\0"))
+    p.write(
+        buf,
+        struct.pack(
+            "<q3QQQQQQHH2xQQI", uptime, 0, 0, 0, total, max(free, 0), 0, 0, 0, 0, len(p.sandbox.procs), 0, 0, 0, 1
+        ).ljust(112, b"\0"),
+    )
     return 0
 
 
@@ -915,7 +951,16 @@ def sys_getrandom(p: Process, buf: int, n: int, flags: int, *_: int) -> int:
 
 
 # --- time ----------------------------------------------------------------------------------
-_CLOCKS = {0: time.CLOCK_REALTIME, 1: time.CLOCK_MONOTONIC, 4: time.CLOCK_MONOTONIC_RAW, 5: time.CLOCK_REALTIME, 6: time.CLOCK_MONOTONIC, 7: time.CLOCK_BOOTTIME, 2: time.CLOCK_PROCESS_CPUTIME_ID, 3: time.CLOCK_THREAD_CPUTIME_ID}
+_CLOCKS = {
+    0: time.CLOCK_REALTIME,
+    1: time.CLOCK_MONOTONIC,
+    2: time.CLOCK_PROCESS_CPUTIME_ID,
+    3: time.CLOCK_THREAD_CPUTIME_ID,
+    4: time.CLOCK_MONOTONIC_RAW,
+    5: time.CLOCK_REALTIME,
+    6: time.CLOCK_MONOTONIC,
+    7: time.CLOCK_BOOTTIME,
+}
 
 
 @guarded("clock_gettime")
@@ -1181,7 +1226,7 @@ def _execve(p: Process, dirfd: int, path: int, argv: int, envp: int) -> object:
     cpu.user_segments(sregs)
     p.vcpu.set_sregs(sregs)
     p.cr3, p.fs_base = new_mm.space.pml4, 0
-    p.vcpu.set_fpu(cpu.fpu_init_state())
+    p.vcpu.set_fpu(fpu_init_state())
     if p.vfork_done is not None:
         p.vfork_done.set()
         p.vfork_done = None
@@ -1205,7 +1250,7 @@ def sys_wait4(p: Process, pid: int, status: int, options: int, rusage: int, *_: 
                 mine = [c for c in mine if c.pgid == -pid]
             if not mine:
                 return -errno.ECHILD
-            done = next((c for c in mine if c.status is not None and c.thread is not None and not c.thread.is_alive() or c.status is not None and c.vcpu is None), None)
+            done = next((c for c in mine if c.status is not None and c.vcpu is None), None)
             if done is not None:
                 sb.procs.pop(done.pid, None)
                 p.children.discard(done.pid)
@@ -1236,7 +1281,26 @@ def _eacces(p: Process, *_: int) -> int:
 
 for _name in ("socket", "socketpair"):
     _table[SYSCALLS[_name]] = lambda p, *a: -errno.EAFNOSUPPORT
-for _name in ("ptrace", "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "reboot", "init_module", "kexec_load", "bpf", "perf_event_open", "iopl", "ioperm", "swapon", "swapoff", "sethostname", "setdomainname"):
+for _name in (
+    "ptrace",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "reboot",
+    "init_module",
+    "kexec_load",
+    "bpf",
+    "perf_event_open",
+    "iopl",
+    "ioperm",
+    "swapon",
+    "swapoff",
+    "sethostname",
+    "setdomainname",
+):
     _table[SYSCALLS[_name]] = lambda p, *a: -errno.EPERM
 
 #: numbers served (not ENOSYS), for docs and tests

@@ -18,12 +18,46 @@ if TYPE_CHECKING:
     from virtkit.sandbox.process import Process
 
 #: how many argument registers each call shows (strace's view; the rest shows six)
-_ARGC = {"getpid": 0, "gettid": 0, "getppid": 0, "getuid": 0, "geteuid": 0, "getgid": 0, "getegid": 0,
-         "fork": 0, "vfork": 0, "exit_group": 1, "exit": 1, "close": 1, "brk": 1, "dup": 1, "umask": 1,
-         "uname": 1, "set_tid_address": 1, "read": 3, "write": 3, "openat": 4, "open": 3, "mmap": 6,
-         "munmap": 2, "mprotect": 3, "arch_prctl": 2, "wait4": 4, "execve": 3, "pipe2": 2, "dup2": 2,
-         "fstat": 2, "newfstatat": 4, "ioctl": 3, "rt_sigaction": 4, "rt_sigprocmask": 4, "lseek": 3,
-         "getdents64": 3, "fcntl": 3, "clone": 5}
+_ARGC = {
+    "getpid": 0,
+    "gettid": 0,
+    "getppid": 0,
+    "getuid": 0,
+    "geteuid": 0,
+    "getgid": 0,
+    "getegid": 0,
+    "fork": 0,
+    "vfork": 0,
+    "exit_group": 1,
+    "exit": 1,
+    "close": 1,
+    "brk": 1,
+    "dup": 1,
+    "umask": 1,
+    "uname": 1,
+    "set_tid_address": 1,
+    "read": 3,
+    "write": 3,
+    "openat": 4,
+    "open": 3,
+    "mmap": 6,
+    "munmap": 2,
+    "mprotect": 3,
+    "arch_prctl": 2,
+    "wait4": 4,
+    "execve": 3,
+    "pipe2": 2,
+    "dup2": 2,
+    "fstat": 2,
+    "newfstatat": 4,
+    "ioctl": 3,
+    "rt_sigaction": 4,
+    "rt_sigprocmask": 4,
+    "lseek": 3,
+    "getdents64": 3,
+    "fcntl": 3,
+    "clone": 5,
+}
 
 
 class Tracer:
@@ -54,8 +88,11 @@ class Tracer:
         self._count(nr, dt, failed)
         if self.trace:
             if isinstance(ret, int):
-                shown = f"-1 {errno.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})" if failed else (
-                    hex(ret) if ret > 0xFFFF else str(ret))
+                shown = (
+                    f"-1 {errno.errorcode.get(-ret, str(-ret))} ({os.strerror(-ret)})"
+                    if failed
+                    else (hex(ret) if ret > 0xFFFF else str(ret))
+                )
             else:
                 shown = "0"
             self.out(f"[pid {p.pid}] {name}({self._args(name, args)}) = {shown}")
@@ -79,8 +116,10 @@ class Tracer:
         lines = [f"{'% time':>6} {'usecs':>10} {'usecs/call':>10} {'calls':>7} {'errors':>6} syscall"]
         for nr, (calls, errors, ns) in rows:
             name = NAMES.get(nr, f"syscall_{nr}")
-            lines.append(f"{100 * ns / total_ns:6.2f} {ns // 1000:10d} {ns // 1000 // max(calls, 1):10d} {calls:7d} "
-                         f"{errors or '':>6} {name}")
+            lines.append(
+                f"{100 * ns / total_ns:6.2f} {ns // 1000:10d} {ns // 1000 // max(calls, 1):10d} {calls:7d} "
+                f"{errors or '':>6} {name}"
+            )
         calls = sum(c[0] for c in self.counts.values())
         lines.append(f"{100.0:6.2f} {total_ns // 1000:10d} {'':>10} {calls:7d} {'':>6} total")
         lines.append(f"page faults served: {faults}")
