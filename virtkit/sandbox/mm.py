@@ -20,11 +20,10 @@ from virtkit.sandbox.paging import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
-    PTE_P,
-    PTE_U,
     USER_TOP,
     AddressSpace,
     FrameAllocator,
+    OutOfMemory,
     pte_flags,
 )
 
@@ -157,36 +156,44 @@ class Memory:
                 start = self._gap(length)
             if start < 0:
                 return -errno.ENOMEM
-        data = b""
+        size = 0
         if fd is not None:
             if flags & MAP_SHARED and prot & PROT_WRITE:
                 return -errno.ENODEV  # no shared writable file mappings (docs/SANDBOX.md)
             try:
-                size = os.fstat(fd).st_size
-                n = max(0, min(length, size - offset, MAX_FILE_MAP))
-                data = os.pread(fd, n, offset) if n else b""
+                size = max(0, min(length, os.fstat(fd).st_size - offset, MAX_FILE_MAP))
             except OSError as e:
                 return -(e.errno or errno.EIO)
         self.unmap(start, length)
         self._insert(Vma(start, start + length, prot, "file" if fd is not None else "anon"))
-        if data:
-            self._fill(start, data, prot)
+        if fd is not None and size:
+            try:
+                self._fill(start, fd, offset, size, prot)
+            except OSError as e:
+                self.unmap(start, length)
+                return -(e.errno or errno.EIO)
+            except OutOfMemory:
+                self.unmap(start, length)
+                return -errno.ENOMEM
         return start
 
-    def _fill(self, start: int, data: bytes, prot: int) -> None:
-        """Give the pages of [start, start+len(data)) frames holding ``data`` (then ``prot``)."""
+    def _fill(self, start: int, fd: int, offset: int, size: int, prot: int) -> None:
+        """Give the pages of [start, start+size) frames holding the file's bytes at ``offset``."""
         sp = self.space
         mem = self.frames.mem
-        flags = pte_flags(prot) or 0
-        for off in range(0, len(data), PAGE):
+        flags = pte_flags(prot)
+        for off in range(0, size, PAGE):
+            data = os.pread(fd, min(PAGE, size - off), offset + off)
             va = start + off
             e = sp.lookup(va)
             if e & ADDR_MASK:
                 gpa = e & ADDR_MASK
             else:
                 gpa = self.frames.alloc()
-                sp.map_page(va, gpa, flags | PTE_P | PTE_U if flags else 0)
-            mem.write(gpa, data[off : off + PAGE])
+                sp.map_page(va, gpa, flags)
+            mem.write(gpa, data)
+            if len(data) < PAGE:
+                break
 
     def unmap(self, addr: int, length: int) -> int:
         if addr & 0xFFF or length <= 0 or addr + length > USER_TOP:

@@ -22,7 +22,7 @@ import time
 
 from virtkit.kvm.constants import KVM_RUN, ExitReason
 from virtkit.sandbox import cpu
-from virtkit.sandbox.paging import USER_TOP, Fault
+from virtkit.sandbox.paging import USER_TOP, Fault, OutOfMemory
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -141,6 +141,9 @@ class Process:
             pass
         except Fault:
             self.status = self.status if self.status is not None else 11
+        except OutOfMemory as e:  # like the kernel's OOM killer: this process ends with SIGKILL
+            sb.report(f"pid {self.pid}: killed: {e}")
+            self.status = 9
         except Exception as e:  # never let one process's bug take the VMM down
             sb.report(f"pid {self.pid}: VMM error serving it, killed: {type(e).__name__}: {e}")
             if self.status is None:
@@ -182,10 +185,15 @@ class Process:
                 nr = regs.rax
                 self.regs = regs
                 handler = table[nr] if nr < len(table) else sb.enosys
-                if tracer is None:
-                    ret = handler(self, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
-                else:
-                    ret = tracer.call(self, nr, handler, regs)
+                try:
+                    if tracer is None:
+                        ret = handler(self, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+                    else:
+                        ret = tracer.call(self, nr, handler, regs)
+                except Fault:  # a guest pointer no handler caught
+                    ret = -errno.EFAULT
+                except (OverflowError, ValueError):  # a value the host call cannot even take
+                    ret = -errno.EINVAL
                 if ret is NO_RETURN:
                     continue
                 regs.rax = ret & _MASK64  # type: ignore[operator]

@@ -26,7 +26,7 @@ from virtkit.arch.x86 import fpu_init_state
 from virtkit.host.syscalls_x86_64 import SYSCALLS
 from virtkit.sandbox import cpu, mm
 from virtkit.sandbox.files import AT_FDCWD, O_CLOEXEC, OpenFile, Root
-from virtkit.sandbox.paging import Fault
+from virtkit.sandbox.paging import Fault, OutOfMemory
 from virtkit.sandbox.process import NO_RETURN, Exited, Process
 
 TYPE_CHECKING = False
@@ -86,6 +86,8 @@ def _guard(fn: Handler) -> Handler:
             return -errno.EFAULT
         except OSError as e:
             return _errno(e)
+        except OutOfMemory:
+            return -errno.ENOMEM
 
     wrapped.__name__ = fn.__name__
     return wrapped
@@ -937,7 +939,7 @@ def sys_sysinfo(p: Process, buf: int, *_: int) -> int:
     p.write(
         buf,
         struct.pack(
-            "<q3QQQQQQHH2xQQI", uptime, 0, 0, 0, total, max(free, 0), 0, 0, 0, 0, len(p.sandbox.procs), 0, 0, 0, 1
+            "<q3Q6QHH4xQQI", uptime, 0, 0, 0, total, max(free, 0), 0, 0, 0, 0, len(p.sandbox.procs), 0, 0, 0, 1
         ).ljust(112, b"\0"),
     )
     return 0
