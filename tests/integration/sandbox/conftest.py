@@ -13,7 +13,27 @@ import pytest
 
 PROGS = Path(__file__).resolve().parent / "progs"
 BUSYBOX = Path("/bin/busybox")
-APPLETS = "sh echo cat wc ls sort sed find true false sleep awk grep head tr touch mkdir rm ln".split()
+APPLETS = [
+    "sh",
+    "echo",
+    "cat",
+    "wc",
+    "ls",
+    "sort",
+    "sed",
+    "find",
+    "true",
+    "false",
+    "sleep",
+    "awk",
+    "grep",
+    "head",
+    "tr",
+    "touch",
+    "mkdir",
+    "rm",
+    "ln",
+]
 VIRTKIT = [sys.executable, "-m", "virtkit"]
 
 

@@ -85,5 +85,6 @@ def test_fuzz_random_system_calls(progs: Path, calls: list[tuple[int, ...]]) -> 
     p = sandbox(progs, "--read-only", "--", "/fuzz", stdin=_records(calls), timeout=120)
     err = p.stderr.decode(errors="replace")
     assert "Traceback" not in err and "VMM error" not in err, err[-2000:]
-    # the program may kill itself (munmap of its own code, a bad arch_prctl...): then a signal
-    assert p.returncode == 0 and err.endswith("survived\n") or p.returncode > 128, (p.returncode, err[-500:])
+    # the program may kill itself (munmap of its own code, a bad arch_prctl...): then a signal; it
+    # may also close or replace its own stderr, so "survived" is not required
+    assert p.returncode == 0 or p.returncode > 128, (p.returncode, err[-500:])
