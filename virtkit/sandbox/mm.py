@@ -37,6 +37,8 @@ STACK_TOP: Final = 0x7FFF_FFFF_E000
 STACK_SIZE: Final = 8 << 20
 MMAP_TOP: Final = 0x7FFF_F000_0000
 MMAP_BOTTOM: Final = 0x1000_0000
+#: how far the break may grow above its start
+MAX_HEAP: Final = 64 << 30
 #: bound on one file mapping the VMM copies in (bytes)
 MAX_FILE_MAP: Final = 1 << 30
 
@@ -220,14 +222,13 @@ class Memory:
 
     def set_brk(self, new: int) -> int:
         """brk(2): the new break, or the old one when the request cannot be met."""
-        if new < self.brk_start or new > MMAP_BOTTOM + (64 << 30):
+        if new < self.brk_start or new > self.brk_start + MAX_HEAP:
             return self.brk
         old_end, new_end = page_up(self.brk), page_up(new)
         if new_end > old_end:
             if not self.is_free(old_end, new_end):
                 return self.brk
-            heap = self.find(self.brk_start - 1) if self.brk_start == old_end else None
-            heap = next((v for v in self.vmas if v.name == "heap"), heap)
+            heap = next((v for v in self.vmas if v.name == "heap"), None)
             if heap is not None and heap.end == old_end:
                 heap.end = new_end
             else:
