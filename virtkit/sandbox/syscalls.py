@@ -1271,11 +1271,6 @@ def sys_wait4(p: Process, pid: int, status: int, options: int, rusage: int, *_: 
     return done.pid
 
 
-@guarded("waitid")
-def sys_waitid(p: Process, idtype: int, id_: int, info: int, options: int, *_: int) -> int:
-    return -errno.ENOSYS
-
-
 # --- the rest: refused on purpose (no network, no namespaces, no ptrace...) ------------------
 def _eacces(p: Process, *_: int) -> int:
     return -errno.EACCES
