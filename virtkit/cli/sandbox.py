@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--stats", action="store_true", help="print system calls by count and time spent serving them")
     p.add_argument("--memory", "-m", default="1G", help="guest memory for all of the sandbox's processes (default 1G)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment entry (repeatable)")
+    # measurement aid: the register stub (GET/SET_REGS per call) instead of the fast stub on PVM
+    p.add_argument("--register-stub", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("program", nargs=argparse.REMAINDER, help="PROGRAM [ARG...] after --")
     p.set_defaults(handler=cmd_sandbox)
 
@@ -57,7 +59,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     tracer = Tracer(args.trace, args.stats, err) if (args.trace or args.stats) else None
     root = args.sandbox_root or "/"
     env = [os.fsencode(e) for e in args.env] or None
-    sb = Sandbox(root, readonly=args.read_only or args.sandbox_root is None, memory=memory, tracer=tracer, env=env)
+    sb = Sandbox(
+        root,
+        readonly=args.read_only or args.sandbox_root is None,
+        memory=memory,
+        tracer=tracer,
+        env=env,
+        fast_stub=not args.register_stub,
+    )
     try:
         status = sb.run(argv)
     finally:

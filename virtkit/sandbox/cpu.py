@@ -107,6 +107,35 @@ def fault_stubs() -> bytes:
 #: ``out %al, $0xBF``; ``sysretq``
 SYSCALL_STUB: Final = bytes((0xE6, SYSCALL_PORT, 0x48, 0x0F, 0x07))
 
+#: The fast path where the stub runs at CPL3 (PVM): a per-process page pair above the stack. The
+#: stub stores the call's registers in the data page after it, exits once, and returns by itself,
+#: so the VMM needs neither KVM_GET_REGS nor KVM_SET_REGS (docs/SANDBOX.md, "How a system call
+#: travels"). The data page lies above USER_TOP: no system call can unmap it or point into it.
+FAST_PORT: Final = 0xBE
+FAST_STUB_VA: Final = 0x7FFF_FFFF_E000
+FAST_DATA_VA: Final = 0x7FFF_FFFF_F000
+#: data page layout: rax(nr, then the result) rdi rsi rdx r10 r8 r9 rcx r11, saved rsp; a
+#: 16-byte stack at its end for the popfq
+FAST_STUB: Final = bytes.fromhex(
+    "488905f90f0000"  # mov %rax, D+0(%rip)
+    "48893dfa0f0000"  # mov %rdi, D+8(%rip)
+    "488935fb0f0000"  # mov %rsi, D+16(%rip)
+    "488915fc0f0000"  # mov %rdx, D+24(%rip)
+    "4c8915fd0f0000"  # mov %r10, D+32(%rip)
+    "4c8905fe0f0000"  # mov %r8,  D+40(%rip)
+    "4c890dff0f0000"  # mov %r9,  D+48(%rip)
+    "48890d00100000"  # mov %rcx, D+56(%rip)
+    "4c891d01100000"  # mov %r11, D+64(%rip)
+    "e6be"  # out %al, $0xBE            <- the one exit
+    "48892500100000"  # mov %rsp, D+72(%rip)
+    "488d25b11f0000"  # lea D+4096(%rip), %rsp
+    "4153"  # push %r11
+    "9d"  # popfq                        (the program's RFLAGS)
+    "488b25ef0f0000"  # mov D+72(%rip), %rsp
+    "488b05a00f0000"  # mov D+0(%rip), %rax   (the result)
+    "ffe1"  # jmp *%rcx                   (back to the program)
+)
+
 
 def idt() -> bytes:
     return b"".join(gate(FAULT_STUBS_VA + 8 * v, 3 if v == 3 else 0) for v in range(32)).ljust(4096, b"\0")
@@ -166,7 +195,9 @@ def user_segments(sregs: S.kvm_sregs) -> None:
     sregs.es = data
 
 
-def init_vcpu(kvm: Kvm, vcpu: VcpuFd, kernel: Kernel, slot: int, cr3: int, *, fresh: bool = True) -> None:
+def init_vcpu(
+    kvm: Kvm, vcpu: VcpuFd, kernel: Kernel, slot: int, cr3: int, *, fresh: bool = True, fast: bool = False
+) -> None:
     """Long mode at CPL3 with this slot's descriptor tables, SYSCALL enabled, SSE/AVX usable.
     ``fresh``: the vCPU never ran (KVM refuses a CPUID change after the first KVM_RUN)."""
     cpuid = kvm.supported_cpuid()
@@ -199,9 +230,10 @@ def init_vcpu(kvm: Kvm, vcpu: VcpuFd, kernel: Kernel, slot: int, cr3: int, *, fr
     vcpu.set_msrs(
         {
             MSR_STAR: (0x18 << 48) | (KERNEL_CS << 32),
-            MSR_LSTAR: SYSCALL_STUB_VA,
-            MSR_CSTAR: SYSCALL_STUB_VA,
-            MSR_SYSCALL_MASK: SFMASK,
+            MSR_LSTAR: FAST_STUB_VA if fast else SYSCALL_STUB_VA,
+            MSR_CSTAR: FAST_STUB_VA if fast else SYSCALL_STUB_VA,
+            # the fast stub restores RFLAGS itself, where CPL3 popfq cannot set IF back: clear nothing
+            MSR_SYSCALL_MASK: 0 if fast else SFMASK,
             MSR_KERNEL_GS_BASE: 0,
         }
     )

@@ -13,7 +13,7 @@ import bisect
 import errno
 import os
 
-from virtkit.sandbox import elf
+from virtkit.sandbox import cpu, elf
 from virtkit.sandbox.paging import (
     ADDR_MASK,
     PAGE,
@@ -66,6 +66,17 @@ class Memory:
         self.space.fault_in = self._fault_in
         self.vmas: list[Vma] = []
         self.brk_start = self.brk = 0
+        #: guest-physical address of the fast system-call data page (0: none)
+        self.sysdata = 0
+
+    def map_fast_stub(self) -> None:
+        """The per-process stub page (user, executable) and its data page (cpu.FAST_*)."""
+        code = self.frames.alloc()
+        self.frames.mem.write(code, cpu.FAST_STUB)
+        self.space.map_page(cpu.FAST_STUB_VA, code, pte_flags(PROT_READ | PROT_EXEC))
+        self._insert(Vma(cpu.FAST_STUB_VA, cpu.FAST_STUB_VA + PAGE, PROT_READ | PROT_EXEC, "vmm"))
+        self.sysdata = self.frames.alloc()
+        self.space.map_page(cpu.FAST_DATA_VA, self.sysdata, pte_flags(PROT_READ | PROT_WRITE))
 
     # --- the map ---------------------------------------------------------------------------
     def find(self, va: int) -> Vma | None:
@@ -275,6 +286,8 @@ class Memory:
         child = Memory(self.frames, self.space.kernel_pdpt, self.space.clone())
         child.vmas = [Vma(v.start, v.end, v.prot, v.name) for v in self.vmas]
         child.brk_start, child.brk = self.brk_start, self.brk
+        if self.sysdata:
+            child.sysdata = child.space.entry(cpu.FAST_DATA_VA) & ADDR_MASK
         return child
 
     def destroy(self) -> None:

@@ -172,6 +172,11 @@ class AddressSpace:
             table = e & ADDR_MASK
         return table + ((va >> 12) & 511) * 8
 
+    def entry(self, va: int) -> int:
+        """The leaf entry for any lower-half ``va``, the VMM's own pages above USER_TOP included."""
+        at = self._entry_addr(va, False)
+        return _Q.unpack_from(self.ram, at)[0] if at else 0
+
     def lookup(self, va: int) -> int:
         """The leaf entry for ``va`` (0 when unmapped)."""
         if not 0 <= va < USER_TOP:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from virtkit.sandbox.paging import FrameAllocator
 
     class Tracing(Protocol):
-        def call(self, p: Process, nr: int, handler: Callable[..., object], regs: S.kvm_regs) -> object: ...
+        def call(self, p: Process, nr: int, handler: Callable[..., object], args: tuple[int, ...]) -> object: ...
 
     class Sandbox(Protocol):
         """What a process and its system calls use of the sandbox that runs it
@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FRAME = struct.Struct("<6Q")
+_ARGS = struct.Struct("<7Q")
+_Q = struct.Struct("<Q")
 _EXIT_IO = int(ExitReason.IO)
 _MASK64 = (1 << 64) - 1
 SIGNALS_FOR_VECTOR = {0: 8, 1: 5, 3: 5, 4: 11, 5: 11, 6: 4, 7: 8, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
@@ -102,7 +104,6 @@ class Process:
         self.vcpu: VcpuFd | None = None
         self.slot = -1
         self.cr3 = 0
-        self.regs: S.kvm_regs | None = None
         self.thread: threading.Thread | None = None
         #: wait status once ended (zombie), None while it runs
         self.status: int | None = None
@@ -158,9 +159,13 @@ class Process:
         fd = vcpu.fd
         page = vcpu.run_page
         table = sb.table
+        ntable = len(table)
+        enosys = sb.enosys
         get_regs, set_regs = vcpu.get_regs, vcpu.set_regs
         unpack_u32, unpack_u16 = _U32.unpack_from, _U16.unpack_from
-        syscall_port = cpu.SYSCALL_PORT
+        unpack_args, pack_ret = _ARGS.unpack_from, _Q.pack_into
+        ram = sb.frames.mem.regions[0].view
+        fast_port, syscall_port = cpu.FAST_PORT, cpu.SYSCALL_PORT
         ioctl = fcntl.ioctl
         tracer = sb.tracer
         while True:
@@ -180,19 +185,39 @@ class Process:
                 self._bad_exit(reason)
                 return
             port = unpack_u16(page, 34)[0]
-            regs = get_regs()
-            if port == syscall_port:
-                nr = regs.rax
-                self.regs = regs
-                handler = table[nr] if nr < len(table) else sb.enosys
+            if port == fast_port:
+                # the hot path: arguments from the data page, the result back into it
+                data = self.mm.sysdata
+                nr, a0, a1, a2, a3, a4, a5 = unpack_args(ram, data)
+                handler = table[nr] if nr < ntable else enosys
                 try:
                     if tracer is None:
-                        ret = handler(self, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+                        ret = handler(self, a0, a1, a2, a3, a4, a5)
                     else:
-                        ret = tracer.call(self, nr, handler, regs)
+                        ret = tracer.call(self, nr, handler, (a0, a1, a2, a3, a4, a5))
                 except Fault:  # a guest pointer no handler caught
                     ret = -errno.EFAULT
                 except (OverflowError, ValueError):  # a value the host call cannot even take
+                    ret = -errno.EINVAL
+                if ret is NO_RETURN:
+                    continue
+                pack_ret(ram, self.mm.sysdata, ret & _MASK64)  # type: ignore[operator]
+                if self.mm.space.pml4 != self.cr3:
+                    self.load_cr3()
+                continue
+            regs = get_regs()
+            if port == syscall_port:
+                nr = regs.rax
+                handler = table[nr] if nr < ntable else enosys
+                args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+                try:
+                    if tracer is None:
+                        ret = handler(self, *args)
+                    else:
+                        ret = tracer.call(self, nr, handler, args)
+                except Fault:
+                    ret = -errno.EFAULT
+                except (OverflowError, ValueError):
                     ret = -errno.EINVAL
                 if ret is NO_RETURN:
                     continue

@@ -53,6 +53,7 @@ class Sandbox:
         tracer: Tracer | None = None,
         env: list[bytes] | None = None,
         report: Callable[[str], None] | None = None,
+        fast_stub: bool = True,
     ) -> None:
         try:
             self.root = Root(root, readonly=readonly)
@@ -71,7 +72,10 @@ class Sandbox:
         self.idle: list[tuple[VcpuFd, int]] = []
         self.vcpus: list[VcpuFd] = []
         self.faults = 0
-        self.pvm_return = True
+        #: the stub runs at CPL3 (PVM): the VMM resumes the program at RCX (register stub), or the
+        #: per-process fast stub returns by itself. On VT-x/AMD-V the stub runs at a real CPL0.
+        self.pvm_return = os.path.isdir("/sys/module/kvm_pvm")
+        self.fast = self.pvm_return and fast_stub
         install_kick_handler()
         self.kvm = Kvm()
         try:
@@ -158,7 +162,7 @@ class Sandbox:
         """Give ``proc`` a vCPU in CPL3 state (``regs``), and a thread."""
         vcpu, slot, fresh = self.take_vcpu()
         proc.vcpu, proc.slot = vcpu, slot
-        cpu.init_vcpu(self.kvm, vcpu, self.kernel, slot, proc.mm.space.pml4, fresh=fresh)
+        cpu.init_vcpu(self.kvm, vcpu, self.kernel, slot, proc.mm.space.pml4, fresh=fresh, fast=self.fast)
         proc.cr3 = proc.mm.space.pml4
         if proc.fs_base:
             proc.set_fs_base(proc.fs_base)
@@ -261,6 +265,8 @@ class Sandbox:
                 if STACK_TOP - rsp > 256 * 1024:
                     raise OSError(7, "argument list too long")
                 mm.space.write(rsp, blob)
+                if self.fast:
+                    mm.map_fast_stub()
                 return mm, entry, rsp
             except BaseException:
                 mm.destroy()

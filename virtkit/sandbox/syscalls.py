@@ -1138,7 +1138,10 @@ def sys_exit_group(p: Process, code: int, *_: int) -> int:
 
 def _fork(p: Process, vfork: bool) -> int:
     sb = p.sandbox
-    assert p.regs is not None and p.vcpu is not None
+    assert p.vcpu is not None
+    # the registers at the exit: the program's own (both stubs leave them alone), RCX/R11 the
+    # return address and RFLAGS the child resumes with
+    parent_regs = p.vcpu.get_regs()
     child_mm = p.mm.clone()
     child = Process(sb, sb.new_pid(), p.pid, child_mm, p.fds.fork(), p.cwd)
     child.pgid, child.sid, child.umask = p.pgid, p.sid, p.umask
@@ -1148,7 +1151,7 @@ def _fork(p: Process, vfork: bool) -> int:
     child.exe = p.exe
     from virtkit.kvm import structs as S
 
-    regs = S.kvm_regs.from_buffer_copy(p.regs)
+    regs = S.kvm_regs.from_buffer_copy(parent_regs)
     regs.rax = 0
     regs.rip, regs.rflags = regs.rcx, regs.r11
     if vfork:

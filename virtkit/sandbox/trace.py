@@ -14,7 +14,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from virtkit.kvm import structs as S
     from virtkit.sandbox.process import Process
 
 #: how many argument registers each call shows (strace's view; the rest shows six)
@@ -70,8 +69,7 @@ class Tracer:
         #: nr -> [calls, errors, ns serving]
         self.counts: dict[int, list[int]] = {}
 
-    def call(self, p: Process, nr: int, handler: Callable[..., object], regs: S.kvm_regs) -> object:
-        args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+    def call(self, p: Process, nr: int, handler: Callable[..., object], args: tuple[int, ...]) -> object:
         name = NAMES.get(nr, f"syscall_{nr}")
         if self.trace and name in ("exit_group", "exit", "execve"):
             self.out(f"[pid {p.pid}] {name}({self._args(name, args)}) ...")
