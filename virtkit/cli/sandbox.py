@@ -32,45 +32,99 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=cmd_sandbox)
 
 
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    import os
+def _run(
+    root: str,
+    argv: list[str],
+    *,
+    readonly: bool,
+    memory: int,
+    trace: bool,
+    stats: bool,
+    env: list[bytes] | None,
+    cwd: str = "/",
+    fast_stub: bool = True,
+) -> int:
     import sys
 
-    from virtkit.errors import ConfigError
-    from virtkit.units import parse_size
-
-    argv = list(args.program)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise ConfigError("no program given: virtkit sandbox [--root DIR] -- PROGRAM [ARG...]")
-    memory = parse_size(args.memory)
-    if memory < (16 << 20) or memory > (64 << 30) or memory % 4096:
-        raise ConfigError(f"--memory {args.memory}: give between 16M and 64G")
-    for entry in args.env:
-        if "=" not in entry:
-            raise ConfigError(f"--env {entry}: write NAME=VALUE")
     from virtkit.sandbox.sandbox import Sandbox, wait_status_to_exit
     from virtkit.sandbox.trace import Tracer
 
     def err(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    tracer = Tracer(args.trace, args.stats, err) if (args.trace or args.stats) else None
-    root = args.sandbox_root or "/"
-    env = [os.fsencode(e) for e in args.env] or None
-    sb = Sandbox(
-        root,
-        readonly=args.read_only or args.sandbox_root is None,
-        memory=memory,
-        tracer=tracer,
-        env=env,
-        fast_stub=not args.register_stub,
-    )
+    tracer = Tracer(trace, stats, err) if (trace or stats) else None
+    sb = Sandbox(root, readonly=readonly, memory=memory, tracer=tracer, env=env, fast_stub=fast_stub)
     try:
-        status = sb.run(argv)
+        status = sb.run(argv, cwd=cwd)
     finally:
-        if tracer is not None and args.stats:
+        if tracer is not None and stats:
             err(tracer.table(sb.faults))
         sb.close()
     return wait_status_to_exit(status)
+
+
+def _check_memory(text: str) -> int:
+    from virtkit.errors import ConfigError
+    from virtkit.units import parse_size
+
+    memory = parse_size(text, what="--memory")
+    if memory < (16 << 20) or memory > (64 << 30) or memory % 4096:
+        raise ConfigError(f"--memory {text}: give between 16M and 64G")
+    return memory
+
+
+def cmd_run_sandbox(args: argparse.Namespace) -> int:
+    """``virtkit run --mode sandbox IMAGE -- CMD``: the image's rootfs, read-only, as the program's /
+    (no writable overlay yet: docs/SANDBOX.md)."""
+    import os
+
+    from virtkit.container import image
+    from virtkit.errors import ConfigError
+
+    for flag in ("net", "disk", "module"):
+        if getattr(args, flag, None):
+            raise ConfigError(f"--{flag} is not for --mode sandbox")
+    if args.cpus or args.pids_limit:
+        raise ConfigError("--cpus and --pids-limit are not enforced in --mode sandbox yet: leave them out")
+    command = list(args.command or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    memory = _check_memory(args.memory) if args.memory else 1 << 30
+    lower, img = image.resolve(args.target)
+    argv = command or (img.get("Entrypoint") or []) + (img.get("Cmd") or []) or ["/bin/sh"]
+    return _run(
+        lower,
+        argv,
+        readonly=True,
+        memory=memory,
+        trace=False,
+        stats=bool(args.stats),
+        env=[os.fsencode(e) for e in img.get("Env") or []] or None,
+        cwd=img.get("WorkingDir") or "/",
+    )
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    import os
+
+    from virtkit.errors import ConfigError
+
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ConfigError("no program given: virtkit sandbox [--root DIR] -- PROGRAM [ARG...]")
+    memory = _check_memory(args.memory)
+    for entry in args.env:
+        if "=" not in entry:
+            raise ConfigError(f"--env {entry}: write NAME=VALUE")
+    return _run(
+        args.sandbox_root or "/",
+        argv,
+        readonly=args.read_only or args.sandbox_root is None,
+        memory=memory,
+        trace=args.trace,
+        stats=args.stats,
+        env=[os.fsencode(e) for e in args.env] or None,
+        fast_stub=not args.register_stub,
+    )

@@ -287,14 +287,31 @@ class Sandbox:
         os.close(fd)
         return self.load_program(cwd, interp, new_argv, envp)
 
+    def _search_path(self, name: bytes) -> bytes:
+        """``name`` looked up in the PATH of the sandbox's environment, inside the root (as
+        container runtimes do for the first program); unchanged when not found."""
+        path = next((e[5:] for e in self.env if e.startswith(b"PATH=")), b"/bin:/usr/bin")
+        for d in path.split(b":")[:64]:
+            candidate = (d.rstrip(b"/") or b"") + b"/" + name
+            try:
+                fd, _ = self.open_exec("/", candidate)
+            except OSError:
+                continue
+            os.close(fd)
+            return candidate
+        return name
+
     # --- the first process -------------------------------------------------------------------
-    def run(self, argv: list[str], stdio: tuple[int, int, int] = (0, 1, 2)) -> int:
+    def run(self, argv: list[str], stdio: tuple[int, int, int] = (0, 1, 2), cwd: str = "/") -> int:
         """Run ``argv`` and every process it starts; the first process's wait status."""
         from virtkit.kvm import structs as S
 
         bargv = [os.fsencode(a) for a in argv]
+        if b"/" not in bargv[0]:
+            bargv[0] = self._search_path(bargv[0])
         try:
-            mm, entry, rsp = self.load_program("/", bargv[0], bargv, self.env)
+            cwd = Root.join("/", cwd)
+            mm, entry, rsp = self.load_program(cwd, bargv[0], bargv, self.env)
         except OSError as e:
             raise SandboxError(
                 f"cannot run {argv[0]} in the sandbox root {self.root.path}: {e.strerror or e}"
@@ -302,8 +319,8 @@ class Sandbox:
         fds = FdTable()
         for guest_fd, host_fd in enumerate(stdio):
             fds.install(OpenFile(os.dup(host_fd), f"<std{guest_fd}>"), exact=guest_fd)
-        proc = Process(self, self.new_pid(), 0, mm, fds, "/")
-        proc.exe = argv[0]
+        proc = Process(self, self.new_pid(), 0, mm, fds, cwd)
+        proc.exe = Root.join(cwd, os.fsdecode(bargv[0]))
         regs = S.kvm_regs()
         regs.rip, regs.rsp, regs.rflags = entry, rsp, cpu.RFLAGS_USER
         self.start(proc, regs)

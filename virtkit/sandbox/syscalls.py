@@ -555,6 +555,45 @@ def sys_fchmod(p: Process, fd: int, mode: int, *_: int) -> int:
     return 0
 
 
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+@guarded("utimensat")
+def sys_utimensat(p: Process, dirfd: int, path: int, times: int, flags: int, *_: int) -> int:
+    if p.sandbox.root.readonly:
+        return -errno.EROFS
+    if path:
+        st_path = _path(p, dirfd, path)
+        pfd, name = p.sandbox.root.parent(st_path)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=not flags & AT_SYMLINK_NOFOLLOW)
+            os.utime(name, ns=_times(p, times, st), dir_fd=pfd, follow_symlinks=not flags & AT_SYMLINK_NOFOLLOW)
+        finally:
+            os.close(pfd)
+        return 0
+    f = _fd(p, dirfd)
+    os.utime(f.fd, ns=_times(p, times, os.fstat(f.fd)))
+    return 0
+
+
+def _times(p: Process, times: int, st: os.stat_result) -> tuple[int, int]:
+    now = time.time_ns()
+    if not times:
+        return now, now
+    a_s, a_ns, m_s, m_ns = struct.unpack("<qqqq", p.read(times, 32))
+
+    def one(sec: int, ns: int, current: int) -> int:
+        if ns == UTIME_NOW:
+            return now
+        if ns == UTIME_OMIT:
+            return current
+        if not 0 <= ns < 1_000_000_000:
+            raise OSError(errno.EINVAL, "bad timespec")
+        return sec * 1_000_000_000 + ns
+
+    return one(a_s, a_ns, st.st_atime_ns), one(m_s, m_ns, st.st_mtime_ns)
+
+
 @guarded("ftruncate")
 def sys_ftruncate(p: Process, fd: int, length: int, *_: int) -> int:
     os.ftruncate(_fd(p, fd).fd, _s64(length))

@@ -75,3 +75,20 @@ def test_bad_input_is_one_line(sandbox_root: Path, tmp_path: Path) -> None:
     (tmp_path / "notelf").chmod(0o755)
     p = sandbox(tmp_path, "--", "/notelf")
     assert p.returncode == 2 and b"Traceback" not in p.stderr and b"ELF" in p.stderr
+
+
+def test_run_mode_sandbox_with_the_busybox_image(tmp_path: Path, sandbox_root: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.integration.sandbox.conftest import VIRTKIT
+
+    env = {**os.environ, "VIRTKIT_IMAGES": str(tmp_path / "images")}
+    cmd = [*VIRTKIT, "run", "--mode", "sandbox", "busybox", "--", "sh", "-c", "echo hello | wc -c; cd /bin && pwd"]
+    p = subprocess.run(cmd, capture_output=True, env=env, timeout=120)
+    assert (p.returncode, p.stdout) == (0, b"6\n/bin\n"), p.stderr
+    # the image's rootfs is read-only in this mode
+    p = subprocess.run(
+        [*VIRTKIT, "run", "--mode", "sandbox", "busybox", "--", "touch", "/x"], capture_output=True, env=env
+    )
+    assert p.returncode == 1 and b"Read-only" in p.stderr
