@@ -94,7 +94,28 @@ class Sandbox:
         self.table = build_table()
         self.enosys = enosys
 
+    def stop_all(self, sig: int, timeout: float = 5.0) -> None:
+        """End every process still running with ``sig`` and wait (bounded) for its thread."""
+        with self.lock:
+            rest = [p for p in self.procs.values() if p.status is None and p.thread is not None]
+        for p in rest:
+            p.kill_signal = sig
+            self.kick(p)
+        for p in rest:
+            if p.thread is not None:
+                p.thread.join(timeout)
+
     def close(self) -> None:
+        """Release the VM. Process threads are stopped first: none may touch guest memory after."""
+        if getattr(self, "procs", None):
+            self.stop_all(9)
+            stuck = [p.pid for p in self.procs.values() if p.thread is not None and p.thread.is_alive()]
+            if stuck:
+                # a thread blocked in a host call (a pipe read) could still write guest memory:
+                # leave the VM mapped; it goes away with this process
+                self.report(f"processes {stuck} did not stop; the VM is left to the process exit")
+                self.root.close()
+                return
         for v in self.vcpus:
             v.close()
         self.vcpus = []
@@ -324,17 +345,17 @@ class Sandbox:
         regs = S.kvm_regs()
         regs.rip, regs.rsp, regs.rflags = entry, rsp, cpu.RFLAGS_USER
         self.start(proc, regs)
-        with self.lock:
-            while proc.status is None or proc.vcpu is not None:
-                self.changed.wait(1.0)
-            rest = [p for p in self.procs.values() if p.status is None]
+        try:
+            with self.lock:
+                while proc.status is None or proc.vcpu is not None:
+                    self.changed.wait(1.0)
+        except KeyboardInterrupt:
+            # Ctrl-C: SIGINT to every process, as the terminal does to a foreground job
+            self.stop_all(2)
+            if proc.status is None:
+                proc.status = 2
         # the first process is gone: what it left running ends with it (SIGKILL)
-        for p in rest:
-            p.kill_signal = 9
-            self.kick(p)
-        for p in rest:
-            if p.thread is not None:
-                p.thread.join(5.0)
+        self.stop_all(9)
         assert proc.status is not None
         return proc.status
 
