@@ -92,3 +92,9 @@ def test_run_mode_sandbox_with_the_busybox_image(tmp_path: Path, sandbox_root: P
         [*VIRTKIT, "run", "--mode", "sandbox", "busybox", "--", "touch", "/x"], capture_output=True, env=env
     )
     assert p.returncode == 1 and b"Read-only" in p.stderr
+
+
+def test_register_stub_path(sandbox_root: Path) -> None:
+    """The VT-x-style stub (KVM_GET/SET_REGS per call) serves the same programs on PVM."""
+    p = sandbox(sandbox_root, "--register-stub", "--", "/bin/sh", "-c", "echo hello | wc -c; exit 7")
+    assert (p.returncode, p.stdout.strip()) == (7, b"6"), p.stderr
