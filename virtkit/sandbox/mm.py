@@ -216,6 +216,17 @@ class Memory:
             self.space.unmap_range(addr, end)
         return 0
 
+    def discard(self, addr: int, length: int) -> int:
+        """MADV_DONTNEED: the populated pages of anonymous mappings in the range go away, so the
+        next touch faults in a zeroed page. File mappings keep their (copied-in) contents."""
+        if addr & 0xFFF or length < 0 or addr + length > USER_TOP:
+            return -errno.EINVAL
+        end = page_up(addr + length)
+        for v in self.vmas:
+            if v.start < end and v.end > addr and v.name != "file" and v.name != "elf" and v.name != "vmm":
+                self.space.unmap_range(max(v.start, addr), min(v.end, end))
+        return 0
+
     def protect(self, addr: int, length: int, prot: int) -> int:
         if addr & 0xFFF or length < 0 or addr + length > USER_TOP:
             return -errno.EINVAL

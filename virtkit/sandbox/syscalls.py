@@ -817,7 +817,9 @@ def sys_mprotect(p: Process, addr: int, length: int, prot: int, *_: int) -> int:
 
 @syscall("madvise")
 def sys_madvise(p: Process, addr: int, length: int, advice: int, *_: int) -> int:
-    return 0  # advice only; MADV_DONTNEED's zeroing is not honoured yet (docs/SANDBOX.md)
+    if advice in (4, 8):  # MADV_DONTNEED, MADV_FREE: anonymous pages read back as zero
+        return p.mm.discard(addr, length)
+    return 0  # the other advice changes nothing a program can observe here
 
 
 @guarded("mremap")

@@ -63,3 +63,11 @@ def test_brk(mm: Memory) -> None:
     assert mm.set_brk(0x60_1000) == 0x60_1000
     with pytest.raises(Fault):
         mm.space.read(0x60_1FF0, 4)
+
+
+def test_madv_dontneed_zeroes_anonymous_pages(mm: Memory) -> None:
+    a = mm.mmap(0, 2 * 4096, RW, ANON, None, 0)
+    mm.space.write(a, b"data")
+    assert mm.discard(a, 8192) == 0
+    assert mm.space.read(a, 4) == bytes(4)  # faulted in again, zeroed
+    assert mm.discard(a + 1, 10) == -errno.EINVAL
