@@ -21,8 +21,9 @@ import threading
 import time
 
 from virtkit.kvm.constants import KVM_RUN, ExitReason
-from virtkit.sandbox import cpu
+from virtkit.sandbox import cpu, signals
 from virtkit.sandbox.paging import USER_TOP, Fault, OutOfMemory
+from virtkit.sandbox.signals import Exited
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
         def stats_fault(self) -> None: ...
         def reap_thread(self, proc: Process) -> None: ...
         def kick(self, proc: Process) -> None: ...
+        def post_to_parent(self, proc: Process, sig: int) -> None: ...
         def new_pid(self) -> int: ...
         def start(self, proc: Process, regs: S.kvm_regs | None) -> None: ...
         def load_program(
@@ -83,10 +85,6 @@ SIGNALS_FOR_VECTOR = {0: 8, 1: 5, 3: 5, 4: 11, 5: 11, 6: 4, 7: 8, 13: 11, 14: 11
 NO_RETURN = object()
 
 
-class Exited(Exception):
-    """Raised inside a process's thread to end it (exit_group, a fatal signal)."""
-
-
 class Process:
     """One sandboxed process."""
 
@@ -100,6 +98,9 @@ class Process:
         self.umask = 0o022
         self.sigactions: dict[int, bytes] = {}
         self.sigmask = 0
+        #: signals waiting for their handler (bit sig-1), and the FPU states handlers interrupted
+        self.pending = 0
+        self.saved_fpu: list[S.kvm_fpu] = []
         self.fs_base = 0
         self.vcpu: VcpuFd | None = None
         self.slot = -1
@@ -114,10 +115,6 @@ class Process:
         self.clear_tid = 0
 
     # --- state ---------------------------------------------------------------------------
-    def sigaction_is_default(self, sig: int) -> bool:
-        raw = self.sigactions.get(sig)
-        return raw is None or struct.unpack_from("<Q", raw)[0] == 0
-
     def load_cr3(self) -> None:
         assert self.vcpu is not None
         sregs = self.vcpu.get_sregs()
@@ -179,6 +176,10 @@ class Process:
                 ioctl(fd, KVM_RUN, 0)
             except InterruptedError:
                 page[1] = 0  # kvm_run.immediate_exit, set by a kick
+                if self.pending & ~self.sigmask and not self.kill_signal:
+                    regs = get_regs()
+                    if regs.rip < USER_TOP:  # in the program's code, not in a CPL0 fault stub
+                        signals.deliver(self, regs)
                 continue
             reason = unpack_u32(page, 8)[0]
             if reason != _EXIT_IO:
@@ -201,9 +202,16 @@ class Process:
                     ret = -errno.EINVAL
                 if ret is NO_RETURN:
                     continue
-                pack_ret(ram, self.mm.sysdata, ret & _MASK64)  # type: ignore[operator]
                 if self.mm.space.pml4 != self.cr3:
                     self.load_cr3()
+                if self.pending & ~self.sigmask:
+                    # a signal for a handler: the program resumes (after the handler) at RCX
+                    # with the result in RAX, as if the stub had finished
+                    regs = get_regs()
+                    regs.rax, regs.rip, regs.rflags = ret & _MASK64, regs.rcx, regs.r11  # type: ignore[operator]
+                    if signals.deliver(self, regs):
+                        continue
+                pack_ret(ram, self.mm.sysdata, ret & _MASK64)  # type: ignore[operator]
                 continue
             regs = get_regs()
             if port == syscall_port:
@@ -225,9 +233,10 @@ class Process:
                 if sb.pvm_return:
                     regs.rip = regs.rcx
                     regs.rflags = regs.r11
-                set_regs(regs)
                 if self.mm.space.pml4 != self.cr3:
                     self.load_cr3()
+                if not (sb.pvm_return and self.pending & ~self.sigmask and signals.deliver(self, regs)):
+                    set_regs(regs)
             elif cpu.FAULT_PORT_BASE <= port < cpu.FAULT_PORT_BASE + 32:
                 self._fault(port - cpu.FAULT_PORT_BASE, regs)
             else:

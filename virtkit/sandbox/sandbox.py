@@ -18,7 +18,7 @@ from virtkit.errors import VirtkitError
 from virtkit.kvm.ioctl import Kvm, VcpuFd
 from virtkit.kvm.structs import KVM_RUN_IMMEDIATE_EXIT_OFFSET
 from virtkit.memory import GuestMemory
-from virtkit.sandbox import cpu, elf
+from virtkit.sandbox import cpu, elf, signals
 from virtkit.sandbox.files import FdTable, OpenFile, Root
 from virtkit.sandbox.mm import STACK_SIZE, STACK_TOP, Memory, Vma, page_up
 from virtkit.sandbox.paging import ADDR_MASK, PAGE, PROT_READ, PROT_WRITE, FrameAllocator, OutOfMemory
@@ -158,6 +158,14 @@ class Sandbox:
         with self.lock:
             self.changed.notify_all()
 
+    def post_to_parent(self, proc: Process, sig: int) -> None:
+        """SIGCHLD (or another signal) to ``proc``'s parent, if it is still there."""
+        with self.lock:
+            parent = self.procs.get(proc.ppid)
+        if parent is not None and parent.status is None:
+            with contextlib.suppress(Exception):
+                signals.post(self, parent, sig)
+
     # --- vCPUs -------------------------------------------------------------------------------
     def take_vcpu(self) -> tuple[VcpuFd, int, bool]:
         """An idle vCPU (and its slot), or a new one; True if new."""
@@ -201,6 +209,7 @@ class Sandbox:
             proc.mm.destroy()
         if proc.vfork_done is not None:
             proc.vfork_done.set()
+        self.post_to_parent(proc, signals.SIGCHLD)
         with self.lock:
             if proc.status is None:
                 proc.status = 0
@@ -350,10 +359,21 @@ class Sandbox:
                 while proc.status is None or proc.vcpu is not None:
                     self.changed.wait(1.0)
         except KeyboardInterrupt:
-            # Ctrl-C: SIGINT to every process, as the terminal does to a foreground job
-            self.stop_all(2)
-            if proc.status is None:
-                proc.status = 2
+            # Ctrl-C: SIGINT to every process, as the terminal does to a foreground job; those
+            # with a handler run it, the others end (a second Ctrl-C ends everything)
+            with self.lock:
+                live = [p for p in self.procs.values() if p.status is None]
+            for p in live:
+                with contextlib.suppress(Exception):
+                    signals.post(self, p, signals.SIGINT)
+            try:
+                with self.lock:
+                    while proc.status is None or proc.vcpu is not None:
+                        self.changed.wait(1.0)
+            except KeyboardInterrupt:
+                self.stop_all(2)
+                if proc.status is None:
+                    proc.status = 2
         # the first process is gone: what it left running ends with it (SIGKILL)
         self.stop_all(9)
         assert proc.status is not None

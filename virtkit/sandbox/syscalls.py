@@ -24,10 +24,11 @@ import time
 
 from virtkit.arch.x86 import fpu_init_state
 from virtkit.host.syscalls_x86_64 import SYSCALLS
-from virtkit.sandbox import cpu, mm
+from virtkit.sandbox import cpu, mm, signals
 from virtkit.sandbox.files import AT_FDCWD, O_CLOEXEC, OpenFile, Root
 from virtkit.sandbox.paging import Fault, OutOfMemory
-from virtkit.sandbox.process import NO_RETURN, Exited, Process
+from virtkit.sandbox.process import NO_RETURN, Process
+from virtkit.sandbox.signals import Exited
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -193,9 +194,8 @@ def _fd(p: Process, fd: int) -> OpenFile:
 
 
 def _sigpipe(p: Process) -> int:
-    if p.sigaction_is_default(13):
-        p.status = 13
-        raise Exited
+    """A write to a pipe nobody reads: SIGPIPE (ends the writer unless handled or ignored)."""
+    signals.post(p.sandbox, p, 13, sender=p)
     return -errno.EPIPE
 
 
@@ -1048,6 +1048,8 @@ def _sleep(p: Process, req: int) -> int:
         left = deadline - time.monotonic()
         if left <= 0 or p.kill_signal:
             break
+        if signals.deliverable(p):
+            return -errno.EINTR
         time.sleep(min(left, 0.1))
     if p.kill_signal:
         p.status = p.kill_signal
@@ -1129,14 +1131,14 @@ def _signal(p: Process, pid: int, sig: int) -> int:
     if sig == 0:
         return 0
     for q in targets:
-        if sig in (17, 28, 23) or (q.sigaction_is_default(sig) is False and sig != 9):
-            continue  # ignored by default, or a handler we cannot run yet: not delivered
-        q.kill_signal = sig
-        if q is p:
-            p.status = sig
-            raise Exited
-        sb.kick(q)
+        signals.post(sb, q, sig, sender=p)
     return 0
+
+
+@syscall("rt_sigreturn")
+def sys_rt_sigreturn(p: Process, *_: int) -> object:
+    signals.sigreturn(p)
+    return NO_RETURN
 
 
 @syscall("kill")
@@ -1303,6 +1305,8 @@ def sys_wait4(p: Process, pid: int, status: int, options: int, rusage: int, *_: 
                 break
             if options & 1:  # WNOHANG
                 return 0
+            if signals.deliverable(p):
+                return -errno.EINTR
             if p.kill_signal:
                 p.status = p.kill_signal
                 raise Exited

@@ -65,7 +65,7 @@ def sandbox_root(tmp_path_factory: pytest.TempPathFactory, kvm: None) -> Path:
     (root / "data4k").write_bytes(os.urandom(4096))
     (root / "tmp").mkdir()
     if shutil.which("gcc"):
-        for prog in ("bench", "fuzz", "crash"):
+        for prog in ("bench", "fuzz", "crash", "signals"):
             subprocess.run(["gcc", "-static", "-O2", "-o", str(root / prog), str(PROGS / f"{prog}.c")], check=True)
     return root
 

@@ -88,3 +88,41 @@ def test_fuzz_random_system_calls(progs: Path, calls: list[tuple[int, ...]]) -> 
     # the program may kill itself (munmap of its own code, a bad arch_prctl...): then a signal; it
     # may also close or replace its own stderr, so "survived" is not required
     assert p.returncode == 0 or p.returncode > 128, (p.returncode, err[-500:])
+
+
+def test_signal_handlers(progs: Path) -> None:
+    p = sandbox(progs, "--", "/signals")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == b"self 10 3.0\nchild 3 chld>0 1\nint 2\nepipe -1\n"
+    p = sandbox(
+        progs, "--", "/bin/sh", "-c", 'trap "echo trapped" USR1; kill -USR1 $$; sleep 30 & kill $!; wait $!; echo $?'
+    )
+    assert p.stdout == b"trapped\n143\n", p.stderr
+
+
+def test_ctrl_c_stops_a_foreground_sleep(sandbox_root: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from tests.integration.sandbox.conftest import VIRTKIT
+
+    proc = subprocess.Popen(
+        [*VIRTKIT, "sandbox", "--root", str(sandbox_root), "--", "/bin/sh", "-c", "sleep 60; echo not reached"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # wait until sh and its sleep both run: the VMM then has three threads (main + one each)
+        deadline = time.monotonic() + 60
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the sandbox did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"not reached" not in out
