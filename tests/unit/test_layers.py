@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"virtkit.vm", "virtkit.stats"},
     {"virtkit.api", "virtkit.doctor", "virtkit.guests"},
     {"virtkit.snapshot", "virtkit.migration"},
-    {"virtkit.container", "virtkit.jail"},
+    {"virtkit.container", "virtkit.jail", "virtkit.sandbox"},
     {"virtkit.service"},
     {"virtkit.demo", "virtkit.cli", "virtkit.__main__"},
 ]

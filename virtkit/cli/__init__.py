@@ -22,9 +22,20 @@ if TYPE_CHECKING:
 Handler = Callable[[argparse.Namespace], int]
 
 #: command modules, in the order their commands appear in ``--help``
-_COMMAND_MODULES = ("virtkit.cli.vm", "virtkit.cli.container", "virtkit.cli.failover", "virtkit.cli.service")
+_COMMAND_MODULES = (
+    "virtkit.cli.vm",
+    "virtkit.cli.container",
+    "virtkit.cli.sandbox",
+    "virtkit.cli.failover",
+    "virtkit.cli.service",
+)
 #: commands whose module is known without importing every module (start-up time of `virtkit run`)
-_FAST_COMMANDS = {"run": "virtkit.cli.vm", "doctor": "virtkit.cli.vm", "demo": "virtkit.cli.vm"}
+_FAST_COMMANDS = {
+    "run": "virtkit.cli.vm",
+    "doctor": "virtkit.cli.vm",
+    "demo": "virtkit.cli.vm",
+    "sandbox": "virtkit.cli.sandbox",
+}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-MODES = ("full", "para", "container")
+MODES = ("full", "para", "container", "sandbox")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
         help="boot a kernel in a VM (or, with --mode container, run an image in a container)",
-        usage="virtkit run [options] KERNEL  |  virtkit run --mode container [options] IMAGE -- CMD [ARG...]",
+        usage="virtkit run [options] KERNEL  |  virtkit run --mode container|sandbox [options] IMAGE -- CMD [ARG...]",
         description=(
             "Boot KERNEL (a Linux bzImage or vmlinux, a Multiboot ELF, or any ELF64 with --boot direct64) "
             "in a virtual machine on "
@@ -25,7 +25,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from virtkit.cli.options import add_initrd_option, add_machine_options, add_net_option
 
     add_machine_options(
-        run, modes=MODES, mode_help="full virtualization (default), paravirtualized guest, or container"
+        run,
+        modes=MODES,
+        mode_help="full virtualization (default), paravirtualized guest, container, or sandbox (the image's "
+        "program in a kernel-less VM, its system calls served by virtkit: docs/SANDBOX.md)",
     )
     add_net_option(run)
     run.add_argument("--cmdline", default="", help="kernel command line")
@@ -72,6 +75,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.mode == "sandbox":
+        from virtkit.cli.sandbox import cmd_run_sandbox
+
+        return cmd_run_sandbox(args)
     if args.mode == "container":
         if args.net:
             from virtkit.errors import ConfigError
