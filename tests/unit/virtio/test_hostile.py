@@ -102,6 +102,23 @@ def indirect(
     return build
 
 
+def test_an_indirect_table_needs_no_16_byte_alignment(rigs: tuple[Rig, FakeQueue, Rig]) -> None:
+    """§2.7.5.3 asks an indirect table for whole descriptors only; Linux's kmalloc'd tables are
+    8-byte aligned (found when a Linux guest's first virtio-blk read reset the device)."""
+    disk, q, _ = rigs
+    table = q.alloc.alloc(16 * 4, 16) + 8
+    hdr, data, status = q.buffer(struct.pack("<IIQ", blk.T_IN, 0, 0)), q.buffer(512), q.buffer(b"\xff")
+    q.write_desc(0, hdr, 16, NEXT, 1, table=table)
+    q.write_desc(1, data, 512, WRITE | NEXT, 2, table=table)
+    q.write_desc(2, status, 1, WRITE, table=table)
+    q.write_desc(0, table, 16 * 3, INDIRECT)
+    q.publish(0)
+    disk.driver.kick(0)
+    q.take_used()
+    assert disk.transport.memory.read(status, 1)[0] == blk.S_OK
+    assert not disk.driver.needs_reset
+
+
 def avail_idx_ahead(q: FakeQueue) -> None:
     q.set_avail_idx(q.avail_idx + 17)  # 16 outstanding is the most a queue of 16 can hold
 
@@ -123,7 +140,6 @@ def next_out_of_range(q: FakeQueue) -> None:
         (indirect(17), "longer than the queue size"),  # too long for a queue of 16
         (indirect(nested=True), "inside an indirect table"),  # nested
         (indirect(length_extra=8), "whole number"),  # length not a multiple of 16
-        (indirect(addr_offset=8), "whole number"),  # table not 16-byte aligned
         (indirect(flags=NEXT), "NEXT set"),
         (avail_idx_ahead, "ahead of the device"),
         (head_out_of_range, "outside a table"),
@@ -135,7 +151,6 @@ def next_out_of_range(q: FakeQueue) -> None:
         "indirect-too-long",
         "indirect-nested",
         "indirect-len",
-        "indirect-addr",
         "indirect+next",
         "avail-idx",
         "head",

@@ -319,7 +319,6 @@ def test_avail_idx_too_far_ahead(mem: GuestMemory, ahead: int) -> None:
         ("next", "NEXT set"),
         ("len24", "whole number"),
         ("len0", "whole number"),
-        ("addr8", "whole number"),
         ("too_long", "longer than the queue size"),
         ("outside", "outside guest RAM"),
         ("overflow", "outside guest RAM"),
@@ -339,8 +338,6 @@ def test_bad_indirect_tables(mem: GuestMemory, setup: str, match: str) -> None:
         length = 24
     elif setup == "len0":
         length = 0
-    elif setup == "addr8":
-        addr = table + 8
     elif setup == "too_long":
         length = 16 * 17  # 17 entries for a queue of 16
     elif setup == "outside":

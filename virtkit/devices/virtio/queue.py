@@ -18,7 +18,7 @@ every problem falls into one of three classes, each with its own exception:
     the ring contents break a rule the device needs to walk them safely: avail ``idx`` more than
     Queue Size ahead, a head or ``next`` index out of the table, a chain longer than Queue Size
     (which is how a loop shows up), an indirect table that is nested, combined with NEXT, not a
-    whole number of aligned descriptors, longer than Queue Size or outside RAM (§2.7.5.3.1).
+    whole number of descriptors, longer than Queue Size or outside RAM (§2.7.5.3.1).
     The queue stops for good (``broken``) until the device is reset; the device reports
     DEVICE_NEEDS_RESET. Other queues are unaffected.
 ``ChainError``
@@ -383,10 +383,10 @@ class VirtQueue:
             raise self._corrupt("indirect descriptor inside an indirect table (§2.7.5.3.1)")
         if flags & spec.DescFlag.NEXT:
             raise self._corrupt("indirect descriptor with NEXT set (§2.7.5.3.1)")
-        if length == 0 or length % spec.DESC_SIZE or addr % spec.DESC_TABLE_ALIGN:
-            raise self._corrupt(
-                f"indirect table {addr:#x}+{length:#x} is not a whole number of 16-byte-aligned descriptors"
-            )
+        # only the length must be whole descriptors: unlike the ring's own table (§2.7, alignment),
+        # an indirect table has no alignment rule, and Linux's kmalloc'd tables are 8-byte aligned
+        if length == 0 or length % spec.DESC_SIZE:
+            raise self._corrupt(f"indirect table {addr:#x}+{length:#x} is not a whole number of descriptors")
         entries = length // spec.DESC_SIZE
         if entries > self.size:
             raise self._corrupt(
