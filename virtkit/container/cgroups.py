@@ -89,6 +89,14 @@ class Cgroup(Group):
             self._apply_v1(res)
         self.apply_device_filter(res)
 
+    def update(self, res: Resources) -> None:
+        """``update``: write the limits ``res`` sets (devices excluded), leaving the others as they are."""
+        self._check(res)
+        if self.layout.mode == "v2":
+            self._apply_v2(res, devices=False)
+        else:
+            self._apply_v1(res, devices=False)
+
     @staticmethod
     def _check(res: Resources) -> None:
         cpu, mem = res.cpu, res.memory
@@ -118,7 +126,7 @@ class Cgroup(Group):
         if res.pids_limit is not None and res.pids_limit < -1:
             raise ContainerError(f"pids limit {res.pids_limit} is negative: give a count, or -1 for no limit")
 
-    def _apply_v1(self, res: Resources) -> None:
+    def _apply_v1(self, res: Resources, devices: bool = True) -> None:
         mem, cpu = res.memory, res.cpu
         if mem.limit is not None:
             self.set_memory_max(mem.limit, f"memory limit {mem.limit}")
@@ -142,7 +150,8 @@ class Cgroup(Group):
             )
         if res.pids_limit:
             self.set_pids_max(res.pids_limit, f"pids limit {res.pids_limit}")
-        self._apply_devices_v1(res)
+        if devices:
+            self._apply_devices_v1(res)
 
     def _apply_devices_v1(self, res: Resources) -> None:
         d = self.dir("devices")
@@ -174,7 +183,7 @@ class Cgroup(Group):
             if self.layout.mode == "v2":
                 raise
 
-    def _apply_v2(self, res: Resources) -> None:
+    def _apply_v2(self, res: Resources, devices: bool = True) -> None:  # noqa: ARG002 - v2 devices are BPF
         mem, cpu = res.memory, res.cpu
         if mem.limit is not None:
             self.set_memory_max(mem.limit, f"memory limit {mem.limit}")

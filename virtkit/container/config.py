@@ -490,6 +490,11 @@ def _parse_resources(raw: dict[str, Any]) -> Resources:
     return Resources(memory, cpu, pids_limit, tuple(rules), tuple(sorted(unified.items())))
 
 
+def parse_resources(raw: Any) -> Resources:
+    """A ``linux.resources`` object on its own (``update --resources FILE``), with the config's checks."""
+    return _parse_resources(_obj(raw, "linux.resources"))
+
+
 def _parse_devices(raw: dict[str, Any]) -> tuple[Device, ...]:
     devices = []
     seen: set[str] = set()
@@ -764,12 +769,15 @@ def load_bundle(bundle: str) -> tuple[Config, str]:
     return config, rootfs
 
 
-def load_bundle_raw(bundle: str) -> tuple[Config, dict[str, Any], str]:
-    """:func:`load_bundle`, and the decoded JSON as read (the runtime keeps a copy of exactly that)."""
+def load_bundle_raw(bundle: str, config_path: str | None = None) -> tuple[Config, dict[str, Any], str]:
+    """:func:`load_bundle`, and the decoded JSON as read (the runtime keeps a copy of exactly that).
+
+    ``config_path`` (crun's ``--config``) names another file than ``BUNDLE/config.json``; a relative
+    ``root.path`` is still relative to the bundle (runtime-spec config.md)."""
     from virtkit.records import UntrustedInput, load_object
 
     bundle = os.path.abspath(bundle)
-    path = os.path.join(bundle, "config.json")
+    path = os.path.abspath(config_path) if config_path else os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)

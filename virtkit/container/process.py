@@ -115,6 +115,7 @@ class InitSpec:
     new_userns: bool
     net: dict[str, Any] | None = None  # container side of a bridge network: name, address, gateway
     runtime_hooks: bool = False  # createRuntime/prestart hooks: R runs them before pivot_root
+    preserve_fds: int = 0  # fds 3..3+N-1 of the caller go on to the container's process (--preserve-fds)
 
 
 @dataclass(slots=True)
@@ -343,6 +344,12 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        # the caller's other descriptors (--preserve-fds, a pipe it reads to EOF) are the
+        # container's to hold: the monitor outlives the caller and must not keep them open
+        keep = sorted((exit_w, dir_fd))
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 65536)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         status = None
@@ -475,7 +482,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
         if not got:
             os._exit(1)
         os.close(fifo)
-        exec_process(cfg.process, exe, spec.seccomp)
+        exec_process(cfg.process, exe, spec.seccomp, spec.preserve_fds)
     except BaseException as err:  # noqa: BLE001
         _report_and_exit(None, err, 127)
 
