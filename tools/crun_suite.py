@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,11 @@ def main() -> int:
     if not os.access(init, os.X_OK):
         ap.error(f"--init {args.init}: not an executable")
 
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(f"crun_suite: stopped by signal {signum}")  # runs the cleanups below
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     workdir = tempfile.mkdtemp(prefix="crun-suite-")
     try:
         shutil.copytree(src, os.path.join(workdir, "tests"), symlinks=True)

@@ -362,7 +362,17 @@ def _create_args(args: argparse.Namespace) -> dict[str, Any]:
         "console_socket": args.console_socket,
         "config_path": args.config,
         "preserve_fds": args.preserve_fds,
+        "listen_fds": _listen_fds(),
     }
+
+
+def _listen_fds() -> int:
+    """systemd socket activation (sd_listen_fds(3)): with LISTEN_FDS=N in the runtime's environment,
+    fds 3..3+N-1 go on to the container with LISTEN_FDS=N and LISTEN_PID=1, as runc does."""
+    import os
+
+    text = os.environ.get("LISTEN_FDS", "")
+    return int(text) if text.isdigit() and 0 < int(text) <= 1024 else 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -410,7 +420,11 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from virtkit.container.state import validate_id
+
     rt = _runtime(args)
+    if args.force and not rt.dirs.exists(validate_id(args.id)):
+        return 0  # runc and crun: 'delete --force' of a container that is gone succeeds
     rt.delete(args.id, force=args.force)
     for w in rt.warnings:
         _warn(w)

@@ -265,6 +265,7 @@ class Runtime:
         console_proxy: bool = False,
         config_path: str | None = None,
         preserve_fds: int = 0,
+        listen_fds: int = 0,
     ) -> Record:
         """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
 
@@ -276,6 +277,13 @@ class Runtime:
         if config is None:
             config, raw_config, rootfs = load_bundle_raw(bundle, config_path)
         assert rootfs is not None and raw_config is not None
+        if listen_fds:
+            import dataclasses
+
+            env = tuple(e for e in config.process.env if not e.startswith(("LISTEN_FDS=", "LISTEN_PID=")))
+            env += (f"LISTEN_FDS={listen_fds}", "LISTEN_PID=1")
+            config = dataclasses.replace(config, process=dataclasses.replace(config.process, env=env))
+            preserve_fds += listen_fds
         linux = config.linux
         if config.process.terminal and not console_socket and not console_proxy:
             raise ConfigError(
