@@ -98,17 +98,14 @@ def clean_cgroups(before: set[str]) -> list[str]:
     """Kill what a failed test left in the cgroups it made, and remove them; return their paths."""
     left = sorted((d for d in cgroup_dirs() - before if _ours(d)), key=lambda d: -d.count("/"))
     for d in left:
-        with contextlib.suppress(OSError):
-            with open(os.path.join(d, "freezer.state"), "w") as f:
-                f.write("THAWED")
-        with contextlib.suppress(OSError):
-            with open(os.path.join(d, "cgroup.freeze"), "w") as f:
-                f.write("0")
-        with contextlib.suppress(OSError):
-            with open(os.path.join(d, "cgroup.procs")) as f:
-                for pid in f.read().split():
-                    with contextlib.suppress(OSError):
-                        os.kill(int(pid), 9)
+        with contextlib.suppress(OSError), open(os.path.join(d, "freezer.state"), "w") as f:
+            f.write("THAWED")
+        with contextlib.suppress(OSError), open(os.path.join(d, "cgroup.freeze"), "w") as f:
+            f.write("0")
+        with contextlib.suppress(OSError), open(os.path.join(d, "cgroup.procs")) as f:
+            for pid in f.read().split():
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), 9)
     for d in left:
         for _ in range(50):
             try:
@@ -197,7 +194,10 @@ def main() -> int:
                         print(f"  ({name} left {len(leaked)} cgroup directories; removed)", flush=True)
                     table.setdefault(test_file, {})[name] = res
                     n = {k: sum(1 for v in res.values() if v == k) for k in ("pass", "skip", "fail")}
-                    print(f"{test_file:28} {name:10} pass {n['pass']:3}  skip {n['skip']:3}  fail {n['fail']:3}", flush=True)
+                    print(
+                        f"{test_file:28} {name:10} pass {n['pass']:3}  skip {n['skip']:3}  fail {n['fail']:3}",
+                        flush=True,
+                    )
         if args.keep_logs:
             os.makedirs(args.keep_logs, exist_ok=True)
             for f in os.listdir(workdir):

@@ -59,7 +59,7 @@ def _logged(handler: Handler) -> Handler:
 def _runtime(args: argparse.Namespace) -> Any:
     from virtkit.container.runtime import Runtime
 
-    return Runtime(args.root)
+    return Runtime(args.root, cgroups=getattr(args, "cgroup_manager", "cgroupfs") != "disabled")
 
 
 def _warn(message: str) -> None:
@@ -81,14 +81,18 @@ def _global_flags(p: argparse.ArgumentParser) -> None:
         "--log-level", default=argparse.SUPPRESS, choices=("debug", "info", "warning", "error"), help="log level"
     )
     p.add_argument(
-        "--debug", dest="log_level", action="store_const", const="debug", default=argparse.SUPPRESS,
+        "--debug",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        default=argparse.SUPPRESS,
         help="log at debug level (as runc and crun; 'virtkit --debug' before 'oci' shows tracebacks)",
     )
     p.add_argument(
         "--cgroup-manager",
         default=argparse.SUPPRESS,
-        choices=("cgroupfs", "systemd"),
-        help="cgroupfs (default), systemd (only where systemd runs; refused otherwise)",
+        choices=("cgroupfs", "systemd", "disabled"),
+        help="cgroupfs (default); disabled: no cgroup (crun's; no limits then); systemd: refused",
     )
     p.add_argument(
         "--systemd-cgroup",
@@ -377,6 +381,10 @@ def _listen_fds() -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     create_args = _create_args(args)
+    # as an OCI runtime (virtkit oci / virtkit-runtime) the init goes to the caller's subreaper
+    # (conmon, containerd-shim), which reads its exit status, as runc's does; virtkit's own
+    # 'create' keeps a monitor that records the exit status for 'state'
+    create_args["handover"] = getattr(args, "oci_command", None) is not None
     _seal()
     _runtime(args).create(args.id, args.bundle, **create_args)
     return 0
@@ -390,6 +398,8 @@ def cmd_oci_run(args: argparse.Namespace) -> int:
         from virtkit.errors import ConfigError
 
         raise ConfigError("--keep and --rm contradict each other: give one")
+    if args.detach:
+        create_args["handover"] = True
     _seal()
     return int(
         _runtime(args).run(

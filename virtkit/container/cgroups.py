@@ -52,8 +52,10 @@ def shares_to_weight(shares: int) -> int:
 
 
 def device_rules(res: Resources) -> list[Any]:
-    """Deny everything, then the config's rules in order, then (when the config allows nothing
-    itself) the devices of the minimal /dev: the devices cgroup's semantics, later rules winning."""
+    """Deny everything, then the config's rules in order, then the devices of the minimal /dev
+    (null, zero, full, random, urandom, tty, ptmx, pts, tun): the devices cgroup's semantics, later
+    rules winning. runc and crun append their default allowlist the same way, so a config cannot
+    take /dev/null away from the container's own init (crun's suite: deny-all plus one allow)."""
     from virtkit.container.devices import Rule, parse_rule
 
     rules = [Rule(False, "a", None, None, "rwm")]
@@ -61,8 +63,7 @@ def device_rules(res: Resources) -> list[Any]:
         major = None if r.major is None or r.major < 0 else r.major
         minor = None if r.minor is None or r.minor < 0 else r.minor
         rules.append(Rule(r.allow, r.type, major, minor, r.access))
-    if not any(r.allow for r in res.devices):
-        rules.extend(parse_rule(True, text) for text in DEFAULT_DEVICE_RULES)
+    rules.extend(parse_rule(True, text) for text in DEFAULT_DEVICE_RULES)
     return rules
 
 
@@ -72,8 +73,10 @@ class Cgroup(Group):
     error = ContainerError
     path_setting = "linux.cgroupsPath"
 
-    def __init__(self, layout: Layout, path: str) -> None:
-        super().__init__(layout, path, V1_CONTROLLERS)
+    def __init__(self, layout: Layout, path: str, cpuset: bool = False) -> None:
+        # v1: the cpuset hierarchy only when the config pins CPUs or memory nodes (a v1 cpuset
+        # directory must be filled from its parent before it accepts a task)
+        super().__init__(layout, path, V1_CONTROLLERS + (("cpuset",) if cpuset else ()))
 
     def create(self, v2_controllers: tuple[str, ...] = V2_CONTROLLERS) -> list[str]:
         """Make the directories; return every directory made (parents included), outermost first."""
@@ -145,9 +148,9 @@ class Cgroup(Group):
         if cpu.quota is not None:
             self.set_cpu_max(cpu.quota, None, f"cpu quota {cpu.quota}")
         if cpu.cpus or cpu.mems:
-            raise ContainerError(
-                "linux.resources.cpu.cpus/mems (cpusets) are not supported on cgroup v1 by virtkit yet; remove them"
-            )
+            if self.dir("cpuset") is None:
+                raise ContainerError("linux.resources.cpu.cpus/mems need the cpuset controller, which this host lacks")
+            self.set_cpuset(cpu.cpus, cpu.mems, f"cpuset {cpu.cpus or ''} {cpu.mems or ''}".strip())
         if res.pids_limit:
             self.set_pids_max(res.pids_limit, f"pids limit {res.pids_limit}")
         if devices:

@@ -116,6 +116,9 @@ class InitSpec:
     net: dict[str, Any] | None = None  # container side of a bridge network: name, address, gateway
     runtime_hooks: bool = False  # createRuntime/prestart hooks: R runs them before pivot_root
     preserve_fds: int = 0  # fds 3..3+N-1 of the caller go on to the container's process (--preserve-fds)
+    # True: the monitor does not stay; the init is reparented to the caller's subreaper (conmon,
+    # containerd-shim) or to PID 1, which then reaps it and reads its exit status, as with runc
+    handover: bool = False
 
 
 @dataclass(slots=True)
@@ -126,6 +129,9 @@ class ExecSpec:
     cgroup: Cgroup | None
     seccomp: bytes | None
     preserve_fds: int = 0
+    # detached: the joining process exits at once, so the process is reparented to the caller's
+    # subreaper (conmon reaps it and reads its exit status, as with runc exec --detach)
+    handover: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,7 +335,8 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
     _after_fork()
     try:
         os.setsid()
-        libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        if not spec.handover:
+            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         oom_before = spec.cgroup.oom_kills() if spec.cgroup else 0
         setup_pid = os.fork()
@@ -338,6 +345,11 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
             os.close(dir_fd)
             setup_main(spec, chan)
         chan.close()
+        if spec.handover:
+            # setup exits once it has forked the init; with no subreaper here, the kernel then
+            # hands the init to the nearest subreaper above us (the caller's), as runc's init is
+            os.waitpid(setup_pid, 0)
+            os._exit(0)
         for _flag, fd in spec.join_ns:  # setup's to use: held here they would pin the namespaces
             os.close(fd)
         null = os.open("/dev/null", os.O_RDWR)
@@ -523,6 +535,8 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
         with contextlib.suppress(OSError):
             chan.send(pid=pid)
         chan.close()
+        if spec.handover:
+            os._exit(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
             try:

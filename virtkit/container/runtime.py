@@ -216,8 +216,10 @@ def proxy_terminal(master: int, done: int) -> None:
 class Runtime:
     """An OCI runtime bound to one state root."""
 
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, *, cgroups: bool = True) -> None:
         self.dirs = StateDir(root)
+        #: False: containers get no cgroup (crun's --cgroup-manager disabled); limits are refused
+        self.cgroups = cgroups
         self._layout: Layout | None = None
         self._exit_pipes: dict[str, int] = {}
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
@@ -266,6 +268,7 @@ class Runtime:
         config_path: str | None = None,
         preserve_fds: int = 0,
         listen_fds: int = 0,
+        handover: bool = False,
     ) -> Record:
         """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
 
@@ -320,6 +323,7 @@ class Runtime:
                 annotations=annotations,
                 console_socket=console_socket,
                 preserve_fds=preserve_fds,
+                handover=handover,
             )
         finally:
             for fd in ns_fds.values():
@@ -342,14 +346,23 @@ class Runtime:
         annotations: dict[str, str] | None,
         console_socket: str | None,
         preserve_fds: int = 0,
+        handover: bool = False,
     ) -> Record:
         linux = config.linux
         rootless = os.geteuid() != 0
-        cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
-        if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
+        no_cgroup = rootless or not self.cgroups
+        cpuset = bool(linux.resources.cpu.cpus or linux.resources.cpu.mems)
+        cgroup = (
+            None
+            if no_cgroup
+            else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid), cpuset=cpuset)
+        )
+        if no_cgroup and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
             raise ContainerError(
                 "resource limits need cgroups, which an unprivileged runtime cannot write: "
                 "run as root or drop linux.resources"
+                if rootless
+                else "resource limits need cgroups, and --cgroup-manager disabled makes none: drop linux.resources"
             )
         rec = Record(
             id=cid,
@@ -425,6 +438,7 @@ class Runtime:
                 net=net_spec,
                 runtime_hooks=bool(config.hooks.prestart or config.hooks.create_runtime),
                 preserve_fds=preserve_fds,
+                handover=handover,
             )
             r_chan, c_chan = Channel.pair()
             exit_r, exit_w = os.pipe()
@@ -648,7 +662,9 @@ class Runtime:
 
         try:
             raw = load_object(
-                read_small(self.dirs.path(cid, CONFIG_COPY), MAX_CONFIG_BYTES), what="config.json", max_bytes=MAX_CONFIG_BYTES
+                read_small(self.dirs.path(cid, CONFIG_COPY), MAX_CONFIG_BYTES),
+                what="config.json",
+                max_bytes=MAX_CONFIG_BYTES,
             )
         except (OSError, UntrustedInput):
             return
@@ -992,6 +1008,7 @@ class Runtime:
                 cgroup=self._cgroup(rec) if rec.cgroup_path else None,
                 seccomp=seccomp,
                 preserve_fds=preserve_fds,
+                handover=detach,
             )
             r_chan, c_chan = Channel.pair()
             child = os.fork()
@@ -1004,8 +1021,11 @@ class Runtime:
                 os.close(fd)
         target = 0
         master = None
+        started = False
         try:
-            while True:
+            # the joining child reports the process's pid as the host sees it ("pid"); the process
+            # itself says when it is about to execve ("started"; its own pid is the namespace's)
+            while not (target and started):
                 msg = r_chan.recv(timeout=60)
                 if msg is None:
                     break
@@ -1018,10 +1038,12 @@ class Runtime:
                 if "pid" in msg:
                     target = int(msg["pid"])
                 if "started" in msg:
-                    target = int(msg["started"])
-                    break
+                    started = True
         finally:
             r_chan.close()
+        if detach:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)  # it exits at once (handover), leaving the process to our caller
         if pid_file and target:
             atomic_write(os.path.abspath(pid_file), str(target).encode())
         if master is not None and console_socket:
@@ -1173,7 +1195,10 @@ class Runtime:
     # ------------------------------------------------------------------------------------------
 
     def _cgroup(self, rec: Record) -> Cgroup:
-        return Cgroup(self.layout, rec.cgroup_path)
+        # a v1 cpuset directory is the container's only when create made one (the record says)
+        top = self.layout.v1.get("cpuset")
+        cpuset = top is not None and top + "/" + rec.cgroup_path.strip("/") in (rec.cgroup_dirs or [])
+        return Cgroup(self.layout, rec.cgroup_path, cpuset=cpuset)
 
     def _config(self, cid: str) -> Config | None:
         if cid in self._configs:
