@@ -128,8 +128,7 @@ def run_file(workdir: str, test_file: str, runtime: str, init: str, timeout: flo
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=timeout,
         )
         out = proc.stdout.decode(errors="replace")
