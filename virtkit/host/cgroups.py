@@ -397,7 +397,7 @@ class Group:
             if self.layout.mode == "v2":
                 return read_text(os.path.join(self.dirs["unified"], "cgroup.freeze")).strip() == "1"
             d = self.dirs.get("freezer")
-            return bool(d) and read_text(os.path.join(d, "freezer.state")).strip() in ("FROZEN", "FREEZING")
+            return d is not None and read_text(os.path.join(d, "freezer.state")).strip() in ("FROZEN", "FREEZING")
         except (OSError, KeyError):
             return False
 

@@ -70,7 +70,9 @@ def test_two_vms_in_one_process_run_at_the_same_time(guests: Path) -> None:
         b.start()
         assert a.machine is not None and b.machine is not None
         ids = [a.machine.vcpus[0].thread.native_id, b.machine.vcpus[0].thread.native_id]  # type: ignore[union-attr]
-        _wait_for(lambda: BANNER in a.console.output and BANNER in b.console.output, "both spin banners")
+        _wait_for(
+            lambda: BANNER in a.console.output and BANNER in b.console.output, "both spin banners"
+        )
         both_running = 0
         for _ in range(50):
             # a thread blocked on the GIL sleeps (S); both inside KVM_RUN spinning are running (R)
