@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"virtkit: error: {err}", file=sys.stderr)
         # as an OCI runtime (runc, crun), every failure exits 1; callers (podman, conmon) test for it
-        return 1 if args.command == "oci" else err.exit_status
+        return 1 if getattr(args, "oci_command", None) is not None else err.exit_status
     except KeyboardInterrupt:
         print("virtkit: interrupted", file=sys.stderr)
         return 130

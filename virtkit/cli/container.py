@@ -286,6 +286,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "oci",
         help="the OCI runtime CLI (runc-compatible verbs, including run)",
         description="virtkit as an OCI runtime binary: 'virtkit oci [--root DIR] VERB ...'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps --version's lines
     )
     _global_flags(oci)
     oci.add_argument(

@@ -782,6 +782,8 @@ def load_bundle_raw(bundle: str, config_path: str | None = None) -> tuple[Config
         with open(path, "rb") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
+        if config_path:
+            raise ConfigError(f"cannot read {path}: no such file (check --config)") from None
         raise ConfigError(f"no config.json in bundle {bundle}: run 'virtkit spec' there to write one") from None
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None
