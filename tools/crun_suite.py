@@ -59,10 +59,11 @@ def hugetlb_on_v1(enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        # a v1 hierarchy with dying children outlives its unmount; retry until the controller is back
-        for _ in range(100):
+        # a v1 hierarchy outlives its unmount while it has child cgroups (a leaked or dying one):
+        # remove the empty children through a fresh mount, unmount, and retry until it is back
+        for _ in range(60):
             subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
-            time.sleep(0.1)
+            time.sleep(0.5)
             if _hugetlb_on_v2():
                 break
             subprocess.run(
@@ -70,9 +71,17 @@ def hugetlb_on_v1(enabled: bool) -> Iterator[None]:
                 check=False,
                 stderr=subprocess.DEVNULL,
             )
-            time.sleep(0.2)
+            children = [os.path.join(t, d) for t, ds, _ in os.walk(HUGETLB_MOUNT) for d in ds]
+            for d in sorted(children, key=lambda p: -p.count("/")):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
         else:
-            print("crun_suite: warning: hugetlb did not return to cgroup2", file=sys.stderr)
+            subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
+            print(
+                "crun_suite: warning: hugetlb did not return to cgroup2 (a cgroup is still busy there); "
+                f"mount it at {HUGETLB_MOUNT}, remove what is below, and unmount it",
+                file=sys.stderr,
+            )
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"

@@ -28,6 +28,7 @@ def _logged(handler: Handler) -> Handler:
     def wrapper(args: argparse.Namespace) -> int:
         from virtkit.errors import ContainerError, VirtkitError
 
+        _log_target(args)
         try:
             try:
                 return handler(args)
@@ -54,6 +55,26 @@ def _logged(handler: Handler) -> Handler:
             raise
 
     return wrapper
+
+
+def _log_target(args: argparse.Namespace) -> None:
+    """crun's --log takes ``file:PATH`` (and journald:/syslog:); runc's a plain path. A scheme
+    virtkit cannot write to is refused before anything runs."""
+    import re
+
+    log = getattr(args, "log", None)
+    if not log:
+        return
+    m = re.match(r"([a-z]+):(.*)", log)
+    if m is None:
+        return
+    if m.group(1) == "file":
+        args.log = m.group(2)
+        return
+    args.log = None
+    from virtkit.errors import ConfigError
+
+    raise ConfigError(f"--log {log}: the {m.group(1)}: log driver is not supported; give a file path (or file:PATH)")
 
 
 def _runtime(args: argparse.Namespace) -> Any:
@@ -165,7 +186,7 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p = cmd("delete", cmd_delete, "delete a stopped (or created) container and everything it holds")
     p.add_argument("id")
     p.add_argument("--force", "-f", action="store_true", help="kill it first if it is running")
-    p.add_argument("--regex", "-r", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--regex", "-r", action="store_true", help="ID is a regular expression (crun): delete every match")
 
     p = cmd("exec", cmd_exec, "run a process in a running container")
     p.add_argument("id")
@@ -434,9 +455,31 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from virtkit.container.state import validate_id
 
     rt = _runtime(args)
+    if args.regex:
+        return _delete_matching(rt, args)
     if args.force and not rt.dirs.exists(validate_id(args.id)):
         return 0  # runc and crun: 'delete --force' of a container that is gone succeeds
     rt.delete(args.id, force=args.force)
+    for w in rt.warnings:
+        _warn(w)
+    return 0
+
+
+def _delete_matching(rt: Any, args: argparse.Namespace) -> int:
+    """crun's ``delete --regex PATTERN``: every container whose whole id matches."""
+    import re
+
+    from virtkit.errors import ConfigError
+
+    if len(args.id) > 256:
+        raise ConfigError("delete --regex: the pattern is longer than 256 characters")
+    try:
+        pattern = re.compile(args.id)
+    except re.error as err:
+        raise ConfigError(f"delete --regex {args.id!r}: not a regular expression ({err})") from None
+    for cid in rt.dirs.ids():
+        if pattern.fullmatch(cid):
+            rt.delete(cid, force=args.force)
     for w in rt.warnings:
         _warn(w)
     return 0

@@ -565,12 +565,16 @@ def _parse_sysctls(raw: dict[str, Any], namespaces: set[str]) -> tuple[tuple[str
             raise _fail(where, "is longer than 4096 characters")
         if len(k) > 256 or not _SYSCTL_KEY.fullmatch(k):
             raise _fail(where, "is not a valid sysctl name (dotted, like net.ipv4.ip_forward)")
+        if k == "kernel.hostname":
+            # runc refuses it too: two sources for one value (the field wins in one runtime, the
+            # sysctl in another)
+            raise _fail(where, "conflicts with the hostname field; set hostname instead of this sysctl")
         ns = sysctl_namespace(k)
         if ns is None:
             raise _fail(
                 where,
                 "is not a namespaced sysctl and would change the host: only kernel.msg*, sem, "
-                "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.hostname/domainname (uts) "
+                "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.domainname (uts) "
                 "can be set; remove it",
             )
         if ns not in namespaces:

@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -154,13 +155,54 @@ def lookup_executable(process: Process) -> str:
     raise ContainerError(f"{name}: executable file not found in $PATH of the container")
 
 
+def home_of(uid: int, passwd: str = "/etc/passwd") -> str | None:
+    """The home directory of ``uid`` in the container's passwd file (read after pivot_root, as
+    the container's user): a regular file, at most 1 MiB, opened without blocking on a FIFO."""
+    try:
+        fd = os.open(passwd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, 1 << 20)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    want = str(uid).encode()
+    for line in data.split(b"\n"):
+        fields = line.split(b":")
+        if len(fields) >= 7 and fields[2] == want and fields[5]:
+            return fields[5].decode(errors="replace")
+    return None
+
+
 def environment(process: Process) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in process.env:
         key, _, value = item.partition("=")
         env[key] = value
-    env.setdefault("HOME", "/root" if process.user.uid == 0 else "/")
+    if "HOME" not in env:
+        # runc and crun: the user's home from the container's /etc/passwd, if it names one
+        env["HOME"] = home_of(process.user.uid) or ("/root" if process.user.uid == 0 else "/")
     return env
+
+
+def chown_stdio(user: User) -> None:
+    """Give the process's user its stdio pipes and sockets (as runc's fixStdioPermissions), so it
+    can reopen /proc/self/fd/N. Only anonymous pipes and sockets: a file or terminal the caller
+    passed stays as it is (changing its owner would change a host file)."""
+    if user.uid == 0 and user.gid == 0:
+        return
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)) and st.st_uid != user.uid:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, user.uid, user.gid)
 
 
 def set_rlimits(process: Process) -> None:
@@ -234,8 +276,13 @@ def prepare_process(process: Process, seccomp: bytes | None) -> str:
     except PermissionError:
         chdir_later = True
     except FileNotFoundError:
-        raise ContainerError(f"process.cwd {process.cwd} does not exist in the container") from None
+        raise ContainerError(
+            f"process.cwd {process.cwd} does not exist in the container (chdir: No such file or directory)"
+        ) from None
+    except NotADirectoryError:
+        raise ContainerError(f"process.cwd {process.cwd} is not a directory (chdir: Not a directory)") from None
     exe = lookup_executable(process)
+    chown_stdio(process.user)
     if seccomp is not None and not process.no_new_privileges:
         # without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it before dropping it
         libc.seccomp_set_filter(seccomp)
