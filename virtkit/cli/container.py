@@ -468,7 +468,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _delete_matching(rt: Any, args: argparse.Namespace) -> int:
-    """crun's ``delete --regex PATTERN``: every container whose whole id matches."""
+    """crun's ``delete --regex PATTERN``: every container whose id the pattern matches
+    (anywhere in it, as regexec(3) does for crun: anchor it with ^...$ for whole ids)."""
     import re
 
     from virtkit.errors import ConfigError
@@ -480,7 +481,7 @@ def _delete_matching(rt: Any, args: argparse.Namespace) -> int:
     except re.error as err:
         raise ConfigError(f"delete --regex {args.id!r}: not a regular expression ({err})") from None
     for cid in rt.dirs.ids():
-        if pattern.fullmatch(cid):
+        if pattern.search(cid):
             rt.delete(cid, force=args.force)
     for w in rt.warnings:
         _warn(w)

@@ -160,3 +160,18 @@ def test_update_bad_input_is_one_line(
     with pytest.raises(ConfigError) as ex:
         update_resources(flags, unsupported, text, what="r.json")
     assert message in str(ex.value) and "\n" not in str(ex.value)
+
+
+def test_log_drivers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """crun's --log takes DRIVER:ARG; a driver virtkit cannot write to is refused up front."""
+    assert oci(tmp_path, "--log=invalid:/path", "list") == 1
+    assert "the invalid: log driver is not supported" in capsys.readouterr().err
+    log = tmp_path / "via-file.log"
+    assert oci(tmp_path, f"--log=file:{log}", "state", "nope") == 1
+    assert "does not exist" in log.read_text()
+
+
+def test_delete_regex(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert oci(tmp_path, "delete", "--force", "--regex", "^test-") == 0  # nothing matches: nothing to do
+    assert oci(tmp_path, "delete", "--regex", "(unclosed") == 1
+    assert "not a regular expression" in capsys.readouterr().err
