@@ -149,7 +149,12 @@ class Cgroup(Group):
             self.set_cpu_max(cpu.quota, None, f"cpu quota {cpu.quota}")
         if cpu.cpus or cpu.mems:
             if self.dir("cpuset") is None:
-                raise ContainerError("linux.resources.cpu.cpus/mems need the cpuset controller, which this host lacks")
+                raise ContainerError(
+                    "cpusets need a v1 cpuset cgroup, which virtkit makes only for a container whose config "
+                    "sets linux.resources.cpu.cpus or mems: set them at create to change them later"
+                    if "cpuset" in self.layout.v1
+                    else "linux.resources.cpu.cpus/mems need the cpuset controller, which this host lacks"
+                )
             self.set_cpuset(cpu.cpus, cpu.mems, f"cpuset {cpu.cpus or ''} {cpu.mems or ''}".strip())
         if res.pids_limit:
             self.set_pids_max(res.pids_limit, f"pids limit {res.pids_limit}")

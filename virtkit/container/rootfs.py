@@ -517,6 +517,8 @@ class RootfsBuilder:
                 finally:
                     os.close(src)
                 try:
+                    # a device node is opened, never executed or setuid (runc and crun: nosuid,noexec)
+                    mounts.mount_setattr(tree, _M.MOUNT_ATTR_NOSUID | _M.MOUNT_ATTR_NOEXEC)
                     target = mounts.openat2(parent, name, os.O_PATH, STRICT)
                     try:
                         mounts.move_mount(tree, target)

@@ -1236,7 +1236,8 @@ class Runtime:
                 subprocess.run(
                     list(h.args) or [h.path],
                     input=state.encode(),
-                    env=dict(e.split("=", 1) for e in h.env),
+                    # no env: the runtime's own, as runc and crun (Go's exec.Cmd with a nil Env)
+                    env=dict(e.split("=", 1) for e in h.env) if h.env else None,
                     timeout=h.timeout,
                     check=True,
                     executable=h.path,
