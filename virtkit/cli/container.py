@@ -205,7 +205,6 @@ def _add_lifecycle(sub: Any, with_run: bool) -> None:
     p.add_argument("--preserve-fds", type=_count, default=0)
     p.add_argument("--tty", "-t", action="store_true", help="give the process a terminal")
     p.add_argument("--console-socket", default=None, metavar="SOCKET", help="with --tty: where to send the terminal")
-    p.add_argument("--ignore-paused", action="store_true", help="exec even if the container is paused (runc)")
     p.add_argument("--cgroup", default=None, help="a sub-cgroup to run in (runc, crun): not supported, refused")
 
     p = cmd("ps", cmd_ps, "list containers in one table, or with ID the processes of one container")
@@ -532,7 +531,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
             pid_file=args.pid_file,
             preserve_fds=args.preserve_fds,
             console_socket=args.console_socket,
-            ignore_paused=args.ignore_paused,
         )
     )
 

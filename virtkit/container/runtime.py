@@ -965,7 +965,6 @@ class Runtime:
         pid_file: str | None = None,
         preserve_fds: int = 0,
         console_socket: str | None = None,
-        ignore_paused: bool = False,
     ) -> int:
         """Run ``process`` in the running container; return its exit status (0 when detached).
 
@@ -975,9 +974,10 @@ class Runtime:
         status = self._status(rec)
         if process.terminal and detach and not console_socket:
             raise ConfigError("exec --tty --detach needs --console-socket SOCKET to send the terminal to")
-        if status == "paused" and not ignore_paused:
-            raise ContainerError(f"cannot exec in container {cid}: it is paused ('resume' it, or --ignore-paused)")
-        if status not in ("running", "paused"):
+        if status == "paused":
+            # the new process would join the frozen cgroup and freeze before it could start
+            raise ContainerError(f"cannot exec in container {cid}: it is paused; 'resume' it first")
+        if status != "running":
             raise ContainerError(f"cannot exec in container {cid}: it is {status}")
         config = self._config(cid)
         seccomp = None
