@@ -54,34 +54,44 @@ def hugetlb_on_v1(enabled: bool) -> Iterator[None]:
     if not enabled or not _hugetlb_on_v2():
         yield
         return
+    made_dir = not os.path.isdir(HUGETLB_MOUNT)
     os.makedirs(HUGETLB_MOUNT, exist_ok=True)
     subprocess.run(["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_MOUNT], check=True)
     try:
         yield
     finally:
-        # a v1 hierarchy outlives its unmount while it has child cgroups (a leaked or dying one):
-        # remove the empty children through a fresh mount, unmount, and retry until it is back
-        for _ in range(60):
-            subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
-            if _hugetlb_on_v2():
-                break
-            subprocess.run(
-                ["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_MOUNT],
-                check=False,
-                stderr=subprocess.DEVNULL,
-            )
-            children = [os.path.join(t, d) for t, ds, _ in os.walk(HUGETLB_MOUNT) for d in ds]
-            for d in sorted(children, key=lambda p: -p.count("/")):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
-        else:
-            subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
-            print(
-                "crun_suite: warning: hugetlb did not return to cgroup2 (a cgroup is still busy there); "
-                f"mount it at {HUGETLB_MOUNT}, remove what is below, and unmount it",
-                file=sys.stderr,
-            )
+        _give_back_hugetlb()
+        # an empty directory left on /sys/fs/cgroup's tmpfs looks like a hierarchy to podman,
+        # which then makes directories and a 'tasks' file in it
+        if made_dir and not os.path.ismount(HUGETLB_MOUNT):
+            with contextlib.suppress(OSError):
+                os.rmdir(HUGETLB_MOUNT)
+
+
+def _give_back_hugetlb() -> None:
+    """A v1 hierarchy outlives its unmount while it has child cgroups (a leaked or dying one):
+    remove the empty children through a fresh mount, unmount, and retry until it is back."""
+    for _ in range(60):
+        subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        if _hugetlb_on_v2():
+            break
+        subprocess.run(
+            ["mount", "-t", "cgroup", "-o", "hugetlb", "cgroup", HUGETLB_MOUNT],
+            check=False,
+            stderr=subprocess.DEVNULL,
+        )
+        children = [os.path.join(t, d) for t, ds, _ in os.walk(HUGETLB_MOUNT) for d in ds]
+        for d in sorted(children, key=lambda p: -p.count("/")):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+    else:
+        subprocess.run(["umount", HUGETLB_MOUNT], check=False, stderr=subprocess.DEVNULL)
+        print(
+            "crun_suite: warning: hugetlb did not return to cgroup2 (a cgroup is still busy there); "
+            f"mount it at {HUGETLB_MOUNT}, remove what is below, and unmount it",
+            file=sys.stderr,
+        )
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"

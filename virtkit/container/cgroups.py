@@ -291,7 +291,10 @@ class Cgroup(Group):
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the container. SIGKILL uses cgroup.kill where the kernel has it
         (atomic: no fork can escape); otherwise the cgroup is frozen while the signals go out."""
+        paused = self.frozen()
         if sig == signal.SIGKILL and self.kill():
+            if paused:  # a paused container: frozen tasks die only once thawed (v1 freezer)
+                self.freeze(False)
             return
         frozen = self.freeze(True)
         try:
@@ -299,5 +302,6 @@ class Cgroup(Group):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         finally:
-            if frozen:
+            # thaw what this froze; a paused container stays paused, unless it is being killed
+            if frozen and (not paused or sig == signal.SIGKILL):
                 self.freeze(False)

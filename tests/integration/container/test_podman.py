@@ -120,9 +120,16 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
             pm("volume", "rm", "--all", "--force", check=False)
         with contextlib.suppress(Exception):
             pm("rmi", "--all", "--force", check=False)
-        # podman leaves the cgroup it made for conmon (libpod_parent/conmon); remove what appeared
+        # podman leaves the cgroup it made for conmon (libpod_parent/conmon); remove what appeared.
+        # A stray directory on /sys/fs/cgroup's tmpfs (not a mounted hierarchy) looks like one to
+        # podman, which then writes a 'tasks' file there: that litter is podman's, remove it too
         for d in sorted(_libpod_cgroups() - cgroups_before, key=lambda p: -p.count("/")):
-            for sub in sorted((t for t, _, _ in os.walk(d)), key=lambda p: -p.count("/")):
+            top = os.path.join(_CGROUP_ROOT, os.path.relpath(d, _CGROUP_ROOT).split("/")[0])
+            for sub, _, files in sorted(os.walk(d), key=lambda t: -t[0].count("/")):
+                if not os.path.ismount(top):
+                    for f in files:
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(sub, f))
                 with contextlib.suppress(OSError):
                     os.rmdir(sub)
         subprocess.run(["umount", "-R", str(base)], capture_output=True, check=False)
