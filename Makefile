@@ -10,7 +10,7 @@ STAMPS     := build/.stamps
 # iputils-ping pings the virtio-net guest; acpica-tools (iasl) checks the AML of the DSDT virtkit
 # generates for Linux guests; lz4 (unlz4) takes the vmlinux out of Debian's bzImage;
 # linux-source and the kernel build tools make the test Linux kernel (guests/linux/build.py).
-DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc iproute2 iputils-ping acpica-tools lz4 \
+DEB_PKGS   := gcc binutils make qemu-system-x86 busybox-static crun runc podman iproute2 iputils-ping acpica-tools lz4 \
 	      linux-source bc bison flex libelf-dev libssl-dev cpio xz-utils
 # Linux kernels for the tests, cached outside the clone: Debian's cloud kernel (keyed by package
 # version: tools/fetch-debian-kernel.sh downloads only when it changes) and the test kernel and

@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"virtkit: error: {err}", file=sys.stderr)
-        return err.exit_status
+        # as an OCI runtime (runc, crun), every failure exits 1; callers (podman, conmon) test for it
+        return 1 if getattr(args, "oci_command", None) is not None else err.exit_status
     except KeyboardInterrupt:
         print("virtkit: interrupted", file=sys.stderr)
         return 130
@@ -103,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
-def run() -> None:
+def run(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point. Every resource is released by the time main() returns, so
     the interpreter's own teardown (a few ms of garbage collection and module cleanup) is skipped."""
     try:
-        status = main()
+        status = main(argv)
     except KeyboardInterrupt:  # Ctrl-C before main() could catch it (while parsing, importing)
         print("virtkit: interrupted", file=sys.stderr)
         status = 130
@@ -117,3 +118,10 @@ def run() -> None:
     except (BrokenPipeError, ValueError):
         pass
     os._exit(status)
+
+
+def runtime() -> None:
+    """``virtkit-runtime``: the OCI runtime binary, ``virtkit oci`` under a name of its own, for
+    tools that take a runtime path (``podman --runtime``, crun's test suite's ``OCI_RUNTIME``).
+    Every argument is the runtime's: ``virtkit-runtime --root R run --bundle B ID``."""
+    run(["oci", *sys.argv[1:]])

@@ -12,7 +12,9 @@ the seccomp compiler and the cgroup files are :mod:`virtkit.host`'s)::
     state                   the state directory (crash-consistent records, locking)
     process                 the forked monitor/setup/init and exec processes
     network, image          --net bridge; busybox, OCI layouts, docker-save archives, overlayfs
-    runtime                 the verbs: create, start, kill, delete, run, exec, ps, stats, events
+    runtime                 the verbs: create, start, kill, delete, run, exec, ps, stats, events,
+                            pause, resume, update
+    features                runtime-spec features.md, and runc's update flags as linux.resources
     sealexe                 run from a sealed interpreter copy (CVE-2019-5736)
 
 Independent of the VM stack: may import ``virtkit.host``, ``virtkit.errors`` and

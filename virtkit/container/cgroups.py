@@ -52,8 +52,10 @@ def shares_to_weight(shares: int) -> int:
 
 
 def device_rules(res: Resources) -> list[Any]:
-    """Deny everything, then the config's rules in order, then (when the config allows nothing
-    itself) the devices of the minimal /dev: the devices cgroup's semantics, later rules winning."""
+    """Deny everything, then the config's rules in order, then the devices of the minimal /dev
+    (null, zero, full, random, urandom, tty, ptmx, pts, tun): the devices cgroup's semantics, later
+    rules winning. runc and crun append their default allowlist the same way, so a config cannot
+    take /dev/null away from the container's own init (crun's suite: deny-all plus one allow)."""
     from virtkit.container.devices import Rule, parse_rule
 
     rules = [Rule(False, "a", None, None, "rwm")]
@@ -61,8 +63,7 @@ def device_rules(res: Resources) -> list[Any]:
         major = None if r.major is None or r.major < 0 else r.major
         minor = None if r.minor is None or r.minor < 0 else r.minor
         rules.append(Rule(r.allow, r.type, major, minor, r.access))
-    if not any(r.allow for r in res.devices):
-        rules.extend(parse_rule(True, text) for text in DEFAULT_DEVICE_RULES)
+    rules.extend(parse_rule(True, text) for text in DEFAULT_DEVICE_RULES)
     return rules
 
 
@@ -72,8 +73,10 @@ class Cgroup(Group):
     error = ContainerError
     path_setting = "linux.cgroupsPath"
 
-    def __init__(self, layout: Layout, path: str) -> None:
-        super().__init__(layout, path, V1_CONTROLLERS)
+    def __init__(self, layout: Layout, path: str, cpuset: bool = False) -> None:
+        # v1: the cpuset hierarchy only when the config pins CPUs or memory nodes (a v1 cpuset
+        # directory must be filled from its parent before it accepts a task)
+        super().__init__(layout, path, V1_CONTROLLERS + (("cpuset",) if cpuset else ()))
 
     def create(self, v2_controllers: tuple[str, ...] = V2_CONTROLLERS) -> list[str]:
         """Make the directories; return every directory made (parents included), outermost first."""
@@ -88,6 +91,14 @@ class Cgroup(Group):
         else:
             self._apply_v1(res)
         self.apply_device_filter(res)
+
+    def update(self, res: Resources) -> None:
+        """``update``: write the limits ``res`` sets (devices excluded), leaving the others as they are."""
+        self._check(res)
+        if self.layout.mode == "v2":
+            self._apply_v2(res, devices=False)
+        else:
+            self._apply_v1(res, devices=False)
 
     @staticmethod
     def _check(res: Resources) -> None:
@@ -118,7 +129,7 @@ class Cgroup(Group):
         if res.pids_limit is not None and res.pids_limit < -1:
             raise ContainerError(f"pids limit {res.pids_limit} is negative: give a count, or -1 for no limit")
 
-    def _apply_v1(self, res: Resources) -> None:
+    def _apply_v1(self, res: Resources, devices: bool = True) -> None:
         mem, cpu = res.memory, res.cpu
         if mem.limit is not None:
             self.set_memory_max(mem.limit, f"memory limit {mem.limit}")
@@ -137,12 +148,18 @@ class Cgroup(Group):
         if cpu.quota is not None:
             self.set_cpu_max(cpu.quota, None, f"cpu quota {cpu.quota}")
         if cpu.cpus or cpu.mems:
-            raise ContainerError(
-                "linux.resources.cpu.cpus/mems (cpusets) are not supported on cgroup v1 by virtkit yet; remove them"
-            )
+            if self.dir("cpuset") is None:
+                raise ContainerError(
+                    "cpusets need a v1 cpuset cgroup, which virtkit makes only for a container whose config "
+                    "sets linux.resources.cpu.cpus or mems: set them at create to change them later"
+                    if "cpuset" in self.layout.v1
+                    else "linux.resources.cpu.cpus/mems need the cpuset controller, which this host lacks"
+                )
+            self.set_cpuset(cpu.cpus, cpu.mems, f"cpuset {cpu.cpus or ''} {cpu.mems or ''}".strip())
         if res.pids_limit:
             self.set_pids_max(res.pids_limit, f"pids limit {res.pids_limit}")
-        self._apply_devices_v1(res)
+        if devices:
+            self._apply_devices_v1(res)
 
     def _apply_devices_v1(self, res: Resources) -> None:
         d = self.dir("devices")
@@ -174,7 +191,7 @@ class Cgroup(Group):
             if self.layout.mode == "v2":
                 raise
 
-    def _apply_v2(self, res: Resources) -> None:
+    def _apply_v2(self, res: Resources, devices: bool = True) -> None:  # noqa: ARG002 - v2 devices are BPF
         mem, cpu = res.memory, res.cpu
         if mem.limit is not None:
             self.set_memory_max(mem.limit, f"memory limit {mem.limit}")
@@ -274,7 +291,10 @@ class Cgroup(Group):
     def kill_all(self, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the container. SIGKILL uses cgroup.kill where the kernel has it
         (atomic: no fork can escape); otherwise the cgroup is frozen while the signals go out."""
+        paused = self.frozen()
         if sig == signal.SIGKILL and self.kill():
+            if paused:  # a paused container: frozen tasks die only once thawed (v1 freezer)
+                self.freeze(False)
             return
         frozen = self.freeze(True)
         try:
@@ -282,5 +302,6 @@ class Cgroup(Group):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
         finally:
-            if frozen:
+            # thaw what this froze; a paused container stays paused, unless it is being killed
+            if frozen and (not paused or sig == signal.SIGKILL):
                 self.freeze(False)

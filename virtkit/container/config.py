@@ -490,6 +490,11 @@ def _parse_resources(raw: dict[str, Any]) -> Resources:
     return Resources(memory, cpu, pids_limit, tuple(rules), tuple(sorted(unified.items())))
 
 
+def parse_resources(raw: Any) -> Resources:
+    """A ``linux.resources`` object on its own (``update --resources FILE``), with the config's checks."""
+    return _parse_resources(_obj(raw, "linux.resources"))
+
+
 def _parse_devices(raw: dict[str, Any]) -> tuple[Device, ...]:
     devices = []
     seen: set[str] = set()
@@ -560,12 +565,16 @@ def _parse_sysctls(raw: dict[str, Any], namespaces: set[str]) -> tuple[tuple[str
             raise _fail(where, "is longer than 4096 characters")
         if len(k) > 256 or not _SYSCTL_KEY.fullmatch(k):
             raise _fail(where, "is not a valid sysctl name (dotted, like net.ipv4.ip_forward)")
+        if k == "kernel.hostname":
+            # runc refuses it too: two sources for one value (the field wins in one runtime, the
+            # sysctl in another)
+            raise _fail(where, "conflicts with the hostname field; set hostname instead of this sysctl")
         ns = sysctl_namespace(k)
         if ns is None:
             raise _fail(
                 where,
                 "is not a namespaced sysctl and would change the host: only kernel.msg*, sem, "
-                "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.hostname/domainname (uts) "
+                "shm* and fs.mqueue.* (ipc), net.* (network) and kernel.domainname (uts) "
                 "can be set; remove it",
             )
         if ns not in namespaces:
@@ -764,16 +773,21 @@ def load_bundle(bundle: str) -> tuple[Config, str]:
     return config, rootfs
 
 
-def load_bundle_raw(bundle: str) -> tuple[Config, dict[str, Any], str]:
-    """:func:`load_bundle`, and the decoded JSON as read (the runtime keeps a copy of exactly that)."""
+def load_bundle_raw(bundle: str, config_path: str | None = None) -> tuple[Config, dict[str, Any], str]:
+    """:func:`load_bundle`, and the decoded JSON as read (the runtime keeps a copy of exactly that).
+
+    ``config_path`` (crun's ``--config``) names another file than ``BUNDLE/config.json``; a relative
+    ``root.path`` is still relative to the bundle (runtime-spec config.md)."""
     from virtkit.records import UntrustedInput, load_object
 
     bundle = os.path.abspath(bundle)
-    path = os.path.join(bundle, "config.json")
+    path = os.path.abspath(config_path) if config_path else os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
+        if config_path:
+            raise ConfigError(f"cannot read {path}: no such file (check --config)") from None
         raise ConfigError(f"no config.json in bundle {bundle}: run 'virtkit spec' there to write one") from None
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None

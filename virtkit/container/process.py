@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,10 @@ class InitSpec:
     new_userns: bool
     net: dict[str, Any] | None = None  # container side of a bridge network: name, address, gateway
     runtime_hooks: bool = False  # createRuntime/prestart hooks: R runs them before pivot_root
+    preserve_fds: int = 0  # fds 3..3+N-1 of the caller go on to the container's process (--preserve-fds)
+    # True: the monitor does not stay; the init is reparented to the caller's subreaper (conmon,
+    # containerd-shim) or to PID 1, which then reaps it and reads its exit status, as with runc
+    handover: bool = False
 
 
 @dataclass(slots=True)
@@ -125,6 +130,9 @@ class ExecSpec:
     cgroup: Cgroup | None
     seccomp: bytes | None
     preserve_fds: int = 0
+    # detached: the joining process exits at once, so the process is reparented to the caller's
+    # subreaper (conmon reaps it and reads its exit status, as with runc exec --detach)
+    handover: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,13 +155,54 @@ def lookup_executable(process: Process) -> str:
     raise ContainerError(f"{name}: executable file not found in $PATH of the container")
 
 
+def home_of(uid: int, passwd: str = "/etc/passwd") -> str | None:
+    """The home directory of ``uid`` in the container's passwd file (read after pivot_root, as
+    the container's user): a regular file, at most 1 MiB, opened without blocking on a FIFO."""
+    try:
+        fd = os.open(passwd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, 1 << 20)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    want = str(uid).encode()
+    for line in data.split(b"\n"):
+        fields = line.split(b":")
+        if len(fields) >= 7 and fields[2] == want and fields[5]:
+            return fields[5].decode(errors="replace")
+    return None
+
+
 def environment(process: Process) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in process.env:
         key, _, value = item.partition("=")
         env[key] = value
-    env.setdefault("HOME", "/root" if process.user.uid == 0 else "/")
+    if "HOME" not in env:
+        # runc and crun: the user's home from the container's /etc/passwd, if it names one
+        env["HOME"] = home_of(process.user.uid) or ("/root" if process.user.uid == 0 else "/")
     return env
+
+
+def chown_stdio(user: User) -> None:
+    """Give the process's user its stdio pipes and sockets (as runc's fixStdioPermissions), so it
+    can reopen /proc/self/fd/N. Only anonymous pipes and sockets: a file or terminal the caller
+    passed stays as it is (changing its owner would change a host file)."""
+    if user.uid == 0 and user.gid == 0:
+        return
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)) and st.st_uid != user.uid:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, user.uid, user.gid)
 
 
 def set_rlimits(process: Process) -> None:
@@ -227,8 +276,13 @@ def prepare_process(process: Process, seccomp: bytes | None) -> str:
     except PermissionError:
         chdir_later = True
     except FileNotFoundError:
-        raise ContainerError(f"process.cwd {process.cwd} does not exist in the container") from None
+        raise ContainerError(
+            f"process.cwd {process.cwd} does not exist in the container (chdir: No such file or directory)"
+        ) from None
+    except NotADirectoryError:
+        raise ContainerError(f"process.cwd {process.cwd} is not a directory (chdir: Not a directory)") from None
     exe = lookup_executable(process)
+    chown_stdio(process.user)
     if seccomp is not None and not process.no_new_privileges:
         # without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it before dropping it
         libc.seccomp_set_filter(seccomp)
@@ -328,7 +382,8 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
     _after_fork()
     try:
         os.setsid()
-        libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+        if not spec.handover:
+            libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
         libc.prctl(libc.PR_SET_DUMPABLE, 0)
         oom_before = spec.cgroup.oom_kills() if spec.cgroup else 0
         setup_pid = os.fork()
@@ -337,12 +392,23 @@ def monitor_main(spec: InitSpec, chan: Channel, exit_w: int, dir_fd: int) -> Non
             os.close(dir_fd)
             setup_main(spec, chan)
         chan.close()
+        if spec.handover:
+            # setup exits once it has forked the init; with no subreaper here, the kernel then
+            # hands the init to the nearest subreaper above us (the caller's), as runc's init is
+            os.waitpid(setup_pid, 0)
+            os._exit(0)
         for _flag, fd in spec.join_ns:  # setup's to use: held here they would pin the namespaces
             os.close(fd)
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        # the caller's other descriptors (--preserve-fds, a pipe it reads to EOF) are the
+        # container's to hold: the monitor outlives the caller and must not keep them open
+        keep = sorted((exit_w, dir_fd))
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 65536)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         status = None
@@ -475,7 +541,7 @@ def init_main(spec: InitSpec, chan: Channel, fifo: int, log: int) -> None:
         if not got:
             os._exit(1)
         os.close(fifo)
-        exec_process(cfg.process, exe, spec.seccomp)
+        exec_process(cfg.process, exe, spec.seccomp, spec.preserve_fds)
     except BaseException as err:  # noqa: BLE001
         _report_and_exit(None, err, 127)
 
@@ -516,6 +582,8 @@ def exec_main(spec: ExecSpec, chan: Channel) -> None:
         with contextlib.suppress(OSError):
             chan.send(pid=pid)
         chan.close()
+        if spec.handover:
+            os._exit(0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while True:
             try:

@@ -257,11 +257,26 @@ class RootfsBuilder:
     # 1-3 ------------------------------------------------------------------------------------
     def prepare(self) -> None:
         prop = PROPAGATION.get(self.config.linux.rootfs_propagation or "rslave", (_M.MS_SLAVE, True))[0]
-        mounts.mount(None, "/", None, prop | _M.MS_REC)
+        # an unbindable tree cannot be bind-mounted (the rootfs, the config's binds): build it as
+        # a slave, and make the new root unbindable once it is in place (pivot)
+        mounts.mount(None, "/", None, (_M.MS_SLAVE if prop == _M.MS_UNBINDABLE else prop) | _M.MS_REC)
         self._bind_rootfs()
         for i, m in enumerate(self.config.mounts):
             self._mount(i, m)
         self._make_dev()
+        self._make_cwd()
+
+    def _make_cwd(self) -> None:
+        """A missing ``process.cwd`` is created, as runc and crun do (before a read-only root is
+        remounted), under the same rule as a mount point: only on a mount this runtime made."""
+        cwd = self.config.process.cwd
+        if cwd in ("", "/"):
+            return
+        try:
+            fd = make_target(self.root_fd, cwd, directory=True, writable=self.writable)
+        except NotADirectoryError:
+            raise ContainerError(f"process.cwd {cwd} is not a directory in the container") from None
+        os.close(fd)
 
     def _bind_rootfs(self) -> None:
         try:
@@ -502,6 +517,8 @@ class RootfsBuilder:
                 finally:
                     os.close(src)
                 try:
+                    # a device node is opened, never executed or setuid (runc and crun: nosuid,noexec)
+                    mounts.mount_setattr(tree, _M.MOUNT_ATTR_NOSUID | _M.MOUNT_ATTR_NOEXEC)
                     target = mounts.openat2(parent, name, os.O_PATH, STRICT)
                     try:
                         mounts.move_mount(tree, target)
@@ -602,5 +619,7 @@ class RootfsBuilder:
         mounts.mount(None, ".", None, _M.MS_SLAVE | _M.MS_REC)
         mounts.umount2(".", _M.MNT_DETACH)
         os.chdir("/")
+        if PROPAGATION.get(self.config.linux.rootfs_propagation or "", (0, False))[0] == _M.MS_UNBINDABLE:
+            mounts.mount(None, "/", None, _M.MS_UNBINDABLE | _M.MS_REC)
         os.close(self.root_fd)
         self.root_fd = -1

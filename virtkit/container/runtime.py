@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from virtkit.container.cgroups import Cgroup
-from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config
+from virtkit.container.config import Config, Process, User, load_bundle_raw, parse_config, parse_resources
 from virtkit.container.process import Channel, ExecSpec, InitSpec, exec_main, monitor_main
 from virtkit.container.signals import parse_signal
 from virtkit.container.state import (
@@ -216,8 +216,10 @@ def proxy_terminal(master: int, done: int) -> None:
 class Runtime:
     """An OCI runtime bound to one state root."""
 
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, *, cgroups: bool = True) -> None:
         self.dirs = StateDir(root)
+        #: False: containers get no cgroup (crun's --cgroup-manager disabled); limits are refused
+        self.cgroups = cgroups
         self._layout: Layout | None = None
         self._exit_pipes: dict[str, int] = {}
         self._children: dict[str, int] = {}  # container id -> monitor pid, when we forked it
@@ -263,6 +265,10 @@ class Runtime:
         annotations: dict[str, str] | None = None,
         console_socket: str | None = None,
         console_proxy: bool = False,
+        config_path: str | None = None,
+        preserve_fds: int = 0,
+        listen_fds: int = 0,
+        handover: bool = False,
     ) -> Record:
         """Create container ``cid`` from ``bundle`` (or from an already parsed config and rootfs).
 
@@ -272,8 +278,15 @@ class Runtime:
         validate_id(cid)
         bundle = os.path.abspath(bundle)
         if config is None:
-            config, raw_config, rootfs = load_bundle_raw(bundle)
+            config, raw_config, rootfs = load_bundle_raw(bundle, config_path)
         assert rootfs is not None and raw_config is not None
+        if listen_fds:
+            import dataclasses
+
+            env = tuple(e for e in config.process.env if not e.startswith(("LISTEN_FDS=", "LISTEN_PID=")))
+            env += (f"LISTEN_FDS={listen_fds}", "LISTEN_PID=1")
+            config = dataclasses.replace(config, process=dataclasses.replace(config.process, env=env))
+            preserve_fds += listen_fds
         linux = config.linux
         if config.process.terminal and not console_socket and not console_proxy:
             raise ConfigError(
@@ -309,6 +322,8 @@ class Runtime:
                 net=net,
                 annotations=annotations,
                 console_socket=console_socket,
+                preserve_fds=preserve_fds,
+                handover=handover,
             )
         finally:
             for fd in ns_fds.values():
@@ -330,14 +345,24 @@ class Runtime:
         net: str | None,
         annotations: dict[str, str] | None,
         console_socket: str | None,
+        preserve_fds: int = 0,
+        handover: bool = False,
     ) -> Record:
         linux = config.linux
         rootless = os.geteuid() != 0
-        cgroup = None if rootless else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid))
-        if rootless and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
+        no_cgroup = rootless or not self.cgroups
+        cpuset = bool(linux.resources.cpu.cpus or linux.resources.cpu.mems)
+        cgroup = (
+            None
+            if no_cgroup
+            else Cgroup(self.layout, linux.cgroups_path or self.default_cgroup_path(cid), cpuset=cpuset)
+        )
+        if no_cgroup and (linux.resources.memory.limit or linux.resources.pids_limit or linux.resources.cpu.quota):
             raise ContainerError(
                 "resource limits need cgroups, which an unprivileged runtime cannot write: "
                 "run as root or drop linux.resources"
+                if rootless
+                else "resource limits need cgroups, and --cgroup-manager disabled makes none: drop linux.resources"
             )
         rec = Record(
             id=cid,
@@ -412,6 +437,8 @@ class Runtime:
                 new_userns=new_user,
                 net=net_spec,
                 runtime_hooks=bool(config.hooks.prestart or config.hooks.create_runtime),
+                preserve_fds=preserve_fds,
+                handover=handover,
             )
             r_chan, c_chan = Channel.pair()
             exit_r, exit_w = os.pipe()
@@ -565,8 +592,8 @@ class Runtime:
     def kill(self, cid: str, sig: int | str = signal.SIGTERM, all_processes: bool = False) -> None:
         signum: int = parse_signal(sig) if isinstance(sig, str) else int(sig)
         rec = self.dirs.load(cid)
-        status = current_status(rec)
-        if status not in ("created", "running"):
+        status = self._status(rec)
+        if status not in ("created", "running", "paused"):
             raise ContainerError(f"cannot signal container {cid}: it is {status}")
         if all_processes and rec.cgroup_path:
             self._cgroup(rec).kill_all(signum)
@@ -582,14 +609,84 @@ class Runtime:
         finally:
             os.close(pidfd)
 
+    def _status(self, rec: Record) -> str:
+        """:func:`current_status`, and ``paused`` for a running container whose cgroup is frozen."""
+        status = current_status(rec)
+        if status == "running" and rec.cgroup_path and self._cgroup(rec).frozen():
+            return "paused"
+        return status
+
+    def pause(self, cid: str) -> None:
+        """Freeze every process of the container (runc ``pause``: the cgroup freezer)."""
+        with self.dirs.lock(cid):
+            rec = self.dirs.load(cid)
+            status = self._status(rec)
+            if status != "running":
+                raise ContainerError(f"cannot pause container {cid}: it is {status} (only a running one can be)")
+            if not rec.cgroup_path or not self._cgroup(rec).freeze(True):
+                raise ContainerError(f"cannot pause container {cid}: it has no freezer cgroup (rootless?)")
+
+    def resume(self, cid: str) -> None:
+        with self.dirs.lock(cid):
+            rec = self.dirs.load(cid)
+            status = self._status(rec)
+            if status != "paused":
+                raise ContainerError(f"cannot resume container {cid}: it is {status}, not paused")
+            if not self._cgroup(rec).freeze(False):
+                raise ContainerError(f"cannot resume container {cid}: the kernel refused to thaw its cgroup")
+
+    def update(self, cid: str, resources: dict[str, Any]) -> None:
+        """runc ``update``: new limits (a raw ``linux.resources`` object) for a created, running or
+        paused container, written to its cgroups and to its saved config."""
+
+        if "blockIO" in resources:
+            raise ContainerError("block I/O limits (--blkio-weight, blockIO) are not supported by virtkit yet")
+        if "devices" in resources:
+            raise ContainerError("update cannot change device rules (runc neither); recreate the container")
+        res = parse_resources(resources)
+        with self.dirs.lock(cid):
+            rec = self.dirs.load(cid)
+            status = self._status(rec)
+            if status not in ("created", "running", "paused"):
+                raise ContainerError(f"cannot update container {cid}: it is {status}")
+            if not rec.cgroup_path:
+                raise ContainerError(f"cannot update container {cid}: it has no cgroup (rootless)")
+            self._cgroup(rec).update(res)
+            self._save_resources(cid, resources)
+
+    def _save_resources(self, cid: str, resources: dict[str, Any]) -> None:
+        """Merge updated limits into the saved config copy (what ``state``/``ps`` readers see)."""
+        from virtkit.container.config import MAX_CONFIG_BYTES
+        from virtkit.container.state import read_small
+        from virtkit.records import UntrustedInput, load_object
+
+        try:
+            raw = load_object(
+                read_small(self.dirs.path(cid, CONFIG_COPY), MAX_CONFIG_BYTES),
+                what="config.json",
+                max_bytes=MAX_CONFIG_BYTES,
+            )
+        except (OSError, UntrustedInput):
+            return
+        linux = raw.setdefault("linux", {})
+        current = linux.setdefault("resources", {})
+        if isinstance(current, dict):
+            for key, value in resources.items():
+                if isinstance(value, dict) and isinstance(current.get(key), dict):
+                    current[key] = {**current[key], **value}
+                else:
+                    current[key] = value
+        atomic_write(self.dirs.path(cid, CONFIG_COPY), json.dumps(raw).encode())
+        self._configs.pop(cid, None)
+
     def state(self, cid: str) -> dict[str, Any]:
         rec = self.dirs.load(cid)
-        status = current_status(rec)
+        status = self._status(rec)
         out: dict[str, Any] = {
             "ociVersion": OCI_VERSION,
             "id": rec.id,
             "status": status,
-            "pid": rec.pid if status in ("created", "running") else 0,
+            "pid": rec.pid if status in ("created", "running", "paused") else 0,
             "bundle": rec.bundle,
             "rootfs": rec.rootfs,
             "created": rec.created,
@@ -860,11 +957,26 @@ class Runtime:
     # exec / ps / stats / events
 
     def exec(
-        self, cid: str, process: Process, *, detach: bool = False, pid_file: str | None = None, preserve_fds: int = 0
+        self,
+        cid: str,
+        process: Process,
+        *,
+        detach: bool = False,
+        pid_file: str | None = None,
+        preserve_fds: int = 0,
+        console_socket: str | None = None,
     ) -> int:
-        """Run ``process`` in the running container; return its exit status (0 when detached)."""
+        """Run ``process`` in the running container; return its exit status (0 when detached).
+
+        With ``process.terminal``, the terminal's master side goes to ``console_socket`` (runc's
+        protocol) or, in the foreground, is proxied to this process's stdio."""
         rec = self.dirs.load(cid)
-        status = current_status(rec)
+        status = self._status(rec)
+        if process.terminal and detach and not console_socket:
+            raise ConfigError("exec --tty --detach needs --console-socket SOCKET to send the terminal to")
+        if status == "paused":
+            # the new process would join the frozen cgroup and freeze before it could start
+            raise ContainerError(f"cannot exec in container {cid}: it is paused; 'resume' it first")
         if status != "running":
             raise ContainerError(f"cannot exec in container {cid}: it is {status}")
         config = self._config(cid)
@@ -899,6 +1011,7 @@ class Runtime:
                 cgroup=self._cgroup(rec) if rec.cgroup_path else None,
                 seccomp=seccomp,
                 preserve_fds=preserve_fds,
+                handover=detach,
             )
             r_chan, c_chan = Channel.pair()
             child = os.fork()
@@ -911,8 +1024,11 @@ class Runtime:
                 os.close(fd)
         target = 0
         master = None
+        started = False
         try:
-            while True:
+            # the joining child reports the process's pid as the host sees it ("pid"); the process
+            # itself says when it is about to execve ("started"; its own pid is the namespace's)
+            while not (target and started):
                 msg = r_chan.recv(timeout=60)
                 if msg is None:
                     break
@@ -925,13 +1041,23 @@ class Runtime:
                 if "pid" in msg:
                     target = int(msg["pid"])
                 if "started" in msg:
-                    target = int(msg["started"])
-                    break
+                    started = True
         finally:
             r_chan.close()
+        if detach:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)  # it exits at once (handover), leaving the process to our caller
         if pid_file and target:
             atomic_write(os.path.abspath(pid_file), str(target).encode())
+        if master is not None and console_socket:
+            try:
+                send_console(console_socket, master)
+            finally:
+                os.close(master)
+            master = None
         if detach:
+            if master is not None:
+                os.close(master)
             return 0
 
         def forward(signum: int, _frame: Any) -> None:
@@ -964,6 +1090,9 @@ class Runtime:
         user: str | None = None,
         base: dict[str, Any] | None = None,
         tty: bool = False,
+        additional_gids: list[str] | None = None,
+        caps: list[str] | None = None,
+        no_new_privs: bool = False,
     ) -> Process:
         """The process ``exec`` runs: the container's own (capabilities, rlimits, user) with overrides."""
         self.dirs.load(cid)  # an unknown id is reported as such
@@ -971,6 +1100,11 @@ class Runtime:
         if base is not None:
             raw = {"ociVersion": "1.0.2", "root": {"path": "/"}, "process": base}
             return parse_config(raw).process
+        gids: list[int] = []
+        for g in additional_gids or []:
+            if not g.isdigit() or int(g) > 0xFFFFFFFE:
+                raise ConfigError(f"--additional-gids {g!r}: give a group id number")
+            gids.append(int(g))
         if config is None:
             raise ContainerError(f"container {cid} has no saved config.json; pass a process.json")
         p = config.process
@@ -980,6 +1114,19 @@ class Runtime:
             if not uid.isdigit() or (gid and not gid.isdigit()):
                 raise ConfigError(f"--user {user!r}: give UID or UID:GID as numbers")
             u = User(int(uid), int(gid) if gid else (u.gid if not gid else 0), u.umask, u.additional_gids)
+        if gids:
+            u = User(u.uid, u.gid, u.umask, tuple(gids))
+        capabilities = p.capabilities
+        if caps:
+            from virtkit.host.caps import CAPABILITIES
+
+            extra = []
+            for c in caps:
+                name = c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()
+                if name not in CAPABILITIES:
+                    raise ConfigError(f"--cap {c!r} is not a capability (CAP_NET_ADMIN, CAP_SYS_PTRACE...)")
+                extra.append(name)
+            capabilities = _with_caps(capabilities, extra)
         new_env = list(p.env)
         for e in env or []:
             if "=" not in e:
@@ -994,9 +1141,9 @@ class Runtime:
             env=tuple(new_env),
             user=u,
             terminal=tty,
-            capabilities=p.capabilities,
+            capabilities=capabilities,
             rlimits=p.rlimits,
-            no_new_privileges=p.no_new_privileges,
+            no_new_privileges=p.no_new_privileges or no_new_privs,
         )
 
     def processes(self, cid: str) -> list[int]:
@@ -1051,7 +1198,10 @@ class Runtime:
     # ------------------------------------------------------------------------------------------
 
     def _cgroup(self, rec: Record) -> Cgroup:
-        return Cgroup(self.layout, rec.cgroup_path)
+        # a v1 cpuset directory is the container's only when create made one (the record says)
+        top = self.layout.v1.get("cpuset")
+        cpuset = top is not None and top + "/" + rec.cgroup_path.strip("/") in (rec.cgroup_dirs or [])
+        return Cgroup(self.layout, rec.cgroup_path, cpuset=cpuset)
 
     def _config(self, cid: str) -> Config | None:
         if cid in self._configs:
@@ -1086,7 +1236,8 @@ class Runtime:
                 subprocess.run(
                     list(h.args) or [h.path],
                     input=state.encode(),
-                    env=dict(e.split("=", 1) for e in h.env),
+                    # no env: the runtime's own, as runc and crun (Go's exec.Cmd with a nil Env)
+                    env=dict(e.split("=", 1) for e in h.env) if h.env else None,
                     timeout=h.timeout,
                     check=True,
                     executable=h.path,
@@ -1101,3 +1252,19 @@ class Runtime:
                 raise ContainerError(f"hook {h.path} did not finish within {h.timeout}s") from None
             except OSError as err:
                 raise ContainerError(f"hook {h.path} cannot run: {err.strerror}") from None
+
+
+def _with_caps(caps: Any, extra: list[str]) -> Any:
+    """``exec --cap``: ``caps`` with ``extra`` added to every set but ambient (as runc does)."""
+    from virtkit.container.config import Capabilities
+
+    def add(current: tuple[str, ...]) -> tuple[str, ...]:
+        return current + tuple(c for c in extra if c not in current)
+
+    return Capabilities(
+        bounding=add(caps.bounding),
+        effective=add(caps.effective),
+        inheritable=caps.inheritable,
+        permitted=add(caps.permitted),
+        ambient=caps.ambient,
+    )

@@ -25,6 +25,10 @@ def validate_profile(raw: dict[str, Any], path: str) -> None:
 
     if raw.get("defaultAction") not in ACTIONS:
         raise bad("defaultAction", f"must be one of {', '.join(ACTIONS)}", raw.get("defaultAction"))
+    if raw.get("listenerPath"):
+        # SCMP_ACT_NOTIFY hands syscalls to an agent over this socket (seccomp user notification);
+        # ignoring it would leave the agent waiting for a connection that never comes
+        raise bad("listenerPath", "is not supported by virtkit (no seccomp user notification); remove it")
     for i, rule in enumerate(raw.get("syscalls") or []):
         rp = f"syscalls[{i}]"
         if not isinstance(rule, dict):

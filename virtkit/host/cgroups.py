@@ -391,6 +391,16 @@ class Group:
             pass
         return False
 
+    def frozen(self) -> bool:
+        """Whether the cgroup is frozen (by :meth:`freeze`, in the same hierarchy it writes)."""
+        try:
+            if self.layout.mode == "v2":
+                return read_text(os.path.join(self.dirs["unified"], "cgroup.freeze")).strip() == "1"
+            d = self.dirs.get("freezer")
+            return d is not None and read_text(os.path.join(d, "freezer.state")).strip() in ("FROZEN", "FREEZING")
+        except (OSError, KeyError):
+            return False
+
     # --- limits ------------------------------------------------------------------------------
     def has(self, ctrl: str, name: str) -> bool:
         d = self.dir(ctrl)

@@ -88,13 +88,16 @@ def test_oci_run_forwards_signals_and_returns_the_status(rt: Any, bundle: Any) -
 
 def test_oci_run_detached_and_logs(rt: Any, bundle: Any) -> None:
     b = bundle(["sh", "-c", "echo detached-output"])
-    vk(rt, "oci", "run", "det", "--bundle", str(b), "--detach")
+    # runc's run --detach leaves the container the caller's stdio; --capture keeps it for 'logs'
+    vk(rt, "oci", "run", "det", "--bundle", str(b), "--detach", "--capture")
     for _ in range(500):
         if json.loads(vk(rt, "state", "det").stdout)["status"] == "stopped":
             break
         select.select([], [], [], 0.02)
     st = json.loads(vk(rt, "state", "det").stdout)
-    assert st["status"] == "stopped" and st["exitStatus"] == 0
+    # as with runc, a detached init is reaped by the caller's subreaper (or PID 1), which alone
+    # learns its exit status: the state says stopped, without one
+    assert st["status"] == "stopped" and "exitStatus" not in st
     assert vk(rt, "logs", "det").stdout == "detached-output\n"
     vk(rt, "delete", "det")
 

@@ -194,7 +194,6 @@ def test_unknown_fields_are_ignored() -> None:
         ("net.ipv4.ip_forward", "network"),
         ("net.ipv4.ping_group_range", "network"),
         ("net.core.somaxconn", "network"),
-        ("kernel.hostname", "uts"),
         ("kernel.domainname", "uts"),
     ],
 )
@@ -288,3 +287,12 @@ def test_load_bundle_errors(tmp_path: Path) -> None:
     cfg, rootfs = load_bundle(str(tmp_path))
     assert rootfs == str(tmp_path / "rootfs")
     assert cfg.root_path == "rootfs"
+
+
+def test_kernel_hostname_sysctl_is_refused() -> None:
+    """runc and crun refuse it: the hostname field is the one place for that value."""
+    raw = default_spec()
+    raw["linux"]["sysctl"] = {"kernel.hostname": "other"}
+    with pytest.raises(ConfigError, match="kernel.hostname conflicts with the hostname field") as info:
+        parse_config(raw)
+    assert "\n" not in str(info.value)

@@ -39,7 +39,8 @@ def test_later_rules_win() -> None:
     prog = build_program(device_rules(res))
     assert run_program(prog, "c", 10, 229, "r") == 1
     assert run_program(prog, "c", 10, 229, "w") == 0
-    assert run_program(prog, "c", 1, 3, "r") == 0  # an allow in the config replaces the defaults
+    assert run_program(prog, "c", 1, 3, "r") == 1  # the default allowlist comes last, as in runc
+    assert run_program(prog, "b", 8, 0, "r") == 0  # and adds nothing beyond the minimal /dev
 
 
 def test_access_must_be_a_subset() -> None:
