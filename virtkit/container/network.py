@@ -5,7 +5,8 @@ its last port), one veth pair per container, the container's end moved into its 
 namespace. Container side (the init, before its rootfs is built): rename to ``eth0``, address,
 up, default route via the bridge, with plain ioctls (nothing to import after the fork).
 
-Addresses come from 10.88.0.0/16 (the bridge is .0.1); a lease is a file named after the address
+Addresses come from 10.87.0.0/16 (the bridge is .0.1; podman's default network is 10.88.0.0/16 and
+its later ones 10.89.x.0/24, so both can run on one host); a lease is a file named after the address
 under ``/run/virtkit-net``, created with O_EXCL, so two runtimes never hand out the same one.
 Traffic stays on this machine: between the host's bridge and containers' namespaces.
 """
@@ -22,8 +23,8 @@ from typing import Any
 from virtkit.errors import ContainerError
 
 BRIDGE = "virtkit0"
-SUBNET = ipaddress.ip_network("10.88.0.0/16")
-GATEWAY = "10.88.0.1"
+SUBNET = ipaddress.ip_network("10.87.0.0/16")
+GATEWAY = "10.87.0.1"
 
 
 #: leases are shared by every state root: two runtimes must not hand out the same address

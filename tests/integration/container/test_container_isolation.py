@@ -161,7 +161,7 @@ def test_fds_are_closed_before_exec(rt: Any, bundle: Any, run_container: Any) ->
 
 def test_bridge_network(rt: Any, bundle: Any) -> None:
     """--net bridge: eth0 with an address, a default route via the bridge, and both gone on delete."""
-    b = bundle(["sh", "-c", "ip -o -4 addr show eth0; ping -c 1 -W 5 10.88.0.1 >/dev/null && echo reached"])
+    b = bundle(["sh", "-c", "ip -o -4 addr show eth0; ping -c 1 -W 5 10.87.0.1 >/dev/null && echo reached"])
     rt.create("net", str(b), capture=True, net="bridge")
     address = rt.state("net")["address"]
     rec = rt.dirs.load("net")

@@ -135,10 +135,10 @@ def test_a_good_record_round_trips_and_old_records_still_load(tmp_path: Path) ->
     old = json.loads(_good())
     for k in ("cgroup_made", "lease", "address"):
         del old[k]
-    old["extra"] = {"cgroup_made": ["/sys/fs/cgroup/pids/virtkit/c"], "address": "10.88.0.7"}
+    old["extra"] = {"cgroup_made": ["/sys/fs/cgroup/pids/virtkit/c"], "address": "10.87.0.7"}
     state.write_text(json.dumps(old))
     rec = sd.load("c")
-    assert rec.cgroup_made == ["/sys/fs/cgroup/pids/virtkit/c"] and rec.address == "10.88.0.7"
+    assert rec.cgroup_made == ["/sys/fs/cgroup/pids/virtkit/c"] and rec.address == "10.87.0.7"
 
 
 def test_state_file_that_is_a_symlink_or_missing(tmp_path: Path) -> None:
