@@ -51,7 +51,7 @@ def test_config_kept_the_fragment() -> None:
     config = k.config.read_text()
     for line in ("CONFIG_PVH=y", "CONFIG_SMP=y", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y", "CONFIG_KVM_GUEST=y"):
         assert line in config.splitlines()
-    assert "# CONFIG_PCI is not set" in config
+    assert "CONFIG_PCI=y" in config.splitlines()  # 6.1 loads no DSDT without it (guests/linux/virtkit.config)
 
 
 def test_kernel_runs_init_from_the_initramfs_under_tcg(qemu: str) -> None:

@@ -87,7 +87,11 @@ def deliver(p: Process, regs: S.kvm_regs) -> bool:
     assert p.vcpu is not None
     p.pending &= ~(1 << (sig - 1))
     handler, flags, restorer, mask = action(p, sig)
-    if handler in (SIG_DFL, SIG_IGN):  # changed since it was posted
+    if handler in (SIG_DFL, SIG_IGN):
+        # the action changed since it was posted (an execve resets handlers; pending signals stay
+        # pending across it): the new action applies, so a default one ends the process
+        if handler == SIG_DFL and sig not in DEFAULT_IGNORE:
+            p.kill_signal = sig
         return False
     sp = ((regs.rsp - 128 - FRAME_SIZE) & ~15) - 8
     info = struct.pack("<iii", sig, 0, 0).ljust(INFO_SIZE, b"\0")
