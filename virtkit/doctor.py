@@ -55,10 +55,11 @@ LINUX_GUESTS = {
     "svm": "boots as under Firecracker (bzImage, vmlinux or PVH, ACPI, virtio-mmio): kernel and user "
     "space at native speed (not tested on such a host by virtkit's own suite: docs/PLATFORM.md)",
     "pvm": "kernel code runs emulated (a bzImage's decompressor takes minutes, a vmlinux prints its "
-    "banner in seconds); virtkit completes the CPL0 "
-    "instructions the emulator rejects where it can (int3, xgetbv, stac/clac...), but /init's first "
-    "system call cannot reach the kernel: SYSCALL lands at its target still at CPL3 and the VMM "
-    "cannot intervene (docs/PLATFORM.md); real work here runs in virtkit's own guest kernels",
+    "banner in seconds, the small test kernel reaches Run /init in about 5 minutes); virtkit "
+    "completes the CPL0 instructions the emulator rejects where it can (int3, wait, lsl, stac/clac...) "
+    "and hides the rest in CPUID, but /init's first system call cannot reach the kernel: SYSCALL "
+    "lands at its target still at CPL3 and the VMM cannot intervene (docs/PLATFORM.md); real "
+    "programs run here in the sandbox mode (virtkit sandbox), real kernels' user space does not",
     "unknown": "unknown: try a kernel with --stats",
 }
 
