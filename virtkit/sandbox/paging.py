@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 
 from virtkit.errors import VirtkitError
 
@@ -260,9 +261,9 @@ class AddressSpace:
             child.map_page(va, gpa, e & ~ADDR_MASK)
         return child
 
-    def leaves(self) -> list[tuple[int, int]]:
-        """(va, entry) of every leaf that holds a frame, in address order."""
-        out: list[tuple[int, int]] = []
+    def _leaf_tables(self, tables: list[int] | None = None) -> Iterator[tuple[int, int]]:
+        """(va base, gpa) of every present page table (level 1) of the user half; the tables above
+        them (PDPTs, PDs) are appended to ``tables`` when it is given."""
         ram = self.ram
         unpack = _Q.unpack_from
         for i4 in range(256):
@@ -270,49 +271,40 @@ class AddressSpace:
             if not e4 & PTE_P:
                 continue
             t3 = e4 & ADDR_MASK
+            if tables is not None:
+                tables.append(t3)
             for i3 in range(512):
                 e3 = unpack(ram, t3 + i3 * 8)[0]
                 if not e3 & PTE_P:
                     continue
                 t2 = e3 & ADDR_MASK
+                if tables is not None:
+                    tables.append(t2)
                 for i2 in range(512):
                     e2 = unpack(ram, t2 + i2 * 8)[0]
-                    if not e2 & PTE_P:
-                        continue
-                    t1 = e2 & ADDR_MASK
-                    base = (i4 << 39) | (i3 << 30) | (i2 << 21)
-                    for i1, e1 in enumerate(struct.unpack_from("<512Q", ram, t1)):
-                        if e1 & ADDR_MASK:
-                            out.append((base | (i1 << 12), e1))
+                    if e2 & PTE_P:
+                        yield (i4 << 39) | (i3 << 30) | (i2 << 21), e2 & ADDR_MASK
+
+    def leaves(self) -> list[tuple[int, int]]:
+        """(va, entry) of every leaf that holds a frame, in address order."""
+        out: list[tuple[int, int]] = []
+        for base, t1 in self._leaf_tables():
+            for i1, e1 in enumerate(struct.unpack_from("<512Q", self.ram, t1)):
+                if e1 & ADDR_MASK:
+                    out.append((base | (i1 << 12), e1))
         return out
 
     def destroy(self) -> None:
         """Release every frame of this space (leaves and tables) into quarantine."""
-        ram = self.ram
-        unpack = _Q.unpack_from
         release = self.frames.release
-        for i4 in range(256):
-            e4 = unpack(ram, self.pml4 + i4 * 8)[0]
-            if not e4 & PTE_P:
-                continue
-            t3 = e4 & ADDR_MASK
-            for i3 in range(512):
-                e3 = unpack(ram, t3 + i3 * 8)[0]
-                if not e3 & PTE_P:
-                    continue
-                t2 = e3 & ADDR_MASK
-                for i2 in range(512):
-                    e2 = unpack(ram, t2 + i2 * 8)[0]
-                    if not e2 & PTE_P:
-                        continue
-                    t1 = e2 & ADDR_MASK
-                    for e1 in struct.unpack_from("<512Q", ram, t1):
-                        if e1 & ADDR_MASK:
-                            release(e1 & ADDR_MASK)
-                    release(t1)
-                release(t2)
-            release(t3)
-        release(self.pml4)
+        tables: list[int] = [self.pml4]
+        for _, t1 in self._leaf_tables(tables):
+            for e1 in struct.unpack_from("<512Q", self.ram, t1):
+                if e1 & ADDR_MASK:
+                    release(e1 & ADDR_MASK)
+            tables.append(t1)
+        for table in tables:
+            release(table)
         self.pages = 0
 
     # --- guest pointers --------------------------------------------------------------------
