@@ -303,9 +303,7 @@ class Completer:
         if index == 0 or index + 7 > sregs.gdt.limit:
             return None  # the null selector, or beyond the table's limit
         linear = sregs.gdt.base + index
-        if walk(self.memory, sregs, linear)[1].user or walk(self.memory, sregs, linear + 7)[1].user:
-            raise NotExact(f"the GDT at {sregs.gdt.base:#x} is on a user page (an implicit supervisor access)")
-        pieces = self._translate(linear, 8, write=False, regs=regs, sregs=sregs, ram=True)
+        pieces = self._translate(linear, 8, write=False, regs=regs, sregs=sregs, ram=True, implicit=True)
         raw = int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
         kind, s_bit, dpl = (raw >> 40) & 0xF, (raw >> 44) & 1, (raw >> 45) & 3
         if not s_bit:
@@ -432,10 +430,19 @@ class Completer:
         return pieces
 
     def _translate(
-        self, linear: int, size: int, *, write: bool, regs: S.kvm_regs, sregs: S.kvm_sregs, ram: bool
+        self,
+        linear: int,
+        size: int,
+        *,
+        write: bool,
+        regs: S.kvm_regs,
+        sregs: S.kvm_sregs,
+        ram: bool,
+        implicit: bool = False,
     ) -> list[tuple[int, int]]:
         """(gpa, length) pieces for a supervisor data access; NotExact where the CPU would fault
-        or would set an accessed/dirty bit the VMM cannot set atomically."""
+        or would set an accessed/dirty bit the VMM cannot set atomically. ``implicit``: a
+        descriptor-table access, for which a user page is refused whatever RFLAGS.AC says."""
         if not _canonical(linear, sregs) or not _canonical(linear + size - 1, sregs):
             raise NotExact(f"non-canonical address {linear:#x} (#GP)")
         pieces: list[tuple[int, int]] = []
@@ -444,6 +451,8 @@ class Completer:
             gpa, walked = walk(self.memory, sregs, pos)
             if not walked.accessed:
                 raise NotExact(f"the page tables for {pos:#x} have an accessed bit clear")
+            if walked.user and implicit:
+                raise NotExact(f"an implicit supervisor access to user page {pos:#x} (a descriptor table)")
             if walked.user and sregs.cr4 & CR4_SMAP and not regs.rflags & RFLAGS_AC:
                 raise NotExact(f"supervisor access to user page {pos:#x} with SMAP on (#PF)")
             if write and not walked.writable and sregs.cr0 & CR0_WP:
